@@ -1,0 +1,1 @@
+"""Test suite for trio_counter_worker (a package so ``tests.support`` imports resolve)."""

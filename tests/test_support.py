@@ -1,0 +1,178 @@
+"""Self-tests for tests/support: the fixtures must be trustworthy before the real tests use them."""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import trio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from tests.support.backend import RecordingBackend
+from tests.support.procs import WorkerProcess, run_cli
+from tests.support.redis_server import RedisServer
+
+# --- redis_server ------------------------------------------------------------
+
+
+def test_redis_server_starts_and_answers(redis_server: RedisServer) -> None:
+    assert redis_server.host == "127.0.0.1"
+    assert redis_server.url == f"redis://127.0.0.1:{redis_server.port}/0"
+    assert redis_server.pid is not None
+    with redis_server.client() as client:
+        assert client.ping()
+        client.set("k", "v")
+        assert client.get("k") == "v"  # decode_responses=True by default
+
+
+def test_redis_server_kill_then_restart_same_port_empty(redis_server: RedisServer) -> None:
+    port = redis_server.port
+    with redis_server.client() as client:
+        client.set("k", "v")
+
+    redis_server.kill()
+    assert redis_server.pid is None
+    # No retries: the default backoff would turn this into a multi-second wait.
+    no_retry = Retry(NoBackoff(), 0)
+    with (
+        redis_server.client(retry=no_retry, socket_connect_timeout=1) as client,
+        pytest.raises(redis.ConnectionError),
+    ):
+        client.ping()
+
+    redis_server.restart()
+    assert redis_server.port == port
+    with redis_server.client() as client:
+        assert client.ping()
+        assert client.dbsize() == 0  # persistence is off: a restart loses everything
+
+
+# --- backend -------------------------------------------------------------------
+
+
+def test_backend_records_post(backend: RecordingBackend) -> None:
+    before = time.time()
+    with httpx.Client() as http:
+        response = http.post(backend.url, json={"count": 3}, headers={"X-Replica": "r1"})
+    assert response.status_code == 200
+    assert response.json() == {"ok": True}
+
+    [received] = backend.wait_for_count(1, timeout=5)
+    assert received.method == "POST"
+    assert received.path == "/reset"
+    assert received.headers["x-replica"] == "r1"
+    assert received.headers["content-type"] == "application/json"
+    assert received.json == {"count": 3}
+    assert before <= received.received_at <= time.time()
+
+
+def test_backend_queued_statuses_then_200(backend: RecordingBackend) -> None:
+    backend.respond_with(500, (429, {"retry-after": "1"}), 404)
+    with httpx.Client() as http:
+        responses = [http.post(backend.url, content=b"x") for _ in range(4)]
+    assert [r.status_code for r in responses] == [500, 429, 404, 200]
+    assert responses[1].headers["retry-after"] == "1"
+    assert len(backend.requests) == 4
+    assert backend.requests[0].json is None  # body is not JSON
+
+
+def test_backend_wait_for_times_out(backend: RecordingBackend) -> None:
+    with pytest.raises(AssertionError, match=r"0 request\(s\) so far"):
+        backend.wait_for_count(1, timeout=0.2)
+
+
+def test_backend_hang_next_causes_client_timeout(backend: RecordingBackend) -> None:
+    # Hang far longer than the test: close() at teardown must cut it short.
+    backend.hang_next(1, 60)
+    with httpx.Client(timeout=0.3) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(backend.url, content=b"first")
+        assert http.post(backend.url, content=b"second").status_code == 200
+    assert [r.body for r in backend.requests] == [b"first", b"second"]
+
+
+@pytest.mark.trio
+async def test_backend_wait_for_async(backend: RecordingBackend) -> None:
+    async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
+        nursery.start_soon(http.post, backend.url)
+        requests = await backend.wait_for_count_async(1, timeout=5)
+    assert requests[0].method == "POST"
+
+
+# --- procs ---------------------------------------------------------------------
+
+FAKE_MODULE = "support_selftest_fake_worker"
+FAKE_SOURCE = textwrap.dedent(
+    """
+    import os, signal, sys
+
+    print("REDIS_URL=" + os.environ.get("REDIS_URL", "<unset>"))
+    print("LEASE_TTL=" + os.environ.get("LEASE_TTL", "<unset>"))
+    print("dotenv=" + str(os.path.exists(".env")))
+    if sys.argv[1:] == ["run"]:
+        def on_term(signum, frame):
+            print("got SIGTERM")
+            sys.exit(3)
+        signal.signal(signal.SIGTERM, on_term)
+        print("ready")
+        while True:
+            signal.pause()
+    """
+)
+
+
+@pytest.fixture
+def fake_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A stand-in for the worker module, and a host env that must not leak into it."""
+    fake_dir = tmp_path / "fake"
+    fake_dir.mkdir()
+    (fake_dir / f"{FAKE_MODULE}.py").write_text(FAKE_SOURCE)
+    monkeypatch.setenv("REDIS_URL", "redis://leaked-from-host")
+    return {"PYTHONPATH": str(fake_dir), "LEASE_TTL": "5"}
+
+
+def test_run_cli_strips_host_config(fake_env: dict[str, str]) -> None:
+    result = run_cli(["check"], fake_env, timeout=30, module=FAKE_MODULE)
+    assert result.returncode == 0, result.stderr
+    assert "REDIS_URL=<unset>" in result.stdout
+    assert "LEASE_TTL=5" in result.stdout
+    assert "dotenv=False" in result.stdout
+
+
+def test_worker_process_terminate(fake_env: dict[str, str], tmp_path: Path) -> None:
+    worker = WorkerProcess(fake_env, tmp_path / "w.log", module=FAKE_MODULE)
+    worker.start()
+    try:
+        output = worker.wait_for_output("ready", timeout=10)
+        assert "REDIS_URL=<unset>" in output
+        worker.terminate()
+        assert worker.wait(10) == 3
+        assert "got SIGTERM" in worker.output()
+        assert not worker.alive
+    finally:
+        worker.cleanup()
+
+
+def test_worker_process_cleanup_kills_stopped(fake_env: dict[str, str], tmp_path: Path) -> None:
+    worker = WorkerProcess(fake_env, tmp_path / "w.log", module=FAKE_MODULE)
+    worker.start()
+    worker.wait_for_output("ready", timeout=10)
+    worker.signal(signal.SIGSTOP)
+    worker.cleanup()  # what spawn_worker's teardown does
+    assert worker.returncode == -signal.SIGKILL
+
+
+def test_wait_for_output_fails_fast_on_exit(fake_env: dict[str, str], tmp_path: Path) -> None:
+    worker = WorkerProcess(fake_env, tmp_path / "w.log", args=("once",), module=FAKE_MODULE)
+    worker.start()
+    try:
+        with pytest.raises(AssertionError, match="exited"):
+            worker.wait_for_output("never printed", timeout=30)
+    finally:
+        worker.cleanup()

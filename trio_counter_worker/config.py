@@ -1,0 +1,245 @@
+"""Settings: one frozen class, built from the environment and an optional ``.env`` file.
+
+Every setting is declared once in ``SETTINGS`` (name, default, help), which feeds the
+loader, ``--help`` and the README table. Validation happens on construction; a bad
+value raises :class:`ConfigError` naming the variable and what was expected. Values of
+secret settings never appear in messages or reprs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import attrs
+from dotenv import dotenv_values
+
+from .errors import ConfigError
+
+__all__ = ["SETTINGS", "Config", "Setting"]
+
+
+@attrs.frozen
+class Setting:
+    name: str
+    default: str | None  # None: required, or "derived" when help says so
+    help: str
+    secret: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("RESET_ENDPOINT_URL", None, "http(s) URL the reset is POSTed to (required)"),
+    Setting("RESET_SECRET", None, "sent as the x-secret header (required)", secret=True),
+    Setting("COUNTER_KEY", "contador_reset", "key, or glob pattern such as counter:*, whose "
+            "expiry means inactivity"),
+    Setting("REDIS_HOST", "127.0.0.1", "Redis host"),
+    Setting("REDIS_PORT", "6379", "Redis port"),
+    Setting("REDIS_PASSWORD", None, "Redis password (optional)", secret=True),
+    Setting("REDIS_DB", "0", "Redis database number"),
+    Setting("REDIS_URL", None, "redis:// or rediss:// URL with user, password and db; "
+            "overrides the REDIS_* settings above (optional)", secret=True),
+    Setting("LEASE_TTL_MS", "3000", "leader lease length in ms (500-5000): a crashed "
+            "leader is replaced within this time"),
+    Setting("REPLICA_ID", None, "this replica's name in the lease, logs and requests "
+            "(default: hostname-pid)"),
+    Setting("RESET_TIMEOUT_MS", "5000", "timeout of one reset request in ms (100-14999)"),
+    Setting("MAX_IN_FLIGHT", "32", "most reset requests sent at once (1-1000)"),
+    Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+)
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _int_in(name: str, lo: int, hi: int, unit: str = "") -> Any:
+    """attrs validator: an int within [lo, hi]; the message names the variable."""
+
+    def check(_inst: object, _attr: attrs.Attribute[int], value: int) -> None:
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name} must be between {lo} and {hi}{unit}, got {value}")
+
+    return check
+
+
+def _non_empty(name: str, what: str) -> Any:
+    def check(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+        if not value.strip():
+            raise ConfigError(f"{name} must not be empty: set it to {what}")
+
+    return check
+
+
+def _http_url(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"RESET_ENDPOINT_URL must be an http:// or https:// URL with a host, got {value!r}"
+        )
+
+
+def _replica_id(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+    if not value or len(value) > 128 or not value.isprintable() or any(c.isspace() for c in value):
+        raise ConfigError(
+            f"REPLICA_ID must be 1-128 printable characters without spaces, got {value!r}"
+        )
+
+
+def default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """Validated settings of one replica. Build it with :meth:`from_env` or directly."""
+
+    reset_endpoint_url: str = attrs.field(validator=_http_url)
+    reset_secret: str = attrs.field(
+        repr=False, validator=_non_empty("RESET_SECRET", "the shared secret your backend expects")
+    )
+    counter_key: str = attrs.field(
+        default="contador_reset",
+        validator=_non_empty("COUNTER_KEY", "the key (or glob pattern) the app sets"),
+    )
+    redis_host: str = attrs.field(
+        default="127.0.0.1", validator=_non_empty("REDIS_HOST", "the Redis host name")
+    )
+    redis_port: int = attrs.field(default=6379, validator=_int_in("REDIS_PORT", 1, 65535))
+    redis_db: int = attrs.field(default=0, validator=_int_in("REDIS_DB", 0, 1_000_000))
+    redis_username: str | None = None
+    redis_password: str | None = attrs.field(default=None, repr=False)
+    redis_tls: bool = False
+    lease_ttl_ms: int = attrs.field(
+        default=3000, validator=_int_in("LEASE_TTL_MS", 500, 5000, " ms")
+    )
+    replica_id: str = attrs.field(factory=default_replica_id, validator=_replica_id)
+    reset_timeout_ms: int = attrs.field(
+        default=5000, validator=_int_in("RESET_TIMEOUT_MS", 100, 14999, " ms")
+    )
+    max_in_flight: int = attrs.field(default=32, validator=_int_in("MAX_IN_FLIGHT", 1, 1000))
+    log_level: str = attrs.field(default="INFO")
+
+    @log_level.validator
+    def _check_log_level(self, _attr: attrs.Attribute[str], value: str) -> None:
+        if value not in _LOG_LEVELS:
+            raise ConfigError(f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {value!r}")
+
+    @property
+    def lease_ttl(self) -> float:
+        return self.lease_ttl_ms / 1000
+
+    @property
+    def reset_timeout(self) -> float:
+        return self.reset_timeout_ms / 1000
+
+    @property
+    def namespace(self) -> str:
+        """Prefix of the worker's own Redis keys. The braces make it one cluster hash slot."""
+        return f"tcw:{{{self.counter_key}}}"
+
+    @property
+    def redis_location(self) -> str:
+        """Where Redis is, for logs: no credentials."""
+        scheme = "rediss" if self.redis_tls else "redis"
+        return f"{scheme}://{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = ".env"
+    ) -> Config:
+        """Read settings from ``environ`` (default ``os.environ``) over ``env_file``.
+
+        The real environment wins over the file. A missing file is not an error.
+        """
+        values: dict[str, str] = {}
+        if env_file is not None and Path(env_file).is_file():
+            values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        values.update(os.environ if environ is None else environ)
+        return cls._from_mapping(values)
+
+    @classmethod
+    def _from_mapping(cls, env: Mapping[str, str]) -> Config:
+        def get(name: str) -> str | None:
+            value = env.get(name)
+            return value.strip() if value is not None and value.strip() else None
+
+        def required(name: str, what: str) -> str:
+            value = get(name)
+            if value is None:
+                raise ConfigError(f"{name} is required: set it to {what}")
+            return value
+
+        def integer(name: str, default: int) -> int:
+            raw = get(name)
+            if raw is None:
+                return default
+            try:
+                return int(raw)
+            except ValueError:
+                shown = "(value hidden)" if name in _SECRET_NAMES else repr(raw)
+                raise ConfigError(f"{name} must be a whole number, got {shown}") from None
+
+        kwargs: dict[str, Any] = {
+            "reset_endpoint_url": required(
+                "RESET_ENDPOINT_URL", "the http(s) URL of your backend's reset endpoint"
+            ),
+            "reset_secret": required("RESET_SECRET", "the shared secret your backend expects"),
+            "counter_key": get("COUNTER_KEY") or "contador_reset",
+            "redis_host": get("REDIS_HOST") or "127.0.0.1",
+            "redis_port": integer("REDIS_PORT", 6379),
+            "redis_db": integer("REDIS_DB", 0),
+            "redis_password": get("REDIS_PASSWORD"),
+            "lease_ttl_ms": integer("LEASE_TTL_MS", 3000),
+            "reset_timeout_ms": integer("RESET_TIMEOUT_MS", 5000),
+            "max_in_flight": integer("MAX_IN_FLIGHT", 32),
+            "log_level": (get("LOG_LEVEL") or "INFO").upper(),
+        }
+        if (replica := get("REPLICA_ID")) is not None:
+            kwargs["replica_id"] = replica
+        if (url := get("REDIS_URL")) is not None:
+            kwargs.update(_parse_redis_url(url))
+        return cls(**kwargs)
+
+
+_SECRET_NAMES = frozenset(s.name for s in SETTINGS if s.secret)
+
+
+def _parse_redis_url(url: str) -> dict[str, Any]:
+    """Split REDIS_URL into settings. Errors never echo the URL: it may hold a password."""
+    hidden = "(value hidden: it may contain a password)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(
+            f"REDIS_URL must look like redis://[user:password@]host[:port][/db] {hidden}"
+        ) from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError(
+            "REDIS_URL must start with redis:// or rediss:// and name a host "
+            f"{hidden}"
+        )
+    db_text = parts.path.lstrip("/") or "0"
+    if not db_text.isdigit():
+        raise ConfigError(f"REDIS_URL must end with a database number like /0 {hidden}")
+    return {
+        "redis_host": parts.hostname,
+        "redis_port": port or 6379,
+        "redis_db": int(db_text),
+        "redis_username": unquote(parts.username) if parts.username else None,
+        "redis_password": unquote(parts.password) if parts.password else None,
+        "redis_tls": parts.scheme == "rediss",
+    }
+
+
+def configure_logging(level: str) -> None:
+    """Readable one-line logs on stderr."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # httpx logs every request at INFO; the worker logs each reset once, itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -1,0 +1,165 @@
+"""Leader election on a Redis lease.
+
+The timing rules are plain values (:class:`LeaseTiming`); :class:`Elector` carries them
+out against a :class:`~trio_counter_worker.store.Store`:
+
+- a standby reads how long the current lease has left and sleeps that long, or until the
+  leader announces a release (pushed over pub/sub): one command per lease period, no busy
+  polling, and a graceful handoff in milliseconds;
+- a leader renews every third of the TTL and steps down on its own monotonic deadline,
+  before the lease can expire in Redis, if renewals keep failing; at once if a renewal
+  shows another holder.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import NoReturn
+
+import attrs
+import trio
+
+from .errors import LeaseLost, RedisUnavailable
+from .store import Store
+
+__all__ = ["Backoff", "Elector", "Lease", "LeaseTiming"]
+
+log = logging.getLogger("trio_counter_worker.election")
+
+
+@attrs.frozen
+class LeaseTiming:
+    """When to renew and when to give up, for a lease of ``ttl`` seconds."""
+
+    ttl: float
+
+    @property
+    def renew_every(self) -> float:
+        return self.ttl / 3
+
+    @property
+    def retry_every(self) -> float:
+        """Pause between renew attempts after a failed one."""
+        return self.ttl / 10
+
+    @property
+    def step_down_after(self) -> float:
+        """How long a renewal sent at t keeps us leader: Redis starts its TTL after t,
+        and 10 % covers clock-rate differences between hosts."""
+        return self.ttl * 0.9
+
+    def step_down_at(self, sent_at: float) -> float:
+        return sent_at + self.step_down_after
+
+
+@attrs.define
+class Lease:
+    """The lease while we hold it. ``step_down_at`` is in trio's clock."""
+
+    epoch: int
+    step_down_at: float
+
+
+@attrs.define
+class Backoff:
+    """Capped exponential backoff with jitter for reconnecting; ``reset()`` on success."""
+
+    base: float = 0.1
+    cap: float = 5.0
+    attempt: int = 0
+
+    def next(self) -> float:
+        self.attempt += 1
+        ceiling = min(self.cap, self.base * 2 ** min(self.attempt - 1, 30))
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Elector:
+    """Acquire, hold and release the lease for one replica.
+
+    ``holder`` is unique per process (two processes given the same REPLICA_ID still
+    differ); ``replica_id`` is the human name shown to others.
+    """
+
+    def __init__(self, store: Store, timing: LeaseTiming, holder: str, replica_id: str) -> None:
+        self._store = store
+        self.timing = timing
+        self.holder = holder
+        self.replica_id = replica_id
+        self.epoch_seen = 0  # highest fencing token seen: new epochs never go below it
+        self._released = trio.lowlevel.ParkingLot()
+        self._release_count = 0
+
+    @property
+    def _ttl_ms(self) -> int:
+        return round(self.timing.ttl * 1000)
+
+    def notify_released(self) -> None:
+        """Called when a release announcement arrives: wake the waiting campaign."""
+        self._release_count += 1
+        self._released.unpark_all()
+
+    async def acquire(self) -> Lease:
+        """Wait until this replica holds the lease; return it.
+
+        Cancellation: safe at any point; an acquire that lands after cancellation simply
+        expires after one TTL (or is released by the caller's cleanup).
+        """
+        backoff = Backoff()
+        while True:
+            seen = self._release_count
+            sent = trio.current_time()
+            try:
+                view = await self._store.acquire(
+                    self.holder, self.replica_id, self._ttl_ms, self.epoch_seen
+                )
+            except RedisUnavailable as exc:
+                delay = backoff.next()
+                log.warning("%s; retrying in %.1f s", exc, delay)
+                await trio.sleep(delay)
+                continue
+            backoff.reset()
+            self.epoch_seen = max(self.epoch_seen, view.epoch)
+            if view.acquired:
+                return Lease(epoch=view.epoch, step_down_at=self.timing.step_down_at(sent))
+            if seen != self._release_count:
+                continue  # a release was announced while we asked: try again now
+            wait = view.pttl_ms / 1000 if view.pttl_ms > 0 else self.timing.retry_every
+            with trio.move_on_after(wait + 0.001):
+                await self._released.park()
+
+    async def hold(self, lease: Lease) -> NoReturn:
+        """Renew ``lease`` until it is lost, then raise :class:`LeaseLost`.
+
+        Never returns. Run it beside the leader-only work so that losing the lease
+        cancels that work.
+        """
+        timing = self.timing
+        next_renew = trio.current_time() + timing.renew_every
+        while True:
+            await trio.sleep_until(min(next_renew, lease.step_down_at))
+            if trio.current_time() >= lease.step_down_at:
+                raise LeaseLost(
+                    f"could not renew the lease within {timing.step_down_after:.2f} s "
+                    "(Redis unreachable or slow): stepping down before it can expire"
+                )
+            sent = trio.current_time()
+            with trio.move_on_at(lease.step_down_at):
+                try:
+                    renewed = await self._store.renew(self.holder, self._ttl_ms)
+                except RedisUnavailable as exc:
+                    log.warning("lease renewal failed: %s; retrying", exc)
+                    next_renew = sent + timing.retry_every
+                    continue
+                if not renewed:
+                    raise LeaseLost("lease renewal shows another holder or an expired lease")
+                lease.step_down_at = timing.step_down_at(sent)
+                next_renew = sent + timing.renew_every
+
+    async def release(self) -> bool:
+        """Compare-and-delete the lease and announce it; False if it was not ours."""
+        return await self._store.release(self.holder, self.replica_id)

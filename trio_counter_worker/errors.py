@@ -1,0 +1,37 @@
+"""Exceptions raised by trio_counter_worker.
+
+The hierarchy::
+
+    WorkerError                 base of everything raised on purpose
+    ├── ConfigError             a setting is missing or invalid (exit code 2)
+    │   └── RedisAuthError      Redis refused our credentials at start (exit code 2)
+    ├── RedisUnavailable        Redis unreachable, timed out or dropped the connection;
+    │                           the worker retries with backoff
+    └── LeaseLost               this replica is no longer (or may no longer be) the
+                                leader; leader-only work is cancelled
+
+Messages say what happened and what to do, naming the setting involved, and never
+contain a secret value.
+"""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class ConfigError(WorkerError):
+    """A setting is missing or invalid. The message names the variable."""
+
+
+class RedisAuthError(ConfigError):
+    """Redis rejected the password or ACL user (REDIS_PASSWORD / REDIS_URL)."""
+
+
+class RedisUnavailable(WorkerError):
+    """Redis could not be reached or dropped the connection; retry later."""
+
+
+class LeaseLost(WorkerError):
+    """Leadership ended: a renewal failed past the local deadline or showed another holder."""

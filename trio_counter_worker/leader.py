@@ -1,0 +1,218 @@
+"""What the leader does while it holds the lease: watch, schedule, claim, deliver.
+
+Every counter key's deadline is known (read when the key is set or re-armed, and on
+taking over) and recorded in Redis. At the deadline the leader asks Redis to decide
+(the claim script touches the key, so Redis expires it at once instead of whenever its
+background cycle finds it). Keyspace notifications only tell the leader *that* something
+changed; Redis state read by the scripts is the truth.
+
+Runs inside the leader scope: losing the lease cancels all of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import NoReturn
+
+import trio
+
+from .config import Config
+from .delivery import ResetSender
+from .election import Backoff, Lease
+from .errors import RedisUnavailable
+from .keyspace import enable_hint, key_from_channel, keyspace_pattern
+from .schedule import Schedule
+from .store import KeyOutcome, Message, PendingReset, Store
+
+__all__ = ["LeaderDuties"]
+
+log = logging.getLogger("trio_counter_worker.leader")
+
+_BATCH = 500  # keys per script call: bounds the time Redis spends in one script
+_EARLY = 0.001  # fire just after the deadline, so the key is already due in Redis
+_RESCAN_EVERY = 5.0  # without notifications, how often to look for new keys
+
+
+class LeaderDuties:
+    """The leader-only work for one lease. ``run()`` until cancelled."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        sender: ResetSender,
+        holder: str,
+        lease: Lease,
+        on_delivered: list[object] | None = None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._sender = sender
+        self._holder = holder
+        self._lease = lease
+        self._schedule = Schedule()
+        self._sleep: trio.CancelScope | None = None
+        self._in_flight: set[str] = set()
+        self._limiter = trio.CapacityLimiter(config.max_in_flight)
+        self._deliveries: trio.Nursery | None = None
+        self._own_prefix = config.namespace + ":"
+        self.delivered = 0
+
+    async def run(self) -> NoReturn:
+        """Lead until cancelled. Redis connection loss: resynchronise, with backoff.
+
+        Cancellation: in-flight requests are abandoned; their resets stay pending in
+        Redis and the next leader sends them under the same reset_id.
+        """
+        async with trio.open_nursery() as deliveries:
+            self._deliveries = deliveries
+            backoff = Backoff()
+            while True:
+                try:
+                    await self._watch(backoff)
+                except* RedisUnavailable as group:
+                    delay = backoff.next()
+                    log.warning(
+                        "leader lost its Redis connection (%s); resynchronising in %.1f s",
+                        group.exceptions[0], delay,
+                    )
+                    await trio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _watch(self, backoff: Backoff) -> None:
+        status = await self._store.ensure_notifications()
+        if status.changed:
+            log.info("enabled keyspace notifications: notify-keyspace-events=%r", status.flags)
+        if not status.ok:
+            log.error("%s (Redis said: %s)", enable_hint(status.missing), status.error)
+        send, receive = trio.open_memory_channel[list[Message]](64)
+        pattern = keyspace_pattern(self._config.redis_db, self._config.counter_key)
+        async with trio.open_nursery() as nursery:
+            # Subscribe first, then read state: nothing that changes in between is missed.
+            await nursery.start(_listen, self._store, [pattern], send)
+            for reset in await self._store.pending():
+                self._spawn_delivery(reset)
+            await self._reconcile()
+            backoff.reset()
+            nursery.start_soon(self._run_timer)
+            if not status.ok:
+                nursery.start_soon(self._rescan)
+            async for batch in receive:
+                await self._on_events(batch)
+
+    # -- state --------------------------------------------------------------------------
+
+    def _at(self, key: str, when: float) -> None:
+        self._schedule.set(key, when)
+        if self._sleep is not None and when < self._sleep.deadline:
+            self._sleep.deadline = when
+
+    async def _reconcile(self) -> None:
+        """Bring the local schedule in line with Redis: every matching key, every
+        recorded deadline (including those that passed while nobody led)."""
+        cursor = 0
+        while True:
+            cursor, keys = await self._store.scan(self._config.counter_key, cursor)
+            await self._track(keys)
+            if cursor == 0:
+                break
+        start = trio.current_time()
+        rows = await self._store.tracked(self._holder)
+        base = (start + trio.current_time()) / 2
+        for key, pttl_ms in rows:
+            self._at(key, base + pttl_ms / 1000 + _EARLY)
+        log.info("reconciled: %d counter keys tracked", len(self._schedule))
+
+    async def _rescan(self) -> None:
+        while True:
+            await trio.sleep(_RESCAN_EVERY)
+            await self._reconcile()
+
+    async def _track(self, keys: Iterable[str]) -> None:
+        mine = [k for k in dict.fromkeys(keys) if not k.startswith(self._own_prefix)]
+        for i in range(0, len(mine), _BATCH):
+            chunk = mine[i : i + _BATCH]
+            start = trio.current_time()
+            outcomes = await self._store.track(self._holder, chunk)
+            self._apply(outcomes, (start + trio.current_time()) / 2)
+
+    def _apply(self, outcomes: list[KeyOutcome], base: float) -> None:
+        for o in outcomes:
+            if o.kind == "alive":
+                self._at(o.key, base + o.pttl_ms / 1000 + _EARLY)
+            elif o.kind == "due":
+                self._at(o.key, base)
+            elif o.kind == "claimed" and o.reset is not None:
+                self._schedule.remove(o.key)
+                self._spawn_delivery(o.reset)
+            else:
+                self._schedule.remove(o.key)
+
+    async def _on_events(self, batch: list[Message]) -> None:
+        changed: list[str] = []
+        now = trio.current_time()
+        for msg in batch:
+            key = key_from_channel(msg.channel)
+            if msg.data == "expired":
+                # Usually our own claim touching the key (already unscheduled); if Redis
+                # expired a key we still wait for, claim it now.
+                if key in self._schedule:
+                    self._at(key, now)
+            else:
+                changed.append(key)
+        await self._track(changed)
+
+    async def _run_timer(self) -> NoReturn:
+        while True:
+            nxt = self._schedule.next_deadline()
+            with trio.CancelScope(deadline=math.inf if nxt is None else nxt) as self._sleep:
+                await trio.sleep_forever()
+            self._sleep = None
+            while due := self._schedule.pop_due(trio.current_time(), limit=_BATCH):
+                start = trio.current_time()
+                outcomes = await self._store.claim(self._holder, due)
+                self._apply(outcomes, (start + trio.current_time()) / 2)
+
+    # -- delivery -----------------------------------------------------------------------
+
+    def _spawn_delivery(self, reset: PendingReset) -> None:
+        if reset.reset_id in self._in_flight or self._deliveries is None:
+            return
+        self._in_flight.add(reset.reset_id)
+        self._deliveries.start_soon(self._deliver, reset)
+
+    async def _deliver(self, reset: PendingReset) -> None:
+        try:
+            async with self._limiter:
+                done = await self._sender.deliver(reset, self._lease.epoch)
+            backoff = Backoff()
+            while True:
+                try:
+                    await self._store.mark_sent(self._holder, reset.reset_id)
+                    break
+                except RedisUnavailable as exc:
+                    delay = backoff.next()
+                    log.warning("could not mark reset %s sent (%s); retrying in %.1f s",
+                                reset.reset_id, exc, delay)
+                    await trio.sleep(delay)
+            self.delivered += 1
+            log.info(
+                "reset sent: key=%r reset_id=%s fencing_token=%d status=%d attempts=%d "
+                "latency_ms=%.1f",
+                reset.key, reset.reset_id, self._lease.epoch, done.status, done.attempts,
+                done.latency * 1000,
+            )
+        finally:
+            self._in_flight.discard(reset.reset_id)
+
+
+async def _listen(
+    store: Store,
+    patterns: list[str],
+    send: trio.MemorySendChannel[list[Message]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await store.listen(patterns=patterns, channels=[], send=send, task_status=task_status)

@@ -1,0 +1,299 @@
+"""The one module that talks to redis-py: its sync client, run from trio in threads.
+
+redis-py's asyncio client does not run under trio, so each command runs in a worker
+thread (``trio.to_thread.run_sync``) with a socket timeout shorter than the lease, and
+each pub/sub connection is owned by one thread from creation to close, polling with a
+short timeout and forwarding messages into a trio channel.
+
+redis-py's own retries are turned off: the worker retries at the trio level, where it
+knows its deadlines, and a silent reconnect would hide lost pub/sub messages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
+import redis.exceptions as rexc
+import trio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from . import scripts
+from .config import Config
+from .errors import LeaseLost, RedisAuthError, RedisUnavailable
+from .keyspace import merged_flags, missing_flags
+from .store import KeyOutcome, LeaseView, Message, NotificationStatus, PendingReset
+
+__all__ = ["RedisBridge"]
+
+T = TypeVar("T")
+
+_POLL_SECONDS = 0.1  # pub/sub poll: bounds how long a stop takes
+_MAX_BATCH = 1000
+_UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
+
+
+def _auth_failed(exc: BaseException) -> bool:
+    if isinstance(exc, rexc.AuthenticationError | rexc.AuthenticationWrongNumberOfArgsError):
+        return True
+    text = str(exc)
+    return isinstance(exc, rexc.ResponseError) and (
+        text.startswith(("WRONGPASS", "NOAUTH")) or "AUTH" in text.split(" ", 2)[:2]
+    )
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """Map redis-py errors onto ours; anything else (a script bug) passes through."""
+    if _auth_failed(exc):
+        return RedisAuthError(
+            "Redis authentication failed: check REDIS_PASSWORD (and the user in REDIS_URL)"
+        )
+    if isinstance(exc, rexc.ReadOnlyError):
+        return RedisUnavailable("Redis is read-only (a replica?): waiting for a primary")
+    if isinstance(exc, _UNAVAILABLE):
+        return RedisUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}")
+    return exc
+
+
+class RedisBridge:
+    """Implements :class:`trio_counter_worker.store.Store` on a real Redis."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        ns = config.namespace
+        self.lease_key = f"{ns}:lease"
+        self.epoch_key = f"{ns}:epoch"
+        self.deadlines_key = f"{ns}:deadlines"
+        self.pending_key = f"{ns}:pending"
+        self.release_channel = f"{ns}:released"
+        # Commands must finish well inside the lease, so a stuck one cannot outlive it.
+        timeout = min(2.0, config.lease_ttl / 4)
+        self._client = redis.Redis(
+            host=config.redis_host,
+            port=config.redis_port,
+            db=config.redis_db,
+            username=config.redis_username,
+            password=config.redis_password,
+            ssl=config.redis_tls,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
+        )
+        self._scripts = {
+            name: self._client.register_script(getattr(scripts, name))
+            for name in ("ACQUIRE", "RENEW", "RELEASE", "TRACK", "CLAIM", "MARK_SENT", "TRACKED")
+        }
+
+    def close(self) -> None:
+        self._client.close()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        def call() -> T:
+            try:
+                return fn(*args)
+            except Exception as exc:
+                translated = _translate(exc)
+                if translated is exc:
+                    raise
+                raise translated from None
+
+        # abandon_on_cancel: a step-down must not wait for a stuck socket; the thread ends
+        # by itself within the socket timeout.
+        return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return await self._run(self._scripts[name], keys, args)
+
+    async def ping(self) -> None:
+        await self._run(self._client.ping)
+
+    async def server_version(self) -> str:
+        info = await self._run(self._client.info, "server")
+        return str(info.get("redis_version", "?"))
+
+    # -- lease ---------------------------------------------------------------------------
+
+    async def acquire(
+        self, holder: str, replica_id: str, ttl_ms: int, epoch_floor: int
+    ) -> LeaseView:
+        raw = await self._script(
+            "ACQUIRE", [self.lease_key, self.epoch_key], [holder, replica_id, ttl_ms, epoch_floor]
+        )
+        r = json.loads(raw)
+        return LeaseView(
+            acquired=bool(r["acquired"]),
+            epoch=int(r.get("epoch") or 0),
+            pttl_ms=int(r.get("pttl") or 0),
+            holder_replica=str(r.get("replica") or ""),
+        )
+
+    async def renew(self, holder: str, ttl_ms: int) -> bool:
+        return bool(await self._script("RENEW", [self.lease_key], [holder, ttl_ms]))
+
+    async def release(self, holder: str, replica_id: str) -> bool:
+        return bool(
+            await self._script(
+                "RELEASE", [self.lease_key], [holder, self.release_channel, replica_id]
+            )
+        )
+
+    # -- counters --------------------------------------------------------------------------
+
+    async def track(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
+        raw = await self._script("TRACK", [self.lease_key, self.deadlines_key, *keys], [holder])
+        return _outcomes(raw, keys)
+
+    async def claim(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
+        raw = await self._script(
+            "CLAIM",
+            [self.lease_key, self.deadlines_key, self.pending_key, *keys],
+            [holder, self._config.namespace],
+        )
+        return _outcomes(raw, keys)
+
+    async def mark_sent(self, holder: str, reset_id: str) -> None:
+        r = await self._script("MARK_SENT", [self.lease_key, self.pending_key], [holder, reset_id])
+        if int(r) < 0:
+            raise LeaseLost("lease lost before the reset could be marked sent")
+
+    async def pending(self) -> list[PendingReset]:
+        rows: dict[str, str] = await self._run(self._hgetall, self.pending_key)
+        return sorted((_pending(v) for v in rows.values()), key=lambda p: p.deadline_ms)
+
+    def _hgetall(self, key: str) -> dict[str, str]:
+        return self._client.hgetall(key)  # type: ignore[return-value]
+
+    async def tracked(self, holder: str) -> list[tuple[str, int]]:
+        keys = [self.lease_key, self.deadlines_key]
+        r = json.loads(await self._script("TRACKED", keys, [holder]))
+        if not r["leader"]:
+            raise LeaseLost("lease lost while reading deadlines")
+        rows = r["rows"] if isinstance(r["rows"], list) else []
+        now = int(r["now"])
+        return [(rows[i], int(float(rows[i + 1])) - now) for i in range(0, len(rows), 2)]
+
+    async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]:
+        next_cursor, keys = await self._run(self._client.scan, cursor, pattern, 1000)
+        return int(next_cursor), [str(k) for k in keys]
+
+    # -- notifications ---------------------------------------------------------------------
+
+    async def ensure_notifications(self) -> NotificationStatus:
+        """Add the flags the worker needs to ``notify-keyspace-events``, keeping the app's."""
+        return await self._run(self._ensure_notifications_sync)
+
+    def _ensure_notifications_sync(self) -> NotificationStatus:
+        try:
+            current = str(self._client.config_get("notify-keyspace-events").get(
+                "notify-keyspace-events", ""
+            ))
+        except rexc.ResponseError as exc:
+            return NotificationStatus(ok=False, flags=None, missing="?", error=str(exc))
+        missing = missing_flags(current)
+        if not missing:
+            return NotificationStatus(ok=True, flags=current)
+        try:
+            self._client.config_set("notify-keyspace-events", merged_flags(current))
+        except rexc.ResponseError as exc:
+            return NotificationStatus(ok=False, flags=current, missing=missing, error=str(exc))
+        now = str(self._client.config_get("notify-keyspace-events").get(
+            "notify-keyspace-events", ""
+        ))
+        return NotificationStatus(ok=not missing_flags(now), flags=now, changed=True)
+
+    async def listen(
+        self,
+        *,
+        patterns: list[str],
+        channels: list[str],
+        send: trio.MemorySendChannel[list[Message]],
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Subscribe, report started once Redis confirmed, forward messages until cancelled.
+
+        Raises :class:`RedisUnavailable` when the connection drops: messages may have been
+        lost, so the caller must resynchronise rather than trust a silent reconnect.
+        """
+        await trio.to_thread.run_sync(
+            self._listen_sync,
+            patterns,
+            channels,
+            send,
+            task_status,
+            limiter=trio.CapacityLimiter(1),  # long-lived: keep it off the shared limiter
+        )
+
+    def _listen_sync(
+        self,
+        patterns: list[str],
+        channels: list[str],
+        send: trio.MemorySendChannel[list[Message]],
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+        try:
+            try:
+                if patterns:
+                    pubsub.psubscribe(*patterns)
+                if channels:
+                    pubsub.subscribe(*channels)
+                confirmations = len(patterns) + len(channels)
+                while confirmations:
+                    trio.from_thread.check_cancelled()
+                    msg = pubsub.get_message(timeout=_POLL_SECONDS)
+                    if msg and msg["type"] in ("subscribe", "psubscribe"):
+                        confirmations -= 1
+                trio.from_thread.run_sync(task_status.started)
+                while True:
+                    trio.from_thread.check_cancelled()
+                    # Forward in batches: one thread hop for a burst, not one per message.
+                    batch: list[Message] = []
+                    msg = pubsub.get_message(timeout=_POLL_SECONDS)
+                    while msg is not None and len(batch) < _MAX_BATCH:
+                        if msg["type"] in ("message", "pmessage"):
+                            batch.append(Message(channel=msg["channel"], data=msg["data"]))
+                        msg = pubsub.get_message(timeout=0)
+                    if msg is not None and msg["type"] in ("message", "pmessage"):
+                        batch.append(Message(channel=msg["channel"], data=msg["data"]))
+                    if batch:
+                        trio.from_thread.run(send.send, batch)
+            except Exception as exc:
+                translated = _translate(exc)
+                if translated is exc:
+                    raise
+                raise translated from None
+        finally:
+            pubsub.close()
+
+
+def _pending(raw: str) -> PendingReset:
+    r = json.loads(raw)
+    return PendingReset(
+        reset_id=str(r["reset_id"]),
+        key=str(r["key"]),
+        deadline_ms=int(r["deadline_ms"]),
+        fencing_token=int(r["fencing_token"]),
+    )
+
+
+def _outcomes(raw: str, keys: list[str]) -> list[KeyOutcome]:
+    r = json.loads(raw)
+    if not r["leader"]:
+        raise LeaseLost("lease lost: Redis shows another holder")
+    rows = r["keys"] if isinstance(r["keys"], list) else []
+    out: list[KeyOutcome] = []
+    for key, row in zip(keys, rows, strict=True):
+        if "p" in row:
+            out.append(KeyOutcome(key, "alive", pttl_ms=int(row["p"])))
+        elif row.get("due"):
+            out.append(KeyOutcome(key, "due"))
+        elif "claimed" in row:
+            out.append(KeyOutcome(key, "claimed", reset=_pending(row["claimed"])))
+        else:
+            out.append(KeyOutcome(key, "gone"))
+    return out
+

@@ -1,0 +1,157 @@
+"""Lua scripts: every Redis-side decision that must be exclusive, each one atomic.
+
+Each script that changes state first checks that the caller holds the lease
+(``HGET lease holder == ARGV[1]``), so a replica that lost its lease — frozen, cut off,
+or simply slow — cannot acquire, claim or mark anything. Keys are always passed in
+KEYS so the scripts stay correct on a cluster (the worker's own keys share one hash tag).
+
+Results are returned as JSON text (cjson) so one parser handles RESP2 and RESP3.
+
+Deadlines are kept in Redis time (ms since the epoch). ``PEXPIRETIME`` gives them exactly
+on Redis 7; on 6.2 it is an unknown command and ``TIME + PTTL`` is used instead.
+"""
+
+from __future__ import annotations
+
+# Shared prelude: current Redis time in ms and a key's absolute expiry.
+_PRELUDE = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function expire_at(key, now, pttl)
+  local r = redis.pcall('PEXPIRETIME', key)
+  if type(r) == 'number' and r > 0 then return r end
+  return now + pttl
+end
+local function holds(lease, holder)
+  return redis.call('HGET', lease, 'holder') == holder
+end
+"""
+
+# KEYS: lease, epoch   ARGV: holder, replica_id, ttl_ms, epoch_floor
+# The epoch only grows: INCR, raised above the highest epoch the caller has seen, so a
+# Redis that lost its data (restart without persistence) does not hand out old tokens.
+ACQUIRE = _PRELUDE + """
+local lease, holder, ttl = KEYS[1], ARGV[1], tonumber(ARGV[3])
+local current = redis.call('HGET', lease, 'holder')
+if current == holder then
+  redis.call('PEXPIRE', lease, ttl)
+  return cjson.encode({acquired = true, epoch = tonumber(redis.call('HGET', lease, 'epoch')),
+                       pttl = ttl})
+end
+if current then
+  return cjson.encode({acquired = false, pttl = redis.call('PTTL', lease),
+                       epoch = tonumber(redis.call('HGET', lease, 'epoch')) or 0,
+                       replica = redis.call('HGET', lease, 'replica') or ''})
+end
+local epoch = redis.call('INCR', KEYS[2])
+local floor = tonumber(ARGV[4])
+if epoch <= floor then
+  epoch = floor + 1
+  redis.call('SET', KEYS[2], epoch)
+end
+redis.call('DEL', lease)
+redis.call('HSET', lease, 'holder', holder, 'replica', ARGV[2], 'epoch', epoch,
+           'since_ms', now_ms())
+redis.call('PEXPIRE', lease, ttl)
+return cjson.encode({acquired = true, epoch = epoch, pttl = ttl})
+"""
+
+# KEYS: lease   ARGV: holder, ttl_ms
+RENEW = _PRELUDE + """
+if holds(KEYS[1], ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+  return 1
+end
+return 0
+"""
+
+# KEYS: lease   ARGV: holder, release channel, replica_id
+# Compare-and-delete, then tell the standbys at once.
+RELEASE = _PRELUDE + """
+if holds(KEYS[1], ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+# KEYS: lease, deadlines, counter keys...   ARGV: holder
+# Record what each counter key's state is now. Per key:
+#   {p = pttl}   alive, deadline recorded, fires in pttl ms
+#   {due = true} gone but its recorded deadline has passed: an expiry, claim it now
+#   {}           no deadline (no TTL, or deleted before its deadline): not tracked
+TRACK = _PRELUDE + """
+if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
+local now = now_ms()
+local out = {}
+for i = 3, #KEYS do
+  local key = KEYS[i]
+  local pttl = redis.call('PTTL', key)
+  if pttl >= 0 then
+    redis.call('ZADD', KEYS[2], expire_at(key, now, pttl), key)
+    out[#out + 1] = {p = pttl}
+  else
+    local dl = tonumber(redis.call('ZSCORE', KEYS[2], key))
+    if pttl == -2 and dl and dl <= now + 5 then
+      out[#out + 1] = {due = true}
+    else
+      if dl then redis.call('ZREM', KEYS[2], key) end
+      out[#out + 1] = {gone = true}
+    end
+  end
+end
+return cjson.encode({leader = true, now = now, keys = out})
+"""
+
+# KEYS: lease, deadlines, pending, counter keys...   ARGV: holder, namespace
+# At a key's deadline, decide. Touching the key makes Redis expire it now if it is due,
+# instead of whenever its background cycle finds it. If it is gone and its recorded
+# deadline has passed, that inactivity episode ends: create the pending reset, whose id
+# is derived from (namespace, key, deadline) so it is the same whoever computes it.
+# A key still alive had its TTL extended: it is rescheduled, not reset.
+CLAIM = _PRELUDE + """
+if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
+local now = now_ms()
+local out = {}
+for i = 4, #KEYS do
+  local key = KEYS[i]
+  local dl = tonumber(redis.call('ZSCORE', KEYS[2], key))
+  local pttl = redis.call('PTTL', key)
+  if pttl >= 0 then
+    redis.call('ZADD', KEYS[2], expire_at(key, now, pttl), key)
+    out[#out + 1] = {p = pttl}
+  elseif not dl then
+    out[#out + 1] = {gone = true}
+  elseif pttl == -1 or dl > now + 5 then
+    redis.call('ZREM', KEYS[2], key)
+    out[#out + 1] = {gone = true}
+  else
+    local episode = ARGV[2] .. '\\n' .. key .. '\\n' .. string.format('%d', dl)
+    local id = string.sub(redis.sha1hex(episode), 1, 32)
+    local rec = cjson.encode({reset_id = id, key = key, deadline_ms = dl,
+                              fencing_token = epoch, claimed_ms = now})
+    redis.call('HSETNX', KEYS[3], id, rec)
+    redis.call('ZREM', KEYS[2], key)
+    out[#out + 1] = {claimed = rec}
+  end
+end
+return cjson.encode({leader = true, now = now, keys = out})
+"""
+
+# KEYS: lease, pending   ARGV: holder, reset_id
+MARK_SENT = _PRELUDE + """
+if not holds(KEYS[1], ARGV[1]) then return -1 end
+return redis.call('HDEL', KEYS[2], ARGV[2])
+"""
+
+# KEYS: lease, deadlines   ARGV: holder
+# Every recorded deadline, with Redis's clock to turn them into delays.
+TRACKED = _PRELUDE + """
+if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
+local rows = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+return cjson.encode({leader = true, now = now_ms(), rows = rows})
+"""

@@ -1,0 +1,111 @@
+"""What the worker needs from Redis, as a protocol, and the values that cross it.
+
+The real implementation is :class:`trio_counter_worker.redis_bridge.RedisBridge`; tests
+that need deterministic time use a trio-native fake with the same methods.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import attrs
+import trio
+
+__all__ = ["KeyOutcome", "LeaseView", "Message", "NotificationStatus", "PendingReset", "Store"]
+
+
+@attrs.frozen
+class LeaseView:
+    """Result of an acquire attempt: ours now, or who holds it and for how long."""
+
+    acquired: bool
+    epoch: int
+    pttl_ms: int
+    holder_replica: str = ""
+
+
+@attrs.frozen
+class PendingReset:
+    """A reset decided in Redis and not yet confirmed by the backend."""
+
+    reset_id: str
+    key: str
+    deadline_ms: int
+    fencing_token: int
+
+    @property
+    def expired_at(self) -> float:
+        return self.deadline_ms / 1000
+
+
+@attrs.frozen
+class KeyOutcome:
+    """What Redis said about one counter key.
+
+    ``alive``: it has a TTL, due in ``pttl_ms``; ``due``: it expired, claim it now;
+    ``gone``: nothing to do (no TTL, deleted early, or not tracked); ``claimed``: the
+    episode ended and ``reset`` is now pending.
+    """
+
+    key: str
+    kind: Literal["alive", "due", "gone", "claimed"]
+    pttl_ms: int = 0
+    reset: PendingReset | None = None
+
+
+@attrs.frozen
+class NotificationStatus:
+    """State of ``notify-keyspace-events`` after trying to enable what the worker needs."""
+
+    ok: bool
+    flags: str | None  # None: CONFIG GET was refused
+    changed: bool = False
+    missing: str = ""
+    error: str | None = None
+
+
+@attrs.frozen
+class Message:
+    """One pub/sub message: ``channel`` it arrived on and its ``data``."""
+
+    channel: str
+    data: str
+
+
+class Store(Protocol):
+    """Redis operations, each atomic and (where it matters) checked against the lease.
+
+    Methods that need the lease raise :class:`LeaseLost` when ``holder`` does not hold it,
+    and every method raises :class:`RedisUnavailable` when Redis cannot be reached.
+    """
+
+    async def acquire(
+        self, holder: str, replica_id: str, ttl_ms: int, epoch_floor: int
+    ) -> LeaseView: ...
+
+    async def renew(self, holder: str, ttl_ms: int) -> bool: ...
+
+    async def release(self, holder: str, replica_id: str) -> bool: ...
+
+    async def track(self, holder: str, keys: list[str]) -> list[KeyOutcome]: ...
+
+    async def claim(self, holder: str, keys: list[str]) -> list[KeyOutcome]: ...
+
+    async def mark_sent(self, holder: str, reset_id: str) -> None: ...
+
+    async def pending(self) -> list[PendingReset]: ...
+
+    async def tracked(self, holder: str) -> list[tuple[str, int]]: ...
+
+    async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]: ...
+
+    async def ensure_notifications(self) -> NotificationStatus: ...
+
+    async def listen(
+        self,
+        *,
+        patterns: list[str],
+        channels: list[str],
+        send: trio.MemorySendChannel[list[Message]],
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None: ...

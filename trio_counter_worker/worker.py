@@ -1,0 +1,190 @@
+"""The worker: a replica that campaigns for the lease and, while leading, does the duties.
+
+    async with open_worker(config) as worker:
+        await worker.run()
+
+``run()`` owns one nursery: a task that listens for lease releases (so a standby takes
+over in milliseconds after a graceful stop), and the campaign loop. Each time this
+replica wins, the leader-only work runs in a child nursery beside the lease renewer, so
+losing the lease cancels it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import NoReturn
+
+import httpx
+import trio
+
+from .config import Config
+from .delivery import ResetSender
+from .election import Backoff, Elector, Lease, LeaseTiming
+from .errors import LeaseLost, RedisUnavailable
+from .leader import LeaderDuties
+from .redis_bridge import RedisBridge
+from .store import Message, Store
+
+__all__ = ["Worker", "open_worker"]
+
+log = logging.getLogger("trio_counter_worker")
+
+_RELEASE_TIMEOUT = 1.0  # graceful stop: how long to try handing the lease back
+
+
+class Worker:
+    """One replica. Create it with :func:`open_worker`; call :meth:`run`."""
+
+    def __init__(self, config: Config, store: Store, http: httpx.AsyncClient) -> None:
+        self.config = config
+        self._store = store
+        self._sender = ResetSender(config, http)
+        # Unique per process: two processes started with the same REPLICA_ID still differ.
+        self.holder = f"{config.replica_id}#{secrets.token_hex(4)}"
+        self._elector = Elector(store, LeaseTiming(config.lease_ttl), self.holder,
+                                config.replica_id)
+        self.lease: Lease | None = None
+        self.leader_changes = 0
+
+    @property
+    def is_leader(self) -> bool:
+        return self.lease is not None
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Campaign and lead until cancelled. Reports started once it is listening for
+        lease releases, i.e. ready to take over.
+
+        Cancellation: leader work stops, the lease is released (compare-and-delete) and
+        the standbys are told, so one of them takes over within milliseconds.
+        """
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._watch_releases)
+            task_status.started()
+            log.info("replica %s started (standby); lease %s ms, counter key %r",
+                     self.config.replica_id, self.config.lease_ttl_ms, self.config.counter_key)
+            while True:
+                lease = await self._elector.acquire()
+                await self._lead(lease)
+        raise AssertionError("unreachable")
+
+    async def _lead(self, lease: Lease) -> None:
+        self.lease = lease
+        self.leader_changes += 1
+        log.info("leader acquired: replica=%s fencing_token=%d",
+                 self.config.replica_id, lease.epoch)
+        duties = LeaderDuties(self.config, self._store, self._sender, self.holder, lease)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._elector.hold, lease)
+                nursery.start_soon(duties.run)
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    # Release as soon as leading ends, while the children are still
+                    # winding down: the scripts check the lease, so whatever they still
+                    # try fails safely, and a standby need not wait for them.
+                    self.lease = None
+                    await self._release(lease)
+        except* LeaseLost as group:
+            log.warning("leader lost: fencing_token=%d: %s", lease.epoch, group.exceptions[0])
+
+    async def _release(self, lease: Lease) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(_RELEASE_TIMEOUT):
+            try:
+                if await self._elector.release():
+                    log.info("lease released: fencing_token=%d", lease.epoch)
+            except RedisUnavailable as exc:
+                log.warning("could not release the lease (%s): it expires by itself", exc)
+
+    async def _watch_releases(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Wake the campaign when a leader announces a release. Polling the lease TTL
+        covers the times this subscription is down."""
+        send, receive = trio.open_memory_channel[list[Message]](16)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._on_releases, receive)
+            channel = f"{self.config.namespace}:released"
+            backoff = Backoff()
+            first = True
+            while True:
+                try:
+                    async with trio.open_nursery() as inner:
+                        await inner.start(self._listen, channel, send)
+                        backoff.reset()
+                        if first:
+                            first = False
+                            task_status.started()
+                except* RedisUnavailable as group:
+                    delay = backoff.next()
+                    log.warning("release watch: %s; retrying in %.1f s",
+                                group.exceptions[0], delay)
+                    if first:
+                        first = False
+                        task_status.started()
+                    await trio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _listen(
+        self,
+        channel: str,
+        send: trio.MemorySendChannel[list[Message]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await self._store.listen(patterns=[], channels=[channel], send=send,
+                                 task_status=task_status)
+
+    async def _on_releases(self, receive: trio.MemoryReceiveChannel[list[Message]]) -> None:
+        async for _batch in receive:
+            self._elector.notify_released()
+
+
+@asynccontextmanager
+async def open_worker(
+    config: Config,
+    *,
+    store: Store | None = None,
+    http_client: httpx.AsyncClient | None = None,
+) -> AsyncIterator[Worker]:
+    """Connect to Redis and the HTTP client, yield a :class:`Worker`, close them after.
+
+    With no ``store``, connects to the Redis in ``config``: waits (retrying with backoff,
+    and saying so in the log) while Redis is unreachable, and raises
+    :class:`~trio_counter_worker.RedisAuthError` if Redis rejects the credentials.
+    """
+    bridge: RedisBridge | None = None
+    if store is None:
+        bridge = RedisBridge(config)
+        store = bridge
+    try:
+        if bridge is not None:
+            await _wait_for_redis(bridge, config)
+        if http_client is not None:
+            yield Worker(config, store, http_client)
+        else:
+            timeout = httpx.Timeout(config.reset_timeout)
+            async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as http:
+                yield Worker(config, store, http)
+    finally:
+        if bridge is not None:
+            bridge.close()
+
+
+async def _wait_for_redis(bridge: RedisBridge, config: Config) -> None:
+    backoff = Backoff()
+    while True:
+        try:
+            await bridge.ping()
+            return
+        except RedisUnavailable as exc:
+            delay = backoff.next()
+            log.warning("Redis at %s unreachable (%s); retrying in %.1f s "
+                        "(check REDIS_HOST/REDIS_PORT or REDIS_URL)",
+                        config.redis_location, exc, delay)
+            await trio.sleep(delay)
