@@ -9,11 +9,13 @@ Embed it in a trio program::
 from ._version import __version__
 from .config import Config
 from .errors import ConfigError, LeaseLost, RedisAuthError, RedisUnavailable, WorkerError
+from .hooks import Hooks
 from .worker import Worker, open_worker
 
 __all__ = [
     "Config",
     "ConfigError",
+    "Hooks",
     "LeaseLost",
     "RedisAuthError",
     "RedisUnavailable",

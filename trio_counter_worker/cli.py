@@ -12,7 +12,7 @@ import trio
 
 from . import __version__
 from .config import SETTINGS, Config, configure_logging
-from .errors import ConfigError
+from .errors import ConfigError, first_error
 from .worker import open_worker
 
 __all__ = ["main"]
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trio.run(_run, config)
     except* ConfigError as group:
-        failure = group.exceptions[0]  # type: ignore[assignment]
+        failure = first_error(group)  # type: ignore[assignment]
     return 0 if failure is None else _fail(failure)
 
 

@@ -53,6 +53,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_MAX_DB = 1_000_000
 
 
 def _int_in(name: str, lo: int, hi: int, unit: str = "") -> Any:
@@ -108,7 +109,7 @@ class Config:
         default="127.0.0.1", validator=_non_empty("REDIS_HOST", "the Redis host name")
     )
     redis_port: int = attrs.field(default=6379, validator=_int_in("REDIS_PORT", 1, 65535))
-    redis_db: int = attrs.field(default=0, validator=_int_in("REDIS_DB", 0, 1_000_000))
+    redis_db: int = attrs.field(default=0, validator=_int_in("REDIS_DB", 0, _MAX_DB))
     redis_username: str | None = None
     redis_password: str | None = attrs.field(default=None, repr=False)
     redis_tls: bool = False
@@ -223,11 +224,15 @@ def _parse_redis_url(url: str) -> dict[str, Any]:
             f"{hidden}"
         )
     db_text = parts.path.lstrip("/") or "0"
-    if not db_text.isdigit():
-        raise ConfigError(f"REDIS_URL must end with a database number like /0 {hidden}")
+    if not db_text.isdigit() or int(db_text) > _MAX_DB:
+        raise ConfigError(
+            f"REDIS_URL must end with a database number from 0 to {_MAX_DB} like /0 {hidden}"
+        )
+    if port == 0:
+        raise ConfigError(f"REDIS_URL must have a port between 1 and 65535 {hidden}")
     return {
         "redis_host": parts.hostname,
-        "redis_port": port or 6379,
+        "redis_port": 6379 if port is None else port,
         "redis_db": int(db_text),
         "redis_username": unquote(parts.username) if parts.username else None,
         "redis_password": unquote(parts.password) if parts.password else None,

@@ -58,6 +58,7 @@ class Lease:
     """The lease while we hold it. ``step_down_at`` is in trio's clock."""
 
     epoch: int
+    renewed_at: float  # when the last successful acquire/renew was sent
     step_down_at: float
 
 
@@ -125,7 +126,7 @@ class Elector:
             backoff.reset()
             self.epoch_seen = max(self.epoch_seen, view.epoch)
             if view.acquired:
-                return Lease(epoch=view.epoch, step_down_at=self.timing.step_down_at(sent))
+                return Lease(view.epoch, sent, self.timing.step_down_at(sent))
             if seen != self._release_count:
                 continue  # a release was announced while we asked: try again now
             wait = view.pttl_ms / 1000 if view.pttl_ms > 0 else self.timing.retry_every
@@ -139,7 +140,7 @@ class Elector:
         cancels that work.
         """
         timing = self.timing
-        next_renew = trio.current_time() + timing.renew_every
+        next_renew = lease.renewed_at + timing.renew_every
         while True:
             await trio.sleep_until(min(next_renew, lease.step_down_at))
             if trio.current_time() >= lease.step_down_at:
@@ -157,6 +158,7 @@ class Elector:
                     continue
                 if not renewed:
                     raise LeaseLost("lease renewal shows another holder or an expired lease")
+                lease.renewed_at = sent
                 lease.step_down_at = timing.step_down_at(sent)
                 next_renew = sent + timing.renew_every
 

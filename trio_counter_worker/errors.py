@@ -17,6 +17,14 @@ contain a secret value.
 from __future__ import annotations
 
 
+def first_error(group: BaseExceptionGroup[Exception]) -> Exception:
+    """The first leaf of a (possibly nested) exception group, for a one-line log."""
+    exc: Exception | BaseExceptionGroup[Exception] = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 class WorkerError(Exception):
     """Base class for every error this package raises on purpose."""
 

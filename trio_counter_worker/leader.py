@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NoReturn
 
 import trio
@@ -21,7 +21,7 @@ import trio
 from .config import Config
 from .delivery import ResetSender
 from .election import Backoff, Lease
-from .errors import RedisUnavailable
+from .errors import RedisUnavailable, first_error
 from .keyspace import enable_hint, key_from_channel, keyspace_pattern
 from .schedule import Schedule
 from .store import KeyOutcome, Message, PendingReset, Store
@@ -45,7 +45,7 @@ class LeaderDuties:
         sender: ResetSender,
         holder: str,
         lease: Lease,
-        on_delivered: list[object] | None = None,
+        on_reset: Callable[[PendingReset, int], None],
     ) -> None:
         self._config = config
         self._store = store
@@ -58,7 +58,7 @@ class LeaderDuties:
         self._limiter = trio.CapacityLimiter(config.max_in_flight)
         self._deliveries: trio.Nursery | None = None
         self._own_prefix = config.namespace + ":"
-        self.delivered = 0
+        self._on_reset = on_reset
 
     async def run(self) -> NoReturn:
         """Lead until cancelled. Redis connection loss: resynchronise, with backoff.
@@ -76,7 +76,7 @@ class LeaderDuties:
                     delay = backoff.next()
                     log.warning(
                         "leader lost its Redis connection (%s); resynchronising in %.1f s",
-                        group.exceptions[0], delay,
+                        first_error(group), delay,
                     )
                     await trio.sleep(delay)
         raise AssertionError("unreachable")
@@ -197,13 +197,13 @@ class LeaderDuties:
                     log.warning("could not mark reset %s sent (%s); retrying in %.1f s",
                                 reset.reset_id, exc, delay)
                     await trio.sleep(delay)
-            self.delivered += 1
             log.info(
                 "reset sent: key=%r reset_id=%s fencing_token=%d status=%d attempts=%d "
                 "latency_ms=%.1f",
                 reset.key, reset.reset_id, self._lease.epoch, done.status, done.attempts,
                 done.latency * 1000,
             )
+            self._on_reset(reset, done.attempts)
         finally:
             self._in_flight.discard(reset.reset_id)
 

@@ -82,6 +82,9 @@ class RedisBridge:
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
             decode_responses=True,
+            # RESP2: plain AUTH, which Redis rejects when it has no password configured;
+            # RESP3's HELLO 3 AUTH is accepted there, hiding a misconfiguration.
+            protocol=2,
         )
         self._scripts = {
             name: self._client.register_script(getattr(scripts, name))

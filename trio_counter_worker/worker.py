@@ -23,7 +23,8 @@ import trio
 from .config import Config
 from .delivery import ResetSender
 from .election import Backoff, Elector, Lease, LeaseTiming
-from .errors import LeaseLost, RedisUnavailable
+from .errors import LeaseLost, RedisUnavailable, first_error
+from .hooks import Hooks
 from .leader import LeaderDuties
 from .redis_bridge import RedisBridge
 from .store import Message, Store
@@ -38,8 +39,11 @@ _RELEASE_TIMEOUT = 1.0  # graceful stop: how long to try handing the lease back
 class Worker:
     """One replica. Create it with :func:`open_worker`; call :meth:`run`."""
 
-    def __init__(self, config: Config, store: Store, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self, config: Config, store: Store, http: httpx.AsyncClient, hooks: Hooks | None = None
+    ) -> None:
         self.config = config
+        self.hooks = hooks or Hooks()
         self._store = store
         self._sender = ResetSender(config, http)
         # Unique per process: two processes started with the same REPLICA_ID still differ.
@@ -77,7 +81,10 @@ class Worker:
         self.leader_changes += 1
         log.info("leader acquired: replica=%s fencing_token=%d",
                  self.config.replica_id, lease.epoch)
-        duties = LeaderDuties(self.config, self._store, self._sender, self.holder, lease)
+        duties = LeaderDuties(
+            self.config, self._store, self._sender, self.holder, lease, self.hooks.on_reset
+        )
+        self.hooks.on_elected(lease.epoch)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._elector.hold, lease)
@@ -90,8 +97,9 @@ class Worker:
                     # try fails safely, and a standby need not wait for them.
                     self.lease = None
                     await self._release(lease)
+                    self.hooks.on_deposed(lease.epoch)
         except* LeaseLost as group:
-            log.warning("leader lost: fencing_token=%d: %s", lease.epoch, group.exceptions[0])
+            log.warning("leader lost: fencing_token=%d: %s", lease.epoch, first_error(group))
 
     async def _release(self, lease: Lease) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(_RELEASE_TIMEOUT):
@@ -123,7 +131,7 @@ class Worker:
                 except* RedisUnavailable as group:
                     delay = backoff.next()
                     log.warning("release watch: %s; retrying in %.1f s",
-                                group.exceptions[0], delay)
+                                first_error(group), delay)
                     if first:
                         first = False
                         task_status.started()
@@ -151,6 +159,7 @@ async def open_worker(
     *,
     store: Store | None = None,
     http_client: httpx.AsyncClient | None = None,
+    hooks: Hooks | None = None,
 ) -> AsyncIterator[Worker]:
     """Connect to Redis and the HTTP client, yield a :class:`Worker`, close them after.
 
@@ -166,11 +175,11 @@ async def open_worker(
         if bridge is not None:
             await _wait_for_redis(bridge, config)
         if http_client is not None:
-            yield Worker(config, store, http_client)
+            yield Worker(config, store, http_client, hooks)
         else:
             timeout = httpx.Timeout(config.reset_timeout)
             async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as http:
-                yield Worker(config, store, http)
+                yield Worker(config, store, http, hooks)
     finally:
         if bridge is not None:
             bridge.close()

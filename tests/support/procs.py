@@ -16,7 +16,7 @@ import trio
 
 MODULE = "trio_counter_worker"
 # The app's configuration namespaces: never inherited from the developer's shell.
-ENV_PREFIXES = ("REDIS_", "RESET_", "COUNTER_", "LEASE_", "REPLICA_")
+ENV_PREFIXES = ("REDIS_", "RESET_", "COUNTER_", "LEASE_", "REPLICA_", "LOG_", "MAX_IN_FLIGHT")
 # Children run from an empty tmp cwd, so make the package importable even if not installed.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_WAIT = 10.0

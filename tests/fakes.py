@@ -1,0 +1,222 @@
+"""A trio-native, in-memory Store for deterministic-time tests.
+
+trio's MockClock(autojump_threshold=0) jumps ahead while a worker thread runs, so tests
+that assert exact times cannot use the real Redis bridge. This fake keeps the same
+semantics as the Lua scripts (lease checks, deadlines, claims) with time taken from
+``trio.current_time()``: 1 s of trio time is 1000 ms of "Redis" time.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+
+import attrs
+import trio
+
+from trio_counter_worker.errors import LeaseLost, RedisUnavailable
+from trio_counter_worker.store import (
+    KeyOutcome,
+    LeaseView,
+    Message,
+    NotificationStatus,
+    PendingReset,
+)
+
+_Listener = tuple[list[str], list[str], trio.MemorySendChannel[list[Message]]]
+
+
+def _ms() -> int:
+    return round(trio.current_time() * 1000)
+
+
+@attrs.define
+class FakeLease:
+    holder: str
+    replica: str
+    epoch: int
+    expires_ms: int
+
+
+class FakeStore:
+    def __init__(self, namespace: str = "tcw:{c}") -> None:
+        self.namespace = namespace
+        self.lease: FakeLease | None = None
+        self.epoch = 0
+        self.keys: dict[str, int | None] = {}  # key -> absolute expiry in ms (None: no TTL)
+        self.deadlines: dict[str, int] = {}
+        self.pending_resets: dict[str, PendingReset] = {}
+        self.down = False  # True: every call raises RedisUnavailable
+        self.renew_hangs = False  # True: renew() never answers
+        self.calls: list[tuple[float, str]] = []
+        self._listeners: list[_Listener] = []
+
+    # -- helpers for tests ------------------------------------------------------------
+
+    async def _op(self, name: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.calls.append((trio.current_time(), name))
+        if self.down:
+            raise RedisUnavailable("fake Redis is down")
+
+    def _current_lease(self) -> FakeLease | None:
+        if self.lease is not None and self.lease.expires_ms <= _ms():
+            self.lease = None
+        return self.lease
+
+    def _holds(self, holder: str) -> bool:
+        lease = self._current_lease()
+        return lease is not None and lease.holder == holder
+
+    def _pttl(self, key: str) -> int:
+        """Like PTTL, expiring the key on access (as Redis does)."""
+        if key not in self.keys:
+            return -2
+        exp = self.keys[key]
+        if exp is None:
+            return -1
+        if exp <= _ms():
+            del self.keys[key]
+            self._publish(key, "expired")
+            return -2
+        return exp - _ms()
+
+    def _publish(self, key: str, event: str) -> None:
+        for patterns, _channels, send in self._listeners:
+            if any(trio_glob(p, f"__keyspace@0__:{key}") for p in patterns):
+                send.send_nowait([Message(f"__keyspace@0__:{key}", event)])
+
+    def set_key(self, key: str, ttl: float | None) -> None:
+        """The app's SET key 1 [PX ttl]: publishes set (and expire)."""
+        self.keys[key] = None if ttl is None else _ms() + round(ttl * 1000)
+        self._publish(key, "set")
+        if ttl is not None:
+            self._publish(key, "expire")
+
+    def delete_key(self, key: str) -> None:
+        if self.keys.pop(key, "missing") != "missing":
+            self._publish(key, "del")
+
+    # -- Store protocol -----------------------------------------------------------------
+
+    async def acquire(
+        self, holder: str, replica_id: str, ttl_ms: int, epoch_floor: int
+    ) -> LeaseView:
+        await self._op("acquire")
+        lease = self._current_lease()
+        if lease is not None and lease.holder == holder:
+            lease.expires_ms = _ms() + ttl_ms
+            return LeaseView(True, lease.epoch, ttl_ms)
+        if lease is not None:
+            return LeaseView(False, lease.epoch, lease.expires_ms - _ms(), lease.replica)
+        self.epoch = max(self.epoch + 1, epoch_floor + 1)
+        self.lease = FakeLease(holder, replica_id, self.epoch, _ms() + ttl_ms)
+        return LeaseView(True, self.epoch, ttl_ms)
+
+    async def renew(self, holder: str, ttl_ms: int) -> bool:
+        await self._op("renew")
+        if self.renew_hangs:
+            await trio.sleep_forever()
+        if self._holds(holder):
+            assert self.lease is not None
+            self.lease.expires_ms = _ms() + ttl_ms
+            return True
+        return False
+
+    async def release(self, holder: str, replica_id: str) -> bool:
+        await self._op("release")
+        if self._holds(holder):
+            self.lease = None
+            for _patterns, channels, send in self._listeners:
+                if f"{self.namespace}:released" in channels:
+                    send.send_nowait([Message(f"{self.namespace}:released", replica_id)])
+            return True
+        return False
+
+    async def track(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
+        await self._op("track")
+        if not self._holds(holder):
+            raise LeaseLost("fake: not the holder")
+        out = []
+        for key in keys:
+            pttl = self._pttl(key)
+            if pttl >= 0:
+                self.deadlines[key] = _ms() + pttl
+                out.append(KeyOutcome(key, "alive", pttl_ms=pttl))
+            elif pttl == -2 and key in self.deadlines and self.deadlines[key] <= _ms() + 5:
+                out.append(KeyOutcome(key, "due"))
+            else:
+                self.deadlines.pop(key, None)
+                out.append(KeyOutcome(key, "gone"))
+        return out
+
+    async def claim(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
+        await self._op("claim")
+        if not self._holds(holder):
+            raise LeaseLost("fake: not the holder")
+        assert self.lease is not None
+        out = []
+        for key in keys:
+            dl = self.deadlines.get(key)
+            pttl = self._pttl(key)
+            if pttl >= 0:
+                self.deadlines[key] = _ms() + pttl
+                out.append(KeyOutcome(key, "alive", pttl_ms=pttl))
+            elif dl is None:
+                out.append(KeyOutcome(key, "gone"))
+            elif pttl == -1 or dl > _ms() + 5:
+                del self.deadlines[key]
+                out.append(KeyOutcome(key, "gone"))
+            else:
+                rid = hashlib.sha1(f"{self.namespace}\n{key}\n{dl}".encode()).hexdigest()[:32]
+                reset = PendingReset(rid, key, dl, self.lease.epoch)
+                self.pending_resets.setdefault(rid, reset)
+                del self.deadlines[key]
+                out.append(KeyOutcome(key, "claimed", reset=reset))
+        return out
+
+    async def mark_sent(self, holder: str, reset_id: str) -> None:
+        await self._op("mark_sent")
+        if not self._holds(holder):
+            raise LeaseLost("fake: not the holder")
+        self.pending_resets.pop(reset_id, None)
+
+    async def pending(self) -> list[PendingReset]:
+        await self._op("pending")
+        return sorted(self.pending_resets.values(), key=lambda p: p.deadline_ms)
+
+    async def tracked(self, holder: str) -> list[tuple[str, int]]:
+        await self._op("tracked")
+        if not self._holds(holder):
+            raise LeaseLost("fake: not the holder")
+        return [(k, dl - _ms()) for k, dl in self.deadlines.items()]
+
+    async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]:
+        await self._op("scan")
+        return 0, [k for k in list(self.keys) if trio_glob(pattern, k) and self._pttl(k) != -2]
+
+    async def ensure_notifications(self) -> NotificationStatus:
+        await self._op("ensure_notifications")
+        return NotificationStatus(ok=True, flags="Kg$x")
+
+    async def listen(
+        self,
+        *,
+        patterns: list[str],
+        channels: list[str],
+        send: trio.MemorySendChannel[list[Message]],
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await self._op("listen")
+        entry = (patterns, channels, send)
+        self._listeners.append(entry)
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            self._listeners.remove(entry)
+
+
+def trio_glob(pattern: str, text: str) -> bool:
+    """Redis-style glob match (enough for * and ?)."""
+    return fnmatch.fnmatchcase(text, pattern)

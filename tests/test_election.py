@@ -1,0 +1,179 @@
+"""Election timing under trio's autojump clock, against the trio-native fake store.
+
+Times are asserted exactly: with MockClock(autojump_threshold=0) nothing advances the
+clock but sleeps, so every renewal and step-down happens at a computed instant.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from tests.fakes import FakeLease, FakeStore
+from trio_counter_worker.election import Elector, LeaseTiming
+from trio_counter_worker.errors import LeaseLost
+
+TTL = 3.0  # renew every 1.0 s, retry every 0.3 s, step down 2.7 s after a renewal was sent
+
+
+def elector(store: FakeStore, name: str) -> Elector:
+    return Elector(store, LeaseTiming(TTL), holder=f"{name}#1", replica_id=name)
+
+
+def renew_times(store: FakeStore) -> list[float]:
+    return [round(t, 6) for t, op in store.calls if op == "renew"]
+
+
+async def test_acquire_free_lease(autojump_clock: trio.testing.MockClock) -> None:
+    store = FakeStore()
+    lease = await elector(store, "a").acquire()
+    assert lease.epoch == 1
+    assert trio.current_time() == 0.0
+    assert lease.step_down_at == pytest.approx(2.7)
+    assert store.lease is not None
+    assert store.lease.replica == "a"
+
+
+async def test_leader_renews_every_third_of_the_ttl(autojump_clock: trio.testing.MockClock) -> None:
+    store = FakeStore()
+    a = elector(store, "a")
+    lease = await a.acquire()
+    with trio.move_on_after(3.5):
+        await a.hold(lease)
+    assert renew_times(store) == [1.0, 2.0, 3.0]
+    assert lease.step_down_at == pytest.approx(3.0 + 2.7)
+
+
+async def test_steps_down_on_local_deadline_when_redis_is_down(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = FakeStore()
+    a = elector(store, "a")
+    lease = await a.acquire()
+
+    async def outage() -> None:
+        await trio.sleep(0.5)
+        store.down = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outage)
+        with pytest.raises(LeaseLost, match="could not renew"):
+            await a.hold(lease)
+    # Attempts at 1.0, then every 0.3 s; stepped down at 2.7, before Redis's 3.0 expiry.
+    assert renew_times(store) == [1.0, 1.3, 1.6, 1.9, 2.2, 2.5]
+    assert trio.current_time() == pytest.approx(2.7)
+    assert store.lease is not None
+    assert store.lease.expires_ms == 3000
+
+
+async def test_steps_down_on_local_deadline_when_renewal_hangs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = FakeStore()
+    a = elector(store, "a")
+    lease = await a.acquire()
+    store.renew_hangs = True
+    with pytest.raises(LeaseLost):
+        await a.hold(lease)
+    assert trio.current_time() == pytest.approx(2.7)
+
+
+async def test_steps_down_at_once_when_renewal_shows_another_holder(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = FakeStore()
+    a = elector(store, "a")
+    lease = await a.acquire()
+    await trio.sleep(0.5)
+    store.lease = FakeLease("intruder#1", "intruder", 99, 10_000)
+    with pytest.raises(LeaseLost, match="another holder"):
+        await a.hold(lease)
+    assert trio.current_time() == pytest.approx(1.0)
+
+
+async def test_standby_takes_over_when_a_crashed_leader_lease_expires(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = FakeStore()
+    a, b = elector(store, "a"), elector(store, "b")
+    await a.acquire()  # and then "crashes": never renews
+    await trio.sleep(0.5)
+    lease = await b.acquire()
+    # b read pttl 2.5 s at 0.5 and slept exactly that long (+1 ms).
+    assert trio.current_time() == pytest.approx(3.001)
+    assert lease.epoch == 2
+
+
+async def test_release_hands_over_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    store = FakeStore()
+    a, b = elector(store, "a"), elector(store, "b")
+    await a.acquire()
+    acquired_at: list[float] = []
+
+    async def standby() -> None:
+        await b.acquire()
+        acquired_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(standby)
+        await trio.sleep(1.25)
+        assert await a.release()
+        b.notify_released()  # what the worker's release watcher does on the announcement
+    assert acquired_at == [pytest.approx(1.25)]
+    assert not await a.release()  # compare-and-delete: no longer ours
+
+
+async def test_epoch_grows_across_leaders(autojump_clock: trio.testing.MockClock) -> None:
+    store = FakeStore()
+    epochs = []
+    for name in "abc":
+        e = elector(store, name)
+        epochs.append((await e.acquire()).epoch)
+        assert await e.release()
+    assert epochs == [1, 2, 3]
+
+
+async def test_epoch_never_goes_back_after_redis_loses_data(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = FakeStore()
+    a = elector(store, "a")
+    a.epoch_seen = 0
+    for _ in range(5):
+        await a.acquire()
+        await a.release()
+    store.epoch = 0  # Redis restarted without persistence
+    store.lease = None
+    assert (await a.acquire()).epoch == 6
+
+
+async def test_standby_polls_once_per_lease_period(autojump_clock: trio.testing.MockClock) -> None:
+    store = FakeStore()
+    a, b = elector(store, "a"), elector(store, "b")
+    lease = await a.acquire()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.hold, lease)
+        nursery.start_soon(b.acquire)
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    standby_calls = [t for t, op in store.calls if op == "acquire"][1:]
+    # One look per lease TTL (3 s), never a busy loop.
+    assert 9 <= len(standby_calls) <= 11
+
+
+async def test_waits_while_redis_is_unreachable(autojump_clock: trio.testing.MockClock) -> None:
+    store = FakeStore()
+    store.down = True
+
+    async def recover() -> None:
+        await trio.sleep(4)
+        store.down = False
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(recover)
+        lease = await elector(store, "a").acquire()
+    attempts = [t for t, op in store.calls if op == "acquire"]
+    assert lease.epoch == 1
+    assert attempts[-1] >= 4
+    assert 4 <= len(attempts) <= 12  # backoff, not a busy loop

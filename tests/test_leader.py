@@ -1,0 +1,287 @@
+"""Leader duties under trio's autojump clock: when resets fire, what they carry.
+
+A trio-native fake store stands in for Redis and httpx.MockTransport for the backend, so
+no thread runs and every time is exact. Real-Redis behaviour is in test_worker_redis.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import attrs
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from tests.fakes import FakeLease, FakeStore
+from trio_counter_worker import Config, Hooks, Worker, open_worker
+from trio_counter_worker.store import PendingReset
+
+EARLY = 0.001  # the worker fires 1 ms after a deadline
+
+
+@attrs.define
+class Backend:
+    """Records (trio time, request); answers from a script, then 200."""
+
+    statuses: list[int] = attrs.Factory(list)
+    seen: list[tuple[float, httpx.Request]] = attrs.Factory(list)
+    arrived: trio.Event = attrs.Factory(trio.Event)
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append((trio.current_time(), request))
+        self.arrived.set()
+        return httpx.Response(self.statuses.pop(0) if self.statuses else 200)
+
+    async def wait(self, n: int) -> None:
+        while len(self.seen) < n:
+            self.arrived = trio.Event()
+            await self.arrived.wait()
+
+    @property
+    def bodies(self) -> list[dict[str, object]]:
+        return [json.loads(r.content) for _, r in self.seen]
+
+    @property
+    def times(self) -> list[float]:
+        return [round(t, 6) for t, _ in self.seen]
+
+
+def config(**kw: object) -> Config:
+    base: dict[str, object] = {
+        "reset_endpoint_url": "http://backend.test/reset",
+        "reset_secret": "s3cret",
+        "counter_key": "c:*",
+        "replica_id": "r1",
+        "lease_ttl_ms": 3000,
+    }
+    return Config(**(base | kw))  # type: ignore[arg-type]
+
+
+@attrs.define
+class Harness:
+    store: FakeStore
+    backend: Backend
+    elected: list[tuple[float, int]] = attrs.Factory(list)
+    resets: list[tuple[float, PendingReset, int]] = attrs.Factory(list)
+
+    def hooks(self) -> Hooks:
+        return Hooks(
+            on_elected=lambda epoch: self.elected.append((trio.current_time(), epoch)),
+            on_reset=lambda r, attempts: self.resets.append((trio.current_time(), r, attempts)),
+        )
+
+
+@pytest.fixture
+def harness() -> Harness:
+    return Harness(FakeStore("tcw:{c:*}"), Backend())
+
+
+async def start_worker(
+    nursery: trio.Nursery, h: Harness, **kw: object
+) -> Worker:
+    transport = httpx.MockTransport(h.backend)
+    client = httpx.AsyncClient(transport=transport)
+    worker_box: list[Worker] = []
+
+    async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with client, open_worker(
+            config(**kw), store=h.store, http_client=client, hooks=h.hooks()
+        ) as worker:
+            worker_box.append(worker)
+            await worker.run(task_status=task_status)
+
+    await nursery.start(run)
+    return worker_box[0]
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """Under the autojump clock a 1 ms poll costs no real time and keeps times exact."""
+    while not predicate():
+        await trio.sleep(0.001)
+
+
+async def test_reset_fires_at_the_ttl_deadline(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        await trio.sleep(1)
+        harness.store.set_key("c:1", 10)
+        await wait_until(lambda: bool(harness.resets))
+        nursery.cancel_scope.cancel()
+    assert harness.backend.times == [pytest.approx(11 + EARLY)]
+    (request,) = [r for _, r in harness.backend.seen]
+    body = harness.backend.bodies[0]
+    assert body == {
+        "key": "c:1",
+        "reset_id": body["reset_id"],
+        "expired_at": 11.0,
+        "fencing_token": 1,
+        "replica_id": "r1",
+    }
+    assert request.headers["idempotency-key"] == body["reset_id"]
+    assert request.headers["x-fencing-token"] == "1"
+    assert request.headers["x-secret"] == "s3cret"
+    assert request.headers["content-type"] == "application/json"
+    assert harness.store.pending_resets == {}  # marked sent
+
+
+async def test_rearmed_key_is_rescheduled_not_reset(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        harness.store.set_key("c:1", 10)
+        await trio.sleep(5)
+        harness.store.set_key("c:1", 10)  # activity: the episode goes on
+        await trio.sleep(7)
+        harness.store.set_key("c:1", 10)
+        await harness.backend.wait(1)
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert harness.backend.times == [pytest.approx(22 + EARLY)]
+
+
+async def test_key_deleted_before_its_deadline_is_not_reset(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        harness.store.set_key("c:1", 10)
+        harness.store.set_key("c:2", 10)
+        await trio.sleep(4)
+        harness.store.delete_key("c:1")
+        await harness.backend.wait(1)
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert [b["key"] for b in harness.backend.bodies] == ["c:2"]
+
+
+async def test_key_without_ttl_is_not_watched(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        harness.store.set_key("c:1", 10)
+        await trio.sleep(1)
+        harness.store.set_key("c:1", None)  # SET without EX: no inactivity deadline
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert harness.backend.seen == []
+    assert harness.store.deadlines == {}
+
+
+async def test_many_counters_each_reset_once_in_deadline_order(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        for i in range(50):
+            harness.store.set_key(f"c:{i}", 5 + (i % 10) / 10)
+        harness.store.set_key("other", 1)  # not matching COUNTER_KEY
+        await harness.backend.wait(50)
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    bodies = harness.backend.bodies
+    assert sorted(str(b["key"]) for b in bodies) == sorted(f"c:{i}" for i in range(50))
+    assert len({b["reset_id"] for b in bodies}) == 50
+    for t, body in zip(harness.backend.times, bodies, strict=True):
+        assert t == pytest.approx(float(str(body["expired_at"])) + EARLY)
+
+
+async def test_expiry_while_no_leader_is_reset_by_the_next_leader(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = harness.store
+    async with trio.open_nursery() as nursery:
+        # A crashed leader: its lease runs until 3.0 and it recorded c:1's deadline (1.0).
+        store.lease = FakeLease("dead#1", "dead", 7, 3000)
+        store.epoch = 7
+        store.keys["c:1"] = 1000
+        store.deadlines["c:1"] = 1000
+        await start_worker(nursery, harness)
+        await harness.backend.wait(1)
+        nursery.cancel_scope.cancel()
+    ((elected_at, epoch),) = harness.elected
+    assert elected_at == pytest.approx(3.001)
+    assert epoch == 8
+    assert harness.backend.times == [pytest.approx(3.001)]
+    assert harness.backend.bodies[0]["fencing_token"] == 8
+    assert harness.backend.bodies[0]["expired_at"] == 1.0
+
+
+async def test_pending_reset_is_redelivered_under_its_reset_id(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = harness.store
+    old = PendingReset("abc123", "c:9", 500, fencing_token=4)
+    store.pending_resets[old.reset_id] = old
+    store.epoch = 4
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        await wait_until(lambda: bool(harness.resets))
+        nursery.cancel_scope.cancel()
+    (body,) = harness.backend.bodies
+    assert body["reset_id"] == "abc123"
+    assert body["fencing_token"] == 5  # the sender's own, current token
+    assert store.pending_resets == {}
+
+
+async def test_backend_errors_are_retried_with_one_reset_id(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    harness.backend.statuses = [500, 503, 200]
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        harness.store.set_key("c:1", 1)
+        await harness.backend.wait(3)
+        await wait_until(lambda: bool(harness.resets))
+        nursery.cancel_scope.cancel()
+    keys = {r.headers["idempotency-key"] for _, r in harness.backend.seen}
+    assert len(keys) == 1
+    assert harness.resets[0][2] == 3  # attempts
+    assert harness.store.pending_resets == {}
+
+
+async def test_rejected_reset_is_kept_pending(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    harness.backend.statuses = [401] * 100
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        harness.store.set_key("c:1", 1)
+        await harness.backend.wait(3)
+        nursery.cancel_scope.cancel()
+    assert len(harness.store.pending_resets) == 1
+    assert harness.resets == []
+
+
+async def test_losing_the_lease_cancels_delivery(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    harness.backend.statuses = [500] * 1000
+    async with trio.open_nursery() as nursery:
+        worker = await start_worker(nursery, harness)
+        harness.store.set_key("c:1", 1)
+        await harness.backend.wait(2)
+        harness.store.lease = FakeLease("other#1", "other", 50, 100_000)
+        await wait_until(lambda: not worker.is_leader)
+        sent = len(harness.backend.seen)
+        await trio.sleep(20)
+        nursery.cancel_scope.cancel()
+    assert len(harness.backend.seen) == sent  # nothing sent once deposed
+    assert len(harness.store.pending_resets) == 1  # left for the next leader
+
+
+async def test_cancel_releases_the_lease(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        worker = await start_worker(nursery, harness)
+        await wait_until(lambda: worker.is_leader)
+        nursery.cancel_scope.cancel()
+    assert harness.store.lease is None
+    assert [op for _, op in harness.store.calls][-1] == "release"

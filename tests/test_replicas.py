@@ -1,0 +1,383 @@
+"""Several real replicas, one real Redis, one real HTTP backend: election, failover, handoff.
+
+Every test here runs ``python -m trio_counter_worker`` processes against a throwaway
+redis-server and a RecordingBackend. Waits are bounded and wait on something observable
+(a request reaching the backend, a log line, Redis state polled with a deadline); the
+only fixed-length waits are the "nothing more must happen" windows, which are
+``backend.wait_for`` calls expected to time out.
+"""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import attrs
+import pytest
+import redis
+
+from tests.support.backend import Received, RecordingBackend
+from tests.support.procs import SpawnWorker, WorkerProcess
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
+
+T = TypeVar("T")
+
+LEASE_TTL_MS = 1000
+LEASE_TTL = LEASE_TTL_MS / 1000
+KEY_TTL_MS = 300
+KEY_TTL = KEY_TTL_MS / 1000
+COUNTER_KEY = "ctr:*"
+KEY = "ctr:a"
+LEASE_KEY = f"tcw:{{{COUNTER_KEY}}}:lease"
+BODY_KEYS = {"key", "reset_id", "expired_at", "fencing_token", "replica_id"}
+NEEDED_FLAGS = "Kg$x"
+
+EXPIRED_AT_SLACK = 0.05  # expired_at vs. when the TTL was due (same host, same clock)
+START_TIMEOUT = 15.0  # interpreter start + Redis connect + first election, on a loaded box
+RESET_TIMEOUT = 3.0  # key due -> its POST arrives, while a leader is up
+POLL = 0.002
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def wait_until(check: Callable[[], T | None], timeout: float, what: str) -> T:
+    """Poll ``check`` every few ms until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(POLL)
+
+
+def lease(client: redis.Redis) -> dict[str, str]:
+    """The lease hash (holder, replica, epoch, since_ms), or {} when nobody holds it."""
+    raw: Any = client.hgetall(LEASE_KEY)
+    return {str(k): str(v) for k, v in raw.items()}
+
+
+def holder_other_than(client: redis.Redis, replica_id: str) -> str | None:
+    """The replica holding the lease, if one does and it is not ``replica_id``."""
+    held = lease(client).get("replica")
+    return held if held and held != replica_id else None
+
+
+def set_key(client: redis.Redis, key: str = KEY, ttl_ms: int = KEY_TTL_MS) -> float:
+    """SET key 1 PX ttl_ms; return when (wall clock) the TTL is due, to within the RTT."""
+    before = time.time()
+    assert client.set(key, "1", px=ttl_ms)
+    after = time.time()
+    return (before + after) / 2 + ttl_ms / 1000
+
+
+def flags(client: redis.Redis) -> str:
+    raw: Any = client.config_get("notify-keyspace-events")
+    return str(raw.get("notify-keyspace-events", ""))
+
+
+def check_reset(
+    request: Received,
+    *,
+    secret: str,
+    key: str,
+    due: float,
+    replica_id: str | None = None,
+) -> dict[str, Any]:
+    """The wire format of one reset POST; returns its body."""
+    assert request.method == "POST"
+    assert request.path == "/reset"
+    body = request.json
+    assert isinstance(body, dict), request.body
+    assert set(body) == BODY_KEYS, body
+    assert body["key"] == key
+    assert isinstance(body["reset_id"], str)
+    assert body["reset_id"]
+    assert isinstance(body["fencing_token"], int)
+    assert body["fencing_token"] >= 1
+    if replica_id is not None:
+        assert body["replica_id"] == replica_id
+    headers = request.headers
+    assert headers["x-secret"] == secret
+    assert headers["content-type"] == "application/json"
+    assert headers["idempotency-key"] == body["reset_id"]
+    assert headers["x-fencing-token"] == str(body["fencing_token"])
+    expired_at = body["expired_at"]
+    assert isinstance(expired_at, int | float)
+    assert abs(expired_at - due) <= EXPIRED_AT_SLACK, (
+        f"expired_at {expired_at:.3f} is {(expired_at - due) * 1000:+.1f} ms from the TTL "
+        f"deadline {due:.3f}"
+    )
+    # Never sent before the key was due.
+    assert request.received_at >= expired_at - 0.005, (request.received_at, expired_at)
+    return body
+
+
+def assert_no_more(backend: RecordingBackend, count: int, window: float) -> None:
+    """Over ``window`` seconds, no request beyond the first ``count`` arrives."""
+    with pytest.raises(AssertionError, match="condition not met"):
+        backend.wait_for(lambda requests: len(requests) > count, timeout=window)
+    assert len(backend.requests) == count
+
+
+@attrs.define
+class Cluster:
+    """Replicas by REPLICA_ID, plus the one that leads."""
+
+    workers: dict[str, WorkerProcess]
+    leader_id: str
+    epoch: int
+
+    @property
+    def leader(self) -> WorkerProcess:
+        return self.workers[self.leader_id]
+
+    def others(self, replica_id: str) -> dict[str, WorkerProcess]:
+        return {rid: w for rid, w in self.workers.items() if rid != replica_id}
+
+
+@attrs.define
+class Harness:
+    """Spawns replicas against ``redis_server`` and ``backend`` with one unique secret."""
+
+    redis_server: RedisServer
+    backend: RecordingBackend
+    spawn_worker: SpawnWorker
+    secret: str
+    spawned: list[WorkerProcess] = attrs.field(factory=list)
+
+    def env(self, replica_id: str) -> dict[str, str]:
+        return {
+            "REDIS_HOST": self.redis_server.host,
+            "REDIS_PORT": str(self.redis_server.port),
+            "RESET_ENDPOINT_URL": self.backend.url,
+            "RESET_SECRET": self.secret,
+            "COUNTER_KEY": COUNTER_KEY,
+            "LEASE_TTL_MS": str(LEASE_TTL_MS),
+            "REPLICA_ID": replica_id,
+            "LOG_LEVEL": "INFO",
+        }
+
+    def start(self, replica_ids: Sequence[str]) -> Cluster:
+        """Spawn the replicas; return once all are started and exactly one leads, ready
+        (subscribed to keyspace events and reconciled)."""
+        workers: dict[str, WorkerProcess] = {}
+        for rid in replica_ids:
+            worker = self.spawn_worker(self.env(rid), rid)
+            self.spawned.append(worker)
+            workers[rid] = worker
+        for rid, worker in workers.items():
+            worker.wait_for_output(f"replica {rid} started (standby)", START_TIMEOUT)
+        with self.redis_server.client() as client:
+            held = wait_until(lambda: lease(client).get("replica"), START_TIMEOUT, "a lease")
+            leader = workers[held]
+            leader.wait_for_output(f"leader acquired: replica={held} ", START_TIMEOUT)
+            leader.wait_for_output("reconciled:", START_TIMEOUT)
+            current = lease(client)
+        assert current["replica"] == held, current
+        acquired = [rid for rid, w in workers.items() if "leader acquired" in w.output()]
+        assert acquired == [held], f"exactly one replica should lead, got {acquired}"
+        return Cluster(workers=workers, leader_id=held, epoch=int(current["epoch"]))
+
+
+@pytest.fixture
+def harness(
+    redis_server: RedisServer, backend: RecordingBackend, spawn_worker: SpawnWorker
+) -> Iterator[Harness]:
+    """Point 5 of every test: RESET_SECRET reaches the backend, never a worker's output."""
+    h = Harness(redis_server, backend, spawn_worker, secret=f"s3cr3t-{secrets.token_hex(16)}")
+    yield h
+    for worker in h.spawned:
+        worker.cleanup()
+    assert h.spawned, "the test spawned no worker"
+    for worker in h.spawned:
+        assert h.secret not in worker.output(), f"RESET_SECRET leaked into {worker!r}'s output"
+
+
+def _times(cluster: Cluster) -> Mapping[str, int]:
+    return {rid: w.output().count("leader acquired") for rid, w in cluster.workers.items()}
+
+
+# --- 1. one leader, exactly one POST per inactivity episode -----------------------------
+
+
+def test_three_replicas_one_post_per_episode(harness: Harness) -> None:
+    cluster = harness.start(["r0", "r1", "r2"])
+    backend = harness.backend
+    # How many times each episode is re-armed (SET again) before it is left to expire.
+    rearms = [0, 0, 2, 0, 1, 0, 0, 3, 0, 0, 1, 0]
+    bodies: list[dict[str, Any]] = []
+
+    with harness.redis_server.client() as client:
+        for episode, times in enumerate(rearms):
+            due = set_key(client)
+            for _ in range(times):
+                # Re-arm just before the TTL would run out (activity keeps it alive).
+                wait_until(lambda: 0 <= client.pttl(KEY) <= KEY_TTL_MS // 3, RESET_TIMEOUT,
+                           "the key's TTL to run low before re-arming")
+                due = set_key(client)
+                assert len(backend.requests) == episode, "reset sent for a key kept alive"
+            requests = backend.wait_for_count(episode + 1, timeout=RESET_TIMEOUT)
+            assert len(requests) == episode + 1, "more than one POST for one episode"
+            bodies.append(check_reset(requests[episode], secret=harness.secret, key=KEY,
+                                      due=due, replica_id=cluster.leader_id))
+
+        # Nothing more: no duplicate, no late re-delivery, no phantom episode.
+        assert_no_more(backend, len(rearms), 1.5 * LEASE_TTL)
+        assert client.exists(KEY) == 0
+        assert lease(client)["replica"] == cluster.leader_id
+
+    assert len(bodies) == len(rearms)
+    assert len({b["reset_id"] for b in bodies}) == len(rearms), "reset_ids must be distinct"
+    assert {b["fencing_token"] for b in bodies} == {cluster.epoch}
+    assert cluster.leader.output().count("reset sent: key='ctr:a'") == len(rearms)
+    assert _times(cluster) == {rid: int(rid == cluster.leader_id) for rid in cluster.workers}
+    for rid, worker in cluster.workers.items():
+        assert worker.alive, f"{rid} died"
+        if rid != cluster.leader_id:
+            assert "reset sent" not in worker.output(), f"standby {rid} sent a reset"
+
+
+# --- 2. SIGKILL the leader: another replica takes over -------------------------------------
+
+
+def _failover(harness: Harness, cluster: Cluster, key_ttl_ms: int, key_before: bool) -> None:
+    """SIGKILL the leader, then (or just before) arm a key; the new leader resets it."""
+    backend = harness.backend
+    killed = cluster.leader_id
+    survivors = cluster.others(killed)
+    acquired_before = _times(cluster)
+    with harness.redis_server.client() as client:
+        if key_before:
+            due = set_key(client, ttl_ms=key_ttl_ms)
+            # The old leader has recorded the deadline before it dies.
+            wait_until(lambda: client.zscore(f"tcw:{{{COUNTER_KEY}}}:deadlines", KEY),
+                       RESET_TIMEOUT, "the leader to record the key's deadline")
+        wall_kill, t_kill = time.time(), time.monotonic()
+        assert cluster.leader.kill() == -signal.SIGKILL
+        if not key_before:
+            due = set_key(client, ttl_ms=key_ttl_ms)
+
+        new = wait_until(lambda: holder_other_than(client, killed),
+                         LEASE_TTL + 5.0, "another replica to hold the lease")
+        t_lease = time.monotonic() - t_kill
+        current = lease(client)
+        assert current["replica"] == new
+        assert new in survivors
+        survivors[new].wait_for_output(f"leader acquired: replica={new} ", 5.0)
+        t_log = time.monotonic() - t_kill
+        assert _times(cluster)[new] == acquired_before[new] + 1
+
+        print(f"\nSIGKILL failover ({'key armed before' if key_before else 'key armed after'} "
+              f"the kill, key TTL {key_ttl_ms} ms, lease {LEASE_TTL_MS} ms): "
+              f"lease held by {new} after {t_lease * 1000:.0f} ms, its 'leader acquired' "
+              f"log seen after {t_log * 1000:.0f} ms")
+
+        budget = LEASE_TTL + key_ttl_ms / 1000 + 2.0  # lease runs out + key TTL + margin
+        [request] = backend.wait_for_count(1, timeout=max(0.1, budget - t_log))
+        t_reset = request.received_at - wall_kill
+        print(f"SIGKILL failover: reset received {t_reset * 1000:.0f} ms after the kill")
+        body = check_reset(request, secret=harness.secret, key=KEY, due=due, replica_id=new)
+        assert body["replica_id"] != killed
+        assert body["fencing_token"] == int(current["epoch"]) > cluster.epoch
+        assert t_reset <= budget
+        assert_no_more(backend, 1, 1.5 * LEASE_TTL)
+
+
+def test_sigkill_leader_key_expiring_during_failover(harness: Harness) -> None:
+    """A key the dead leader was tracking, due while nobody leads: the new leader sends it
+    late, with its original expired_at and its own higher fencing token."""
+    cluster = harness.start(["r0", "r1", "r2"])
+    _failover(harness, cluster, key_ttl_ms=KEY_TTL_MS, key_before=True)
+
+
+def test_sigkill_leader_key_outliving_failover(harness: Harness) -> None:
+    """A key set right after the kill, due after the lease has moved: found by the new
+    leader's reconcile and reset on time."""
+    cluster = harness.start(["r0", "r1", "r2"])
+    _failover(harness, cluster, key_ttl_ms=LEASE_TTL_MS + 500, key_before=False)
+
+
+# --- 3. SIGTERM the leader: graceful handoff ------------------------------------------------
+
+
+def test_sigterm_leader_hands_over(harness: Harness) -> None:
+    cluster = harness.start(["r0", "r1", "r2"])
+    backend = harness.backend
+    old = cluster.leader_id
+    survivors = cluster.others(old)
+    with harness.redis_server.client() as client:
+        t_term = time.monotonic()
+        cluster.leader.signal(signal.SIGTERM)
+        new = wait_until(lambda: holder_other_than(client, old),
+                         LEASE_TTL, "another replica to hold the lease")
+        t_handoff = time.monotonic() - t_term
+        print(f"\nSIGTERM handoff: lease held by {new} {t_handoff * 1000:.1f} ms after SIGTERM")
+        assert new in survivors
+        current = lease(client)
+        assert int(current["epoch"]) > cluster.epoch
+        # Well inside one lease TTL: the release is announced, not left to expire.
+        assert t_handoff < LEASE_TTL / 2
+
+        assert cluster.leader.wait(5.0) == 0
+        out = cluster.leader.output()
+        assert "received SIGTERM: stopping" in out
+        assert f"lease released: fencing_token={cluster.epoch}" in out
+        assert lease(client).get("replica") != old
+
+        survivors[new].wait_for_output(f"leader acquired: replica={new} ", 5.0)
+        survivors[new].wait_for_output("reconciled:", 5.0)
+        due = set_key(client)
+        [request] = backend.wait_for_count(1, timeout=RESET_TIMEOUT)
+        body = check_reset(request, secret=harness.secret, key=KEY, due=due, replica_id=new)
+        assert body["fencing_token"] == int(current["epoch"])
+        assert_no_more(backend, 1, 1.5 * LEASE_TTL)
+    for rid, worker in survivors.items():
+        assert worker.alive, f"{rid} died"
+
+
+# --- 4. Redis restarts empty: notifications re-enabled, resets continue --------------------
+
+
+def test_single_replica_survives_redis_restart(harness: Harness) -> None:
+    cluster = harness.start(["r0"])
+    worker = cluster.leader
+    backend = harness.backend
+    server = harness.redis_server
+    with server.client() as client:
+        assert all(f in flags(client) for f in NEEDED_FLAGS), flags(client)
+        due = set_key(client)
+        [first] = backend.wait_for_count(1, timeout=RESET_TIMEOUT)
+        check_reset(first, secret=harness.secret, key=KEY, due=due, replica_id="r0")
+        # Let it finish the episode (mark the reset sent) before Redis goes away.
+        worker.wait_for_output("reset sent: key='ctr:a'", RESET_TIMEOUT)
+
+    t_restart = time.monotonic()
+    server.restart()  # SIGKILL, then a fresh empty server on the same port
+    t_up = time.monotonic() - t_restart
+
+    with server.client() as client:
+        wait_until(lambda: all(f in flags(client) for f in NEEDED_FLAGS), 10.0,
+                   "the worker to re-enable keyspace notifications "
+                   "(notify-keyspace-events is '' on a fresh server)")
+        t_flags = time.monotonic() - t_restart
+        # The lease went with the data: the replica must win it again on the new server.
+        wait_until(lambda: lease(client).get("replica") == "r0", 10.0, "r0 to lead again")
+        t_lease = time.monotonic() - t_restart
+        print(f"\nRedis restart (server up again after {t_up * 1000:.0f} ms): flags "
+              f"re-enabled after {t_flags * 1000:.0f} ms, lease re-acquired after "
+              f"{t_lease * 1000:.0f} ms")
+        due = set_key(client)
+        requests = backend.wait_for_count(2, timeout=RESET_TIMEOUT)
+        body = check_reset(requests[1], secret=harness.secret, key=KEY, due=due,
+                           replica_id="r0")
+        assert body["fencing_token"] > first.json["fencing_token"]
+        assert_no_more(backend, 2, 1.5 * LEASE_TTL)
+    assert worker.alive
