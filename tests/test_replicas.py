@@ -381,3 +381,26 @@ def test_single_replica_survives_redis_restart(harness: Harness) -> None:
         assert body["fencing_token"] > first.json["fencing_token"]
         assert_no_more(backend, 2, 1.5 * LEASE_TTL)
     assert worker.alive
+
+
+# --- 5. backend errors: retried under one idempotency key -----------------------------
+
+
+def test_backend_500_twice_then_200_is_delivered_with_one_idempotency_key(
+    harness: Harness,
+) -> None:
+    harness.start(["r0"])
+    harness.backend.respond_with(500, 500)
+    with harness.redis_server.client() as client:
+        due = set_key(client)
+        requests = harness.backend.wait_for_count(3, timeout=RESET_TIMEOUT)
+        worker = harness.spawned[0]
+        worker.wait_for_output("reset sent:", RESET_TIMEOUT)
+        assert "attempts=3" in worker.output()
+        wait_until(lambda: not client.exists(f"tcw:{{{COUNTER_KEY}}}:pending"), RESET_TIMEOUT,
+                   "the pending record to be cleared after the 2xx")
+    assert len(requests) == 3
+    bodies = [check_reset(q, secret=harness.secret, key=KEY, due=due) for q in requests]
+    assert len({q.headers["idempotency-key"] for q in requests}) == 1
+    assert len({b["reset_id"] for b in bodies}) == 1
+    assert_no_more(harness.backend, 3, window=1.0)

@@ -32,11 +32,24 @@ def key_from_channel(channel: str) -> str:
     return channel.split(":", 1)[1]
 
 
-def enable_hint(missing: str) -> str:
-    """What an operator must do when the worker cannot set the flags itself."""
+def enable_hint(missing: str | None) -> str:
+    """What an operator must do when the worker cannot set the flags itself.
+
+    ``missing`` is None when the current flags could not even be read.
+    """
+    if missing is None:
+        state = (
+            "The worker could not read notify-keyspace-events (CONFIG refused, as on "
+            f"managed Redis). If it already includes {NEEDED_FLAGS!r}, all is well; if not, "
+        )
+    else:
+        state = (
+            f"Redis keyspace notifications lack the flags {missing!r} (need "
+            f"{NEEDED_FLAGS!r}) and the worker could not set them (CONFIG refused, as on "
+            "managed Redis): "
+        )
     return (
-        f"Redis keyspace notifications lack the flags {missing!r} (need {NEEDED_FLAGS!r}). "
-        "The worker could not set them (CONFIG refused, as on managed Redis): enable them "
+        state + "enable them "
         f"yourself, e.g. `redis-cli CONFIG SET notify-keyspace-events {NEEDED_FLAGS}` merged "
         "with your current flags, an ElastiCache parameter group with "
         f"notify-keyspace-events={NEEDED_FLAGS}, or `heroku redis:keyspace-notifications "

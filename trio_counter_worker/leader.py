@@ -86,7 +86,8 @@ class LeaderDuties:
         if status.changed:
             log.info("enabled keyspace notifications: notify-keyspace-events=%r", status.flags)
         if not status.ok:
-            log.error("%s (Redis said: %s)", enable_hint(status.missing), status.error)
+            missing = None if status.flags is None else status.missing
+            log.error("%s (Redis said: %s)", enable_hint(missing), status.error)
         send, receive = trio.open_memory_channel[list[Message]](64)
         pattern = keyspace_pattern(self._config.redis_db, self._config.counter_key)
         async with trio.open_nursery() as nursery:

@@ -1,0 +1,170 @@
+"""Plain logic, no I/O: schedule, retry policy, keyspace flags, request format, public API."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+import trio_counter_worker
+from trio_counter_worker.delivery import build_request
+from trio_counter_worker.keyspace import (
+    enable_hint,
+    key_from_channel,
+    keyspace_pattern,
+    merged_flags,
+    missing_flags,
+)
+from trio_counter_worker.retry import RetryPolicy, classify, parse_retry_after
+from trio_counter_worker.schedule import Schedule
+from trio_counter_worker.store import PendingReset
+
+# -- schedule --------------------------------------------------------------------------
+
+
+def test_schedule_pops_due_keys_in_deadline_order() -> None:
+    s = Schedule()
+    s.set("b", 2.0)
+    s.set("a", 1.0)
+    s.set("c", 3.0)
+    assert s.next_deadline() == 1.0
+    assert s.pop_due(2.5) == ["a", "b"]
+    assert s.next_deadline() == 3.0
+    assert len(s) == 1
+
+
+def test_schedule_set_replaces_and_remove_forgets() -> None:
+    s = Schedule()
+    s.set("a", 1.0)
+    s.set("a", 5.0)  # re-armed
+    s.set("b", 2.0)
+    s.remove("b")
+    assert s.pop_due(4.0) == []
+    assert s.next_deadline() == 5.0
+    assert "a" in s
+    assert "b" not in s
+    assert s.pop_due(5.0) == ["a"]
+    assert s.next_deadline() is None
+
+
+def test_schedule_limit_and_compaction() -> None:
+    s = Schedule()
+    for i in range(5000):
+        s.set("k", float(i))  # many stale entries for one key
+    assert len(s) == 1
+    assert len(s._heap) < 3000  # compacted, not growing without bound
+    for i in range(10):
+        s.set(f"x{i}", 0.5)
+    assert len(s.pop_due(1.0, limit=4)) == 4
+    assert len(s.pop_due(1.0)) == 6
+
+
+# -- retry ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "verdict"),
+    [(200, "done"), (204, "done"), (500, "retry"), (503, "retry"), (408, "retry"),
+     (429, "retry"), (307, "redirect"), (301, "redirect"), (401, "rejected"),
+     (404, "rejected"), (422, "rejected")],
+)
+def test_classify(status: int, verdict: str) -> None:
+    assert classify(status) == verdict
+
+
+def test_backoff_grows_capped_with_jitter() -> None:
+    policy = RetryPolicy(base=0.1, cap=10.0)
+    rng = random.Random(7)
+    delays = [policy.delay(n, "retry", rng=rng) for n in range(1, 12)]
+    for n, d in enumerate(delays, start=1):
+        ceiling = min(10.0, 0.1 * 2 ** (n - 1))
+        assert ceiling / 2 <= d <= ceiling
+    assert max(delays) <= 10.0
+    assert policy.delay(20, "rejected", rng=rng) > 10.0  # slower for 4xx, up to 60 s
+
+
+def test_retry_after_wins_and_is_capped() -> None:
+    policy = RetryPolicy()
+    assert policy.delay(1, "retry", retry_after=7.0) == 7.0
+    assert policy.delay(1, "retry", retry_after=10_000.0) == policy.retry_after_cap
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    now = 1_700_000_000.0
+    assert parse_retry_after("Tue, 14 Nov 2023 22:13:30 GMT", now=now) == pytest.approx(10.0)
+
+
+# -- keyspace ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("current", "missing"),
+    [("", "Kg$x"), ("Ex", "Kg$"), ("AK", ""), ("KEA", ""), ("Kg$x", ""), ("Kgx", "$")],
+)
+def test_missing_flags(current: str, missing: str) -> None:
+    assert missing_flags(current) == missing
+
+
+def test_merge_keeps_the_apps_flags() -> None:
+    merged = merged_flags("Eh")
+    assert set("Eh") <= set(merged)
+    assert missing_flags(merged) == ""
+
+
+def test_channel_names() -> None:
+    pattern = keyspace_pattern(3, "counter:*")
+    assert pattern == "__keyspace@3__:counter:*"
+    assert key_from_channel("__keyspace@3__:counter:a:b") == "counter:a:b"
+
+
+def test_enable_hint_names_the_flags_and_what_to_do() -> None:
+    assert "'$x'" in enable_hint("$x")
+    assert "CONFIG SET notify-keyspace-events" in enable_hint(None)
+    assert "could not read" in enable_hint(None)
+
+
+# -- request format ---------------------------------------------------------------------
+
+
+def test_request_format() -> None:
+    reset = PendingReset("r1d", "c:1", 1_764_370_000_123, fencing_token=3)
+    headers, body = build_request(reset, secret="s", replica_id="w1", fencing_token=5)
+    assert headers == {
+        "x-secret": "s",
+        "content-type": "application/json",
+        "idempotency-key": "r1d",
+        "x-fencing-token": "5",
+    }
+    assert json.loads(body) == {
+        "key": "c:1",
+        "reset_id": "r1d",
+        "expired_at": 1_764_370_000.123,
+        "fencing_token": 5,
+        "replica_id": "w1",
+    }
+
+
+# -- public API -------------------------------------------------------------------------
+
+
+def test_exported_members_are_all() -> None:
+    public = {name for name in vars(trio_counter_worker) if not name.startswith("_")}
+    modules = {"cli", "config", "delivery", "election", "errors", "hooks", "keyspace",
+               "leader", "redis_bridge", "retry", "schedule", "scripts", "store", "worker"}
+    assert public - modules == set(trio_counter_worker.__all__) - {"__version__"}
+
+
+def test_readme_documents_every_setting() -> None:
+    from pathlib import Path
+
+    from trio_counter_worker.config import SETTINGS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = (Path(__file__).parent.parent / ".env.example").read_text()
+    for setting in SETTINGS:
+        assert f"| `{setting.name}` |" in readme, setting.name
+        assert setting.name in example, setting.name
