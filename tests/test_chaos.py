@@ -19,7 +19,6 @@ import signal
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -68,8 +67,8 @@ class Chaos:
 @pytest.fixture
 def chaos(
     redis_server: RedisServer, backend: RecordingBackend, spawn_worker: SpawnWorker
-) -> Iterator[Chaos]:
-    yield Chaos(redis_server, backend, spawn_worker)
+) -> Chaos:
+    return Chaos(redis_server, backend, spawn_worker)
 
 
 def test_no_reset_missed_or_doubled_under_leader_faults(chaos: Chaos) -> None:
