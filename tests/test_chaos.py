@@ -107,15 +107,16 @@ def test_no_reset_missed_or_doubled_under_leader_faults(chaos: Chaos) -> None:
                 if when <= now:
                     del rearm_at[key]
                     set_key(key)  # activity: the episode goes on with a new deadline
-            for when, worker in list(thaw):
+            for when, frozen in list(thaw):
                 if when <= now:
-                    thaw.remove((when, worker))
-                    worker.signal(signal.SIGCONT)
+                    thaw.remove((when, frozen))
+                    frozen.signal(signal.SIGCONT)
             if now >= next_fault:
                 next_fault = now + FAULT_EVERY
                 leader_id = r.hget(LEASE_KEY, "replica")
-                worker = chaos.workers.get(str(leader_id)) if leader_id else None
-                if worker is not None and worker.alive and not any(w is worker for _, w in thaw):
+                target = chaos.workers.get(str(leader_id)) if leader_id else None
+                if target is not None and target.alive and not any(w is target for _, w in thaw):
+                    worker = target
                     kind = kinds[len(faults) % len(kinds)]
                     faults.append(kind)
                     if kind == "kill":
@@ -128,8 +129,8 @@ def test_no_reset_missed_or_doubled_under_leader_faults(chaos: Chaos) -> None:
                         worker.signal(signal.SIGSTOP)
                         thaw.append((now + FREEZE_FOR, worker))
             time.sleep(max(0.0, TICK - (time.monotonic() - now)))
-        for _, worker in thaw:
-            worker.signal(signal.SIGCONT)
+        for _, frozen in thaw:
+            frozen.signal(signal.SIGCONT)
 
     expected = set(deadlines)
     last_due = max(deadlines.values())
