@@ -25,12 +25,13 @@ from trio_counter_worker.errors import ConfigError, WorkerError
 SECRET = "sekrit-XYZ-123"  # RESET_SECRET
 REDIS_SECRET = "redis-sekrit-XYZ-456"  # REDIS_PASSWORD
 URL_SECRET = "url-sekrit-XYZ-789"  # the password inside REDIS_URL
-SECRETS = (SECRET, REDIS_SECRET, URL_SECRET)
+SIGNING_SECRET = "signing-sekrit-XYZ-000"  # RESET_SIGNING_SECRET
+SECRETS = (SECRET, REDIS_SECRET, URL_SECRET, SIGNING_SECRET)
 
 ENDPOINT = "https://backend.example/api/reset"
 MINIMAL = {"RESET_ENDPOINT_URL": ENDPOINT, "RESET_SECRET": SECRET}
 # MINIMAL plus a Redis password: a bad value elsewhere must not print either secret.
-WITH_SECRETS = {**MINIMAL, "REDIS_PASSWORD": REDIS_SECRET}
+WITH_SECRETS = {**MINIMAL, "REDIS_PASSWORD": REDIS_SECRET, "RESET_SIGNING_SECRET": SIGNING_SECRET}
 
 
 class BadCase(NamedTuple):
@@ -66,6 +67,14 @@ BAD_CASES: tuple[BadCase, ...] = (
         "REDIS_URL",
     ),
     BadCase("redis-url-bad-db", {"REDIS_URL": f"redis://nobody:{URL_SECRET}@h/db1"}, "REDIS_URL"),
+    BadCase(
+        "insecure-http",
+        {"RESET_ENDPOINT_URL": "http://backend.example/reset"},
+        "ALLOW_INSECURE_HTTP",
+    ),
+    BadCase("allow-insecure-maybe", {"ALLOW_INSECURE_HTTP": "maybe"}, "ALLOW_INSECURE_HTTP"),
+    BadCase("log-format-xml", {"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    BadCase("ca-file-missing", {"REDIS_CA_FILE": "/nonexistent/ca.pem"}, "REDIS_CA_FILE"),
 )
 
 
@@ -122,8 +131,8 @@ def test_defaults_documented_in_settings_are_the_real_ones() -> None:
 
 # Every setting except REDIS_URL (tested on its own below), set to a non-default value.
 NAMED_VALUES: list[tuple[str, str, str, Any]] = [
-    ("RESET_ENDPOINT_URL", "http://10.0.0.5:8080/reset", "reset_endpoint_url",
-     "http://10.0.0.5:8080/reset"),
+    ("RESET_ENDPOINT_URL", "http://127.0.0.1:8080/reset", "reset_endpoint_url",
+     "http://127.0.0.1:8080/reset"),
     ("RESET_SECRET", "another-secret", "reset_secret", "another-secret"),
     ("COUNTER_KEY", "counter:*", "counter_key", "counter:*"),
     ("REDIS_HOST", "redis.internal", "redis_host", "redis.internal"),
@@ -135,6 +144,10 @@ NAMED_VALUES: list[tuple[str, str, str, Any]] = [
     ("RESET_TIMEOUT_MS", "2500", "reset_timeout_ms", 2500),
     ("MAX_IN_FLIGHT", "7", "max_in_flight", 7),
     ("LOG_LEVEL", "WARNING", "log_level", "WARNING"),
+    ("LOG_FORMAT", "json", "log_format", "json"),
+    ("RESET_SIGNING_SECRET", SIGNING_SECRET, "reset_signing_secret", SIGNING_SECRET),
+    ("ALLOW_INSECURE_HTTP", "1", "allow_insecure_http", True),
+    ("REDIS_CA_FILE", __file__, "redis_ca_file", __file__),
 ]  # fmt: skip
 
 

@@ -27,13 +27,16 @@ class Backend:
     """Records (trio time, request); answers from a script, then 200."""
 
     statuses: list[int] = attrs.Factory(list)
+    headers: dict[str, str] = attrs.Factory(dict)
     seen: list[tuple[float, httpx.Request]] = attrs.Factory(list)
     arrived: trio.Event = attrs.Factory(trio.Event)
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         self.seen.append((trio.current_time(), request))
         self.arrived.set()
-        return httpx.Response(self.statuses.pop(0) if self.statuses else 200)
+        return httpx.Response(
+            self.statuses.pop(0) if self.statuses else 200, headers=self.headers
+        )
 
     async def wait(self, n: int) -> None:
         while len(self.seen) < n:
@@ -51,7 +54,7 @@ class Backend:
 
 def config(**kw: object) -> Config:
     base: dict[str, object] = {
-        "reset_endpoint_url": "http://backend.test/reset",
+        "reset_endpoint_url": "https://backend.test/reset",
         "reset_secret": "s3cret",
         "counter_key": "c:*",
         "replica_id": "r1",
@@ -285,3 +288,31 @@ async def test_cancel_releases_the_lease(
         nursery.cancel_scope.cancel()
     assert harness.store.lease is None
     assert [op for _, op in harness.store.calls][-1] == "release"
+
+
+async def test_redirect_is_not_followed_and_the_reset_is_kept(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    harness.backend.statuses = [307] * 100
+    harness.backend.headers = {"location": "https://elsewhere.test/steal"}
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        harness.store.set_key("c:1", 1)
+        await harness.backend.wait(3)
+        nursery.cancel_scope.cancel()
+    assert {str(r.url) for _, r in harness.backend.seen} == {"https://backend.test/reset"}
+    assert len(harness.store.pending_resets) == 1
+
+
+async def test_retry_after_is_honoured(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    harness.backend.statuses = [429]
+    harness.backend.headers = {"retry-after": "7"}
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        harness.store.set_key("c:1", 1)
+        await harness.backend.wait(2)
+        nursery.cancel_scope.cancel()
+    first, second = harness.backend.times
+    assert second - first == pytest.approx(7.0)

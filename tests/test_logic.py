@@ -168,3 +168,39 @@ def test_readme_documents_every_setting() -> None:
     for setting in SETTINGS:
         assert f"| `{setting.name}` |" in readme, setting.name
         assert setting.name in example, setting.name
+
+
+# -- signing and logs -------------------------------------------------------------------
+
+
+def test_signature_is_hmac_of_timestamp_and_body() -> None:
+    import hashlib
+    import hmac
+
+    from trio_counter_worker.delivery import sign
+
+    reset = PendingReset("r1d", "c:1", 1_000, fencing_token=1)
+    headers, body = build_request(
+        reset, secret="s", replica_id="w", fencing_token=1, signing_secret="k", now=1700.9
+    )
+    expected = hmac.new(b"k", b"1700." + body, hashlib.sha256).hexdigest()
+    assert headers["x-signature"] == f"t=1700,v1={expected}"
+    assert sign("k", body, 1700) == headers["x-signature"]
+    assert sign("k", body + b" ", 1700) != headers["x-signature"]
+
+
+def test_json_log_lines_carry_event_fields() -> None:
+    import logging
+
+    from trio_counter_worker.logs import JsonFormatter
+
+    record = logging.LogRecord("trio_counter_worker", logging.INFO, "f.py", 1,
+                               "reset sent: key=%r", ("c:1",), None)
+    record.event = "reset_sent"
+    record.fencing_token = 3
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "reset sent: key='c:1'"
+    assert line["event"] == "reset_sent"
+    assert line["fencing_token"] == 3
+    assert line["level"] == "INFO"
+    assert "args" not in line

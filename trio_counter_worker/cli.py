@@ -11,8 +11,9 @@ from collections.abc import Sequence
 import trio
 
 from . import __version__
-from .config import SETTINGS, Config, configure_logging
+from .config import SETTINGS, Config
 from .errors import ConfigError, first_error
+from .logs import configure_logging
 from .worker import open_worker
 
 __all__ = ["main"]
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = Config.from_env(env_file=args.env_file)
     except ConfigError as exc:
         return _fail(exc)
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     failure: ConfigError | None = None
     try:
         trio.run(_run, config)

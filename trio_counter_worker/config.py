@@ -8,7 +8,7 @@ secret settings never appear in messages or reprs.
 
 from __future__ import annotations
 
-import logging
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
@@ -50,6 +50,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RESET_TIMEOUT_MS", "5000", "timeout of one reset request in ms (100-14999)"),
     Setting("MAX_IN_FLIGHT", "32", "most reset requests sent at once (1-1000)"),
     Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Setting("LOG_FORMAT", "text", "text (readable lines) or json (one JSON object a line)"),
+    Setting("RESET_SIGNING_SECRET", None, "if set, sign each request: x-signature: "
+            "t=<unix>,v1=<HMAC-SHA256 hex of '<t>.<body>'> (optional)", secret=True),
+    Setting("ALLOW_INSECURE_HTTP", None, "1 to allow a plain http:// RESET_ENDPOINT_URL on a "
+            "host that is not loopback (the secret then travels unencrypted) [default: 0]"),
+    Setting("REDIS_CA_FILE", None, "CA bundle to verify a rediss:// server with "
+            "(default: the system's) (optional)"),
 )
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -122,6 +129,31 @@ class Config:
     )
     max_in_flight: int = attrs.field(default=32, validator=_int_in("MAX_IN_FLIGHT", 1, 1000))
     log_level: str = attrs.field(default="INFO")
+    log_format: str = attrs.field(default="text")
+    reset_signing_secret: str | None = attrs.field(default=None, repr=False)
+    allow_insecure_http: bool = attrs.field(default=False)
+    redis_ca_file: str | None = attrs.field(default=None)
+
+    @log_format.validator
+    def _check_log_format(self, _attr: attrs.Attribute[str], value: str) -> None:
+        if value not in ("text", "json"):
+            raise ConfigError(f"LOG_FORMAT must be text or json, got {value!r}")
+
+    @redis_ca_file.validator
+    def _check_ca_file(self, _attr: attrs.Attribute[str | None], value: str | None) -> None:
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"REDIS_CA_FILE must name a readable file, got {value!r}")
+
+    def __attrs_post_init__(self) -> None:
+        parts = urlsplit(self.reset_endpoint_url)
+        if parts.scheme == "http" and not self.allow_insecure_http and not _is_loopback(
+            parts.hostname or ""
+        ):
+            raise ConfigError(
+                f"RESET_ENDPOINT_URL uses plain http to {parts.hostname}, which is not "
+                "loopback: RESET_SECRET would travel unencrypted. Use https, or set "
+                "ALLOW_INSECURE_HTTP=1 if that network is private and trusted"
+            )
 
     @log_level.validator
     def _check_log_level(self, _attr: attrs.Attribute[str], value: str) -> None:
@@ -183,6 +215,14 @@ class Config:
                 shown = "(value hidden)" if name in _SECRET_NAMES else repr(raw)
                 raise ConfigError(f"{name} must be a whole number, got {shown}") from None
 
+        def boolean(name: str) -> bool:
+            raw = (get(name) or "0").lower()
+            if raw in _TRUE:
+                return True
+            if raw in _FALSE:
+                return False
+            raise ConfigError(f"{name} must be 1 or 0 (true/false, yes/no), got {raw!r}")
+
         kwargs: dict[str, Any] = {
             "reset_endpoint_url": required(
                 "RESET_ENDPOINT_URL", "the http(s) URL of your backend's reset endpoint"
@@ -197,6 +237,10 @@ class Config:
             "reset_timeout_ms": integer("RESET_TIMEOUT_MS", 5000),
             "max_in_flight": integer("MAX_IN_FLIGHT", 32),
             "log_level": (get("LOG_LEVEL") or "INFO").upper(),
+            "log_format": (get("LOG_FORMAT") or "text").lower(),
+            "reset_signing_secret": get("RESET_SIGNING_SECRET"),
+            "allow_insecure_http": boolean("ALLOW_INSECURE_HTTP"),
+            "redis_ca_file": get("REDIS_CA_FILE"),
         }
         if (replica := get("REPLICA_ID")) is not None:
             kwargs["replica_id"] = replica
@@ -206,6 +250,17 @@ class Config:
 
 
 _SECRET_NAMES = frozenset(s.name for s in SETTINGS if s.secret)
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse_redis_url(url: str) -> dict[str, Any]:
@@ -238,13 +293,3 @@ def _parse_redis_url(url: str) -> dict[str, Any]:
         "redis_password": unquote(parts.password) if parts.password else None,
         "redis_tls": parts.scheme == "rediss",
     }
-
-
-def configure_logging(level: str) -> None:
-    """Readable one-line logs on stderr."""
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # httpx logs every request at INFO; the worker logs each reset once, itself.
-    logging.getLogger("httpx").setLevel(logging.WARNING)

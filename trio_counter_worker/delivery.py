@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -15,7 +17,7 @@ from .config import Config
 from .retry import RetryPolicy, Verdict, classify, parse_retry_after
 from .store import PendingReset
 
-__all__ = ["ResetSender", "build_request"]
+__all__ = ["ResetSender", "build_request", "sign"]
 
 log = logging.getLogger("trio_counter_worker.delivery")
 
@@ -27,8 +29,24 @@ _HINTS = {
 }
 
 
+def sign(signing_secret: str, body: bytes, timestamp: int) -> str:
+    """The x-signature header: ``t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>." + body>``.
+
+    The same scheme as Stripe's webhook signatures: the backend recomputes it, compares
+    in constant time, and rejects a timestamp too far from its own clock (replays).
+    """
+    mac = hmac.new(signing_secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
 def build_request(
-    reset: PendingReset, *, secret: str, replica_id: str, fencing_token: int
+    reset: PendingReset,
+    *,
+    secret: str,
+    replica_id: str,
+    fencing_token: int,
+    signing_secret: str | None = None,
+    now: float | None = None,
 ) -> tuple[dict[str, str], bytes]:
     """Headers and JSON body of the reset request (the wire format in the README).
 
@@ -49,7 +67,10 @@ def build_request(
         "idempotency-key": reset.reset_id,
         "x-fencing-token": str(fencing_token),
     }
-    return headers, json.dumps(body, separators=(",", ":")).encode()
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    if signing_secret is not None:
+        headers["x-signature"] = sign(signing_secret, raw, int(time.time() if now is None else now))
+    return headers, raw
 
 
 @attrs.frozen
@@ -76,15 +97,17 @@ class ResetSender:
         Cancellation: the usual way this stops early, when leadership is lost; the reset
         stays pending in Redis and the next leader sends it under the same reset_id.
         """
-        headers, body = build_request(
-            reset,
-            secret=self._config.reset_secret,
-            replica_id=self._config.replica_id,
-            fencing_token=fencing_token,
-        )
         attempt = 0
         while True:
             attempt += 1
+            # Built per attempt: a signature carries the time it was made.
+            headers, body = build_request(
+                reset,
+                secret=self._config.reset_secret,
+                replica_id=self._config.replica_id,
+                fencing_token=fencing_token,
+                signing_secret=self._config.reset_signing_secret,
+            )
             retry_after: float | None = None
             verdict: Verdict
             try:

@@ -203,6 +203,9 @@ class LeaderDuties:
                 "latency_ms=%.1f",
                 reset.key, reset.reset_id, self._lease.epoch, done.status, done.attempts,
                 done.latency * 1000,
+                extra={"event": "reset_sent", "key": reset.key, "reset_id": reset.reset_id,
+                       "fencing_token": self._lease.epoch, "attempts": done.attempts,
+                       "latency_ms": round(done.latency * 1000, 1)},
             )
             self._on_reset(reset, done.attempts)
         finally:

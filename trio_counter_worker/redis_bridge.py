@@ -33,6 +33,7 @@ T = TypeVar("T")
 
 _POLL_SECONDS = 0.1  # pub/sub poll: bounds how long a stop takes
 _MAX_BATCH = 1000
+_TRANSIENT = ("OOM", "BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
 
 
@@ -53,6 +54,9 @@ def _translate(exc: BaseException) -> BaseException:
         )
     if isinstance(exc, rexc.ReadOnlyError):
         return RedisUnavailable("Redis is read-only (a replica?): waiting for a primary")
+    if isinstance(exc, rexc.ResponseError) and str(exc).startswith(_TRANSIENT):
+        # Redis is up but cannot serve us right now: wait it out, do not crash.
+        return RedisUnavailable(f"Redis refused the command for now: {exc}")
     if isinstance(exc, _UNAVAILABLE):
         return RedisUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}")
     return exc
@@ -78,6 +82,7 @@ class RedisBridge:
             username=config.redis_username,
             password=config.redis_password,
             ssl=config.redis_tls,
+            ssl_ca_certs=config.redis_ca_file,  # None: the system's CAs; verification stays on
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),

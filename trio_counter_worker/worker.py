@@ -80,7 +80,8 @@ class Worker:
         self.lease = lease
         self.leader_changes += 1
         log.info("leader acquired: replica=%s fencing_token=%d",
-                 self.config.replica_id, lease.epoch)
+                 self.config.replica_id, lease.epoch,
+                 extra={"event": "leader_acquired", "fencing_token": lease.epoch})
         duties = LeaderDuties(
             self.config, self._store, self._sender, self.holder, lease, self.hooks.on_reset
         )
@@ -99,13 +100,15 @@ class Worker:
                     await self._release(lease)
                     self.hooks.on_deposed(lease.epoch)
         except* LeaseLost as group:
-            log.warning("leader lost: fencing_token=%d: %s", lease.epoch, first_error(group))
+            log.warning("leader lost: fencing_token=%d: %s", lease.epoch, first_error(group),
+                        extra={"event": "leader_lost", "fencing_token": lease.epoch})
 
     async def _release(self, lease: Lease) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(_RELEASE_TIMEOUT):
             try:
                 if await self._elector.release():
-                    log.info("lease released: fencing_token=%d", lease.epoch)
+                    log.info("lease released: fencing_token=%d", lease.epoch,
+                             extra={"event": "lease_released", "fencing_token": lease.epoch})
             except RedisUnavailable as exc:
                 log.warning("could not release the lease (%s): it expires by itself", exc)
 
