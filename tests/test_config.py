@@ -74,6 +74,7 @@ BAD_CASES: tuple[BadCase, ...] = (
     ),
     BadCase("allow-insecure-maybe", {"ALLOW_INSECURE_HTTP": "maybe"}, "ALLOW_INSECURE_HTTP"),
     BadCase("log-format-xml", {"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    BadCase("health-port-big", {"HEALTH_PORT": "70000"}, "HEALTH_PORT"),
     BadCase("ca-file-missing", {"REDIS_CA_FILE": "/nonexistent/ca.pem"}, "REDIS_CA_FILE"),
 )
 
@@ -148,6 +149,8 @@ NAMED_VALUES: list[tuple[str, str, str, Any]] = [
     ("RESET_SIGNING_SECRET", SIGNING_SECRET, "reset_signing_secret", SIGNING_SECRET),
     ("ALLOW_INSECURE_HTTP", "1", "allow_insecure_http", True),
     ("REDIS_CA_FILE", __file__, "redis_ca_file", __file__),
+    ("HEALTH_PORT", "8080", "health_port", 8080),
+    ("HEALTH_HOST", "127.0.0.1", "health_host", "127.0.0.1"),
 ]  # fmt: skip
 
 

@@ -55,6 +55,9 @@ SETTINGS: tuple[Setting, ...] = (
             "t=<unix>,v1=<HMAC-SHA256 hex of '<t>.<body>'> (optional)", secret=True),
     Setting("ALLOW_INSECURE_HTTP", None, "1 to allow a plain http:// RESET_ENDPOINT_URL on a "
             "host that is not loopback (the secret then travels unencrypted) [default: 0]"),
+    Setting("HEALTH_PORT", None, "if set, serve /healthz, /readyz and /metrics on this port "
+            "(optional)"),
+    Setting("HEALTH_HOST", "0.0.0.0", "address the health endpoint listens on"),  # noqa: S104
     Setting("REDIS_CA_FILE", None, "CA bundle to verify a rediss:// server with "
             "(default: the system's) (optional)"),
 )
@@ -133,6 +136,13 @@ class Config:
     reset_signing_secret: str | None = attrs.field(default=None, repr=False)
     allow_insecure_http: bool = attrs.field(default=False)
     redis_ca_file: str | None = attrs.field(default=None)
+    health_port: int | None = attrs.field(default=None)
+    health_host: str = "0.0.0.0"  # noqa: S104 - probes reach the pod on its own address
+
+    @health_port.validator
+    def _check_health_port(self, _attr: attrs.Attribute[int | None], value: int | None) -> None:
+        if value is not None and not 0 <= value <= 65535:
+            raise ConfigError(f"HEALTH_PORT must be between 0 and 65535, got {value}")
 
     @log_format.validator
     def _check_log_format(self, _attr: attrs.Attribute[str], value: str) -> None:
@@ -241,7 +251,10 @@ class Config:
             "reset_signing_secret": get("RESET_SIGNING_SECRET"),
             "allow_insecure_http": boolean("ALLOW_INSECURE_HTTP"),
             "redis_ca_file": get("REDIS_CA_FILE"),
+            "health_host": get("HEALTH_HOST") or "0.0.0.0",  # noqa: S104
         }
+        if get("HEALTH_PORT") is not None:
+            kwargs["health_port"] = integer("HEALTH_PORT", 0)
         if (replica := get("REPLICA_ID")) is not None:
             kwargs["replica_id"] = replica
         if (url := get("REDIS_URL")) is not None:

@@ -14,6 +14,7 @@ import httpx
 import trio
 
 from .config import Config
+from .metrics import Metrics
 from .retry import RetryPolicy, Verdict, classify, parse_retry_after
 from .store import PendingReset
 
@@ -84,9 +85,14 @@ class ResetSender:
     """POSTs resets with retries. Never follows redirects: the secret stays with the URL."""
 
     def __init__(
-        self, config: Config, client: httpx.AsyncClient, policy: RetryPolicy | None = None
+        self,
+        config: Config,
+        client: httpx.AsyncClient,
+        policy: RetryPolicy | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._config = config
+        self._metrics = metrics or Metrics()
         self._client = client
         self._policy = policy or RetryPolicy()
         self._where = _safe_url(config.reset_endpoint_url)
@@ -120,7 +126,10 @@ class ResetSender:
             else:
                 verdict = classify(response.status_code)
                 if verdict == "done":
-                    return Delivered(attempt, response.status_code, time.time() - reset.expired_at)
+                    latency = time.time() - reset.expired_at
+                    self._metrics.resets.labels("delivered").inc()
+                    self._metrics.reset_latency.observe(max(0.0, latency))
+                    return Delivered(attempt, response.status_code, latency)
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
                 what = f"HTTP {response.status_code} from {self._where}"
                 if verdict == "redirect":
@@ -132,6 +141,7 @@ class ResetSender:
                 elif verdict == "rejected":
                     hint = _HINTS.get(response.status_code, "the backend refused the request")
                     what += f": {hint}; the reset is kept and retried"
+            self._metrics.resets.labels("retried" if verdict == "retry" else verdict).inc()
             delay = self._policy.delay(attempt, verdict, retry_after)
             level = logging.WARNING if verdict == "retry" else logging.ERROR
             log.log(

@@ -21,6 +21,7 @@ import attrs
 import trio
 
 from .errors import LeaseLost, RedisUnavailable
+from .metrics import Metrics
 from .store import Store
 
 __all__ = ["Backoff", "Elector", "Lease", "LeaseTiming"]
@@ -86,8 +87,17 @@ class Elector:
     differ); ``replica_id`` is the human name shown to others.
     """
 
-    def __init__(self, store: Store, timing: LeaseTiming, holder: str, replica_id: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        timing: LeaseTiming,
+        holder: str,
+        replica_id: str,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._store = store
+        self._metrics = metrics or Metrics()
+        self.last_ok: float | None = None  # trio time of the last answered lease call
         self.timing = timing
         self.holder = holder
         self.replica_id = replica_id
@@ -119,12 +129,15 @@ class Elector:
                     self.holder, self.replica_id, self._ttl_ms, self.epoch_seen
                 )
             except RedisUnavailable as exc:
+                self._metrics.redis_errors.inc()
                 delay = backoff.next()
                 log.warning("%s; retrying in %.1f s", exc, delay)
                 await trio.sleep(delay)
                 continue
             backoff.reset()
+            self.last_ok = trio.current_time()
             self.epoch_seen = max(self.epoch_seen, view.epoch)
+            self._metrics.fencing_token.set(self.epoch_seen)
             if view.acquired:
                 return Lease(view.epoch, sent, self.timing.step_down_at(sent))
             if seen != self._release_count:
@@ -153,11 +166,14 @@ class Elector:
                 try:
                     renewed = await self._store.renew(self.holder, self._ttl_ms)
                 except RedisUnavailable as exc:
+                    self._metrics.redis_errors.inc()
                     log.warning("lease renewal failed: %s; retrying", exc)
                     next_renew = sent + timing.retry_every
                     continue
                 if not renewed:
                     raise LeaseLost("lease renewal shows another holder or an expired lease")
+                self.last_ok = trio.current_time()
+                self._metrics.renewal.observe(self.last_ok - sent)
                 lease.renewed_at = sent
                 lease.step_down_at = timing.step_down_at(sent)
                 next_renew = sent + timing.renew_every

@@ -23,6 +23,7 @@ from .delivery import ResetSender
 from .election import Backoff, Lease
 from .errors import RedisUnavailable, first_error
 from .keyspace import enable_hint, key_from_channel, keyspace_pattern
+from .metrics import Metrics
 from .schedule import Schedule
 from .store import KeyOutcome, Message, PendingReset, Store
 
@@ -46,7 +47,9 @@ class LeaderDuties:
         holder: str,
         lease: Lease,
         on_reset: Callable[[PendingReset, int], None],
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._config = config
         self._store = store
         self._sender = sender
@@ -73,6 +76,7 @@ class LeaderDuties:
                 try:
                     await self._watch(backoff)
                 except* RedisUnavailable as group:
+                    self._metrics.redis_errors.inc()
                     delay = backoff.next()
                     log.warning(
                         "leader lost its Redis connection (%s); resynchronising in %.1f s",
@@ -140,6 +144,12 @@ class LeaderDuties:
             self._apply(outcomes, (start + trio.current_time()) / 2)
 
     def _apply(self, outcomes: list[KeyOutcome], base: float) -> None:
+        try:
+            self._apply_each(outcomes, base)
+        finally:
+            self._metrics.watched.set(len(self._schedule))
+
+    def _apply_each(self, outcomes: list[KeyOutcome], base: float) -> None:
         for o in outcomes:
             if o.kind == "alive":
                 self._at(o.key, base + o.pttl_ms / 1000 + _EARLY)
@@ -182,6 +192,7 @@ class LeaderDuties:
         if reset.reset_id in self._in_flight or self._deliveries is None:
             return
         self._in_flight.add(reset.reset_id)
+        self._metrics.pending.set(len(self._in_flight))
         self._deliveries.start_soon(self._deliver, reset)
 
     async def _deliver(self, reset: PendingReset) -> None:
@@ -210,6 +221,7 @@ class LeaderDuties:
             self._on_reset(reset, done.attempts)
         finally:
             self._in_flight.discard(reset.reset_id)
+            self._metrics.pending.set(len(self._in_flight))
 
 
 async def _listen(

@@ -24,8 +24,10 @@ from .config import Config
 from .delivery import ResetSender
 from .election import Backoff, Elector, Lease, LeaseTiming
 from .errors import LeaseLost, RedisUnavailable, first_error
+from .health import serve_health
 from .hooks import Hooks
 from .leader import LeaderDuties
+from .metrics import Metrics
 from .redis_bridge import RedisBridge
 from .store import Message, Store
 
@@ -40,22 +42,41 @@ class Worker:
     """One replica. Create it with :func:`open_worker`; call :meth:`run`."""
 
     def __init__(
-        self, config: Config, store: Store, http: httpx.AsyncClient, hooks: Hooks | None = None
+        self,
+        config: Config,
+        store: Store,
+        http: httpx.AsyncClient,
+        hooks: Hooks | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.hooks = hooks or Hooks()
+        self.metrics = metrics or Metrics()
         self._store = store
-        self._sender = ResetSender(config, http)
+        self._sender = ResetSender(config, http, metrics=self.metrics)
         # Unique per process: two processes started with the same REPLICA_ID still differ.
         self.holder = f"{config.replica_id}#{secrets.token_hex(4)}"
         self._elector = Elector(store, LeaseTiming(config.lease_ttl), self.holder,
-                                config.replica_id)
+                                config.replica_id, self.metrics)
         self.lease: Lease | None = None
         self.leader_changes = 0
+        self.health_port: int | None = None  # bound port of the health endpoint, once up
 
     @property
     def is_leader(self) -> bool:
         return self.lease is not None
+
+    def state(self) -> dict[str, object]:
+        """Readiness: Redis answered a lease call lately, and this replica leads or stands
+        by. (Every replica calls Redis at least once a lease period.)"""
+        last_ok = self._elector.last_ok
+        fresh = last_ok is not None and trio.current_time() - last_ok < 3 * self.config.lease_ttl
+        return {
+            "ready": fresh,
+            "role": "leader" if self.is_leader else "standby",
+            "replica_id": self.config.replica_id,
+            "fencing_token": self.lease.epoch if self.lease else self._elector.epoch_seen,
+        }
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -67,6 +88,10 @@ class Worker:
         the standbys are told, so one of them takes over within milliseconds.
         """
         async with trio.open_nursery() as nursery:
+            if self.config.health_port is not None:
+                self.health_port = await nursery.start(
+                    serve_health, self, self.config.health_port, self.config.health_host
+                )
             await nursery.start(self._watch_releases)
             task_status.started()
             log.info("replica %s started (standby); lease %s ms, counter key %r",
@@ -79,11 +104,14 @@ class Worker:
     async def _lead(self, lease: Lease) -> None:
         self.lease = lease
         self.leader_changes += 1
+        self.metrics.leader.set(1)
+        self.metrics.leader_changes.inc()
         log.info("leader acquired: replica=%s fencing_token=%d",
                  self.config.replica_id, lease.epoch,
                  extra={"event": "leader_acquired", "fencing_token": lease.epoch})
         duties = LeaderDuties(
-            self.config, self._store, self._sender, self.holder, lease, self.hooks.on_reset
+            self.config, self._store, self._sender, self.holder, lease, self.hooks.on_reset,
+            self.metrics,
         )
         self.hooks.on_elected(lease.epoch)
         try:
@@ -97,6 +125,9 @@ class Worker:
                     # winding down: the scripts check the lease, so whatever they still
                     # try fails safely, and a standby need not wait for them.
                     self.lease = None
+                    self.metrics.leader.set(0)
+                    self.metrics.pending.set(0)
+                    self.metrics.watched.set(0)
                     await self._release(lease)
                     self.hooks.on_deposed(lease.epoch)
         except* LeaseLost as group:

@@ -1,0 +1,89 @@
+"""A small HTTP endpoint for probes and scraping: /healthz, /readyz, /metrics.
+
+Served with trio and h11 (HTTP/1.1 parsing). One request per connection, answered and
+closed; a slow or broken client is dropped after a few seconds and never disturbs the
+worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+from typing import TYPE_CHECKING
+
+import h11
+import trio
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+__all__ = ["serve_health"]
+
+log = logging.getLogger("trio_counter_worker.health")
+
+_CLIENT_TIMEOUT = 5.0
+_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+
+
+async def serve_health(
+    worker: Worker,
+    port: int,
+    host: str = "0.0.0.0",  # noqa: S104 - probes reach the pod on its own address
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled; report the bound port (useful with port 0) when listening."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    log.info("health endpoint on http://%s:%d (/healthz /readyz /metrics)", host, bound)
+    task_status.started(bound)
+    await trio.serve_listeners(partial(_handle, worker), listeners)
+
+
+def respond(worker: Worker, method: str, target: str) -> tuple[int, bytes, str]:
+    """Status, body and content type for one request: the routing, without I/O."""
+    path = target.split("?", 1)[0]
+    if method not in ("GET", "HEAD"):
+        return 405, b"method not allowed\n", "text/plain"
+    if path == "/healthz":
+        return 200, b"ok\n", "text/plain"
+    if path == "/readyz":
+        state = worker.state()
+        body = json.dumps(state).encode() + b"\n"
+        return (200 if state["ready"] else 503), body, "application/json"
+    if path == "/metrics":
+        return 200, worker.metrics.render(), _PROMETHEUS
+    return 404, b"not found: try /healthz, /readyz or /metrics\n", "text/plain"
+
+
+async def _handle(worker: Worker, stream: trio.SocketStream) -> None:
+    conn = h11.Connection(h11.SERVER)
+    try:
+        with trio.move_on_after(_CLIENT_TIMEOUT):
+            request = await _read_request(conn, stream)
+            if request is None:
+                return
+            status, body, ctype = respond(worker, request.method.decode(), request.target.decode())
+            headers = [("content-type", ctype), ("content-length", str(len(body))),
+                       ("connection", "close")]
+            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
+            if request.method != b"HEAD":
+                await stream.send_all(conn.send(h11.Data(data=body)))
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+    except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        log.debug("health request dropped: %s", exc)
+    finally:
+        await stream.aclose()
+
+
+async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(16384)
+            conn.receive_data(data)  # b"" means the client closed
+            continue
+        if isinstance(event, h11.Request):
+            return event
+        return None

@@ -1,0 +1,48 @@
+"""Prometheus metrics of one replica (prometheus-client, one registry per worker)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    """The worker's metrics. A fresh registry each, so several workers can share a process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.leader = Gauge("tcw_leader", "1 while this replica leads, else 0", registry=r)
+        self.fencing_token = Gauge(
+            "tcw_fencing_token", "fencing token (epoch) of this replica's lease, or the "
+            "highest seen", registry=r)
+        self.leader_changes = Counter(
+            "tcw_leader_changes", "times this replica became leader", registry=r)
+        self.resets = Counter(
+            "tcw_reset_attempts", "reset requests by outcome: delivered (2xx), retried "
+            "(5xx/408/429/network), rejected (other 4xx), redirect (3xx)", ["outcome"],
+            registry=r)
+        self.reset_latency = Histogram(
+            "tcw_reset_latency_seconds", "key TTL deadline to the backend's 2xx",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.pending = Gauge(
+            "tcw_pending_resets", "resets claimed and not yet confirmed by this leader",
+            registry=r)
+        self.watched = Gauge(
+            "tcw_watched_counters", "counter keys with a deadline scheduled by this leader",
+            registry=r)
+        self.redis_errors = Counter(
+            "tcw_redis_errors", "Redis calls that failed (unreachable, timeout, refused)",
+            registry=r)
+        self.renewal = Histogram(
+            "tcw_lease_renewal_seconds", "round trip of a successful lease renewal",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r)
+        for outcome in ("delivered", "retried", "rejected", "redirect"):
+            self.resets.labels(outcome)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
