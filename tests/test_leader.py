@@ -1,7 +1,7 @@
 """Leader duties under trio's autojump clock: when resets fire, what they carry.
 
 A trio-native fake store stands in for Redis and httpx.MockTransport for the backend, so
-no thread runs and every time is exact. Real-Redis behaviour is in test_worker_redis.py.
+no thread runs and every time is exact. Real-Redis behaviour is in test_redis_bridge.py.
 """
 
 from __future__ import annotations

@@ -188,6 +188,64 @@ class RedisBridge:
         next_cursor, keys = await self._run(self._client.scan, cursor, pattern, 1000)
         return int(next_cursor), [str(k) for k in keys]
 
+    # -- operator commands -----------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        """What `trio-counter-worker status` shows, read in one thread hop."""
+        return await self._run(self._status_sync)
+
+    def _status_sync(self) -> dict[str, Any]:
+        c = self._client
+        pipe = c.pipeline(transaction=False)
+        pipe.hgetall(self.lease_key)
+        pipe.pttl(self.lease_key)
+        pipe.hlen(self.pending_key)
+        pipe.zcard(self.deadlines_key)
+        pipe.zrange(self.deadlines_key, 0, 0, withscores=True)
+        pipe.time()
+        pipe.get(self.epoch_key)
+        lease, pttl, pending, watched, first, (sec, usec), epoch = pipe.execute()
+        now_ms = int(sec) * 1000 + int(usec) // 1000
+        nxt = None
+        if first:
+            key, score = first[0]
+            nxt = {"key": key, "in_ms": int(score) - now_ms}
+        try:
+            flags: str | None = str(
+                c.config_get("notify-keyspace-events").get("notify-keyspace-events", "")
+            )
+        except rexc.ResponseError:
+            flags = None
+        return {
+            "leader": lease.get("replica") or None,
+            "fencing_token": int(lease["epoch"]) if lease.get("epoch") else None,
+            "last_fencing_token": int(epoch) if epoch else 0,
+            "lease_ms_left": int(pttl) if int(pttl) >= 0 else None,
+            "pending_resets": int(pending),
+            "watched_counters": int(watched),
+            "next_deadline": nxt,
+            "notify_keyspace_events": flags,
+        }
+
+    async def probe(self) -> dict[str, Any]:
+        """What `trio-counter-worker check` needs: version, flags, whether CONFIG SET works."""
+        return await self._run(self._probe_sync)
+
+    def _probe_sync(self) -> dict[str, Any]:
+        c = self._client
+        c.ping()
+        version = str(c.info("server").get("redis_version", "?"))
+        try:
+            flags = str(c.config_get("notify-keyspace-events").get("notify-keyspace-events", ""))
+        except rexc.ResponseError as exc:
+            return {"version": version, "flags": None, "can_set": False, "error": str(exc)}
+        try:
+            c.config_set("notify-keyspace-events", flags)  # a no-op write: is CONFIG SET allowed?
+            can_set, error = True, None
+        except rexc.ResponseError as exc:
+            can_set, error = False, str(exc)
+        return {"version": version, "flags": flags, "can_set": can_set, "error": error}
+
     # -- notifications ---------------------------------------------------------------------
 
     async def ensure_notifications(self) -> NotificationStatus:
@@ -250,12 +308,17 @@ class RedisBridge:
                 if channels:
                     pubsub.subscribe(*channels)
                 confirmations = len(patterns) + len(channels)
+                early: list[Message] = []  # arrived between two confirmations: keep them
                 while confirmations:
                     trio.from_thread.check_cancelled()
                     msg = pubsub.get_message(timeout=_POLL_SECONDS)
                     if msg and msg["type"] in ("subscribe", "psubscribe"):
                         confirmations -= 1
+                    elif msg and msg["type"] in ("message", "pmessage"):
+                        early.append(Message(channel=msg["channel"], data=msg["data"]))
                 trio.from_thread.run_sync(task_status.started)
+                if early:
+                    trio.from_thread.run(send.send, early)
                 while True:
                     trio.from_thread.check_cancelled()
                     # Forward in batches: one thread hop for a burst, not one per message.

@@ -1,0 +1,122 @@
+"""`check` and `status` against a real redis-server and a real HTTP backend on loopback."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import trio
+
+from tests.support.backend import RecordingBackend
+from tests.support.procs import run_cli
+from tests.support.redis_server import RedisServer, free_port
+from trio_counter_worker import Config, Hooks, open_worker
+from trio_counter_worker.ops import Check, print_checks, print_status, run_checks, run_status
+
+SECRET = "ops-secret-XYZ-321"
+
+
+def config(server: RedisServer, url: str, **kw: object) -> Config:
+    return Config(reset_endpoint_url=url, reset_secret=SECRET, counter_key="c:*",
+                  redis_port=server.port, lease_ttl_ms=1000, replica_id="ops-1",
+                  **kw)  # type: ignore[arg-type]
+
+
+def states(checks: list[Check]) -> dict[str, str]:
+    return {c.name: c.state for c in checks}
+
+
+async def test_check_passes_with_redis_and_backend_up(
+    redis_server: RedisServer, backend: RecordingBackend
+) -> None:
+    checks = await run_checks(config(redis_server, backend.url))
+    assert states(checks) == {"configuration": "ok", "redis": "ok", "notifications": "ok",
+                              "endpoint dns": "ok", "endpoint tcp": "ok"}
+    out = io.StringIO()
+    assert print_checks(checks, out) == 0
+    assert "all checks passed" in out.getvalue()
+    assert backend.requests == []  # nothing was sent
+
+
+async def test_check_reports_each_failure_with_a_hint(redis_server: RedisServer) -> None:
+    with redis_server.client() as c:
+        c.config_set("requirepass", "right-pass")
+    try:
+        url = f"http://127.0.0.1:{free_port()}/reset"
+        checks = await run_checks(config(redis_server, url, redis_password="wrong-pass-XYZ"))
+        assert states(checks)["redis"] == "fail"
+        assert states(checks)["endpoint tcp"] == "fail"
+        out = io.StringIO()
+        assert print_checks(checks, out) == 1
+        text = out.getvalue()
+        assert "authentication failed" in text
+        assert "REDIS_PASSWORD" in text
+        assert "RESET_ENDPOINT_URL" in text
+        assert "wrong-pass-XYZ" not in text
+        assert SECRET not in text
+    finally:
+        with redis_server.client(password="right-pass") as c:
+            c.config_set("requirepass", "")
+
+
+async def test_check_unresolvable_host_and_refused_config(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "r", extra_args=["--rename-command", "CONFIG", ""]) as server:
+        checks = await run_checks(config(server, "https://no-such-host.invalid/reset"))
+    assert states(checks)["notifications"] == "warn"  # cannot know: not a failure
+    assert states(checks)["endpoint dns"] == "fail"
+    out = io.StringIO()
+    assert print_checks(checks, out) == 1
+    assert "notify-keyspace-events" in out.getvalue()
+
+
+async def test_status_shows_the_leader_and_its_work(
+    redis_server: RedisServer, backend: RecordingBackend
+) -> None:
+    cfg = config(redis_server, backend.url)
+    elected = trio.Event()
+    with trio.fail_after(15):
+        hooks = Hooks(on_elected=lambda e: elected.set())
+        async with open_worker(cfg, hooks=hooks) as worker, trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            await elected.wait()
+            with redis_server.client() as c:
+                c.set("c:later", 1, ex=600)
+            while (status := await run_status(cfg))["watched_counters"] < 1:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert status["leader"] == "ops-1"
+    assert isinstance(status["fencing_token"], int)
+    assert status["fencing_token"] >= 1
+    assert 0 < status["lease_ms_left"] <= 1000
+    assert status["pending_resets"] == 0
+    assert status["next_deadline"]["key"] == "c:later"
+    assert 590_000 < status["next_deadline"]["in_ms"] <= 600_000
+    assert set("Kg$x") <= set(status["notify_keyspace_events"])
+    out = io.StringIO()
+    print_status(status, False, out)
+    assert "leader:            ops-1" in out.getvalue()
+
+
+def test_status_cli_json_and_exit_codes(redis_server: RedisServer, tmp_path: Path) -> None:
+    env = {"REDIS_PORT": str(redis_server.port), "RESET_ENDPOINT_URL": "http://127.0.0.1:1/r",
+           "RESET_SECRET": SECRET, "COUNTER_KEY": "c:*"}
+    with redis_server.client() as c:
+        c.hset("tcw:{c:*}:lease", mapping={"holder": "x#1", "replica": "web-7", "epoch": 12})
+        c.pexpire("tcw:{c:*}:lease", 5000)
+    result = run_cli(["status", "--json"], env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    status = json.loads(lines[0])
+    assert status["leader"] == "web-7"
+    assert status["fencing_token"] == 12
+    assert SECRET not in result.stdout + result.stderr
+
+    down = run_cli(["status"], {**env, "REDIS_PORT": str(free_port())}, cwd=tmp_path)
+    assert down.returncode == 1
+    assert "REDIS_PORT" in down.stderr
+    check = run_cli(["check"], env, cwd=tmp_path)
+    assert check.returncode == 1  # nothing listens on port 1
+    assert "[FAIL] endpoint tcp" in check.stdout
+    assert SECRET not in check.stdout + check.stderr

@@ -1,0 +1,152 @@
+"""Operator commands: ``check`` (can this replica work?) and ``status`` (what is going on?).
+
+Neither sends a reset or changes anything in Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from typing import Any, Literal, TextIO
+from urllib.parse import urlsplit
+
+import attrs
+import trio
+
+from .config import Config
+from .errors import RedisAuthError, RedisUnavailable
+from .keyspace import NEEDED_FLAGS, enable_hint, missing_flags
+from .redis_bridge import RedisBridge
+
+__all__ = ["Check", "print_checks", "print_status", "run_checks", "run_status"]
+
+State = Literal["ok", "warn", "fail"]
+
+
+@attrs.frozen
+class Check:
+    name: str
+    state: State
+    detail: str
+    hint: str = ""
+
+
+async def run_checks(config: Config) -> list[Check]:
+    """Every check, in order; endpoint checks stop at the first failure."""
+    checks = [Check("configuration", "ok", "all settings valid")]
+    checks += await _redis_checks(config)
+    checks += await _endpoint_checks(config)
+    return checks
+
+
+async def _redis_checks(config: Config) -> list[Check]:
+    bridge = RedisBridge(config)
+    try:
+        probe = await bridge.probe()
+    except RedisAuthError:
+        return [Check("redis", "fail", f"{config.redis_location}: authentication failed",
+                      "check REDIS_PASSWORD (and the user in REDIS_URL)")]
+    except RedisUnavailable as exc:
+        return [Check("redis", "fail", f"{config.redis_location}: {exc}",
+                      "check REDIS_HOST/REDIS_PORT or REDIS_URL, and that Redis is running")]
+    finally:
+        bridge.close()
+    out = [Check("redis", "ok", f"{config.redis_location} answers (Redis {probe['version']})")]
+    flags = probe["flags"]
+    if flags is None:
+        out.append(Check("notifications", "warn",
+                         "cannot read notify-keyspace-events (CONFIG refused)",
+                         enable_hint(None)))
+    elif not (missing := missing_flags(flags)):
+        out.append(Check("notifications", "ok",
+                         f"notify-keyspace-events={flags!r} includes {NEEDED_FLAGS!r}"))
+    elif probe["can_set"]:
+        out.append(Check("notifications", "ok",
+                         f"notify-keyspace-events={flags!r} lacks {missing!r}; the leader "
+                         "will add it (CONFIG SET allowed)"))
+    else:
+        out.append(Check("notifications", "fail",
+                         f"notify-keyspace-events={flags!r} lacks {missing!r} and CONFIG SET "
+                         "is refused", enable_hint(missing)))
+    return out
+
+
+async def _endpoint_checks(config: Config) -> list[Check]:
+    parts = urlsplit(config.reset_endpoint_url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    out: list[Check] = []
+    try:
+        with trio.fail_after(config.reset_timeout):
+            infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
+    except (OSError, trio.TooSlowError) as exc:
+        return [Check("endpoint dns", "fail", f"cannot resolve {host}: {exc}",
+                      "check the host name in RESET_ENDPOINT_URL")]
+    addresses = sorted({str(info[4][0]) for info in infos})
+    out.append(Check("endpoint dns", "ok", f"{host} -> {', '.join(addresses)}"))
+    try:
+        with trio.fail_after(config.reset_timeout):
+            stream = await trio.open_tcp_stream(host, port)
+    except (OSError, trio.TooSlowError) as exc:
+        out.append(Check("endpoint tcp", "fail", f"cannot connect to {host}:{port}: "
+                         f"{exc or 'timed out'}", "is the backend running and reachable "
+                         "from here? (RESET_ENDPOINT_URL)"))
+        return out
+    out.append(Check("endpoint tcp", "ok", f"connected to {host}:{port}"))
+    try:
+        if parts.scheme == "https":
+            tls = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=host)
+            try:
+                with trio.fail_after(config.reset_timeout):
+                    await tls.do_handshake()
+                out.append(Check("endpoint tls", "ok", f"certificate valid for {host}"))
+            except (trio.BrokenResourceError, ssl.SSLError, trio.TooSlowError) as exc:
+                cause = exc.__cause__ or exc
+                out.append(Check("endpoint tls", "fail",
+                                 f"TLS handshake failed: {type(cause).__name__}: {cause}",
+                                 "the certificate must be valid for the host in "
+                                 "RESET_ENDPOINT_URL and trusted by this machine"))
+    finally:
+        await stream.aclose()
+    return out
+
+
+def print_checks(checks: list[Check], out: TextIO) -> int:
+    """The checklist; returns the exit code (0 only if nothing failed)."""
+    marks = {"ok": "[ ok ]", "warn": "[warn]", "fail": "[FAIL]"}
+    for c in checks:
+        out.write(f"{marks[c.state]} {c.name:<14} {c.detail}\n")
+        if c.hint and c.state != "ok":
+            out.write(f"       {'':<14} -> {c.hint}\n")
+    failed = sum(c.state == "fail" for c in checks)
+    out.write("all checks passed\n" if not failed else f"{failed} check(s) failed\n")
+    return 1 if failed else 0
+
+
+async def run_status(config: Config) -> dict[str, Any]:
+    bridge = RedisBridge(config)
+    try:
+        return await bridge.status()
+    finally:
+        bridge.close()
+
+
+def print_status(status: dict[str, Any], as_json: bool, out: TextIO) -> None:
+    if as_json:
+        out.write(json.dumps(status, sort_keys=True) + "\n")
+        return
+    nxt = status["next_deadline"]
+    lines = [
+        ("leader", status["leader"] or "none"),
+        ("fencing token", status["fencing_token"] if status["fencing_token"] is not None
+         else f"none (last {status['last_fencing_token']})"),
+        ("lease left", f"{status['lease_ms_left']} ms" if status["lease_ms_left"] is not None
+         else "-"),
+        ("pending resets", status["pending_resets"]),
+        ("watched counters", status["watched_counters"]),
+        ("next deadline", f"{nxt['key']} in {nxt['in_ms'] / 1000:.1f} s" if nxt else "-"),
+        ("notifications", repr(status["notify_keyspace_events"]) if
+         status["notify_keyspace_events"] is not None else "unknown (CONFIG refused)"),
+    ]
+    for name, value in lines:
+        out.write(f"{name + ':':<18} {value}\n")
