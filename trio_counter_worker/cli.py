@@ -12,8 +12,9 @@ import trio
 
 from . import __version__
 from .config import SETTINGS, Config
-from .errors import ConfigError, first_error
+from .errors import ConfigError, RedisUnavailable, first_error
 from .logs import configure_logging
+from .ops import print_checks, print_status, run_checks, run_status
 from .worker import open_worker
 
 __all__ = ["main"]
@@ -43,6 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", help="run one replica until SIGTERM/SIGINT (the default)",
                    epilog=_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_parser("check", help="check the settings, Redis and the reset endpoint, "
+                   "without sending a reset; exit 0 only if all pass")
+    status = sub.add_parser("status", help="who leads, fencing token, pending resets, "
+                            "watched counters, next deadline")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    demo = sub.add_parser("demo", help="see it work: embedded Redis, a reference backend, "
+                          "three replicas, a leader killed; nothing to install or start")
+    demo.add_argument("--replicas", type=int, default=3)
+    demo.add_argument("--duration", type=float, default=25.0)
     return parser
 
 
@@ -64,10 +74,26 @@ async def _run(config: Config) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 stopped cleanly, 2 bad configuration)."""
     args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import demo_main
+
+        return demo_main(replicas=args.replicas, duration=args.duration)
     try:
         config = Config.from_env(env_file=args.env_file)
     except ConfigError as exc:
         return _fail(exc)
+    if args.command == "check":
+        return print_checks(trio.run(run_checks, config), sys.stdout)
+    if args.command == "status":
+        try:
+            status = trio.run(run_status, config)
+        except ConfigError as exc:
+            return _fail(exc)
+        except RedisUnavailable as exc:
+            sys.stderr.write(f"{PROG}: error: {exc} (check REDIS_HOST/REDIS_PORT or REDIS_URL)\n")
+            return 1
+        print_status(status, args.json, sys.stdout)
+        return 0
     configure_logging(config.log_level, config.log_format)
     failure: ConfigError | None = None
     try:
