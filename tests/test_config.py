@@ -75,6 +75,9 @@ BAD_CASES: tuple[BadCase, ...] = (
     BadCase("allow-insecure-maybe", {"ALLOW_INSECURE_HTTP": "maybe"}, "ALLOW_INSECURE_HTTP"),
     BadCase("log-format-xml", {"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
     BadCase("health-port-big", {"HEALTH_PORT": "70000"}, "HEALTH_PORT"),
+    BadCase("sentinels-bad", {"REDIS_SENTINELS": "h1:26379,h2",
+                              "REDIS_SENTINEL_MASTER": "m"}, "REDIS_SENTINELS"),
+    BadCase("sentinels-no-master", {"REDIS_SENTINELS": "h1:26379"}, "REDIS_SENTINEL_MASTER"),
     BadCase("ca-file-missing", {"REDIS_CA_FILE": "/nonexistent/ca.pem"}, "REDIS_CA_FILE"),
 )
 
@@ -150,13 +153,16 @@ NAMED_VALUES: list[tuple[str, str, str, Any]] = [
     ("ALLOW_INSECURE_HTTP", "1", "allow_insecure_http", True),
     ("REDIS_CA_FILE", __file__, "redis_ca_file", __file__),
     ("HEALTH_PORT", "8080", "health_port", 8080),
+    ("REDIS_SENTINEL_PASSWORD", "sentinel-pass", "redis_sentinel_password", "sentinel-pass"),
     ("HEALTH_HOST", "127.0.0.1", "health_host", "127.0.0.1"),
 ]  # fmt: skip
 
 
 def test_every_setting_is_covered_here() -> None:
-    """A new setting must get a row in NAMED_VALUES (REDIS_URL has its own tests)."""
-    assert {name for name, *_ in NAMED_VALUES} | {"REDIS_URL"} == {s.name for s in SETTINGS}
+    """A new setting must get a row in NAMED_VALUES (REDIS_URL and the Sentinel pair have
+    their own tests)."""
+    own_tests = {"REDIS_URL", "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER"}
+    assert {name for name, *_ in NAMED_VALUES} | own_tests == {s.name for s in SETTINGS}
 
 
 @pytest.mark.parametrize(("name", "raw", "attribute", "expected"), NAMED_VALUES)
@@ -408,3 +414,11 @@ def test_secrets_not_in_repr(env: dict[str, str]) -> None:
 def test_secrets_not_in_repr_of_direct_construction() -> None:
     config = Config(reset_endpoint_url=ENDPOINT, reset_secret=SECRET, redis_password=REDIS_SECRET)
     assert_no_secret(repr(config))
+
+
+def test_sentinel_settings() -> None:
+    config = load({**MINIMAL, "REDIS_SENTINELS": "s1:26379, [::1]:26380",
+                   "REDIS_SENTINEL_MASTER": "mymaster"})
+    assert config.redis_sentinels == (("s1", 26379), ("::1", 26380))
+    assert config.redis_sentinel_master == "mymaster"
+    assert config.redis_location == "sentinel://s1:26379,::1:26380/mymaster/0"

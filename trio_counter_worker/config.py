@@ -43,6 +43,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REDIS_DB", "0", "Redis database number"),
     Setting("REDIS_URL", None, "redis:// or rediss:// URL with user, password and db; "
             "overrides the REDIS_* settings above (optional)", secret=True),
+    Setting("REDIS_SENTINELS", None, "Sentinel mode: host:port,host:port,... of the "
+            "sentinels; the master is discovered and followed through failovers (optional)"),
+    Setting("REDIS_SENTINEL_MASTER", None, "Sentinel mode: the monitored master's name"),
+    Setting("REDIS_SENTINEL_PASSWORD", None, "password of the sentinels themselves "
+            "(optional)", secret=True),
     Setting("LEASE_TTL_MS", "3000", "leader lease length in ms (500-5000): a crashed "
             "leader is replaced within this time"),
     Setting("REPLICA_ID", None, "this replica's name in the lease, logs and requests "
@@ -136,6 +141,9 @@ class Config:
     reset_signing_secret: str | None = attrs.field(default=None, repr=False)
     allow_insecure_http: bool = attrs.field(default=False)
     redis_ca_file: str | None = attrs.field(default=None)
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: str | None = attrs.field(default=None, repr=False)
     health_port: int | None = attrs.field(default=None)
     health_host: str = "0.0.0.0"  # noqa: S104 - probes reach the pod on its own address
 
@@ -155,6 +163,11 @@ class Config:
             raise ConfigError(f"REDIS_CA_FILE must name a readable file, got {value!r}")
 
     def __attrs_post_init__(self) -> None:
+        if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
+            raise ConfigError(
+                "REDIS_SENTINELS and REDIS_SENTINEL_MASTER go together: set both for "
+                "Sentinel mode, or neither"
+            )
         parts = urlsplit(self.reset_endpoint_url)
         if parts.scheme == "http" and not self.allow_insecure_http and not _is_loopback(
             parts.hostname or ""
@@ -187,6 +200,9 @@ class Config:
     def redis_location(self) -> str:
         """Where Redis is, for logs: no credentials."""
         scheme = "rediss" if self.redis_tls else "redis"
+        if self.redis_sentinels:
+            nodes = ",".join(f"{h}:{p}" for h, p in self.redis_sentinels)
+            return f"sentinel://{nodes}/{self.redis_sentinel_master}/{self.redis_db}"
         return f"{scheme}://{self.redis_host}:{self.redis_port}/{self.redis_db}"
 
     @classmethod
@@ -253,6 +269,10 @@ class Config:
             "redis_ca_file": get("REDIS_CA_FILE"),
             "health_host": get("HEALTH_HOST") or "0.0.0.0",  # noqa: S104
         }
+        if (sentinels := get("REDIS_SENTINELS")) is not None:
+            kwargs["redis_sentinels"] = _parse_nodes("REDIS_SENTINELS", sentinels)
+        kwargs["redis_sentinel_master"] = get("REDIS_SENTINEL_MASTER")
+        kwargs["redis_sentinel_password"] = get("REDIS_SENTINEL_PASSWORD")
         if get("HEALTH_PORT") is not None:
             kwargs["health_port"] = integer("HEALTH_PORT", 0)
         if (replica := get("REPLICA_ID")) is not None:
@@ -274,6 +294,17 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _parse_nodes(name: str, text: str) -> tuple[tuple[str, int], ...]:
+    """``host:port,host:port`` into pairs; the message names the variable."""
+    nodes = []
+    for item in (part.strip() for part in text.split(",")):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{name} must be host:port[,host:port...], got {item!r}")
+        nodes.append((host.strip("[]"), int(port)))
+    return tuple(nodes)
 
 
 def _parse_redis_url(url: str) -> dict[str, Any]:

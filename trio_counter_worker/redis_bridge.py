@@ -20,6 +20,7 @@ import redis.exceptions as rexc
 import trio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from . import scripts
 from .config import Config
@@ -73,24 +74,7 @@ class RedisBridge:
         self.deadlines_key = f"{ns}:deadlines"
         self.pending_key = f"{ns}:pending"
         self.release_channel = f"{ns}:released"
-        # Commands must finish well inside the lease, so a stuck one cannot outlive it.
-        timeout = min(2.0, config.lease_ttl / 4)
-        self._client = redis.Redis(
-            host=config.redis_host,
-            port=config.redis_port,
-            db=config.redis_db,
-            username=config.redis_username,
-            password=config.redis_password,
-            ssl=config.redis_tls,
-            ssl_ca_certs=config.redis_ca_file,  # None: the system's CAs; verification stays on
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-            # RESP2: plain AUTH, which Redis rejects when it has no password configured;
-            # RESP3's HELLO 3 AUTH is accepted there, hiding a misconfiguration.
-            protocol=2,
-        )
+        self._client = _make_client(config)
         self._scripts = {
             name: self._client.register_script(getattr(scripts, name))
             for name in ("ACQUIRE", "RENEW", "RELEASE", "TRACK", "CLAIM", "MARK_SENT", "TRACKED")
@@ -339,6 +323,44 @@ class RedisBridge:
                 raise translated from None
         finally:
             pubsub.close()
+
+
+def _make_client(config: Config) -> redis.Redis:
+    # Commands must finish well inside the lease, so a stuck one cannot outlive it.
+    timeout = min(2.0, config.lease_ttl / 4)
+    common: dict[str, Any] = {
+        "db": config.redis_db,
+        "username": config.redis_username,
+        "password": config.redis_password,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": True,
+        # RESP2: plain AUTH, which Redis rejects when it has no password configured;
+        # RESP3's HELLO 3 AUTH is accepted there, hiding a misconfiguration.
+        "protocol": 2,
+    }
+    if config.redis_tls:
+        common["ssl"] = True
+        common["ssl_ca_certs"] = config.redis_ca_file  # None: system CAs; always verified
+    if config.redis_sentinels:
+        # The pool asks the sentinels for the master on every new connection, and drops a
+        # connection that finds its master demoted: a failover surfaces as one error.
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(config.redis_sentinels),
+            sentinel_kwargs={
+                "password": config.redis_sentinel_password,
+                "socket_timeout": timeout,
+                "socket_connect_timeout": timeout,
+                "protocol": 2,
+            },
+        )
+        assert config.redis_sentinel_master is not None
+        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            config.redis_sentinel_master, **common
+        )
+        return master
+    return redis.Redis(host=config.redis_host, port=config.redis_port, **common)
 
 
 def _pending(raw: str) -> PendingReset:

@@ -80,7 +80,9 @@ class RedisServer:
         tmp_dir: Path,
         port: int | None = None,
         extra_args: Sequence[str] = (),
+        conf_file: Path | None = None,
     ) -> None:
+        self._conf_file = conf_file  # a config file comes first (Sentinel needs one)
         self._dir = Path(tmp_dir)
         self._port = port if port is not None else free_port()
         self._extra_args = tuple(extra_args)
@@ -134,6 +136,7 @@ class RedisServer:
         self._dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             self._binary,
+            *([str(self._conf_file)] if self._conf_file is not None else []),
             "--port", str(self._port),
             "--bind", HOST,
             "--save", "",

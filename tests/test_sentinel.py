@@ -1,0 +1,100 @@
+"""Redis Sentinel: one master, one replica, three sentinels on loopback; real replicas.
+
+The worker discovers the master through the sentinels and follows a failover: commands
+and subscriptions killed by Sentinel surface as connection errors, the leader
+resynchronises against the new master (notification flags set again, pending resets and
+deadlines reconciled), and every counter expiring around the failover is reset once.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.sentinel import Sentinel
+
+from tests.support.backend import RecordingBackend
+from tests.support.procs import SpawnWorker
+from tests.support.sentinel import MASTER_NAME, SentinelSetup
+
+pytestmark = pytest.mark.slow
+
+COUNTER_KEY = "s:*"
+LEASE_KEY = f"tcw:{{{COUNTER_KEY}}}:lease"
+
+
+@pytest.fixture
+def sentinels(tmp_path: Path) -> Iterator[SentinelSetup]:
+    setup = SentinelSetup(tmp_path / "sentinel")
+    setup.start()
+    try:
+        yield setup
+    finally:
+        setup.stop()
+
+
+def test_resets_survive_a_sentinel_failover(
+    sentinels: SentinelSetup, backend: RecordingBackend, spawn_worker: SpawnWorker
+) -> None:
+    secret = f"sentinel-secret-{secrets.token_hex(6)}"
+    env = {
+        "REDIS_SENTINELS": sentinels.env_value,
+        "REDIS_SENTINEL_MASTER": MASTER_NAME,
+        "RESET_ENDPOINT_URL": backend.url,
+        "RESET_SECRET": secret,
+        "COUNTER_KEY": COUNTER_KEY,
+        "LEASE_TTL_MS": "1000",
+    }
+    workers = [spawn_worker({**env, "REPLICA_ID": f"s{i}"}, f"s{i}") for i in range(2)]
+    sentinel: Any = Sentinel(sentinels.addresses, socket_timeout=1.0)  # type: ignore[no-untyped-call]
+    app: redis.Redis = sentinel.master_for(MASTER_NAME, decode_responses=True,
+                                           socket_timeout=1.0)
+    try:
+        deadline = time.monotonic() + 20
+        while not app.hget(LEASE_KEY, "replica"):
+            assert time.monotonic() < deadline, "no leader elected through Sentinel"
+            time.sleep(0.02)
+        keys = []
+        for i in range(10):  # expiring before, during and after the failover
+            key = f"s:{i}"
+            app.set(key, 1, px=1500 + 300 * i)
+            keys.append(key)
+        old_master = sentinels.master_port()
+        time.sleep(1.0)  # let a few expire first: resets before the failover too
+        sentinels.failover()
+        deadline = time.monotonic() + 15
+        while sentinels.master_port() == old_master:
+            assert time.monotonic() < deadline, "failover did not happen"
+            time.sleep(0.05)
+        for i in range(10, 15):  # set on the new master after the failover
+            key = f"s:{i}"
+            for _ in range(50):
+                try:
+                    app.set(key, 1, px=1500)
+                    break
+                except (redis.ConnectionError, redis.ReadOnlyError):
+                    time.sleep(0.1)
+            keys.append(key)
+
+        def all_reset(requests: list[Any]) -> bool:
+            return set(keys) <= {q.json["key"] for q in requests if q.json}
+
+        backend.wait_for(all_reset, timeout=20)
+        time.sleep(0.5)  # a stray second reset_id would arrive within this
+        ids: dict[str, set[str]] = defaultdict(set)
+        for q in backend.requests:
+            ids[q.json["key"]].add(q.json["reset_id"])
+        assert {k: v for k, v in ids.items() if len(v) > 1} == {}, "an episode doubled"
+        flags: Any = app.config_get("notify-keyspace-events")
+        assert set("Kg$x") <= set(flags["notify-keyspace-events"])  # set on the new master
+        for w in workers:
+            assert secret not in w.output()
+            assert "Traceback" not in w.output(), w.output()
+    finally:
+        app.close()
