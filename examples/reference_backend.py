@@ -338,6 +338,7 @@ def _resp_command(args: Sequence[str]) -> bytes:
 
 
 class BackendServer(ThreadingHTTPServer):
+    request_queue_size = 1024  # the default 5 resets connections under a burst
     daemon_threads = True
 
     def __init__(

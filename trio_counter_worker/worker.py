@@ -212,7 +212,11 @@ async def open_worker(
             yield Worker(config, store, http_client, hooks)
         else:
             timeout = httpx.Timeout(config.reset_timeout)
-            async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as http:
+            # One connection per request in flight, all kept alive between bursts.
+            limits = httpx.Limits(max_connections=config.max_in_flight,
+                                  max_keepalive_connections=config.max_in_flight)
+            async with httpx.AsyncClient(timeout=timeout, limits=limits,
+                                         follow_redirects=False) as http:
                 yield Worker(config, store, http, hooks)
     finally:
         if bridge is not None:

@@ -114,6 +114,7 @@ class _Server(ThreadingHTTPServer):
     """Tracks handler threads and their sockets so close() can end them deterministically."""
 
     daemon_threads = True
+    request_queue_size = 1024  # the default 5 resets connections under a burst
 
     def __init__(self, backend: RecordingBackend) -> None:
         self.backend = backend
