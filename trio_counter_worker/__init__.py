@@ -8,7 +8,14 @@ Embed it in a trio program::
 
 from ._version import __version__
 from .config import Config
-from .errors import ConfigError, LeaseLost, RedisAuthError, RedisUnavailable, WorkerError
+from .errors import (
+    ConfigError,
+    LeaseLost,
+    RedisAuthError,
+    RedisTLSError,
+    RedisUnavailable,
+    WorkerError,
+)
 from .hooks import Hooks
 from .worker import Worker, open_worker
 
@@ -18,6 +25,7 @@ __all__ = [
     "Hooks",
     "LeaseLost",
     "RedisAuthError",
+    "RedisTLSError",
     "RedisUnavailable",
     "Worker",
     "WorkerError",

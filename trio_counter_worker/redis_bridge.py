@@ -24,7 +24,7 @@ from redis.sentinel import Sentinel
 
 from . import scripts
 from .config import Config
-from .errors import LeaseLost, RedisAuthError, RedisUnavailable
+from .errors import LeaseLost, RedisAuthError, RedisTLSError, RedisUnavailable
 from .keyspace import merged_flags, missing_flags
 from .store import KeyOutcome, LeaseView, Message, NotificationStatus, PendingReset
 
@@ -52,6 +52,11 @@ def _translate(exc: BaseException) -> BaseException:
     if _auth_failed(exc):
         return RedisAuthError(
             "Redis authentication failed: check REDIS_PASSWORD (and the user in REDIS_URL)"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return RedisTLSError(
+            "Redis TLS certificate verification failed: set REDIS_CA_FILE to the CA that "
+            "signed the server's certificate, and connect by a name the certificate lists"
         )
     if isinstance(exc, rexc.ReadOnlyError):
         return RedisUnavailable("Redis is read-only (a replica?): waiting for a primary")
