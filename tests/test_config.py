@@ -78,6 +78,8 @@ BAD_CASES: tuple[BadCase, ...] = (
     BadCase("sentinels-bad", {"REDIS_SENTINELS": "h1:26379,h2",
                               "REDIS_SENTINEL_MASTER": "m"}, "REDIS_SENTINELS"),
     BadCase("sentinels-no-master", {"REDIS_SENTINELS": "h1:26379"}, "REDIS_SENTINEL_MASTER"),
+    BadCase("cluster-bad", {"REDIS_CLUSTER_NODES": "h1"}, "REDIS_CLUSTER_NODES"),
+    BadCase("cluster-db", {"REDIS_CLUSTER_NODES": "h1:7000", "REDIS_DB": "2"}, "REDIS_DB"),
     BadCase("ca-file-missing", {"REDIS_CA_FILE": "/nonexistent/ca.pem"}, "REDIS_CA_FILE"),
 )
 
@@ -161,7 +163,7 @@ NAMED_VALUES: list[tuple[str, str, str, Any]] = [
 def test_every_setting_is_covered_here() -> None:
     """A new setting must get a row in NAMED_VALUES (REDIS_URL and the Sentinel pair have
     their own tests)."""
-    own_tests = {"REDIS_URL", "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER"}
+    own_tests = {"REDIS_URL", "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_CLUSTER_NODES"}
     assert {name for name, *_ in NAMED_VALUES} | own_tests == {s.name for s in SETTINGS}
 
 
@@ -422,3 +424,12 @@ def test_sentinel_settings() -> None:
     assert config.redis_sentinels == (("s1", 26379), ("::1", 26380))
     assert config.redis_sentinel_master == "mymaster"
     assert config.redis_location == "sentinel://s1:26379,::1:26380/mymaster/0"
+
+
+def test_cluster_settings() -> None:
+    config = load({**MINIMAL, "REDIS_CLUSTER_NODES": "n1:7000,n2:7001"})
+    assert config.redis_cluster_nodes == (("n1", 7000), ("n2", 7001))
+    assert config.redis_location == "redis-cluster://n1:7000,n2:7001"
+    with pytest.raises(ConfigError, match="exclude each other"):
+        load({**MINIMAL, "REDIS_CLUSTER_NODES": "n1:7000", "REDIS_SENTINELS": "s:1",
+              "REDIS_SENTINEL_MASTER": "m"})

@@ -60,10 +60,24 @@ def test_resets_survive_a_sentinel_failover(
         while not app.hget(LEASE_KEY, "replica"):
             assert time.monotonic() < deadline, "no leader elected through Sentinel"
             time.sleep(0.02)
+        def durable_set(key: str, px: int) -> None:
+            """SET, then WAIT for the replica: a write only the old master saw may be
+            lost in the failover (Redis's own limit), so write it again until one
+            replica has it."""
+            for _ in range(100):
+                try:
+                    app.set(key, 1, px=px)
+                    if int(app.execute_command("WAIT", 1, 500)) >= 1:  # type: ignore[no-untyped-call]
+                        return
+                except (redis.ConnectionError, redis.ReadOnlyError):
+                    pass
+                time.sleep(0.05)
+            raise AssertionError(f"could not write {key} durably")
+
         keys = []
         for i in range(10):  # expiring before, during and after the failover
             key = f"s:{i}"
-            app.set(key, 1, px=1500 + 300 * i)
+            durable_set(key, 1500 + 300 * i)
             keys.append(key)
         old_master = sentinels.master_port()
         time.sleep(1.0)  # let a few expire first: resets before the failover too
@@ -74,12 +88,7 @@ def test_resets_survive_a_sentinel_failover(
             time.sleep(0.05)
         for i in range(10, 15):  # set on the new master after the failover
             key = f"s:{i}"
-            for _ in range(50):
-                try:
-                    app.set(key, 1, px=1500)
-                    break
-                except (redis.ConnectionError, redis.ReadOnlyError):
-                    time.sleep(0.1)
+            durable_set(key, 1500)
             keys.append(key)
 
         def all_reset(requests: list[Any]) -> bool:

@@ -45,6 +45,8 @@ SETTINGS: tuple[Setting, ...] = (
             "overrides the REDIS_* settings above (optional)", secret=True),
     Setting("REDIS_SENTINELS", None, "Sentinel mode: host:port,host:port,... of the "
             "sentinels; the master is discovered and followed through failovers (optional)"),
+    Setting("REDIS_CLUSTER_NODES", None, "Cluster mode: host:port,... of some cluster "
+            "nodes to start from; the rest is discovered (optional)"),
     Setting("REDIS_SENTINEL_MASTER", None, "Sentinel mode: the monitored master's name"),
     Setting("REDIS_SENTINEL_PASSWORD", None, "password of the sentinels themselves "
             "(optional)", secret=True),
@@ -141,6 +143,7 @@ class Config:
     reset_signing_secret: str | None = attrs.field(default=None, repr=False)
     allow_insecure_http: bool = attrs.field(default=False)
     redis_ca_file: str | None = attrs.field(default=None)
+    redis_cluster_nodes: tuple[tuple[str, int], ...] = ()
     redis_sentinels: tuple[tuple[str, int], ...] = ()
     redis_sentinel_master: str | None = None
     redis_sentinel_password: str | None = attrs.field(default=None, repr=False)
@@ -163,6 +166,14 @@ class Config:
             raise ConfigError(f"REDIS_CA_FILE must name a readable file, got {value!r}")
 
     def __attrs_post_init__(self) -> None:
+        if self.redis_cluster_nodes and self.redis_sentinels:
+            raise ConfigError(
+                "REDIS_CLUSTER_NODES and REDIS_SENTINELS exclude each other: a deployment "
+                "is a Cluster or uses Sentinel, not both"
+            )
+        if self.redis_cluster_nodes and self.redis_db != 0:
+            raise ConfigError(f"REDIS_DB must be 0 with REDIS_CLUSTER_NODES (Redis Cluster "
+                              f"has only database 0), got {self.redis_db}")
         if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
             raise ConfigError(
                 "REDIS_SENTINELS and REDIS_SENTINEL_MASTER go together: set both for "
@@ -200,6 +211,9 @@ class Config:
     def redis_location(self) -> str:
         """Where Redis is, for logs: no credentials."""
         scheme = "rediss" if self.redis_tls else "redis"
+        if self.redis_cluster_nodes:
+            nodes = ",".join(f"{h}:{p}" for h, p in self.redis_cluster_nodes)
+            return f"{'rediss' if self.redis_tls else 'redis'}-cluster://{nodes}"
         if self.redis_sentinels:
             nodes = ",".join(f"{h}:{p}" for h, p in self.redis_sentinels)
             return f"sentinel://{nodes}/{self.redis_sentinel_master}/{self.redis_db}"
@@ -269,6 +283,8 @@ class Config:
             "redis_ca_file": get("REDIS_CA_FILE"),
             "health_host": get("HEALTH_HOST") or "0.0.0.0",  # noqa: S104
         }
+        if (cluster := get("REDIS_CLUSTER_NODES")) is not None:
+            kwargs["redis_cluster_nodes"] = _parse_nodes("REDIS_CLUSTER_NODES", cluster)
         if (sentinels := get("REDIS_SENTINELS")) is not None:
             kwargs["redis_sentinels"] = _parse_nodes("REDIS_SENTINELS", sentinels)
         kwargs["redis_sentinel_master"] = get("REDIS_SENTINEL_MASTER")

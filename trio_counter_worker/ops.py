@@ -16,7 +16,7 @@ import trio
 from .config import Config
 from .errors import RedisAuthError, RedisUnavailable
 from .keyspace import NEEDED_FLAGS, enable_hint, missing_flags
-from .redis_bridge import RedisBridge
+from .redis_bridge import make_bridge
 
 __all__ = ["Check", "print_checks", "print_status", "run_checks", "run_status"]
 
@@ -40,7 +40,7 @@ async def run_checks(config: Config) -> list[Check]:
 
 
 async def _redis_checks(config: Config) -> list[Check]:
-    bridge = RedisBridge(config)
+    bridge = make_bridge(config)
     try:
         probe = await bridge.probe()
     except RedisAuthError:
@@ -124,7 +124,7 @@ def print_checks(checks: list[Check], out: TextIO) -> int:
 
 
 async def run_status(config: Config) -> dict[str, Any]:
-    bridge = RedisBridge(config)
+    bridge = make_bridge(config)
     try:
         return await bridge.status()
     finally:

@@ -28,13 +28,15 @@ from .errors import LeaseLost, RedisAuthError, RedisTLSError, RedisUnavailable
 from .keyspace import merged_flags, missing_flags
 from .store import KeyOutcome, LeaseView, Message, NotificationStatus, PendingReset
 
-__all__ = ["RedisBridge"]
+__all__ = ["ClusterBridge", "RedisBridge", "make_bridge"]
 
 T = TypeVar("T")
 
 _POLL_SECONDS = 0.1  # pub/sub poll: bounds how long a stop takes
 _MAX_BATCH = 1000
-_TRANSIENT = ("OOM", "BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")
+_TOPOLOGY_EVERY = 2.0  # Cluster: how often the leader checks the set of primaries
+_TRANSIENT = ("OOM", "BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "MOVED",
+              "ASK")
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
 
 
@@ -71,7 +73,7 @@ def _translate(exc: BaseException) -> BaseException:
 class RedisBridge:
     """Implements :class:`trio_counter_worker.store.Store` on a real Redis."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, client: Any = None) -> None:
         self._config = config
         ns = config.namespace
         self.lease_key = f"{ns}:lease"
@@ -79,7 +81,7 @@ class RedisBridge:
         self.deadlines_key = f"{ns}:deadlines"
         self.pending_key = f"{ns}:pending"
         self.release_channel = f"{ns}:released"
-        self._client = _make_client(config)
+        self._client = client if client is not None else _make_client(config)
         self._scripts = {
             name: self._client.register_script(getattr(scripts, name))
             for name in ("ACQUIRE", "RENEW", "RELEASE", "TRACK", "CLAIM", "MARK_SENT", "TRACKED")
@@ -162,7 +164,8 @@ class RedisBridge:
         return sorted((_pending(v) for v in rows.values()), key=lambda p: p.deadline_ms)
 
     def _hgetall(self, key: str) -> dict[str, str]:
-        return self._client.hgetall(key)  # type: ignore[return-value]
+        rows: dict[str, str] = self._client.hgetall(key)
+        return rows
 
     async def tracked(self, holder: str) -> list[tuple[str, int]]:
         keys = [self.lease_key, self.deadlines_key]
@@ -242,23 +245,7 @@ class RedisBridge:
         return await self._run(self._ensure_notifications_sync)
 
     def _ensure_notifications_sync(self) -> NotificationStatus:
-        try:
-            current = str(self._client.config_get("notify-keyspace-events").get(
-                "notify-keyspace-events", ""
-            ))
-        except rexc.ResponseError as exc:
-            return NotificationStatus(ok=False, flags=None, missing="?", error=str(exc))
-        missing = missing_flags(current)
-        if not missing:
-            return NotificationStatus(ok=True, flags=current)
-        try:
-            self._client.config_set("notify-keyspace-events", merged_flags(current))
-        except rexc.ResponseError as exc:
-            return NotificationStatus(ok=False, flags=current, missing=missing, error=str(exc))
-        now = str(self._client.config_get("notify-keyspace-events").get(
-            "notify-keyspace-events", ""
-        ))
-        return NotificationStatus(ok=not missing_flags(now), flags=now, changed=True)
+        return _ensure_on(self._client)
 
     async def listen(
         self,
@@ -273,8 +260,20 @@ class RedisBridge:
         Raises :class:`RedisUnavailable` when the connection drops: messages may have been
         lost, so the caller must resynchronise rather than trust a silent reconnect.
         """
+        await self._listen_on(self._client, patterns, channels, send, task_status=task_status)
+
+    async def _listen_on(
+        self,
+        client: Any,
+        patterns: list[str],
+        channels: list[str],
+        send: trio.MemorySendChannel[list[Message]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         await trio.to_thread.run_sync(
-            self._listen_sync,
+            _listen_sync,
+            client,
             patterns,
             channels,
             send,
@@ -282,55 +281,207 @@ class RedisBridge:
             limiter=trio.CapacityLimiter(1),  # long-lived: keep it off the shared limiter
         )
 
-    def _listen_sync(
+
+
+def make_bridge(config: Config) -> RedisBridge:
+    """The bridge for the configured topology: one Redis, Sentinel, or Cluster."""
+    return ClusterBridge(config) if config.redis_cluster_nodes else RedisBridge(config)
+
+
+class ClusterBridge(RedisBridge):
+    """Redis Cluster: the same Store, with each counter decision split in two.
+
+    The lease, epoch, deadlines and pending resets share one hash slot (the braces in the
+    namespace), so their scripts run as on one Redis. A counter key lives in any slot: it
+    is probed on its own node (scripts.PROBE, batched per node in a pipeline) and the
+    facts are applied, lease-checked, in the worker's slot. Keyspace events are per
+    node: the leader subscribes on every primary and resynchronises when the set of
+    primaries changes.
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.seen_key = f"{config.namespace}:seen"
+        for name in ("APPLY_TRACK", "APPLY_CLAIM"):
+            self._scripts[name] = self._client.register_script(getattr(scripts, name))
+
+    def _key_facts_sync(self, keys: list[str]) -> list[Any]:
+        """Facts (key, now, pttl, expire_at) for each key, one pipeline per node."""
+        by_node: dict[str, tuple[Any, list[str]]] = {}
+        for key in keys:
+            node = self._client.get_node_from_key(key)
+            by_node.setdefault(node.name, (node, []))[1].append(key)
+        facts: dict[str, list[Any]] = {}
+        for node, node_keys in by_node.values():
+            pipe = self._client.get_redis_connection(node).pipeline(transaction=False)
+            for key in node_keys:
+                pipe.eval(scripts.PROBE, 1, key)
+            for key, (now, pttl, at) in zip(node_keys, pipe.execute(), strict=True):
+                facts[key] = [key, now, pttl, at]
+        return [v for key in keys for v in facts[key]]
+
+    async def track(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
+        if not keys:
+            return []
+        facts = await self._run(self._key_facts_sync, keys)
+        raw = await self._script(
+            "APPLY_TRACK", [self.lease_key, self.deadlines_key, self.seen_key], [holder, *facts]
+        )
+        return _outcomes(raw, keys)
+
+    async def claim(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
+        if not keys:
+            return []
+        facts = await self._run(self._key_facts_sync, keys)
+        raw = await self._script(
+            "APPLY_CLAIM",
+            [self.lease_key, self.deadlines_key, self.pending_key, self.seen_key],
+            [holder, self._config.namespace, *facts],
+        )
+        return _outcomes(raw, keys)
+
+    def _primaries(self) -> list[Any]:
+        return sorted(self._client.get_primaries(), key=lambda n: n.name)
+
+    async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]:
+        """SCAN every primary in turn; the low byte of the cursor is the node's index."""
+        nodes = await self._run(self._primaries)
+        index, node_cursor = cursor & 0xFF, cursor >> 8
+        if index >= len(nodes):
+            return 0, []
+        client = self._client.get_redis_connection(nodes[index])
+        next_cursor, keys = await self._run(client.scan, node_cursor, pattern, 1000)
+        if int(next_cursor) == 0:
+            index += 1
+            return (0 if index >= len(nodes) else index), [str(k) for k in keys]
+        return (int(next_cursor) << 8) | index, [str(k) for k in keys]
+
+    def _ensure_notifications_sync(self) -> NotificationStatus:
+        # Every resynchronisation starts here: refresh the topology first.
+        self._client.nodes_manager.initialize()
+        statuses = [
+            _ensure_on(self._client.get_redis_connection(node))
+            for node in self._client.get_nodes()  # replicas too: they may be promoted
+        ]
+        bad = [s for s in statuses if not s.ok]
+        first = bad[0] if bad else statuses[0]
+        return NotificationStatus(ok=not bad, flags=first.flags,
+                                  changed=any(s.changed for s in statuses),
+                                  missing=first.missing, error=first.error)
+
+    async def listen(
         self,
+        *,
         patterns: list[str],
         channels: list[str],
         send: trio.MemorySendChannel[list[Message]],
-        task_status: trio.TaskStatus[None],
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+        """Keyspace patterns on every primary; channels (cluster-wide) on one node. Raises
+        RedisUnavailable when a connection drops or the set of primaries changes."""
+        primaries = await self._run(self._primaries)
+        clients = [self._node_client(node) for node in primaries]
         try:
-            try:
+            async with trio.open_nursery() as nursery:
+                for i, client in enumerate(clients):
+                    await nursery.start(
+                        self._listen_on, client, patterns, channels if i == 0 else [], send
+                    )
+                task_status.started()
                 if patterns:
-                    pubsub.psubscribe(*patterns)
-                if channels:
-                    pubsub.subscribe(*channels)
-                confirmations = len(patterns) + len(channels)
-                early: list[Message] = []  # arrived between two confirmations: keep them
-                while confirmations:
-                    trio.from_thread.check_cancelled()
-                    msg = pubsub.get_message(timeout=_POLL_SECONDS)
-                    if msg and msg["type"] in ("subscribe", "psubscribe"):
-                        confirmations -= 1
-                    elif msg and msg["type"] in ("message", "pmessage"):
-                        early.append(Message(channel=msg["channel"], data=msg["data"]))
-                trio.from_thread.run_sync(task_status.started)
-                if early:
-                    trio.from_thread.run(send.send, early)
-                while True:
-                    trio.from_thread.check_cancelled()
-                    # Forward in batches: one thread hop for a burst, not one per message.
-                    batch: list[Message] = []
-                    msg = pubsub.get_message(timeout=_POLL_SECONDS)
-                    while msg is not None and len(batch) < _MAX_BATCH:
-                        if msg["type"] in ("message", "pmessage"):
-                            batch.append(Message(channel=msg["channel"], data=msg["data"]))
-                        msg = pubsub.get_message(timeout=0)
-                    if msg is not None and msg["type"] in ("message", "pmessage"):
-                        batch.append(Message(channel=msg["channel"], data=msg["data"]))
-                    if batch:
-                        trio.from_thread.run(send.send, batch)
-            except Exception as exc:
-                translated = _translate(exc)
-                if translated is exc:
-                    raise
-                raise translated from None
+                    nursery.start_soon(self._watch_topology, {n.name for n in primaries})
         finally:
-            pubsub.close()
+            for client in clients:
+                client.close()
+
+    def _node_client(self, node: Any) -> redis.Redis:
+        kwargs = _client_kwargs(self._config)
+        del kwargs["db"]
+        return redis.Redis(host=node.host, port=node.port, **kwargs)
+
+    async def _watch_topology(self, names: set[str]) -> None:
+        while True:
+            await trio.sleep(_TOPOLOGY_EVERY)
+            if await self._run(self._current_primaries) != names:
+                raise RedisUnavailable("Redis Cluster topology changed: resubscribing")
+
+    def _current_primaries(self) -> set[str]:
+        nodes: Any = self._client.cluster_nodes()
+        return {
+            addr.split("@")[0] for addr, info in nodes.items()
+            if "master" in info["flags"] and "fail" not in info["flags"]
+            and info.get("connected", True)
+        }
+
+def _listen_sync(
+    client: Any,
+    patterns: list[str],
+    channels: list[str],
+    send: trio.MemorySendChannel[list[Message]],
+    task_status: trio.TaskStatus[None],
+) -> None:
+    pubsub = client.pubsub()
+    try:
+        try:
+            if patterns:
+                pubsub.psubscribe(*patterns)
+            if channels:
+                pubsub.subscribe(*channels)
+            confirmations = len(patterns) + len(channels)
+            early: list[Message] = []  # arrived between two confirmations: keep them
+            while confirmations:
+                trio.from_thread.check_cancelled()
+                msg = pubsub.get_message(timeout=_POLL_SECONDS)
+                if msg and msg["type"] in ("subscribe", "psubscribe"):
+                    confirmations -= 1
+                elif msg and msg["type"] in ("message", "pmessage"):
+                    early.append(Message(channel=msg["channel"], data=msg["data"]))
+            trio.from_thread.run_sync(task_status.started)
+            if early:
+                trio.from_thread.run(send.send, early)
+            while True:
+                trio.from_thread.check_cancelled()
+                # Forward in batches: one thread hop for a burst, not one per message.
+                batch: list[Message] = []
+                msg = pubsub.get_message(timeout=_POLL_SECONDS)
+                while msg is not None and len(batch) < _MAX_BATCH:
+                    if msg["type"] in ("message", "pmessage"):
+                        batch.append(Message(channel=msg["channel"], data=msg["data"]))
+                    msg = pubsub.get_message(timeout=0)
+                if msg is not None and msg["type"] in ("message", "pmessage"):
+                    batch.append(Message(channel=msg["channel"], data=msg["data"]))
+                if batch:
+                    trio.from_thread.run(send.send, batch)
+        except Exception as exc:
+            translated = _translate(exc)
+            if translated is exc:
+                raise
+            raise translated from None
+    finally:
+        pubsub.close()
 
 
-def _make_client(config: Config) -> redis.Redis:
+def _ensure_on(client: Any) -> NotificationStatus:
+    try:
+        current = str(client.config_get("notify-keyspace-events").get(
+            "notify-keyspace-events", ""
+        ))
+    except rexc.ResponseError as exc:
+        return NotificationStatus(ok=False, flags=None, missing="?", error=str(exc))
+    missing = missing_flags(current)
+    if not missing:
+        return NotificationStatus(ok=True, flags=current)
+    try:
+        client.config_set("notify-keyspace-events", merged_flags(current))
+    except rexc.ResponseError as exc:
+        return NotificationStatus(ok=False, flags=current, missing=missing, error=str(exc))
+    now = str(client.config_get("notify-keyspace-events").get(
+        "notify-keyspace-events", ""
+    ))
+    return NotificationStatus(ok=not missing_flags(now), flags=now, changed=True)
+
+
+def _client_kwargs(config: Config) -> dict[str, Any]:
     # Commands must finish well inside the lease, so a stuck one cannot outlive it.
     timeout = min(2.0, config.lease_ttl / 4)
     common: dict[str, Any] = {
@@ -348,6 +499,17 @@ def _make_client(config: Config) -> redis.Redis:
     if config.redis_tls:
         common["ssl"] = True
         common["ssl_ca_certs"] = config.redis_ca_file  # None: system CAs; always verified
+    return common
+
+
+def _make_client(config: Config) -> Any:
+    common = _client_kwargs(config)
+    if config.redis_cluster_nodes:
+        from redis.cluster import ClusterNode, RedisCluster
+
+        del common["db"]
+        nodes = [ClusterNode(h, p) for h, p in config.redis_cluster_nodes]  # type: ignore[no-untyped-call]
+        return RedisCluster(startup_nodes=nodes, **common)
     if config.redis_sentinels:
         # The pool asks the sentinels for the master on every new connection, and drops a
         # connection that finds its master demoted: a failover surfaces as one error.
@@ -355,8 +517,8 @@ def _make_client(config: Config) -> redis.Redis:
             list(config.redis_sentinels),
             sentinel_kwargs={
                 "password": config.redis_sentinel_password,
-                "socket_timeout": timeout,
-                "socket_connect_timeout": timeout,
+                "socket_timeout": common["socket_timeout"],
+                "socket_connect_timeout": common["socket_timeout"],
                 "protocol": 2,
             },
         )

@@ -155,3 +155,97 @@ if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
 local rows = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
 return cjson.encode({leader = true, now = now_ms(), rows = rows})
 """
+
+
+# -- Redis Cluster ---------------------------------------------------------------------
+# On a cluster a counter key and the worker's keys live in different slots, and no script
+# may span slots. Each decision is split: PROBE runs on the counter key's own node
+# (touching it, so a due key expires now) and returns facts stamped with that node's
+# clock; APPLY_TRACK / APPLY_CLAIM run in the worker's slot, check the lease, and apply
+# the facts with the same rules as TRACK / CLAIM. Facts older than the last ones applied
+# for a key are not applied (the key is looked at again instead): without that, a "gone"
+# probe taken before the app set the key again could erase the new deadline.
+
+# KEYS: counter key   ->  {now_ms, pttl, expire_at (or -1)}
+PROBE = _PRELUDE + """
+local now = now_ms()
+local pttl = redis.call('PTTL', KEYS[1])
+local at = -1
+if pttl >= 0 then at = expire_at(KEYS[1], now, pttl) end
+return {now, pttl, at}
+"""
+
+# Shared part: read one key's facts from ARGV at position i; skip stale ones.
+_FACTS = """
+local function facts(i)
+  return ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+end
+local function fresh(seen_key, key, now)
+  local seen = tonumber(redis.call('ZSCORE', seen_key, key))
+  if seen and seen > now then return false end
+  redis.call('ZADD', seen_key, now, key)
+  return true
+end
+local function prune(seen_key, now)
+  if now then redis.call('ZREMRANGEBYSCORE', seen_key, '-inf', now - 3600000) end
+end
+"""
+
+# KEYS: lease, deadlines, seen   ARGV: holder, then (key, now, pttl, at) per key
+APPLY_TRACK = _PRELUDE + _FACTS + """
+if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
+local out, last = {}, nil
+for i = 2, #ARGV, 4 do
+  local key, now, pttl, at = facts(i)
+  last = now
+  if not fresh(KEYS[3], key, now) then
+    out[#out + 1] = {due = true}
+  elseif pttl >= 0 then
+    redis.call('ZADD', KEYS[2], at, key)
+    out[#out + 1] = {p = pttl}
+  else
+    local dl = tonumber(redis.call('ZSCORE', KEYS[2], key))
+    if pttl == -2 and dl and dl <= now + 5 then
+      out[#out + 1] = {due = true}
+    else
+      if dl then redis.call('ZREM', KEYS[2], key) end
+      out[#out + 1] = {gone = true}
+    end
+  end
+end
+prune(KEYS[3], last)
+return cjson.encode({leader = true, keys = out})
+"""
+
+# KEYS: lease, deadlines, pending, seen   ARGV: holder, namespace, then facts per key
+APPLY_CLAIM = _PRELUDE + _FACTS + """
+if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
+local out, last = {}, nil
+for i = 3, #ARGV, 4 do
+  local key, now, pttl, at = facts(i)
+  last = now
+  local dl = tonumber(redis.call('ZSCORE', KEYS[2], key))
+  if not fresh(KEYS[4], key, now) then
+    out[#out + 1] = {due = true}
+  elseif pttl >= 0 then
+    redis.call('ZADD', KEYS[2], at, key)
+    out[#out + 1] = {p = pttl}
+  elseif not dl then
+    out[#out + 1] = {gone = true}
+  elseif pttl == -1 or dl > now + 5 then
+    redis.call('ZREM', KEYS[2], key)
+    out[#out + 1] = {gone = true}
+  else
+    local episode = ARGV[2] .. '\\n' .. key .. '\\n' .. string.format('%d', dl)
+    local id = string.sub(redis.sha1hex(episode), 1, 32)
+    local rec = cjson.encode({reset_id = id, key = key, deadline_ms = dl,
+                              fencing_token = epoch, claimed_ms = now})
+    redis.call('HSETNX', KEYS[3], id, rec)
+    redis.call('ZREM', KEYS[2], key)
+    out[#out + 1] = {claimed = rec}
+  end
+end
+prune(KEYS[4], last)
+return cjson.encode({leader = true, keys = out})
+"""

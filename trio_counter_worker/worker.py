@@ -28,7 +28,7 @@ from .health import serve_health
 from .hooks import Hooks
 from .leader import LeaderDuties
 from .metrics import Metrics
-from .redis_bridge import RedisBridge
+from .redis_bridge import RedisBridge, make_bridge
 from .store import Message, Store
 
 __all__ = ["Worker", "open_worker"]
@@ -203,7 +203,7 @@ async def open_worker(
     """
     bridge: RedisBridge | None = None
     if store is None:
-        bridge = RedisBridge(config)
+        bridge = make_bridge(config)
         store = bridge
     try:
         if bridge is not None:

@@ -1,0 +1,110 @@
+"""A Redis Cluster on loopback: three primaries with one replica each."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from redis.cluster import ClusterNode, RedisCluster
+
+from tests.support.redis_server import RedisServer, free_port
+
+
+def _free_port_with_bus() -> int:
+    """A port whose +10000 (the cluster bus) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 < 65536:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + 10000))
+                return port
+            except OSError:
+                continue
+
+
+class ClusterSetup:
+    def __init__(self, tmp_dir: Path, size: int = 6) -> None:
+        self.dir = tmp_dir
+        self.nodes = [
+            RedisServer(tmp_dir / f"node{i}", port=_free_port_with_bus(), extra_args=[
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", f"nodes-{i}.conf",
+                "--cluster-node-timeout", "1000",
+            ])
+            for i in range(size)
+        ]
+
+    @property
+    def env_value(self) -> str:
+        return ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3])
+
+    def start(self) -> None:
+        for n in self.nodes:
+            n.start()
+        subprocess.run(
+            ["redis-cli", "--cluster", "create",
+             *[f"127.0.0.1:{n.port}" for n in self.nodes],
+             "--cluster-replicas", "1", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )
+        self.wait_ok()
+
+    def client(self) -> RedisCluster:
+        nodes = [ClusterNode("127.0.0.1", n.port) for n in self.nodes]  # type: ignore[no-untyped-call]
+        return RedisCluster(startup_nodes=nodes, decode_responses=True)
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            ok = True
+            for n in self.nodes:
+                with n.client() as c:
+                    info: Any = c.execute_command("CLUSTER", "INFO")
+                    text = info if isinstance(info, str) else str(info)
+                    ok = ok and "cluster_state:ok" in text
+            if ok:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("cluster not ok in time")
+            time.sleep(0.1)
+
+    def primaries(self) -> list[RedisServer]:
+        out = []
+        for n in self.nodes:
+            with n.client() as c:
+                role: Any = c.execute_command("ROLE")
+                if role[0] == "master":
+                    out.append(n)
+        return out
+
+    def replica_of(self, primary: RedisServer) -> RedisServer:
+        for n in self.nodes:
+            with n.client() as c:
+                role: Any = c.execute_command("ROLE")
+                if role[0] == "slave" and int(role[2]) == primary.port:
+                    return n
+        raise RuntimeError("no replica")
+
+    def failover(self, primary: RedisServer) -> RedisServer:
+        """Promote the replica of ``primary`` (CLUSTER FAILOVER on it); return it."""
+        replica = self.replica_of(primary)
+        with replica.client() as c:
+            c.execute_command("CLUSTER", "FAILOVER")
+        deadline = time.monotonic() + 15
+        while True:
+            with replica.client() as c:
+                role: Any = c.execute_command("ROLE")
+            if role[0] == "master":
+                return replica
+            if time.monotonic() > deadline:
+                raise RuntimeError("cluster failover did not happen")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
