@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                           "three replicas, a leader killed; nothing to install or start")
     demo.add_argument("--replicas", type=int, default=3)
     demo.add_argument("--duration", type=float, default=25.0)
+    sub.add_parser("chaos", add_help=False, help="verify the guarantees: replicas, a "
+                   "recording backend and injected faults; exit non-zero if a reset was "
+                   "missed or doubled (chaos --help for its options)")
     return parser
 
 
@@ -73,6 +76,11 @@ async def _run(config: Config) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 stopped cleanly, 2 bad configuration)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["chaos"]:  # its own options, parsed by chaos itself
+        from .chaos import chaos_main
+
+        return chaos_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "demo":
         from .demo import demo_main

@@ -253,6 +253,10 @@ class _Handler(BaseHTTPRequestHandler):
         received_at = time.time()
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length) if length > 0 else b""
+        if len(body) < length:  # the client went away mid-request (killed): no answer
+            self.server.backend.count_truncated()
+            self.close_connection = True
+            return
         status, answer = self.server.backend.handle(
             self.path, {k.lower(): v for k, v in self.headers.items()}, body, received_at
         )
@@ -300,6 +304,7 @@ class Backend:
         self._posts: list[ResetPost] = []
         self._applied: set[str] = set()
         self.rejected = 0  # wrong secret or malformed
+        self.truncated = 0  # cut short: the client went away mid-request (a killed replica)
         self._fail_until = 0.0  # time.monotonic()
         self._hang_until = 0.0
         self._hang_seconds = 0.0
@@ -345,6 +350,10 @@ class Backend:
         with self._lock:
             self._hang_until = time.monotonic() + seconds
             self._hang_seconds = hold
+
+    def count_truncated(self) -> None:
+        with self._lock:
+            self.truncated += 1
 
     def handle(
         self, path: str, headers: Mapping[str, str], body: bytes, received_at: float
