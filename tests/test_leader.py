@@ -316,3 +316,17 @@ async def test_retry_after_is_honoured(
         nursery.cancel_scope.cancel()
     first, second = harness.backend.times
     assert second - first == pytest.approx(7.0)
+
+
+async def test_backlog_is_sent_oldest_first_within_max_in_flight(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    for i, deadline in enumerate([500, 100, 400, 200, 300]):
+        reset = PendingReset(f"id{i}", f"c:{i}", deadline, fencing_token=1)
+        harness.store.pending_resets[reset.reset_id] = reset
+    harness.store.epoch = 1
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness, max_in_flight=1)
+        await wait_until(lambda: len(harness.resets) == 5)
+        nursery.cancel_scope.cancel()
+    assert [b["expired_at"] for b in harness.backend.bodies] == [0.1, 0.2, 0.3, 0.4, 0.5]

@@ -11,6 +11,7 @@ Runs inside the leader scope: losing the lease cancels all of it.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -58,8 +59,9 @@ class LeaderDuties:
         self._schedule = Schedule()
         self._sleep: trio.CancelScope | None = None
         self._in_flight: set[str] = set()
-        self._limiter = trio.CapacityLimiter(config.max_in_flight)
-        self._deliveries: trio.Nursery | None = None
+        # Claimed resets waiting for a courier, oldest deadline first.
+        self._backlog: list[tuple[int, str, PendingReset]] = []
+        self._backlog_lot = trio.lowlevel.ParkingLot()
         self._own_prefix = config.namespace + ":"
         self._on_reset = on_reset
 
@@ -70,7 +72,10 @@ class LeaderDuties:
         Redis and the next leader sends them under the same reset_id.
         """
         async with trio.open_nursery() as deliveries:
-            self._deliveries = deliveries
+            # MAX_IN_FLIGHT couriers: at most that many requests at once, and no task
+            # per reset however large a burst is.
+            for _ in range(self._config.max_in_flight):
+                deliveries.start_soon(self._courier)
             backoff = Backoff()
             while True:
                 try:
@@ -189,16 +194,23 @@ class LeaderDuties:
     # -- delivery -----------------------------------------------------------------------
 
     def _spawn_delivery(self, reset: PendingReset) -> None:
-        if reset.reset_id in self._in_flight or self._deliveries is None:
+        if reset.reset_id in self._in_flight:
             return
         self._in_flight.add(reset.reset_id)
         self._metrics.pending.set(len(self._in_flight))
-        self._deliveries.start_soon(self._deliver, reset)
+        heapq.heappush(self._backlog, (reset.deadline_ms, reset.reset_id, reset))
+        self._backlog_lot.unpark()
+
+    async def _courier(self) -> NoReturn:
+        while True:
+            while not self._backlog:
+                await self._backlog_lot.park()
+            _, _, reset = heapq.heappop(self._backlog)
+            await self._deliver(reset)
 
     async def _deliver(self, reset: PendingReset) -> None:
         try:
-            async with self._limiter:
-                done = await self._sender.deliver(reset, self._lease.epoch)
+            done = await self._sender.deliver(reset, self._lease.epoch)
             backoff = Backoff()
             while True:
                 try:
