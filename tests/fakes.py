@@ -175,11 +175,12 @@ class FakeStore:
                 out.append(KeyOutcome(key, "claimed", reset=reset))
         return out
 
-    async def mark_sent(self, holder: str, reset_id: str) -> None:
+    async def mark_sent(self, holder: str, *reset_ids: str) -> None:
         await self._op("mark_sent")
         if not self._holds(holder):
             raise LeaseLost("fake: not the holder")
-        self.pending_resets.pop(reset_id, None)
+        for reset_id in reset_ids:
+            self.pending_resets.pop(reset_id, None)
 
     async def pending(self) -> list[PendingReset]:
         await self._op("pending")

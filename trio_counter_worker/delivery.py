@@ -7,6 +7,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import attrs
@@ -87,17 +88,20 @@ class ResetSender:
     def __init__(
         self,
         config: Config,
-        client: httpx.AsyncClient,
+        client: httpx.AsyncClient | Sequence[httpx.AsyncClient],
         policy: RetryPolicy | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self._config = config
         self._metrics = metrics or Metrics()
-        self._client = client
+        # One client per lane (courier): a pool of one connection each. httpcore scans
+        # every pooled connection, with a poll() each, on every request: one shared
+        # pool of 32 made that scan the worker's main cost under a burst.
+        self._clients = [client] if isinstance(client, httpx.AsyncClient) else list(client)
         self._policy = policy or RetryPolicy()
         self._where = _safe_url(config.reset_endpoint_url)
 
-    async def deliver(self, reset: PendingReset, fencing_token: int) -> Delivered:
+    async def deliver(self, reset: PendingReset, fencing_token: int, lane: int = 0) -> Delivered:
         """Send ``reset`` until the backend answers 2xx; return how it went.
 
         Cancellation: the usual way this stops early, when leadership is lost; the reset
@@ -117,7 +121,7 @@ class ResetSender:
             retry_after: float | None = None
             verdict: Verdict
             try:
-                response = await self._client.post(
+                response = await self._clients[lane % len(self._clients)].post(
                     self._config.reset_endpoint_url, content=body, headers=headers
                 )
             except httpx.TransportError as exc:  # timeouts, refused, reset, DNS

@@ -154,8 +154,12 @@ class RedisBridge:
         )
         return _outcomes(raw, keys)
 
-    async def mark_sent(self, holder: str, reset_id: str) -> None:
-        r = await self._script("MARK_SENT", [self.lease_key, self.pending_key], [holder, reset_id])
+    async def mark_sent(self, holder: str, *reset_ids: str) -> None:
+        if not reset_ids:
+            return
+        r = await self._script(
+            "MARK_SENT", [self.lease_key, self.pending_key], [holder, *reset_ids]
+        )
         if int(r) < 0:
             raise LeaseLost("lease lost before the reset could be marked sent")
 

@@ -142,10 +142,10 @@ end
 return cjson.encode({leader = true, now = now, keys = out})
 """
 
-# KEYS: lease, pending   ARGV: holder, reset_id
+# KEYS: lease, pending   ARGV: holder, reset_id...
 MARK_SENT = _PRELUDE + """
 if not holds(KEYS[1], ARGV[1]) then return -1 end
-return redis.call('HDEL', KEYS[2], ARGV[2])
+return redis.call('HDEL', KEYS[2], unpack(ARGV, 2))
 """
 
 # KEYS: lease, deadlines   ARGV: holder

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import NoReturn
 
+import certifi
 import httpx
 import trio
 
@@ -45,7 +47,7 @@ class Worker:
         self,
         config: Config,
         store: Store,
-        http: httpx.AsyncClient,
+        http: httpx.AsyncClient | Sequence[httpx.AsyncClient],
         hooks: Hooks | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -211,13 +213,20 @@ async def open_worker(
         if http_client is not None:
             yield Worker(config, store, http_client, hooks)
         else:
-            timeout = httpx.Timeout(config.reset_timeout)
-            # One connection per request in flight, all kept alive between bursts.
-            limits = httpx.Limits(max_connections=config.max_in_flight,
-                                  max_keepalive_connections=config.max_in_flight)
-            async with httpx.AsyncClient(timeout=timeout, limits=limits,
-                                         follow_redirects=False) as http:
-                yield Worker(config, store, http, hooks)
+            async with AsyncExitStack() as stack:
+                # One client (one kept-alive connection) per request in flight; one TLS
+                # context shared by all, as httpx would build it (certifi's CAs).
+                tls = ssl.create_default_context(cafile=certifi.where())
+                clients = [
+                    await stack.enter_async_context(httpx.AsyncClient(
+                        timeout=httpx.Timeout(config.reset_timeout),
+                        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                        verify=tls,
+                        follow_redirects=False,
+                    ))
+                    for _ in range(config.max_in_flight)
+                ]
+                yield Worker(config, store, clients, hooks)
     finally:
         if bridge is not None:
             bridge.close()
