@@ -46,6 +46,7 @@ class FakeStore:
         self.keys: dict[str, int | None] = {}  # key -> absolute expiry in ms (None: no TTL)
         self.deadlines: dict[str, int] = {}
         self.pending_resets: dict[str, PendingReset] = {}
+        self.claimed: dict[str, int] = {}  # tombstones: key -> when last claimed
         self.down = False  # True: every call raises RedisUnavailable
         self.renew_hangs = False  # True: renew() never answers
         self.calls: list[tuple[float, str]] = []
@@ -92,6 +93,11 @@ class FakeStore:
         self._publish(key, "set")
         if ttl is not None:
             self._publish(key, "expire")
+
+    def expire_unseen(self, key: str) -> None:
+        """A key set and expired before the worker read its TTL: only `expired` shows."""
+        self.keys.pop(key, None)
+        self._publish(key, "expired")
 
     def delete_key(self, key: str) -> None:
         if self.keys.pop(key, "missing") != "missing":
@@ -150,7 +156,9 @@ class FakeStore:
                 out.append(KeyOutcome(key, "gone"))
         return out
 
-    async def claim(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
+    async def claim(
+        self, holder: str, keys: list[str], reported: bool = False
+    ) -> list[KeyOutcome]:
         await self._op("claim")
         if not self._holds(holder):
             raise LeaseLost("fake: not the holder")
@@ -163,17 +171,26 @@ class FakeStore:
                 self.deadlines[key] = _ms() + pttl
                 out.append(KeyOutcome(key, "alive", pttl_ms=pttl))
             elif dl is None:
-                out.append(KeyOutcome(key, "gone"))
+                recent = self.claimed.get(key, -10**9) >= _ms() - 60_000
+                if reported and pttl == -2 and not recent:
+                    out.append(self._claim_episode(key, _ms()))
+                else:
+                    out.append(KeyOutcome(key, "gone"))
             elif pttl == -1 or dl > _ms() + 5:
                 del self.deadlines[key]
                 out.append(KeyOutcome(key, "gone"))
             else:
-                rid = hashlib.sha1(f"{self.namespace}\n{key}\n{dl}".encode()).hexdigest()[:32]
-                reset = PendingReset(rid, key, dl, self.lease.epoch)
-                self.pending_resets.setdefault(rid, reset)
                 del self.deadlines[key]
-                out.append(KeyOutcome(key, "claimed", reset=reset))
+                out.append(self._claim_episode(key, dl))
         return out
+
+    def _claim_episode(self, key: str, dl: int) -> KeyOutcome:
+        assert self.lease is not None
+        rid = hashlib.sha1(f"{self.namespace}\n{key}\n{dl}".encode()).hexdigest()[:32]
+        reset = PendingReset(rid, key, dl, self.lease.epoch)
+        self.pending_resets.setdefault(rid, reset)
+        self.claimed[key] = _ms()
+        return KeyOutcome(key, "claimed", reset=reset)
 
     async def mark_sent(self, holder: str, *reset_ids: str) -> None:
         await self._op("mark_sent")

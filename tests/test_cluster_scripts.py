@@ -18,8 +18,9 @@ from tests.support.redis_server import RedisServer
 from trio_counter_worker import scripts
 
 NS = "tcw:{k:*}"
-LEASE, DEADLINES, PENDING, SEEN = (f"{NS}:lease", f"{NS}:deadlines", f"{NS}:pending",
-                                   f"{NS}:seen")
+LEASE, DEADLINES, PENDING, SEEN, CLAIMED = (
+    f"{NS}:lease", f"{NS}:deadlines", f"{NS}:pending", f"{NS}:seen", f"{NS}:claimed"
+)
 HOLDER = "me#1"
 
 
@@ -41,7 +42,8 @@ def track(r: redis.Redis, *facts: tuple[str, int, int, int]) -> list[dict[str, A
 def claim(r: redis.Redis, *facts: tuple[str, int, int, int]) -> list[dict[str, Any]]:
     script = r.register_script(scripts.APPLY_CLAIM)
     flat = [v for f in facts for v in f]
-    out = json.loads(script(keys=[LEASE, DEADLINES, PENDING, SEEN], args=[HOLDER, NS, *flat]))
+    out = json.loads(script(keys=[LEASE, DEADLINES, PENDING, SEEN, CLAIMED],
+                            args=[HOLDER, NS, "0", *flat]))
     return list(out["keys"])
 
 
@@ -77,8 +79,8 @@ def test_not_the_holder_decides_nothing(r: redis.Redis) -> None:
     track(r, ("k:1", 1000, 500, 1500))
     r.hset(LEASE, "holder", "someone-else#2")
     script = r.register_script(scripts.APPLY_CLAIM)
-    out = json.loads(script(keys=[LEASE, DEADLINES, PENDING, SEEN],
-                            args=[HOLDER, NS, "k:1", 1501, -2, -1]))
+    out = json.loads(script(keys=[LEASE, DEADLINES, PENDING, SEEN, CLAIMED],
+                            args=[HOLDER, NS, "0", "k:1", 1501, -2, -1]))
     assert out == {"leader": False}
     assert r.hlen(PENDING) == 0
     assert r.zscore(DEADLINES, "k:1") == 1500

@@ -330,3 +330,22 @@ async def test_backlog_is_sent_oldest_first_within_max_in_flight(
         await wait_until(lambda: len(harness.resets) == 5)
         nursery.cancel_scope.cancel()
     assert [b["expired_at"] for b in harness.backend.bodies] == [0.1, 0.2, 0.3, 0.4, 0.5]
+
+
+async def test_key_expired_before_its_ttl_was_read_is_still_reset(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Events backlogged (a takeover reconcile, a mass re-arm): the key's `set` is read
+    after it expired, so no deadline was ever recorded; its `expired` event proves the
+    episode ended."""
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        await trio.sleep(2)
+        harness.store.expire_unseen("c:late")
+        await wait_until(lambda: bool(harness.resets))
+        harness.store.set_key("c:other", 1)  # and a normal one: its echo is not reset twice
+        await wait_until(lambda: len(harness.resets) == 2)
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert [b["key"] for b in harness.backend.bodies] == ["c:late", "c:other"]
+    assert harness.backend.bodies[0]["expired_at"] == 2.0  # when it was seen to expire

@@ -171,17 +171,26 @@ class LeaderDuties:
 
     async def _on_events(self, batch: list[Message]) -> None:
         changed: list[str] = []
+        unscheduled: list[str] = []
         now = trio.current_time()
         for msg in batch:
             key = key_from_channel(msg.channel)
             if msg.data == "expired":
-                # Usually our own claim touching the key (already unscheduled); if Redis
-                # expired a key we still wait for, claim it now.
                 if key in self._schedule:
-                    self._at(key, now)
+                    self._at(key, now)  # Redis expired it before our timer: claim now
+                elif not key.startswith(self._own_prefix):
+                    # Usually the echo of our own claim; but a key set and expired before
+                    # we read its TTL (events backlogged) has only this to show for it.
+                    unscheduled.append(key)
             else:
                 changed.append(key)
         await self._track(changed)
+        for i in range(0, len(unscheduled), _BATCH):
+            start = trio.current_time()
+            outcomes = await self._store.claim(
+                self._holder, unscheduled[i : i + _BATCH], reported=True
+            )
+            self._apply(outcomes, (start + trio.current_time()) / 2)
 
     async def _run_timer(self) -> NoReturn:
         while True:

@@ -80,6 +80,7 @@ class RedisBridge:
         self.epoch_key = f"{ns}:epoch"
         self.deadlines_key = f"{ns}:deadlines"
         self.pending_key = f"{ns}:pending"
+        self.claimed_key = f"{ns}:claimed"  # tombstones: key -> when last claimed
         self.release_channel = f"{ns}:released"
         self._client = client if client is not None else _make_client(config)
         self._scripts = {
@@ -146,11 +147,13 @@ class RedisBridge:
         raw = await self._script("TRACK", [self.lease_key, self.deadlines_key, *keys], [holder])
         return _outcomes(raw, keys)
 
-    async def claim(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
+    async def claim(
+        self, holder: str, keys: list[str], reported: bool = False
+    ) -> list[KeyOutcome]:
         raw = await self._script(
             "CLAIM",
-            [self.lease_key, self.deadlines_key, self.pending_key, *keys],
-            [holder, self._config.namespace],
+            [self.lease_key, self.deadlines_key, self.pending_key, self.claimed_key, *keys],
+            [holder, self._config.namespace, "1" if reported else "0"],
         )
         return _outcomes(raw, keys)
 
@@ -333,14 +336,17 @@ class ClusterBridge(RedisBridge):
         )
         return _outcomes(raw, keys)
 
-    async def claim(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
+    async def claim(
+        self, holder: str, keys: list[str], reported: bool = False
+    ) -> list[KeyOutcome]:
         if not keys:
             return []
         facts = await self._run(self._key_facts_sync, keys)
         raw = await self._script(
             "APPLY_CLAIM",
-            [self.lease_key, self.deadlines_key, self.pending_key, self.seen_key],
-            [holder, self._config.namespace, *facts],
+            [self.lease_key, self.deadlines_key, self.pending_key, self.seen_key,
+             self.claimed_key],
+            [holder, self._config.namespace, "1" if reported else "0", *facts],
         )
         return _outcomes(raw, keys)
 

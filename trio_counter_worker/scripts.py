@@ -106,18 +106,41 @@ end
 return cjson.encode({leader = true, now = now, keys = out})
 """
 
-# KEYS: lease, deadlines, pending, counter keys...   ARGV: holder, namespace
+# Claiming: the pending record, plus a tombstone (key -> claim time) so that the
+# `expired` event our own touch causes is not mistaken for another episode.
+_CLAIMING = """
+local function claim_episode(pending, claimed, ns, key, dl, epoch, now)
+  local episode = ns .. '\\n' .. key .. '\\n' .. string.format('%d', dl)
+  local id = string.sub(redis.sha1hex(episode), 1, 32)
+  local rec = cjson.encode({reset_id = id, key = key, deadline_ms = dl,
+                            fencing_token = epoch, claimed_ms = now})
+  redis.call('HSETNX', pending, id, rec)
+  redis.call('ZADD', claimed, now, key)
+  return rec
+end
+local function recently_claimed(claimed, key, now)
+  local t = tonumber(redis.call('ZSCORE', claimed, key))
+  return t ~= nil and t >= now - 60000
+end
+"""
+
+# KEYS: lease, deadlines, pending, claimed, counter keys...
+# ARGV: holder, namespace, "1" if Redis reported these keys expired (else "0")
 # At a key's deadline, decide. Touching the key makes Redis expire it now if it is due,
 # instead of whenever its background cycle finds it. If it is gone and its recorded
 # deadline has passed, that inactivity episode ends: create the pending reset, whose id
 # is derived from (namespace, key, deadline) so it is the same whoever computes it.
 # A key still alive had its TTL extended: it is rescheduled, not reset.
-CLAIM = _PRELUDE + """
+# An `expired` event for a key with no recorded deadline (it was set and expired before
+# the leader read its TTL) proves an episode ended: it is claimed with the time it was
+# seen, unless it is the echo of a claim made in the last minute.
+CLAIM = _PRELUDE + _CLAIMING + """
 if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
 local now = now_ms()
+local reported = ARGV[3] == '1'
 local out = {}
-for i = 4, #KEYS do
+for i = 5, #KEYS do
   local key = KEYS[i]
   local dl = tonumber(redis.call('ZSCORE', KEYS[2], key))
   local pttl = redis.call('PTTL', key)
@@ -125,20 +148,20 @@ for i = 4, #KEYS do
     redis.call('ZADD', KEYS[2], expire_at(key, now, pttl), key)
     out[#out + 1] = {p = pttl}
   elseif not dl then
-    out[#out + 1] = {gone = true}
+    if reported and pttl == -2 and not recently_claimed(KEYS[4], key, now) then
+      out[#out + 1] = {claimed = claim_episode(KEYS[3], KEYS[4], ARGV[2], key, now, epoch, now)}
+    else
+      out[#out + 1] = {gone = true}
+    end
   elseif pttl == -1 or dl > now + 5 then
     redis.call('ZREM', KEYS[2], key)
     out[#out + 1] = {gone = true}
   else
-    local episode = ARGV[2] .. '\\n' .. key .. '\\n' .. string.format('%d', dl)
-    local id = string.sub(redis.sha1hex(episode), 1, 32)
-    local rec = cjson.encode({reset_id = id, key = key, deadline_ms = dl,
-                              fencing_token = epoch, claimed_ms = now})
-    redis.call('HSETNX', KEYS[3], id, rec)
+    out[#out + 1] = {claimed = claim_episode(KEYS[3], KEYS[4], ARGV[2], key, dl, epoch, now)}
     redis.call('ZREM', KEYS[2], key)
-    out[#out + 1] = {claimed = rec}
   end
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 60000)
 return cjson.encode({leader = true, now = now, keys = out})
 """
 
@@ -217,12 +240,14 @@ prune(KEYS[3], last)
 return cjson.encode({leader = true, keys = out})
 """
 
-# KEYS: lease, deadlines, pending, seen   ARGV: holder, namespace, then facts per key
-APPLY_CLAIM = _PRELUDE + _FACTS + """
+# KEYS: lease, deadlines, pending, seen, claimed
+# ARGV: holder, namespace, reported ("1"/"0", as CLAIM), then facts per key
+APPLY_CLAIM = _PRELUDE + _FACTS + _CLAIMING + """
 if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
+local reported = ARGV[3] == '1'
 local out, last = {}, nil
-for i = 3, #ARGV, 4 do
+for i = 4, #ARGV, 4 do
   local key, now, pttl, at = facts(i)
   last = now
   local dl = tonumber(redis.call('ZSCORE', KEYS[2], key))
@@ -232,20 +257,20 @@ for i = 3, #ARGV, 4 do
     redis.call('ZADD', KEYS[2], at, key)
     out[#out + 1] = {p = pttl}
   elseif not dl then
-    out[#out + 1] = {gone = true}
+    if reported and pttl == -2 and not recently_claimed(KEYS[5], key, now) then
+      out[#out + 1] = {claimed = claim_episode(KEYS[3], KEYS[5], ARGV[2], key, now, epoch, now)}
+    else
+      out[#out + 1] = {gone = true}
+    end
   elseif pttl == -1 or dl > now + 5 then
     redis.call('ZREM', KEYS[2], key)
     out[#out + 1] = {gone = true}
   else
-    local episode = ARGV[2] .. '\\n' .. key .. '\\n' .. string.format('%d', dl)
-    local id = string.sub(redis.sha1hex(episode), 1, 32)
-    local rec = cjson.encode({reset_id = id, key = key, deadline_ms = dl,
-                              fencing_token = epoch, claimed_ms = now})
-    redis.call('HSETNX', KEYS[3], id, rec)
+    out[#out + 1] = {claimed = claim_episode(KEYS[3], KEYS[5], ARGV[2], key, dl, epoch, now)}
     redis.call('ZREM', KEYS[2], key)
-    out[#out + 1] = {claimed = rec}
   end
 end
 prune(KEYS[4], last)
+if last then redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', last - 60000) end
 return cjson.encode({leader = true, keys = out})
 """

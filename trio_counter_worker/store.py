@@ -89,7 +89,12 @@ class Store(Protocol):
 
     async def track(self, holder: str, keys: list[str]) -> list[KeyOutcome]: ...
 
-    async def claim(self, holder: str, keys: list[str]) -> list[KeyOutcome]: ...
+    async def claim(
+        self, holder: str, keys: list[str], reported: bool = False
+    ) -> list[KeyOutcome]:
+        """Decide each key at its deadline. ``reported``: Redis published `expired` for
+        these keys, so one with no recorded deadline is an episode that ended too."""
+        ...
 
     async def mark_sent(self, holder: str, *reset_ids: str) -> None: ...
 
