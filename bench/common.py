@@ -1,0 +1,463 @@
+"""Shared helpers for the benchmarks: processes, Redis, statistics, results.
+
+Every benchmark runs on loopback only: its own ``redis-server`` (``RedisServer``), its own
+HTTP backend (``RecordingBackend``) and real ``python -m trio_counter_worker run``
+processes (``WorkerProcess``), all from ``tests.support``. Import this module as
+``bench.common`` with the repository root as the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import redis
+
+from tests.support import RecordingBackend, RedisServer, WorkerProcess, find_redis_server
+from tests.support import backend as backend_module
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "bench" / "results"
+SECRET = "bench-" + secrets.token_hex(8)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PIPELINE_CHUNK = 10_000
+
+
+# --- small utilities -------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr, with the time since the benchmark started."""
+    sys.stderr.write(f"[{time.monotonic() - _T0:7.1f}s] {msg}\n")
+    sys.stderr.flush()
+
+
+_T0 = time.monotonic()
+
+
+def wait_until(
+    check: Callable[[], T | None], timeout: float, what: str, poll: float = 0.005
+) -> T:
+    """Poll ``check`` until it returns something truthy; return it. TimeoutError after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f} s waiting for {what}")
+        time.sleep(poll)
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Linear-interpolated percentile (``p`` in 0..100) of ``values``; ``inf`` entries
+    stand for samples that never arrived (censored), so a result can be ``inf``."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    rank = (len(xs) - 1) * p / 100
+    lo, hi = math.floor(rank), math.ceil(rank)
+    if math.isinf(xs[hi]):
+        return math.inf
+    return xs[lo] + (xs[hi] - xs[lo]) * (rank - lo)
+
+
+def summarize(values: Sequence[float], scale: float = 1.0) -> dict[str, float | int]:
+    """n, min, p50, p90, p99, max, mean of ``values`` times ``scale`` (e.g. 1000 for ms).
+
+    ``inf`` entries (never arrived) count in n and push percentiles to ``inf``; the mean
+    is over the finite ones.
+    """
+    finite = [v for v in values if math.isfinite(v)]
+    out: dict[str, float | int] = {"n": len(values), "arrived": len(finite)}
+    if not values:
+        return out
+    for name, p in (("min", 0.0), ("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("max", 100.0)):
+        out[name] = _round(percentile(values, p) * scale)
+    out["mean"] = _round(sum(finite) / len(finite) * scale) if finite else math.nan
+    return out
+
+
+def _round(x: float) -> float:
+    return x if not math.isfinite(x) else round(x, 3)
+
+
+def fmt_ms(x: float | int | None) -> str:
+    """Milliseconds for tables: '3.2 ms', '25.1 s', '> cap' for inf."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if math.isinf(x):
+        return "never (> cap)"
+    if x >= 1000:
+        return f"{x / 1000:.1f} s"
+    if x >= 100:
+        return f"{x:.0f} ms"
+    return f"{x:.1f} ms"
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads), from /proc/<pid>/stat."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) may contain spaces: split after its closing paren.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of stat(5)
+    return (utime + stime) / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs spent busy since boot (user+nice+system+irq+softirq+steal),
+    from /proc/stat: compared with our own processes' CPU, it shows other load."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of ``pid`` in MiB, from VmRSS in /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 2)
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def threads(pid: int) -> int:
+    """Number of OS threads of ``pid``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+def time_wait_sockets(port: int) -> int:
+    """TCP sockets in TIME-WAIT with ``port`` at either end (IPv4, /proc/net/tcp): each is
+    a connection closed in the last 60 s, so this counts connection churn."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, state = fields[1], fields[2], fields[3]
+        if state == "06" and port in (int(local.rsplit(":", 1)[1], 16),
+                                      int(remote.rsplit(":", 1)[1], 16)):
+            count += 1
+    return count
+
+
+@attrs.define
+class CpuWindow:
+    """CPU seconds and wall time of one process over a window: ``start()``, then ``stop()``."""
+
+    pid: int
+    cpu0: float = 0.0
+    wall0: float = 0.0
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+
+    def start(self) -> CpuWindow:
+        self.cpu0, self.wall0 = cpu_seconds(self.pid), time.monotonic()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        self.cpu_s = cpu_seconds(self.pid) - self.cpu0
+        self.wall_s = time.monotonic() - self.wall0
+        return {
+            "cpu_s": round(self.cpu_s, 3),
+            "wall_s": round(self.wall_s, 3),
+            "cpu_pct": round(100 * self.cpu_s / self.wall_s, 2) if self.wall_s else math.nan,
+        }
+
+
+_PROBLEM = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback")
+
+
+def log_problems(worker: WorkerProcess, limit: int = 20) -> list[str]:
+    """Lines of the worker's log at WARNING or above (and tracebacks), first ``limit``."""
+    return [ln for ln in worker.output().splitlines() if _PROBLEM.search(ln)][:limit]
+
+
+def log_time(line: str) -> float:
+    """Unix time of a worker log line ('2025-01-01 12:00:00,123 INFO ...': local time)."""
+    stamp = line[:23]
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+# --- the setup every benchmark shares --------------------------------------------------
+
+
+@attrs.define
+class Rig:
+    """One Redis, one backend, a temp dir for logs, and the workers spawned on them."""
+
+    tmp: Path
+    server: RedisServer
+    backend: RecordingBackend
+    client: redis.Redis
+    workers: list[WorkerProcess] = attrs.Factory(list)
+
+    def spawn(
+        self,
+        replica_id: str,
+        *,
+        counter_key: str = "c:*",
+        lease_ttl_ms: int = 3000,
+        max_in_flight: int = 32,
+        log_level: str = "WARNING",
+        module: str = "trio_counter_worker",
+        extra_env: dict[str, str] | None = None,
+    ) -> WorkerProcess:
+        """Start one ``python -m trio_counter_worker run`` replica against this rig
+        (``module`` swaps in a wrapper such as bench.gc_probe)."""
+        env = {
+            "REDIS_PORT": str(self.server.port),
+            "RESET_ENDPOINT_URL": self.backend.url,
+            "RESET_SECRET": SECRET,
+            "COUNTER_KEY": counter_key,
+            "LEASE_TTL_MS": str(lease_ttl_ms),
+            "REPLICA_ID": replica_id,
+            "MAX_IN_FLIGHT": str(max_in_flight),
+            "LOG_LEVEL": log_level,
+            **(extra_env or {}),
+        }
+        worker = WorkerProcess(env, self.tmp / f"{replica_id}.log", module=module)
+        worker.start()
+        self.workers.append(worker)
+        return worker
+
+
+# tests.support's RecordingBackend keeps two socketserver defaults that a real backend
+# does not have, and that would make the benchmarks measure the backend (both shown by
+# bench/burst.py's calibration):
+# - listen backlog 5: a worker opening 32 connections at once overflows it and gets
+#   "connection reset by peer";
+# - Nagle's algorithm on: the handler writes a response as two segments (headers, then
+#   body), so on a busy keep-alive connection the body waits for the client's delayed
+#   ACK: ~40 ms per request, ~23 requests/s per connection.
+# Both are class attributes read when a server binds / a connection is set up, so they
+# are set for as long as the backend lives.
+BACKEND_BACKLOG = 1024
+
+
+@attrs.frozen
+class BackendTuning:
+    backlog: int = BACKEND_BACKLOG
+    nodelay: bool = True
+
+    @property
+    def label(self) -> str:
+        nagle = "TCP_NODELAY" if self.nodelay else "Nagle on"
+        return f"backlog {self.backlog}, {nagle}"
+
+
+STOCK_BACKEND = BackendTuning(backlog=5, nodelay=False)  # socketserver's defaults
+TUNED_BACKEND = BackendTuning()
+
+
+@contextmanager
+def backend_running(tuning: BackendTuning = TUNED_BACKEND) -> Iterator[RecordingBackend]:
+    """A started RecordingBackend with ``tuning`` applied for its whole life."""
+    server_cls, handler_cls = backend_module._Server, backend_module._Handler
+    saved = server_cls.request_queue_size, handler_cls.disable_nagle_algorithm
+    server_cls.request_queue_size = tuning.backlog
+    handler_cls.disable_nagle_algorithm = tuning.nodelay
+    backend = RecordingBackend()
+    try:
+        backend.start()
+        yield backend
+    finally:
+        backend.close()
+        server_cls.request_queue_size, handler_cls.disable_nagle_algorithm = saved
+
+
+@contextmanager
+def rig(name: str, redis_args: Sequence[str] = ()) -> Iterator[Rig]:
+    """A fresh redis-server and RecordingBackend; every worker is killed on exit."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp_name:
+        tmp = Path(tmp_name)
+        server = RedisServer(tmp / "redis", extra_args=redis_args)
+        server.start()
+        try:
+            with backend_running() as backend, server.client() as client:
+                r = Rig(tmp, server, backend, client)
+                try:
+                    yield r
+                finally:
+                    for w in r.workers:
+                        w.cleanup()
+        finally:
+            server.stop()
+
+
+def lease_key(counter_key: str = "c:*") -> str:
+    return f"tcw:{{{counter_key}}}:lease"
+
+
+def deadlines_key(counter_key: str = "c:*") -> str:
+    return f"tcw:{{{counter_key}}}:deadlines"
+
+
+def pending_key(counter_key: str = "c:*") -> str:
+    return f"tcw:{{{counter_key}}}:pending"
+
+
+def release_channel(counter_key: str = "c:*") -> str:
+    return f"tcw:{{{counter_key}}}:released"
+
+
+def lease_holder(client: redis.Redis, counter_key: str = "c:*") -> str | None:
+    """REPLICA_ID of the replica holding the lease, or None."""
+    value: Any = client.hget(lease_key(counter_key), "replica")
+    return str(value) if value else None
+
+
+def numsub(client: redis.Redis, channel: str) -> int:
+    """Subscribers of ``channel`` (standbys and leader all listen for lease releases)."""
+    rows: Any = client.pubsub_numsub(channel)
+    return int(rows[0][1]) if rows else 0
+
+
+def numpat(client: redis.Redis) -> int:
+    value: Any = client.pubsub_numpat()
+    return int(value)
+
+
+def wait_leader_ready(r: Rig, timeout: float = 30.0, counter_key: str = "c:*") -> str:
+    """Wait until a replica holds the lease and is subscribed to the keyspace pattern;
+    then prove the whole path works with one probe key and its reset (not kept)."""
+    leader = wait_until(lambda: lease_holder(r.client, counter_key), timeout, "a leader")
+    wait_until(lambda: numpat(r.client) >= 1, timeout, "the leader's keyspace subscription")
+    probe = counter_key.replace("*", "probe")
+    before = len(r.backend.requests)
+    r.client.set(probe, "1", px=200)
+    wait_until(
+        lambda: any(
+            (q.json or {}).get("key") == probe for q in r.backend.requests[before:]
+        ),
+        timeout,
+        "the probe key's reset",
+        poll=0.01,
+    )
+    r.backend.clear()
+    return leader
+
+
+def load_keys(
+    client: redis.Redis, names: Iterable[str], *, ex: int | None = None,
+    pxat: Callable[[int], int] | None = None,
+) -> int:
+    """SET each name with ``EX ex`` (or ``PXAT pxat(i)``) through non-transactional
+    pipelines of PIPELINE_CHUNK commands; return how many were set."""
+    count = 0
+    pipe = client.pipeline(transaction=False)
+    for i, name in enumerate(names):
+        if pxat is not None:
+            pipe.set(name, "1", pxat=pxat(i))
+        else:
+            pipe.set(name, "1", ex=ex)
+        count += 1
+        if count % PIPELINE_CHUNK == 0:
+            pipe.execute()
+    pipe.execute()
+    pipe.reset()
+    return count
+
+
+def info(client: redis.Redis, section: str) -> dict[str, Any]:
+    raw: Any = client.info(section)
+    return dict(raw)
+
+
+# --- results ---------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    binary = find_redis_server()
+    version = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        **_code_version(),
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "redis_server": version,
+        "mem_total_mib": _mem_total_mib(),
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def _code_version() -> dict[str, Any]:
+    """The commit measured, and whether the worker or test-support code differed from it."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                             check=False)
+        return out.stdout.strip()
+
+    changed = git("status", "--porcelain", "--", "trio_counter_worker", "tests/support")
+    return {"git_commit": git("rev-parse", "HEAD") or "?",
+            "worker_code_modified": bool(changed)}
+
+
+def _mem_total_mib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def write_result(name: str, data: dict[str, Any]) -> Path:
+    """Write ``bench/results/<name>.json`` (with machine info) and return its path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    payload = {"benchmark": name, "machine": machine_info(), **data}
+    text = json.dumps(clean_json(payload), indent=2, default=_json_default, allow_nan=False)
+    path.write_text(text + "\n")
+    log(f"wrote {path.relative_to(ROOT)}")
+    return path
+
+
+def clean_json(obj: Any) -> Any:
+    """``obj`` with non-finite floats replaced by None (strict JSON has no inf/NaN): a
+    None percentile means "beyond the cap" (some samples never arrived)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [clean_json(v) for v in obj]
+    return obj
+
+
+def _json_default(obj: object) -> Any:
+    if isinstance(obj, set | frozenset):
+        return sorted(obj)
+    if attrs.has(type(obj)):
+        return attrs.asdict(obj)  # type: ignore[arg-type]
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
