@@ -105,15 +105,21 @@ class LeaderDuties:
         async with trio.open_nursery() as nursery:
             # Subscribe first, then read state: nothing that changes in between is missed.
             await nursery.start(_listen, self._store, [pattern], send)
+            # Deadlines and events are served while the reconcile runs (2 s for 100k
+            # counters): every script reads Redis's current state, so the order in which
+            # they land does not matter; at worst a key is looked at once more.
+            nursery.start_soon(self._run_timer)
+            nursery.start_soon(self._consume, receive)
             for reset in await self._store.pending():
                 self._spawn_delivery(reset)
             await self._reconcile()
             backoff.reset()
-            nursery.start_soon(self._run_timer)
             if not status.ok:
                 nursery.start_soon(self._rescan)
-            async for batch in receive:
-                await self._on_events(batch)
+
+    async def _consume(self, receive: trio.MemoryReceiveChannel[list[Message]]) -> None:
+        async for batch in receive:
+            await self._on_events(batch)
 
     # -- state --------------------------------------------------------------------------
 
