@@ -122,6 +122,25 @@ local function recently_claimed(claimed, key, now)
   local t = tonumber(redis.call('ZSCORE', claimed, key))
   return t ~= nil and t >= now - 60000
 end
+-- The decision for one key, given its state at `now` (pttl, absolute expiry `at`).
+-- k: {deadlines, pending, claimed, ns}; returns the row for the caller's answer.
+local function decide(k, key, now, pttl, at, epoch, reported)
+  local dl = tonumber(redis.call('ZSCORE', k.deadlines, key))
+  if pttl >= 0 then
+    redis.call('ZADD', k.deadlines, at, key)
+    return {p = pttl}
+  elseif not dl then
+    if reported and pttl == -2 and not recently_claimed(k.claimed, key, now) then
+      return {claimed = claim_episode(k.pending, k.claimed, k.ns, key, now, epoch, now)}
+    end
+    return {gone = true}
+  elseif pttl == -1 or dl > now + 5 then
+    redis.call('ZREM', k.deadlines, key)
+    return {gone = true}
+  end
+  redis.call('ZREM', k.deadlines, key)
+  return {claimed = claim_episode(k.pending, k.claimed, k.ns, key, dl, epoch, now)}
+end
 """
 
 # KEYS: lease, deadlines, pending, claimed, counter keys...
@@ -139,27 +158,14 @@ if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
 local now = now_ms()
 local reported = ARGV[3] == '1'
+local k = {deadlines = KEYS[2], pending = KEYS[3], claimed = KEYS[4], ns = ARGV[2]}
 local out = {}
 for i = 5, #KEYS do
   local key = KEYS[i]
-  local dl = tonumber(redis.call('ZSCORE', KEYS[2], key))
-  local pttl = redis.call('PTTL', key)
-  if pttl >= 0 then
-    redis.call('ZADD', KEYS[2], expire_at(key, now, pttl), key)
-    out[#out + 1] = {p = pttl}
-  elseif not dl then
-    if reported and pttl == -2 and not recently_claimed(KEYS[4], key, now) then
-      out[#out + 1] = {claimed = claim_episode(KEYS[3], KEYS[4], ARGV[2], key, now, epoch, now)}
-    else
-      out[#out + 1] = {gone = true}
-    end
-  elseif pttl == -1 or dl > now + 5 then
-    redis.call('ZREM', KEYS[2], key)
-    out[#out + 1] = {gone = true}
-  else
-    out[#out + 1] = {claimed = claim_episode(KEYS[3], KEYS[4], ARGV[2], key, dl, epoch, now)}
-    redis.call('ZREM', KEYS[2], key)
-  end
+  local pttl = redis.call('PTTL', key)  -- the touch: a due key expires now
+  local at = -1
+  if pttl >= 0 then at = expire_at(key, now, pttl) end
+  out[#out + 1] = decide(k, key, now, pttl, at, epoch, reported)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 60000)
 return cjson.encode({leader = true, now = now, keys = out})
@@ -246,28 +252,15 @@ APPLY_CLAIM = _PRELUDE + _FACTS + _CLAIMING + """
 if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
 local reported = ARGV[3] == '1'
+local k = {deadlines = KEYS[2], pending = KEYS[3], claimed = KEYS[5], ns = ARGV[2]}
 local out, last = {}, nil
 for i = 4, #ARGV, 4 do
   local key, now, pttl, at = facts(i)
   last = now
-  local dl = tonumber(redis.call('ZSCORE', KEYS[2], key))
-  if not fresh(KEYS[4], key, now) then
-    out[#out + 1] = {due = true}
-  elseif pttl >= 0 then
-    redis.call('ZADD', KEYS[2], at, key)
-    out[#out + 1] = {p = pttl}
-  elseif not dl then
-    if reported and pttl == -2 and not recently_claimed(KEYS[5], key, now) then
-      out[#out + 1] = {claimed = claim_episode(KEYS[3], KEYS[5], ARGV[2], key, now, epoch, now)}
-    else
-      out[#out + 1] = {gone = true}
-    end
-  elseif pttl == -1 or dl > now + 5 then
-    redis.call('ZREM', KEYS[2], key)
-    out[#out + 1] = {gone = true}
+  if fresh(KEYS[4], key, now) then
+    out[#out + 1] = decide(k, key, now, pttl, at, epoch, reported)
   else
-    out[#out + 1] = {claimed = claim_episode(KEYS[3], KEYS[5], ARGV[2], key, dl, epoch, now)}
-    redis.call('ZREM', KEYS[2], key)
+    out[#out + 1] = {due = true}
   end
 end
 prune(KEYS[4], last)
