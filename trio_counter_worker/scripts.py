@@ -27,6 +27,17 @@ end
 local function holds(lease, holder)
   return redis.call('HGET', lease, 'holder') == holder
 end
+-- Record one key's state at `now` (pttl, absolute expiry `at`) in the deadlines zset.
+local function record(deadlines, key, now, pttl, at)
+  if pttl >= 0 then
+    redis.call('ZADD', deadlines, at, key)
+    return {p = pttl}
+  end
+  local dl = tonumber(redis.call('ZSCORE', deadlines, key))
+  if pttl == -2 and dl and dl <= now + 5 then return {due = true} end
+  if dl then redis.call('ZREM', deadlines, key) end
+  return {gone = true}
+end
 """
 
 # KEYS: lease, epoch   ARGV: holder, replica_id, ttl_ms, epoch_floor
@@ -90,18 +101,9 @@ local out = {}
 for i = 3, #KEYS do
   local key = KEYS[i]
   local pttl = redis.call('PTTL', key)
-  if pttl >= 0 then
-    redis.call('ZADD', KEYS[2], expire_at(key, now, pttl), key)
-    out[#out + 1] = {p = pttl}
-  else
-    local dl = tonumber(redis.call('ZSCORE', KEYS[2], key))
-    if pttl == -2 and dl and dl <= now + 5 then
-      out[#out + 1] = {due = true}
-    else
-      if dl then redis.call('ZREM', KEYS[2], key) end
-      out[#out + 1] = {gone = true}
-    end
-  end
+  local at = -1
+  if pttl >= 0 then at = expire_at(key, now, pttl) end
+  out[#out + 1] = record(KEYS[2], key, now, pttl, at)
 end
 return cjson.encode({leader = true, now = now, keys = out})
 """
@@ -227,19 +229,10 @@ local out, last = {}, nil
 for i = 2, #ARGV, 4 do
   local key, now, pttl, at = facts(i)
   last = now
-  if not fresh(KEYS[3], key, now) then
-    out[#out + 1] = {due = true}
-  elseif pttl >= 0 then
-    redis.call('ZADD', KEYS[2], at, key)
-    out[#out + 1] = {p = pttl}
+  if fresh(KEYS[3], key, now) then
+    out[#out + 1] = record(KEYS[2], key, now, pttl, at)
   else
-    local dl = tonumber(redis.call('ZSCORE', KEYS[2], key))
-    if pttl == -2 and dl and dl <= now + 5 then
-      out[#out + 1] = {due = true}
-    else
-      if dl then redis.call('ZREM', KEYS[2], key) end
-      out[#out + 1] = {gone = true}
-    end
+    out[#out + 1] = {due = true}
   end
 end
 prune(KEYS[3], last)
