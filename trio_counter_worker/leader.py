@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import NoReturn
 
 import trio
@@ -152,10 +152,14 @@ class LeaderDuties:
     async def _track(self, keys: Iterable[str]) -> None:
         mine = [k for k in dict.fromkeys(keys) if not k.startswith(self._own_prefix)]
         for i in range(0, len(mine), _BATCH):
-            chunk = mine[i : i + _BATCH]
-            start = trio.current_time()
-            outcomes = await self._store.track(self._holder, chunk)
-            self._apply(outcomes, (start + trio.current_time()) / 2)
+            await self._decide(self._store.track(self._holder, mine[i : i + _BATCH]))
+
+    async def _decide(self, call: Awaitable[list[KeyOutcome]]) -> None:
+        """Await one script call and act on its outcomes. Its pttls count from the middle
+        of the round trip: the best local estimate of when Redis read them."""
+        start = trio.current_time()
+        outcomes = await call
+        self._apply(outcomes, (start + trio.current_time()) / 2)
 
     def _apply(self, outcomes: list[KeyOutcome], base: float) -> None:
         try:
@@ -192,11 +196,8 @@ class LeaderDuties:
                 changed.append(key)
         await self._track(changed)
         for i in range(0, len(unscheduled), _BATCH):
-            start = trio.current_time()
-            outcomes = await self._store.claim(
-                self._holder, unscheduled[i : i + _BATCH], reported=True
-            )
-            self._apply(outcomes, (start + trio.current_time()) / 2)
+            chunk = unscheduled[i : i + _BATCH]
+            await self._decide(self._store.claim(self._holder, chunk, reported=True))
 
     async def _run_timer(self) -> NoReturn:
         while True:
@@ -205,9 +206,7 @@ class LeaderDuties:
                 await trio.sleep_forever()
             self._sleep = None
             while due := self._schedule.pop_due(trio.current_time(), limit=_BATCH):
-                start = trio.current_time()
-                outcomes = await self._store.claim(self._holder, due)
-                self._apply(outcomes, (start + trio.current_time()) / 2)
+                await self._decide(self._store.claim(self._holder, due))
 
     # -- delivery -----------------------------------------------------------------------
 

@@ -61,7 +61,6 @@ class Worker:
         self._elector = Elector(store, LeaseTiming(config.lease_ttl), self.holder,
                                 config.replica_id, self.metrics)
         self.lease: Lease | None = None
-        self.leader_changes = 0
         self.health_port: int | None = None  # bound port of the health endpoint, once up
 
     @property
@@ -105,7 +104,6 @@ class Worker:
 
     async def _lead(self, lease: Lease) -> None:
         self.lease = lease
-        self.leader_changes += 1
         self.metrics.leader.set(1)
         self.metrics.leader_changes.inc()
         log.info("leader acquired: replica=%s fencing_token=%d",
