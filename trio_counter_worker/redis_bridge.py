@@ -73,7 +73,7 @@ def _translate(exc: BaseException) -> BaseException:
 class RedisBridge:
     """Implements :class:`trio_counter_worker.store.Store` on a real Redis."""
 
-    def __init__(self, config: Config, client: Any = None) -> None:
+    def __init__(self, config: Config) -> None:
         self._config = config
         ns = config.namespace
         self.lease_key = f"{ns}:lease"
@@ -82,7 +82,7 @@ class RedisBridge:
         self.pending_key = f"{ns}:pending"
         self.claimed_key = f"{ns}:claimed"  # tombstones: key -> when last claimed
         self.release_channel = f"{ns}:released"
-        self._client = client if client is not None else _make_client(config)
+        self._client = _make_client(config)
         self._scripts = {
             name: self._client.register_script(getattr(scripts, name))
             for name in ("ACQUIRE", "RENEW", "RELEASE", "TRACK", "CLAIM", "MARK_SENT", "TRACKED")
@@ -110,10 +110,6 @@ class RedisBridge:
 
     async def ping(self) -> None:
         await self._run(self._client.ping)
-
-    async def server_version(self) -> str:
-        info = await self._run(self._client.info, "server")
-        return str(info.get("redis_version", "?"))
 
     # -- lease ---------------------------------------------------------------------------
 
@@ -210,9 +206,7 @@ class RedisBridge:
             key, score = first[0]
             nxt = {"key": key, "in_ms": int(score) - now_ms}
         try:
-            flags: str | None = str(
-                c.config_get("notify-keyspace-events").get("notify-keyspace-events", "")
-            )
+            flags: str | None = _flags(c)
         except rexc.ResponseError:
             flags = None
         return {
@@ -235,7 +229,7 @@ class RedisBridge:
         c.ping()
         version = str(c.info("server").get("redis_version", "?"))
         try:
-            flags = str(c.config_get("notify-keyspace-events").get("notify-keyspace-events", ""))
+            flags = _flags(c)
         except rexc.ResponseError as exc:
             return {"version": version, "flags": None, "can_set": False, "error": str(exc)}
         try:
@@ -471,11 +465,14 @@ def _listen_sync(
         pubsub.close()
 
 
+def _flags(client: Any) -> str:
+    """The server's notify-keyspace-events; raises ResponseError where CONFIG is refused."""
+    return str(client.config_get("notify-keyspace-events").get("notify-keyspace-events", ""))
+
+
 def _ensure_on(client: Any) -> NotificationStatus:
     try:
-        current = str(client.config_get("notify-keyspace-events").get(
-            "notify-keyspace-events", ""
-        ))
+        current = _flags(client)
     except rexc.ResponseError as exc:
         return NotificationStatus(ok=False, flags=None, missing="?", error=str(exc))
     missing = missing_flags(current)
@@ -485,9 +482,7 @@ def _ensure_on(client: Any) -> NotificationStatus:
         client.config_set("notify-keyspace-events", merged_flags(current))
     except rexc.ResponseError as exc:
         return NotificationStatus(ok=False, flags=current, missing=missing, error=str(exc))
-    now = str(client.config_get("notify-keyspace-events").get(
-        "notify-keyspace-events", ""
-    ))
+    now = _flags(client)
     return NotificationStatus(ok=not missing_flags(now), flags=now, changed=True)
 
 
