@@ -65,6 +65,7 @@ from .lab import (
     RedisServer,
     Replica,
     ResetPost,
+    Settle,
     find_redis_server,
     handle_signals,
     interrupt,
@@ -454,8 +455,7 @@ class Chaos:
         self.phase: Literal["starting", "active", "draining"] = "starting"
         self.active_from = 0.0
         self.active_until = 0.0
-        self.settle_until: float | None = None
-        self.resolved_at: float | None = None
+        self.settle = Settle(grace=SETTLE, linger=LINGER)
         self.unexpected_exits: list[str] = []
         self.log_errors: list[str] = []
         self.started_wall = time.time()
@@ -660,19 +660,14 @@ class Chaos:
             return False
         if not all(c.state == "done" for c in self.counters):
             return False
-        if self.settle_until is None:
-            last = max((e.deadline for e in self.episodes), default=time.time())
-            self.settle_until = mono + max(0.0, last - time.time()) + SETTLE
+        if self.settle.until is None:
             self.event(f"waiting for the last resets (at most {SETTLE:g} s after the last "
                        "deadline)")
-        if self.delivered_episodes >= len(self.episodes):
-            if self.resolved_at is None:
-                self.resolved_at = mono
-            return mono >= self.resolved_at + LINGER
-        if mono >= self.settle_until:
+        last = max((e.deadline for e in self.episodes), default=time.time())
+        verdict = self.settle.check(mono, last, self.delivered_episodes >= len(self.episodes))
+        if verdict == "gave up":
             self.event("gave up waiting for the missing resets")
-            return True
-        return False
+        return verdict != "wait"
 
     # -- the lease --------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from .lab import (
     RedisServer,
     Replica,
     ResetPost,
+    Settle,
     handle_signals,
     interrupt,
     lease_key,
@@ -167,8 +168,7 @@ class _Demo:
         self.first_leader_at: float | None = None
         self.unexpected_exits = 0
         self.activity_stopped = False
-        self._drain_until: float | None = None
-        self._resolved_at: float | None = None
+        self._settle = Settle(grace=DRAIN_GRACE, linger=LINGER)
         self._set_script: Any = None
 
     # -- output -----------------------------------------------------------------------
@@ -262,17 +262,11 @@ class _Demo:
         (plus a moment for late duplicates), or the grace time for missing ones is over."""
         if not all(c.state == "done" for c in self.counters):
             return False
-        if self._drain_until is None:
-            last = max((e.deadline_ms for e in self.episodes), default=0) / 1000
-            self._drain_until = now + max(0.0, last - time.time()) + DRAIN_GRACE
-        if all(e.reset_ids for e in self.episodes):
-            if self._resolved_at is None:
-                self._resolved_at = now
-            return now >= self._resolved_at + LINGER
-        if now >= self._drain_until:
+        last = max((e.deadline_ms for e in self.episodes), default=0) / 1000
+        verdict = self._settle.check(now, last, all(e.reset_ids for e in self.episodes))
+        if verdict == "gave up":
             self.say("gave up waiting for the missing resets")
-            return True
-        return False
+        return verdict != "wait"
 
     # -- the lease --------------------------------------------------------------------
 

@@ -80,6 +80,28 @@ return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV
 """
 
 
+@attrs.define
+class Settle:
+    """When to stop waiting once the app is quiet: every episode delivered, then
+    ``linger`` more for late duplicates; or ``grace`` after the last deadline, whatever
+    is still missing. Times are ``time.monotonic()``; the deadline is wall-clock."""
+
+    grace: float
+    linger: float
+    until: float | None = None  # give up at; set on the first check
+    resolved_at: float | None = None  # when everything was first delivered
+
+    def check(self, mono: float, last_deadline: float, all_delivered: bool) -> str:
+        """"wait", "done", or "gave up"."""
+        if self.until is None:
+            self.until = mono + max(0.0, last_deadline - time.time()) + self.grace
+        if all_delivered:
+            if self.resolved_at is None:
+                self.resolved_at = mono
+            return "done" if mono >= self.resolved_at + self.linger else "wait"
+        return "gave up" if mono >= self.until else "wait"
+
+
 class LabError(Exception):
     """Something the lab needs did not work; the message says what."""
 
