@@ -15,7 +15,9 @@ import attrs
 import trio
 
 from trio_counter_worker.errors import LeaseLost, RedisUnavailable
+from trio_counter_worker.keyspace import merged_flags, missing_flags
 from trio_counter_worker.store import (
+    FailingNote,
     KeyOutcome,
     LeaseView,
     Message,
@@ -47,6 +49,9 @@ class FakeStore:
         self.deadlines: dict[str, int] = {}
         self.pending_resets: dict[str, PendingReset] = {}
         self.claimed: dict[str, int] = {}  # tombstones: key -> when last claimed
+        self.failing_notes: dict[str, FailingNote] = {}
+        self.dead: dict[str, tuple[PendingReset, FailingNote]] = {}
+        self.flags = "Kg$x"  # notify-keyspace-events; a test may change it
         self.down = False  # True: every call raises RedisUnavailable
         self.renew_hangs = False  # True: renew() never answers
         self.calls: list[tuple[float, str]] = []
@@ -198,6 +203,30 @@ class FakeStore:
             raise LeaseLost("fake: not the holder")
         for reset_id in reset_ids:
             self.pending_resets.pop(reset_id, None)
+            self.failing_notes.pop(reset_id, None)
+
+    async def note_failing(self, holder: str, notes: list[FailingNote]) -> None:
+        await self._op("note_failing")
+        if not self._holds(holder):
+            raise LeaseLost("fake: not the holder")
+        for note in notes:
+            if note.reset_id in self.pending_resets:
+                self.failing_notes[note.reset_id] = note
+
+    async def failing(self) -> dict[str, FailingNote]:
+        await self._op("failing")
+        return dict(self.failing_notes)
+
+    async def bury(self, holder: str, note: FailingNote) -> bool:
+        await self._op("bury")
+        if not self._holds(holder):
+            raise LeaseLost("fake: not the holder")
+        reset = self.pending_resets.pop(note.reset_id, None)
+        self.failing_notes.pop(note.reset_id, None)
+        if reset is None:
+            return False
+        self.dead[note.reset_id] = (reset, note)
+        return True
 
     async def pending(self) -> list[PendingReset]:
         await self._op("pending")
@@ -215,7 +244,22 @@ class FakeStore:
 
     async def ensure_notifications(self) -> NotificationStatus:
         await self._op("ensure_notifications")
-        return NotificationStatus(ok=True, flags="Kg$x")
+        return self._flags_status()
+
+    async def verify_notifications(self) -> NotificationStatus:
+        await self._op("verify_notifications")
+        return self._flags_status()
+
+    def _flags_status(self) -> NotificationStatus:
+        missing = missing_flags(self.flags)
+        if not missing:
+            return NotificationStatus(ok=True, flags=self.flags)
+        self.flags = merged_flags(self.flags)
+        return NotificationStatus(ok=True, flags=self.flags, changed=True, missing=missing)
+
+    async def wait_until_reachable(self) -> None:
+        while self.down:
+            await trio.sleep(0.1)
 
     async def listen(
         self,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import logging
 import time
 from collections.abc import Sequence
 from urllib.parse import urlsplit
@@ -15,13 +14,12 @@ import httpx
 import trio
 
 from .config import Config
+from .keyspace import wire_key
 from .metrics import Metrics
-from .retry import RetryPolicy, Verdict, classify, parse_retry_after
+from .retry import Verdict, classify, parse_retry_after
 from .store import PendingReset
 
-__all__ = ["ResetSender", "build_request", "sign"]
-
-log = logging.getLogger("trio_counter_worker.delivery")
+__all__ = ["Attempt", "ResetSender", "build_request", "sign"]
 
 _HINTS = {
     401: "check RESET_SECRET: the backend rejected it",
@@ -56,13 +54,16 @@ def build_request(
     pending reset sends its own, higher token, so a backend that ignores stale tokens
     still applies it, and dedupes it by ``reset_id``.
     """
-    body = {
-        "key": reset.key,
+    key, key_base64 = wire_key(reset.key)
+    body: dict[str, object] = {
+        "key": key,
         "reset_id": reset.reset_id,
         "expired_at": reset.expired_at,
         "fencing_token": fencing_token,
         "replica_id": replica_id,
     }
+    if key_base64 is not None:
+        body["key_base64"] = key_base64  # the exact bytes of a name that is not UTF-8
     headers = {
         "x-secret": secret,
         "content-type": "application/json",
@@ -76,20 +77,29 @@ def build_request(
 
 
 @attrs.frozen
-class Delivered:
-    attempts: int
-    status: int
-    latency: float  # seconds from the key's deadline to the 2xx answer (wall clocks)
+class Attempt:
+    """How one request for a reset went."""
+
+    verdict: Verdict
+    status: int | None  # None: no answer (network error or timeout)
+    error: str = ""  # what went wrong, for logs and `status`; "" when done
+    retry_after: float | None = None
+    latency: float = 0.0  # seconds from the key's deadline to the 2xx (wall clocks)
+
+    @property
+    def done(self) -> bool:
+        return self.verdict == "done"
 
 
 class ResetSender:
-    """POSTs resets with retries. Never follows redirects: the secret stays with the URL."""
+    """Sends one attempt of a reset at a time. Never follows redirects: the secret stays
+    with the URL. Retrying is the caller's business (see :mod:`.outbox`), so a reset that
+    keeps failing never holds a connection while it waits."""
 
     def __init__(
         self,
         config: Config,
         client: httpx.AsyncClient | Sequence[httpx.AsyncClient],
-        policy: RetryPolicy | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self._config = config
@@ -98,62 +108,79 @@ class ResetSender:
         # every pooled connection, with a poll() each, on every request: one shared
         # pool of 32 made that scan the worker's main cost under a burst.
         self._clients = [client] if isinstance(client, httpx.AsyncClient) else list(client)
-        self._policy = policy or RetryPolicy()
         self._where = _safe_url(config.reset_endpoint_url)
 
-    async def deliver(self, reset: PendingReset, fencing_token: int, lane: int = 0) -> Delivered:
-        """Send ``reset`` until the backend answers 2xx; return how it went.
+    async def attempt(self, reset: PendingReset, fencing_token: int, lane: int = 0) -> Attempt:
+        """POST ``reset`` once. RESET_TIMEOUT_MS bounds the whole attempt (connect, send,
+        status line and headers), and at most ``_BODY_CAP`` bytes of the answer are read:
+        a slow, dripping or endless answer costs one timeout and constant memory.
 
         Cancellation: the usual way this stops early, when leadership is lost; the reset
         stays pending in Redis and the next leader sends it under the same reset_id.
         """
-        attempt = 0
-        while True:
-            attempt += 1
-            # Built per attempt: a signature carries the time it was made.
-            headers, body = build_request(
-                reset,
-                secret=self._config.reset_secret,
-                replica_id=self._config.replica_id,
-                fencing_token=fencing_token,
-                signing_secret=self._config.reset_signing_secret,
+        # Built per attempt: a signature carries the time it was made.
+        headers, body = build_request(
+            reset,
+            secret=self._config.reset_secret,
+            replica_id=self._config.replica_id,
+            fencing_token=fencing_token,
+            signing_secret=self._config.reset_signing_secret,
+        )
+        timeout = self._config.reset_timeout
+        deadline = trio.current_time() + timeout
+        client = self._clients[lane % len(self._clients)]
+        try:
+            with trio.fail_after(timeout):
+                async with client.stream(
+                    "POST", self._config.reset_endpoint_url, content=body, headers=headers
+                ) as response:
+                    attempt = self._judge(reset, response)
+                    # Only the status matters. Reading a small answer to its end lets the
+                    # connection be reused; anything longer or slower closes it.
+                    with trio.move_on_at(deadline):
+                        await _drain(response)
+        except trio.TooSlowError:
+            attempt = Attempt("retry", None, f"no answer within RESET_TIMEOUT_MS="
+                              f"{round(timeout * 1000)} from {self._where} (it may still "
+                              "have applied the reset)")
+        except httpx.TransportError as exc:  # refused, reset, DNS, protocol errors
+            attempt = Attempt("retry", None, f"{type(exc).__name__} talking to {self._where}"
+                              f"{': ' + str(exc) if str(exc) else ''}")
+        outcome = {"done": "delivered", "retry": "retried"}.get(attempt.verdict, attempt.verdict)
+        self._metrics.resets.labels(outcome).inc()
+        if attempt.done:
+            self._metrics.reset_latency.observe(max(0.0, attempt.latency))
+        return attempt
+
+    def _judge(self, reset: PendingReset, response: httpx.Response) -> Attempt:
+        status = response.status_code
+        verdict = classify(status)
+        if verdict == "done":
+            return Attempt("done", status, latency=time.time() - reset.expired_at)
+        what = f"HTTP {status} from {self._where}"
+        if verdict == "redirect":
+            location = response.headers.get("location", "?")[:200]
+            what += (
+                f" redirecting to {location!r}: redirects are not followed, so the secret"
+                " is never sent elsewhere; set RESET_ENDPOINT_URL to the final URL"
             )
-            retry_after: float | None = None
-            verdict: Verdict
-            try:
-                response = await self._clients[lane % len(self._clients)].post(
-                    self._config.reset_endpoint_url, content=body, headers=headers
-                )
-            except httpx.TransportError as exc:  # timeouts, refused, reset, DNS
-                verdict = "retry"
-                what = f"{type(exc).__name__} talking to {self._where}"
-            else:
-                verdict = classify(response.status_code)
-                if verdict == "done":
-                    latency = time.time() - reset.expired_at
-                    self._metrics.resets.labels("delivered").inc()
-                    self._metrics.reset_latency.observe(max(0.0, latency))
-                    return Delivered(attempt, response.status_code, latency)
-                retry_after = parse_retry_after(response.headers.get("retry-after"))
-                what = f"HTTP {response.status_code} from {self._where}"
-                if verdict == "redirect":
-                    what += (
-                        f" redirecting to {response.headers.get('location', '?')!r}: redirects"
-                        " are not followed, so the secret is never sent elsewhere; set"
-                        " RESET_ENDPOINT_URL to the final URL"
-                    )
-                elif verdict == "rejected":
-                    hint = _HINTS.get(response.status_code, "the backend refused the request")
-                    what += f": {hint}; the reset is kept and retried"
-            self._metrics.resets.labels("retried" if verdict == "retry" else verdict).inc()
-            delay = self._policy.delay(attempt, verdict, retry_after)
-            level = logging.WARNING if verdict == "retry" else logging.ERROR
-            log.log(
-                level,
-                "reset not delivered: key=%r reset_id=%s attempt=%d: %s; retrying in %.2f s",
-                reset.key, reset.reset_id, attempt, what, delay,
-            )
-            await trio.sleep(delay)
+        elif verdict == "rejected":
+            what += ": " + _HINTS.get(status, "the backend refused the request")
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        return Attempt(verdict, status, what, retry_after)
+
+
+_BODY_CAP = 64 * 1024  # bytes of an answer read at most: the worker needs only its status
+
+
+async def _drain(response: httpx.Response) -> None:
+    if response.is_stream_consumed:  # an answer given whole (httpx.MockTransport)
+        return
+    read = 0
+    async for chunk in response.aiter_raw():
+        read += len(chunk)
+        if read > _BODY_CAP:
+            return
 
 
 def _safe_url(url: str) -> str:

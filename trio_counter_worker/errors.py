@@ -7,7 +7,11 @@ The hierarchy::
     │   ├── RedisAuthError      Redis refused our credentials at start (exit code 2)
     │   └── RedisTLSError       the Redis server's TLS certificate did not verify (exit 2)
     ├── RedisUnavailable        Redis unreachable, timed out or dropped the connection;
-    │                           the worker retries with backoff
+    │   │                       the worker retries with backoff
+    │   └── RedisRefused        Redis answered but refused: out of memory, a missing ACL
+    │                           permission, credentials or database changed; retried with
+    │                           backoff and logged at ERROR, since someone must act; at
+    │                           start-up, a ConfigError instead (see ``at_start``)
     └── LeaseLost               this replica is no longer (or may no longer be) the
                                 leader; leader-only work is cancelled
 
@@ -44,6 +48,27 @@ class RedisTLSError(ConfigError):
 
 class RedisUnavailable(WorkerError):
     """Redis could not be reached or dropped the connection; retry later."""
+
+
+class RedisRefused(RedisUnavailable):
+    """Redis refused a command for a reason an operator must fix (``kind``: "auth",
+    "tls", "permission", "db", "oom"). The worker keeps retrying; ``at_start`` turns it
+    into the configuration error it is when the worker has not started yet."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def at_start(self) -> WorkerError:
+        """What this means before the worker runs: a bad setting (exit 2), except for a
+        full memory, which is a state of Redis that may pass."""
+        if self.kind == "auth":
+            return RedisAuthError(str(self))
+        if self.kind == "tls":
+            return RedisTLSError(str(self))
+        if self.kind in ("permission", "db"):
+            return ConfigError(str(self))
+        return self
 
 
 class LeaseLost(WorkerError):

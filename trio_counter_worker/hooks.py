@@ -20,7 +20,8 @@ class Hooks:
     """Plain synchronous callbacks, called from the worker's trio task.
 
     They must not block; to do async work, hand off to a channel or a nursery of yours.
-    An exception raised by a hook crashes the worker, as a bug should.
+    An exception raised by ``on_reset`` is a bug in leader work: it is logged with its
+    traceback, and the replica releases the lease and campaigns again after a backoff.
     """
 
     on_elected: Callable[[int], None] = _nothing

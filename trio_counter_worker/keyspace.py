@@ -1,6 +1,19 @@
-"""Keyspace-notification names and flags: plain string logic, no I/O."""
+"""Key names, keyspace-notification names and flags: plain string logic, no I/O.
+
+Redis key names are bytes. The worker carries them as ``str`` decoded with
+``surrogateescape`` (PEP 383, as ``os.fsdecode`` does): a name that is valid UTF-8 is its
+ordinary text, and each byte that is not becomes a lone surrogate, so ``key_bytes`` gives
+back the exact bytes. redis-py encodes and decodes with the same error handler
+(``encoding_errors="surrogateescape"`` in the bridge), so a name round-trips exactly
+through SCAN, pub/sub and the scripts.
+"""
 
 from __future__ import annotations
+
+import base64
+
+# Every key and channel of every deployment starts with this; none is ever a counter.
+OWN_KEY_PREFIX = "tcw:{"
 
 # K: keyspace channels (one per key, so Redis filters by our pattern and unrelated keys
 # cost the worker nothing); g: generic events (expire, del, rename, persist);
@@ -20,6 +33,31 @@ def missing_flags(current: str) -> str:
 def merged_flags(current: str) -> str:
     """``current`` plus what is missing: never removes a flag the app relies on."""
     return current + missing_flags(current)
+
+
+def key_bytes(key: str) -> bytes:
+    """The exact bytes of a key name as the worker carries it."""
+    return key.encode("utf-8", "surrogateescape")
+
+
+def wire_key(key: str) -> tuple[str, str | None]:
+    """``(text, base64)`` for the reset body: the name as text, with any byte that is not
+    UTF-8 replaced by U+FFFD, and the exact bytes in base64 only when that was needed."""
+    raw = key_bytes(key)
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace"), base64.b64encode(raw).decode("ascii")
+
+
+def shown_key(key: str) -> str:
+    """A key for logs and terminals: valid text as it is, other bytes as ``\\xff``."""
+    return key_bytes(key).decode("utf-8", "backslashreplace")
+
+
+def is_own_key(key: str) -> bool:
+    """A key of this or another deployment of the worker (lease, epoch, deadlines...)."""
+    return key.startswith(OWN_KEY_PREFIX)
 
 
 def keyspace_pattern(db: int, counter_key: str) -> str:

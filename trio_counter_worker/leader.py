@@ -11,22 +11,31 @@ Runs inside the leader scope: losing the lease cancels all of it.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
 from typing import NoReturn
 
 import trio
 
 from .config import Config
-from .delivery import Delivered, ResetSender
+from .delivery import Attempt, ResetSender
 from .election import Backoff, Lease
-from .errors import RedisUnavailable, first_error
-from .keyspace import enable_hint, key_from_channel, keyspace_pattern
+from .errors import RedisRefused, RedisUnavailable, WorkerError, first_error
+from .keyspace import (
+    enable_hint,
+    is_own_key,
+    key_from_channel,
+    keyspace_pattern,
+    shown_key,
+)
 from .metrics import Metrics
+from .outbox import Entry, Outbox
+from .retry import RetryPolicy
 from .schedule import Schedule
-from .store import KeyOutcome, Message, PendingReset, Store
+from .store import FailingNote, KeyOutcome, Message, PendingReset, Store
 
 __all__ = ["LeaderDuties"]
 
@@ -35,6 +44,26 @@ log = logging.getLogger("trio_counter_worker.leader")
 _BATCH = 500  # keys per script call: bounds the time Redis spends in one script
 _EARLY = 0.001  # fire just after the deadline, so the key is already due in Redis
 _RESCAN_EVERY = 5.0  # without notifications, how often to look for new keys
+_VERIFY_FLAGS_EVERY = 1.0  # how often the leader checks that notifications are still on
+_NOTE_EVERY = 0.5  # failing-reset notes are written to Redis at most this often
+_QUARANTINE_MAX = 10_000  # keys set aside per process, at most
+_POISON_LIMIT = 3  # single keys failing in a row before the failure counts as the leader's
+
+
+class Quarantine:
+    """Counter keys whose decision raised an unexpected error, set aside so that one bad
+    item cannot stop the others (bounded; kept across leaderships of one process)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, str] = {}  # key -> the error, oldest first
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys
+
+    def add(self, key: str, error: str) -> None:
+        if len(self.keys) >= _QUARANTINE_MAX:
+            del self.keys[next(iter(self.keys))]
+        self.keys[key] = error
 
 
 class LeaderDuties:
@@ -49,6 +78,8 @@ class LeaderDuties:
         lease: Lease,
         on_reset: Callable[[PendingReset, int], None],
         metrics: Metrics | None = None,
+        quarantine: Quarantine | None = None,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self._metrics = metrics or Metrics()
         self._config = config
@@ -58,13 +89,19 @@ class LeaderDuties:
         self._lease = lease
         self._schedule = Schedule()
         self._sleep: trio.CancelScope | None = None
-        self._in_flight: set[str] = set()
-        # Claimed resets waiting for a courier, oldest deadline first.
-        self._backlog: list[tuple[int, str, PendingReset]] = []
-        self._backlog_lot = trio.lowlevel.ParkingLot()
-        self._delivered: list[tuple[PendingReset, Delivered]] = []  # awaiting mark_sent
+        # Retries use at most half the couriers: failing resets never starve fresh ones.
+        self._outbox = Outbox(max(1, config.max_in_flight // 2),
+                              getattr(config, "reset_give_up_after", None))
+        self._policy = policy or RetryPolicy()
+        self._work = trio.lowlevel.ParkingLot()  # couriers wait here for a reset to send
+        self._retry_timer: trio.CancelScope | None = None
+        self._delivered: list[tuple[Entry, Attempt]] = []  # awaiting mark_sent
         self._delivered_lot = trio.lowlevel.ParkingLot()
-        self._own_prefix = config.namespace + ":"
+        self._notes: dict[str, FailingNote] = {}  # to write to Redis, newest per reset
+        self._burials: list[FailingNote] = []  # given up on: to move to the dead letters
+        self._notes_lot = trio.lowlevel.ParkingLot()
+        self._quarantine = quarantine or Quarantine()
+        self._poison_streak = 0
         self._on_reset = on_reset
 
     async def run(self) -> NoReturn:
@@ -79,19 +116,31 @@ class LeaderDuties:
             for lane in range(self._config.max_in_flight):
                 deliveries.start_soon(self._courier, lane)
             deliveries.start_soon(self._marker)
+            deliveries.start_soon(self._run_retry_timer)
+            deliveries.start_soon(self._noter)
             backoff = Backoff()
             while True:
                 try:
                     await self._watch(backoff)
                 except* RedisUnavailable as group:
                     self._metrics.redis_errors.inc()
-                    delay = backoff.next()
-                    log.warning(
-                        "leader lost its Redis connection (%s); resynchronising in %.1f s",
-                        first_error(group), delay,
-                    )
-                    await trio.sleep(delay)
+                    await self._after_redis_error(first_error(group), backoff)
         raise AssertionError("unreachable")
+
+    async def _after_redis_error(self, exc: Exception, backoff: Backoff) -> None:
+        """Wait before resynchronising: the backoff for a refusal (out of memory, a missing
+        permission: retrying at once would only hammer Redis); for a lost connection,
+        only until Redis answers again, so the leader is not blind longer than Redis was
+        away."""
+        delay = backoff.next()
+        if isinstance(exc, RedisRefused):
+            log.error("leader: %s; resynchronising in %.1f s", exc, delay)
+            await trio.sleep(delay)
+            return
+        log.warning("leader lost its Redis connection (%s); resynchronising as soon as it "
+                    "answers (within %.1f s)", exc, delay)
+        with trio.move_on_after(delay):
+            await self._store.wait_until_reachable()
 
     async def _watch(self, backoff: Backoff) -> None:
         status = await self._store.ensure_notifications()
@@ -104,22 +153,61 @@ class LeaderDuties:
         pattern = keyspace_pattern(self._config.redis_db, self._config.counter_key)
         async with trio.open_nursery() as nursery:
             # Subscribe first, then read state: nothing that changes in between is missed.
-            await nursery.start(_listen, self._store, [pattern], send)
+            await nursery.start(_listen, self._store, [pattern],
+                                [f"{self._config.namespace}:redeliver"], send)
             # Deadlines and events are served while the reconcile runs (2 s for 100k
             # counters): every script reads Redis's current state, so the order in which
             # they land does not matter; at worst a key is looked at once more.
             nursery.start_soon(self._run_timer)
             nursery.start_soon(self._consume, receive)
-            for reset in await self._store.pending():
-                self._spawn_delivery(reset)
+            await self._load_pending()
             await self._reconcile()
             backoff.reset()
-            if not status.ok:
+            if status.ok:
+                nursery.start_soon(self._verify_flags, nursery)
+            else:
                 nursery.start_soon(self._rescan)
 
+    async def _load_pending(self) -> None:
+        """Every pending reset, with what earlier leaders learnt of its failures."""
+        history = await self._store.failing()
+        for reset in await self._store.pending():
+            note = history.get(reset.reset_id)
+            if note is None:
+                self._spawn_delivery(reset)
+            else:
+                self._spawn_delivery(reset, note)
+
     async def _consume(self, receive: trio.MemoryReceiveChannel[list[Message]]) -> None:
+        redeliver = f"{self._config.namespace}:redeliver"
         async for batch in receive:
-            await self._on_events(batch)
+            events = [m for m in batch if m.channel != redeliver]
+            if len(events) < len(batch):
+                log.info("redeliver requested: reading pending resets")
+                await self._load_pending()
+            await self._on_events(events)
+
+    async def _verify_flags(self, nursery: trio.Nursery) -> None:
+        """Notifications are the leader's eyes: an app or operator may rewrite the flags
+        at any time. Put them back (merged) and rescan for what was set meanwhile."""
+        while True:
+            await trio.sleep(_VERIFY_FLAGS_EVERY)
+            status = await self._store.verify_notifications()
+            if status.changed:
+                self._metrics.flags_restored.inc()
+                log.warning(
+                    "notify-keyspace-events had been changed (it lacked %r): set it back "
+                    "to %r; rescanning for counters set while notifications were off",
+                    status.missing, status.flags,
+                    extra={"event": "flags_restored", "flags": status.flags},
+                )
+                await self._reconcile()
+            elif not status.ok:
+                missing = None if status.flags is None else status.missing
+                log.error("keyspace notifications were turned off and could not be set "
+                          "again: %s (Redis said: %s)", enable_hint(missing), status.error)
+                nursery.start_soon(self._rescan)
+                return
 
     # -- state --------------------------------------------------------------------------
 
@@ -149,16 +237,56 @@ class LeaderDuties:
             await trio.sleep(_RESCAN_EVERY)
             await self._reconcile()
 
-    async def _track(self, keys: Iterable[str]) -> None:
-        mine = [k for k in dict.fromkeys(keys) if not k.startswith(self._own_prefix)]
-        for i in range(0, len(mine), _BATCH):
-            await self._decide(self._store.track(self._holder, mine[i : i + _BATCH]))
+    def _counters(self, keys: Iterable[str]) -> list[str]:
+        """Counter keys only: never a key of any worker deployment, nor one set aside."""
+        return [k for k in dict.fromkeys(keys)
+                if not is_own_key(k) and k not in self._quarantine]
 
-    async def _decide(self, call: Awaitable[list[KeyOutcome]]) -> None:
-        """Await one script call and act on its outcomes. Its pttls count from the middle
-        of the round trip: the best local estimate of when Redis read them."""
+    async def _track(self, keys: Iterable[str]) -> None:
+        mine = self._counters(keys)
+        for i in range(0, len(mine), _BATCH):
+            await self._decide(self._store.track, mine[i : i + _BATCH])
+
+    async def _claim(self, keys: list[str], reported: bool = False) -> None:
+        for i in range(0, len(keys), _BATCH):
+            await self._decide(self._store.claim, keys[i : i + _BATCH], reported)
+
+    async def _decide(
+        self,
+        op: Callable[..., Awaitable[list[KeyOutcome]]],
+        keys: list[str],
+        *args: bool,
+    ) -> None:
+        """One script call for ``keys``, and act on its outcomes. Its pttls count from the
+        middle of the round trip: the best local estimate of when Redis read them.
+
+        An unexpected error (not Redis being away, not the lease) is bisected: the keys
+        that fail alone are quarantined, the others decided. Several single keys failing
+        in a row mean the fault is not in the data: it is raised, for the replica's
+        crash barrier.
+        """
         start = trio.current_time()
-        outcomes = await call
+        try:
+            outcomes = await op(self._holder, keys, *args)
+        except WorkerError:
+            raise
+        except Exception as exc:
+            if len(keys) > 1:
+                half = len(keys) // 2
+                await self._decide(op, keys[:half], *args)
+                await self._decide(op, keys[half:], *args)
+                return
+            self._poison_streak += 1
+            if self._poison_streak > _POISON_LIMIT:
+                raise
+            self._quarantine.add(keys[0], f"{type(exc).__name__}: {exc}")
+            self._metrics.quarantined.inc()
+            self._schedule.remove(keys[0])
+            log.error("counter key %r set aside: deciding it failed unexpectedly; the other "
+                      "counters go on", shown_key(keys[0]), exc_info=exc,
+                      extra={"event": "key_quarantined", "key": shown_key(keys[0])})
+            return
+        self._poison_streak = 0
         self._apply(outcomes, (start + trio.current_time()) / 2)
 
     def _apply(self, outcomes: list[KeyOutcome], base: float) -> None:
@@ -185,19 +313,19 @@ class LeaderDuties:
         now = trio.current_time()
         for msg in batch:
             key = key_from_channel(msg.channel)
+            if is_own_key(key) or key in self._quarantine:
+                continue
             if msg.data == "expired":
                 if key in self._schedule:
                     self._at(key, now)  # Redis expired it before our timer: claim now
-                elif not key.startswith(self._own_prefix):
+                else:
                     # Usually the echo of our own claim; but a key set and expired before
                     # we read its TTL (events backlogged) has only this to show for it.
                     unscheduled.append(key)
             else:
                 changed.append(key)
         await self._track(changed)
-        for i in range(0, len(unscheduled), _BATCH):
-            chunk = unscheduled[i : i + _BATCH]
-            await self._decide(self._store.claim(self._holder, chunk, reported=True))
+        await self._claim(unscheduled, reported=True)
 
     async def _run_timer(self) -> NoReturn:
         while True:
@@ -206,66 +334,155 @@ class LeaderDuties:
                 await trio.sleep_forever()
             self._sleep = None
             while due := self._schedule.pop_due(trio.current_time(), limit=_BATCH):
-                await self._decide(self._store.claim(self._holder, due))
+                await self._claim(due)
 
     # -- delivery -----------------------------------------------------------------------
 
-    def _spawn_delivery(self, reset: PendingReset) -> None:
-        if reset.reset_id in self._in_flight:
-            return
-        self._in_flight.add(reset.reset_id)
-        self._metrics.pending.set(len(self._in_flight))
-        heapq.heappush(self._backlog, (reset.deadline_ms, reset.reset_id, reset))
-        self._backlog_lot.unpark()
+    def _spawn_delivery(self, reset: PendingReset, history: FailingNote | None = None) -> None:
+        if history is None:
+            added = self._outbox.add(reset)
+        else:
+            added = self._outbox.add(reset, attempts=history.attempts,
+                                     failing_since=history.failing_since,
+                                     last_error=history.last_error)
+        if added:
+            self._metrics.pending.set(len(self._outbox))
+            self._work.unpark()
 
     async def _courier(self, lane: int) -> NoReturn:
         while True:
-            while not self._backlog:
-                await self._backlog_lot.park()
-            _, _, reset = heapq.heappop(self._backlog)
-            done = await self._sender.deliver(reset, self._lease.epoch, lane)
-            self._delivered.append((reset, done))
-            self._delivered_lot.unpark()
+            entry = self._outbox.take()
+            if entry is None:
+                await self._work.park()
+                continue
+            was_retry = entry.retry
+            try:
+                attempt = await self._sender.attempt(entry.reset, self._lease.epoch, lane)
+            except WorkerError:
+                raise
+            except Exception as exc:  # a bug, or a reset it cannot even build: set it aside
+                self._set_aside(entry, exc)
+                continue
+            if attempt.done:
+                self._outbox.succeeded(entry.reset.reset_id)
+                self._delivered.append((entry, attempt))
+                self._delivered_lot.unpark()
+            else:
+                self._failed(entry, attempt)
+            if was_retry:
+                self._work.unpark()  # a retry slot is free again
+
+    def _set_aside(self, entry: Entry, exc: Exception) -> None:
+        reset = entry.reset
+        self._outbox.remove(reset.reset_id)
+        self._metrics.quarantined.inc()
+        self._metrics.pending.set(len(self._outbox))
+        log.error("reset set aside: key=%r reset_id=%s: sending it failed unexpectedly; it "
+                  "stays pending in Redis for the next leader", shown_key(reset.key),
+                  reset.reset_id, exc_info=exc,
+                  extra={"event": "reset_quarantined", "reset_id": reset.reset_id})
+
+    def _failed(self, entry: Entry, attempt: Attempt) -> None:
+        reset = entry.reset
+        delay = self._policy.delay(entry.attempts + 1, attempt.verdict, attempt.retry_after)
+        verdict = self._outbox.failed(reset.reset_id, now=trio.current_time(),
+                                      wall=time.time(), delay=delay, error=attempt.error)
+        note = FailingNote(reset.reset_id, entry.attempts, entry.failing_since or time.time(),
+                           attempt.error, shown_key(reset.key))
+        if verdict == "dead":
+            self._outbox.remove(reset.reset_id)
+            self._burials.append(note)
+        else:
+            self._notes[reset.reset_id] = note
+            if self._retry_timer is not None and entry.retry_at < self._retry_timer.deadline:
+                self._retry_timer.deadline = entry.retry_at
+        self._notes_lot.unpark()
+        self._metrics.failing.set(len(self._outbox.failing()))
+        level = logging.WARNING if attempt.verdict == "retry" else logging.ERROR
+        log.log(level, "reset not delivered: key=%r reset_id=%s attempt=%d: %s; %s",
+                shown_key(reset.key), reset.reset_id, entry.attempts, attempt.error,
+                "giving up (RESET_GIVE_UP_AFTER): moving it to the dead letters"
+                if verdict == "dead" else f"retrying in {delay:.2f} s")
+
+    async def _run_retry_timer(self) -> NoReturn:
+        """Wake couriers when failed resets come due: no courier waits on a retry."""
+        while True:
+            with trio.CancelScope(deadline=self._outbox.next_retry_at()) as self._retry_timer:
+                await trio.sleep_forever()
+            self._retry_timer = None
+            for _ in range(self._outbox.promote(trio.current_time())):
+                self._work.unpark()
+
+    async def _noter(self) -> NoReturn:
+        """Write why resets are failing, and bury those given up on, in batches."""
+        while True:
+            while not self._notes and not self._burials:
+                await self._notes_lot.park()
+            notes, self._notes = list(self._notes.values()), {}
+            burials, self._burials = self._burials, []
+            await self._with_retries("note failing resets",
+                                     partial(self._store.note_failing, self._holder, notes))
+            for note in burials:
+                await self._with_retries("give up on a reset", partial(self._store.bury,
+                                                                       self._holder, note))
+                self._metrics.dead.inc()
+                log.error("reset given up on after failing since %s: key=%r reset_id=%s "
+                          "attempts=%d last error: %s; `trio-counter-worker redeliver` "
+                          "sends it again",
+                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(note.failing_since)),
+                          note.key, note.reset_id, note.attempts, note.last_error,
+                          extra={"event": "reset_dead", "reset_id": note.reset_id})
+            self._metrics.pending.set(len(self._outbox))
+            await trio.sleep(_NOTE_EVERY)
+
+    async def _with_retries(self, what: str, call: Callable[[], Awaitable[object]]) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                await call()
+                return
+            except RedisUnavailable as exc:
+                delay = backoff.next()
+                log.warning("could not %s (%s); retrying in %.1f s", what, exc, delay)
+                await trio.sleep(delay)
 
     async def _marker(self) -> NoReturn:
         """Mark delivered resets sent, many per script call: under a burst this saves a
-        round trip per reset. A reset stays in flight until marked, so a resync does not
-        send it again."""
+        round trip per reset. A reset stays in the outbox until marked, so a resync does
+        not send it again."""
         while True:
             while not self._delivered:
                 await self._delivered_lot.park()
             batch, self._delivered = self._delivered[:_BATCH], self._delivered[_BATCH:]
-            backoff = Backoff()
-            while True:
-                try:
-                    await self._store.mark_sent(self._holder, *(r.reset_id for r, _ in batch))
-                    break
-                except RedisUnavailable as exc:
-                    delay = backoff.next()
-                    log.warning("could not mark %d reset(s) sent (%s); retrying in %.1f s",
-                                len(batch), exc, delay)
-                    await trio.sleep(delay)
-            for reset, done in batch:
-                self._in_flight.discard(reset.reset_id)
+            ids = [entry.reset.reset_id for entry, _ in batch]
+            await self._with_retries(f"mark {len(batch)} reset(s) sent",
+                                     partial(self._store.mark_sent, self._holder, *ids))
+            for entry, done in batch:
+                reset = entry.reset
+                self._outbox.remove(reset.reset_id)
+                attempts = entry.attempts + 1
                 log.info(
                     "reset sent: key=%r reset_id=%s fencing_token=%d status=%d attempts=%d "
                     "latency_ms=%.1f",
-                    reset.key, reset.reset_id, self._lease.epoch, done.status, done.attempts,
-                    done.latency * 1000,
-                    extra={"event": "reset_sent", "key": reset.key,
+                    shown_key(reset.key), reset.reset_id, self._lease.epoch, done.status,
+                    attempts, done.latency * 1000,
+                    extra={"event": "reset_sent", "key": shown_key(reset.key),
                            "reset_id": reset.reset_id, "fencing_token": self._lease.epoch,
-                           "attempts": done.attempts,
+                           "attempts": attempts,
                            "latency_ms": round(done.latency * 1000, 1)},
                 )
-                self._on_reset(reset, done.attempts)
-            self._metrics.pending.set(len(self._in_flight))
+                self._on_reset(reset, attempts)
+            self._metrics.pending.set(len(self._outbox))
+            self._metrics.failing.set(len(self._outbox.failing()))
 
 
 async def _listen(
     store: Store,
     patterns: list[str],
+    channels: list[str],
     send: trio.MemorySendChannel[list[Message]],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await store.listen(patterns=patterns, channels=[], send=send, task_status=task_status)
+    await store.listen(patterns=patterns, channels=channels, send=send,
+                       task_status=task_status)

@@ -37,6 +37,21 @@ class Metrics:
         self.redis_errors = Counter(
             "tcw_redis_errors", "Redis calls that failed (unreachable, timeout, refused)",
             registry=r)
+        self.failing = Gauge(
+            "tcw_failing_resets", "resets the backend has not accepted yet after at least "
+            "one attempt (this leader's view)", registry=r)
+        self.dead = Counter(
+            "tcw_dead_resets", "resets given up on after RESET_GIVE_UP_AFTER (moved to the "
+            "dead letters)", registry=r)
+        self.quarantined = Counter(
+            "tcw_quarantined", "counter keys or resets set aside after an unexpected error",
+            registry=r)
+        self.flags_restored = Counter(
+            "tcw_flags_restored", "times the leader found notify-keyspace-events changed "
+            "and set it back", registry=r)
+        self.leader_crashes = Counter(
+            "tcw_leader_crashes", "times leader work failed unexpectedly (the replica "
+            "released the lease and campaigned again)", registry=r)
         self.renewal = Histogram(
             "tcw_lease_renewal_seconds", "round trip of a successful lease renewal",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),

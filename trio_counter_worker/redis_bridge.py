@@ -12,6 +12,7 @@ knows its deadlines, and a silent reconnect would hide lost pub/sub messages.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,10 +24,18 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from . import scripts
+from .acl import is_permission_error, sample_key
 from .config import Config
-from .errors import LeaseLost, RedisAuthError, RedisTLSError, RedisUnavailable
-from .keyspace import merged_flags, missing_flags
-from .store import KeyOutcome, LeaseView, Message, NotificationStatus, PendingReset
+from .errors import LeaseLost, RedisRefused, RedisUnavailable
+from .keyspace import keyspace_pattern, merged_flags, missing_flags, shown_key
+from .store import (
+    FailingNote,
+    KeyOutcome,
+    LeaseView,
+    Message,
+    NotificationStatus,
+    PendingReset,
+)
 
 __all__ = ["ClusterBridge", "RedisBridge", "make_bridge"]
 
@@ -35,9 +44,10 @@ T = TypeVar("T")
 _POLL_SECONDS = 0.1  # pub/sub poll: bounds how long a stop takes
 _MAX_BATCH = 1000
 _TOPOLOGY_EVERY = 2.0  # Cluster: how often the leader checks the set of primaries
-_TRANSIENT = ("OOM", "BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "MOVED",
-              "ASK")
+_TRANSIENT = ("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "MOVED", "ASK")
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
+_REACHABLE_POLL = 0.1  # after a lost connection: how often to ask whether Redis is back
+_SUBSCRIBE_TIMEOUT = 2.0  # start-up check: how long Redis may take to confirm a subscription
 
 
 def _auth_failed(exc: BaseException) -> bool:
@@ -50,15 +60,40 @@ def _auth_failed(exc: BaseException) -> bool:
 
 
 def _translate(exc: BaseException) -> BaseException:
-    """Map redis-py errors onto ours; anything else (a script bug) passes through."""
+    """Map redis-py errors onto ours, by type where redis-py has one (it strips the error
+    code from some messages, e.g. OOM); anything else (a script bug) passes through."""
     if _auth_failed(exc):
-        return RedisAuthError(
-            "Redis authentication failed: check REDIS_PASSWORD (and the user in REDIS_URL)"
+        return RedisRefused(
+            "Redis authentication failed: check REDIS_PASSWORD (and the user in REDIS_URL)",
+            "auth",
         )
     if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-        return RedisTLSError(
+        return RedisRefused(
             "Redis TLS certificate verification failed: set REDIS_CA_FILE to the CA that "
-            "signed the server's certificate, and connect by a name the certificate lists"
+            "signed the server's certificate, and connect by a name the certificate lists",
+            "tls",
+        )
+    if isinstance(exc, rexc.NoPermissionError) or (
+        isinstance(exc, rexc.ResponseError) and is_permission_error(str(exc))
+    ):
+        return RedisRefused(
+            f"Redis refused a command for lack of permission ({exc}): give the worker's "
+            "Redis user the ACL rule in the README (section 'Redis permissions'; "
+            "`trio-counter-worker check` prints it)",
+            "permission",
+        )
+    if isinstance(exc, rexc.OutOfMemoryError):
+        return RedisRefused(
+            "Redis is out of memory (maxmemory reached with a noeviction policy) and "
+            "refuses writes: free memory or raise maxmemory; the worker catches up once "
+            "writes succeed again",
+            "oom",
+        )
+    if isinstance(exc, rexc.ResponseError) and "DB index is out of range" in str(exc):
+        return RedisRefused(
+            "REDIS_DB (or the /db of REDIS_URL) names a database this Redis does not have "
+            "(`CONFIG GET databases` tells how many it has): choose one below that",
+            "db",
         )
     if isinstance(exc, rexc.ReadOnlyError):
         return RedisUnavailable("Redis is read-only (a replica?): waiting for a primary")
@@ -68,6 +103,16 @@ def _translate(exc: BaseException) -> BaseException:
     if isinstance(exc, _UNAVAILABLE):
         return RedisUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}")
     return exc
+
+
+def _translating(fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return fn(*args)
+    except Exception as exc:
+        translated = _translate(exc)
+        if translated is exc:
+            raise
+        raise translated from None
 
 
 class RedisBridge:
@@ -81,35 +126,107 @@ class RedisBridge:
         self.deadlines_key = f"{ns}:deadlines"
         self.pending_key = f"{ns}:pending"
         self.claimed_key = f"{ns}:claimed"  # tombstones: key -> when last claimed
+        self.failing_key = f"{ns}:failing"  # reset_id -> why it is not delivered yet
+        self.dead_key = f"{ns}:dead"  # reset_id -> a reset given up on, and why
         self.release_channel = f"{ns}:released"
+        self.redeliver_channel = f"{ns}:redeliver"
+        self.preflight_key = f"{ns}:preflight"
         self._client = _make_client(config)
         self._scripts = {
             name: self._client.register_script(getattr(scripts, name))
-            for name in ("ACQUIRE", "RENEW", "RELEASE", "TRACK", "CLAIM", "MARK_SENT", "TRACKED")
+            for name in ("ACQUIRE", "RENEW", "RELEASE", "TRACK", "CLAIM", "MARK_SENT", "TRACKED",
+                         "NOTE_FAILING", "BURY", "REDELIVER", "PREFLIGHT")
         }
 
     def close(self) -> None:
         self._client.close()
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        def call() -> T:
-            try:
-                return fn(*args)
-            except Exception as exc:
-                translated = _translate(exc)
-                if translated is exc:
-                    raise
-                raise translated from None
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
 
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         # abandon_on_cancel: a step-down must not wait for a stuck socket; the thread ends
         # by itself within the socket timeout.
-        return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(_translating, fn, *args, abandon_on_cancel=True)
 
     async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return await self._run(self._scripts[name], keys, args)
 
     async def ping(self) -> None:
         await self._run(self._client.ping)
+
+    def _load_scripts_sync(self) -> None:
+        # Loaded ahead, so the first call of each after a connect, restart or failover is
+        # one round trip, not EVALSHA -> NOSCRIPT -> SCRIPT LOAD -> EVALSHA.
+        for script in self._scripts.values():
+            self._client.script_load(script.script)
+
+    async def preflight(self) -> None:
+        """Check at start-up that Redis lets the worker do everything it will need; raise
+        :class:`RedisRefused` ("permission") naming each missing permission at once."""
+        await self._run(self._preflight_sync)
+
+    def _preflight_sync(self) -> None:
+        missing: list[str] = []
+
+        def check(rule: str, fn: Callable[[], object]) -> None:
+            try:
+                fn()
+            except rexc.RedisError as exc:
+                translated = _translate(exc)
+                if isinstance(translated, RedisRefused) and translated.kind == "permission":
+                    missing.append(rule)
+                    return
+                raise translated from None
+
+        check("+script|load", self._load_scripts_sync)
+        if not missing:
+            refused: list[str] = []
+            check(f"+evalsha and ~{self._config.namespace}:* (the worker's own keys)",
+                  lambda: refused.extend(self._scripts["PREFLIGHT"](
+                      [self.preflight_key], [self.release_channel])))
+            missing += [f"+{name}" for name in refused]
+        check(f"+hgetall on ~{self._config.namespace}:*",
+              lambda: self._client.hgetall(self.pending_key))
+        check(f"~{self._config.counter_key} (the counter keys) with +pttl",
+              lambda: self._client.pttl(sample_key(self._config.counter_key)))
+        check("+scan", lambda: self._client.scan(0, self._config.counter_key, 10))
+        missing += self._subscribe_check()
+        if missing:
+            raise RedisRefused(
+                f"the Redis user may not do what the worker needs: add {', '.join(missing)} "
+                "to its ACL (the full rule is in the README, section 'Redis permissions')",
+                "permission",
+            )
+
+    def _pubsub_client(self) -> Any:
+        return self._client
+
+    def _subscribe_check(self) -> list[str]:
+        """Subscribe to what the leader and standbys listen to, and unsubscribe."""
+        pattern = keyspace_pattern(self._config.redis_db, self._config.counter_key)
+        wanted = [("psubscribe", pattern, f"+psubscribe and &{pattern}"),
+                  ("subscribe", self.release_channel,
+                   f"+subscribe and &{self._config.namespace}:*")]
+        missing: list[str] = []
+        for kind, name, rule in wanted:
+            pubsub = self._pubsub_client().pubsub()
+            try:
+                getattr(pubsub, kind)(name)
+                deadline = time.monotonic() + _SUBSCRIBE_TIMEOUT
+                while time.monotonic() < deadline:
+                    msg = pubsub.get_message(timeout=0.1)
+                    if msg and msg["type"] == kind:
+                        break
+            except rexc.RedisError as exc:
+                translated = _translate(exc)
+                if not (isinstance(translated, RedisRefused) and translated.kind == "permission"):
+                    raise translated from None
+                missing.append(rule)
+            finally:
+                pubsub.close()
+        return missing
 
     # -- lease ---------------------------------------------------------------------------
 
@@ -157,10 +274,42 @@ class RedisBridge:
         if not reset_ids:
             return
         r = await self._script(
-            "MARK_SENT", [self.lease_key, self.pending_key], [holder, *reset_ids]
+            "MARK_SENT", [self.lease_key, self.pending_key, self.failing_key],
+            [holder, *reset_ids],
         )
         if int(r) < 0:
             raise LeaseLost("lease lost before the reset could be marked sent")
+
+    async def note_failing(self, holder: str, notes: list[FailingNote]) -> None:
+        if not notes:
+            return
+        args: list[str] = [holder]
+        for note in notes:
+            args += [note.reset_id, _note_json(note)]
+        r = await self._script(
+            "NOTE_FAILING", [self.lease_key, self.pending_key, self.failing_key], args
+        )
+        if int(r) < 0:
+            raise LeaseLost("lease lost while noting failing resets")
+
+    async def failing(self) -> dict[str, FailingNote]:
+        rows: dict[str, str] = await self._run(self._hgetall, self.failing_key)
+        return {reset_id: _note(reset_id, raw) for reset_id, raw in rows.items()}
+
+    async def bury(self, holder: str, note: FailingNote) -> bool:
+        r = await self._script(
+            "BURY", [self.lease_key, self.pending_key, self.failing_key, self.dead_key],
+            [holder, note.reset_id, _note_json(note)],
+        )
+        if int(r) < 0:
+            raise LeaseLost("lease lost while giving up on a reset")
+        return int(r) == 1
+
+    async def redeliver(self, reset_ids: list[str]) -> int:
+        """Operator command: dead resets back to pending (all of them with no ids)."""
+        return int(await self._script(
+            "REDELIVER", [self.pending_key, self.dead_key], [self.redeliver_channel, *reset_ids]
+        ))
 
     async def pending(self) -> list[PendingReset]:
         rows: dict[str, str] = await self._run(self._hgetall, self.pending_key)
@@ -199,12 +348,15 @@ class RedisBridge:
         pipe.zrange(self.deadlines_key, 0, 0, withscores=True)
         pipe.time()
         pipe.get(self.epoch_key)
-        lease, pttl, pending, watched, first, (sec, usec), epoch = pipe.execute()
+        pipe.hgetall(self.failing_key)
+        pipe.hgetall(self.dead_key)
+        (lease, pttl, pending, watched, first, (sec, usec), epoch, failing,
+         dead) = pipe.execute()
         now_ms = int(sec) * 1000 + int(usec) // 1000
         nxt = None
         if first:
             key, score = first[0]
-            nxt = {"key": key, "in_ms": int(score) - now_ms}
+            nxt = {"key": shown_key(key), "in_ms": int(score) - now_ms}
         try:
             flags: str | None = _flags(c)
         except rexc.ResponseError:
@@ -218,6 +370,8 @@ class RedisBridge:
             "watched_counters": int(watched),
             "next_deadline": nxt,
             "notify_keyspace_events": flags,
+            "failing_resets": _listing([_note(i, raw) for i, raw in failing.items()]),
+            "dead_resets": _dead_listing(dead),
         }
 
     async def probe(self) -> dict[str, Any]:
@@ -245,7 +399,23 @@ class RedisBridge:
         """Add the flags the worker needs to ``notify-keyspace-events``, keeping the app's."""
         return await self._run(self._ensure_notifications_sync)
 
+    async def verify_notifications(self) -> NotificationStatus:
+        return await self._run(self._verify_notifications_sync)
+
+    def _verify_notifications_sync(self) -> NotificationStatus:
+        return _ensure_on(self._client)
+
+    async def wait_until_reachable(self) -> None:
+        while True:
+            try:
+                await self.ping()
+                return
+            except RedisUnavailable:
+                await trio.sleep(_REACHABLE_POLL)
+
     def _ensure_notifications_sync(self) -> NotificationStatus:
+        # Every resynchronisation starts here: a restarted or promoted Redis has no scripts.
+        self._load_scripts_sync()
         return _ensure_on(self._client)
 
     async def listen(
@@ -363,6 +533,10 @@ class ClusterBridge(RedisBridge):
     def _ensure_notifications_sync(self) -> NotificationStatus:
         # Every resynchronisation starts here: refresh the topology first.
         self._client.nodes_manager.initialize()
+        self._load_scripts_sync()
+        return self._verify_notifications_sync()
+
+    def _verify_notifications_sync(self) -> NotificationStatus:
         statuses = [
             _ensure_on(self._client.get_redis_connection(node))
             for node in self._client.get_nodes()  # replicas too: they may be promoted
@@ -397,6 +571,9 @@ class ClusterBridge(RedisBridge):
         finally:
             for client in clients:
                 client.close()
+
+    def _pubsub_client(self) -> Any:
+        return self._node_client(self._primaries()[0])
 
     def _node_client(self, node: Any) -> redis.Redis:
         kwargs = _client_kwargs(self._config)
@@ -497,6 +674,9 @@ def _client_kwargs(config: Config) -> dict[str, Any]:
         "socket_connect_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
         "decode_responses": True,
+        # Key names are bytes: one that is not UTF-8 decodes to lone surrogates and
+        # encodes back to the same bytes (see keyspace.key_bytes).
+        "encoding_errors": "surrogateescape",
         # RESP2: plain AUTH, which Redis rejects when it has no password configured;
         # RESP3's HELLO 3 AUTH is accepted there, hiding a misconfiguration.
         "protocol": 2,
@@ -543,6 +723,46 @@ def _pending(raw: str) -> PendingReset:
         deadline_ms=int(r["deadline_ms"]),
         fencing_token=int(r["fencing_token"]),
     )
+
+
+def _note_json(note: FailingNote) -> str:
+    return json.dumps({"attempts": note.attempts, "since": note.failing_since,
+                       "error": note.last_error[:500], "key": note.key[:200]})
+
+
+def _note(reset_id: str, raw: str) -> FailingNote:
+    try:
+        r = json.loads(raw)
+        return FailingNote(reset_id, int(r["attempts"]), float(r["since"]), str(r["error"]),
+                           str(r.get("key", "")))
+    except (ValueError, KeyError, TypeError):
+        return FailingNote(reset_id, 0, 0.0, "(unreadable note)")
+
+
+_LISTED = 20  # `status` shows this many failing or dead resets, and counts the rest
+
+
+def _listing(notes: list[FailingNote]) -> dict[str, Any]:
+    notes.sort(key=lambda n: n.failing_since)
+    return {"count": len(notes), "oldest": [
+        {"reset_id": n.reset_id, "key": n.key, "attempts": n.attempts,
+         "failing_since": n.failing_since,
+         "last_error": n.last_error} for n in notes[:_LISTED]]}
+
+
+def _dead_listing(rows: dict[str, str]) -> dict[str, Any]:
+    out: list[dict[str, Any]] = []
+    for reset_id, raw in rows.items():
+        try:
+            dead = json.loads(raw)
+            record, note = _pending(dead["record"]), _note(reset_id, dead["note"])
+            out.append({"reset_id": reset_id, "key": shown_key(record.key),
+                        "attempts": note.attempts, "last_error": note.last_error,
+                        "dead_at": int(dead["dead_ms"]) / 1000})
+        except (ValueError, KeyError, TypeError):
+            out.append({"reset_id": reset_id, "last_error": "(unreadable record)"})
+    out.sort(key=lambda d: d.get("dead_at", 0))
+    return {"count": len(out), "oldest": out[:_LISTED]}
 
 
 def _outcomes(raw: str, keys: list[str]) -> list[KeyOutcome]:

@@ -50,7 +50,8 @@ class RetryPolicy:
 
     base: float = 0.1
     cap: float = 10.0
-    rejected_cap: float = 60.0  # other 4xx: slower, an operator has to act
+    rejected_base: float = 2.0  # 3xx and other 4xx: slower from the start, someone must act
+    rejected_cap: float = 60.0
     retry_after_cap: float = 300.0
 
     def delay(
@@ -63,6 +64,7 @@ class RetryPolicy:
         """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1)."""
         if retry_after is not None:
             return min(retry_after, self.retry_after_cap)
-        cap = self.cap if verdict == "retry" else self.rejected_cap
-        ceiling = min(cap, self.base * 2 ** min(attempt - 1, 30))
+        base, cap = (self.base, self.cap) if verdict == "retry" else (
+            self.rejected_base, self.rejected_cap)
+        ceiling = min(cap, base * 2 ** min(attempt - 1, 30))
         return (rng or random).uniform(ceiling / 2, ceiling)

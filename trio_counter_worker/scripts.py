@@ -173,10 +173,63 @@ redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 60000)
 return cjson.encode({leader = true, now = now, keys = out})
 """
 
-# KEYS: lease, pending   ARGV: holder, reset_id...
+# KEYS: lease, pending, failing   ARGV: holder, reset_id...
 MARK_SENT = _PRELUDE + """
 if not holds(KEYS[1], ARGV[1]) then return -1 end
+redis.call('HDEL', KEYS[3], unpack(ARGV, 2))
 return redis.call('HDEL', KEYS[2], unpack(ARGV, 2))
+"""
+
+# KEYS: lease, pending, failing   ARGV: holder, then (reset_id, note JSON) pairs
+# Why a reset is not delivered yet, for `status` and the next leader. Only for resets
+# still pending: a note must not outlive its reset.
+NOTE_FAILING = _PRELUDE + """
+if not holds(KEYS[1], ARGV[1]) then return -1 end
+local n = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 1 then
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# KEYS: lease, pending, failing, dead   ARGV: holder, reset_id, note JSON
+# Give up on a reset (RESET_GIVE_UP_AFTER): its record moves to the dead letters, with
+# why, until an operator runs `redeliver`.
+BURY = _PRELUDE + """
+if not holds(KEYS[1], ARGV[1]) then return -1 end
+local rec = redis.call('HGET', KEYS[2], ARGV[2])
+if not rec then return 0 end
+redis.call('HSET', KEYS[4], ARGV[2], cjson.encode({record = rec, note = ARGV[3],
+                                                   dead_ms = now_ms()}))
+redis.call('HDEL', KEYS[2], ARGV[2])
+redis.call('HDEL', KEYS[3], ARGV[2])
+return 1
+"""
+
+# KEYS: pending, dead   ARGV: channel, reset_id... (none: every dead reset)
+# `redeliver`: dead resets become pending again, under the same reset_id, and the leader
+# is told to pick them up. No lease check: any replica or operator may ask.
+REDELIVER = """
+local ids = {}
+if #ARGV > 1 then
+  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+else
+  ids = redis.call('HKEYS', KEYS[2])
+end
+local n = 0
+for _, id in ipairs(ids) do
+  local dead = redis.call('HGET', KEYS[2], id)
+  if dead then
+    redis.call('HSETNX', KEYS[1], id, cjson.decode(dead).record)
+    redis.call('HDEL', KEYS[2], id)
+    n = n + 1
+  end
+end
+if n > 0 then redis.call('PUBLISH', ARGV[1], n) end
+return n
 """
 
 # KEYS: lease, deadlines   ARGV: holder
@@ -259,4 +312,32 @@ end
 prune(KEYS[4], last)
 if last then redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', last - 60000) end
 return cjson.encode({leader = true, keys = out})
+"""
+
+
+# KEYS: a scratch key in the worker's namespace   ARGV: a scratch channel there
+# The start-up permission check: every command the scripts use, called harmlessly on the
+# scratch key (deleted again); returns the refused ones. (Key patterns are checked by
+# Redis before a script runs, so the bridge checks counter-key access with a plain PTTL.)
+PREFLIGHT = """
+local s, refused = KEYS[1], {}
+local function try(name, ...)
+  local r = redis.pcall(name, ...)
+  if type(r) == 'table' and r.err then
+    local e = r.err
+    if string.find(e, 'NOPERM', 1, true) or string.find(e, 'no permissions', 1, true)
+       or string.find(e, "can't run", 1, true) then
+      refused[#refused + 1] = string.lower(name)
+    end
+  end
+end
+try('TIME')
+try('HSET', s, 'f', '1') try('HSETNX', s, 'g', '1') try('HGET', s, 'f')
+try('HEXISTS', s, 'f') try('HKEYS', s) try('HDEL', s, 'f') try('DEL', s)
+try('SET', s, '0') try('INCR', s) try('PEXPIRE', s, 1000) try('PTTL', s)
+try('PEXPIRETIME', s) try('DEL', s)
+try('ZADD', s, 0, 'm') try('ZSCORE', s, 'm') try('ZRANGE', s, 0, -1)
+try('ZREM', s, 'm') try('ZREMRANGEBYSCORE', s, '-inf', 0) try('DEL', s)
+try('PUBLISH', ARGV[1], 'preflight')
+return refused
 """

@@ -11,7 +11,15 @@ from typing import Literal, Protocol
 import attrs
 import trio
 
-__all__ = ["KeyOutcome", "LeaseView", "Message", "NotificationStatus", "PendingReset", "Store"]
+__all__ = [
+    "FailingNote",
+    "KeyOutcome",
+    "LeaseView",
+    "Message",
+    "NotificationStatus",
+    "PendingReset",
+    "Store",
+]
 
 
 @attrs.frozen
@@ -36,6 +44,18 @@ class PendingReset:
     @property
     def expired_at(self) -> float:
         return self.deadline_ms / 1000
+
+
+@attrs.frozen
+class FailingNote:
+    """What is known of a reset the backend has not accepted yet: kept in Redis so that
+    `status` shows it and the next leader carries the history on."""
+
+    reset_id: str
+    attempts: int
+    failing_since: float  # Unix seconds of the first failed attempt
+    last_error: str
+    key: str = ""  # as shown to people (keyspace.shown_key)
 
 
 @attrs.frozen
@@ -100,11 +120,34 @@ class Store(Protocol):
 
     async def pending(self) -> list[PendingReset]: ...
 
+    async def note_failing(self, holder: str, notes: list[FailingNote]) -> None:
+        """Record why pending resets are not delivered yet (ignored for resets no longer
+        pending)."""
+        ...
+
+    async def failing(self) -> dict[str, FailingNote]: ...
+
+    async def bury(self, holder: str, note: FailingNote) -> bool:
+        """Move a pending reset that failed for RESET_GIVE_UP_AFTER to the dead letters;
+        False if it was no longer pending."""
+        ...
+
     async def tracked(self, holder: str) -> list[tuple[str, int]]: ...
 
     async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]: ...
 
-    async def ensure_notifications(self) -> NotificationStatus: ...
+    async def ensure_notifications(self) -> NotificationStatus:
+        """At each (re)synchronisation: make the connection ready (scripts loaded) and
+        add the flags the worker needs to notify-keyspace-events, keeping the app's."""
+        ...
+
+    async def verify_notifications(self) -> NotificationStatus:
+        """The same check of the flags, alone: cheap enough to repeat every second."""
+        ...
+
+    async def wait_until_reachable(self) -> None:
+        """Return as soon as Redis answers (a PING); never raises for Redis being away."""
+        ...
 
     async def listen(
         self,

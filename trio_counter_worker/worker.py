@@ -25,10 +25,10 @@ import trio
 from .config import Config
 from .delivery import ResetSender
 from .election import Backoff, Elector, Lease, LeaseTiming
-from .errors import LeaseLost, RedisUnavailable, first_error
+from .errors import LeaseLost, RedisRefused, RedisUnavailable, first_error
 from .health import serve_health
 from .hooks import Hooks
-from .leader import LeaderDuties
+from .leader import LeaderDuties, Quarantine
 from .metrics import Metrics
 from .redis_bridge import RedisBridge, make_bridge
 from .store import Message, Store
@@ -38,6 +38,7 @@ __all__ = ["Worker", "open_worker"]
 log = logging.getLogger("trio_counter_worker")
 
 _RELEASE_TIMEOUT = 1.0  # graceful stop: how long to try handing the lease back
+_STEADY = 60.0  # a lease held this long without a crash resets the crash backoff
 
 
 class Worker:
@@ -62,6 +63,8 @@ class Worker:
                                 config.replica_id, self.metrics)
         self.lease: Lease | None = None
         self.health_port: int | None = None  # bound port of the health endpoint, once up
+        self._quarantine = Quarantine()  # outlives each leadership: a bad key stays aside
+        self._crash_backoff = Backoff(base=1.0, cap=30.0)
 
     @property
     def is_leader(self) -> bool:
@@ -103,6 +106,25 @@ class Worker:
         raise AssertionError("unreachable")
 
     async def _lead(self, lease: Lease) -> None:
+        """Lead until the lease is lost. The crash barrier: if leader work fails
+        unexpectedly (a bug, or an item it cannot process), log it once with the
+        traceback, give the lease back and wait before campaigning again — never exit
+        on account of data."""
+        started = trio.current_time()
+        try:
+            await self._lead_once(lease)
+        except* Exception as group:
+            if trio.current_time() - started > _STEADY:
+                self._crash_backoff.reset()
+            delay = self._crash_backoff.next()
+            self.metrics.leader_crashes.inc()
+            log.error("leader work failed unexpectedly (fencing_token=%d); the lease was "
+                      "released; campaigning again in %.1f s", lease.epoch, delay,
+                      exc_info=group, extra={"event": "leader_crashed",
+                                             "fencing_token": lease.epoch})
+            await trio.sleep(delay)
+
+    async def _lead_once(self, lease: Lease) -> None:
         self.lease = lease
         self.metrics.leader.set(1)
         self.metrics.leader_changes.inc()
@@ -111,7 +133,7 @@ class Worker:
                  extra={"event": "leader_acquired", "fencing_token": lease.epoch})
         duties = LeaderDuties(
             self.config, self._store, self._sender, self.holder, lease, self.hooks.on_reset,
-            self.metrics,
+            self.metrics, self._quarantine,
         )
         self.hooks.on_elected(lease.epoch)
         try:
@@ -135,13 +157,19 @@ class Worker:
                         extra={"event": "leader_lost", "fencing_token": lease.epoch})
 
     async def _release(self, lease: Lease) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(_RELEASE_TIMEOUT):
-            try:
-                if await self._elector.release():
-                    log.info("lease released: fencing_token=%d", lease.epoch,
-                             extra={"event": "lease_released", "fencing_token": lease.epoch})
-            except RedisUnavailable as exc:
-                log.warning("could not release the lease (%s): it expires by itself", exc)
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(_RELEASE_TIMEOUT) as scope:
+                try:
+                    if await self._elector.release():
+                        log.info("lease released: fencing_token=%d", lease.epoch,
+                                 extra={"event": "lease_released",
+                                        "fencing_token": lease.epoch})
+                except RedisUnavailable as exc:
+                    log.warning("could not release the lease (%s): it expires by itself "
+                                "within %s ms", exc, self.config.lease_ttl_ms)
+            if scope.cancelled_caught:
+                log.warning("releasing the lease took over %.1f s: given up; it expires by "
+                            "itself within %s ms", _RELEASE_TIMEOUT, self.config.lease_ttl_ms)
 
     async def _watch_releases(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -208,6 +236,10 @@ async def open_worker(
     try:
         if bridge is not None:
             await _wait_for_redis(bridge, config)
+            try:
+                await bridge.preflight()
+            except RedisRefused as exc:
+                raise exc.at_start() from None
         if http_client is not None:
             yield Worker(config, store, http_client, hooks)
         else:
@@ -236,6 +268,13 @@ async def _wait_for_redis(bridge: RedisBridge, config: Config) -> None:
         try:
             await bridge.ping()
             return
+        except RedisRefused as exc:
+            start_error = exc.at_start()
+            if start_error is not exc:
+                raise start_error from None
+            delay = backoff.next()
+            log.error("Redis at %s: %s; retrying in %.1f s", config.redis_location, exc, delay)
+            await trio.sleep(delay)
         except RedisUnavailable as exc:
             delay = backoff.next()
             log.warning("Redis at %s unreachable (%s); retrying in %.1f s "
