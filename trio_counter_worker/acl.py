@@ -21,13 +21,16 @@ SCRIPT_COMMANDS = (
 CLIENT_COMMANDS = (
     "ping", "select", "info", "scan", "hgetall", "eval", "evalsha", "script|load",
     "subscribe", "psubscribe", "unsubscribe", "punsubscribe", "config|get", "config|set",
-    "client|setinfo",
 )
+_SINCE_7 = ("pexpiretime",)  # an ACL naming a command the server lacks is refused
 
 
-def acl_rule(counter_key: str, namespace: str, db: int) -> str:
+def acl_rule(counter_key: str, namespace: str, db: int, redis_major: int = 7) -> str:
     """``ACL SETUSER`` arguments (after the user name and password) for one deployment."""
-    commands = " ".join(f"+{c}" for c in (*CLIENT_COMMANDS, *SCRIPT_COMMANDS))
+    needed = (*CLIENT_COMMANDS, *SCRIPT_COMMANDS)
+    if redis_major < 7:
+        needed = tuple(c for c in needed if c not in _SINCE_7)
+    commands = " ".join(f"+{c}" for c in needed)
     return (
         f"resetkeys ~{counter_key} ~{namespace}:* resetchannels "
         f"&{keyspace_pattern(db, counter_key)} &{namespace}:* -@all {commands}"

@@ -129,16 +129,12 @@ class ResetSender:
         timeout = self._config.reset_timeout
         deadline = trio.current_time() + timeout
         client = self._clients[lane % len(self._clients)]
+        request = client.build_request(
+            "POST", self._config.reset_endpoint_url, content=body, headers=headers
+        )
         try:
             with trio.fail_after(timeout):
-                async with client.stream(
-                    "POST", self._config.reset_endpoint_url, content=body, headers=headers
-                ) as response:
-                    attempt = self._judge(reset, response)
-                    # Only the status matters. Reading a small answer to its end lets the
-                    # connection be reused; anything longer or slower closes it.
-                    with trio.move_on_at(deadline):
-                        await _drain(response)
+                response = await client.send(request, stream=True)
         except trio.TooSlowError:
             attempt = Attempt("retry", None, f"no answer within RESET_TIMEOUT_MS="
                               f"{round(timeout * 1000)} from {self._where} (it may still "
@@ -146,6 +142,16 @@ class ResetSender:
         except httpx.TransportError as exc:  # refused, reset, DNS, protocol errors
             attempt = Attempt("retry", None, f"{type(exc).__name__} talking to {self._where}"
                               f"{': ' + str(exc) if str(exc) else ''}")
+        else:
+            attempt = self._judge(reset, response)
+            try:
+                # Only the status matters. Reading a small answer to its end lets the
+                # connection be reused; anything longer or slower closes it.
+                with trio.move_on_at(deadline):
+                    await _drain(response)
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+                    await response.aclose()
         outcome = {"done": "delivered", "retry": "retried"}.get(attempt.verdict, attempt.verdict)
         self._metrics.resets.labels(outcome).inc()
         if attempt.done:
@@ -171,6 +177,7 @@ class ResetSender:
 
 
 _BODY_CAP = 64 * 1024  # bytes of an answer read at most: the worker needs only its status
+_CLOSE_TIMEOUT = 1.0  # closing an answer left unread drops its connection: quick
 
 
 async def _drain(response: httpx.Response) -> None:
