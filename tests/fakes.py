@@ -16,6 +16,7 @@ import trio
 
 from trio_counter_worker.errors import LeaseLost, RedisUnavailable
 from trio_counter_worker.keyspace import merged_flags, missing_flags
+from trio_counter_worker.scripts import TOMBSTONE_MS
 from trio_counter_worker.store import (
     FailingNote,
     KeyOutcome,
@@ -176,7 +177,7 @@ class FakeStore:
                 self.deadlines[key] = _ms() + pttl
                 out.append(KeyOutcome(key, "alive", pttl_ms=pttl))
             elif dl is None:
-                recent = self.claimed.get(key, -10**9) >= _ms() - 60_000
+                recent = self.claimed.get(key, -10**9) >= _ms() - TOMBSTONE_MS
                 if reported and pttl == -2 and not recent:
                     out.append(self._claim_episode(key, _ms()))
                 else:

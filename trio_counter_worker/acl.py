@@ -27,7 +27,7 @@ _SINCE_7 = ("pexpiretime",)  # an ACL naming a command the server lacks is refus
 
 def acl_rule(counter_key: str, namespace: str, db: int, redis_major: int = 7) -> str:
     """``ACL SETUSER`` arguments (after the user name and password) for one deployment."""
-    needed = (*CLIENT_COMMANDS, *SCRIPT_COMMANDS)
+    needed: tuple[str, ...] = (*CLIENT_COMMANDS, *SCRIPT_COMMANDS)
     if redis_major < 7:
         needed = tuple(c for c in needed if c not in _SINCE_7)
     commands = " ".join(f"+{c}" for c in needed)

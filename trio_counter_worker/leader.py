@@ -21,6 +21,7 @@ from typing import NoReturn
 import trio
 
 from .config import Config
+from .decisions import DecisionQueue, Op
 from .delivery import Attempt, ResetSender
 from .election import Backoff, Lease
 from .errors import RedisRefused, RedisUnavailable, WorkerError, first_error
@@ -35,6 +36,7 @@ from .metrics import Metrics
 from .outbox import Entry, Outbox
 from .retry import RetryPolicy
 from .schedule import Schedule
+from .scripts import TOMBSTONE_MS
 from .store import FailingNote, KeyOutcome, Message, PendingReset, Store
 
 __all__ = ["LeaderDuties"]
@@ -43,6 +45,8 @@ log = logging.getLogger("trio_counter_worker.leader")
 
 _BATCH = 500  # keys per script call: bounds the time Redis spends in one script
 _EARLY = 0.001  # fire just after the deadline, so the key is already due in Redis
+_DECIDERS = 8  # script calls in flight at once: keeps up over a slow link
+_RECONCILE_AHEAD = 8 * _BATCH  # keys a reconcile queues ahead of the deciders, at most
 _RESCAN_EVERY = 5.0  # without notifications, how often to look for new keys
 _VERIFY_FLAGS_EVERY = 1.0  # how often the leader checks that notifications are still on
 _NOTE_EVERY = 0.5  # failing-reset notes are written to Redis at most this often
@@ -102,6 +106,12 @@ class LeaderDuties:
         self._notes_lot = trio.lowlevel.ParkingLot()
         self._quarantine = quarantine or Quarantine()
         self._poison_streak = 0
+        self._queue = DecisionQueue()
+        self._queued = trio.lowlevel.ParkingLot()  # deciders wait here for keys
+        self._decided = trio.lowlevel.ParkingLot()  # a reconcile waits here for room
+        # Keys this leader claimed lately (trio time), oldest first: the `expired` event
+        # its own touch causes is recognised without asking Redis.
+        self._claimed_at: dict[str, float] = {}
         self._on_reset = on_reset
 
     async def run(self) -> NoReturn:
@@ -158,6 +168,9 @@ class LeaderDuties:
             # Deadlines and events are served while the reconcile runs (2 s for 100k
             # counters): every script reads Redis's current state, so the order in which
             # they land does not matter; at worst a key is looked at once more.
+            self._queue.clear()
+            for _ in range(_DECIDERS):
+                nursery.start_soon(self._decider)
             nursery.start_soon(self._run_timer)
             nursery.start_soon(self._consume, receive)
             await self._load_pending()
@@ -185,7 +198,7 @@ class LeaderDuties:
             if len(events) < len(batch):
                 log.info("redeliver requested: reading pending resets")
                 await self._load_pending()
-            await self._on_events(events)
+            self._on_events(events)
 
     async def _verify_flags(self, nursery: trio.Nursery) -> None:
         """Notifications are the leader's eyes: an app or operator may rewrite the flags
@@ -222,7 +235,9 @@ class LeaderDuties:
         cursor = 0
         while True:
             cursor, keys = await self._store.scan(self._config.counter_key, cursor)
-            await self._track(keys)
+            self._want(keys, "track")
+            while len(self._queue) > _RECONCILE_AHEAD:
+                await self._decided.park()
             if cursor == 0:
                 break
         start = trio.current_time()
@@ -242,14 +257,30 @@ class LeaderDuties:
         return [k for k in dict.fromkeys(keys)
                 if not is_own_key(k) and k not in self._quarantine]
 
-    async def _track(self, keys: Iterable[str]) -> None:
-        mine = self._counters(keys)
-        for i in range(0, len(mine), _BATCH):
-            await self._decide(self._store.track, mine[i : i + _BATCH])
+    def _want(self, keys: Iterable[str], op: Op) -> None:
+        for key in self._counters(keys):
+            self._queue.want(key, op)
+        self._queued.unpark_all()
+        self._metrics.decision_backlog.set(len(self._queue))
 
-    async def _claim(self, keys: list[str], reported: bool = False) -> None:
-        for i in range(0, len(keys), _BATCH):
-            await self._decide(self._store.claim, keys[i : i + _BATCH], reported)
+    async def _decider(self) -> NoReturn:
+        """Take keys from the decision queue and decide them, one script call at a time;
+        _DECIDERS of these run at once, never two on the same key."""
+        while True:
+            taken = self._queue.take(_BATCH)
+            if taken is None:
+                await self._queued.park()
+                continue
+            wanted, keys = taken
+            try:
+                if wanted.claim:
+                    await self._decide(self._store.claim, keys, wanted.reported)
+                else:
+                    await self._decide(self._store.track, keys)
+            finally:
+                self._queue.done(keys)
+                self._decided.unpark_all()
+                self._metrics.decision_backlog.set(len(self._queue))
 
     async def _decide(
         self,
@@ -304,28 +335,42 @@ class LeaderDuties:
             elif o.kind == "claimed" and o.reset is not None:
                 self._schedule.remove(o.key)
                 self._spawn_delivery(o.reset)
+                self._claimed_at.pop(o.key, None)
+                self._claimed_at[o.key] = base
             else:
                 self._schedule.remove(o.key)
 
-    async def _on_events(self, batch: list[Message]) -> None:
+    def _on_events(self, batch: list[Message]) -> None:
+        """Queue what the events ask for; no Redis call here, so a burst of events costs
+        one look per key however many times it was touched."""
+        now = trio.current_time()
+        self._forget_old_claims(now)
         changed: list[str] = []
         unscheduled: list[str] = []
-        now = trio.current_time()
         for msg in batch:
             key = key_from_channel(msg.channel)
-            if is_own_key(key) or key in self._quarantine:
-                continue
             if msg.data == "expired":
                 if key in self._schedule:
                     self._at(key, now)  # Redis expired it before our timer: claim now
+                elif key in self._claimed_at and key not in self._queue:
+                    continue  # the echo of our own claim's touch
                 else:
-                    # Usually the echo of our own claim; but a key set and expired before
-                    # we read its TTL (events backlogged) has only this to show for it.
+                    # A key set and expired before we read its TTL (events backlogged)
+                    # has only this to show for it.
                     unscheduled.append(key)
             else:
                 changed.append(key)
-        await self._track(changed)
-        await self._claim(unscheduled, reported=True)
+        self._want(changed, "track")
+        self._want(unscheduled, "reported")
+
+    def _forget_old_claims(self, now: float) -> None:
+        horizon = now - TOMBSTONE_MS / 1000
+        claimed = self._claimed_at
+        while claimed:
+            key = next(iter(claimed))
+            if claimed[key] > horizon:
+                break
+            del claimed[key]
 
     async def _run_timer(self) -> NoReturn:
         while True:
@@ -333,8 +378,7 @@ class LeaderDuties:
             with trio.CancelScope(deadline=math.inf if nxt is None else nxt) as self._sleep:
                 await trio.sleep_forever()
             self._sleep = None
-            while due := self._schedule.pop_due(trio.current_time(), limit=_BATCH):
-                await self._claim(due)
+            self._want(self._schedule.pop_due(trio.current_time()), "claim")
 
     # -- delivery -----------------------------------------------------------------------
 

@@ -37,6 +37,9 @@ class Metrics:
         self.redis_errors = Counter(
             "tcw_redis_errors", "Redis calls that failed (unreachable, timeout, refused)",
             registry=r)
+        self.decision_backlog = Gauge(
+            "tcw_decision_backlog", "counter keys waiting for the leader to look at them "
+            "in Redis (merged per key)", registry=r)
         self.failing = Gauge(
             "tcw_failing_resets", "resets the backend has not accepted yet after at least "
             "one attempt (this leader's view)", registry=r)

@@ -148,5 +148,15 @@ def print_status(status: dict[str, Any], as_json: bool, out: TextIO) -> None:
         ("notifications", repr(status["notify_keyspace_events"]) if
          status["notify_keyspace_events"] is not None else "unknown (CONFIG refused)"),
     ]
+    failing, dead = status["failing_resets"], status["dead_resets"]
+    lines += [("failing resets", failing["count"]), ("dead resets", dead["count"])]
     for name, value in lines:
         out.write(f"{name + ':':<18} {value}\n")
+    for title, rows in (("failing", failing), ("dead", dead)):
+        for row in rows["oldest"]:
+            out.write(f"  {title}: {row.get('key', '?')} reset_id={row['reset_id']} "
+                      f"attempts={row.get('attempts', '?')}: {row['last_error']}\n")
+        if rows["count"] > len(rows["oldest"]):
+            out.write(f"  ... and {rows['count'] - len(rows['oldest'])} more {title}\n")
+    if dead["count"]:
+        out.write("  (`trio-counter-worker redeliver` queues dead resets again)\n")

@@ -13,6 +13,10 @@ on Redis 7; on 6.2 it is an unknown command and ``TIME + PTTL`` is used instead.
 
 from __future__ import annotations
 
+# How long a claim's tombstone lasts: an `expired` event for a key claimed this recently
+# is the echo of the claim's own touch, not another episode.
+TOMBSTONE_MS = 60_000
+
 # Shared prelude: current Redis time in ms and a key's absolute expiry.
 _PRELUDE = """
 local function now_ms()
@@ -110,7 +114,7 @@ return cjson.encode({leader = true, now = now, keys = out})
 
 # Claiming: the pending record, plus a tombstone (key -> claim time) so that the
 # `expired` event our own touch causes is not mistaken for another episode.
-_CLAIMING = """
+_CLAIMING = f"local TOMBSTONE_MS = {TOMBSTONE_MS}\n" + """
 local function claim_episode(pending, claimed, ns, key, dl, epoch, now)
   local episode = ns .. '\\n' .. key .. '\\n' .. string.format('%d', dl)
   local id = string.sub(redis.sha1hex(episode), 1, 32)
@@ -122,7 +126,7 @@ local function claim_episode(pending, claimed, ns, key, dl, epoch, now)
 end
 local function recently_claimed(claimed, key, now)
   local t = tonumber(redis.call('ZSCORE', claimed, key))
-  return t ~= nil and t >= now - 60000
+  return t ~= nil and t >= now - TOMBSTONE_MS
 end
 -- The decision for one key, given its state at `now` (pttl, absolute expiry `at`).
 -- k: {deadlines, pending, claimed, ns}; returns the row for the caller's answer.
@@ -169,7 +173,7 @@ for i = 5, #KEYS do
   if pttl >= 0 then at = expire_at(key, now, pttl) end
   out[#out + 1] = decide(k, key, now, pttl, at, epoch, reported)
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 60000)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - TOMBSTONE_MS)
 return cjson.encode({leader = true, now = now, keys = out})
 """
 
@@ -310,7 +314,7 @@ for i = 4, #ARGV, 4 do
   end
 end
 prune(KEYS[4], last)
-if last then redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', last - 60000) end
+if last then redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', last - TOMBSTONE_MS) end
 return cjson.encode({leader = true, keys = out})
 """
 
@@ -341,3 +345,4 @@ try('ZREM', s, 'm') try('ZREMRANGEBYSCORE', s, '-inf', 0) try('DEL', s)
 try('PUBLISH', ARGV[1], 'preflight')
 return refused
 """
+
