@@ -107,3 +107,69 @@ def test_resets_survive_a_sentinel_failover(
             assert "Traceback" not in w.output(), w.output()
     finally:
         app.close()
+
+
+def test_a_manual_failover_moves_every_connection_at_once(
+    sentinels: SentinelSetup, backend: RecordingBackend, spawn_worker: SpawnWorker
+) -> None:
+    """After SENTINEL FAILOVER the old master stays a master for ~10 s and accepts
+    everything: the worker must leave it on its own, not when Sentinel demotes it."""
+    env = {
+        "REDIS_SENTINELS": sentinels.env_value,
+        "REDIS_SENTINEL_MASTER": MASTER_NAME,
+        "RESET_ENDPOINT_URL": backend.url,
+        "RESET_SECRET": "s",
+        "COUNTER_KEY": COUNTER_KEY,
+        "LEASE_TTL_MS": "1000",
+    }
+    workers = [spawn_worker({**env, "REPLICA_ID": f"m{i}"}, f"m{i}") for i in range(2)]
+    sentinel: Any = Sentinel(sentinels.addresses, socket_timeout=1.0)  # type: ignore[no-untyped-call]
+    try:
+        deadline = time.monotonic() + 20
+        with sentinels.master.client() as old:
+            while not old.hget(LEASE_KEY, "replica"):
+                assert time.monotonic() < deadline, "no leader elected through Sentinel"
+                time.sleep(0.02)
+            sentinels.failover()
+            while sentinels.master_port() == sentinels.master.port:
+                assert time.monotonic() < deadline, "failover did not happen"
+                time.sleep(0.02)
+            switched = time.monotonic()
+            # The app follows Sentinel and writes to the new master at once, plain SETs.
+            def worker_clients(c: redis.Redis) -> list[str]:
+                listing: Any = c.client_list()
+                return [str(x["name"]) for x in listing if str(x["name"]).startswith("tcw:")]
+
+            left: float | None = None
+            with sentinels.replica.client() as new:
+                keys = [f"s:w{i}" for i in range(20)]
+                for key in keys:
+                    # Longer than the worker takes to move (a key whose whole life falls
+                    # inside that fraction of a second can be missed: README).
+                    new.set(key, 1, px=1500)
+                    if left is None and not worker_clients(old):
+                        left = time.monotonic() - switched
+                        role: Any = old.execute_command("ROLE")
+                    time.sleep(0.1)
+                while left is None:
+                    assert time.monotonic() - switched < 5.0, (
+                        f"still on the old master: {worker_clients(old)}")
+                    if not worker_clients(old):
+                        left = time.monotonic() - switched
+                        role = old.execute_command("ROLE")
+                    time.sleep(0.02)
+                assert worker_clients(new), "the worker is connected to the new master"
+
+        def all_reset(requests: list[Any]) -> bool:
+            return set(keys) <= {q.json["key"] for q in requests if q.json}
+
+        backend.wait_for(all_reset, timeout=20)
+        print(f"left the old master {left:.2f} s after the switch (its role then: {role[0]})")
+        ids: dict[str, set[str]] = defaultdict(set)
+        for q in backend.requests:
+            ids[q.json["key"]].add(q.json["reset_id"])
+        assert {k: v for k, v in ids.items() if len(v) > 1} == {}, "an episode doubled"
+        for w in workers:
+            assert "Traceback" not in w.output(), w.output()
+    finally:
+        sentinel.sentinels[0].close()

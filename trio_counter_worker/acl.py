@@ -21,6 +21,7 @@ SCRIPT_COMMANDS = (
 CLIENT_COMMANDS = (
     "ping", "select", "info", "scan", "hgetall", "eval", "evalsha", "script|load",
     "subscribe", "psubscribe", "unsubscribe", "punsubscribe", "config|get", "config|set",
+    "client|setname",
 )
 _SINCE_7 = ("pexpiretime",)  # an ACL naming a command the server lacks is refused
 

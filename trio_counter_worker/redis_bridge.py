@@ -12,6 +12,7 @@ knows its deadlines, and a silent reconnect would hide lost pub/sub messages.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -46,6 +47,7 @@ _MAX_BATCH = 1000
 _TOPOLOGY_EVERY = 2.0  # Cluster: how often the leader checks the set of primaries
 _TRANSIENT = ("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "MOVED", "ASK")
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
+_MASTER_CHECK_EVERY = 0.25  # Sentinel: how often to ask which node is the master
 _REACHABLE_POLL = 0.1  # after a lost connection: how often to ask whether Redis is back
 _SUBSCRIBE_TIMEOUT = 2.0  # start-up check: how long Redis may take to confirm a subscription
 
@@ -105,6 +107,47 @@ def _translate(exc: BaseException) -> BaseException:
     return exc
 
 
+class _MasterWatch:
+    """Sentinel: which node is the master, asked of the sentinels at most every
+    ``_MASTER_CHECK_EVERY`` seconds by whichever command comes first.
+
+    After a manual failover the old master stays a master for ~10 s and accepts every
+    command, so nothing fails on its own: redis-py asks the sentinels only when it opens
+    a connection. On a change, every connection to the old master is dropped (pub/sub
+    included: each listener, in its own thread, closes its subscription when it sees
+    ``generation`` change) and the caller gets RedisUnavailable: it resynchronises
+    against the new master within about a second.
+    """
+
+    def __init__(self, client: Any) -> None:
+        pool = getattr(client, "connection_pool", None)
+        self._pool = pool if hasattr(pool, "get_master_address") else None
+        self._lock = threading.Lock()
+        self._address: tuple[str, int] | None = None
+        self._next_check = 0.0
+        self.generation = 0  # bumped at each change of master
+
+    def follow(self) -> None:
+        if self._pool is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next_check:
+                return
+            self._next_check = now + _MASTER_CHECK_EVERY
+            address = tuple(self._pool.get_master_address())
+            old, self._address = self._address, (str(address[0]), int(address[1]))
+            if old is None or old == self._address:
+                return
+            # redis-py has dropped the idle connections to the old master and drops each
+            # busy one when it comes back; subscriptions go by ``generation``.
+            self.generation += 1
+        raise RedisUnavailable(
+            f"Sentinel moved the master from {old[0]}:{old[1]} to {address[0]}:{address[1]}:"
+            " dropped every connection to the old one; resynchronising"
+        )
+
+
 def _translating(fn: Callable[..., T], *args: Any) -> T:
     try:
         return fn(*args)
@@ -132,6 +175,7 @@ class RedisBridge:
         self.redeliver_channel = f"{ns}:redeliver"
         self.preflight_key = f"{ns}:preflight"
         self._client = _make_client(config)
+        self._master = _MasterWatch(self._client)
         self._scripts = {
             name: self._client.register_script(getattr(scripts, name))
             for name in ("ACQUIRE", "RENEW", "RELEASE", "TRACK", "CLAIM", "MARK_SENT", "TRACKED",
@@ -148,7 +192,13 @@ class RedisBridge:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         # abandon_on_cancel: a step-down must not wait for a stuck socket; the thread ends
         # by itself within the socket timeout.
-        return await trio.to_thread.run_sync(_translating, fn, *args, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(
+            _translating, self._followed, fn, *args, abandon_on_cancel=True
+        )
+
+    def _followed(self, fn: Callable[..., T], *args: Any) -> T:
+        self._master.follow()
+        return fn(*args)
 
     async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return await self._run(self._scripts[name], keys, args)
@@ -449,6 +499,7 @@ class RedisBridge:
             channels,
             send,
             task_status,
+            self._master,
             limiter=trio.CapacityLimiter(1),  # long-lived: keep it off the shared limiter
         )
 
@@ -600,7 +651,9 @@ def _listen_sync(
     channels: list[str],
     send: trio.MemorySendChannel[list[Message]],
     task_status: trio.TaskStatus[None],
+    master: _MasterWatch,
 ) -> None:
+    generation = master.generation
     pubsub = client.pubsub()
     try:
         try:
@@ -622,6 +675,9 @@ def _listen_sync(
                 trio.from_thread.run(send.send, early)
             while True:
                 trio.from_thread.check_cancelled()
+                master.follow()
+                if master.generation != generation:
+                    raise RedisUnavailable("Sentinel moved the master: resubscribing there")
                 # Forward in batches: one thread hop for a burst, not one per message.
                 batch: list[Message] = []
                 msg = pubsub.get_message(timeout=_POLL_SECONDS)
@@ -672,6 +728,8 @@ def _client_kwargs(config: Config) -> dict[str, Any]:
         "password": config.redis_password,
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
+        # Named, so CLIENT LIST shows an operator which connections are the worker's.
+        "client_name": f"tcw:{config.replica_id}",
         "retry": Retry(NoBackoff(), 0),
         "decode_responses": True,
         # Key names are bytes: one that is not UTF-8 decodes to lone surrogates and
