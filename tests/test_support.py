@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import httpx
@@ -176,3 +177,17 @@ def test_wait_for_output_fails_fast_on_exit(fake_env: dict[str, str], tmp_path: 
             worker.wait_for_output("never printed", timeout=30)
     finally:
         worker.cleanup()
+
+
+# --- exports -------------------------------------------------------------------
+
+
+def test_support_exports_exactly_all() -> None:
+    import tests.support as support
+
+    public = {
+        name
+        for name, value in vars(support).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert public == set(support.__all__)

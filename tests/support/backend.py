@@ -1,19 +1,39 @@
-"""A real HTTP server on loopback that records every request and answers with scripted statuses."""
+"""A real HTTP server on loopback that records every request and answers as scripted.
+
+By default every request gets ``200 {"ok": true}``. :meth:`RecordingBackend.respond_with`
+and :meth:`RecordingBackend.hang_next` queue answers for the next requests;
+:meth:`RecordingBackend.behave` picks a behaviour per request (by key, say), including
+hostile ones a real backend shows on a bad day:
+
+- :class:`Respond`: any status with any headers (404, 429 + Retry-After, 30x + Location);
+- :class:`Hang`: wait, then behave as told (a slow backend);
+- :class:`Drip`: the body one byte per interval (optionally the head too);
+- :class:`HeadersThenNothing`: status and headers with a content-length, then silence;
+- :class:`Endless`: a chunked body that never ends;
+- :class:`Huge`: a very large body, its length announced;
+- :class:`ApplyThenDrop`: take the request, then close without answering (RST or FIN).
+
+Every request is recorded on arrival, whatever its behaviour; :meth:`RecordingBackend.close`
+ends every behaviour at once (each notices the server closing, or its client leaving).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import json
+import select
 import socket
+import struct
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any
+from typing import Any, assert_never
 
 import attrs
 import trio
@@ -23,9 +43,13 @@ DEFAULT_WAIT = 10.0
 # Idle keep-alive connections are dropped after this long; close() doesn't wait for it.
 _IDLE_TIMEOUT = 30.0
 _JOIN_TIMEOUT = 5.0
+# How often a waiting handler checks whether its client has hung up; the server
+# closing wakes it at once.
+_CLIENT_CHECK = 0.05
+_WRITE_SLICE = 64 * 1024
+_LINGER_RST = struct.pack("ii", 1, 0)
 
 Predicate = Callable[[list["Received"]], bool]
-ResponseSpec = int | tuple[int, dict[str, str]]
 
 
 @attrs.frozen
@@ -48,13 +72,137 @@ class Received:
         except ValueError:
             return None
 
+    @property
+    def key(self) -> str | None:
+        """The ``"key"`` field of a JSON object body (a reset's key), else None."""
+        data = self.json
+        key = data.get("key") if isinstance(data, dict) else None
+        return key if isinstance(key, str) else None
 
-def _describe(requests: list[Received]) -> str:
-    if not requests:
-        return "  (none)"
-    return "\n".join(
-        f"  {r.method} {r.path} {r.body[:200]!r} @ {r.received_at:.3f}" for r in requests
-    )
+
+# -- behaviours ---------------------------------------------------------------------
+
+
+def _status(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 100 <= value <= 599:
+        raise ValueError(f"{attribute.name} must be an HTTP status in 100..599, got {value!r}")
+
+
+def _seconds(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value >= 0:  # NaN fails this too; inf means "until close()"
+        raise ValueError(f"{attribute.name} must be a number of seconds >= 0, got {value!r}")
+
+
+def _header_dict(value: Mapping[str, str]) -> dict[str, str]:
+    return dict(value)
+
+
+@attrs.frozen
+class Respond:
+    """Answer ``status`` with extra ``headers``, e.g. ``Respond(429, {"retry-after": "2"})``
+    or ``Respond(308, {"location": "/elsewhere"})``.
+
+    The body is ``{"ok": <status is 2xx>}`` as JSON unless ``body`` is given.
+    """
+
+    status: int = attrs.field(default=200, validator=_status)
+    headers: dict[str, str] = attrs.field(factory=dict, converter=_header_dict)
+    body: bytes | None = None
+
+
+@attrs.frozen
+class Hang:
+    """Wait ``seconds`` (cut short by close() or the client hanging up), then do ``then``."""
+
+    seconds: float = attrs.field(validator=_seconds)
+    then: Behaviour = attrs.field(factory=Respond)
+
+
+@attrs.frozen
+class Drip:
+    """Send the status line and headers (``content-length: length``) at once, then the
+    body one byte per ``interval`` seconds, each byte after a wait.
+
+    ``head_too``: drip the status line and headers as well. The body is ``{"ok": ...}``
+    padded with spaces to ``length`` bytes (valid JSON once complete, if long enough).
+    """
+
+    interval: float = attrs.field(validator=_seconds)
+    length: int = attrs.field(default=64, validator=attrs.validators.ge(0))
+    status: int = attrs.field(default=200, validator=_status)
+    head_too: bool = False
+
+
+@attrs.frozen
+class HeadersThenNothing:
+    """Send status and headers announcing ``length`` body bytes, then never send the body:
+    hold the connection until close() or the client hangs up."""
+
+    status: int = attrs.field(default=200, validator=_status)
+    length: int = attrs.field(default=1024, validator=attrs.validators.ge(1))
+
+
+@attrs.frozen
+class Endless:
+    """A chunked body that never ends: ``chunk_size`` bytes per chunk, as fast as the
+    socket takes them, or one chunk per ``interval`` seconds. Stops when the client
+    disconnects or the server closes."""
+
+    chunk_size: int = attrs.field(default=16 * 1024, validator=attrs.validators.ge(1))
+    interval: float = attrs.field(default=0.0, validator=_seconds)
+    status: int = attrs.field(default=200, validator=_status)
+
+
+@attrs.frozen
+class Huge:
+    """A body of ``length`` bytes (``{"ok": ...}`` padded with spaces) with its
+    content-length announced."""
+
+    length: int = attrs.field(default=10_000_000, validator=attrs.validators.ge(0))
+    status: int = attrs.field(default=200, validator=_status)
+
+
+@attrs.frozen
+class ApplyThenDrop:
+    """Take the request (it is recorded: a real backend would have applied it), then
+    close the connection without an answer: an RST (``rst=True``) or a FIN."""
+
+    rst: bool = True
+
+
+Behaviour = Respond | Hang | Drip | HeadersThenNothing | Endless | Huge | ApplyThenDrop
+Chooser = Callable[[Received], Behaviour | None]
+ResponseSpec = int | tuple[int, dict[str, str]] | Behaviour
+
+
+def by_key(behaviours: Mapping[str, Behaviour]) -> Chooser:
+    """A chooser for :meth:`RecordingBackend.behave`: ``behaviours[key]`` for a request
+    whose JSON body's ``"key"`` is listed, None (the queued/default answer) otherwise."""
+    table = dict(behaviours)
+
+    def choose(received: Received) -> Behaviour | None:
+        key = received.key
+        return table.get(key) if key is not None else None
+
+    return choose
+
+
+def _json_filler(status: int, length: int) -> bytes:
+    """``{"ok": ...}`` padded with spaces to ``length`` bytes (truncated if shorter)."""
+    payload = json.dumps({"ok": 200 <= status < 300}).encode()
+    return payload[:length] + b" " * max(0, length - len(payload))
+
+
+def _as_behaviour(spec: ResponseSpec) -> Behaviour:
+    if isinstance(spec, int):
+        return Respond(spec)
+    if isinstance(spec, tuple):
+        status, headers = spec
+        return Respond(status, headers)
+    return spec
+
+
+# -- the server ----------------------------------------------------------------------
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -96,21 +244,147 @@ class _Handler(BaseHTTPRequestHandler):
             body=self._read_body(),
             received_at=time.time(),
         )
-        status, extra_headers, hang = self.server.backend._record(received)
-        if hang:
-            # An Event rather than sleep so close() can release hung handlers at once.
-            self.server.backend._released.wait(hang)
-        payload = json.dumps({"ok": 200 <= status < 300}).encode()
+        self._behave(self.server.backend._record(received))
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _handle
+
+    def _behave(self, behaviour: Behaviour) -> None:
+        match behaviour:
+            case Respond():
+                self._respond(behaviour)
+            case Hang():
+                if self._hold(behaviour.seconds):
+                    self._behave(behaviour.then)
+                else:
+                    self.close_connection = True
+            case Drip():
+                self._drip(behaviour)
+            case HeadersThenNothing():
+                self._send_head(behaviour.status, {"content-length": str(behaviour.length)})
+                self._hold(None)
+                self.close_connection = True
+            case Endless():
+                self._endless(behaviour)
+            case Huge():
+                self._huge(behaviour)
+            case ApplyThenDrop():
+                self._drop(rst=behaviour.rst)
+            case _:
+                assert_never(behaviour)
+
+    # -- the behaviours' I/O ----------------------------------------------------------
+
+    def _respond(self, behaviour: Respond) -> None:
+        status = behaviour.status
+        if behaviour.body is None:
+            payload = json.dumps({"ok": 200 <= status < 300}).encode()
+            content_type: str | None = "application/json"
+        else:
+            payload, content_type = behaviour.body, None
         self.send_response(status)
-        self.send_header("content-type", "application/json")
+        if content_type is not None:
+            self.send_header("content-type", content_type)
         self.send_header("content-length", str(len(payload)))
-        for name, value in extra_headers.items():
+        for name, value in behaviour.headers.items():
             self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(payload)
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _handle
+    def _head(self, status: int, headers: Mapping[str, str]) -> bytes:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        lines = [f"HTTP/1.1 {status} {phrase}", "content-type: application/json"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _send_head(self, status: int, headers: Mapping[str, str]) -> None:
+        self.wfile.write(self._head(status, headers))
+
+    def _drip(self, behaviour: Drip) -> None:
+        head = self._head(behaviour.status, {"content-length": str(behaviour.length)})
+        body = _json_filler(behaviour.status, behaviour.length)
+        if behaviour.head_too:
+            data = head + body
+        else:
+            self.wfile.write(head)
+            data = body
+        for i in range(len(data)):
+            if not self._hold(behaviour.interval):
+                self.close_connection = True
+                return
+            self.wfile.write(data[i : i + 1])
+
+    def _endless(self, behaviour: Endless) -> None:
+        self._send_head(behaviour.status, {"transfer-encoding": "chunked"})
+        self.close_connection = True  # the body never ends, so neither can the connection
+        size = behaviour.chunk_size
+        first = _json_filler(behaviour.status, size)
+        frame = f"{size:x}\r\n".encode()
+        self.wfile.write(frame + first + b"\r\n")
+        rest = frame + b" " * size + b"\r\n"
+        released = self.server.backend._released
+        while True:
+            if behaviour.interval:
+                if not self._hold(behaviour.interval):
+                    return
+            elif released.is_set():
+                return
+            # A client that stops reading blocks this write until it leaves, or until
+            # close() shuts the socket down.
+            self.wfile.write(rest)
+
+    def _huge(self, behaviour: Huge) -> None:
+        self._send_head(behaviour.status, {"content-length": str(behaviour.length)})
+        body = memoryview(_json_filler(behaviour.status, behaviour.length))
+        released = self.server.backend._released
+        for start in range(0, len(body), _WRITE_SLICE):
+            if released.is_set():
+                self.close_connection = True
+                return
+            self.wfile.write(body[start : start + _WRITE_SLICE])
+
+    def _drop(self, *, rst: bool) -> None:
+        self.close_connection = True
+        self.server.forget(self.connection)
+        if rst:
+            # The fd closes (sending the RST) only once the buffered reader lets go of it.
+            with contextlib.suppress(OSError):
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            self.rfile.close()
+            self.connection.close()
+        else:
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+    # -- waiting ----------------------------------------------------------------------
+
+    def _hold(self, seconds: float | None) -> bool:
+        """Wait ``seconds`` (None: until the end); False if the server closes or the
+        client hangs up first."""
+        released = self.server.backend._released
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while True:
+            step = _CLIENT_CHECK
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return not released.is_set()
+                step = min(step, remaining)
+            # An Event rather than sleep so close() can release waiting handlers at once.
+            if released.wait(step) or self._client_gone():
+                return False
+
+    def _client_gone(self) -> bool:
+        try:
+            poller = select.poll()  # not select.select: fds past 1024 are fine
+            poller.register(self.connection, select.POLLIN)
+            # Readable while waiting for us: EOF, or an error (pipelined bytes are not).
+            return bool(poller.poll(0)) and not self.connection.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):
+            return True
 
 
 class _Server(ThreadingHTTPServer):
@@ -121,14 +395,15 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, backend: RecordingBackend) -> None:
         self.backend = backend
-        self._conn_lock = threading.Lock()
+        self._conn_lock = threading.Condition()
         self._conns: set[socket.socket] = set()
         self._handlers: list[threading.Thread] = []
+        self.open_connections = 0
         super().__init__((HOST, 0), _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         thread = threading.Thread(
-            target=self.process_request_thread,
+            target=self._serve_connection,
             args=(request, client_address),
             name=f"backend-handler-{client_address[1]}",
             daemon=True,
@@ -137,7 +412,21 @@ class _Server(ThreadingHTTPServer):
             self._conns.add(request)
             self._handlers = [t for t in self._handlers if t.is_alive()]
             self._handlers.append(thread)
+            self.open_connections += 1
         thread.start()
+
+    def _serve_connection(self, request: Any, client_address: Any) -> None:
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            with self._conn_lock:
+                self.open_connections -= 1
+                self._conn_lock.notify_all()
+
+    def forget(self, request: Any) -> None:
+        """Deregister a socket a handler is about to close itself."""
+        with self._conn_lock:
+            self._conns.discard(request)
 
     def shutdown_request(self, request: Any) -> None:
         # Deregister under the lock so abort_connections() never touches a closed socket.
@@ -165,19 +454,26 @@ class _Server(ThreadingHTTPServer):
         for thread in handlers:
             thread.join(max(0.0, deadline - time.monotonic()))
 
+    def wait_idle(self, timeout: float) -> bool:
+        with self._conn_lock:
+            return self._conn_lock.wait_for(lambda: self.open_connections == 0, timeout)
+
 
 class RecordingBackend:
     """Loopback HTTP server recording all requests; responses are scripted per test.
 
-    Every request on any path and method is recorded. Queued responses (see
-    :meth:`respond_with`) are used first, then ``200 {"ok": true}``.
+    Every request on any path and method is recorded. Each one's behaviour is, first
+    to match: the :meth:`behave` chooser's pick, the next queued answer (see
+    :meth:`respond_with` and :meth:`hang_next`), then ``200 {"ok": true}``.
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._requests: list[Received] = []
-        self._responses: deque[tuple[int, dict[str, str]]] = deque()
+        self._responses: deque[Behaviour] = deque()
         self._hangs: deque[float] = deque()
+        self._chooser: Chooser | None = None
+        self._chooser_errors: list[Exception] = []
         self._released = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -199,7 +495,10 @@ class RecordingBackend:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop serving, drop open connections, release hung handlers. Idempotent."""
+        """Stop serving, drop open connections, end every behaviour in progress. Idempotent.
+
+        Raises RuntimeError if a :meth:`behave` chooser raised (those requests got a 500).
+        """
         server, thread = self._server, self._thread
         if server is None or thread is None:
             return
@@ -210,6 +509,12 @@ class RecordingBackend:
         server.server_close()
         thread.join()
         server.join_handlers(_JOIN_TIMEOUT)
+        with self._cond:
+            errors, self._chooser_errors = self._chooser_errors, []
+        if errors:
+            raise RuntimeError(
+                f"the behave() chooser raised for {len(errors)} request(s)"
+            ) from errors[0]
 
     def __enter__(self) -> RecordingBackend:
         if self._server is None:
@@ -247,33 +552,53 @@ class RecordingBackend:
     # -- scripting ----------------------------------------------------------
 
     def respond_with(self, *statuses: ResponseSpec) -> None:
-        """Queue responses for the next requests: ``404`` or ``(429, {"retry-after": "1"})``."""
+        """Queue answers for the next requests: ``404``, ``(429, {"retry-after": "1"})``
+        or any behaviour, e.g. ``Drip(0.5)``."""
+        behaviours = [_as_behaviour(spec) for spec in statuses]
         with self._cond:
-            for spec in statuses:
-                status, headers = (spec, {}) if isinstance(spec, int) else spec
-                self._responses.append((status, dict(headers)))
+            self._responses.extend(behaviours)
 
     def hang_next(self, n: int, seconds: float) -> None:
         """Make the next ``n`` requests wait ``seconds`` before being answered (for timeouts).
 
         The request is still recorded on arrival; close() cuts the wait short.
         """
+        Hang(seconds)  # validates
         with self._cond:
             self._hangs.extend([seconds] * n)
+
+    def behave(self, choose: Chooser | None) -> None:
+        """Pick each request's behaviour with ``choose(received)``; None from it means the
+        queued/default answer (queued answers are only used up by such requests).
+
+        ``choose`` runs in a handler thread, under the backend's lock: keep it quick.
+        See :func:`by_key`. ``behave(None)`` goes back to queued/default answers only.
+        """
+        with self._cond:
+            self._chooser = choose
 
     def clear(self) -> None:
         """Forget recorded requests (scripted responses and hangs are kept)."""
         with self._cond:
             self._requests.clear()
 
-    def _record(self, received: Received) -> tuple[int, dict[str, str], float]:
-        """Called by handler threads: store the request, pick its response and hang."""
+    def _record(self, received: Received) -> Behaviour:
+        """Called by handler threads: store the request, pick its behaviour."""
         with self._cond:
             self._requests.append(received)
-            status, headers = self._responses.popleft() if self._responses else (200, {})
-            hang = self._hangs.popleft() if self._hangs else 0.0
             self._cond.notify_all()
-        return status, headers, hang
+            chosen: Behaviour | None = None
+            if self._chooser is not None:
+                try:
+                    chosen = self._chooser(received)
+                except Exception as exc:  # reported by close(), so the test fails
+                    self._chooser_errors.append(exc)
+                    return Respond(500, body=f"behave() chooser raised {exc!r}".encode())
+            if chosen is not None:
+                return chosen
+            queued = self._responses.popleft() if self._responses else Respond()
+            hang = self._hangs.popleft() if self._hangs else 0.0
+        return Hang(hang, then=queued) if hang else queued
 
     # -- inspection ---------------------------------------------------------
 
@@ -282,6 +607,20 @@ class RecordingBackend:
         """A snapshot of everything received so far, in arrival order."""
         with self._cond:
             return list(self._requests)
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections being served right now (kept-alive idle ones included)."""
+        return self._server.open_connections if self._server is not None else 0
+
+    def wait_idle(self, timeout: float = DEFAULT_WAIT) -> None:
+        """Block until no client connection is open: every client has hung up and every
+        behaviour has stopped. Raises AssertionError if ``timeout`` passes first."""
+        server = self._server
+        if server is not None and not server.wait_idle(timeout):
+            raise AssertionError(
+                f"{server.open_connections} backend connection(s) still open after {timeout}s"
+            )
 
     def wait_for(self, predicate: Predicate, timeout: float = DEFAULT_WAIT) -> list[Received]:
         """Block until ``predicate(requests)`` holds; return the requests then.
@@ -319,3 +658,11 @@ class RecordingBackend:
     def __repr__(self) -> str:
         where = self.base_url if self._server is not None else "stopped"
         return f"<RecordingBackend {where} requests={len(self.requests)}>"
+
+
+def _describe(requests: list[Received]) -> str:
+    if not requests:
+        return "  (none)"
+    return "\n".join(
+        f"  {r.method} {r.path} {r.body[:200]!r} @ {r.received_at:.3f}" for r in requests
+    )
