@@ -53,6 +53,7 @@ class FakeStore:
         self.failing_notes: dict[str, FailingNote] = {}
         self.dead: dict[str, tuple[PendingReset, FailingNote]] = {}
         self.flags = "Kg$x"  # notify-keyspace-events; a test may change it
+        self.maxmemory_policy: str | None = "noeviction"
         self.down = False  # True: every call raises RedisUnavailable
         self.renew_hangs = False  # True: renew() never answers
         self.calls: list[tuple[float, str]] = []
@@ -257,6 +258,10 @@ class FakeStore:
             return NotificationStatus(ok=True, flags=self.flags)
         self.flags = merged_flags(self.flags)
         return NotificationStatus(ok=True, flags=self.flags, changed=True, missing=missing)
+
+    async def memory_policy(self) -> str | None:
+        await self._op("memory_policy")
+        return self.maxmemory_policy
 
     async def wait_until_reachable(self) -> None:
         while self.down:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.support.backend import RecordingBackend
@@ -31,12 +33,39 @@ async def test_check_passes_with_redis_and_backend_up(
     redis_server: RedisServer, backend: RecordingBackend
 ) -> None:
     checks = await run_checks(config(redis_server, backend.url))
-    assert states(checks) == {"configuration": "ok", "redis": "ok", "notifications": "ok",
-                              "endpoint dns": "ok", "endpoint tcp": "ok"}
+    assert states(checks) == {"configuration": "ok", "redis": "ok", "eviction": "ok",
+                              "notifications": "ok", "endpoint dns": "ok", "endpoint tcp": "ok"}
     out = io.StringIO()
     assert print_checks(checks, out) == 0
     assert "all checks passed" in out.getvalue()
     assert backend.requests == []  # nothing was sent
+
+
+async def test_an_eviction_policy_that_can_take_the_workers_keys_is_a_warning(
+    redis_server: RedisServer, backend: RecordingBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    with redis_server.client() as c:
+        c.config_set("maxmemory-policy", "allkeys-lru")
+    checks = await run_checks(config(redis_server, backend.url))
+    assert states(checks)["eviction"] == "warn"
+    out = io.StringIO()
+    assert print_checks(checks, out) == 0  # a warning, not a failure
+    assert "allkeys-lru" in out.getvalue()
+    assert "volatile-*" in out.getvalue()
+    # ... and a WARNING at every takeover.
+    caplog.set_level(logging.WARNING, logger="trio_counter_worker")
+    elected = trio.Event()
+    hooks = Hooks(on_elected=lambda _epoch: elected.set())
+    with trio.fail_after(10):
+        async with open_worker(
+            config(redis_server, backend.url), hooks=hooks
+        ) as worker, trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            await elected.wait()
+            while not any("maxmemory-policy is allkeys-lru" in r.getMessage()
+                          for r in caplog.records):
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
 
 
 async def test_check_reports_each_failure_with_a_hint(redis_server: RedisServer) -> None:

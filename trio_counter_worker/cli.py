@@ -40,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--env-file", default=".env",
-                        help="file to read settings from, if it exists [default: .env]")
+    parser.add_argument("--env-file", default=None, metavar="PATH",
+                        help="file to read settings from; it must exist [default: .env in "
+                        "the working directory, if there is one]")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", help="run one replica until SIGTERM/SIGINT (the default)",
                    epilog=_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,8 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     demo = sub.add_parser("demo", help="see it work: embedded Redis, a reference backend, "
                           "three replicas, a leader killed; nothing to install or start")
-    demo.add_argument("--replicas", type=int, default=3)
-    demo.add_argument("--duration", type=float, default=25.0)
+    demo.add_argument("--replicas", type=int, default=3, metavar="N",
+                      help="number of worker processes to start, at least 1 [default: 3]")
+    demo.add_argument("--duration", type=float, default=25.0, metavar="SECONDS",
+                      help="how long the demo app stays active, in seconds, from the first "
+                      "election; the faults come at its thirds [default: 25]")
     sub.add_parser("chaos", add_help=False, help="verify the guarantees: replicas, a "
                    "recording backend and injected faults; exit non-zero if a reset was "
                    "missed or doubled (chaos --help for its options)")
@@ -88,7 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return demo_main(replicas=args.replicas, duration=args.duration)
     try:
-        config = Config.from_env(env_file=args.env_file)
+        config = Config.from_env(
+            env_file=".env" if args.env_file is None else args.env_file,
+            required_file=args.env_file is not None,
+            redis_only=args.command == "status",  # status reads Redis only: no endpoint needed
+        )
     except ConfigError as exc:
         return _fail(exc)
     if args.command == "check":
@@ -104,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_status(status, args.json, sys.stdout)
         return 0
     configure_logging(config.log_level, config.log_format)
+    if config.overridden:
+        log.warning("REDIS_URL overrides %s: their values are ignored; unset them, or REDIS_URL",
+                    ", ".join(config.overridden))
     # Everything imported so far lives for the whole run: keep it out of the full
     # collections, whose pauses would otherwise show up in reset latency.
     gc.freeze()

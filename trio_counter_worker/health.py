@@ -7,13 +7,17 @@ worker.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import socket
 from functools import partial
 from typing import TYPE_CHECKING
 
 import h11
 import trio
+
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -33,12 +37,39 @@ async def serve_health(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled; report the bound port (useful with port 0) when listening."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    """Serve until cancelled; report the bound port (useful with port 0) when listening.
+
+    A port in use or a host that does not resolve or is not this machine's is a
+    :class:`ConfigError` naming HEALTH_PORT or HEALTH_HOST, raised before ``started``.
+    """
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except (OSError, UnicodeError) as exc:  # UnicodeError: idna, for a host name
+        raise _listen_error(exc, port, host) from exc
     bound = listeners[0].socket.getsockname()[1]
     log.info("health endpoint on http://%s:%d (/healthz /readyz /metrics)", host, bound)
     task_status.started(bound)
     await trio.serve_listeners(partial(_handle, worker), listeners)
+
+
+def _listen_error(exc: OSError | UnicodeError, port: int, host: str) -> ConfigError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    reason = " ".join(reason.split())
+    code = exc.errno if isinstance(exc, OSError) else None
+    if isinstance(exc, (socket.gaierror, UnicodeError)):
+        return ConfigError(f"HEALTH_HOST {host!r} does not resolve ({reason}): set it to an "
+                           "address of this machine, such as 0.0.0.0 (all) or 127.0.0.1")
+    if code == errno.EADDRINUSE:
+        return ConfigError(f"HEALTH_PORT {port} is already in use on {host} ({reason}): "
+                           "choose another port, or unset HEALTH_PORT")
+    if code == errno.EACCES:
+        return ConfigError(f"HEALTH_PORT {port} cannot be bound here ({reason}): choose a "
+                           "port above 1023, or unset HEALTH_PORT")
+    if code == errno.EADDRNOTAVAIL:
+        return ConfigError(f"HEALTH_HOST {host!r} is not an address of this machine "
+                           f"({reason}): set it to one, such as 0.0.0.0 (all) or 127.0.0.1")
+    return ConfigError(f"HEALTH_HOST {host!r} / HEALTH_PORT {port}: cannot listen there "
+                       f"({reason})")
 
 
 def respond(worker: Worker, method: str, target: str) -> tuple[int, bytes, str]:

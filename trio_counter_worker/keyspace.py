@@ -93,3 +93,15 @@ def enable_hint(missing: str | None) -> str:
         f"notify-keyspace-events={NEEDED_FLAGS}, or `heroku redis:keyspace-notifications "
         f"-c {NEEDED_FLAGS}`. Until then the worker rescans for keys every few seconds."
     )
+
+
+def eviction_warning(policy: str | None) -> str | None:
+    """What to tell an operator whose Redis may evict the worker's own keys, or None."""
+    if policy is None or not policy.startswith("allkeys-"):
+        return None
+    return (
+        f"Redis maxmemory-policy is {policy}: under memory pressure Redis may evict the "
+        "worker's own keys (pending resets, deadlines, the fencing-token counter) as well "
+        "as counters, and evicted resets are lost. Give the worker a Redis (or a database "
+        "on a Redis) of its own, or use noeviction or a volatile-* policy"
+    )

@@ -27,6 +27,7 @@ from .election import Backoff, Lease
 from .errors import RedisRefused, RedisUnavailable, WorkerError, first_error
 from .keyspace import (
     enable_hint,
+    eviction_warning,
     is_own_key,
     key_from_channel,
     keyspace_pattern,
@@ -159,6 +160,8 @@ class LeaderDuties:
         if not status.ok:
             missing = None if status.flags is None else status.missing
             log.error("%s (Redis said: %s)", enable_hint(missing), status.error)
+        if (warning := eviction_warning(await self._store.memory_policy())) is not None:
+            log.warning(warning, extra={"event": "eviction_policy"})
         send, receive = trio.open_memory_channel[list[Message]](64)
         pattern = keyspace_pattern(self._config.redis_db, self._config.counter_key)
         async with trio.open_nursery() as nursery:

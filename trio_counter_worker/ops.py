@@ -14,13 +14,21 @@ import attrs
 import trio
 
 from .config import Config
-from .errors import RedisAuthError, RedisUnavailable
-from .keyspace import NEEDED_FLAGS, enable_hint, missing_flags
+from .errors import RedisRefused, RedisUnavailable
+from .keyspace import NEEDED_FLAGS, enable_hint, eviction_warning, missing_flags
 from .redis_bridge import make_bridge
 
 __all__ = ["Check", "print_checks", "print_status", "run_checks", "run_status"]
 
 State = Literal["ok", "warn", "fail"]
+
+_REFUSED_HINTS = {
+    "auth": "check REDIS_PASSWORD (and the user in REDIS_URL)",
+    "tls": "set REDIS_CA_FILE to the CA of the server's certificate",
+    "permission": "give the Redis user the ACL rule in the README ('Redis permissions')",
+    "db": "set REDIS_DB to a database the server has",
+    "oom": "free memory in Redis or raise maxmemory",
+}
 
 
 @attrs.frozen
@@ -43,15 +51,21 @@ async def _redis_checks(config: Config) -> list[Check]:
     bridge = make_bridge(config)
     try:
         probe = await bridge.probe()
-    except RedisAuthError:
-        return [Check("redis", "fail", f"{config.redis_location}: authentication failed",
-                      "check REDIS_PASSWORD (and the user in REDIS_URL)")]
+    except RedisRefused as exc:
+        return [Check("redis", "fail", f"{config.redis_location}: {exc}",
+                      _REFUSED_HINTS.get(exc.kind, "see the message"))]
     except RedisUnavailable as exc:
         return [Check("redis", "fail", f"{config.redis_location}: {exc}",
                       "check REDIS_HOST/REDIS_PORT or REDIS_URL, and that Redis is running")]
     finally:
         bridge.close()
     out = [Check("redis", "ok", f"{config.redis_location} answers (Redis {probe['version']})")]
+    policy = probe.get("policy")
+    if (warning := eviction_warning(policy)) is not None:
+        out.append(Check("eviction", "warn", f"maxmemory-policy={policy}", warning))
+    elif policy is not None:
+        out.append(Check("eviction", "ok", f"maxmemory-policy={policy}: the worker's keys "
+                         "are not evicted"))
     flags = probe["flags"]
     if flags is None:
         out.append(Check("notifications", "warn",

@@ -104,6 +104,9 @@ def _translate(exc: BaseException) -> BaseException:
         return RedisUnavailable(f"Redis refused the command for now: {exc}")
     if isinstance(exc, _UNAVAILABLE):
         return RedisUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}")
+    if isinstance(exc, ValueError) and "closed file" in str(exc):
+        # redis-py reading a socket another thread closed (a pool disconnected under it)
+        return RedisUnavailable("Redis connection closed while in use")
     return exc
 
 
@@ -432,16 +435,19 @@ class RedisBridge:
         c = self._client
         c.ping()
         version = str(c.info("server").get("redis_version", "?"))
+        policy = self._memory_policy_sync()
         try:
             flags = _flags(c)
         except rexc.ResponseError as exc:
-            return {"version": version, "flags": None, "can_set": False, "error": str(exc)}
+            return {"version": version, "flags": None, "can_set": False, "error": str(exc),
+                    "policy": policy}
         try:
             c.config_set("notify-keyspace-events", flags)  # a no-op write: is CONFIG SET allowed?
             can_set, error = True, None
         except rexc.ResponseError as exc:
             can_set, error = False, str(exc)
-        return {"version": version, "flags": flags, "can_set": can_set, "error": error}
+        return {"version": version, "flags": flags, "can_set": can_set, "error": error,
+                "policy": policy}
 
     # -- notifications ---------------------------------------------------------------------
 
@@ -454,6 +460,16 @@ class RedisBridge:
 
     def _verify_notifications_sync(self) -> NotificationStatus:
         return _ensure_on(self._client)
+
+    async def memory_policy(self) -> str | None:
+        return await self._run(self._memory_policy_sync)
+
+    def _memory_policy_sync(self) -> str | None:
+        try:
+            reply = self._client.config_get("maxmemory-policy")
+        except rexc.ResponseError:
+            return None
+        return str(reply.get("maxmemory-policy", "")) or None
 
     async def wait_until_reachable(self) -> None:
         while True:

@@ -145,6 +145,10 @@ class Store(Protocol):
         """The same check of the flags, alone: cheap enough to repeat every second."""
         ...
 
+    async def memory_policy(self) -> str | None:
+        """Redis's maxmemory-policy, or None where CONFIG is refused."""
+        ...
+
     async def wait_until_reachable(self) -> None:
         """Return as soon as Redis answers (a PING); never raises for Redis being away."""
         ...
