@@ -59,9 +59,11 @@ def test_wire_key_only_adds_base64_when_needed(raw: bytes) -> None:
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:
-        assert b64 is not None and base64.b64decode(b64) == raw
+        assert b64 is not None
+        assert base64.b64decode(b64) == raw
     else:
-        assert b64 is None and text == raw.decode("utf-8")
+        assert b64 is None
+        assert text == raw.decode("utf-8")
 
 
 @given(names)

@@ -30,7 +30,8 @@ def test_a_failed_reset_waits_outside_the_couriers_until_its_retry_time() -> Non
     entry = box.take()
     assert entry is not None
     assert box.failed("id1", now=10.0, wall=1000.0, delay=2.0, error="HTTP 500") == "retry"
-    assert entry.attempts == 1 and entry.last_error == "HTTP 500"
+    assert entry.attempts == 1
+    assert entry.last_error == "HTTP 500"
     assert entry.failing_since == 1000.0
     assert box.take() is None
     assert box.next_retry_at() == 12.0
@@ -38,7 +39,8 @@ def test_a_failed_reset_waits_outside_the_couriers_until_its_retry_time() -> Non
     assert box.promote(12.0) == 1
     assert box.next_retry_at() == math.inf
     again = box.take()
-    assert again is entry and again.retry
+    assert again is entry
+    assert again.retry
 
 
 def test_fresh_resets_go_before_due_retries() -> None:
@@ -49,8 +51,10 @@ def test_fresh_resets_go_before_due_retries() -> None:
     box.promote(5.0)
     box.add(reset(9))
     first, second = box.take(), box.take()
-    assert first is not None and first.reset.reset_id == "id9"
-    assert second is not None and second.reset.reset_id == "id1"
+    assert first is not None
+    assert first.reset.reset_id == "id9"
+    assert second is not None
+    assert second.reset.reset_id == "id1"
 
 
 def test_retries_never_take_more_than_their_slots() -> None:
@@ -65,7 +69,8 @@ def test_retries_never_take_more_than_their_slots() -> None:
     # A fresh reset still gets a courier while both retry slots are busy.
     box.add(reset(99))
     fresh = box.take()
-    assert fresh is not None and fresh.reset.reset_id == "id99"
+    assert fresh is not None
+    assert fresh.reset.reset_id == "id99"
     # A retry that ends frees its slot.
     assert taken[0] is not None
     box.failed(taken[0].reset.reset_id, now=1.0, wall=1.0, delay=5.0, error="hang")
@@ -80,7 +85,8 @@ def test_succeeded_then_removed() -> None:
     assert entry.state == "sent"
     assert box.failing() == []
     box.remove("id1")
-    assert "id1" not in box and len(box) == 0
+    assert "id1" not in box
+    assert len(box) == 0
 
 
 def test_give_up_after_declares_a_reset_dead() -> None:
@@ -94,7 +100,8 @@ def test_give_up_after_declares_a_reset_dead() -> None:
     assert box.failed("id1", now=2.0, wall=1060.0, delay=1.0, error="HTTP 404") == "dead"
     assert entry.attempts == 6, "the history of an earlier leader carries over"
     box.remove("id1")
-    assert len(box) == 0 and box.take() is None
+    assert len(box) == 0
+    assert box.take() is None
 
 
 def test_failing_lists_failed_resets_oldest_deadline_first() -> None:
