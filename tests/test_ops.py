@@ -5,15 +5,17 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.support.backend import RecordingBackend
+from tests.support.backend import Behaviour, Received, RecordingBackend, Respond
 from tests.support.procs import run_cli
 from tests.support.redis_server import RedisServer, free_port
 from trio_counter_worker import Config, Hooks, open_worker
+from trio_counter_worker.acl import acl_rule
 from trio_counter_worker.ops import Check, print_checks, print_status, run_checks, run_status
 
 SECRET = "ops-secret-XYZ-321"
@@ -33,12 +35,72 @@ async def test_check_passes_with_redis_and_backend_up(
     redis_server: RedisServer, backend: RecordingBackend
 ) -> None:
     checks = await run_checks(config(redis_server, backend.url))
-    assert states(checks) == {"configuration": "ok", "redis": "ok", "eviction": "ok",
-                              "notifications": "ok", "endpoint dns": "ok", "endpoint tcp": "ok"}
+    assert states(checks) == {"configuration": "ok", "redis": "ok", "permissions": "ok",
+                              "eviction": "ok", "notifications": "ok", "endpoint dns": "ok",
+                              "endpoint tcp": "ok", "endpoint path": "ok",
+                              "endpoint secret": "warn"}
     out = io.StringIO()
     assert print_checks(checks, out) == 0
     assert "all checks passed" in out.getvalue()
-    assert backend.requests == []  # nothing was sent
+    assert "not verified" in out.getvalue()  # the secret: said plainly
+    assert [r.method for r in backend.requests] == ["OPTIONS"]  # no reset was sent
+
+
+def dry_run_backend(secret: str) -> Callable[[Received], Behaviour | None]:
+    """A backend that supports the documented dry run (as examples/reference_backend.py)."""
+
+    def choose(request: Received) -> Behaviour | None:
+        if request.method == "OPTIONS":
+            return Respond(204, {"x-reset-dry-run": "supported", "allow": "POST, OPTIONS"})
+        if request.headers.get("x-reset-dry-run") == "1":
+            return Respond(200 if request.headers.get("x-secret") == secret else 401)
+        return Respond(500)  # a real reset: the check must never send one
+
+    return choose
+
+
+async def test_check_verifies_the_secret_with_the_dry_run(
+    redis_server: RedisServer, backend: RecordingBackend
+) -> None:
+    backend.behave(dry_run_backend(SECRET))
+    checks = await run_checks(config(redis_server, backend.url))
+    assert states(checks)["endpoint secret"] == "ok", checks
+    backend.behave(dry_run_backend("another-secret"))
+    checks = await run_checks(config(redis_server, backend.url))
+    assert states(checks)["endpoint secret"] == "fail"
+    out = io.StringIO()
+    assert print_checks(checks, out) == 1
+    assert "RESET_SECRET" in out.getvalue()
+    assert SECRET not in out.getvalue()
+    assert all(r.headers.get("x-reset-dry-run") == "1" for r in backend.requests
+               if r.method == "POST")
+
+
+async def test_check_fails_on_a_wrong_path(
+    redis_server: RedisServer, backend: RecordingBackend
+) -> None:
+    backend.behave(lambda request: Respond(404))
+    checks = await run_checks(config(redis_server, backend.url))
+    assert states(checks)["endpoint path"] == "fail"
+    out = io.StringIO()
+    assert print_checks(checks, out) == 1
+    assert "RESET_ENDPOINT_URL" in out.getvalue()
+    assert [r.method for r in backend.requests] == ["OPTIONS"]
+
+
+async def test_check_names_a_missing_redis_permission(
+    redis_server: RedisServer, backend: RecordingBackend
+) -> None:
+    with redis_server.client() as c:
+        rule = acl_rule("c:*", "tcw:{c:*}", 0, 7) + " -scan"
+        c.execute_command("ACL", "SETUSER", "weak", "on", ">pw", *rule.split())
+    cfg = config(redis_server, backend.url, redis_username="weak", redis_password="pw")
+    checks = await run_checks(cfg)
+    assert states(checks)["permissions"] == "fail"
+    out = io.StringIO()
+    assert print_checks(checks, out) == 1
+    assert "+scan" in out.getvalue()
+    assert "ACL SETUSER" in out.getvalue()
 
 
 async def test_an_eviction_policy_that_can_take_the_workers_keys_is_a_warning(

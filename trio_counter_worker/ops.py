@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import json
 import ssl
+import time
 from typing import Any, Literal, TextIO
 from urllib.parse import urlsplit
 
 import attrs
+import certifi
+import httpx
 import trio
 
+from .acl import acl_rule
 from .config import Config
+from .delivery import build_request
 from .errors import RedisRefused, RedisUnavailable
 from .keyspace import NEEDED_FLAGS, enable_hint, eviction_warning, missing_flags
 from .redis_bridge import make_bridge
+from .store import PendingReset
 
 __all__ = ["Check", "print_checks", "print_status", "run_checks", "run_status"]
 
@@ -39,11 +45,18 @@ class Check:
     hint: str = ""
 
 
-async def run_checks(config: Config) -> list[Check]:
-    """Every check, in order; endpoint checks stop at the first failure."""
+async def run_checks(config: Config, *, dry_run_request: bool = False) -> list[Check]:
+    """Every check, in order; endpoint checks stop at the first failure.
+
+    ``dry_run_request``: send the dry-run POST (``x-reset-dry-run: 1``) even if the backend
+    does not advertise it. Nothing here ever resets a counter or changes Redis state.
+    """
     checks = [Check("configuration", "ok", "all settings valid")]
     checks += await _redis_checks(config)
-    checks += await _endpoint_checks(config)
+    endpoint = await _endpoint_checks(config)
+    checks += endpoint
+    if all(c.state == "ok" for c in endpoint):
+        checks += await _request_checks(config, dry_run_request)
     return checks
 
 
@@ -60,6 +73,7 @@ async def _redis_checks(config: Config) -> list[Check]:
     finally:
         bridge.close()
     out = [Check("redis", "ok", f"{config.redis_location} answers (Redis {probe['version']})")]
+    out.append(await _permission_check(config))
     policy = probe.get("policy")
     if (warning := eviction_warning(policy)) is not None:
         out.append(Check("eviction", "warn", f"maxmemory-policy={policy}", warning))
@@ -123,6 +137,75 @@ async def _endpoint_checks(config: Config) -> list[Check]:
     finally:
         await stream.aclose()
     return out
+
+
+async def _permission_check(config: Config) -> Check:
+    bridge = make_bridge(config)
+    try:
+        await bridge.preflight()
+    except RedisRefused as exc:
+        rule = acl_rule(config.counter_key, config.namespace, config.redis_db)
+        return Check("permissions", "fail", str(exc),
+                     f"ACL SETUSER <user> on ><password> {rule}")
+    except RedisUnavailable as exc:
+        return Check("permissions", "fail", f"could not check: {exc}")
+    finally:
+        bridge.close()
+    return Check("permissions", "ok", "every command, key and channel the worker needs")
+
+
+DRY_RUN_HEADER = "x-reset-dry-run"  # a backend that supports it answers without resetting
+
+
+async def _request_checks(config: Config, dry_run_request: bool) -> list[Check]:
+    """Ask the endpoint things that cannot reset anything: OPTIONS tells a wrong path
+    (404) from a right one; the dry run, where supported, checks RESET_SECRET."""
+    url = config.reset_endpoint_url
+    async with httpx.AsyncClient(timeout=config.reset_timeout, follow_redirects=False,
+                                 verify=ssl.create_default_context(cafile=certifi.where())
+                                 ) as client:
+        try:
+            answer = await client.options(url)
+        except httpx.HTTPError as exc:
+            return [Check("endpoint path", "fail", f"OPTIONS failed: {type(exc).__name__}: "
+                          f"{exc}", "is the backend an HTTP server? (RESET_ENDPOINT_URL)")]
+        if answer.status_code == 404:
+            return [Check("endpoint path", "fail", "the backend answers 404 Not Found for "
+                          "this path", "check the path in RESET_ENDPOINT_URL")]
+        if 300 <= answer.status_code < 400:
+            return [Check("endpoint path", "fail", f"the backend redirects (HTTP "
+                          f"{answer.status_code}); redirects are never followed",
+                          "set RESET_ENDPOINT_URL to the final URL")]
+        out = [Check("endpoint path", "ok", f"OPTIONS answered HTTP {answer.status_code}")]
+        advertised = answer.headers.get(DRY_RUN_HEADER, "").lower() == "supported"
+        if not (advertised or dry_run_request):
+            out.append(Check("endpoint secret", "warn", "not verified: the backend does not "
+                             f"advertise the dry run ({DRY_RUN_HEADER}: supported on "
+                             "OPTIONS)", "see the README's 'Dry run' to support it, or pass "
+                             "--dry-run-request if your backend does"))
+            return out
+        probe = PendingReset("dry-run", "dry-run", int(time.time() * 1000), 0)
+        headers, body = build_request(probe, secret=config.reset_secret,
+                                      replica_id=config.replica_id, fencing_token=0,
+                                      signing_secret=config.reset_signing_secret)
+        headers[DRY_RUN_HEADER] = "1"
+        try:
+            dry = await client.post(url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            out.append(Check("endpoint secret", "fail", f"dry run failed: "
+                             f"{type(exc).__name__}: {exc}"))
+            return out
+        if 200 <= dry.status_code < 300:
+            out.append(Check("endpoint secret", "ok", "dry run accepted: RESET_SECRET is "
+                             "right"))
+        elif dry.status_code in (401, 403):
+            out.append(Check("endpoint secret", "fail", f"dry run refused with HTTP "
+                             f"{dry.status_code}", "check RESET_SECRET (and "
+                             "RESET_SIGNING_SECRET): the backend rejected it"))
+        else:
+            out.append(Check("endpoint secret", "fail", f"dry run answered HTTP "
+                             f"{dry.status_code}", "see the backend's logs"))
+        return out
 
 
 def print_checks(checks: list[Check], out: TextIO) -> int:

@@ -276,6 +276,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, behaviour: Respond) -> None:
         status = behaviour.status
+        if status in (204, 304) or status < 200:  # HTTP allows no body on these
+            self.send_response(status)
+            for name, value in behaviour.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            return
         if behaviour.body is None:
             payload = json.dumps({"ok": 200 <= status < 300}).encode()
             content_type: str | None = "application/json"
