@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import httpx
@@ -349,3 +350,115 @@ async def test_key_expired_before_its_ttl_was_read_is_still_reset(
         nursery.cancel_scope.cancel()
     assert [b["key"] for b in harness.backend.bodies] == ["c:late", "c:other"]
     assert harness.backend.bodies[0]["expired_at"] == 2.0  # when it was seen to expire
+
+
+# -- a hostile world, in exact time ------------------------------------------------------
+
+
+async def test_a_failing_reset_does_not_hold_a_courier(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """MAX_IN_FLIGHT=2 and two resets whose requests hang forever: once they wait for
+    their retries, at most one courier is theirs, and the next reset goes at its deadline."""
+    hung: list[float] = []
+
+    async def backend(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content)["key"].startswith("c:bad"):
+            hung.append(trio.current_time())
+            await trio.sleep_forever()
+        harness.backend.seen.append((trio.current_time(), request))
+        return httpx.Response(200)
+
+    transport = httpx.MockTransport(backend)
+    cfg = config(max_in_flight=2, reset_timeout_ms=2000)
+    async with (
+        httpx.AsyncClient(transport=transport) as client,
+        open_worker(cfg, store=harness.store, http_client=client,
+                    hooks=harness.hooks()) as worker,
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(worker.run)
+        harness.store.set_key("c:bad1", 1)
+        harness.store.set_key("c:bad2", 1)
+        harness.store.set_key("c:good", 10)
+        await wait_until(lambda: bool(harness.resets))
+        assert len(hung) >= 4, "the bad ones kept being retried meanwhile"
+        nursery.cancel_scope.cancel()
+    assert harness.backend.times == [10 + EARLY]
+    notes = harness.store.failing_notes.values()
+    assert {n.key for n in notes} == {"c:bad1", "c:bad2"}
+    assert all("RESET_TIMEOUT_MS=2000" in n.last_error for n in notes)
+
+
+class PoisonStore(FakeStore):
+    """A store whose decision raises for one key: a stand-in for an item no code expects."""
+
+    async def claim(self, holder: str, keys: list[str], reported: bool = False) -> list[Any]:
+        if "c:poison" in keys:
+            raise ValueError("cannot decide c:poison")
+        return await super().claim(holder, keys, reported)
+
+
+async def test_a_key_whose_decision_fails_is_set_aside_and_the_others_go_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    harness = Harness(PoisonStore("tcw:{c:*}"), Backend())
+    async with trio.open_nursery() as nursery:
+        worker = await start_worker(nursery, harness)
+        harness.store.set_key("c:poison", 1)
+        harness.store.set_key("c:ok", 1)
+        harness.store.set_key("c:later", 5)
+        await wait_until(lambda: len(harness.resets) >= 2)
+        assert worker.is_leader
+        assert worker.metrics.quarantined._value.get() == 1
+        nursery.cancel_scope.cancel()
+    assert [r.key for _, r, _ in harness.resets] == ["c:ok", "c:later"]
+    assert [round(t, 3) for t, _, _ in harness.resets] == [1.001, 5.001]
+
+
+async def test_leader_work_that_fails_gives_the_lease_back_and_campaigns_again(
+    harness: Harness, autojump_clock: trio.testing.MockClock,
+) -> None:
+    failures = [True]
+
+    def on_reset(reset: PendingReset, attempts: int) -> None:
+        harness.resets.append((trio.current_time(), reset, attempts))
+        if failures:
+            failures.pop()
+            raise RuntimeError("a bug in a hook")
+
+    hooks = Hooks(on_elected=lambda e: harness.elected.append((trio.current_time(), e)),
+                  on_reset=on_reset)
+    transport = httpx.MockTransport(harness.backend)
+    async with (
+        httpx.AsyncClient(transport=transport) as client,
+        open_worker(config(), store=harness.store, http_client=client, hooks=hooks) as worker,
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(worker.run)
+        harness.store.set_key("c:1", 1)
+        await wait_until(lambda: len(harness.elected) >= 2)
+        harness.store.set_key("c:2", 1)
+        await wait_until(lambda: len(harness.resets) >= 2)
+        assert worker.metrics.leader_crashes._value.get() == 1
+        nursery.cancel_scope.cancel()
+    assert [e for _, e in harness.elected] == [1, 2]  # released, then won again
+    assert [r.key for _, r, _ in harness.resets] == ["c:1", "c:2"]
+
+
+async def test_flags_rewritten_are_restored_within_a_second(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        worker = await start_worker(nursery, harness)
+        await wait_until(lambda: worker.is_leader)
+        await trio.sleep(5.5)
+        harness.store.flags = ""
+        scans = [t for t, op in harness.store.calls if op == "scan"]
+        await wait_until(lambda: "K" in harness.store.flags)
+        restored = trio.current_time()
+        await wait_until(lambda: len([t for t, op in harness.store.calls if op == "scan"])
+                         > len(scans))
+        nursery.cancel_scope.cancel()
+    assert 5.5 < restored <= 6.5
+    assert worker.metrics.flags_restored._value.get() == 1
