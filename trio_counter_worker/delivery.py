@@ -19,7 +19,7 @@ from .metrics import Metrics
 from .retry import Verdict, classify, parse_retry_after
 from .store import PendingReset
 
-__all__ = ["Attempt", "ResetSender", "build_request", "sign"]
+__all__ = ["Attempt", "ResetSender", "build_request", "safe_url", "sign"]
 
 _HINTS = {
     401: "check RESET_SECRET: the backend rejected it",
@@ -108,7 +108,7 @@ class ResetSender:
         # every pooled connection, with a poll() each, on every request: one shared
         # pool of 32 made that scan the worker's main cost under a burst.
         self._clients = [client] if isinstance(client, httpx.AsyncClient) else list(client)
-        self._where = _safe_url(config.reset_endpoint_url)
+        self._where = safe_url(config.reset_endpoint_url)
 
     async def attempt(self, reset: PendingReset, fencing_token: int, lane: int = 0) -> Attempt:
         """POST ``reset`` once. RESET_TIMEOUT_MS bounds the whole attempt (connect, send,
@@ -190,7 +190,7 @@ async def _drain(response: httpx.Response) -> None:
             return
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """The endpoint without userinfo or query, for logs."""
     parts = urlsplit(url)
     host = parts.hostname or "?"

@@ -22,6 +22,7 @@ import trio
 
 from .errors import LeaseLost, RedisUnavailable
 from .metrics import Metrics
+from .outage import OutageLog
 from .store import Store
 
 __all__ = ["Backoff", "Elector", "Lease", "LeaseTiming"]
@@ -94,9 +95,11 @@ class Elector:
         holder: str,
         replica_id: str,
         metrics: Metrics | None = None,
+        outage: OutageLog | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics or Metrics()
+        self._outage = outage or OutageLog(log)
         self.last_ok: float | None = None  # trio time of the last answered lease call
         self.timing = timing
         self.holder = holder
@@ -130,12 +133,12 @@ class Elector:
                 )
             except RedisUnavailable as exc:
                 self._metrics.redis_errors.inc()
-                delay = backoff.next()
-                log.warning("%s; retrying in %.1f s", exc, delay)
-                await trio.sleep(delay)
+                self._outage.failed("campaign", exc, trio.current_time())
+                await trio.sleep(backoff.next())
                 continue
             backoff.reset()
             self.last_ok = trio.current_time()
+            self._outage.recovered(self.last_ok)
             self.epoch_seen = max(self.epoch_seen, view.epoch)
             self._metrics.fencing_token.set(self.epoch_seen)
             if view.acquired:
@@ -167,12 +170,13 @@ class Elector:
                     renewed = await self._store.renew(self.holder, self._ttl_ms)
                 except RedisUnavailable as exc:
                     self._metrics.redis_errors.inc()
-                    log.warning("lease renewal failed: %s; retrying", exc)
+                    self._outage.failed("lease renewal", exc, trio.current_time())
                     next_renew = sent + timing.retry_every
                     continue
                 if not renewed:
                     raise LeaseLost("lease renewal shows another holder or an expired lease")
                 self.last_ok = trio.current_time()
+                self._outage.recovered(self.last_ok)
                 self._metrics.renewal.observe(self.last_ok - sent)
                 lease.renewed_at = sent
                 lease.step_down_at = timing.step_down_at(sent)

@@ -34,6 +34,7 @@ from .keyspace import (
     shown_key,
 )
 from .metrics import Metrics
+from .outage import OutageLog
 from .outbox import Entry, Outbox
 from .retry import RetryPolicy
 from .schedule import Schedule
@@ -85,7 +86,9 @@ class LeaderDuties:
         metrics: Metrics | None = None,
         quarantine: Quarantine | None = None,
         policy: RetryPolicy | None = None,
+        outage: OutageLog | None = None,
     ) -> None:
+        self._outage = outage or OutageLog(log)
         self._metrics = metrics or Metrics()
         self._config = config
         self._store = store
@@ -148,8 +151,8 @@ class LeaderDuties:
             log.error("leader: %s; resynchronising in %.1f s", exc, delay)
             await trio.sleep(delay)
             return
-        log.warning("leader lost its Redis connection (%s); resynchronising as soon as it "
-                    "answers (within %.1f s)", exc, delay)
+        self._outage.failed("leader", exc, trio.current_time(),
+                            "it resynchronises as soon as Redis answers")
         with trio.move_on_after(delay):
             await self._store.wait_until_reachable()
 
@@ -489,9 +492,8 @@ class LeaderDuties:
                 await call()
                 return
             except RedisUnavailable as exc:
-                delay = backoff.next()
-                log.warning("could not %s (%s); retrying in %.1f s", what, exc, delay)
-                await trio.sleep(delay)
+                self._outage.failed(f"could not {what}", exc, trio.current_time())
+                await trio.sleep(backoff.next())
 
     async def _marker(self) -> NoReturn:
         """Mark delivered resets sent, many per script call: under a burst this saves a

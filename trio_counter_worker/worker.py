@@ -23,13 +23,14 @@ import httpx
 import trio
 
 from .config import Config
-from .delivery import ResetSender
+from .delivery import ResetSender, safe_url
 from .election import Backoff, Elector, Lease, LeaseTiming
 from .errors import LeaseLost, RedisRefused, RedisUnavailable, first_error
 from .health import serve_health
 from .hooks import Hooks
 from .leader import LeaderDuties, Quarantine
 from .metrics import Metrics
+from .outage import OutageLog
 from .redis_bridge import RedisBridge, make_bridge
 from .store import Message, Store
 
@@ -59,8 +60,9 @@ class Worker:
         self._sender = ResetSender(config, http, metrics=self.metrics)
         # Unique per process: two processes started with the same REPLICA_ID still differ.
         self.holder = f"{config.replica_id}#{secrets.token_hex(4)}"
+        self._outage = OutageLog(log)  # one account of an outage for all the loops
         self._elector = Elector(store, LeaseTiming(config.lease_ttl), self.holder,
-                                config.replica_id, self.metrics)
+                                config.replica_id, self.metrics, self._outage)
         self.lease: Lease | None = None
         self.health_port: int | None = None  # bound port of the health endpoint, once up
         self._quarantine = Quarantine()  # outlives each leadership: a bad key stays aside
@@ -98,8 +100,10 @@ class Worker:
                 )
             await nursery.start(self._watch_releases)
             task_status.started()
-            log.info("replica %s started (standby); lease %s ms, counter key %r",
-                     self.config.replica_id, self.config.lease_ttl_ms, self.config.counter_key)
+            log.info("replica %s started (standby); lease %s ms, counter key %r, Redis %s, "
+                     "endpoint %s", self.config.replica_id, self.config.lease_ttl_ms,
+                     self.config.counter_key, self.config.redis_location,
+                     safe_url(self.config.reset_endpoint_url))
             while True:
                 lease = await self._elector.acquire()
                 await self._lead(lease)
@@ -133,7 +137,7 @@ class Worker:
                  extra={"event": "leader_acquired", "fencing_token": lease.epoch})
         duties = LeaderDuties(
             self.config, self._store, self._sender, self.holder, lease, self.hooks.on_reset,
-            self.metrics, self._quarantine,
+            self.metrics, self._quarantine, outage=self._outage,
         )
         self.hooks.on_elected(lease.epoch)
         try:
@@ -187,13 +191,14 @@ class Worker:
                     async with trio.open_nursery() as inner:
                         await inner.start(self._listen, channel, send)
                         backoff.reset()
+                        self._outage.recovered(trio.current_time())
                         if first:
                             first = False
                             task_status.started()
                 except* RedisUnavailable as group:
                     delay = backoff.next()
-                    log.warning("release watch: %s; retrying in %.1f s",
-                                first_error(group), delay)
+                    self._outage.failed("release watch", first_error(group),
+                                        trio.current_time())
                     if first:
                         first = False
                         task_status.started()
