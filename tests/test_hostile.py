@@ -359,3 +359,32 @@ def test_any_byte_string_as_a_counter_name_is_reset_exactly_once(
     for key in keys:
         assert len({r.json["reset_id"] for r in hostile.resets_for(key)}) == 1, key
     assert worker.alive
+
+
+def test_a_reset_refused_past_give_up_goes_to_the_dead_letters_and_back(
+    hostile: Hostile,
+) -> None:
+    hostile.backend.behave(by_key({"c:dead": Respond(404)}))
+    workers = hostile.start(["r1"], RESET_GIVE_UP_AFTER="2s")
+    with hostile.client() as c:
+        c.set("c:dead", 1, px=100)
+    workers["r1"].wait_for_output("reset given up on", WAIT)
+    env = clean_env(hostile.env("op"))
+
+    def status() -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(run_cli(["status", "--json"], env).stdout)
+        return parsed
+
+    (dead,) = wait_until(lambda: status()["dead_resets"]["oldest"], "a dead letter")
+    assert dead["key"] == "c:dead"
+    assert "HTTP 404" in dead["last_error"]
+    assert status()["pending_resets"] == 0
+    refused = {r.json["reset_id"] for r in hostile.requests_for("c:dead")}
+    assert refused == {dead["reset_id"]}
+    hostile.backend.behave(None)  # the backend is fixed
+    done = run_cli(["redeliver"], env)
+    assert done.returncode == 0, done.stderr
+    assert "1 dead reset(s) queued again" in done.stdout
+    workers["r1"].wait_for_output("reset sent: key='c:dead'", WAIT)
+    assert {r.json["reset_id"] for r in hostile.requests_for("c:dead")} == refused
+    assert status()["dead_resets"]["count"] == 0

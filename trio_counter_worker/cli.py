@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 
@@ -15,7 +16,7 @@ from . import __version__
 from .config import SETTINGS, Config
 from .errors import ConfigError, RedisUnavailable, first_error
 from .logs import configure_logging
-from .ops import print_checks, print_status, run_checks, run_status
+from .ops import print_checks, print_status, run_checks, run_redeliver, run_status
 from .worker import open_worker
 
 __all__ = ["main"]
@@ -46,11 +47,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", help="run one replica until SIGTERM/SIGINT (the default)",
                    epilog=_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub.add_parser("check", help="check the settings, Redis and the reset endpoint, "
-                   "without sending a reset; exit 0 only if all pass")
+    check = sub.add_parser("check", help="check the settings, Redis and the reset endpoint, "
+                           "without sending a reset; exit 0 only if nothing failed")
+    check.add_argument("--dry-run-request", action="store_true",
+                       help="send the dry-run POST (x-reset-dry-run: 1) to verify "
+                       "RESET_SECRET even if the backend does not advertise support")
     status = sub.add_parser("status", help="who leads, fencing token, pending resets, "
                             "watched counters, next deadline")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    redeliver = sub.add_parser("redeliver", help="queue dead resets (given up on after "
+                               "RESET_GIVE_UP_AFTER) again, under their own reset_id")
+    redeliver.add_argument("reset_ids", nargs="*", metavar="RESET_ID",
+                           help="which ones (see `status`) [default: all]")
     demo = sub.add_parser("demo", help="see it work: embedded Redis, a reference backend, "
                           "three replicas, a leader killed; nothing to install or start")
     demo.add_argument("--replicas", type=int, default=3, metavar="N",
@@ -95,14 +103,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = Config.from_env(
             env_file=".env" if args.env_file is None else args.env_file,
             required_file=args.env_file is not None,
-            redis_only=args.command == "status",  # status reads Redis only: no endpoint needed
+            # status and redeliver use Redis only: no endpoint needed
+            redis_only=args.command in ("status", "redeliver"),
         )
     except ConfigError as exc:
         return _fail(exc)
     if args.command == "check":
-        return print_checks(trio.run(run_checks, config), sys.stdout)
-    if args.command == "status":
+        checks = trio.run(partial(run_checks, config, dry_run_request=args.dry_run_request))
+        return print_checks(checks, sys.stdout)
+    if args.command in ("status", "redeliver"):
         try:
+            if args.command == "redeliver":
+                queued = trio.run(run_redeliver, config, args.reset_ids)
+                sys.stdout.write(f"{queued} dead reset(s) queued again\n")
+                return 0 if queued or not args.reset_ids else 1
             status = trio.run(run_status, config)
         except ConfigError as exc:
             return _fail(exc)

@@ -71,7 +71,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REPLICA_ID", None, "this replica's name in the lease, logs and requests "
             "(default: hostname-pid)"),
     Setting("RESET_TIMEOUT_MS", "5000", "timeout of one reset request in ms (100-14999)"),
-    Setting("MAX_IN_FLIGHT", "32", "most reset requests sent at once (1-1000)"),
+    Setting("MAX_IN_FLIGHT", "32", "most reset requests sent at once (1-1000); at most half "
+            "of them are retries of failing resets"),
+    Setting("RESET_GIVE_UP_AFTER", None, "a duration such as 90s, 30m, 6h or 2d: a reset "
+            "failing that long moves to the dead letters (`redeliver` sends it again) "
+            "[default: never]"),
     Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     Setting("LOG_FORMAT", "text", "text (readable lines) or json (one JSON object a line)"),
     Setting("RESET_SIGNING_SECRET", None, "if set, sign each request: x-signature: "
@@ -92,12 +96,26 @@ _HIDDEN = "(value hidden)"
 # What `status` ignores (see Config.from_env's redis_only): only sending resets uses them.
 _DELIVERY_SETTINGS = frozenset({
     "RESET_ENDPOINT_URL", "RESET_SECRET", "RESET_SIGNING_SECRET", "RESET_TIMEOUT_MS",
-    "MAX_IN_FLIGHT", "ALLOW_INSECURE_HTTP",
+    "MAX_IN_FLIGHT", "ALLOW_INSECURE_HTTP", "RESET_GIVE_UP_AFTER",
 })  # fmt: skip
 _UNUSED_URL = "https://reset-endpoint.invalid/"  # .invalid: can never resolve (RFC 6761)
 _UNUSED_SECRET = "unused"  # noqa: S105 - a placeholder, never sent
 _URL_OVERRIDES = ("REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB")
 _INTEGER = re.compile(r"[-+]?[0-9]+")
+_DURATION = re.compile(r"([0-9]{1,9})(s|m|h|d)")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(name: str, raw: str | None) -> float | None:
+    """``90s``, ``30m``, ``6h``, ``2d`` (at least 1 s) into seconds; None when unset."""
+    if raw is None:
+        return None
+    match = _DURATION.fullmatch(raw.strip().lower())
+    if match is None or int(match[1]) == 0:
+        raise ConfigError(
+            f"{name} must be a duration such as 90s, 30m, 6h or 2d, got {_shown(raw)}"
+        )
+    return float(int(match[1]) * _UNIT_SECONDS[match[2]])
 _DIGITS = re.compile(r"[0-9]+")
 
 
@@ -106,6 +124,11 @@ def _shown(value: str) -> str:
     if len(value) <= _SHOWN_MAX:
         return repr(value)
     return f"{value[:_SHOWN_MAX]!r}... ({len(value)} characters)"
+
+
+def _shown_number(value: int) -> str:
+    digits = str(value)
+    return digits if len(digits) <= 20 else f"{digits[:20]}... ({len(digits)} digits)"
 
 
 def _shown_url(url: str) -> str:
@@ -162,7 +185,7 @@ def _int_in(name: str, lo: int, hi: int, unit: str = "") -> Any:
     def check(_inst: object, _attr: attrs.Attribute[int], value: int) -> None:
         if not lo <= value <= hi:
             raise ConfigError(
-                f"{name} must be between {lo} and {hi}{unit}, got {_shown(str(value))[1:-1]}"
+                f"{name} must be between {lo} and {hi}{unit}, got {_shown_number(value)}"
             )
 
     return check
@@ -298,6 +321,7 @@ class Config:
         default=5000, validator=_int_in("RESET_TIMEOUT_MS", 100, 14999, " ms")
     )
     max_in_flight: int = attrs.field(default=32, validator=_int_in("MAX_IN_FLIGHT", 1, 1000))
+    reset_give_up_after: float | None = attrs.field(default=None)
     log_level: str = attrs.field(default="INFO")
     log_format: str = attrs.field(default="text")
     reset_signing_secret: str | None = attrs.field(
@@ -326,7 +350,7 @@ class Config:
     def _check_health_port(self, _attr: attrs.Attribute[int | None], value: int | None) -> None:
         if value is not None and not 0 <= value <= 65535:
             raise ConfigError(
-                f"HEALTH_PORT must be between 0 and 65535, got {_shown(str(value))[1:-1]}"
+                f"HEALTH_PORT must be between 0 and 65535, got {_shown_number(value)}"
             )
 
     @log_format.validator
@@ -491,6 +515,8 @@ class Config:
             "lease_ttl_ms": integer("LEASE_TTL_MS", 3000),
             "reset_timeout_ms": integer("RESET_TIMEOUT_MS", 5000),
             "max_in_flight": integer("MAX_IN_FLIGHT", 32),
+            "reset_give_up_after": parse_duration("RESET_GIVE_UP_AFTER",
+                                                  get("RESET_GIVE_UP_AFTER")),
             "log_level": (get("LOG_LEVEL") or "INFO").upper(),
             "log_format": (get("LOG_FORMAT") or "text").lower(),
             "reset_signing_secret": get("RESET_SIGNING_SECRET"),

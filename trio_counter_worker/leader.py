@@ -98,8 +98,7 @@ class LeaderDuties:
         self._schedule = Schedule()
         self._sleep: trio.CancelScope | None = None
         # Retries use at most half the couriers: failing resets never starve fresh ones.
-        self._outbox = Outbox(max(1, config.max_in_flight // 2),
-                              getattr(config, "reset_give_up_after", None))
+        self._outbox = Outbox(max(1, config.max_in_flight // 2), config.reset_give_up_after)
         self._policy = policy or RetryPolicy()
         self._work = trio.lowlevel.ParkingLot()  # couriers wait here for a reset to send
         self._retry_timer: trio.CancelScope | None = None

@@ -24,7 +24,14 @@ from .keyspace import NEEDED_FLAGS, enable_hint, eviction_warning, missing_flags
 from .redis_bridge import make_bridge
 from .store import PendingReset
 
-__all__ = ["Check", "print_checks", "print_status", "run_checks", "run_status"]
+__all__ = [
+    "Check",
+    "print_checks",
+    "print_status",
+    "run_checks",
+    "run_redeliver",
+    "run_status",
+]
 
 State = Literal["ok", "warn", "fail"]
 
@@ -224,6 +231,15 @@ async def run_status(config: Config) -> dict[str, Any]:
     bridge = make_bridge(config)
     try:
         return await bridge.status()
+    finally:
+        bridge.close()
+
+
+async def run_redeliver(config: Config, reset_ids: list[str]) -> int:
+    """Dead resets back to pending (all with no ids); the leader is told at once."""
+    bridge = make_bridge(config)
+    try:
+        return await bridge.redeliver(reset_ids)
     finally:
         bridge.close()
 
