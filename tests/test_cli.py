@@ -13,6 +13,8 @@ and each parametrized test checks its own result.
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -154,7 +156,9 @@ def test_refused_password_exits_2(locked_redis: RedisServer, password: str | Non
 
 def test_unknown_acl_user_exits_2(redis_server: RedisServer) -> None:
     url = f"redis://nobody:{ACL_PASSWORD}@127.0.0.1:{redis_server.port}/0"
-    result = run_cli(["run"], redis_env(redis_server, REDIS_URL=url), CLI_TIMEOUT)
+    # Without REDIS_PORT, which REDIS_URL would override with a warning (a second line).
+    env = {k: v for k, v in redis_env(redis_server, REDIS_URL=url).items() if k != "REDIS_PORT"}
+    result = run_cli(["run"], env, CLI_TIMEOUT)
     assert_config_failure(result, AUTH_MESSAGE, "REDIS_URL", secrets=(*SECRETS, ACL_PASSWORD))
 
 
@@ -243,3 +247,85 @@ def test_env_file_option(tmp_path: Path) -> None:
     env = cli_env({"RESET_ENDPOINT_URL": ENDPOINT, "RESET_SECRET": SECRET})
     result = run_cli(["--env-file", str(tmp_path / "prod.env"), "run"], env, CLI_TIMEOUT)
     assert_config_failure(result, "REDIS_URL")
+
+
+def test_missing_env_file_option_exits_2(tmp_path: Path) -> None:
+    missing = tmp_path / "prod.env"
+    env = cli_env({"RESET_ENDPOINT_URL": ENDPOINT, "RESET_SECRET": SECRET})
+    line = assert_config_failure(
+        run_cli(["--env-file", str(missing), "run"], env, CLI_TIMEOUT), "--env-file"
+    )
+    assert str(missing) in line
+
+
+def test_dotenv_not_utf8_exits_2(tmp_path: Path) -> None:
+    latin1 = f"RESET_SECRET={SECRET}\nCOUNTER_KEY=caf\xe9\n".encode("latin-1")
+    (tmp_path / ".env").write_bytes(latin1)
+    env = cli_env({"RESET_ENDPOINT_URL": ENDPOINT})
+    line = assert_config_failure(run_cli(["run"], env, CLI_TIMEOUT, tmp_path), ".env", "UTF-8")
+    assert str(tmp_path) in line
+
+
+def test_missing_setting_without_dotenv_says_where_it_looked(tmp_path: Path) -> None:
+    env = cli_env({"RESET_SECRET": SECRET})
+    line = assert_config_failure(run_cli(["run"], env, CLI_TIMEOUT, tmp_path), "RESET_ENDPOINT_URL")
+    assert f"no .env file in {tmp_path}; pass --env-file" in line
+
+
+# --- settings only the running worker can check -------------------------------------------
+
+
+def test_health_port_in_use_exits_2(redis_server: RedisServer) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = redis_env(redis_server, HEALTH_HOST="127.0.0.1", HEALTH_PORT=str(port))
+        line = assert_config_failure(run_cli(["run"], env, CLI_TIMEOUT), "HEALTH_PORT")
+    assert f"HEALTH_PORT {port} is already in use" in line
+    assert "unset HEALTH_PORT" in line
+
+
+def test_health_host_that_does_not_resolve_exits_2(redis_server: RedisServer) -> None:
+    env = redis_env(redis_server, HEALTH_HOST="health.invalid", HEALTH_PORT="0")
+    line = assert_config_failure(run_cli(["run"], env, CLI_TIMEOUT), "HEALTH_HOST")
+    assert "'health.invalid' does not resolve" in line
+
+
+def test_redis_url_override_is_logged_once(
+    redis_server: RedisServer, spawn_worker: SpawnWorker
+) -> None:
+    env = redis_env(redis_server, REDIS_URL=f"redis://127.0.0.1:{redis_server.port}/0",
+                    REDIS_PASSWORD=REDIS_SECRET, REDIS_HOST="ignored.example")
+    worker = spawn_worker(env, "override")
+    output = worker.wait_for_output("started", timeout=WAIT)
+    worker.terminate()
+    assert worker.wait(timeout=WAIT) == 0
+    warning = ("REDIS_URL overrides REDIS_HOST, REDIS_PORT, REDIS_PASSWORD: their values are "
+               "ignored")
+    assert output.count(warning) == 1, output
+    assert output.index(warning) < output.index("started")
+    assert REDIS_SECRET not in worker.output()
+
+
+# --- status needs Redis only ------------------------------------------------------------
+
+
+def test_status_needs_no_endpoint_or_secret(redis_server: RedisServer) -> None:
+    env = cli_env({"REDIS_PORT": str(redis_server.port)})
+    result = run_cli(["status", "--json"], env, CLI_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert json.loads(result.stdout)["leader"] is None
+
+
+def test_status_still_checks_redis_settings() -> None:
+    assert_config_failure(run_cli(["status"], cli_env({"REDIS_PORT": "x"}), CLI_TIMEOUT),
+                          "REDIS_PORT")
+
+
+def test_demo_help_gives_units() -> None:
+    result = run_cli(["demo", "--help"], {}, CLI_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert "--replicas N" in result.stdout
+    assert "in seconds" in result.stdout

@@ -17,9 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import certifi
 import pytest
 
-from trio_counter_worker.config import SETTINGS, Config
+from trio_counter_worker.config import OWN_KEY_PREFIX, SETTINGS, Config
 from trio_counter_worker.errors import ConfigError, WorkerError
 
 SECRET = "sekrit-XYZ-123"  # RESET_SECRET
@@ -69,9 +70,46 @@ BAD_CASES: tuple[BadCase, ...] = (
     BadCase("redis-url-bad-db", {"REDIS_URL": f"redis://nobody:{URL_SECRET}@h/db1"}, "REDIS_URL"),
     BadCase(
         "insecure-http",
-        {"RESET_ENDPOINT_URL": "http://backend.example/reset"},
+        {"RESET_ENDPOINT_URL": "http://192.0.2.10/reset"},  # TEST-NET-1: no DNS involved
         "ALLOW_INSECURE_HTTP",
     ),
+    # Each used to escape as a ValueError from urlsplit: a traceback and exit 1.
+    BadCase("endpoint-port-99999", {"RESET_ENDPOINT_URL": "http://127.0.0.1:99999/x"},
+            "RESET_ENDPOINT_URL"),
+    BadCase("endpoint-port-3OOO", {"RESET_ENDPOINT_URL": "http://127.0.0.1:3OOO/x"},
+            "RESET_ENDPOINT_URL"),
+    BadCase("endpoint-port-0", {"RESET_ENDPOINT_URL": "https://h.example:0/x"},
+            "RESET_ENDPOINT_URL"),
+    BadCase("endpoint-bracket", {"RESET_ENDPOINT_URL": "http://[::1/x"}, "RESET_ENDPOINT_URL"),
+    BadCase("endpoint-bracket-not-ip", {"RESET_ENDPOINT_URL": "https://[abc]/x"},
+            "RESET_ENDPOINT_URL"),
+    BadCase("endpoint-label-too-long", {"RESET_ENDPOINT_URL": f"https://{'a' * 64}.example/"},
+            "RESET_ENDPOINT_URL"),
+    BadCase("endpoint-control-char", {"RESET_ENDPOINT_URL": "https://h.example/\x01"},
+            "RESET_ENDPOINT_URL"),
+    # .invalid never resolves (RFC 6761), whatever the resolver's search domains.
+    BadCase("endpoint-unresolvable", {"RESET_ENDPOINT_URL": "http://localhsot.invalid/x"},
+            "RESET_ENDPOINT_URL"),
+    # Each used to pass, then fail on every request (UnicodeEncodeError, invalid header).
+    BadCase("secret-non-ascii", {"RESET_SECRET": "sécrèt-€"}, "RESET_SECRET"),
+    BadCase("secret-newline", {"RESET_SECRET": "sekrit\nXYZ"}, "RESET_SECRET"),
+    BadCase("secret-space", {"RESET_SECRET": "sekrit XYZ"}, "RESET_SECRET"),
+    BadCase("signing-secret-undecodable", {"RESET_SIGNING_SECRET": "sekrit-\udcff"},
+            "RESET_SIGNING_SECRET"),
+    BadCase("counter-key-star", {"COUNTER_KEY": "*"}, "COUNTER_KEY"),
+    BadCase("counter-key-t-star", {"COUNTER_KEY": "t*"}, "COUNTER_KEY"),
+    BadCase("counter-key-own-prefix", {"COUNTER_KEY": "tcw:*"}, "COUNTER_KEY"),
+    BadCase("counter-key-question", {"COUNTER_KEY": "?cw:{x}"}, "COUNTER_KEY"),
+    BadCase("counter-key-class", {"COUNTER_KEY": "[t]cw:*"}, "COUNTER_KEY"),
+    BadCase("port-superscript", {"REDIS_PORT": "²"}, "REDIS_PORT"),
+    BadCase("redis-url-db-superscript", {"REDIS_URL": f"redis://u:{URL_SECRET}@h/²"},
+            "REDIS_URL"),
+    BadCase("redis-url-bad-host", {"REDIS_URL": f"redis://u:{URL_SECRET}@a..b/0"}, "REDIS_URL"),
+    BadCase("sentinel-port-superscript", {"REDIS_SENTINELS": "h:²",
+                                          "REDIS_SENTINEL_MASTER": "m"}, "REDIS_SENTINELS"),
+    BadCase("redis-host-space", {"REDIS_HOST": "redis host"}, "REDIS_HOST"),
+    BadCase("health-host-space", {"HEALTH_HOST": "0.0.0.0 8080"}, "HEALTH_HOST"),
+    BadCase("ca-file-not-pem", {"REDIS_CA_FILE": __file__}, "REDIS_CA_FILE"),
     BadCase("allow-insecure-maybe", {"ALLOW_INSECURE_HTTP": "maybe"}, "ALLOW_INSECURE_HTTP"),
     BadCase("log-format-xml", {"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
     BadCase("health-port-big", {"HEALTH_PORT": "70000"}, "HEALTH_PORT"),
@@ -149,11 +187,12 @@ NAMED_VALUES: list[tuple[str, str, str, Any]] = [
     ("REPLICA_ID", "replica-a", "replica_id", "replica-a"),
     ("RESET_TIMEOUT_MS", "2500", "reset_timeout_ms", 2500),
     ("MAX_IN_FLIGHT", "7", "max_in_flight", 7),
+    ("RESET_GIVE_UP_AFTER", "30m", "reset_give_up_after", 1800.0),
     ("LOG_LEVEL", "WARNING", "log_level", "WARNING"),
     ("LOG_FORMAT", "json", "log_format", "json"),
     ("RESET_SIGNING_SECRET", SIGNING_SECRET, "reset_signing_secret", SIGNING_SECRET),
     ("ALLOW_INSECURE_HTTP", "1", "allow_insecure_http", True),
-    ("REDIS_CA_FILE", __file__, "redis_ca_file", __file__),
+    ("REDIS_CA_FILE", certifi.where(), "redis_ca_file", certifi.where()),
     ("HEALTH_PORT", "8080", "health_port", 8080),
     ("REDIS_SENTINEL_PASSWORD", "sentinel-pass", "redis_sentinel_password", "sentinel-pass"),
     ("HEALTH_HOST", "127.0.0.1", "health_host", "127.0.0.1"),
@@ -358,6 +397,11 @@ def test_invalid_value_is_a_config_error_naming_the_variable(case: BadCase) -> N
         ({"replica_id": "x" * 129}, "REPLICA_ID"),
         ({"replica_id": "tab\there"}, "REPLICA_ID"),
         ({"log_level": "info"}, "LOG_LEVEL"),  # the class takes the canonical form only
+        ({"reset_secret": "sécrèt"}, "RESET_SECRET"),
+        ({"reset_endpoint_url": "http://[::1/x"}, "RESET_ENDPOINT_URL"),
+        ({"counter_key": "tcw:{c:*}:lease"}, "COUNTER_KEY"),
+        ({"health_host": "a b"}, "HEALTH_HOST"),
+        ({"redis_password": "p\udcff"}, "REDIS_PASSWORD"),
     ],
 )
 def test_direct_construction_validates(kwargs: dict[str, Any], variable: str) -> None:
@@ -386,6 +430,16 @@ def test_direct_construction_validates(kwargs: dict[str, Any], variable: str) ->
         ("REPLICA_ID", "r" * 128),
         ("RESET_ENDPOINT_URL", "http://localhost/reset"),
         ("RESET_ENDPOINT_URL", "https://[::1]:8443/reset?x=1"),
+        ("RESET_ENDPOINT_URL", "http://127.0.0.1:65535/reset"),
+        ("RESET_ENDPOINT_URL", "http://[::1]:1/reset"),
+        ("RESET_ENDPOINT_URL", "https://bücher.example/zurücksetzen"),
+        ("RESET_SECRET", "".join(map(chr, range(0x21, 0x7F)))),  # every visible ASCII
+        ("RESET_SIGNING_SECRET", "clé-€ with spaces"),  # HMAC key: any UTF-8 text
+        ("COUNTER_KEY", "c:*"),
+        ("COUNTER_KEY", "tenant:*:room"),
+        ("COUNTER_KEY", "tcw"),  # no key of the worker's is exactly this
+        ("COUNTER_KEY", "tcw:[^{]*"),
+        ("HEALTH_HOST", "::"),
     ],
 )
 def test_boundary_values_are_accepted(name: str, value: str) -> None:
@@ -433,3 +487,217 @@ def test_cluster_settings() -> None:
     with pytest.raises(ConfigError, match="exclude each other"):
         load({**MINIMAL, "REDIS_CLUSTER_NODES": "n1:7000", "REDIS_SENTINELS": "s:1",
               "REDIS_SENTINEL_MASTER": "m"})
+
+
+
+# --- what used to fail only later --------------------------------------------------
+
+
+def test_own_key_prefix_is_the_namespace_prefix() -> None:
+    config = load({**MINIMAL, "COUNTER_KEY": "c:*"})
+    assert config.namespace == "tcw:{c:*}"
+    assert config.namespace.startswith(OWN_KEY_PREFIX)
+
+
+def test_counter_key_that_could_match_own_keys_says_why() -> None:
+    with pytest.raises(ConfigError) as info:
+        load({**MINIMAL, "COUNTER_KEY": "t*"})
+    message = str(info.value)
+    assert "COUNTER_KEY 't*'" in message
+    assert OWN_KEY_PREFIX in message
+    assert "'counter:*'" in message
+
+
+def test_secret_error_says_what_is_allowed_and_hides_the_value() -> None:
+    with pytest.raises(ConfigError) as info:
+        load({**MINIMAL, "RESET_SECRET": "sekrit-XYZ-123-é"})
+    message = str(info.value)
+    assert "0x21-0x7E" in message
+    assert "x-secret" in message
+    assert "sekrit" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://127.0.0.1:99999/x", "invalid port"),
+        ("http://127.0.0.1:3OOO/x", "invalid port"),
+        ("http://[::1/x", "brackets"),
+        ("gopher://h/x", "http:// or https://"),
+        ("https:///x", "name a host"),
+    ],
+)
+def test_endpoint_url_errors_name_the_problem(url: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load({**MINIMAL, "RESET_ENDPOINT_URL": url})
+    assert str(info.value).startswith("RESET_ENDPOINT_URL")
+    assert problem in str(info.value)
+
+
+def test_endpoint_url_credentials_are_masked() -> None:
+    with pytest.raises(ConfigError) as info:
+        load({**MINIMAL, "RESET_ENDPOINT_URL": f"https://user:{SECRET}@h.example:0/x"})
+    assert SECRET not in str(info.value)
+    assert "***@h.example:0" in str(info.value)
+
+
+def test_long_values_are_cut_short_in_messages() -> None:
+    with pytest.raises(ConfigError) as info:
+        load({**MINIMAL, "LOG_LEVEL": "x" * 10_000})
+    assert len(str(info.value)) < 300
+    assert "10000 characters" in str(info.value)
+
+
+def fake_getaddrinfo(table: Mapping[str, list[str]]) -> Any:
+    """A socket.getaddrinfo that answers from ``table`` (host -> addresses)."""
+
+    def getaddrinfo(host: str, *_args: object, **_kwargs: object) -> list[Any]:
+        if host not in table:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                 (a, 0)) for a in table[host]]
+
+    return getaddrinfo
+
+
+RESOLVER = {
+    "loopback-name": ["127.0.0.1", "::1"],
+    "lan-name": ["10.0.0.7"],
+    "mixed-name": ["127.0.0.1", "10.0.0.7"],
+}
+
+
+@pytest.mark.parametrize("host", ["loopback-name", "localhost", "127.0.0.2", "[::1]"])
+def test_plain_http_to_loopback_is_allowed(host: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo(RESOLVER))
+    load({**MINIMAL, "RESET_ENDPOINT_URL": f"http://{host}:8080/reset"})
+
+
+@pytest.mark.parametrize("host", ["lan-name", "mixed-name", "10.0.0.7"])
+def test_plain_http_elsewhere_needs_allow_insecure_http(
+    host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo(RESOLVER))
+    env = {**MINIMAL, "RESET_ENDPOINT_URL": f"http://{host}/reset"}
+    with pytest.raises(ConfigError, match=r"not loopback.*ALLOW_INSECURE_HTTP=1"):
+        load(env)
+    assert load({**env, "ALLOW_INSECURE_HTTP": "1"}).allow_insecure_http
+
+
+def test_plain_http_to_a_name_that_does_not_resolve_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo(RESOLVER))
+    with pytest.raises(ConfigError) as info:
+        load({**MINIMAL, "RESET_ENDPOINT_URL": "http://localhsot:3000/reset"})
+    message = str(info.value)
+    assert message.startswith("RESET_ENDPOINT_URL's host 'localhsot' does not resolve")
+    assert "not loopback" not in message
+
+
+def test_plain_http_with_allow_insecure_http_resolves_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(*_args: object, **_kwargs: object) -> list[Any]:
+        raise AssertionError("resolved a name it did not need")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    for url in ("http://anything.internal/reset", "https://backend.example/reset"):
+        load({**MINIMAL, "RESET_ENDPOINT_URL": url, "ALLOW_INSECURE_HTTP": "1"})
+
+
+def test_real_resolver_on_a_name_that_cannot_exist() -> None:
+    with pytest.raises(ConfigError, match="does not resolve"):
+        load({**MINIMAL, "RESET_ENDPOINT_URL": "http://localhsot.invalid/reset"})
+
+
+# --- REDIS_URL overriding ------------------------------------------------------------
+
+
+def test_redis_url_reports_what_it_overrode() -> None:
+    config = load({**MINIMAL, **REDIS_PARTS, "REDIS_URL": "redis://only-host/0"})
+    assert config.overridden == ("REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB")
+    partial = load({**MINIMAL, "REDIS_PASSWORD": REDIS_SECRET, "REDIS_HOST": " ",
+                    "REDIS_URL": "redis://only-host/0"})
+    assert partial.overridden == ("REDIS_PASSWORD",)  # blank means unset
+    assert load({**MINIMAL, **REDIS_PARTS}).overridden == ()
+    assert load({**MINIMAL, "REDIS_URL": "redis://only-host/0"}).overridden == ()
+
+
+# --- status: Redis settings only --------------------------------------------------------
+
+
+def test_redis_only_needs_no_endpoint_or_secret() -> None:
+    config = Config.from_env({"REDIS_PORT": "7001"}, env_file=None, redis_only=True)
+    assert config.redis_port == 7001
+    # Bad delivery settings are not its business either; bad Redis ones still are.
+    bad_delivery = {"RESET_ENDPOINT_URL": "ftp://x", "RESET_SECRET": "é", "MAX_IN_FLIGHT": "0",
+                    "RESET_TIMEOUT_MS": "x", "ALLOW_INSECURE_HTTP": "maybe"}
+    Config.from_env(bad_delivery, env_file=None, redis_only=True)
+    with pytest.raises(ConfigError, match="REDIS_PORT"):
+        Config.from_env({"REDIS_PORT": "x"}, env_file=None, redis_only=True)
+
+
+# --- .env problems ------------------------------------------------------------------------
+
+
+def test_env_file_not_utf8(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_bytes(b"RESET_SECRET=caf\xe9\n")  # Latin-1
+    with pytest.raises(ConfigError) as info:
+        load(MINIMAL, env_file=env_file)
+    message = str(info.value)
+    assert str(env_file) in message
+    assert "not UTF-8" in message
+    assert "line 1 has byte 0xe9" in message
+
+
+def test_env_file_that_is_a_directory(tmp_path: Path) -> None:
+    (tmp_path / ".env").mkdir()
+    with pytest.raises(ConfigError, match="cannot be read: Is a directory"):
+        load(MINIMAL, env_file=tmp_path / ".env")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_env_file_not_readable(tmp_path: Path) -> None:
+    env_file = write_env_file(tmp_path / ".env", RESET_SECRET=SECRET)
+    env_file.chmod(0)
+    with pytest.raises(ConfigError, match="cannot be read: Permission denied"):
+        load(MINIMAL, env_file=env_file)
+
+
+def test_env_file_line_that_does_not_parse(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"REDIS_PORT=7001\nRESET_SECRET='{SECRET}\n")  # unclosed quote
+    with pytest.raises(ConfigError) as info:
+        load(MINIMAL, env_file=env_file)
+    assert "line 2 is not NAME=value" in str(info.value)
+    assert_no_secret(str(info.value))
+
+
+def test_required_env_file_must_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "prod.env"
+    with pytest.raises(ConfigError) as info:
+        Config.from_env(MINIMAL, env_file=missing, required_file=True)
+    assert str(info.value) == f"--env-file {str(missing)!r}: no such file"
+
+
+def test_missing_setting_says_no_dotenv_was_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({"RESET_SECRET": SECRET})
+    assert str(info.value) == (
+        "RESET_ENDPOINT_URL is required: set it to the http(s) URL of your backend's reset "
+        f"endpoint (no .env file in {tmp_path}; pass --env-file or set the environment)"
+    )
+    # A .env that is there but lacks the setting: no such hint.
+    write_env_file(tmp_path / ".env", REDIS_PORT="7001")
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({"RESET_SECRET": SECRET})
+    assert "no .env" not in str(info.value)
+    # No file asked for at all: none either.
+    with pytest.raises(ConfigError) as info:
+        load({"RESET_SECRET": SECRET})
+    assert "no .env" not in str(info.value)

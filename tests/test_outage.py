@@ -25,8 +25,8 @@ def test_one_line_down_a_summary_at_most_every_period_one_line_back(
     log.recovered(13.0)
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
-        "Redis unreachable (campaign: refused); retrying with backoff",
-        "Redis still unreachable after 10 s (16 failed calls; last: refused)",
+        "Redis unavailable (campaign: refused); retrying with backoff",
+        "Redis still unavailable after 10 s (16 failed calls; last: refused)",
         "Redis answers again after 12.5 s (17 failed calls)",
     ]
     assert not log.down

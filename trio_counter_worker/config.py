@@ -29,12 +29,9 @@ from dotenv.parser import parse_stream
 
 from .errors import ConfigError
 from .glob import may_match_prefix
+from .keyspace import OWN_KEY_PREFIX
 
 __all__ = ["OWN_KEY_PREFIX", "SETTINGS", "Config", "Setting"]
-
-# Every key and channel the worker itself writes starts with this (see Config.namespace):
-# the braces make one Redis Cluster hash slot of them.
-OWN_KEY_PREFIX = "tcw:{"
 
 
 @attrs.frozen

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import base64
 
-# Every key and channel of every deployment starts with this; none is ever a counter.
+# Every key and channel of every deployment starts with this (see Config.namespace; the
+# braces make one Redis Cluster hash slot of them); none is ever a counter.
 OWN_KEY_PREFIX = "tcw:{"
 
 # K: keyspace channels (one per key, so Redis filters by our pattern and unrelated keys

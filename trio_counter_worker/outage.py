@@ -32,12 +32,12 @@ class OutageLog:
         self._failures += 1
         if self._since is None:
             self._since = self._last_line = now
-            self._log.warning("Redis unreachable (%s: %s)%s; retrying with backoff", what,
+            self._log.warning("Redis unavailable (%s: %s)%s; retrying with backoff", what,
                               exc, f" ({hint})" if hint else "",
                               extra={"event": "redis_down"})
         elif now - self._last_line >= self._every:
             self._last_line = now
-            self._log.warning("Redis still unreachable after %.0f s (%d failed calls; "
+            self._log.warning("Redis still unavailable after %.0f s (%d failed calls; "
                               "last: %s)", now - self._since, self._failures, exc,
                               extra={"event": "redis_down"})
 
