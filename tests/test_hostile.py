@@ -260,13 +260,20 @@ def user_env(hostile: Hostile, name: str) -> dict[str, str]:
     return env
 
 
-def test_the_documented_acl_is_enough(hostile: Hostile) -> None:
+def start_with_minimal_acl(hostile: Hostile) -> WorkerProcess:
+    """A worker whose Redis user has exactly the documented rule (flags set for it, as
+    the rule allows CONFIG but an operator may not)."""
     with hostile.client() as c:
         acl_user(c, "worker", minimal_rule(c))
         c.config_set("notify-keyspace-events", "Kg$x")
     worker = hostile.spawn_worker(user_env(hostile, "worker"), "acl")
     hostile.spawned.append(worker)
     worker.wait_for_output("reconciled:", START)
+    return worker
+
+
+def test_the_documented_acl_is_enough(hostile: Hostile) -> None:
+    worker = start_with_minimal_acl(hostile)
     with hostile.client() as c:
         c.set("c:acl", 1, px=200)
     wait_until(lambda: hostile.resets_for(b"c:acl"), "a reset under the minimal ACL")
@@ -297,12 +304,7 @@ def test_a_missing_permission_is_one_line_at_start(
 
 
 def test_a_permission_removed_at_run_time_is_an_error_not_an_exit(hostile: Hostile) -> None:
-    with hostile.client() as c:
-        acl_user(c, "worker", minimal_rule(c))
-        c.config_set("notify-keyspace-events", "Kg$x")
-    worker = hostile.spawn_worker(user_env(hostile, "worker"), "acl")
-    hostile.spawned.append(worker)
-    worker.wait_for_output("reconciled:", START)
+    worker = start_with_minimal_acl(hostile)
     with hostile.client() as c:
         c.execute_command("ACL", "SETUSER", "worker", "-evalsha")
         c.set("c:during", 1, px=300)

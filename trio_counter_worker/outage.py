@@ -30,15 +30,16 @@ class OutageLog:
     def failed(self, what: str, exc: BaseException, now: float, hint: str = "") -> None:
         """A call failed because Redis is unreachable (or refused it)."""
         self._failures += 1
+        text = _plain(exc)
         if self._since is None:
             self._since = self._last_line = now
             self._log.warning("Redis unavailable (%s: %s)%s; retrying with backoff", what,
-                              exc, f" ({hint})" if hint else "",
+                              text, f" ({hint})" if hint else "",
                               extra={"event": "redis_down"})
         elif now - self._last_line >= self._every:
             self._last_line = now
             self._log.warning("Redis still unavailable after %.0f s (%d failed calls; "
-                              "last: %s)", now - self._since, self._failures, exc,
+                              "last: %s)", now - self._since, self._failures, text,
                               extra={"event": "redis_down"})
 
     def recovered(self, now: float) -> None:
@@ -49,3 +50,8 @@ class OutageLog:
                        now - self._since, self._failures, extra={"event": "redis_up"})
         self._since = None
         self._failures = 0
+
+
+def _plain(exc: BaseException) -> str:
+    """The error without a repeated "Redis unavailable: " in front."""
+    return str(exc).removeprefix("Redis unavailable: ")
