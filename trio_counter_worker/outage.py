@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from .errors import RedisRefused
+
 __all__ = ["OutageLog"]
 
 
@@ -33,9 +35,11 @@ class OutageLog:
         text = _plain(exc)
         if self._since is None:
             self._since = self._last_line = now
-            self._log.warning("Redis unavailable (%s: %s)%s; retrying with backoff", what,
-                              text, f" ({hint})" if hint else "",
-                              extra={"event": "redis_down"})
+            # A refusal (out of memory, a permission, credentials) needs someone to act.
+            level = logging.ERROR if isinstance(exc, RedisRefused) else logging.WARNING
+            self._log.log(level, "Redis unavailable (%s: %s)%s; retrying with backoff", what,
+                          text, f" ({hint})" if hint else "",
+                          extra={"event": "redis_down"})
         elif now - self._last_line >= self._every:
             self._last_line = now
             self._log.warning("Redis still unavailable after %.0f s (%d failed calls; "
