@@ -34,6 +34,8 @@ class ClusterSetup:
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", f"nodes-{i}.conf",
                 "--cluster-node-timeout", "1000",
+                # A killed primary's replica is promoted however quiet the primary was.
+                "--cluster-replica-validity-factor", "0",
             ])
             for i in range(size)
         ]
@@ -62,6 +64,8 @@ class ClusterSetup:
         while True:
             ok = True
             for n in self.nodes:
+                if not n.running:  # killed by the test
+                    continue
                 with n.client() as c:
                     info: Any = c.execute_command("CLUSTER", "INFO")
                     text = info if isinstance(info, str) else str(info)
@@ -75,6 +79,8 @@ class ClusterSetup:
     def primaries(self) -> list[RedisServer]:
         out = []
         for n in self.nodes:
+            if not n.running:
+                continue
             with n.client() as c:
                 role: Any = c.execute_command("ROLE")
                 if role[0] == "master":
