@@ -5,8 +5,9 @@ Run it::
     python examples/reference_backend.py --port 3000 --secret change-me \
         [--signing-secret K] [--redis-url redis://127.0.0.1:6379/0] [--ttl 1200]
 
-(``--secret`` and ``--signing-secret`` default to ``RESET_SECRET`` and
-``RESET_SIGNING_SECRET`` from the environment, the worker's own variable names.)
+(``--secret`` and ``--signing-secret`` default to the environment variables
+``RESET_SECRET`` and ``RESET_SIGNING_SECRET``, the worker's own names. No ``.env`` file is
+read: export it first, e.g. ``set -a; . ./.env; set +a``.)
 
 It stands in for your app's backend. Per counter key it keeps the counter value and the
 time of the last activity, and serves:
@@ -32,6 +33,14 @@ time of the last activity, and serves:
 
     Every "ignored" answer is a 2xx on purpose: the request was understood and nothing
     more needs to happen, so the worker must stop retrying it.
+
+    A **dry run** (header ``x-reset-dry-run: 1``) goes through checks 1 and 2 and the body
+    check, then stops: 200 ``{"status": "dry_run"}``, and nothing is reset or recorded.
+    ``trio-counter-worker check`` uses it to verify ``RESET_SECRET`` without resetting.
+
+``OPTIONS /reset`` (and ``/api/counter/reset``)
+    204 with ``Allow: POST, OPTIONS`` and ``x-reset-dry-run: supported``: how ``check``
+    learns that this path exists and that the dry run is supported.
 
 ``GET /counters``  the state, as JSON;  ``GET /healthz``  ``{"ok": true}``.
 
@@ -65,6 +74,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 __all__ = [
+    "DRY_RUN_HEADER",
     "IDEMPOTENCY_TTL",
     "SIGNATURE_TOLERANCE",
     "MiniRedis",
@@ -83,6 +93,14 @@ IDEMPOTENCY_TTL = 24 * 3600.0  # how long applied reset ids are remembered
 DEFAULT_TTL = 1200  # seconds: the activity key's TTL when /activity does not say
 MAX_BODY = 64 * 1024
 RESET_PATHS = ("/reset", "/api/counter/reset")
+DRY_RUN_HEADER = "x-reset-dry-run"  # "1" on a POST: check everything, reset nothing
+# What OPTIONS answers per path; only the reset paths advertise the dry run.
+ALLOWED = {
+    **dict.fromkeys(RESET_PATHS, "POST, OPTIONS"),
+    "/activity": "POST, OPTIONS",
+    "/counters": "GET, OPTIONS",
+    "/healthz": "GET, OPTIONS",
+}
 
 ResetStatus = Literal["reset", "duplicate", "stale_fencing_token", "activity_after_expiry"]
 
@@ -399,6 +417,19 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._answer(404, {"error": "not found"})
 
+    def do_OPTIONS(self) -> None:
+        if self._read_body() is None:
+            return
+        allowed = ALLOWED.get(self.path)
+        if allowed is None:
+            self._answer(404, {"error": "not found"})
+            return
+        self.send_response(204)  # no body, so no content-length (RFC 9110, 8.6)
+        self.send_header("allow", allowed)
+        if self.path in RESET_PATHS:
+            self.send_header(DRY_RUN_HEADER, "supported")
+        self.end_headers()
+
     def do_POST(self) -> None:
         body = self._read_body()
         if body is None:
@@ -424,10 +455,21 @@ class _Handler(BaseHTTPRequestHandler):
                         self.client_address[0])
             self._answer(401, {"error": "bad x-signature"})
             return
+        dry_run = self.headers.get(DRY_RUN_HEADER)
+        if dry_run not in (None, "1"):
+            # Never reset on a header we do not understand: the sender meant "don't".
+            self._answer(400, {"error": f"{DRY_RUN_HEADER} must be 1 (or absent)"})
+            return
         try:
             reset = Reset.from_json(body, self.headers.get("idempotency-key"))
         except ValueError as exc:
             self._answer(400, {"error": str(exc)})
+            return
+        if dry_run is not None:
+            log.info("dry run accepted: secret%s right, from replica %s",
+                     " and signature" if server.signing_secret is not None else "",
+                     reset.replica_id)
+            self._answer(200, {"status": "dry_run", "key": reset.key, "reset_id": reset.reset_id})
             return
         before = server.ledger.value(reset.key)
         status = server.ledger.apply(reset, now)
@@ -492,7 +534,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Secrets may come from the environment instead: they then stay out of `ps` output.
     env_secret = os.environ.get("RESET_SECRET") or None
     parser.add_argument("--secret", default=env_secret, required=env_secret is None,
-                        help="expected x-secret [env RESET_SECRET]")
+                        help="expected x-secret; required unless the environment variable "
+                             "RESET_SECRET is set")
     parser.add_argument("--signing-secret", default=os.environ.get("RESET_SIGNING_SECRET") or None,
                         help="require a valid x-signature [env RESET_SIGNING_SECRET]")
     parser.add_argument("--redis-url", default=None,
@@ -505,8 +548,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.host, args.port, secret=args.secret, signing_secret=args.signing_secret,
         redis_url=args.redis_url, default_ttl=args.ttl,
     )
-    log.info("listening on %s (POST /reset, POST /activity, GET /counters); signatures %s",
-             server.url, "required" if args.signing_secret else "not checked")
+    log.info("listening on %s (POST /reset, POST /activity, GET /counters); signatures %s; "
+             "dry runs (%s: 1) supported", server.url,
+             "required" if args.signing_secret else "not checked", DRY_RUN_HEADER)
     # As PID 1 in a container SIGTERM would otherwise be ignored: stop like on Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -1,7 +1,10 @@
 """``trio-counter-worker chaos``: the verification tool, run end to end as a subprocess.
 
-The run starts its own redis-server (append-only), backend and replicas, injects every
-fault kind, and must report no missed or doubled episode on its last stdout line.
+The run starts its own redis-server (append-only), backend and replicas, injects faults,
+and must report no missed or doubled episode on its last stdout line. One long run
+takes the process and HTTP faults together; each Redis-side and poison fault has a
+short run of its own (lease 1000 ms, a few seconds of activity) that also checks, from
+the report, that the fault really happened.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +24,12 @@ from trio_counter_worker import chaos
 from trio_counter_worker.lab import ResetPost
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--replicas", "3", "--duration", "20", "--fault-every", "2", "--json", "--seed", "1"]
+PROCESS_AND_HTTP = ("kill", "term", "stop", "redis", "http5xx", "httphang")
+ARGS = ["--replicas", "3", "--duration", "20", "--fault-every", "2", "--json", "--seed", "1",
+        "--faults", ",".join(PROCESS_AND_HTTP)]
+# The short runs: ~10 s each (start, a few seconds of faults, the last expiries).
+SHORT = ["--replicas", "3", "--duration", "4", "--ttl-ms", "1250:2000", "--lease-ms", "1000",
+         "--json", "--seed", "7"]
 TIMEOUT = 60.0  # ~25 s expected: startup, 20 s of faults, the last expiries, cleanup
 
 
@@ -72,7 +81,7 @@ def test_chaos_injects_every_fault_without_missed_or_doubled_resets(tmp_path: Pa
     assert report["latency_ms"]["n"] == report["episodes"], shown
 
     injected = {f["kind"] for f in report["fault_log"]}
-    assert injected == set(chaos.FAULT_KINDS), shown  # ~9 faults: a whole shuffled round
+    assert injected == set(PROCESS_AND_HTTP), shown  # ~9 faults: a whole shuffled round
     for kind in injected:
         stats = report["faults"][kind]
         assert stats["count"] == sum(f["kind"] == kind for f in report["fault_log"]), shown
@@ -89,6 +98,78 @@ def test_chaos_injects_every_fault_without_missed_or_doubled_resets(tmp_path: Pa
     assert list(tmp_path.iterdir()) == [], shown
 
 
+def _short_run(tmp: Path, kind: str, *extra: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Run ``kind`` alone; check the invariants every run must keep. The report, its
+    entry for ``kind``, and everything printed (for assertion messages)."""
+    result = _run_chaos(tmp, [*SHORT, "--faults", kind, *extra])
+    shown = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert result.returncode == 0, shown
+    assert report["ok"] is True, shown
+    assert report["episodes"] > 0, shown
+    assert report["missed"] == 0, shown
+    assert report["doubled"] == 0, shown
+    assert report["unexplained"] == 0, shown
+    assert report["delivered"] == report["episodes"], shown
+    entry = report["faults"][kind]
+    assert entry["count"] >= 1, shown
+    assert entry["count"] == sum(f["kind"] == kind for f in report["fault_log"]), shown
+    assert list(tmp.iterdir()) == [], shown
+    return report, entry, shown
+
+
+@pytest.mark.slow
+def test_chaos_poison_refuses_some_keys_then_every_reset_lands(tmp_path: Path) -> None:
+    # Two overlapping 2 s poisons of 10 keys each: some of them expire meanwhile, and
+    # some of the other 10 too (a key expires every ~5 s).
+    _, poison, shown = _short_run(tmp_path, "poison", "--fault-every", "1.5", "--poison-keys",
+                                  "50%", "--poison-seconds", "2")
+    assert poison["refused_keys"] == 10 * poison["count"], shown
+    assert poison["refused_answers"] >= 1, shown  # the backend did answer 404s ...
+    assert poison["status"] == 404, shown
+    assert poison["refused_episodes"] >= 1, shown
+    assert poison["refused_latency_ms"]["n"] == poison["refused_episodes"], shown
+    # ... for a while: each refused episode waited at least its first retry (1-2 s later)
+    assert poison["refused_latency_ms"]["p50"] >= 900, shown
+    # while the other keys' resets went through as usual
+    assert poison["latency_ms"]["p99"] < 900, shown
+
+
+@pytest.mark.slow
+def test_chaos_flags_are_rewritten_restored_and_rescanned(tmp_path: Path) -> None:
+    _, flags, shown = _short_run(tmp_path, "flags", "--duration", "5", "--fault-every", "1.5")
+    assert flags["timeouts"] == 0, shown
+    assert flags["restored"] == flags["count"], shown  # the leader put every rewrite back
+    assert flags["rescan_ms"]["n"] == flags["count"], shown
+    assert flags["rewritten_to"][:2] == ["", "Ex"][: flags["count"]], shown
+    assert flags["restore_ms"]["max"] < 2000, shown  # checked every second
+    assert flags["sets_while_off"] >= 1, shown  # counters set blind: found by the rescan
+
+
+@pytest.mark.slow
+def test_chaos_slow_redis_adds_the_round_trip(tmp_path: Path) -> None:
+    report, slow, shown = _short_run(tmp_path, "slow", "--fault-every", "1", "--slow-for",
+                                     "2", "--slow-ms", "50")
+    assert report["settings"]["proxied"] is True, shown
+    assert slow["whole_run"] is False, shown
+    assert slow["probe_ms"]["n"] == slow["count"], shown
+    assert slow["probe_ms"]["p50"] >= 50, shown  # a delayed byte cannot arrive early
+    assert slow["direct_ms"]["max"] < slow["probe_ms"]["p50"], shown
+    assert slow["affected_episodes"] >= 1, shown
+
+
+@pytest.mark.slow
+def test_chaos_partition_makes_a_standby_take_over(tmp_path: Path) -> None:
+    report, cut, shown = _short_run(tmp_path, "partition", "--fault-every", "1",
+                                    "--partition-seconds", "2")
+    assert cut["timeouts"] == 0, shown
+    assert cut["failover_ms"]["n"] == cut["count"], shown  # a new lease every time ...
+    assert cut["standby_took_over"] == cut["count"], shown  # ... taken by another replica
+    assert cut["stepped_down"] == cut["count"], shown  # the cut-off leader let go
+    assert cut["failover_ms"]["max"] < 2000, shown  # within the partition: not after it
+    assert report["unexpected_exits"] == [], shown
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -97,6 +178,14 @@ def test_chaos_injects_every_fault_without_missed_or_doubled_resets(tmp_path: Pa
         (["--faults", "kill,nope"], "unknown nope"),
         (["--replicas", "0"], "--replicas must be at least 1"),
         (["--lease-ms", "100"], "--lease-ms must be between 500 and 5000"),
+        (["--poison-keys", "0"], "--poison-keys must be a count"),
+        (["--poison-keys", "150%"], "--poison-keys must be a count"),
+        (["--poison-status", "503"], "--poison-status must be a 4xx"),
+        (["--slow-ms", "600"], "--slow-ms must be between 1 and half the lease"),
+        (["--slow-for", "soon"], "--slow-for must be a number of seconds or run"),
+        (["--partition-seconds", "0.5"], "--partition-seconds must be at least the lease"),
+        (["--faults", "partition", "--partition-target", "all"],
+         "a partition that cuts off every replica"),
     ],
 )
 def test_chaos_rejects_bad_arguments(

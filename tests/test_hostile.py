@@ -327,8 +327,7 @@ def test_out_of_memory_is_survived_and_caught_up(hostile: Hostile) -> None:
     with hostile.client() as c:
         for n in range(5):
             c.set(f"c:oom-{n}", 1, px=1500)
-        used = int(c.info("memory")["used_memory"])
-        c.config_set("maxmemory", str(used))  # noeviction: every write is refused now
+        c.config_set("maxmemory", "1")  # noeviction: every write is refused now
         wait_until(lambda: any("out of memory" in w.output() for w in workers.values()),
                    "the leader to say Redis is out of memory")
         time.sleep(0.5)  # the counters' deadlines pass while writes are refused
@@ -390,3 +389,30 @@ def test_a_reset_refused_past_give_up_goes_to_the_dead_letters_and_back(
     workers["r1"].wait_for_output("reset sent: key='c:dead'", WAIT)
     assert {r.json["reset_id"] for r in hostile.requests_for("c:dead")} == refused
     assert status()["dead_resets"]["count"] == 0
+
+
+async def test_redis_failing_during_the_start_up_checks_is_waited_out(
+    redis_server: RedisServer, backend: RecordingBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trio
+
+    from trio_counter_worker import Config, open_worker
+    from trio_counter_worker.errors import RedisUnavailable
+    from trio_counter_worker.redis_bridge import RedisBridge
+
+    real = RedisBridge.preflight
+    calls: list[int] = []
+
+    async def flaky(self: RedisBridge) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RedisUnavailable("Redis unavailable: TimeoutError: Timeout reading")
+        await real(self)
+
+    monkeypatch.setattr(RedisBridge, "preflight", flaky)
+    cfg = Config(reset_endpoint_url=backend.url, reset_secret="s", counter_key=COUNTER_KEY,
+                 redis_port=redis_server.port, lease_ttl_ms=LEASE_TTL_MS)
+    with trio.fail_after(20):
+        async with open_worker(cfg):
+            pass
+    assert len(calls) == 2

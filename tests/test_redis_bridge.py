@@ -106,11 +106,6 @@ def deadline_of(c: redis.Redis, key: str) -> int | None:
     return None if raw is None else int(raw)
 
 
-def pexpiretime(c: redis.Redis, key: str) -> int:
-    raw: Any = c.pexpiretime(key)
-    return int(raw)
-
-
 def pttl(c: redis.Redis, key: str) -> int:
     raw: Any = c.pttl(key)
     return int(raw)
@@ -123,9 +118,14 @@ def redis_now_ms(c: redis.Redis) -> int:
 
 
 def set_key(c: redis.Redis, key: str, ttl_ms: int) -> int:
-    """SET key 1 PX ttl_ms; return its absolute deadline in Redis time (ms)."""
-    assert c.set(key, "1", px=ttl_ms)
-    return pexpiretime(c, key)
+    """Arm ``key`` for ``ttl_ms`` from Redis's now; return its absolute deadline (ms).
+
+    ``SET ... PXAT`` fixes the deadline exactly on every version the worker supports;
+    reading it back needs PEXPIRETIME, which Redis 6.2 lacks.
+    """
+    deadline = redis_now_ms(c) + ttl_ms
+    assert c.set(key, "1", pxat=deadline)
+    return deadline
 
 
 async def sleep_past(c: redis.Redis, deadline_ms: int, margin_ms: int = 10) -> None:

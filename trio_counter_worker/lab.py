@@ -6,7 +6,7 @@
   the same port without losing a write;
 - :class:`Backend`: a reference reset backend (stdlib HTTP server on loopback, in a
   thread) that checks ``x-secret``, applies each ``idempotency-key`` once, records every
-  request, and can be told to fail (5xx) or hang for a while;
+  request, and can be told to fail (5xx), hang, or refuse some keys (4xx) for a while;
 - :func:`spawn_replica` / :class:`Replica` / :func:`stop_replicas`: replicas run as
   ``python -m trio_counter_worker run`` children with JSON logs to a file, read back as
   events while they grow;
@@ -255,7 +255,7 @@ class ResetPost:
     replica_id: str
     received_at: float  # time.time() on arrival
     duplicate: bool  # answered 2xx, and this idempotency-key had been applied before
-    status: int = 200  # the answer: 503 while failing, or after a hang
+    status: int = 200  # the answer: 503 while failing or after a hang, 4xx while poisoned
 
     @property
     def delivered(self) -> bool:
@@ -316,8 +316,9 @@ class Backend:
     ``idempotency-key`` once (answering 2xx to repeats), and here, record everything.
 
     Faults on demand: :meth:`fail_for` answers 503 for a while, :meth:`hang_for` holds
-    requests (past the worker's request timeout) and then answers 503. Neither applies
-    the reset; both requests are recorded, with their status.
+    requests (past the worker's request timeout) and then answers 503, :meth:`poison`
+    refuses the resets of some keys (a 4xx) for a while. None applies the reset; every
+    request is recorded, with its status.
     """
 
     def __init__(self, secret: str) -> None:
@@ -330,6 +331,8 @@ class Backend:
         self._fail_until = 0.0  # time.monotonic()
         self._hang_until = 0.0
         self._hang_seconds = 0.0
+        self._poisoned: dict[str, float] = {}  # key -> time.monotonic() it is refused until
+        self._poison_status = 404
         self._released = threading.Event()  # set on close: hung handlers return at once
         self._server: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -373,6 +376,16 @@ class Backend:
             self._hang_until = time.monotonic() + seconds
             self._hang_seconds = hold
 
+    def poison(self, keys: Iterable[str], status: int, seconds: float) -> None:
+        """Answer ``status`` (a 4xx, say 404: "no such counter") to every reset of one of
+        ``keys`` that arrives in the next ``seconds``; other keys are unaffected."""
+        if not 400 <= status <= 499:
+            raise ValueError(f"poison status must be a 4xx, got {status!r}")
+        with self._lock:
+            until = time.monotonic() + seconds
+            self._poisoned.update(dict.fromkeys(keys, until))
+            self._poison_status = status
+
     def count_truncated(self) -> None:
         with self._lock:
             self.truncated += 1
@@ -413,6 +426,10 @@ class Backend:
             elif now < self._fail_until:
                 self._posts.append(attrs.evolve(post, status=503))
                 return 503, {"ok": False, "error": "failing on purpose"}
+            elif now < self._poisoned.get(post.key, 0.0):
+                status = self._poison_status
+                self._posts.append(attrs.evolve(post, status=status))
+                return status, {"ok": False, "error": "refused on purpose"}
             else:
                 duplicate = reset_id in self._applied
                 self._applied.add(reset_id)  # here a real backend zeroes the counter, once

@@ -84,7 +84,8 @@ def _translate(exc: BaseException) -> BaseException:
             "`trio-counter-worker check` prints it)",
             "permission",
         )
-    if isinstance(exc, rexc.OutOfMemoryError):
+    code = _error_code(exc)
+    if isinstance(exc, rexc.OutOfMemoryError) or code == "OOM":
         return RedisRefused(
             "Redis is out of memory (maxmemory reached with a noeviction policy) and "
             "refuses writes: free memory or raise maxmemory; the worker catches up once "
@@ -97,9 +98,11 @@ def _translate(exc: BaseException) -> BaseException:
             "(`CONFIG GET databases` tells how many it has): choose one below that",
             "db",
         )
-    if isinstance(exc, rexc.ReadOnlyError):
+    if isinstance(exc, rexc.ReadOnlyError) or code == "READONLY":
         return RedisUnavailable("Redis is read-only (a replica?): waiting for a primary")
-    if isinstance(exc, rexc.ResponseError) and str(exc).startswith(_TRANSIENT):
+    if isinstance(exc, rexc.ResponseError) and (
+        str(exc).startswith(_TRANSIENT) or code in _TRANSIENT
+    ):
         # Redis is up but cannot serve us right now: wait it out, do not crash.
         return RedisUnavailable(f"Redis refused the command for now: {exc}")
     if isinstance(exc, _UNAVAILABLE):
@@ -149,6 +152,15 @@ class _MasterWatch:
             f"Sentinel moved the master from {old[0]}:{old[1]} to {address[0]}:{address[1]}:"
             " dropped every connection to the old one; resynchronising"
         )
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The Redis error code of a failure inside a script, which redis-py (and Redis 6.2)
+    pass on as a plain ResponseError: "Error running script ...: -OOM command not..."."""
+    if not isinstance(exc, rexc.ResponseError):
+        return None
+    _, sep, rest = str(exc).rpartition(": -")
+    return rest.split(" ", 1)[0] if sep else None
 
 
 def _translating(fn: Callable[..., T], *args: Any) -> T:

@@ -240,11 +240,7 @@ async def open_worker(
         store = bridge
     try:
         if bridge is not None:
-            await _wait_for_redis(bridge, config)
-            try:
-                await bridge.preflight()
-            except RedisRefused as exc:
-                raise exc.at_start() from None
+            await _start_on_redis(bridge, config)
         if http_client is not None:
             yield Worker(config, store, http_client, hooks)
         else:
@@ -265,6 +261,28 @@ async def open_worker(
     finally:
         if bridge is not None:
             bridge.close()
+
+
+async def _start_on_redis(bridge: RedisBridge, config: Config) -> None:
+    """Wait for Redis, then check every permission the worker needs. A refusal that is a
+    bad setting raises its ConfigError; Redis going away meanwhile is waited out."""
+    backoff = Backoff()
+    while True:
+        await _wait_for_redis(bridge, config)
+        try:
+            await bridge.preflight()
+            return
+        except RedisRefused as exc:
+            start_error = exc.at_start()
+            if start_error is not exc:
+                raise start_error from None
+            delay = backoff.next()
+            log.error("Redis at %s: %s; retrying in %.1f s", config.redis_location, exc, delay)
+        except RedisUnavailable as exc:
+            delay = backoff.next()
+            log.warning("Redis at %s failed during the start-up checks (%s); retrying in "
+                        "%.1f s", config.redis_location, exc, delay)
+        await trio.sleep(delay)
 
 
 async def _wait_for_redis(bridge: RedisBridge, config: Config) -> None:

