@@ -27,7 +27,13 @@ from typing import Any, TypeVar
 import attrs
 import redis
 
-from tests.support import RecordingBackend, RedisServer, WorkerProcess, find_redis_server
+from tests.support import (
+    RecordingBackend,
+    RedisServer,
+    WorkerProcess,
+    clean_env,
+    find_redis_server,
+)
 from tests.support import backend as backend_module
 
 T = TypeVar("T")
@@ -461,3 +467,89 @@ def _json_default(obj: object) -> Any:
     if attrs.has(type(obj)):
         return attrs.asdict(obj)  # type: ignore[arg-type]
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# --- another commit's worker, run side by side with the working tree's ----------------
+
+BASE_COMMIT = "9092cec"  # before isolated deliveries and the decision queue
+
+
+@attrs.frozen
+class WorkerCode:
+    """The worker code a replica runs: ``root`` is a directory holding another commit's
+    ``trio_counter_worker`` package, or None for the working tree (as in every other
+    benchmark)."""
+
+    label: str
+    commit: str
+    root: Path | None = None
+
+
+def working_tree_code(label: str = "new") -> WorkerCode:
+    """The working tree's worker, labelled with HEAD (``+modified`` if it differs)."""
+    version = _code_version()
+    commit = str(version["git_commit"])[:12]
+    return WorkerCode(label, commit + ("+modified" if version["worker_code_modified"] else ""))
+
+
+@contextmanager
+def code_at(commit: str, label: str = "old") -> Iterator[WorkerCode]:
+    """``commit``'s worker package, exported with ``git archive`` into a temp dir for as
+    long as the block runs: no checkout, nothing written to the repository."""
+    full = subprocess.run(["git", "rev-parse", "--verify", f"{commit}^{{commit}}"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    with tempfile.TemporaryDirectory(prefix=f"tcw-{full[:7]}-") as tmp_name:
+        root = Path(tmp_name)
+        archive = subprocess.run(["git", "archive", "--format=tar", full, "trio_counter_worker"],
+                                 cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+        code = WorkerCode(label, full[:12], root)
+        imported = subprocess.run(
+            [sys.executable, "-c", "import trio_counter_worker as m; print(m.__file__)"],
+            cwd=root, env=clean_env(), capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        if not imported.startswith(str(root)):
+            raise RuntimeError(f"{commit}: a worker started in {root} imports {imported}")
+        yield code
+
+
+def spawn_code(
+    r: Rig,
+    code: WorkerCode,
+    replica_id: str,
+    *,
+    lease_ttl_ms: int = 3000,
+    max_in_flight: int = 32,
+    log_level: str = "WARNING",
+    extra_env: dict[str, str] | None = None,
+) -> WorkerProcess:
+    """:meth:`Rig.spawn` for ``code``: the working tree's worker, or another commit's."""
+    if code.root is None:
+        return r.spawn(replica_id, lease_ttl_ms=lease_ttl_ms, max_in_flight=max_in_flight,
+                       log_level=log_level, extra_env=extra_env)
+    env = {
+        "REDIS_PORT": str(r.server.port),
+        "RESET_ENDPOINT_URL": r.backend.url,
+        "RESET_SECRET": SECRET,
+        "COUNTER_KEY": "c:*",
+        "LEASE_TTL_MS": str(lease_ttl_ms),
+        "REPLICA_ID": replica_id,
+        "MAX_IN_FLIGHT": str(max_in_flight),
+        "LOG_LEVEL": log_level,
+        **(extra_env or {}),
+    }
+    # `python -m` puts its working directory first on sys.path, ahead of the working
+    # tree that PYTHONPATH adds; the directory holds nothing else (no .env).
+    worker = WorkerProcess(env, r.tmp / f"{replica_id}.log", cwd=code.root)
+    worker.start()
+    r.workers.append(worker)
+    return worker
+
+
+def ratio(new: float | int | None, old: float | int | None) -> float | None:
+    """``new / old`` rounded, or None when either is missing, infinite or old is 0."""
+    if new is None or old is None:
+        return None
+    if not (math.isfinite(new) and math.isfinite(old)) or old == 0:
+        return None
+    return round(new / old, 3)
