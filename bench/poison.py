@@ -1,12 +1,17 @@
 """Poisoned resets: do resets the backend refuses or stalls on forever hold up the others?
 
 One worker leads (MAX_IN_FLIGHT 32, RESET_TIMEOUT_MS 2000) against its own redis-server
-and the RecordingBackend. Two runs:
+and the RecordingBackend. Three scenarios:
 
 - **A, no poison**: healthy counters ``c:h:i`` fall due at a steady rate (20/s for 20 s);
 - **B, poisoned**: first 100 counters ``c:p:i``, all due at once, whose resets the backend
   refuses forever (even i: 404) or never answers (odd i: it holds the request until the
-  worker's 2 s timeout); then, 6 s later, the same healthy schedule as A.
+  worker's 2 s timeout); then, 7 s later (every poison reset has failed at least once,
+  so each is a retry), the same healthy schedule as A;
+- **C, poison burst**: the healthy schedule of A, with the same 100 poison counters all
+  due at once halfway through it: their first attempts are fresh resets like the
+  healthy ones, so this shows what a burst of new failing resets costs before they are
+  known to fail.
 
 Healthy latency = POST received at the backend - the key's deadline (``SET PXAT``, so the
 deadline is exact). A healthy reset not received ``--cap`` s after the last deadline
@@ -14,10 +19,10 @@ never arrived (its latency is infinite, so percentiles can be "never").
 
 Each run is made with the working tree's worker and with the base commit's (its package
 exported with ``git archive`` into a temp dir; the same settings), alternately in one
-invocation: A new, A old, B new, B old (the next round starts with old), a fresh Redis
-and backend for every run.
+invocation: A new, A old, B new, B old, C new, C old (the next round starts with old),
+a fresh Redis and backend for every run.
 
-    .venv/bin/python -m bench.poison [--quick] [--rounds 1] [--base 9092cec]
+    .venv/bin/python -m bench.poison [--quick] [--rounds 1] [--scenarios A-clean ...]
 """
 
 from __future__ import annotations
@@ -54,7 +59,9 @@ POISON = 100
 POISON_LEAD_S = 1.0  # poison deadlines this far after they are set
 HEALTHY_AFTER_S = 6.0  # healthy keys are set this long after the poison deadlines
 HEALTHY_LEAD_S = 1.0  # first healthy deadline this far after they are set
-TARGET_EXTRA_P99_MS = 5.0  # poisoned p99 within this of the same code's clean p99
+TARGET_EXTRA_P99_MS = 5.0  # B's p99 within this of the same code's p99 in A
+IN_AIR_S = RESET_TIMEOUT_MS / 1000 - 0.1
+SCENARIOS = ("A-clean", "B-poisoned", "C-poison-burst")
 
 
 def poison_behaviours() -> dict[str, Behaviour]:
@@ -63,9 +70,8 @@ def poison_behaviours() -> dict[str, Behaviour]:
             for i in range(POISON)}
 
 
-def run_once(code: WorkerCode, poisoned: bool, rate: float, duration: float,
+def run_once(code: WorkerCode, scenario: str, rate: float, duration: float,
              cap: float) -> dict[str, Any]:
-    scenario = "B-poisoned" if poisoned else "A-clean"
     log(f"poison: {scenario}, {code.label} worker ({code.commit})")
     with rig(f"poison-{scenario}-{code.label}") as r:
         client, backend = r.client, r.backend
@@ -78,12 +84,12 @@ def run_once(code: WorkerCode, poisoned: bool, rate: float, duration: float,
 
         t0 = time.time()
         poison_ms = int((t0 + POISON_LEAD_S) * 1000)
-        if poisoned:
+        if scenario == "B-poisoned":
             pipe = client.pipeline(transaction=False)
             for key in behaviours:
                 pipe.set(key, "1", pxat=poison_ms)
             pipe.execute()
-        time.sleep(max(0.0, poison_ms / 1000 + HEALTHY_AFTER_S - time.time()))
+            time.sleep(max(0.0, poison_ms / 1000 + HEALTHY_AFTER_S - time.time()))
         poison_seen = {q.key for q in backend.requests if q.key in behaviours}
 
         n = int(rate * duration)
@@ -92,6 +98,9 @@ def run_once(code: WorkerCode, poisoned: bool, rate: float, duration: float,
         pipe = client.pipeline(transaction=False)
         for key, dl in deadlines.items():
             pipe.set(key, "1", pxat=dl)
+        if scenario == "C-poison-burst":
+            for key in behaviours:
+                pipe.set(key, "1", pxat=first_ms + int(duration * 500))
         pipe.execute()
         last = max(deadlines.values()) / 1000
         while time.time() < last + cap:
@@ -127,17 +136,17 @@ def run_once(code: WorkerCode, poisoned: bool, rate: float, duration: float,
             "healthy": n,
             "healthy_arrived": len(first),
             "healthy_latency_ms": summarize(lat, 1000),
+            "healthy_over_100ms": sum(1 for x in lat if x > 0.1),
             "healthy_duplicate_posts": sum(c - 1 for c in per_key.values()),
-            "poison_keys": POISON if poisoned else 0,
+            "poison_keys": 0 if scenario == "A-clean" else POISON,
             "poison_attempted_before_healthy": len(poison_seen),
             "poison_posts": len(poison_posts),
             "poison_posts_per_s_in_window": round(len(in_window) / (window[1] - window[0]), 2),
-            # A hung request ends when the worker gives up on it (RESET_TIMEOUT_MS): this
-            # many were in the air at once, at most (over the run, and while the healthy
-            # deadlines fell, when every poison reset was a retry).
-            "poison_hangs_in_air_max": _max_in_window(hangs, RESET_TIMEOUT_MS / 1000),
-            "poison_hangs_in_air_max_in_window": _max_in_window(hangs_in_window,
-                                                                RESET_TIMEOUT_MS / 1000),
+            # A hung request lasts until the worker gives up on it (RESET_TIMEOUT_MS), so
+            # the most hung requests received within a little less than that were in the
+            # air at once (over the run, and while the healthy deadlines fell).
+            "poison_hangs_in_air_max": _max_in_window(hangs, IN_AIR_S),
+            "poison_hangs_in_air_max_in_window": _max_in_window(hangs_in_window, IN_AIR_S),
             "worker_cpu": cpu_stats,
             "log_lines_about_poison": len(poison_lines),
             "log_problems_other": other_lines[:20],
@@ -171,6 +180,7 @@ def main() -> None:
                         help="seconds after the last deadline to wait for healthy resets")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--base", default=BASE_COMMIT, help="the commit to compare with")
+    parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 s, 5 s cap")
     args = parser.parse_args()
     if args.quick:
@@ -181,9 +191,9 @@ def main() -> None:
         old = stack.enter_context(code_at(args.base))
         for rnd in range(args.rounds):
             codes = (new, old) if rnd % 2 == 0 else (old, new)
-            for poisoned in (False, True):
+            for scenario in args.scenarios:
                 for code in codes:
-                    run = run_once(code, poisoned, args.rate, args.duration, args.cap)
+                    run = run_once(code, scenario, args.rate, args.duration, args.cap)
                     run["round"] = rnd
                     runs.append(run)
 
@@ -192,7 +202,7 @@ def main() -> None:
                 if run["code"] == code and run["scenario"] == scenario]
 
     comparison: dict[str, Any] = {}
-    for scenario in ("A-clean", "B-poisoned"):
+    for scenario in args.scenarios:
         for stat in ("p50", "p99", "max"):
             pairs = zip(p("new", scenario, stat), p("old", scenario, stat), strict=True)
             comparison[f"{scenario} {stat} new/old"] = [ratio(a, b) for a, b in pairs]
@@ -208,7 +218,7 @@ def main() -> None:
             problems.append(f"{tag}: {run['healthy_duplicate_posts']} duplicate healthy POSTs")
         if run["log_problems_other"]:
             problems.append(f"{tag}: worker logged warnings not about poison keys")
-    for rnd in range(args.rounds):
+    for rnd in range(args.rounds if {"A-clean", "B-poisoned"} <= set(args.scenarios) else 0):
         clean_run, poisoned_run = (
             next(x for x in runs if x["code"] == "new" and x["round"] == rnd
                  and x["scenario"] == s) for s in ("A-clean", "B-poisoned"))

@@ -28,6 +28,8 @@ fresh Redis, proxy and backend for every run: +0 new, +0 old, +50 new, +50 old (
 round starts with old).
 
     .venv/bin/python -m bench.slowlink [--quick] [--duration 30] [--rounds 1]
+    .venv/bin/python -m bench.slowlink --codes new --one-way-ms 25 --log-level INFO \
+        --keep-logs /tmp/slowlink-logs     # one variant, with the workers' logs kept
 """
 
 from __future__ import annotations
@@ -395,6 +397,8 @@ def _measure(r: Rig, code: WorkerCode, rtt: float, workers: dict[str, WorkerProc
         "steady": _tally(steady),
         "handoff_window": _tally(around) if switch is not None else None,
         "tail": _tally(tail),
+        "missed_detail": _missed_detail(episodes, histories,
+                                        switch.term_at if switch is not None else start),
         "stale_posts": len(stale),
         "stale_by_cause": dict(causes),
         "stale_examples": stale[:10],
@@ -433,6 +437,26 @@ def _measure(r: Rig, code: WorkerCode, rtt: float, workers: dict[str, WorkerProc
             f"{h['n']} episodes around it, {h['missed']} missed, {h['doubled']} doubled, "
             f"latency max {fmt_ms(h['latency_ms'].get('max'))}")
     return result
+
+
+def _missed_detail(episodes: list[Episode], histories: dict[str, History],
+                   origin: float) -> list[dict[str, Any]]:
+    """The first missed episodes, with the key's SET before the episode's: times in s
+    from ``origin`` (the SIGTERM if there was a handoff, else the first SET)."""
+    rows = []
+    for e in (e for e in episodes if e.first_post is None):
+        h = histories[e.key]
+        i = h.set_times.index(e.set_at)
+        row: dict[str, Any] = {"key": e.key, "set": round(e.set_at - origin, 3),
+                               "deadline": round(e.deadline_ms / 1000 - origin, 3)}
+        if i > 0:
+            prev = h.sets[i - 1]
+            row["previous_set"] = round(prev.at - origin, 3)
+            row["previous_deadline"] = round(prev.deadline_ms / 1000 - origin, 3)
+        rows.append(row)
+        if len(rows) == 10:
+            break
+    return rows
 
 
 def _script_calls(r: Rig) -> int:
