@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 # redis-server, what tests use where none is on PATH), so the scripts' 6.2 path (no
 # PEXPIRETIME) is exercised for real. About 90 s on 2 cores.
 REDIS62_TESTS := tests/test_redis_bridge.py tests/test_hostile.py tests/test_replicas.py \
+	tests/test_spec_contract.py \
 	tests/test_resync.py tests/test_claim_reported.py tests/test_cluster_scripts.py \
 	tests/test_glob.py tests/test_ops.py
 

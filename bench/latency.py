@@ -61,7 +61,7 @@ class ExpirySubscriber(threading.Thread):
 
     def run(self) -> None:
         client = self._server.client()
-        pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+        pubsub = client.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
         try:
             pubsub.subscribe(EXPIRED_CHANNEL)
             while not self._stop_flag.is_set():

@@ -2,21 +2,21 @@
 
 trio's MockClock(autojump_threshold=0) jumps ahead while a worker thread runs, so tests
 that assert exact times cannot use the real Redis bridge. This fake keeps the same
-semantics as the Lua scripts (lease checks, deadlines, claims) with time taken from
-``trio.current_time()``: 1 s of trio time is 1000 ms of "Redis" time.
+semantics as the Lua scripts (lease checks; deadlines and claims decided by
+:mod:`trio_counter_worker.spec`, the scripts' executable specification) with time taken
+from ``trio.current_time()``: 1 s of trio time is 1000 ms of "Redis" time.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 
 import attrs
 import trio
 
+from trio_counter_worker import spec
 from trio_counter_worker.errors import LeaseLost, RedisUnavailable
 from trio_counter_worker.keyspace import merged_flags, missing_flags
-from trio_counter_worker.scripts import TOMBSTONE_MS
 from trio_counter_worker.store import (
     FailingNote,
     KeyOutcome,
@@ -140,64 +140,59 @@ class FakeStore:
         await self._op("release")
         if self._holds(holder):
             self.lease = None
-            for _patterns, channels, send in self._listeners:
-                if f"{self.namespace}:released" in channels:
-                    send.send_nowait([Message(f"{self.namespace}:released", replica_id)])
+            self._publish_to(f"{self.namespace}:released", replica_id)
             return True
         return False
 
+    def _publish_to(self, channel: str, data: str) -> None:
+        for _patterns, channels, send in self._listeners:
+            if channel in channels:
+                send.send_nowait([Message(channel, data)])
+
     async def track(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
         await self._op("track")
-        if not self._holds(holder):
-            raise LeaseLost("fake: not the holder")
-        out = []
-        for key in keys:
-            pttl = self._pttl(key)
-            if pttl >= 0:
-                self.deadlines[key] = _ms() + pttl
-                out.append(KeyOutcome(key, "alive", pttl_ms=pttl))
-            elif pttl == -2 and key in self.deadlines and self.deadlines[key] <= _ms() + 5:
-                out.append(KeyOutcome(key, "due"))
-            else:
-                self.deadlines.pop(key, None)
-                out.append(KeyOutcome(key, "gone"))
-        return out
+        self._check(holder)
+        return [self._carry_out(key, spec.track(self._seen(key), _ms())) for key in keys]
 
     async def claim(
-        self, holder: str, keys: list[str], reported: bool = False
+        self, holder: str, keys: list[str], expired_after: list[int] | None = None
     ) -> list[KeyOutcome]:
         await self._op("claim")
-        if not self._holds(holder):
-            raise LeaseLost("fake: not the holder")
-        assert self.lease is not None
-        out = []
-        for key in keys:
-            dl = self.deadlines.get(key)
-            pttl = self._pttl(key)
-            if pttl >= 0:
-                self.deadlines[key] = _ms() + pttl
-                out.append(KeyOutcome(key, "alive", pttl_ms=pttl))
-            elif dl is None:
-                recent = self.claimed.get(key, -10**9) >= _ms() - TOMBSTONE_MS
-                if reported and pttl == -2 and not recent:
-                    out.append(self._claim_episode(key, _ms()))
-                else:
-                    out.append(KeyOutcome(key, "gone"))
-            elif pttl == -1 or dl > _ms() + 5:
-                del self.deadlines[key]
-                out.append(KeyOutcome(key, "gone"))
-            else:
-                del self.deadlines[key]
-                out.append(self._claim_episode(key, dl))
+        self._check(holder)
+        afters: list[int | None] = [*expired_after] if expired_after else [None] * len(keys)
+        out = [self._carry_out(key, spec.claim(self._seen(key), _ms(), after))
+               for key, after in zip(keys, afters, strict=True)]
+        self.claimed = {k: t for k, t in self.claimed.items() if t >= _ms() - spec.TOMBSTONE_MS}
         return out
 
-    def _claim_episode(self, key: str, dl: int) -> KeyOutcome:
+    def _check(self, holder: str) -> None:
+        if not self._holds(holder):
+            raise LeaseLost("fake: not the holder")
+
+    def _seen(self, key: str) -> spec.Seen:
+        pttl = self._pttl(key)  # the touch
+        return spec.Seen(pttl, _ms() + pttl if pttl >= 0 else -1, self.deadlines.get(key),
+                         self.claimed.get(key))
+
+    def _carry_out(self, key: str, verdict: spec.Verdict) -> KeyOutcome:
+        """What the script does with a verdict, on the fake's dicts."""
+        if verdict.kind == "alive":
+            assert verdict.deadline is not None
+            self.deadlines[key] = verdict.deadline
+            return KeyOutcome(key, "alive", pttl_ms=verdict.deadline - _ms())
+        if verdict.kind == "due":
+            return KeyOutcome(key, "due")
+        self.deadlines.pop(key, None)
+        if verdict.kind == "gone":
+            return KeyOutcome(key, "gone")
+        assert verdict.deadline is not None
         assert self.lease is not None
-        rid = hashlib.sha1(f"{self.namespace}\n{key}\n{dl}".encode()).hexdigest()[:32]
-        reset = PendingReset(rid, key, dl, self.lease.epoch)
-        self.pending_resets.setdefault(rid, reset)
+        dl = verdict.deadline
+        reset = PendingReset(spec.reset_id(self.namespace, key, dl), key, dl, self.lease.epoch)
+        self.pending_resets.setdefault(reset.reset_id, reset)
         self.claimed[key] = _ms()
-        return KeyOutcome(key, "claimed", reset=reset)
+        self._publish_to(f"{self.namespace}:claims", f"{_ms()} {key}")
+        return KeyOutcome(key, "claimed", reset=reset, claimed_ms=_ms())
 
     async def mark_sent(self, holder: str, *reset_ids: str) -> None:
         await self._op("mark_sent")
@@ -273,13 +268,13 @@ class FakeStore:
         patterns: list[str],
         channels: list[str],
         send: trio.MemorySendChannel[list[Message]],
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         await self._op("listen")
         entry = (patterns, channels, send)
         self._listeners.append(entry)
         try:
-            task_status.started()
+            task_status.started(_ms())
             await trio.sleep_forever()
         finally:
             self._listeners.remove(entry)

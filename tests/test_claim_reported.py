@@ -1,4 +1,9 @@
-"""`expired` events for keys with no recorded deadline, against a real redis-server."""
+"""`expired` events for keys with no usable recorded deadline, against a real redis-server.
+
+An event is reported with the time it is known to have been published after (the start of
+the subscription, or the last claim marker seen for the key): it ends an episode unless a
+claim came later (then it is that claim's echo). See trio_counter_worker.spec.claim.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +16,28 @@ from trio_counter_worker.redis_bridge import RedisBridge
 HOLDER = "me#1"
 
 
+def _bridge(redis_server: RedisServer) -> RedisBridge:
+    cfg = Config(reset_endpoint_url="http://127.0.0.1:1/r", reset_secret="x",
+                 counter_key="c:*", redis_port=redis_server.port, lease_ttl_ms=5000)
+    return RedisBridge(cfg)
+
+
 async def test_reported_expiry_is_claimed_once_and_echoes_are_not(
     redis_server: RedisServer,
 ) -> None:
-    cfg = Config(reset_endpoint_url="http://127.0.0.1:1/r", reset_secret="x",
-                 counter_key="c:*", redis_port=redis_server.port, lease_ttl_ms=5000)
-    bridge = RedisBridge(cfg)
+    bridge = _bridge(redis_server)
     try:
         with trio.fail_after(10):
             assert (await bridge.acquire(HOLDER, "me", 5000, 0)).acquired
             # Never tracked, already gone: without the report it is just "gone".
             (plain,) = await bridge.claim(HOLDER, ["c:unseen"])
             assert plain.kind == "gone"
-            (first,) = await bridge.claim(HOLDER, ["c:unseen"], reported=True)
+            (first,) = await bridge.claim(HOLDER, ["c:unseen"], [0])
             assert first.kind == "claimed"
-            (echo,) = await bridge.claim(HOLDER, ["c:unseen"], reported=True)
-            assert echo.kind == "gone"  # the tombstone: one reset per expiry
+            assert first.claimed_ms > 0
+            # Reported as published before that claim: its echo, one reset per expiry.
+            (echo,) = await bridge.claim(HOLDER, ["c:unseen"], [first.claimed_ms - 1])
+            assert echo.kind == "gone"
             # A tracked key claimed at its deadline: its own `expired` echo is ignored.
             with redis_server.client() as c:
                 c.set("c:tracked", 1, px=50)
@@ -34,13 +45,63 @@ async def test_reported_expiry_is_claimed_once_and_echoes_are_not(
             await trio.sleep(0.1)
             (due,) = await bridge.claim(HOLDER, ["c:tracked"])
             assert due.kind == "claimed"
-            (echo2,) = await bridge.claim(HOLDER, ["c:tracked"], reported=True)
+            (echo2,) = await bridge.claim(HOLDER, ["c:tracked"], [due.claimed_ms - 1])
             assert echo2.kind == "gone"
             # A key alive again when the report is read: tracked, not reset.
             with redis_server.client() as c:
                 c.set("c:back", 1, ex=60)
-            (alive,) = await bridge.claim(HOLDER, ["c:back"], reported=True)
+            (alive,) = await bridge.claim(HOLDER, ["c:back"], [0])
             assert alive.kind == "alive"
             assert len(await bridge.pending()) == 2
+    finally:
+        bridge.close()
+
+
+async def test_an_expiry_after_a_claim_is_a_new_episode(redis_server: RedisServer) -> None:
+    """The handoff miss: the key's last episode was claimed a moment ago (tombstone), the
+    app set it again unseen and it expired; reported after that claim, it is a new
+    episode, not an echo."""
+    bridge = _bridge(redis_server)
+    try:
+        with trio.fail_after(10):
+            assert (await bridge.acquire(HOLDER, "me", 5000, 0)).acquired
+            (first,) = await bridge.claim(HOLDER, ["c:k"], [0])
+            assert first.kind == "claimed"
+            await trio.sleep(0.01)
+            (second,) = await bridge.claim(HOLDER, ["c:k"], [first.claimed_ms])
+            assert second.kind == "claimed"
+            assert first.reset is not None
+            assert second.reset is not None
+            assert second.reset.reset_id != first.reset.reset_id
+    finally:
+        bridge.close()
+
+
+async def test_a_stale_future_deadline_does_not_hide_a_reported_expiry(
+    redis_server: RedisServer,
+) -> None:
+    """Recorded deadline in 60 s; the app re-armed the key with 50 ms unseen (a handoff)
+    and it expired: the report ends the episode when seen, and the stale deadline goes."""
+    bridge = _bridge(redis_server)
+    try:
+        with trio.fail_after(10):
+            assert (await bridge.acquire(HOLDER, "me", 5000, 0)).acquired
+            with redis_server.client() as c:
+                c.set("c:s", 1, ex=60)
+                await bridge.track(HOLDER, ["c:s"])
+                c.set("c:s", 1, px=50)
+            await trio.sleep(0.1)
+            (plain,) = await bridge.claim(HOLDER, ["c:s"])  # unreported: a delete
+            assert plain.kind == "gone"
+            with redis_server.client() as c:
+                c.set("c:s", 1, ex=60)
+                await bridge.track(HOLDER, ["c:s"])
+                c.set("c:s", 1, px=50)
+            await trio.sleep(0.1)
+            (reported,) = await bridge.claim(HOLDER, ["c:s"], [0])
+            assert reported.kind == "claimed"
+            assert reported.reset is not None
+            assert reported.reset.deadline_ms == reported.claimed_ms
+            assert await bridge.tracked(HOLDER) == []
     finally:
         bridge.close()

@@ -65,7 +65,7 @@ def test_every_counter_reset_once_across_a_primary_failover(
             key = f"k:{i}"
             app.set(key, 1, px=1500 + 100 * i)
             keys.append(key)
-        nodes = {app.get_node_from_key(k).name for k in keys}  # type: ignore[no-untyped-call]
+        nodes = {app.get_node_from_key(k).name for k in keys}  # type: ignore[no-untyped-call, unused-ignore]
         assert len(nodes) == 3, "counters should live on every primary"
         time.sleep(1.2)
         cluster.failover(cluster.primaries()[0])

@@ -41,9 +41,9 @@ def track(r: redis.Redis, *facts: tuple[str, int, int, int]) -> list[dict[str, A
 
 def claim(r: redis.Redis, *facts: tuple[str, int, int, int]) -> list[dict[str, Any]]:
     script = r.register_script(scripts.APPLY_CLAIM)
-    flat = [v for f in facts for v in f]
+    flat = [v for f in facts for v in (*f, "")]  # each key's facts, not reported
     out = json.loads(script(keys=[LEASE, DEADLINES, PENDING, SEEN, CLAIMED],
-                            args=[HOLDER, NS, "0", *flat]))
+                            args=[HOLDER, NS, *flat]))
     return list(out["keys"])
 
 

@@ -13,7 +13,7 @@ def test_a_key_touched_many_times_is_one_look() -> None:
     for _ in range(100):
         q.want("c:1", "track")
     assert len(q) == 1
-    assert q.take(10) == (Want(), ["c:1"])
+    assert q.take(10) == (Want(), ["c:1"], None)
     assert q.take(10) is None
 
 
@@ -21,19 +21,19 @@ def test_deadlines_go_before_events() -> None:
     q = DecisionQueue()
     q.want("c:event", "track")
     q.want("c:due", "claim")
-    assert q.take(10) == (Want(claim=True), ["c:due"])
-    assert q.take(10) == (Want(), ["c:event"])
+    assert q.take(10) == (Want(claim=True), ["c:due"], None)
+    assert q.take(10) == (Want(), ["c:event"], None)
 
 
 def test_wants_merge_to_the_strongest() -> None:
     q = DecisionQueue()
     q.want("c:1", "track")
     q.want("c:1", "claim")  # moves to the due queue, as a claim
-    q.want("c:2", "reported")
+    q.want("c:2", "reported", 7)
     q.want("c:2", "claim")
     assert len(q) == 2
-    assert q.take(10) == (Want(claim=True), ["c:1"])
-    assert q.take(10) == (Want(claim=True, reported=True), ["c:2"])
+    assert q.take(10) == (Want(claim=True), ["c:1"], None)
+    assert q.take(10) == (Want(claim=True, reported=True), ["c:2"], [7])
 
 
 def test_a_key_in_a_call_is_not_taken_again_until_done() -> None:
@@ -45,17 +45,37 @@ def test_a_key_in_a_call_is_not_taken_again_until_done() -> None:
     assert "c:1" in q
     assert q.take(10) is None
     q.done(["c:1"])
-    assert q.take(10) == (Want(), ["c:1"])
+    assert q.take(10) == (Want(), ["c:1"], None)
+
+
+def test_a_reported_key_keeps_its_latest_report() -> None:
+    q = DecisionQueue()
+    q.want("c:1", "reported", 5)
+    q.want("c:1", "reported", 9)
+    q.want("c:1", "reported", 7)
+    q.want("c:2", "claim", 3)  # a key the timer holds, reported: stays a due claim
+    assert q.take(10) == (Want(claim=True, reported=True), ["c:2"], [3])
+    assert q.take(10) == (Want(claim=True, reported=True), ["c:1"], [9])
+
+
+def test_handing_over_takes_every_reported_key() -> None:
+    q = DecisionQueue()
+    q.want("c:t", "track")
+    q.want("c:r", "reported", 4)
+    q.want("c:d", "claim", 6)
+    assert sorted(q.take_reported()) == [("c:d", 6), ("c:r", 4)]
+    assert q.take(10) == (Want(), ["c:t"], None)
+    assert q.take(10) is None
 
 
 def test_one_call_holds_keys_of_one_kind_up_to_the_limit() -> None:
     q = DecisionQueue()
     for n in range(5):
         q.want(f"c:{n}", "track")
-    q.want("c:r", "reported")
-    assert q.take(3) == (Want(), ["c:0", "c:1", "c:2"])
-    assert q.take(3) == (Want(), ["c:3", "c:4"])
-    assert q.take(3) == (Want(claim=True, reported=True), ["c:r"])
+    q.want("c:r", "reported", 7)
+    assert q.take(3) == (Want(), ["c:0", "c:1", "c:2"], None)
+    assert q.take(3) == (Want(), ["c:3", "c:4"], None)
+    assert q.take(3) == (Want(claim=True, reported=True), ["c:r"], [7])
 
 
 ops = st.sampled_from(["track", "claim", "reported"])
@@ -69,12 +89,12 @@ def test_no_key_is_ever_in_two_calls_and_none_is_lost(
     in_call: set[str] = set()
     wanted: set[str] = set()
     for key, op, take in steps:
-        q.want(key, op)  # type: ignore[arg-type]
+        q.want(key, op, 1 if op == "reported" else None)  # type: ignore[arg-type]
         wanted.add(key)
         if take:
             taken = q.take(2)
             if taken is not None:
-                _, keys = taken
+                _, keys, _ = taken
                 assert not in_call & set(keys), "a key taken while its call is in flight"
                 in_call |= set(keys)
                 wanted -= set(keys)

@@ -248,7 +248,7 @@ def minimal_rule(c: redis.Redis) -> str:
 
 
 def acl_user(c: redis.Redis, name: str, rule: str) -> None:
-    c.execute_command(  # type: ignore[no-untyped-call]
+    c.execute_command(  # type: ignore[no-untyped-call, unused-ignore]
         "ACL", "SETUSER", name, "reset", "on", f">{ACL_PASSWORD}", *rule.split())
 
 

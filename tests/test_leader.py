@@ -393,10 +393,12 @@ async def test_a_failing_reset_does_not_hold_a_courier(
 class PoisonStore(FakeStore):
     """A store whose decision raises for one key: a stand-in for an item no code expects."""
 
-    async def claim(self, holder: str, keys: list[str], reported: bool = False) -> list[Any]:
+    async def claim(
+        self, holder: str, keys: list[str], expired_after: list[int] | None = None
+    ) -> list[Any]:
         if "c:poison" in keys:
             raise ValueError("cannot decide c:poison")
-        return await super().claim(holder, keys, reported)
+        return await super().claim(holder, keys, expired_after)
 
 
 async def test_a_key_whose_decision_fails_is_set_aside_and_the_others_go_on(
@@ -462,3 +464,130 @@ async def test_flags_rewritten_are_restored_within_a_second(
         nursery.cancel_scope.cancel()
     assert 5.5 < restored <= 6.5
     assert worker.metrics.flags_restored._value.get() == 1
+
+
+# -- echoes and handoffs, in exact time ------------------------------------------------
+
+
+class ScanHook(FakeStore):
+    """Runs ``on_scan`` once, at the next leader's first SCAN: after it subscribed and
+    before it has read the keys (what the app did meanwhile shows only as events)."""
+
+    on_scan: Callable[[], None] | None = None
+
+    async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]:
+        hook, self.on_scan = self.on_scan, None
+        if hook is not None:
+            hook()
+        return await super().scan(pattern, cursor)
+
+
+async def test_a_key_claimed_then_set_and_expired_across_a_handoff_is_reset_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The handoff miss: c:1's episode was claimed at 2 s (tombstone), the app set it
+    again while no leader listened, and it expired before the next leader's scan found it.
+    Its `expired` event was published after the next leader subscribed, so after the
+    claim: a new episode, not the echo of the old one."""
+    store = ScanHook("tcw:{c:*}")
+    harness = Harness(store, Backend())
+    with trio.fail_after(200):
+        async with trio.open_nursery() as first:
+            await start_worker(first, harness, replica_id="a")
+            store.set_key("c:1", 2)
+            await wait_until(lambda: bool(harness.resets))  # delivered and marked sent
+            await trio.sleep(1)
+            first.cancel_scope.cancel()
+        store.keys["c:1"] = None  # set again, unseen; then it expires, unseen too
+        store.on_scan = lambda: store.expire_unseen("c:1")
+        async with trio.open_nursery() as second:
+            await start_worker(second, harness, replica_id="b")
+            await harness.backend.wait(2)
+            await trio.sleep(70)  # past the tombstone: nothing else comes
+            second.cancel_scope.cancel()
+    first_body, second_body = harness.backend.bodies
+    assert second_body["key"] == "c:1"
+    # When the next leader saw it expire, and sent at once.
+    assert harness.backend.times == [2 + EARLY, second_body["expired_at"]]
+    assert second_body["reset_id"] != first_body["reset_id"]
+
+
+async def test_a_stale_future_deadline_does_not_hide_an_expiry_across_a_handoff(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """c:2 was recorded with a deadline at 31 s; during the handoff the app re-armed it
+    with a short TTL, unseen, and it expired before the scan: the report ends the
+    episode when it is seen, and the stale deadline does not fire again."""
+    store = ScanHook("tcw:{c:*}")
+    harness = Harness(store, Backend())
+    with trio.fail_after(60):
+        async with trio.open_nursery() as first:
+            worker = await start_worker(first, harness, replica_id="a")
+            store.set_key("c:2", 30)
+            await wait_until(lambda: "c:2" in store.deadlines and worker.is_leader)
+            await trio.sleep(1)
+            first.cancel_scope.cancel()
+        store.on_scan = lambda: store.expire_unseen("c:2")
+        async with trio.open_nursery() as second:
+            await start_worker(second, harness, replica_id="b")
+            await harness.backend.wait(1)
+            await trio.sleep(40)  # past the stale deadline
+            second.cancel_scope.cancel()
+    (body,) = harness.backend.bodies
+    assert harness.backend.times == [body["expired_at"]]  # seen, and sent at once
+    assert body["expired_at"] == pytest.approx(1.0, abs=0.01)  # not the stale 31 s
+    assert store.deadlines == {}
+
+
+async def test_our_own_claims_echo_costs_no_script_call(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await start_worker(nursery, harness)
+            harness.store.set_key("c:1", 1)
+            await harness.backend.wait(1)
+            await trio.sleep(5)
+            nursery.cancel_scope.cancel()
+    assert [op for _, op in harness.store.calls].count("claim") == 1
+
+
+class SlowOnce(FakeStore):
+    """The first reported claim takes 5 s (a slow link): a leader stopped meanwhile
+    still holds that key's report."""
+
+    slow = True
+
+    async def claim(
+        self, holder: str, keys: list[str], expired_after: list[int] | None = None
+    ) -> list[Any]:
+        if expired_after is not None and self.slow:
+            self.slow = False
+            self.calls.append((trio.current_time(), "slow claim"))
+            await trio.sleep(5)
+        return await super().claim(holder, keys, expired_after)
+
+
+async def test_a_graceful_stop_hands_over_what_only_it_has_seen(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """c:x expired before its TTL was read: only its `expired` event shows the episode.
+    The leader is stopped while deciding it; before releasing the lease it decides it
+    (the reset stays pending), and the next leader sends it."""
+    store = SlowOnce("tcw:{c:*}")
+    harness = Harness(store, Backend())
+    with trio.fail_after(60):
+        async with trio.open_nursery() as first:
+            await start_worker(first, harness, replica_id="a")
+            await trio.sleep(1)
+            store.expire_unseen("c:x")
+            await wait_until(lambda: "slow claim" in [op for _, op in store.calls])
+            first.cancel_scope.cancel()
+        assert store.lease is None
+        assert [r.key for r in store.pending_resets.values()] == ["c:x"]
+        async with trio.open_nursery() as second:
+            await start_worker(second, harness, replica_id="b")
+            await harness.backend.wait(1)
+            second.cancel_scope.cancel()
+    assert [b["key"] for b in harness.backend.bodies] == ["c:x"]
+    assert harness.backend.bodies[0]["expired_at"] == 1.001  # decided as the leader stopped

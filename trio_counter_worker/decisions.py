@@ -22,9 +22,10 @@ Op = Literal["track", "claim", "reported"]
 @attrs.frozen
 class Want:
     """What to ask Redis about a key. ``claim``: decide it as due (else only record its
-    TTL); ``reported``: Redis said it expired, so no recorded deadline still means an
-    episode ended. Asking more never gives a wrong answer: CLAIM on a live key records its
-    TTL as TRACK does."""
+    TTL); ``reported``: Redis said it expired (after a known time), so it ended an episode
+    unless that is the echo of a later claim (:func:`trio_counter_worker.spec.claim`).
+    Asking more never gives a wrong answer: CLAIM on a live key records its TTL as TRACK
+    does."""
 
     claim: bool = False
     reported: bool = False
@@ -48,6 +49,11 @@ class DecisionQueue:
         self._due: dict[str, Want] = {}  # the timer's: on-time resets come first
         self._other: dict[str, Want] = {}  # from events and reconciles
         self._deciding: set[str] = set()
+        # Reported keys: Redis published `expired` after this time (Redis ms). Merged to
+        # the latest: an expiry after a claim is a new episode, one before it its echo,
+        # and only the latest report can be the former.
+        self._after: dict[str, int] = {}
+        self._reporting: dict[str, int] = {}  # reported keys in a call now
 
     def __len__(self) -> int:
         return len(self._due) + len(self._other)
@@ -55,9 +61,16 @@ class DecisionQueue:
     def __contains__(self, key: object) -> bool:
         return key in self._due or key in self._other or key in self._deciding
 
-    def want(self, key: str, op: Op) -> None:
-        """Ask for ``op`` on ``key``, merged with what is already asked."""
+    def want(self, key: str, op: Op, after: int | None = None) -> None:
+        """Ask for ``op`` on ``key``, merged with what is already asked. ``after`` (with
+        "reported", or "claim" for a key the timer holds): Redis reported it expired,
+        after that time; it makes the claim a reported one."""
         wanted = _WANTS[op]
+        if after is not None:
+            wanted = wanted | _WANTS["reported"]
+            self._after[key] = max(after, self._after.get(key, after))
+        elif op == "reported":
+            raise ValueError("want: a reported key needs `after`")
         queue = self._due if op == "claim" else self._other
         if key in self._due and queue is self._other:
             queue = self._due  # already due: keep its place, add what is asked
@@ -66,9 +79,9 @@ class DecisionQueue:
             wanted = wanted | other.pop(key)
         queue[key] = queue.get(key, Want()) | wanted
 
-    def take(self, limit: int) -> tuple[Want, list[str]] | None:
-        """Up to ``limit`` keys that want the same call and are in no call now; they
-        count as deciding until :meth:`done`."""
+    def take(self, limit: int) -> tuple[Want, list[str], list[int] | None] | None:
+        """Up to ``limit`` keys that want the same call and are in no call now, with
+        their ``after`` times if reported; they count as deciding until :meth:`done`."""
         for queue in (self._due, self._other):
             picked: list[str] = []
             kind: Want | None = None
@@ -85,15 +98,42 @@ class DecisionQueue:
                 for key in picked:
                     del queue[key]
                 self._deciding.update(picked)
-                return kind, picked
+                return kind, picked, self._afters(kind, picked)
         return None
 
-    def done(self, keys: list[str]) -> None:
-        """The call for ``keys`` has returned (or failed)."""
+    def _afters(self, kind: Want, keys: list[str]) -> list[int] | None:
+        if not kind.reported:
+            return None
+        afters = [self._after.pop(k) for k in keys]
+        self._reporting.update(zip(keys, afters, strict=True))
+        return afters
+
+    def take_reported(self) -> list[tuple[str, int]]:
+        """Every key that only a reported expiry may vouch for, queued or in a call, with
+        its time: what a leader handing over decides before it lets go (the next leader
+        finds the others by itself, from a scan and the recorded deadlines). Deciding a
+        key again is harmless: the script reads what the first call did."""
+        taken = dict(self._reporting)
+        for queue in (self._due, self._other):
+            for key in [k for k, w in queue.items() if w.reported]:
+                del queue[key]
+                after = self._after.pop(key)
+                taken[key] = max(after, taken.get(key, after))
+        self._reporting.clear()
+        return list(taken.items())
+
+    def done(self, keys: list[str], decided: bool = True) -> None:
+        """The call for ``keys`` has returned; ``decided``: with an answer (else it was
+        cancelled or failed: a reported key stays for :meth:`take_reported`)."""
         self._deciding.difference_update(keys)
+        if decided:
+            for key in keys:
+                self._reporting.pop(key, None)
 
     def clear(self) -> None:
         """Forget everything (a resynchronisation starts from Redis's state)."""
         self._due.clear()
         self._other.clear()
         self._deciding.clear()
+        self._after.clear()
+        self._reporting.clear()

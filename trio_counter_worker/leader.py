@@ -38,7 +38,7 @@ from .outage import OutageLog
 from .outbox import Entry, Outbox
 from .retry import RetryPolicy
 from .schedule import Schedule
-from .scripts import TOMBSTONE_MS
+from .spec import TOMBSTONE_MS
 from .store import FailingNote, KeyOutcome, Message, PendingReset, Store
 
 __all__ = ["LeaderDuties"]
@@ -112,9 +112,13 @@ class LeaderDuties:
         self._queue = DecisionQueue()
         self._queued = trio.lowlevel.ParkingLot()  # deciders wait here for keys
         self._decided = trio.lowlevel.ParkingLot()  # a reconcile waits here for room
-        # Keys this leader claimed lately (trio time), oldest first: the `expired` event
-        # its own touch causes is recognised without asking Redis.
-        self._claimed_at: dict[str, float] = {}
+        # Echoes (spec.is_echo), known without asking Redis. Pub/sub keeps publication
+        # order, so an `expired` event was published after Redis's time when this
+        # subscription started, and after the last claim marker seen for its key.
+        self._since = 0  # Redis ms, just before the current subscription
+        self._marked: dict[str, int] = {}  # key -> last claim marker seen (Redis ms)
+        self._claims: dict[str, int] = {}  # key -> this leader's last claim (Redis ms)
+        self._events: trio.MemoryReceiveChannel[list[Message]] | None = None
         self._on_reset = on_reset
 
     async def run(self) -> NoReturn:
@@ -139,6 +143,34 @@ class LeaderDuties:
                     self._metrics.redis_errors.inc()
                     await self._after_redis_error(first_error(group), backoff)
         raise AssertionError("unreachable")
+
+    async def hand_over(self) -> None:
+        """Before a graceful release: decide the keys that only an `expired` event vouches
+        for (queued, or received and not yet read). The next leader finds every other key
+        by itself (a scan, the recorded deadlines), but not these: they would be lost.
+        Their resets stay pending in Redis for the next leader to send.
+
+        Call it shielded, with a deadline; it gives up quietly if the lease or Redis is
+        gone (the scripts check the lease: nothing is claimed without it).
+        """
+        if self._events is not None:
+            while True:
+                try:
+                    self._on_events(self._events.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+        reported = self._queue.take_reported()
+        try:
+            for i in range(0, len(reported), _BATCH):
+                batch = reported[i:i + _BATCH]
+                await self._store.claim(self._holder, [k for k, _ in batch],
+                                        [after for _, after in batch])
+        except Exception as exc:  # the release must go on, whatever this does
+            log.warning("handing over: %d key(s) reported expired could not be decided "
+                        "(%s); the next leader may not see them", len(reported), exc)
+            return
+        if reported:
+            log.info("handing over: decided %d key(s) reported expired", len(reported))
 
     async def _after_redis_error(self, exc: Exception, backoff: Backoff) -> None:
         """Wait before resynchronising: the backoff for a refusal (out of memory, a missing
@@ -165,11 +197,13 @@ class LeaderDuties:
         if (warning := eviction_warning(await self._store.memory_policy())) is not None:
             log.warning(warning, extra={"event": "eviction_policy"})
         send, receive = trio.open_memory_channel[list[Message]](64)
+        self._events = receive
         pattern = keyspace_pattern(self._config.redis_db, self._config.counter_key)
         async with trio.open_nursery() as nursery:
             # Subscribe first, then read state: nothing that changes in between is missed.
-            await nursery.start(_listen, self._store, [pattern],
-                                [f"{self._config.namespace}:redeliver"], send)
+            self._since = await nursery.start(_listen, self._store, [pattern],
+                                              [self._redeliver, self._markers], send)
+            self._marked.clear()
             # Deadlines and events are served while the reconcile runs (2 s for 100k
             # counters): every script reads Redis's current state, so the order in which
             # they land does not matter; at worst a key is looked at once more.
@@ -196,14 +230,19 @@ class LeaderDuties:
             else:
                 self._spawn_delivery(reset, note)
 
+    @property
+    def _redeliver(self) -> str:
+        return f"{self._config.namespace}:redeliver"
+
+    @property
+    def _markers(self) -> str:
+        return f"{self._config.namespace}:claims"
+
     async def _consume(self, receive: trio.MemoryReceiveChannel[list[Message]]) -> None:
-        redeliver = f"{self._config.namespace}:redeliver"
         async for batch in receive:
-            events = [m for m in batch if m.channel != redeliver]
-            if len(events) < len(batch):
+            if self._on_events(batch):
                 log.info("redeliver requested: reading pending resets")
                 await self._load_pending()
-            self._on_events(events)
 
     async def _verify_flags(self, nursery: trio.Nursery) -> None:
         """Notifications are the leader's eyes: an app or operator may rewrite the flags
@@ -276,23 +315,17 @@ class LeaderDuties:
             if taken is None:
                 await self._queued.park()
                 continue
-            wanted, keys = taken
+            wanted, keys, afters = taken
+            decided = False
             try:
-                if wanted.claim:
-                    await self._decide(self._store.claim, keys, wanted.reported)
-                else:
-                    await self._decide(self._store.track, keys)
+                await self._decide(wanted.claim, keys, afters)
+                decided = True
             finally:
-                self._queue.done(keys)
+                self._queue.done(keys, decided)
                 self._decided.unpark_all()
                 self._metrics.decision_backlog.set(len(self._queue))
 
-    async def _decide(
-        self,
-        op: Callable[..., Awaitable[list[KeyOutcome]]],
-        keys: list[str],
-        *args: bool,
-    ) -> None:
+    async def _decide(self, claim: bool, keys: list[str], afters: list[int] | None) -> None:
         """One script call for ``keys``, and act on its outcomes. Its pttls count from the
         middle of the round trip: the best local estimate of when Redis read them.
 
@@ -303,14 +336,17 @@ class LeaderDuties:
         """
         start = trio.current_time()
         try:
-            outcomes = await op(self._holder, keys, *args)
+            if claim:
+                outcomes = await self._store.claim(self._holder, keys, afters)
+            else:
+                outcomes = await self._store.track(self._holder, keys)
         except WorkerError:
             raise
         except Exception as exc:
             if len(keys) > 1:
                 half = len(keys) // 2
-                await self._decide(op, keys[:half], *args)
-                await self._decide(op, keys[half:], *args)
+                await self._decide(claim, keys[:half], afters and afters[:half])
+                await self._decide(claim, keys[half:], afters and afters[half:])
                 return
             self._poison_streak += 1
             if self._poison_streak > _POISON_LIMIT:
@@ -340,42 +376,50 @@ class LeaderDuties:
             elif o.kind == "claimed" and o.reset is not None:
                 self._schedule.remove(o.key)
                 self._spawn_delivery(o.reset)
-                self._claimed_at.pop(o.key, None)
-                self._claimed_at[o.key] = base
+                _remember(self._claims, o.key, o.claimed_ms)
             else:
                 self._schedule.remove(o.key)
 
-    def _on_events(self, batch: list[Message]) -> None:
+    def _on_events(self, batch: list[Message]) -> bool:
         """Queue what the events ask for; no Redis call here, so a burst of events costs
-        one look per key however many times it was touched."""
-        now = trio.current_time()
-        self._forget_old_claims(now)
+        one look per key however many times it was touched. True if a redelivery was
+        asked for."""
         changed: list[str] = []
-        unscheduled: list[str] = []
+        redeliver = False
         for msg in batch:
-            key = key_from_channel(msg.channel)
-            if msg.data == "expired":
-                if key in self._schedule:
-                    self._at(key, now)  # Redis expired it before our timer: claim now
-                elif key in self._claimed_at and key not in self._queue:
-                    continue  # the echo of our own claim's touch
-                else:
-                    # A key set and expired before we read its TTL (events backlogged)
-                    # has only this to show for it.
-                    unscheduled.append(key)
+            if msg.channel == self._markers:
+                self._on_marker(msg.data)
+            elif msg.channel == self._redeliver:
+                redeliver = True
+            elif msg.data != "expired":
+                changed.append(key_from_channel(msg.channel))
             else:
-                changed.append(key)
+                self._on_expired(key_from_channel(msg.channel))
         self._want(changed, "track")
-        self._want(unscheduled, "reported")
+        return redeliver
 
-    def _forget_old_claims(self, now: float) -> None:
-        horizon = now - TOMBSTONE_MS / 1000
-        claimed = self._claimed_at
-        while claimed:
-            key = next(iter(claimed))
-            if claimed[key] > horizon:
-                break
-            del claimed[key]
+    def _on_expired(self, key: str) -> None:
+        if not self._counters([key]):
+            return
+        after = self._marked.get(key, self._since)
+        claimed = self._claims.get(key)
+        if claimed is not None and claimed > after:
+            return  # the echo of our own claim's touch (spec.is_echo)
+        # A key set and expired before we read its TTL (events backlogged, or across a
+        # handoff) has only this to show for it; one we hold expired before our timer.
+        self._queue.want(key, "claim" if key in self._schedule else "reported", after)
+        self._queued.unpark_all()
+        self._metrics.decision_backlog.set(len(self._queue))
+
+    def _on_marker(self, data: str) -> None:
+        """A claim's marker: "<claimed_ms> <key>". Later `expired` events of the key
+        follow that claim. Kept for as long as Redis keeps the claim's tombstone."""
+        stamp, _, key = data.partition(" ")
+        try:
+            claimed_ms = int(stamp)
+        except ValueError:
+            return  # not ours: someone else published on the channel
+        _remember(self._marked, key, claimed_ms)
 
     async def _run_timer(self) -> NoReturn:
         while True:
@@ -524,13 +568,26 @@ class LeaderDuties:
             self._metrics.failing.set(len(self._outbox.failing()))
 
 
+def _remember(claims: dict[str, int], key: str, claimed_ms: int) -> None:
+    """Note a claim (Redis ms), newest last, forgetting those whose tombstone Redis has
+    dropped by now (spec.TOMBSTONE_MS): bounded by the claim rate, not the key count."""
+    claims.pop(key, None)
+    claims[key] = claimed_ms
+    horizon = claimed_ms - TOMBSTONE_MS
+    while claims:
+        oldest = next(iter(claims))
+        if claims[oldest] > horizon:
+            break
+        del claims[oldest]
+
+
 async def _listen(
     store: Store,
     patterns: list[str],
     channels: list[str],
     send: trio.MemorySendChannel[list[Message]],
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     await store.listen(patterns=patterns, channels=channels, send=send,
                        task_status=task_status)

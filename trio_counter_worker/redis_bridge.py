@@ -188,6 +188,7 @@ class RedisBridge:
         self.dead_key = f"{ns}:dead"  # reset_id -> a reset given up on, and why
         self.release_channel = f"{ns}:released"
         self.redeliver_channel = f"{ns}:redeliver"
+        self.claims_channel = f"{ns}:claims"  # a marker per claim: see scripts._CLAIMING
         self.preflight_key = f"{ns}:preflight"
         self._client = _make_client(config)
         self._master = _MasterWatch(self._client)
@@ -326,12 +327,13 @@ class RedisBridge:
         return _outcomes(raw, keys)
 
     async def claim(
-        self, holder: str, keys: list[str], reported: bool = False
+        self, holder: str, keys: list[str], expired_after: list[int] | None = None
     ) -> list[KeyOutcome]:
         raw = await self._script(
             "CLAIM",
             [self.lease_key, self.deadlines_key, self.pending_key, self.claimed_key, *keys],
-            [holder, self._config.namespace, "1" if reported else "0"],
+            [holder, self._config.namespace, self.claims_channel,
+             *_reported_args(keys, expired_after)],
         )
         return _outcomes(raw, keys)
 
@@ -502,9 +504,11 @@ class RedisBridge:
         patterns: list[str],
         channels: list[str],
         send: trio.MemorySendChannel[list[Message]],
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Subscribe, report started once Redis confirmed, forward messages until cancelled.
+        Started with Redis's time (ms) read just before subscribing: every message
+        forwarded was published after it.
 
         Raises :class:`RedisUnavailable` when the connection drops: messages may have been
         lost, so the caller must resynchronise rather than trust a silent reconnect.
@@ -518,7 +522,7 @@ class RedisBridge:
         channels: list[str],
         send: trio.MemorySendChannel[list[Message]],
         *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         await trio.to_thread.run_sync(
             _listen_sync,
@@ -580,16 +584,18 @@ class ClusterBridge(RedisBridge):
         return _outcomes(raw, keys)
 
     async def claim(
-        self, holder: str, keys: list[str], reported: bool = False
+        self, holder: str, keys: list[str], expired_after: list[int] | None = None
     ) -> list[KeyOutcome]:
         if not keys:
             return []
         facts = await self._run(self._key_facts_sync, keys)
+        reported = _reported_args(keys, expired_after)
+        args = [v for i in range(len(keys)) for v in (*facts[4 * i:4 * i + 4], reported[i])]
         raw = await self._script(
             "APPLY_CLAIM",
             [self.lease_key, self.deadlines_key, self.pending_key, self.seen_key,
              self.claimed_key],
-            [holder, self._config.namespace, "1" if reported else "0", *facts],
+            [holder, self._config.namespace, *args],
         )
         return _outcomes(raw, keys)
 
@@ -632,19 +638,26 @@ class ClusterBridge(RedisBridge):
         patterns: list[str],
         channels: list[str],
         send: trio.MemorySendChannel[list[Message]],
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Keyspace patterns on every primary; channels (cluster-wide) on one node. Raises
-        RedisUnavailable when a connection drops or the set of primaries changes."""
+        RedisUnavailable when a connection drops or the set of primaries changes.
+
+        Claim markers are not subscribed: a key's events come from its own node and a
+        marker from the worker's, in no common order. Started with the earliest of the
+        primaries' times read before subscribing."""
         primaries = await self._run(self._primaries)
         clients = [self._node_client(node) for node in primaries]
+        channels = [c for c in channels if c != self.claims_channel]
         try:
             async with trio.open_nursery() as nursery:
-                for i, client in enumerate(clients):
+                since = [
                     await nursery.start(
                         self._listen_on, client, patterns, channels if i == 0 else [], send
                     )
-                task_status.started()
+                    for i, client in enumerate(clients)
+                ]
+                task_status.started(min(since))
                 if patterns:
                     nursery.start_soon(self._watch_topology, {n.name for n in primaries})
         finally:
@@ -678,13 +691,15 @@ def _listen_sync(
     patterns: list[str],
     channels: list[str],
     send: trio.MemorySendChannel[list[Message]],
-    task_status: trio.TaskStatus[None],
+    task_status: trio.TaskStatus[int],
     master: _MasterWatch,
 ) -> None:
     generation = master.generation
     pubsub = client.pubsub()
     try:
         try:
+            seconds, micros = client.time()
+            since = int(seconds) * 1000 + int(micros) // 1000
             if patterns:
                 pubsub.psubscribe(*patterns)
             if channels:
@@ -698,7 +713,7 @@ def _listen_sync(
                     confirmations -= 1
                 elif msg and msg["type"] in ("message", "pmessage"):
                     early.append(Message(channel=msg["channel"], data=msg["data"]))
-            trio.from_thread.run_sync(task_status.started)
+            trio.from_thread.run_sync(task_status.started, since)
             if early:
                 trio.from_thread.run(send.send, early)
             while True:
@@ -779,12 +794,12 @@ def _make_client(config: Config) -> Any:
         from redis.cluster import ClusterNode, RedisCluster
 
         del common["db"]
-        nodes = [ClusterNode(h, p) for h, p in config.redis_cluster_nodes]  # type: ignore[no-untyped-call]
+        nodes = [ClusterNode(h, p) for h, p in config.redis_cluster_nodes]  # type: ignore[no-untyped-call, unused-ignore]
         return RedisCluster(startup_nodes=nodes, **common)
     if config.redis_sentinels:
         # The pool asks the sentinels for the master on every new connection, and drops a
         # connection that finds its master demoted: a failover surfaces as one error.
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             list(config.redis_sentinels),
             sentinel_kwargs={
                 "password": config.redis_sentinel_password,
@@ -794,7 +809,7 @@ def _make_client(config: Config) -> Any:
             },
         )
         assert config.redis_sentinel_master is not None
-        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
             config.redis_sentinel_master, **common
         )
         return master
@@ -802,7 +817,10 @@ def _make_client(config: Config) -> Any:
 
 
 def _pending(raw: str) -> PendingReset:
-    r = json.loads(raw)
+    return _record(json.loads(raw))
+
+
+def _record(r: dict[str, Any]) -> PendingReset:
     return PendingReset(
         reset_id=str(r["reset_id"]),
         key=str(r["key"]),
@@ -851,6 +869,15 @@ def _dead_listing(rows: dict[str, str]) -> dict[str, Any]:
     return {"count": len(out), "oldest": out[:_LISTED]}
 
 
+def _reported_args(keys: list[str], expired_after: list[int] | None) -> list[str]:
+    """Per key: '' (not reported) or the time Redis reported it expired after."""
+    if expired_after is None:
+        return [""] * len(keys)
+    if len(expired_after) != len(keys):
+        raise ValueError("claim: one expired_after per key")
+    return [str(int(t)) for t in expired_after]
+
+
 def _outcomes(raw: str, keys: list[str]) -> list[KeyOutcome]:
     r = json.loads(raw)
     if not r["leader"]:
@@ -863,7 +890,9 @@ def _outcomes(raw: str, keys: list[str]) -> list[KeyOutcome]:
         elif row.get("due"):
             out.append(KeyOutcome(key, "due"))
         elif "claimed" in row:
-            out.append(KeyOutcome(key, "claimed", reset=_pending(row["claimed"])))
+            rec = json.loads(row["claimed"])
+            out.append(KeyOutcome(key, "claimed", reset=_record(rec),
+                                  claimed_ms=int(rec["claimed_ms"])))
         else:
             out.append(KeyOutcome(key, "gone"))
     return out

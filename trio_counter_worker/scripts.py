@@ -13,12 +13,10 @@ on Redis 7; on 6.2 it is an unknown command and ``TIME + PTTL`` is used instead.
 
 from __future__ import annotations
 
-# How long a claim's tombstone lasts: an `expired` event for a key claimed this recently
-# is the echo of the claim's own touch, not another episode.
-TOMBSTONE_MS = 60_000
+from .spec import DUE_SLACK_MS, TOMBSTONE_MS
 
 # Shared prelude: current Redis time in ms and a key's absolute expiry.
-_PRELUDE = """
+_PRELUDE = f"local DUE_SLACK_MS = {DUE_SLACK_MS}\n" + """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -38,7 +36,7 @@ local function record(deadlines, key, now, pttl, at)
     return {p = pttl}
   end
   local dl = tonumber(redis.call('ZSCORE', deadlines, key))
-  if pttl == -2 and dl and dl <= now + 5 then return {due = true} end
+  if pttl == -2 and dl and dl <= now + DUE_SLACK_MS then return {due = true} end
   if dl then redis.call('ZREM', deadlines, key) end
   return {gone = true}
 end
@@ -112,66 +110,77 @@ end
 return cjson.encode({leader = true, now = now, keys = out})
 """
 
-# Claiming: the pending record, plus a tombstone (key -> claim time) so that the
-# `expired` event our own touch causes is not mistaken for another episode.
+# Claiming: the pending record, a tombstone (key -> claim time) and, on one Redis, a
+# marker published on the leader's own subscription. Pub/sub keeps publication order, so
+# the marker tells the leader which of the key's `expired` events came after the claim
+# (real expiries) and which before (the claim's own echo). spec.claim is this decision in
+# Python; tests/test_spec_contract.py holds the two to the same outcomes.
 _CLAIMING = f"local TOMBSTONE_MS = {TOMBSTONE_MS}\n" + """
-local function claim_episode(pending, claimed, ns, key, dl, epoch, now)
-  local episode = ns .. '\\n' .. key .. '\\n' .. string.format('%d', dl)
+local function claim_episode(k, key, dl, epoch, now)
+  local episode = k.ns .. '\\n' .. key .. '\\n' .. string.format('%d', dl)
   local id = string.sub(redis.sha1hex(episode), 1, 32)
   local rec = cjson.encode({reset_id = id, key = key, deadline_ms = dl,
                             fencing_token = epoch, claimed_ms = now})
-  redis.call('HSETNX', pending, id, rec)
-  redis.call('ZADD', claimed, now, key)
+  redis.call('HSETNX', k.pending, id, rec)
+  redis.call('ZADD', k.claimed, now, key)
+  if k.markers ~= '' then
+    redis.call('PUBLISH', k.markers, string.format('%d', now) .. ' ' .. key)
+  end
   return rec
 end
-local function recently_claimed(claimed, key, now)
+-- `expired`, published after `after`, is the echo of a later claim (spec.is_echo).
+local function is_echo(claimed, key, now, after)
   local t = tonumber(redis.call('ZSCORE', claimed, key))
-  return t ~= nil and t >= now - TOMBSTONE_MS
+  return t ~= nil and t >= now - TOMBSTONE_MS and t > after
 end
--- The decision for one key, given its state at `now` (pttl, absolute expiry `at`).
--- k: {deadlines, pending, claimed, ns}; returns the row for the caller's answer.
-local function decide(k, key, now, pttl, at, epoch, reported)
+-- The decision for one key, given its state at `now` (pttl, absolute expiry `at`);
+-- `after`: nil, or Redis reported it expired after that time (spec.claim).
+-- k: {deadlines, pending, claimed, ns, markers}; returns the row for the caller's answer.
+local function decide(k, key, now, pttl, at, epoch, after)
   local dl = tonumber(redis.call('ZSCORE', k.deadlines, key))
   if pttl >= 0 then
     redis.call('ZADD', k.deadlines, at, key)
     return {p = pttl}
-  elseif not dl then
-    if reported and pttl == -2 and not recently_claimed(k.claimed, key, now) then
-      return {claimed = claim_episode(k.pending, k.claimed, k.ns, key, now, epoch, now)}
-    end
-    return {gone = true}
-  elseif pttl == -1 or dl > now + 5 then
-    redis.call('ZREM', k.deadlines, key)
-    return {gone = true}
   end
-  redis.call('ZREM', k.deadlines, key)
-  return {claimed = claim_episode(k.pending, k.claimed, k.ns, key, dl, epoch, now)}
+  if dl then redis.call('ZREM', k.deadlines, key) end
+  local due = dl ~= nil and dl <= now + DUE_SLACK_MS
+  if after and pttl == -2 and not is_echo(k.claimed, key, now, after) then
+    if not due then dl = now end
+    return {claimed = claim_episode(k, key, dl, epoch, now)}
+  end
+  if pttl == -1 or not due then return {gone = true} end
+  return {claimed = claim_episode(k, key, dl, epoch, now)}
+end
+-- ARGV[i]: '' (not reported) or the time Redis reported the key expired after.
+local function reported_after(i)
+  if ARGV[i] == '' then return nil end
+  return tonumber(ARGV[i])
 end
 """
 
 # KEYS: lease, deadlines, pending, claimed, counter keys...
-# ARGV: holder, namespace, "1" if Redis reported these keys expired (else "0")
+# ARGV: holder, namespace, marker channel ('' for none), then per counter key '' or the
+# time Redis reported it expired after.
 # At a key's deadline, decide. Touching the key makes Redis expire it now if it is due,
 # instead of whenever its background cycle finds it. If it is gone and its recorded
 # deadline has passed, that inactivity episode ends: create the pending reset, whose id
 # is derived from (namespace, key, deadline) so it is the same whoever computes it.
-# A key still alive had its TTL extended: it is rescheduled, not reset.
-# An `expired` event for a key with no recorded deadline (it was set and expired before
-# the leader read its TTL) proves an episode ended: it is claimed with the time it was
-# seen, unless it is the echo of a claim made in the last minute.
+# A key still alive had its TTL extended: it is rescheduled, not reset. A reported
+# expiry that is not the echo of a claim ends an episode even without a usable recorded
+# deadline (set and expired before the leader read its TTL): it ends when it was seen.
 CLAIM = _PRELUDE + _CLAIMING + """
 if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
 local now = now_ms()
-local reported = ARGV[3] == '1'
-local k = {deadlines = KEYS[2], pending = KEYS[3], claimed = KEYS[4], ns = ARGV[2]}
+local k = {deadlines = KEYS[2], pending = KEYS[3], claimed = KEYS[4], ns = ARGV[2],
+           markers = ARGV[3]}
 local out = {}
 for i = 5, #KEYS do
   local key = KEYS[i]
   local pttl = redis.call('PTTL', key)  -- the touch: a due key expires now
   local at = -1
   if pttl >= 0 then at = expire_at(key, now, pttl) end
-  out[#out + 1] = decide(k, key, now, pttl, at, epoch, reported)
+  out[#out + 1] = decide(k, key, now, pttl, at, epoch, reported_after(i - 1))
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - TOMBSTONE_MS)
 return cjson.encode({leader = true, now = now, keys = out})
@@ -297,18 +306,20 @@ return cjson.encode({leader = true, keys = out})
 """
 
 # KEYS: lease, deadlines, pending, seen, claimed
-# ARGV: holder, namespace, reported ("1"/"0", as CLAIM), then facts per key
+# ARGV: holder, namespace, then per key its facts and '' or the time Redis reported it
+# expired after (as CLAIM). No markers: on a cluster a key's events come from its own
+# node and a marker from the worker's, so their order says nothing.
 APPLY_CLAIM = _PRELUDE + _FACTS + _CLAIMING + """
 if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
-local reported = ARGV[3] == '1'
-local k = {deadlines = KEYS[2], pending = KEYS[3], claimed = KEYS[5], ns = ARGV[2]}
+local k = {deadlines = KEYS[2], pending = KEYS[3], claimed = KEYS[5], ns = ARGV[2],
+           markers = ''}
 local out, last = {}, nil
-for i = 4, #ARGV, 4 do
+for i = 3, #ARGV, 5 do
   local key, now, pttl, at = facts(i)
   last = now
   if fresh(KEYS[4], key, now) then
-    out[#out + 1] = decide(k, key, now, pttl, at, epoch, reported)
+    out[#out + 1] = decide(k, key, now, pttl, at, epoch, reported_after(i + 4))
   else
     out[#out + 1] = {due = true}
   end

@@ -64,13 +64,14 @@ class KeyOutcome:
 
     ``alive``: it has a TTL, due in ``pttl_ms``; ``due``: it expired, claim it now;
     ``gone``: nothing to do (no TTL, deleted early, or not tracked); ``claimed``: the
-    episode ended and ``reset`` is now pending.
+    episode ended and ``reset`` is now pending, claimed at ``claimed_ms`` (Redis time).
     """
 
     key: str
     kind: Literal["alive", "due", "gone", "claimed"]
     pttl_ms: int = 0
     reset: PendingReset | None = None
+    claimed_ms: int = 0
 
 
 @attrs.frozen
@@ -110,10 +111,12 @@ class Store(Protocol):
     async def track(self, holder: str, keys: list[str]) -> list[KeyOutcome]: ...
 
     async def claim(
-        self, holder: str, keys: list[str], reported: bool = False
+        self, holder: str, keys: list[str], expired_after: list[int] | None = None
     ) -> list[KeyOutcome]:
-        """Decide each key at its deadline. ``reported``: Redis published `expired` for
-        these keys, so one with no recorded deadline is an episode that ended too."""
+        """Decide each key at its deadline (:func:`trio_counter_worker.spec.claim`).
+        ``expired_after``: Redis published `expired` for these keys, after these times
+        (Redis ms, one per key), so each is an episode that ended unless it is the echo
+        of a later claim."""
         ...
 
     async def mark_sent(self, holder: str, *reset_ids: str) -> None: ...
@@ -159,5 +162,7 @@ class Store(Protocol):
         patterns: list[str],
         channels: list[str],
         send: trio.MemorySendChannel[list[Message]],
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None: ...
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Subscribe; started with Redis's time (ms) from before subscribing."""
+        ...

@@ -39,6 +39,7 @@ __all__ = ["Worker", "open_worker"]
 log = logging.getLogger("trio_counter_worker")
 
 _RELEASE_TIMEOUT = 1.0  # graceful stop: how long to try handing the lease back
+_HAND_OVER_TIMEOUT = 0.5  # and before that, to decide what only this leader has seen
 _STEADY = 60.0  # a lease held this long without a crash resets the crash backoff
 
 
@@ -154,6 +155,8 @@ class Worker:
                     self.metrics.leader.set(0)
                     self.metrics.pending.set(0)
                     self.metrics.watched.set(0)
+                    with trio.CancelScope(shield=True), trio.move_on_after(_HAND_OVER_TIMEOUT):
+                        await duties.hand_over()
                     await self._release(lease)
                     self.hooks.on_deposed(lease.epoch)
         except* LeaseLost as group:
@@ -210,7 +213,7 @@ class Worker:
         channel: str,
         send: trio.MemorySendChannel[list[Message]],
         *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         await self._store.listen(patterns=[], channels=[channel], send=send,
                                  task_status=task_status)

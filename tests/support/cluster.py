@@ -56,7 +56,7 @@ class ClusterSetup:
         self.wait_ok()
 
     def client(self) -> RedisCluster:
-        nodes = [ClusterNode("127.0.0.1", n.port) for n in self.nodes]  # type: ignore[no-untyped-call]
+        nodes = [ClusterNode("127.0.0.1", n.port) for n in self.nodes]  # type: ignore[no-untyped-call, unused-ignore]
         return RedisCluster(startup_nodes=nodes, decode_responses=True)
 
     def wait_ok(self, timeout: float = 30.0) -> None:
