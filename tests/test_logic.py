@@ -9,6 +9,7 @@ import pytest
 
 import trio_counter_worker
 from trio_counter_worker.delivery import build_request
+from trio_counter_worker.election import Backoff
 from trio_counter_worker.keyspace import (
     enable_hint,
     key_from_channel,
@@ -82,6 +83,15 @@ def test_backoff_grows_capped_with_jitter() -> None:
         assert ceiling / 2 <= d <= ceiling
     assert max(delays) <= 10.0
     assert policy.delay(20, "rejected", rng=rng) > 10.0  # slower for 4xx, up to 60 s
+
+
+def test_reconnect_backoff_grows_capped_and_resets() -> None:
+    backoff = Backoff(base=0.1, cap=5.0)
+    for n in range(1, 12):
+        ceiling = min(5.0, 0.1 * 2 ** (n - 1))
+        assert ceiling / 2 <= backoff.next() <= ceiling
+    backoff.reset()
+    assert 0.05 <= backoff.next() <= 0.1
 
 
 def test_retry_after_wins_and_is_capped() -> None:
