@@ -9,6 +9,7 @@ import pytest
 
 import trio_counter_worker
 from trio_counter_worker.delivery import build_request
+from trio_counter_worker.election import Backoff
 from trio_counter_worker.keyspace import (
     enable_hint,
     key_from_channel,
@@ -82,6 +83,15 @@ def test_backoff_grows_capped_with_jitter() -> None:
         assert ceiling / 2 <= d <= ceiling
     assert max(delays) <= 10.0
     assert policy.delay(20, "rejected", rng=rng) > 10.0  # slower for 4xx, up to 60 s
+
+
+def test_reconnect_backoff_grows_capped_and_resets() -> None:
+    backoff = Backoff(base=0.1, cap=5.0)
+    for n in range(1, 12):
+        ceiling = min(5.0, 0.1 * 2 ** (n - 1))
+        assert ceiling / 2 <= backoff.next() <= ceiling
+    backoff.reset()
+    assert 0.05 <= backoff.next() <= 0.1
 
 
 def test_retry_after_wins_and_is_capped() -> None:
@@ -163,14 +173,21 @@ def test_exported_members_are_all() -> None:
 
 
 def test_readme_documents_every_setting() -> None:
+    """README's settings table: one row per setting, in the order --help lists them, each
+    with the default the code declares."""
     from pathlib import Path
 
     from trio_counter_worker.config import SETTINGS
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     example = (Path(__file__).parent.parent / ".env.example").read_text()
+    section = readme.partition("\n## Settings\n")[2].partition("\n## ")[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines()
+            if line.startswith("| `")]
+    table = [(name.strip().strip("`"), default.strip().strip("`")) for name, _, default in rows]
+    expected = [(s.name, "required" if s.required else s.default or "none") for s in SETTINGS]
+    assert table == expected
     for setting in SETTINGS:
-        assert f"| `{setting.name}` |" in readme, setting.name
         assert setting.name in example, setting.name
 
 

@@ -28,8 +28,11 @@ PROG = "trio-counter-worker"
 def _settings_help() -> str:
     lines = ["settings (environment variables, or a .env file; the environment wins):"]
     for s in SETTINGS:
-        default = "" if s.default is None else f" [default: {s.default}]"
-        lines.append(f"  {s.name:<20} {s.help}{default}")
+        if s.required:
+            note = "(required)"
+        else:
+            note = "(optional)" if s.default is None else f"[default: {s.default}]"
+        lines.append(f"  {s.name:<20} {s.help} {note}")
     return "\n".join(lines)
 
 

@@ -1,10 +1,12 @@
 """Settings: one frozen class, built from the environment and an optional ``.env`` file.
 
-Every setting is declared once in ``SETTINGS`` (name, default, help), which feeds the
-loader, ``--help`` and the README table. Validation happens on construction, and checks
-everything that could otherwise fail later (a secret that cannot be sent as a header, a
-URL httpx refuses, a COUNTER_KEY that would match the worker's own keys); a bad value
-raises :class:`ConfigError` with a one-line message naming the variable and what was
+Each setting is declared once, on the :class:`Config` field it fills: the field holds the
+default and the validators, a :class:`Setting` in its metadata the variable's name, help
+text, parser and secrecy. ``SETTINGS``, the loader, ``--help``, the README check and the
+error messages all read that one declaration. Validation happens on construction, and
+checks everything that could otherwise fail later (a secret that cannot be sent as a
+header, a URL httpx refuses, a COUNTER_KEY that would match the worker's own keys); a bad
+value raises :class:`ConfigError` with a one-line message naming the variable and what was
 expected. Values of secret settings never appear in messages or reprs.
 """
 
@@ -17,9 +19,9 @@ import re
 import socket
 import ssl
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import attrs
@@ -33,87 +35,20 @@ from .keyspace import OWN_KEY_PREFIX
 
 __all__ = ["OWN_KEY_PREFIX", "SETTINGS", "Config", "Setting"]
 
-
-@attrs.frozen
-class Setting:
-    name: str
-    default: str | None  # None: required, or "derived" when help says so
-    help: str
-    secret: bool = False
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("RESET_ENDPOINT_URL", None, "http(s) URL the reset is POSTed to; plain http only "
-            "to a loopback host unless ALLOW_INSECURE_HTTP=1 (required)"),
-    Setting("RESET_SECRET", None, "sent as the x-secret header: visible ASCII only, no "
-            "spaces (required)", secret=True),
-    Setting("COUNTER_KEY", "contador_reset", "key, or glob pattern such as counter:*, whose "
-            "expiry means inactivity; must not be able to match the worker's own tcw:{ keys"),
-    Setting("REDIS_HOST", "127.0.0.1", "Redis host"),
-    Setting("REDIS_PORT", "6379", "Redis port"),
-    Setting("REDIS_PASSWORD", None, "Redis password (optional)", secret=True),
-    Setting("REDIS_DB", "0", "Redis database number"),
-    Setting("REDIS_URL", None, "redis:// or rediss:// URL with user, password and db; "
-            "overrides REDIS_HOST, REDIS_PORT, REDIS_PASSWORD and REDIS_DB, with a warning "
-            "at start if any is set too (optional)", secret=True),
-    Setting("REDIS_SENTINELS", None, "Sentinel mode: host:port,host:port,... of the "
-            "sentinels; the master is discovered and followed through failovers (optional)"),
-    Setting("REDIS_CLUSTER_NODES", None, "Cluster mode: host:port,... of some cluster "
-            "nodes to start from; the rest is discovered (optional)"),
-    Setting("REDIS_SENTINEL_MASTER", None, "Sentinel mode: the monitored master's name"),
-    Setting("REDIS_SENTINEL_PASSWORD", None, "password of the sentinels themselves "
-            "(optional)", secret=True),
-    Setting("LEASE_TTL_MS", "3000", "leader lease length in ms (500-5000): a crashed "
-            "leader is replaced within this time"),
-    Setting("REPLICA_ID", None, "this replica's name in the lease, logs and requests "
-            "(default: hostname-pid)"),
-    Setting("RESET_TIMEOUT_MS", "5000", "timeout of one reset request in ms (100-14999)"),
-    Setting("MAX_IN_FLIGHT", "32", "most reset requests sent at once (1-1000); at most half "
-            "of them are retries of failing resets"),
-    Setting("RESET_GIVE_UP_AFTER", None, "a duration such as 90s, 30m, 6h or 2d: a reset "
-            "failing that long moves to the dead letters (`redeliver` sends it again) "
-            "[default: never]"),
-    Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    Setting("LOG_FORMAT", "text", "text (readable lines) or json (one JSON object a line)"),
-    Setting("RESET_SIGNING_SECRET", None, "if set, sign each request: x-signature: "
-            "t=<unix>,v1=<HMAC-SHA256 hex of '<t>.<body>'> (optional)", secret=True),
-    Setting("ALLOW_INSECURE_HTTP", None, "1 to allow a plain http:// RESET_ENDPOINT_URL on a "
-            "host that is not loopback (the secret then travels unencrypted) [default: 0]"),
-    Setting("HEALTH_PORT", None, "if set, serve /healthz, /readyz and /metrics on this port "
-            "(optional)"),
-    Setting("HEALTH_HOST", "0.0.0.0", "address the health endpoint listens on"),  # noqa: S104
-    Setting("REDIS_CA_FILE", None, "CA bundle (PEM) to verify a rediss:// server with "
-            "(default: the system's) (optional)"),
-)
-
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_LOG_FORMATS = ("text", "json")
 _MAX_DB = 1_000_000
 _SHOWN_MAX = 100  # longer values are cut short in messages
 _HIDDEN = "(value hidden)"
-# What `status` ignores (see Config.from_env's redis_only): only sending resets uses them.
-_DELIVERY_SETTINGS = frozenset({
-    "RESET_ENDPOINT_URL", "RESET_SECRET", "RESET_SIGNING_SECRET", "RESET_TIMEOUT_MS",
-    "MAX_IN_FLIGHT", "ALLOW_INSECURE_HTTP", "RESET_GIVE_UP_AFTER",
-})  # fmt: skip
 _UNUSED_URL = "https://reset-endpoint.invalid/"  # .invalid: can never resolve (RFC 6761)
 _UNUSED_SECRET = "unused"  # noqa: S105 - a placeholder, never sent
-_URL_OVERRIDES = ("REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB")
 _INTEGER = re.compile(r"[-+]?[0-9]+")
+_DIGITS = re.compile(r"[0-9]+")
 _DURATION = re.compile(r"([0-9]{1,9})(s|m|h|d)")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(name: str, raw: str | None) -> float | None:
-    """``90s``, ``30m``, ``6h``, ``2d`` (at least 1 s) into seconds; None when unset."""
-    if raw is None:
-        return None
-    match = _DURATION.fullmatch(raw.strip().lower())
-    if match is None or int(match[1]) == 0:
-        raise ConfigError(
-            f"{name} must be a duration such as 90s, 30m, 6h or 2d, got {_shown(raw)}"
-        )
-    return float(int(match[1]) * _UNIT_SECONDS[match[2]])
-_DIGITS = re.compile(r"[0-9]+")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_SETTING = "trio_counter_worker.setting"  # the field metadata key of a Setting
 
 
 def _shown(value: str) -> str:
@@ -176,61 +111,216 @@ def _host_problem(host: str) -> str | None:
     return None
 
 
-def _int_in(name: str, lo: int, hi: int, unit: str = "") -> Any:
-    """attrs validator: an int within [lo, hi]; the message names the variable."""
+# --- parsers: (the setting, its stripped and non-blank text) -> the field's value ---------
 
-    def check(_inst: object, _attr: attrs.Attribute[int], value: int) -> None:
-        if not lo <= value <= hi:
+
+def _text(_setting: Setting, raw: str) -> str:
+    return raw
+
+
+def _upper(_setting: Setting, raw: str) -> str:
+    return raw.upper()
+
+
+def _lower(_setting: Setting, raw: str) -> str:
+    return raw.lower()
+
+
+def _integer(setting: Setting, raw: str) -> int:
+    try:
+        if _INTEGER.fullmatch(raw):
+            return int(raw)
+    except ValueError:  # more digits than int() takes
+        pass
+    shown = _HIDDEN if setting.secret else _shown(raw)
+    raise ConfigError(f"{setting.name} must be a whole number, got {shown}")
+
+
+def _boolean(setting: Setting, raw: str) -> bool:
+    raw = raw.lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigError(f"{setting.name} must be 1 or 0 (true/false, yes/no), got {_shown(raw)}")
+
+
+def _duration(setting: Setting, raw: str) -> float:
+    """``90s``, ``30m``, ``6h``, ``2d`` (at least 1 s) into seconds."""
+    match = _DURATION.fullmatch(raw.lower())
+    if match is None or int(match[1]) == 0:
+        raise ConfigError(
+            f"{setting.name} must be a duration such as 90s, 30m, 6h or 2d, got {_shown(raw)}"
+        )
+    return float(int(match[1]) * _UNIT_SECONDS[match[2]])
+
+
+def _nodes(setting: Setting, text: str) -> tuple[tuple[str, int], ...]:
+    """``host:port,host:port`` into pairs."""
+    nodes = []
+    for item in (part.strip() for part in text.split(",")):
+        host, _, port = item.rpartition(":")
+        if not host or not _DIGITS.fullmatch(port) or not 1 <= int(port) <= 65535:
             raise ConfigError(
-                f"{name} must be between {lo} and {hi}{unit}, got {_shown_number(value)}"
+                f"{setting.name} must be host:port[,host:port...], got {_shown(item)}"
             )
+        host = host.strip("[]")
+        if (problem := _host_problem(host)) is not None:
+            raise ConfigError(f"{setting.name}: the host {problem}")
+        nodes.append((host, int(port)))
+    return tuple(nodes)
+
+
+def _redis_url(setting: Setting, url: str) -> dict[str, Any]:
+    """REDIS_URL split into the fields it fills. Errors never echo the URL: it may hold a
+    password."""
+    name, hidden = setting.name, "(value hidden: it may contain a password)"
+    if not _is_utf8(url) or not url.isprintable():
+        raise ConfigError(f"{name} must be printable UTF-8 text {hidden}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(
+            f"{name} must look like redis://[user:password@]host[:port][/db] {hidden}"
+        ) from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError(f"{name} must start with redis:// or rediss:// and name a host {hidden}")
+    if _host_problem(parts.hostname) is not None:
+        raise ConfigError(f"{name} must name a valid host name or IP address {hidden}")
+    db_text = parts.path.lstrip("/") or "0"
+    if not _DIGITS.fullmatch(db_text) or int(db_text) > _MAX_DB:
+        raise ConfigError(
+            f"{name} must end with a database number from 0 to {_MAX_DB} like /0 {hidden}"
+        )
+    if port == 0:
+        raise ConfigError(f"{name} must have a port between 1 and 65535 {hidden}")
+    return {
+        "redis_host": parts.hostname,
+        "redis_port": 6379 if port is None else port,
+        "redis_db": int(db_text),
+        "redis_username": unquote(parts.username) if parts.username else None,
+        "redis_password": unquote(parts.password) if parts.password else None,
+        "redis_tls": parts.scheme == "rediss",
+    }
+
+
+@attrs.frozen
+class Setting:
+    """One environment variable. Declared with ``_env`` in the metadata of the
+    :class:`Config` field it fills; ``required`` and ``default`` are then taken from that
+    field, so ``SETTINGS`` shows what the class really does."""
+
+    name: str
+    help: str
+    parse: Callable[[Setting, str], Any] = attrs.field(default=_text, repr=False)
+    secret: bool = False  # never shown: not in messages, not in the repr
+    delivery: bool = False  # only sending resets uses it: `status` and `redeliver` ignore it
+    expects: str = ""  # what to set it to, for "is required" and "must not be empty"
+    spread: bool = False  # ``parse`` gives the values of several fields, by name
+    # As --help and the README show it; None: no default. Declared only where the field's
+    # own default cannot say it: a factory, or a None that stands for "never" or "the system's".
+    default: str | None = None
+    required: bool = False
+
+
+def _env(name: str, help: str, **options: Any) -> dict[str, Setting]:
+    """Field metadata: the field is filled from the variable ``name`` (see Setting)."""
+    return {_SETTING: Setting(name, help, **options)}
+
+
+def _setting(attribute: attrs.Attribute[Any]) -> Setting:
+    return cast(Setting, attribute.metadata[_SETTING])
+
+
+def _shown_default(value: object) -> str | None:
+    """A field default as the environment would spell it; None for "unset"."""
+    if value is attrs.NOTHING or value is None or value == ():
+        return None
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def _complete_settings(
+    _cls: type, fields: list[attrs.Attribute[Any]]
+) -> list[attrs.Attribute[Any]]:
+    """attrs field transformer: each field's Setting learns its default from the field,
+    and a secret field stays out of the repr."""
+    return [_complete(field) if _SETTING in field.metadata else field for field in fields]
+
+
+def _complete(field: attrs.Attribute[Any]) -> attrs.Attribute[Any]:
+    setting = _setting(field)
+    setting = attrs.evolve(
+        setting,
+        required=field.default is attrs.NOTHING,
+        default=setting.default or _shown_default(field.default),
+    )
+    # A spread setting's other fields are parts of it with their own secrecy (REDIS_URL's
+    # password is secret, its user name is not).
+    shown = field.repr and not (setting.secret and not setting.spread)
+    return field.evolve(metadata={**field.metadata, _SETTING: setting}, repr=shown)
+
+
+# --- validators: each message names the variable, from the field's Setting -------------
+
+
+def _int_in(lo: int, hi: int, unit: str = "") -> Any:
+    """attrs validator: None, or an int within [lo, hi]."""
+
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+        if value is not None and not lo <= value <= hi:
+            raise ConfigError(f"{_setting(attribute).name} must be between {lo} and {hi}{unit}, "
+                              f"got {_shown_number(value)}")
 
     return check
 
 
-def _non_empty(name: str, what: str) -> Any:
-    def check(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
-        if not value.strip():
-            raise ConfigError(f"{name} must not be empty: set it to {what}")
+def _one_of(choices: tuple[str, ...]) -> Any:
+    def check(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value not in choices:
+            raise ConfigError(f"{_setting(attribute).name} must be one of {', '.join(choices)}, "
+                              f"got {_shown(value)}")
 
     return check
 
 
-def _utf8(name: str, *, secret: bool = False) -> Any:
-    """attrs validator: text that can be sent (None passes)."""
-
-    def check(_inst: object, _attr: attrs.Attribute[str | None], value: str | None) -> None:
-        if value is not None and not _is_utf8(value):
-            shown = _HIDDEN if secret else f"got {_shown(value)}"
-            raise ConfigError(
-                f"{name} must be valid UTF-8 text, but holds bytes that are not (a file or "
-                f"shell in another encoding?): {shown}"
-            )
-
-    return check
+def _non_empty(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value.strip():
+        setting = _setting(attribute)
+        raise ConfigError(f"{setting.name} must not be empty: set it to {setting.expects}")
 
 
-def _host(name: str) -> Any:
-    def check(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
-        if (problem := _host_problem(value)) is not None:
-            raise ConfigError(f"{name} {problem}")
+def _utf8(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    """Text that can be sent (None passes)."""
+    if value is not None and not _is_utf8(value):
+        setting = _setting(attribute)
+        shown = _HIDDEN if setting.secret else f"got {_shown(value)}"
+        raise ConfigError(
+            f"{setting.name} must be valid UTF-8 text, but holds bytes that are not (a file or "
+            f"shell in another encoding?): {shown}"
+        )
 
-    return check
+
+def _host(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if (problem := _host_problem(value)) is not None:
+        raise ConfigError(f"{_setting(attribute).name} {problem}")
 
 
-def _header_safe(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+def _header_safe(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     # httpx encodes header values as ASCII and h11 refuses control characters; a space
     # is legal but is stripped by some proxies and servers, so the secret would differ.
     if not all("\x21" <= c <= "\x7e" for c in value):
         raise ConfigError(
-            "RESET_SECRET must be visible ASCII only (0x21-0x7E: letters, digits and "
-            "punctuation; no spaces, accents or control characters), since it is sent as "
-            f"the x-secret header {_HIDDEN}"
+            f"{_setting(attribute).name} must be visible ASCII only (0x21-0x7E: letters, "
+            "digits and punctuation; no spaces, accents or control characters), since it is "
+            f"sent as the x-secret header {_HIDDEN}"
         )
 
 
-def _http_url(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
-    name, shown = "RESET_ENDPOINT_URL", _shown_url(value)
+def _http_url(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    name, shown = _setting(attribute).name, _shown_url(value)
     if not _is_utf8(value) or not value.isprintable():
         raise ConfigError(f"{name} must be printable text, without control characters or "
                           f"bytes that are not UTF-8, got {shown}")
@@ -260,119 +350,199 @@ def _http_url(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
                           f"got {shown}") from None
 
 
-def _counter_key(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+def _counter_key(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     # Reconcile and the event subscription would take the lease, the deadlines and the
     # release channel (of this or another deployment) for counters.
     if may_match_prefix(value, OWN_KEY_PREFIX):
         raise ConfigError(
-            f"COUNTER_KEY {_shown(value)} could match the worker's own keys, which all start "
-            f"with {OWN_KEY_PREFIX!r}: start it with a literal prefix of your own, like "
-            "'counter:*'"
+            f"{_setting(attribute).name} {_shown(value)} could match the worker's own keys, "
+            f"which all start with {OWN_KEY_PREFIX!r}: start it with a literal prefix of your "
+            "own, like 'counter:*'"
         )
 
 
-def _replica_id(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+def _replica_id(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if not value or len(value) > 128 or not value.isprintable() or any(c.isspace() for c in value):
+        raise ConfigError(f"{_setting(attribute).name} must be 1-128 printable characters "
+                          f"without spaces, got {_shown(value)}")
+
+
+def _ca_file(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is None:
+        return
+    name = _setting(attribute).name
+    try:
+        readable = stat.S_ISREG(os.stat(value).st_mode) and os.access(value, os.R_OK)
+    except (OSError, ValueError):  # ValueError: a NUL, or a surrogate os cannot encode
+        readable = False
+    if not readable:
+        raise ConfigError(f"{name} must name a readable file, got {_shown(value)}")
+    try:
+        ssl.create_default_context(cafile=value)
+    except (ssl.SSLError, OSError, ValueError) as exc:
         raise ConfigError(
-            f"REPLICA_ID must be 1-128 printable characters without spaces, got {_shown(value)}"
-        )
+            f"{name} {_shown(value)} holds no CA certificate ssl can load "
+            f"({_one_line(str(exc))}): point it at the PEM file of the CA that signed the "
+            "Redis server's certificate"
+        ) from None
 
 
 def default_replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, field_transformer=_complete_settings)
 class Config:
-    """Validated settings of one replica. Build it with :meth:`from_env` or directly."""
+    """Validated settings of one replica. Build it with :meth:`from_env` or directly.
 
-    reset_endpoint_url: str = attrs.field(validator=_http_url)
+    A field filled from the environment declares its variable in its metadata; the
+    fields' order is that of ``SETTINGS``, ``--help`` and the README's table.
+    """
+
+    reset_endpoint_url: str = attrs.field(
+        validator=_http_url,
+        metadata=_env("RESET_ENDPOINT_URL", "http(s) URL the reset is POSTed to; plain http "
+                      "only to a loopback host unless ALLOW_INSECURE_HTTP=1", delivery=True,
+                      expects="the http(s) URL of your backend's reset endpoint"),
+    )
     reset_secret: str = attrs.field(
-        repr=False,
-        validator=[
-            _non_empty("RESET_SECRET", "the shared secret your backend expects"),
-            _header_safe,
-        ],
+        validator=[_non_empty, _header_safe],
+        metadata=_env("RESET_SECRET", "sent as the x-secret header: visible ASCII only, no "
+                      "spaces", secret=True, delivery=True,
+                      expects="the shared secret your backend expects"),
     )
     counter_key: str = attrs.field(
         default="contador_reset",
-        validator=[
-            _non_empty("COUNTER_KEY", "the key (or glob pattern) the app sets"),
-            _utf8("COUNTER_KEY"),
-            _counter_key,
-        ],
+        validator=[_non_empty, _utf8, _counter_key],
+        metadata=_env("COUNTER_KEY", "key, or glob pattern such as counter:*, whose expiry "
+                      "means inactivity; must not be able to match the worker's own tcw:{ keys",
+                      expects="the key (or glob pattern) the app sets"),
     )
-    redis_host: str = attrs.field(default="127.0.0.1", validator=_host("REDIS_HOST"))
-    redis_port: int = attrs.field(default=6379, validator=_int_in("REDIS_PORT", 1, 65535))
-    redis_db: int = attrs.field(default=0, validator=_int_in("REDIS_DB", 0, _MAX_DB))
-    redis_username: str | None = attrs.field(default=None, validator=_utf8("REDIS_URL"))
+    redis_host: str = attrs.field(
+        default="127.0.0.1", validator=_host, metadata=_env("REDIS_HOST", "Redis host")
+    )
+    redis_port: int = attrs.field(
+        default=6379,
+        validator=_int_in(1, 65535),
+        metadata=_env("REDIS_PORT", "Redis port", parse=_integer),
+    )
     redis_password: str | None = attrs.field(
-        default=None, repr=False, validator=_utf8("REDIS_PASSWORD", secret=True)
+        default=None,
+        validator=_utf8,
+        metadata=_env("REDIS_PASSWORD", "Redis password", secret=True),
     )
-    redis_tls: bool = False
-    lease_ttl_ms: int = attrs.field(
-        default=3000, validator=_int_in("LEASE_TTL_MS", 500, 5000, " ms")
+    redis_db: int = attrs.field(
+        default=0,
+        validator=_int_in(0, _MAX_DB),
+        metadata=_env("REDIS_DB", "Redis database number", parse=_integer),
     )
-    replica_id: str = attrs.field(factory=default_replica_id, validator=_replica_id)
-    reset_timeout_ms: int = attrs.field(
-        default=5000, validator=_int_in("RESET_TIMEOUT_MS", 100, 14999, " ms")
+    # A user name comes only with REDIS_URL, which fills the four fields above too.
+    redis_username: str | None = attrs.field(
+        default=None,
+        validator=_utf8,
+        metadata=_env("REDIS_URL", "redis:// or rediss:// URL with user, password and db; "
+                      "overrides REDIS_HOST, REDIS_PORT, REDIS_PASSWORD and REDIS_DB, with a "
+                      "warning at start if any is set too", parse=_redis_url, spread=True,
+                      secret=True),
     )
-    max_in_flight: int = attrs.field(default=32, validator=_int_in("MAX_IN_FLIGHT", 1, 1000))
-    reset_give_up_after: float | None = attrs.field(default=None)
-    log_level: str = attrs.field(default="INFO")
-    log_format: str = attrs.field(default="text")
-    reset_signing_secret: str | None = attrs.field(
-        default=None, repr=False, validator=_utf8("RESET_SIGNING_SECRET", secret=True)
+    redis_tls: bool = False  # rediss:// in REDIS_URL
+    redis_cluster_nodes: tuple[tuple[str, int], ...] = attrs.field(
+        default=(),
+        metadata=_env("REDIS_CLUSTER_NODES", "Cluster mode: host:port,... of some cluster "
+                      "nodes to start from; the rest is discovered", parse=_nodes),
     )
-    allow_insecure_http: bool = attrs.field(default=False)
-    redis_ca_file: str | None = attrs.field(default=None)
-    redis_cluster_nodes: tuple[tuple[str, int], ...] = ()
-    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinels: tuple[tuple[str, int], ...] = attrs.field(
+        default=(),
+        metadata=_env("REDIS_SENTINELS", "Sentinel mode: host:port,host:port,... of the "
+                      "sentinels; the master is discovered and followed through failovers",
+                      parse=_nodes),
+    )
     redis_sentinel_master: str | None = attrs.field(
-        default=None, validator=_utf8("REDIS_SENTINEL_MASTER")
+        default=None,
+        validator=_utf8,
+        metadata=_env("REDIS_SENTINEL_MASTER", "Sentinel mode: the monitored master's name"),
     )
     redis_sentinel_password: str | None = attrs.field(
-        default=None, repr=False, validator=_utf8("REDIS_SENTINEL_PASSWORD", secret=True)
+        default=None,
+        validator=_utf8,
+        metadata=_env("REDIS_SENTINEL_PASSWORD", "password of the sentinels themselves",
+                      secret=True),
     )
-    health_port: int | None = attrs.field(default=None)
+    lease_ttl_ms: int = attrs.field(
+        default=3000,
+        validator=_int_in(500, 5000, " ms"),
+        metadata=_env("LEASE_TTL_MS", "leader lease length in ms (500-5000): a crashed leader "
+                      "is replaced within this time", parse=_integer),
+    )
+    replica_id: str = attrs.field(
+        factory=default_replica_id,
+        validator=_replica_id,
+        metadata=_env("REPLICA_ID", "this replica's name in the lease, logs and requests",
+                      default="hostname-pid"),
+    )
+    reset_timeout_ms: int = attrs.field(
+        default=5000,
+        validator=_int_in(100, 14999, " ms"),
+        metadata=_env("RESET_TIMEOUT_MS", "timeout of one reset request in ms (100-14999)",
+                      parse=_integer, delivery=True),
+    )
+    max_in_flight: int = attrs.field(
+        default=32,
+        validator=_int_in(1, 1000),
+        metadata=_env("MAX_IN_FLIGHT", "most reset requests sent at once (1-1000); at most "
+                      "half of them are retries of failing resets", parse=_integer,
+                      delivery=True),
+    )
+    reset_give_up_after: float | None = attrs.field(
+        default=None,
+        metadata=_env("RESET_GIVE_UP_AFTER", "a duration such as 90s, 30m, 6h or 2d: a reset "
+                      "failing that long moves to the dead letters (`redeliver` sends it "
+                      "again)", parse=_duration, default="never", delivery=True),
+    )
+    log_level: str = attrs.field(
+        default="INFO",
+        validator=_one_of(_LOG_LEVELS),
+        metadata=_env("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", parse=_upper),
+    )
+    log_format: str = attrs.field(
+        default="text",
+        validator=_one_of(_LOG_FORMATS),
+        metadata=_env("LOG_FORMAT", "text (readable lines) or json (one JSON object a line)",
+                      parse=_lower),
+    )
+    reset_signing_secret: str | None = attrs.field(
+        default=None,
+        validator=_utf8,
+        metadata=_env("RESET_SIGNING_SECRET", "if set, sign each request: x-signature: "
+                      "t=<unix>,v1=<HMAC-SHA256 hex of '<t>.<body>'>", secret=True,
+                      delivery=True),
+    )
+    allow_insecure_http: bool = attrs.field(
+        default=False,
+        metadata=_env("ALLOW_INSECURE_HTTP", "1 to allow a plain http:// RESET_ENDPOINT_URL "
+                      "on a host that is not loopback (the secret then travels unencrypted)",
+                      parse=_boolean, delivery=True),
+    )
+    health_port: int | None = attrs.field(
+        default=None,
+        validator=_int_in(0, 65535),
+        metadata=_env("HEALTH_PORT", "if set, serve /healthz, /readyz and /metrics on this "
+                      "port", parse=_integer),
+    )
     health_host: str = attrs.field(
         default="0.0.0.0",  # noqa: S104 - probes reach the pod on its own address
-        validator=_host("HEALTH_HOST"),
+        validator=_host,
+        metadata=_env("HEALTH_HOST", "address the health endpoint listens on"),
+    )
+    redis_ca_file: str | None = attrs.field(
+        default=None,
+        validator=_ca_file,
+        metadata=_env("REDIS_CA_FILE", "CA bundle (PEM) to verify a rediss:// server with",
+                      default="system CAs"),
     )
     # Where the settings came from, not what they are (so not part of equality): the
     # REDIS_* settings that were set but lost to REDIS_URL, for a warning at start.
     overridden: tuple[str, ...] = attrs.field(default=(), eq=False)
-
-    @health_port.validator
-    def _check_health_port(self, _attr: attrs.Attribute[int | None], value: int | None) -> None:
-        if value is not None and not 0 <= value <= 65535:
-            raise ConfigError(
-                f"HEALTH_PORT must be between 0 and 65535, got {_shown_number(value)}"
-            )
-
-    @log_format.validator
-    def _check_log_format(self, _attr: attrs.Attribute[str], value: str) -> None:
-        if value not in ("text", "json"):
-            raise ConfigError(f"LOG_FORMAT must be text or json, got {_shown(value)}")
-
-    @redis_ca_file.validator
-    def _check_ca_file(self, _attr: attrs.Attribute[str | None], value: str | None) -> None:
-        if value is None:
-            return
-        try:
-            readable = stat.S_ISREG(os.stat(value).st_mode) and os.access(value, os.R_OK)
-        except (OSError, ValueError):  # ValueError: a NUL, or a surrogate os cannot encode
-            readable = False
-        if not readable:
-            raise ConfigError(f"REDIS_CA_FILE must name a readable file, got {_shown(value)}")
-        try:
-            ssl.create_default_context(cafile=value)
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            raise ConfigError(
-                f"REDIS_CA_FILE {_shown(value)} holds no CA certificate ssl can load "
-                f"({_one_line(str(exc))}): point it at the PEM file of the CA that signed the "
-                "Redis server's certificate"
-            ) from None
 
     def __attrs_post_init__(self) -> None:
         if self.redis_cluster_nodes and self.redis_sentinels:
@@ -398,13 +568,6 @@ class Config:
                 "ALLOW_INSECURE_HTTP=1 if that network is private and trusted"
             )
 
-    @log_level.validator
-    def _check_log_level(self, _attr: attrs.Attribute[str], value: str) -> None:
-        if value not in _LOG_LEVELS:
-            raise ConfigError(
-                f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {_shown(value)}"
-            )
-
     @property
     def lease_ttl(self) -> float:
         return self.lease_ttl_ms / 1000
@@ -424,7 +587,7 @@ class Config:
         scheme = "rediss" if self.redis_tls else "redis"
         if self.redis_cluster_nodes:
             nodes = ",".join(f"{h}:{p}" for h, p in self.redis_cluster_nodes)
-            return f"{'rediss' if self.redis_tls else 'redis'}-cluster://{nodes}"
+            return f"{scheme}-cluster://{nodes}"
         if self.redis_sentinels:
             nodes = ",".join(f"{h}:{p}" for h, p in self.redis_sentinels)
             return f"sentinel://{nodes}/{self.redis_sentinel_master}/{self.redis_db}"
@@ -467,79 +630,35 @@ class Config:
 
     @classmethod
     def _from_mapping(cls, env: Mapping[str, str], hint: str = "") -> Config:
-        def get(name: str) -> str | None:
-            value = env.get(name)
-            return value.strip() if value is not None and value.strip() else None
-
-        def required(name: str, what: str) -> str:
-            value = get(name)
-            if value is None:
-                raise ConfigError(f"{name} is required: set it to {what}{hint}")
-            return value
-
-        def integer(name: str, default: int) -> int:
-            raw = get(name)
-            if raw is None:
-                return default
-            shown = _HIDDEN if name in _SECRET_NAMES else _shown(raw)
-            try:
-                if _INTEGER.fullmatch(raw):
-                    return int(raw)
-            except ValueError:  # more digits than int() takes
-                pass
-            raise ConfigError(f"{name} must be a whole number, got {shown}")
-
-        def boolean(name: str) -> bool:
-            raw = (get(name) or "0").lower()
-            if raw in _TRUE:
-                return True
-            if raw in _FALSE:
-                return False
-            raise ConfigError(
-                f"{name} must be 1 or 0 (true/false, yes/no), got {_shown(raw)}"
-            )
-
-        kwargs: dict[str, Any] = {
-            "reset_endpoint_url": required(
-                "RESET_ENDPOINT_URL", "the http(s) URL of your backend's reset endpoint"
-            ),
-            "reset_secret": required("RESET_SECRET", "the shared secret your backend expects"),
-            "counter_key": get("COUNTER_KEY") or "contador_reset",
-            "redis_host": get("REDIS_HOST") or "127.0.0.1",
-            "redis_port": integer("REDIS_PORT", 6379),
-            "redis_db": integer("REDIS_DB", 0),
-            "redis_password": get("REDIS_PASSWORD"),
-            "lease_ttl_ms": integer("LEASE_TTL_MS", 3000),
-            "reset_timeout_ms": integer("RESET_TIMEOUT_MS", 5000),
-            "max_in_flight": integer("MAX_IN_FLIGHT", 32),
-            "reset_give_up_after": parse_duration("RESET_GIVE_UP_AFTER",
-                                                  get("RESET_GIVE_UP_AFTER")),
-            "log_level": (get("LOG_LEVEL") or "INFO").upper(),
-            "log_format": (get("LOG_FORMAT") or "text").lower(),
-            "reset_signing_secret": get("RESET_SIGNING_SECRET"),
-            "allow_insecure_http": boolean("ALLOW_INSECURE_HTTP"),
-            "redis_ca_file": get("REDIS_CA_FILE"),
-            "health_host": get("HEALTH_HOST") or "0.0.0.0",  # noqa: S104
-        }
-        if (cluster := get("REDIS_CLUSTER_NODES")) is not None:
-            kwargs["redis_cluster_nodes"] = _parse_nodes("REDIS_CLUSTER_NODES", cluster)
-        if (sentinels := get("REDIS_SENTINELS")) is not None:
-            kwargs["redis_sentinels"] = _parse_nodes("REDIS_SENTINELS", sentinels)
-        kwargs["redis_sentinel_master"] = get("REDIS_SENTINEL_MASTER")
-        kwargs["redis_sentinel_password"] = get("REDIS_SENTINEL_PASSWORD")
-        if get("HEALTH_PORT") is not None:
-            kwargs["health_port"] = integer("HEALTH_PORT", 0)
-        if (replica := get("REPLICA_ID")) is not None:
-            kwargs["replica_id"] = replica
-        if (url := get("REDIS_URL")) is not None:
-            kwargs.update(_parse_redis_url(url))
-            kwargs["overridden"] = tuple(n for n in _URL_OVERRIDES if get(n) is not None)
+        """Each field's variable through its parser; unset or blank leaves the default."""
+        kwargs: dict[str, Any] = {}
+        spread: dict[str, Any] = {}
+        for field in attrs.fields(cls):
+            if _SETTING not in field.metadata:
+                continue
+            setting = _setting(field)
+            raw = env.get(setting.name, "").strip()
+            if not raw:
+                if setting.required:
+                    raise ConfigError(
+                        f"{setting.name} is required: set it to {setting.expects}{hint}"
+                    )
+            elif setting.spread:
+                spread = setting.parse(setting, raw)
+            else:
+                kwargs[field.name] = setting.parse(setting, raw)
+        if spread:  # REDIS_URL wins over the settings it holds too: name those that were set
+            lost = spread.keys() & kwargs.keys()
+            kwargs["overridden"] = tuple(_setting(f).name for f in attrs.fields(cls)
+                                         if f.name in lost)
+            kwargs.update(spread)
         return cls(**kwargs)
 
 
-_SECRET_NAMES = frozenset(s.name for s in SETTINGS if s.secret)
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
+SETTINGS: tuple[Setting, ...] = tuple(
+    _setting(field) for field in attrs.fields(Config) if _SETTING in field.metadata
+)
+_DELIVERY_SETTINGS = frozenset(s.name for s in SETTINGS if s.delivery)
 
 
 def _read_env_file(path: Path) -> dict[str, str]:
@@ -611,53 +730,3 @@ def _is_loopback(host: str) -> bool:
             "loopback host only, unless ALLOW_INSECURE_HTTP=1)"
         ) from None
     return all(ipaddress.ip_address(str(info[4][0])).is_loopback for info in infos)
-
-
-def _parse_nodes(name: str, text: str) -> tuple[tuple[str, int], ...]:
-    """``host:port,host:port`` into pairs; the message names the variable."""
-    nodes = []
-    for item in (part.strip() for part in text.split(",")):
-        host, _, port = item.rpartition(":")
-        if not host or not _DIGITS.fullmatch(port) or not 1 <= int(port) <= 65535:
-            raise ConfigError(f"{name} must be host:port[,host:port...], got {_shown(item)}")
-        host = host.strip("[]")
-        if (problem := _host_problem(host)) is not None:
-            raise ConfigError(f"{name}: the host {problem}")
-        nodes.append((host, int(port)))
-    return tuple(nodes)
-
-
-def _parse_redis_url(url: str) -> dict[str, Any]:
-    """Split REDIS_URL into settings. Errors never echo the URL: it may hold a password."""
-    hidden = "(value hidden: it may contain a password)"
-    if not _is_utf8(url) or not url.isprintable():
-        raise ConfigError(f"REDIS_URL must be printable UTF-8 text {hidden}")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise ConfigError(
-            f"REDIS_URL must look like redis://[user:password@]host[:port][/db] {hidden}"
-        ) from None
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise ConfigError(
-            "REDIS_URL must start with redis:// or rediss:// and name a host "
-            f"{hidden}"
-        )
-    if _host_problem(parts.hostname) is not None:
-        raise ConfigError(f"REDIS_URL must name a valid host name or IP address {hidden}")
-    db_text = parts.path.lstrip("/") or "0"
-    if not _DIGITS.fullmatch(db_text) or int(db_text) > _MAX_DB:
-        raise ConfigError(
-            f"REDIS_URL must end with a database number from 0 to {_MAX_DB} like /0 {hidden}"
-        )
-    if port == 0:
-        raise ConfigError(f"REDIS_URL must have a port between 1 and 65535 {hidden}")
-    return {
-        "redis_host": parts.hostname,
-        "redis_port": 6379 if port is None else port,
-        "redis_db": int(db_text),
-        "redis_username": unquote(parts.username) if parts.username else None,
-        "redis_password": unquote(parts.password) if parts.password else None,
-        "redis_tls": parts.scheme == "rediss",
-    }

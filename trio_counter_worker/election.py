@@ -14,7 +14,6 @@ out against a :class:`~trio_counter_worker.store.Store`:
 from __future__ import annotations
 
 import logging
-import random
 from typing import NoReturn
 
 import attrs
@@ -23,6 +22,7 @@ import trio
 from .errors import LeaseLost, RedisUnavailable
 from .metrics import Metrics
 from .outage import OutageLog
+from .retry import backoff_delay
 from .store import Store
 
 __all__ = ["Backoff", "Elector", "Lease", "LeaseTiming"]
@@ -74,8 +74,7 @@ class Backoff:
 
     def next(self) -> float:
         self.attempt += 1
-        ceiling = min(self.cap, self.base * 2 ** min(self.attempt - 1, 30))
-        return random.uniform(ceiling / 2, ceiling)
+        return backoff_delay(self.attempt, self.base, self.cap)
 
     def reset(self) -> None:
         self.attempt = 0

@@ -9,7 +9,7 @@ from typing import Literal
 
 import attrs
 
-__all__ = ["RetryPolicy", "Verdict", "classify", "parse_retry_after"]
+__all__ = ["RetryPolicy", "Verdict", "backoff_delay", "classify", "parse_retry_after"]
 
 Verdict = Literal["done", "retry", "redirect", "rejected"]
 
@@ -44,9 +44,21 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+def backoff_delay(
+    attempt: int, base: float, cap: float, rng: random.Random | None = None
+) -> float:
+    """Capped exponential backoff with "equal jitter": a random wait in [ceiling/2,
+    ceiling], where the ceiling doubles from ``base`` at each ``attempt`` (counting from 1)
+    up to ``cap``. The certain half keeps the waits growing; the random half keeps callers
+    that failed together from retrying together."""
+    ceiling = min(cap, base * 2 ** min(attempt - 1, 30))
+    return (rng or random).uniform(ceiling / 2, ceiling)
+
+
 @attrs.frozen
 class RetryPolicy:
-    """Capped exponential backoff with "equal jitter": a random wait in [ceiling/2, ceiling]."""
+    """How long to wait before retrying a reset: :func:`backoff_delay`, slower for
+    requests the backend rejected, or what the backend asked for (Retry-After)."""
 
     base: float = 0.1
     cap: float = 10.0
@@ -66,5 +78,4 @@ class RetryPolicy:
             return min(retry_after, self.retry_after_cap)
         base, cap = (self.base, self.cap) if verdict == "retry" else (
             self.rejected_base, self.rejected_cap)
-        ceiling = min(cap, base * 2 ** min(attempt - 1, 30))
-        return (rng or random).uniform(ceiling / 2, ceiling)
+        return backoff_delay(attempt, base, cap, rng)
