@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
 from tests.support.backend import RecordingBackend
 from tests.support.procs import SpawnWorker, WorkerProcess
 from tests.support.redis_server import RedisServer
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``@pytest.mark.fail_after(seconds)`` (or a module's ``pytestmark``): a trio test
+    that runs longer fails with TooSlowError instead of hanging. Under the autojump clock
+    a hang reaches the deadline at once."""
+    for item in items:
+        marker = item.get_closest_marker("fail_after")
+        if (marker is not None and isinstance(item, pytest.Function)
+                and inspect.iscoroutinefunction(item.obj)):
+            item.obj = _failing_after(float(marker.args[0]), item.obj)
+
+
+def _failing_after(
+    seconds: float, test: Callable[..., Awaitable[Any]]
+) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(test)
+    async def bounded(*args: Any, **kwargs: Any) -> Any:
+        with trio.fail_after(seconds):
+            return await test(*args, **kwargs)
+
+    return bounded
 
 
 @pytest.fixture

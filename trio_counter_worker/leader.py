@@ -14,62 +14,35 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import NoReturn
 
 import trio
 
 from .config import Config
-from .decisions import DecisionQueue, Op
 from .delivery import Attempt, ResetSender
 from .election import Backoff, Lease
 from .errors import RedisRefused, RedisUnavailable, WorkerError, first_error
-from .keyspace import (
-    enable_hint,
-    eviction_warning,
-    is_own_key,
-    key_from_channel,
-    keyspace_pattern,
-    shown_key,
-)
+from .keyspace import enable_hint, eviction_warning, keyspace_pattern, shown_key
+from .leader_state import LeaderState, Quarantine, Taken
 from .metrics import Metrics
 from .outage import OutageLog
 from .outbox import Entry, Outbox
 from .retry import RetryPolicy
-from .schedule import Schedule
-from .spec import TOMBSTONE_MS
-from .store import FailingNote, KeyOutcome, Message, PendingReset, Store
+from .store import FailingNote, Message, PendingReset, Store
 
 __all__ = ["LeaderDuties"]
 
 log = logging.getLogger("trio_counter_worker.leader")
 
 _BATCH = 500  # keys per script call: bounds the time Redis spends in one script
-_EARLY = 0.001  # fire just after the deadline, so the key is already due in Redis
 _DECIDERS = 8  # script calls in flight at once: keeps up over a slow link
 _RECONCILE_AHEAD = 8 * _BATCH  # keys a reconcile queues ahead of the deciders, at most
 _RESCAN_EVERY = 5.0  # without notifications, how often to look for new keys
 _VERIFY_FLAGS_EVERY = 1.0  # how often the leader checks that notifications are still on
 _NOTE_EVERY = 0.5  # failing-reset notes are written to Redis at most this often
-_QUARANTINE_MAX = 10_000  # keys set aside per process, at most
 _POISON_LIMIT = 3  # single keys failing in a row before the failure counts as the leader's
-
-
-class Quarantine:
-    """Counter keys whose decision raised an unexpected error, set aside so that one bad
-    item cannot stop the others (bounded; kept across leaderships of one process)."""
-
-    def __init__(self) -> None:
-        self.keys: dict[str, str] = {}  # key -> the error, oldest first
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.keys
-
-    def add(self, key: str, error: str) -> None:
-        if len(self.keys) >= _QUARANTINE_MAX:
-            del self.keys[next(iter(self.keys))]
-        self.keys[key] = error
 
 
 class LeaderDuties:
@@ -95,7 +68,7 @@ class LeaderDuties:
         self._sender = sender
         self._holder = holder
         self._lease = lease
-        self._schedule = Schedule()
+        self._state = LeaderState(config.namespace, quarantine)
         self._sleep: trio.CancelScope | None = None
         # Retries use at most half the couriers: failing resets never starve fresh ones.
         self._outbox = Outbox(max(1, config.max_in_flight // 2), config.reset_give_up_after)
@@ -107,17 +80,9 @@ class LeaderDuties:
         self._notes: dict[str, FailingNote] = {}  # to write to Redis, newest per reset
         self._burials: list[FailingNote] = []  # given up on: to move to the dead letters
         self._notes_lot = trio.lowlevel.ParkingLot()
-        self._quarantine = quarantine or Quarantine()
         self._poison_streak = 0
-        self._queue = DecisionQueue()
         self._queued = trio.lowlevel.ParkingLot()  # deciders wait here for keys
         self._decided = trio.lowlevel.ParkingLot()  # a reconcile waits here for room
-        # Echoes (spec.is_echo), known without asking Redis. Pub/sub keeps publication
-        # order, so an `expired` event was published after Redis's time when this
-        # subscription started, and after the last claim marker seen for its key.
-        self._since = 0  # Redis ms, just before the current subscription
-        self._marked: dict[str, int] = {}  # key -> last claim marker seen (Redis ms)
-        self._claims: dict[str, int] = {}  # key -> this leader's last claim (Redis ms)
         self._events: trio.MemoryReceiveChannel[list[Message]] | None = None
         self._on_reset = on_reset
 
@@ -156,10 +121,10 @@ class LeaderDuties:
         if self._events is not None:
             while True:
                 try:
-                    self._on_events(self._events.receive_nowait())
+                    self._state.on_events(self._events.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
-        reported = self._queue.take_reported()
+        reported = self._state.take_reported()
         try:
             for i in range(0, len(reported), _BATCH):
                 batch = reported[i:i + _BATCH]
@@ -201,13 +166,12 @@ class LeaderDuties:
         pattern = keyspace_pattern(self._config.redis_db, self._config.counter_key)
         async with trio.open_nursery() as nursery:
             # Subscribe first, then read state: nothing that changes in between is missed.
-            self._since = await nursery.start(_listen, self._store, [pattern],
-                                              [self._redeliver, self._markers], send)
-            self._marked.clear()
+            since = await nursery.start(_listen, self._store, [pattern],
+                                        self._state.channels, send)
             # Deadlines and events are served while the reconcile runs (2 s for 100k
             # counters): every script reads Redis's current state, so the order in which
             # they land does not matter; at worst a key is looked at once more.
-            self._queue.clear()
+            self._state.resubscribed(since)
             for _ in range(_DECIDERS):
                 nursery.start_soon(self._decider)
             nursery.start_soon(self._run_timer)
@@ -230,17 +194,11 @@ class LeaderDuties:
             else:
                 self._spawn_delivery(reset, note)
 
-    @property
-    def _redeliver(self) -> str:
-        return f"{self._config.namespace}:redeliver"
-
-    @property
-    def _markers(self) -> str:
-        return f"{self._config.namespace}:claims"
-
     async def _consume(self, receive: trio.MemoryReceiveChannel[list[Message]]) -> None:
         async for batch in receive:
-            if self._on_events(batch):
+            redeliver = self._state.on_events(batch)
+            self._queued_more()
+            if redeliver:
                 log.info("redeliver requested: reading pending resets")
                 await self._load_pending()
 
@@ -266,68 +224,63 @@ class LeaderDuties:
                 nursery.start_soon(self._rescan)
                 return
 
-    # -- state --------------------------------------------------------------------------
+    # -- deciding -----------------------------------------------------------------------
 
-    def _at(self, key: str, when: float) -> None:
-        self._schedule.set(key, when)
-        if self._sleep is not None and when < self._sleep.deadline:
-            self._sleep.deadline = when
+    def _queued_more(self) -> None:
+        """The state queued keys: wake the deciders."""
+        self._queued.unpark_all()
+        self._metrics.decision_backlog.set(len(self._state.queue))
+
+    def _rescheduled(self) -> None:
+        """The schedule changed: wake the timer if the next deadline came nearer."""
+        nxt = self._state.schedule.next_deadline()
+        if self._sleep is not None and nxt is not None and nxt < self._sleep.deadline:
+            self._sleep.deadline = nxt
 
     async def _reconcile(self) -> None:
-        """Bring the local schedule in line with Redis: every matching key, every
-        recorded deadline (including those that passed while nobody led)."""
+        """Bring the local schedule in line with Redis: every recorded deadline first
+        (including those that passed while nobody led: the first on-time resets of a
+        takeover must not wait for a scan of every key), then every matching key."""
+        start = trio.current_time()
+        rows = await self._store.tracked(self._holder)
+        self._state.tracked(rows, (start + trio.current_time()) / 2)
+        self._rescheduled()
         cursor = 0
         while True:
             cursor, keys = await self._store.scan(self._config.counter_key, cursor)
-            self._want(keys, "track")
-            while len(self._queue) > _RECONCILE_AHEAD:
+            self._state.want(keys, "track")
+            self._queued_more()
+            while len(self._state.queue) > _RECONCILE_AHEAD:
                 await self._decided.park()
             if cursor == 0:
                 break
-        start = trio.current_time()
-        rows = await self._store.tracked(self._holder)
-        base = (start + trio.current_time()) / 2
-        for key, pttl_ms in rows:
-            self._at(key, base + pttl_ms / 1000 + _EARLY)
-        log.info("reconciled: %d counter keys tracked", len(self._schedule))
+        log.info("reconciled: %d counter keys tracked", len(self._state.schedule))
 
     async def _rescan(self) -> None:
         while True:
             await trio.sleep(_RESCAN_EVERY)
             await self._reconcile()
 
-    def _counters(self, keys: Iterable[str]) -> list[str]:
-        """Counter keys only: never a key of any worker deployment, nor one set aside."""
-        return [k for k in dict.fromkeys(keys)
-                if not is_own_key(k) and k not in self._quarantine]
-
-    def _want(self, keys: Iterable[str], op: Op) -> None:
-        for key in self._counters(keys):
-            self._queue.want(key, op)
-        self._queued.unpark_all()
-        self._metrics.decision_backlog.set(len(self._queue))
-
     async def _decider(self) -> NoReturn:
         """Take keys from the decision queue and decide them, one script call at a time;
         _DECIDERS of these run at once, never two on the same key."""
         while True:
-            taken = self._queue.take(_BATCH)
+            taken = self._state.take(_BATCH)
             if taken is None:
                 await self._queued.park()
                 continue
-            wanted, keys, afters = taken
             decided = False
             try:
-                await self._decide(wanted.claim, keys, afters)
+                await self._decide(taken)
                 decided = True
             finally:
-                self._queue.done(keys, decided)
+                self._state.done(taken, decided)
                 self._decided.unpark_all()
-                self._metrics.decision_backlog.set(len(self._queue))
+                self._metrics.decision_backlog.set(len(self._state.queue))
 
-    async def _decide(self, claim: bool, keys: list[str], afters: list[int] | None) -> None:
-        """One script call for ``keys``, and act on its outcomes. Its pttls count from the
-        middle of the round trip: the best local estimate of when Redis read them.
+    async def _decide(self, taken: Taken) -> None:
+        """One script call for ``taken``, and act on its outcomes. Its pttls count from
+        the middle of the round trip: the best local estimate of when Redis read them.
 
         An unexpected error (not Redis being away, not the lease) is bisected: the keys
         that fail alone are quarantined, the others decided. Several single keys failing
@@ -336,98 +289,44 @@ class LeaderDuties:
         """
         start = trio.current_time()
         try:
-            if claim:
-                outcomes = await self._store.claim(self._holder, keys, afters)
+            if taken.claim:
+                outcomes = await self._store.claim(self._holder, taken.keys,
+                                                   taken.expired_after)
             else:
-                outcomes = await self._store.track(self._holder, keys)
+                outcomes = await self._store.track(self._holder, taken.keys)
         except WorkerError:
             raise
         except Exception as exc:
-            if len(keys) > 1:
-                half = len(keys) // 2
-                await self._decide(claim, keys[:half], afters and afters[:half])
-                await self._decide(claim, keys[half:], afters and afters[half:])
+            if len(taken.keys) > 1:
+                for half in _halves(taken):
+                    await self._decide(half)
                 return
             self._poison_streak += 1
             if self._poison_streak > _POISON_LIMIT:
                 raise
-            self._quarantine.add(keys[0], f"{type(exc).__name__}: {exc}")
+            key = taken.keys[0]
+            self._state.set_aside(key, f"{type(exc).__name__}: {exc}")
             self._metrics.quarantined.inc()
-            self._schedule.remove(keys[0])
             log.error("counter key %r set aside: deciding it failed unexpectedly; the other "
-                      "counters go on", shown_key(keys[0]), exc_info=exc,
-                      extra={"event": "key_quarantined", "key": shown_key(keys[0])})
+                      "counters go on", shown_key(key), exc_info=exc,
+                      extra={"event": "key_quarantined", "key": shown_key(key)})
             return
         self._poison_streak = 0
-        self._apply(outcomes, (start + trio.current_time()) / 2)
-
-    def _apply(self, outcomes: list[KeyOutcome], base: float) -> None:
         try:
-            self._apply_each(outcomes, base)
+            for reset in self._state.apply(outcomes, (start + trio.current_time()) / 2):
+                self._spawn_delivery(reset)
         finally:
-            self._metrics.watched.set(len(self._schedule))
-
-    def _apply_each(self, outcomes: list[KeyOutcome], base: float) -> None:
-        for o in outcomes:
-            if o.kind == "alive":
-                self._at(o.key, base + o.pttl_ms / 1000 + _EARLY)
-            elif o.kind == "due":
-                self._at(o.key, base)
-            elif o.kind == "claimed" and o.reset is not None:
-                self._schedule.remove(o.key)
-                self._spawn_delivery(o.reset)
-                _remember(self._claims, o.key, o.claimed_ms)
-            else:
-                self._schedule.remove(o.key)
-
-    def _on_events(self, batch: list[Message]) -> bool:
-        """Queue what the events ask for; no Redis call here, so a burst of events costs
-        one look per key however many times it was touched. True if a redelivery was
-        asked for."""
-        changed: list[str] = []
-        redeliver = False
-        for msg in batch:
-            if msg.channel == self._markers:
-                self._on_marker(msg.data)
-            elif msg.channel == self._redeliver:
-                redeliver = True
-            elif msg.data != "expired":
-                changed.append(key_from_channel(msg.channel))
-            else:
-                self._on_expired(key_from_channel(msg.channel))
-        self._want(changed, "track")
-        return redeliver
-
-    def _on_expired(self, key: str) -> None:
-        if not self._counters([key]):
-            return
-        after = self._marked.get(key, self._since)
-        claimed = self._claims.get(key)
-        if claimed is not None and claimed > after:
-            return  # the echo of our own claim's touch (spec.is_echo)
-        # A key set and expired before we read its TTL (events backlogged, or across a
-        # handoff) has only this to show for it; one we hold expired before our timer.
-        self._queue.want(key, "claim" if key in self._schedule else "reported", after)
-        self._queued.unpark_all()
-        self._metrics.decision_backlog.set(len(self._queue))
-
-    def _on_marker(self, data: str) -> None:
-        """A claim's marker: "<claimed_ms> <key>". Later `expired` events of the key
-        follow that claim. Kept for as long as Redis keeps the claim's tombstone."""
-        stamp, _, key = data.partition(" ")
-        try:
-            claimed_ms = int(stamp)
-        except ValueError:
-            return  # not ours: someone else published on the channel
-        _remember(self._marked, key, claimed_ms)
+            self._rescheduled()
+            self._metrics.watched.set(len(self._state.schedule))
 
     async def _run_timer(self) -> NoReturn:
         while True:
-            nxt = self._schedule.next_deadline()
+            nxt = self._state.schedule.next_deadline()
             with trio.CancelScope(deadline=math.inf if nxt is None else nxt) as self._sleep:
                 await trio.sleep_forever()
             self._sleep = None
-            self._want(self._schedule.pop_due(trio.current_time()), "claim")
+            self._state.due(trio.current_time())
+            self._queued_more()
 
     # -- delivery -----------------------------------------------------------------------
 
@@ -568,17 +467,11 @@ class LeaderDuties:
             self._metrics.failing.set(len(self._outbox.failing()))
 
 
-def _remember(claims: dict[str, int], key: str, claimed_ms: int) -> None:
-    """Note a claim (Redis ms), newest last, forgetting those whose tombstone Redis has
-    dropped by now (spec.TOMBSTONE_MS): bounded by the claim rate, not the key count."""
-    claims.pop(key, None)
-    claims[key] = claimed_ms
-    horizon = claimed_ms - TOMBSTONE_MS
-    while claims:
-        oldest = next(iter(claims))
-        if claims[oldest] > horizon:
-            break
-        del claims[oldest]
+def _halves(taken: Taken) -> list[Taken]:
+    half = len(taken.keys) // 2
+    after = taken.expired_after
+    return [Taken(taken.claim, taken.keys[:half], after and after[:half]),
+            Taken(taken.claim, taken.keys[half:], after and after[half:])]
 
 
 async def _listen(

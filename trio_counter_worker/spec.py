@@ -84,11 +84,11 @@ def track(seen: Seen, now: int) -> Verdict:
 
 
 def is_echo(claimed_at: int | None, now: int, expired_after: int) -> bool:
-    """An `expired` event known to have been published after ``expired_after`` may be the
-    echo of a claim (the claim's touch expires the key and Redis publishes it) only if
-    that claim came later: a claim publishes a marker on the leader's subscription, so
-    the leader knows which claims an event follows (and a new subscription follows every
-    claim made before it started)."""
+    """An `expired` event known to follow every claim of its key made at or before
+    ``expired_after`` may be the echo of a claim (the claim's touch expires the key and
+    Redis publishes it) only if that claim came later. A claim publishes a marker on the
+    leader's subscription, so the leader knows which claims an event follows; and a new
+    subscription follows every claim made before it started."""
     return (claimed_at is not None and claimed_at >= now - TOMBSTONE_MS
             and claimed_at > expired_after)
 
@@ -96,11 +96,12 @@ def is_echo(claimed_at: int | None, now: int, expired_after: int) -> bool:
 def claim(seen: Seen, now: int, expired_after: int | None = None) -> Verdict:
     """A key at its recorded deadline, or reported expired (CLAIM).
 
-    ``expired_after``: Redis published `expired` for this key after this time (None: not
-    reported). A reported expiry that is not an echo ends an episode even with no
-    recorded deadline (set and expired before the leader read its TTL) or a stale one
-    still in the future (re-armed with a shorter TTL unseen, across a handoff): it ends
-    at the recorded deadline if that has passed, else when it was seen (now).
+    ``expired_after``: Redis published `expired` for this key after every claim of it
+    made at or before this time (None: not reported). A reported expiry that is not an
+    echo ends an episode even with no recorded deadline (set and expired before the
+    leader read its TTL) or a stale one still in the future (re-armed with a shorter TTL
+    unseen, across a handoff): it ends at the recorded deadline if that has passed, else
+    when it was seen (now).
     """
     if seen.pttl >= 0:
         return Verdict("alive", seen.expire_at)

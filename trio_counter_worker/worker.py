@@ -28,7 +28,8 @@ from .election import Backoff, Elector, Lease, LeaseTiming
 from .errors import LeaseLost, RedisRefused, RedisUnavailable, first_error
 from .health import serve_health
 from .hooks import Hooks
-from .leader import LeaderDuties, Quarantine
+from .leader import LeaderDuties
+from .leader_state import Quarantine
 from .metrics import Metrics
 from .outage import OutageLog
 from .redis_bridge import RedisBridge, make_bridge

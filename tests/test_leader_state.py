@@ -1,0 +1,160 @@
+"""The leader's bookkeeping as plain logic: no I/O, no trio, times passed in.
+
+Like h11's state machine tests: feed events and script outcomes, read what the state
+says to do next.
+"""
+
+from __future__ import annotations
+
+from trio_counter_worker.leader_state import EARLY, LeaderState, Quarantine, Taken
+from trio_counter_worker.store import KeyOutcome, Message, PendingReset
+
+NS = "tcw:{c:*}"
+MARKERS = f"{NS}:claims"
+
+
+def event(key: str, name: str) -> Message:
+    return Message(f"__keyspace@0__:{key}", name)
+
+
+def marker(key: str, claimed_ms: int) -> Message:
+    return Message(MARKERS, f"{claimed_ms} {key}")
+
+
+def claimed(key: str, claimed_ms: int) -> KeyOutcome:
+    return KeyOutcome(key, "claimed", reset=PendingReset(f"id-{key}", key, 1, 1),
+                      claimed_ms=claimed_ms)
+
+
+def state(since: int = 1_000) -> LeaderState:
+    s = LeaderState(NS)
+    s.resubscribed(since)
+    return s
+
+
+def test_a_set_event_asks_to_track_the_key_once() -> None:
+    s = state()
+    assert not s.on_events([event("c:1", "set"), event("c:1", "expire"), event("c:1", "set")])
+    assert s.take(10) == Taken(False, ["c:1"], None)
+    assert s.take(10) is None
+
+
+def test_own_keys_and_quarantined_keys_are_never_counters() -> None:
+    q = Quarantine()
+    q.add("c:bad", "ValueError: x")
+    s = LeaderState(NS, q)
+    s.on_events([event("tcw:{c:*}:lease", "set"), event("c:bad", "set"),
+                 event("tcw:{other}:deadlines", "expired")])
+    assert s.take(10) is None
+
+
+def test_an_unscheduled_expiry_is_reported_after_the_subscription_start() -> None:
+    """It follows every claim made before the subscription started (1,000 ms): a claim in
+    that same millisecond may have come after it."""
+    s = state(since=1_000)
+    s.on_events([event("c:late", "expired")])
+    assert s.take(10) == Taken(True, ["c:late"], [999])
+
+
+def test_a_claim_in_the_subscriptions_first_millisecond_may_echo_on_it() -> None:
+    s = state(since=1_000)
+    s.apply([claimed("c:1", 1_000)], base=10.0)
+    s.on_events([event("c:1", "expired")])
+    assert s.take(10) is None
+
+
+def test_an_expiry_after_a_claim_marker_is_reported_after_that_claim() -> None:
+    s = state(since=1_000)
+    s.on_events([marker("c:1", 5_000), event("c:1", "expired")])
+    assert s.take(10) == Taken(True, ["c:1"], [5_000])
+
+
+def test_the_echo_of_our_own_claim_needs_no_call() -> None:
+    s = state(since=1_000)
+    assert s.apply([claimed("c:1", 5_000)], base=10.0)[0].key == "c:1"
+    s.on_events([event("c:1", "expired")])  # published before the claim's marker
+    assert s.take(10) is None
+    s.on_events([marker("c:1", 5_000), event("c:1", "expired")])  # and after it: new
+    assert s.take(10) == Taken(True, ["c:1"], [5_000])
+
+
+def test_a_claim_before_this_subscription_has_no_echo_on_it() -> None:
+    """The handoff case: a key claimed (by us or the last leader) before the subscription
+    started cannot have its echo delivered on it."""
+    s = state(since=1_000)
+    s.apply([claimed("c:1", 999)], base=10.0)
+    s.on_events([event("c:1", "expired")])
+    assert s.take(10) == Taken(True, ["c:1"], [999])
+
+
+def test_a_scheduled_key_reported_expired_is_claimed_first() -> None:
+    s = state()
+    s.apply([KeyOutcome("c:held", "alive", pttl_ms=30_000)], base=1.0)
+    s.on_events([event("c:other", "set"), event("c:held", "expired")])
+    assert s.take(10) == Taken(True, ["c:held"], [999])  # due queue: before the track
+    assert s.take(10) == Taken(False, ["c:other"], None)
+
+
+def test_outcomes_set_the_schedule_and_return_resets_to_deliver() -> None:
+    s = state()
+    resets = s.apply([KeyOutcome("c:a", "alive", pttl_ms=2_000), KeyOutcome("c:d", "due"),
+                      KeyOutcome("c:g", "gone"), claimed("c:c", 4_000)], base=10.0)
+    assert [r.key for r in resets] == ["c:c"]
+    assert s.schedule.next_deadline() == 10.0  # c:d, due now
+    s.due(10.0)
+    assert s.take(10) == Taken(True, ["c:d"], None)
+    assert s.schedule.next_deadline() == 12.0 + EARLY
+    assert "c:g" not in s.schedule
+    assert "c:c" not in s.schedule
+
+
+def test_tracked_rows_are_scheduled_from_the_read_time() -> None:
+    s = state()
+    s.tracked([("c:1", 500), ("c:2", -1_000)], base=20.0)
+    s.due(20.0)
+    assert s.take(10) == Taken(True, ["c:2"], None)
+    assert s.schedule.next_deadline() == 20.5 + EARLY
+
+
+def test_a_key_set_aside_is_not_scheduled_or_queued_again() -> None:
+    s = state()
+    s.apply([KeyOutcome("c:p", "alive", pttl_ms=1_000)], base=0.0)
+    s.set_aside("c:p", "ValueError: boom")
+    s.on_events([event("c:p", "set")])
+    assert "c:p" not in s.schedule
+    assert s.take(10) is None
+
+
+def test_a_redeliver_request_is_reported_and_markers_of_others_are_ignored() -> None:
+    s = state()
+    assert s.on_events([Message(f"{NS}:redeliver", "3"), Message(MARKERS, "junk")])
+    assert s.take(10) is None
+
+
+def test_a_resubscription_forgets_markers_and_the_queue() -> None:
+    s = state(since=1_000)
+    s.on_events([marker("c:1", 5_000), event("c:2", "set")])
+    s.resubscribed(9_000)
+    assert s.take(10) is None
+    s.on_events([event("c:1", "expired")])
+    assert s.take(10) == Taken(True, ["c:1"], [8_999])
+
+
+def test_handing_over_takes_reported_keys_also_those_in_a_call() -> None:
+    s = state(since=1_000)
+    s.on_events([event("c:1", "expired"), event("c:2", "expired"), event("c:3", "set")])
+    in_call = s.take(1)
+    assert in_call == Taken(True, ["c:1"], [999])
+    assert in_call is not None
+    s.done(in_call, decided=False)  # cancelled by the stop
+    assert sorted(s.take_reported()) == [("c:1", 999), ("c:2", 999)]
+    assert s.take(10) == Taken(False, ["c:3"], None)
+
+
+def test_claims_remembered_are_bounded_by_the_tombstone_window() -> None:
+    s = state(since=0)
+    for n in range(1_000):
+        s.apply([claimed(f"c:{n}", n * 1_000)], base=0.0)  # one claim a second
+    s.on_events([event("c:0", "expired")])  # 999 s later: its tombstone is long gone
+    assert s.take(10) == Taken(True, ["c:0"], [-1])
+    assert len(s._claims) <= 61

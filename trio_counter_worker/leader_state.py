@@ -1,0 +1,192 @@
+"""What the leader knows and decides between Redis calls: plain logic, no I/O.
+
+The leader's trio code (:mod:`trio_counter_worker.leader`) only carries out what this
+state says: which keys to ask Redis about (a :class:`DecisionQueue`), when the next
+deadline is (a :class:`Schedule`), which resets to deliver. Times are passed in: trio
+time (seconds) for the schedule, Redis time (ms) for claims. Tested synchronously in
+``tests/test_leader_state.py``, the way h11 tests its state machine.
+
+The path of a reset through it: a keyspace event or a deadline → :meth:`on_events` /
+:meth:`due` queue the key → the leader takes a batch (:meth:`take`) and runs a script →
+:meth:`apply` turns the script's outcomes into schedule changes and resets to deliver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+
+from .decisions import DecisionQueue, Op
+from .keyspace import is_own_key, key_from_channel
+from .schedule import Schedule
+from .spec import TOMBSTONE_MS
+from .store import KeyOutcome, Message, PendingReset
+
+__all__ = ["EARLY", "LeaderState", "Quarantine", "Taken"]
+
+EARLY = 0.001  # fire just after the deadline, so the key is already due in Redis
+_QUARANTINE_MAX = 10_000  # keys set aside per process, at most
+
+
+class Quarantine:
+    """Counter keys whose decision raised an unexpected error, set aside so that one bad
+    item cannot stop the others (bounded; kept across leaderships of one process)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, str] = {}  # key -> the error, oldest first
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys
+
+    def add(self, key: str, error: str) -> None:
+        if len(self.keys) >= _QUARANTINE_MAX:
+            del self.keys[next(iter(self.keys))]
+        self.keys[key] = error
+
+
+@attrs.frozen
+class Taken:
+    """A batch of keys for one script call: ``claim`` (CLAIM) or not (TRACK), with the
+    times Redis reported them expired after when they were reported."""
+
+    claim: bool
+    keys: list[str]
+    expired_after: list[int] | None
+
+
+class LeaderState:
+    """One leader's bookkeeping: the schedule, the decision queue, and what tells an
+    `expired` event apart from the echo of a claim (:func:`spec.is_echo`)."""
+
+    def __init__(self, namespace: str, quarantine: Quarantine | None = None) -> None:
+        self.schedule = Schedule()
+        self.queue = DecisionQueue()
+        self.quarantine = quarantine or Quarantine()
+        self.redeliver_channel = f"{namespace}:redeliver"
+        self.markers_channel = f"{namespace}:claims"  # a marker per claim (scripts.CLAIM)
+        # Pub/sub keeps publication order, so an `expired` event follows every claim
+        # made before this subscription started, and every claim of its key whose marker
+        # came before it. `after`: it follows every claim made at or before that time.
+        self._start_after = 0  # Redis ms: before the current subscription
+        self._marked: dict[str, int] = {}  # key -> last claim marker seen (Redis ms)
+        self._claims: dict[str, int] = {}  # key -> this leader's last claim (Redis ms)
+
+    @property
+    def channels(self) -> list[str]:
+        """The worker's own channels the leader subscribes to, beside the keyspace."""
+        return [self.redeliver_channel, self.markers_channel]
+
+    def resubscribed(self, since_ms: int) -> None:
+        """A new subscription, started at ``since_ms``: what was queued is decided again
+        from Redis's state (a resynchronisation), markers count from here."""
+        # A claim in the same millisecond may have been made after the subscription.
+        self._start_after = since_ms - 1
+        self._marked.clear()
+        self.queue.clear()
+
+    def counters(self, keys: Iterable[str]) -> list[str]:
+        """Counter keys only: never a key of any worker deployment, nor one set aside."""
+        return [k for k in dict.fromkeys(keys)
+                if not is_own_key(k) and k not in self.quarantine]
+
+    def want(self, keys: Iterable[str], op: Op) -> None:
+        for key in self.counters(keys):
+            self.queue.want(key, op)
+
+    def on_events(self, batch: list[Message]) -> bool:
+        """Queue what a batch of pub/sub messages asks for, in order. True if a
+        redelivery of dead resets was asked for (read the pending resets again)."""
+        changed: list[str] = []
+        redeliver = False
+        for msg in batch:
+            if msg.channel == self.markers_channel:
+                self._on_marker(msg.data)
+            elif msg.channel == self.redeliver_channel:
+                redeliver = True
+            elif msg.data != "expired":
+                changed.append(key_from_channel(msg.channel))
+            else:
+                self._on_expired(key_from_channel(msg.channel))
+        self.want(changed, "track")
+        return redeliver
+
+    def _on_expired(self, key: str) -> None:
+        if not self.counters([key]):
+            return
+        after = self._marked.get(key, self._start_after)
+        claimed = self._claims.get(key)
+        if claimed is not None and claimed > after:
+            return  # the echo of our own claim's touch: no call needed
+        # A key set and expired before we read its TTL (events backlogged, or across a
+        # handoff) has only this to show for it; one we hold expired before our timer.
+        self.queue.want(key, "claim" if key in self.schedule else "reported", after)
+
+    def _on_marker(self, data: str) -> None:
+        """A claim's marker: "<claimed_ms> <key>"; later `expired` events of the key
+        follow that claim."""
+        stamp, _, key = data.partition(" ")
+        try:
+            claimed_ms = int(stamp)
+        except ValueError:
+            return  # not ours: someone else published on the channel
+        _remember(self._marked, key, claimed_ms)
+
+    def due(self, now: float) -> None:
+        """Queue a claim for every key whose deadline has come (trio time)."""
+        self.want(self.schedule.pop_due(now), "claim")
+
+    def take(self, limit: int) -> Taken | None:
+        taken = self.queue.take(limit)
+        if taken is None:
+            return None
+        wanted, keys, afters = taken
+        return Taken(wanted.claim, keys, afters)
+
+    def done(self, taken: Taken, decided: bool) -> None:
+        self.queue.done(taken.keys, decided)
+
+    def apply(self, outcomes: list[KeyOutcome], base: float) -> list[PendingReset]:
+        """What Redis decided, as of ``base`` (trio time, the middle of the round trip:
+        the best estimate of when Redis read the keys). Returns the resets to deliver."""
+        claimed: list[PendingReset] = []
+        for o in outcomes:
+            if o.kind == "alive":
+                self.schedule.set(o.key, base + o.pttl_ms / 1000 + EARLY)
+            elif o.kind == "due":
+                self.schedule.set(o.key, base)
+            elif o.kind == "claimed" and o.reset is not None:
+                self.schedule.remove(o.key)
+                _remember(self._claims, o.key, o.claimed_ms)
+                claimed.append(o.reset)
+            else:
+                self.schedule.remove(o.key)
+        return claimed
+
+    def tracked(self, rows: list[tuple[str, int]], base: float) -> None:
+        """Every recorded deadline (key, ms from ``base``), as a takeover reads them."""
+        for key, pttl_ms in rows:
+            self.schedule.set(key, base + pttl_ms / 1000 + EARLY)
+
+    def set_aside(self, key: str, error: str) -> None:
+        """A key whose decision fails unexpectedly: no more looks at it."""
+        self.quarantine.add(key, error)
+        self.schedule.remove(key)
+
+    def take_reported(self) -> list[tuple[str, int]]:
+        """For a graceful handoff: :meth:`DecisionQueue.take_reported`."""
+        return self.queue.take_reported()
+
+
+def _remember(claims: dict[str, int], key: str, claimed_ms: int) -> None:
+    """Note a claim (Redis ms), newest last, forgetting those whose tombstone Redis has
+    dropped by now (spec.TOMBSTONE_MS): bounded by the claim rate, not the key count."""
+    claims.pop(key, None)
+    claims[key] = claimed_ms
+    horizon = claimed_ms - TOMBSTONE_MS
+    while claims:
+        oldest = next(iter(claims))
+        if claims[oldest] > horizon:
+            break
+        del claims[oldest]
+
