@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from trio_counter_worker import chaos
-from trio_counter_worker.lab import ResetPost
+from trio_counter_worker.lab import chaos
+from trio_counter_worker.lab.backend import ResetPost
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROCESS_AND_HTTP = ("kill", "term", "stop", "redis", "http5xx", "httphang")
@@ -40,7 +40,7 @@ def _run_chaos(tmp: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
     env["PYTHONIOENCODING"] = "utf-8"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trio_counter_worker.chaos", *args],
+        [sys.executable, "-m", "trio_counter_worker.lab.chaos", *args],
         cwd=tmp,
         env=env,
         stdin=subprocess.DEVNULL,
