@@ -134,6 +134,11 @@ class AppSimulator:
         self.stopped = False
         self._script: Any = client.register_script(SET_SCRIPT)
 
+    def use(self, client: redis.Redis) -> None:
+        """Write through ``client`` from now on (a new master, say)."""
+        self.client = client
+        self._script = client.register_script(SET_SCRIPT)
+
     @property
     def done(self) -> bool:
         """Stopped, and every key has expired."""

@@ -10,13 +10,16 @@ from typing import Literal
 
 import attrs
 
-__all__ = ["FAULT_KINDS", "PROG", "Options", "parse_options"]
+__all__ = ["DEFAULT_FAULTS", "FAULT_KINDS", "PROG", "Options", "parse_options"]
 
 PROG = "trio-counter-worker chaos"
 FAULT_KINDS = ("kill", "term", "stop", "redis", "http5xx", "httphang", "poison", "flags",
-               "slow", "partition")
+               "slow", "partition", "failover")
+DEFAULT_FAULTS = FAULT_KINDS[:-1]  # failover needs --topology sentinel: asked for by name
 LEADER_FAULTS = frozenset({"kill", "term", "stop"})
-FAILOVER_FAULTS = LEADER_FAULTS | {"redis", "partition"}
+RESTART_FAULTS = frozenset({"redis", "failover"})  # Redis itself changes under the workers
+FAILOVER_FAULTS = LEADER_FAULTS | RESTART_FAULTS | {"partition"}
+SENTINEL_SKIPS = frozenset({"redis", "slow", "partition"})  # not with --topology sentinel
 PROXY_FAULTS = frozenset({"slow", "partition"})  # the replicas reach Redis through proxies
 
 RESET_TIMEOUT_MS = 1000  # the replicas' request timeout: httphang holds requests longer
@@ -44,7 +47,7 @@ class Options:
     replicas: int = 3
     duration: float = 30.0
     fault_every: float = 3.0
-    faults: tuple[str, ...] = FAULT_KINDS
+    faults: tuple[str, ...] = DEFAULT_FAULTS
     counters: int = 20
     ttl_ms: tuple[int, int] = (1500, 3000)
     lease_ms: int = 1000
@@ -60,6 +63,7 @@ class Options:
     slow_for: float | None = 3.0  # None: the whole run
     partition_seconds: float | None = None  # None: twice the lease
     partition_target: Literal["leader", "all"] = "leader"
+    topology: Literal["single", "sentinel"] = "single"
 
     @property
     def lease(self) -> float:
@@ -98,7 +102,7 @@ class Options:
 
 
 _EPILOG = f"""\
-faults (--faults, comma-separated; default all):
+faults (--faults, comma-separated; default all but failover):
   kill      SIGKILL the leader (a crash); a replacement replica is started
   term      SIGTERM the leader (graceful handoff); a replacement replica is started
   stop      SIGSTOP the leader for {FREEZE_LEASES:g} lease TTLs, then SIGCONT
@@ -121,6 +125,10 @@ faults (--faults, comma-separated; default all):
             its Redis traffic for --partition-seconds s: sockets stay open, no byte, FIN
             or RST passes (a half-open network); then it forwards again. Expected: the
             leader steps down on its own deadline, a standby takes over
+  failover  SENTINEL FAILOVER (with --topology sentinel only): once the replica has every
+            write (WAIT), the sentinels promote it; the app holds its writes until they
+            name the new master, then writes there. Reported: fault -> the sentinels name
+            the new master, -> no worker connection is left on the old master
   With slow or partition among the faults, each replica reaches Redis through a loopback
   TCP proxy of its own, started here (a redis:// URL is needed: with rediss:// or
   unix:// both are skipped); the app and this command reach Redis directly.
@@ -144,7 +152,8 @@ what is counted:
               first limit, for a re-armed key); delivered, but reported, and a failure
               unless such a span explains it
   failover    fault -> a new lease (higher fencing token); for redis: restarted ->
-              the lease renewed or taken again
+              the lease renewed or taken again; for failover: the sentinels named the
+              new master -> the same
   latency     TTL deadline -> the first 2xx request of each episode (backend's clock);
               per fault kind, that of the episodes due while the fault lasted (for
               poison: the keys it did not refuse; the refused ones apart)
@@ -181,9 +190,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="how long the app is active and faults are injected (default 30)")
     p.add_argument("--fault-every", type=float, default=3.0, metavar="SECONDS",
                    help="one fault this often (default 3.0)")
-    p.add_argument("--faults", default=",".join(FAULT_KINDS), metavar="KINDS",
+    p.add_argument("--faults", default=",".join(DEFAULT_FAULTS), metavar="KINDS",
                    help=f"comma-separated, from {','.join(FAULT_KINDS)}, or none "
-                   "(default all)")
+                   "(default all but failover)")
     p.add_argument("--counters", type=int, default=20, metavar="N",
                    help="distinct counter keys cycling through episodes (default 20)")
     p.add_argument("--ttl-ms", default="1500:3000", metavar="MIN:MAX",
@@ -214,6 +223,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--partition-target", choices=("leader", "all"), default="leader",
                    help="partition: cut off the leader only, or every replica (default "
                    "leader)")
+    p.add_argument("--topology", choices=("single", "sentinel"), default="single",
+                   help="single: one redis-server; sentinel: a master, a replica and three "
+                   "sentinels, the replicas configured through REDIS_SENTINELS (default "
+                   "single)")
     p.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     p.add_argument("--json", action="store_true",
                    help="print only one JSON object, on the last line of stdout")
@@ -243,6 +256,10 @@ def parse_options(argv: Sequence[str]) -> Options:
     if unknown:
         parser.error(f"--faults: unknown {', '.join(unknown)}; choose from "
                      f"{', '.join(FAULT_KINDS)} (or none)")
+    if a.topology == "sentinel" and a.redis_url:
+        parser.error("--topology sentinel starts its own servers: leave out --redis-url")
+    if "failover" in kinds and a.topology != "sentinel":
+        parser.error("--faults failover needs --topology sentinel")
     low_s, _, high_s = a.ttl_ms.partition(":")
     try:
         low, high = int(low_s), int(high_s or low_s)
@@ -310,6 +327,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         poison_count=count, poison_share=share, poison_seconds=a.poison_seconds,
         poison_status=a.poison_status, slow_ms=a.slow_ms, slow_for=slow_for,
         partition_seconds=partition, partition_target=a.partition_target,
+        topology=a.topology,
     )
     gap_ms = round(opts.partition_gap * 1000)
     if "partition" in kinds and opts.partition_blinds_all and low < gap_ms + TTL_MARGIN_MS:

@@ -97,7 +97,17 @@ class PartitionStats:
     standby_took_over: int
 
 
-Detail = RedisStats | PoisonStats | FlagsStats | SlowStats | PartitionStats
+@attrs.frozen
+class SwitchStats:
+    """failover: SENTINEL FAILOVER -> the sentinels name the new master, and -> no
+    worker connection is left on the old master."""
+
+    switch_ms: Stats
+    left_old_master_ms: Stats
+    resync_ms: Stats  # the sentinels named the new master -> the leader's "reconciled"
+
+
+Detail = RedisStats | PoisonStats | FlagsStats | SlowStats | PartitionStats | SwitchStats
 
 
 @attrs.frozen
@@ -336,6 +346,10 @@ def _fault_details(f: FaultStats) -> list[str]:
         span = "the whole run" if d.whole_run else "each fault"
         return [f"+{d.slow_ms} ms per round trip for {span}; a PING through a proxy "
                 f"{stats_text(d.probe_ms)}, directly {stats_text(d.direct_ms)}"]
+    if isinstance(d, SwitchStats):
+        return [f"the sentinels named the new master after {stats_text(d.switch_ms)}; the "
+                f"workers had left the old one after {stats_text(d.left_old_master_ms)}; "
+                f"leader reconciled {stats_text(d.resync_ms)} after the switch"]
     if isinstance(d, PartitionStats):
         return [f"target {d.target}; the leader stepped down {d.stepped_down} time(s), "
                 f"logged after {stats_text(d.stepped_down_ms)}; a standby took over "

@@ -79,7 +79,7 @@ from ..replicas import (
     stop_replicas,
     tail,
 )
-from ..servers import HOST, RedisServer, find_redis_server
+from ..servers import HOST, MASTER_NAME, RedisServer, SentinelSetup, find_redis_server
 from ..signals import handle_signals, interrupt
 from ..simulator import MATCH_SLACK_MS, AppPlan, AppSimulator, Episode, Settle, match_posts
 from .options import (
@@ -96,6 +96,8 @@ from .options import (
     PROGRESS_EVERY,
     PROXY_FAULTS,
     RESET_TIMEOUT_MS,
+    RESTART_FAULTS,
+    SENTINEL_SKIPS,
     Options,
     parse_options,
 )
@@ -115,6 +117,7 @@ from .report import (
     SlowEpisode,
     SlowStats,
     StaleEpisode,
+    SwitchStats,
     UnexplainedReset,
     format_report,
     percentiles,
@@ -136,6 +139,7 @@ SETTLE = 15.0  # after the last deadline: the longest wait for missing resets
 LINGER = 0.5  # after the last reset: wait this long for late duplicates
 PROBES = 3  # slow: PINGs timed through a proxy (the median is kept)
 PROBE_TIMEOUT = 2.0
+SWITCH_WAIT = 10.0  # failover: the longest wait for the new master, then for the workers
 
 
 class ChaosError(LabError):
@@ -156,7 +160,8 @@ class Fault:
     failover: float | None = None  # seconds, once a leader is back
     timed_out: bool = False
     effect_end: float | None = None  # wall clock: leader back, or backend healthy again
-    restarted: float | None = None  # redis: wall clock when it answered again
+    restarted: float | None = None  # redis: wall clock when it answered again; failover:
+    # when the sentinels named the new master
     down: float | None = None  # redis: kill -> answering again, seconds
     expiry_before: float | None = None  # redis: the lease's expiry (wall) before the kill
     resynced: float | None = None  # redis: first "reconciled" log line after the restart;
@@ -170,6 +175,7 @@ class Fault:
     targets: tuple[str, ...] = ()  # partition: the replicas cut off
     stepped_down: float | None = None  # partition: the victim's "leader lost" line
     successor: str = ""  # partition: the replica that took the lease
+    left: float | None = None  # failover: wall clock, no worker connection on the old master
 
 
 def _log_time(record: dict[str, Any]) -> float | None:
@@ -239,6 +245,11 @@ class Chaos:
         self.notes: list[str] = []
         if "redis" in opts.faults and opts.redis_url:
             self.notes.append("the redis fault is skipped: --redis-url is not ours to kill")
+        if opts.topology == "sentinel" and SENTINEL_SKIPS & set(self.kinds):
+            skipped = [k for k in self.kinds if k in SENTINEL_SKIPS]
+            self.kinds = [k for k in self.kinds if k not in SENTINEL_SKIPS]
+            self.notes.append(f"the {' and '.join(skipped)} fault(s) are skipped with "
+                              "--topology sentinel")
         scheme = urlsplit(opts.redis_url).scheme if opts.redis_url else "redis"
         if scheme != "redis" and PROXY_FAULTS & set(self.kinds):
             skipped = [k for k in self.kinds if k in PROXY_FAULTS]
@@ -255,8 +266,13 @@ class Chaos:
         self.horizon = 0.0  # wall clock: resets refused by a poison may come until then
         self.poison_chain = 0.0  # wall clock: the first of the poisons that lead up to it
         self.server: RedisServer | None = None
+        self.sentinels: SentinelSetup | None = None
         self.url = opts.redis_url or ""
         self.client: redis.Redis | None = None
+        self.old_master: redis.Redis | None = None  # failover: until the workers left it
+        self.app_paused = False  # failover: until the sentinels name the new master
+        self.switching: Fault | None = None  # failover: until the workers left the old one
+        self.master_port = 0  # Sentinel: the master's port, as this run last saw it
         self.app: AppSimulator | None = None  # with the client
         self.ledger = ResetLedger(self.secret)
         self.backend = RecordingBackend()
@@ -363,7 +379,14 @@ class Chaos:
         )
         for note in self.notes:
             self.event(note)
-        if o.redis_url is None:
+        if o.topology == "sentinel":
+            assert self.binary is not None
+            self.sentinels = SentinelSetup(self.tmp / "redis", binary=self.binary,
+                                           appendonly=True)
+            self.sentinels.start()
+            self.url = self.sentinels.master.url
+            self.master_port = self.sentinels.master.port
+        elif o.redis_url is None:
             assert self.binary is not None
             redis_dir = self.tmp / "redis"
             redis_dir.mkdir()
@@ -372,15 +395,15 @@ class Chaos:
             self.url = self.server.url
         parts = urlsplit(self.url)
         self.target = (parts.hostname or HOST, parts.port or 6379)
-        self.client = redis.Redis.from_url(
-            self.url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=5.0,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self.client = self._connect(self.url)
         plan = AppPlan(ttl_ms=o.ttl_ms, idle=o.idle, rearm_chance=REARM_CHANCE,
                        max_rearms=MAX_REARMS, rearm_at=REARM_AT, rearm_margin_ms=REARM_MARGIN_MS)
         self.app = AppSimulator(self.client, self.keys, plan, self.rng)
         info: Any = self.client.info("server")
         where = "started, append-only fsync always" if self.server else "given"
+        if self.sentinels is not None:
+            where = ("started: the master of a Sentinel setup, with a replica and sentinels "
+                     f"on {self.sentinels.env_value}")
         self.event(f"redis {info.get('redis_version', '?')} at {safe_url(self.url)} ({where}); "
                    f"keys {self.prefix}:*")
         self.backend.start()
@@ -388,6 +411,12 @@ class Chaos:
         names = [self.spawn() for _ in range(o.replicas)]
         self.event(f"started {', '.join(names)} (COUNTER_KEY={self.counter_key})"
                    + (", each through a fault proxy of its own" if self.proxied else ""))
+
+    def _connect(self, url: str) -> redis.Redis:
+        return redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=5.0,
+            retry=Retry(NoBackoff(), 0),
+        )
 
     def spawn(self) -> str:
         self.spawned += 1
@@ -399,8 +428,12 @@ class Chaos:
             self.proxies[name] = proxy
             self._base_mode(proxy)
             url = _via(self.url, proxy.port)
+        where = {"REDIS_URL": url}
+        if self.sentinels is not None:
+            where = {"REDIS_SENTINELS": self.sentinels.env_value,
+                     "REDIS_SENTINEL_MASTER": MASTER_NAME}
         self.replicas[name] = spawn_replica(self.tmp, name, {
-            "REDIS_URL": url,
+            **where,
             "RESET_ENDPOINT_URL": self.backend.url,
             "RESET_SECRET": self.secret,
             "COUNTER_KEY": self.counter_key,
@@ -422,8 +455,11 @@ class Chaos:
                 self.err.write(f"{PROG}: the fault proxy of {name}: {exc}: {exc.__cause__!r}\n")
         self.proxies.clear()
         self.backend.close()
+        if self.old_master is not None:
+            self.old_master.close()
+            self.old_master = None
         if self.client is not None:
-            if self.server is None:  # someone else's Redis: leave nothing behind
+            if self.opts.redis_url:  # someone else's Redis: leave nothing behind
                 try:
                     self._delete_keys(self.client)
                 except redis.RedisError as exc:
@@ -434,6 +470,8 @@ class Chaos:
             self.client = None
         if self.server is not None:
             self.server.stop()
+        if self.sentinels is not None:
+            self.sentinels.stop()
         if keep:
             self.kept = True
         else:
@@ -488,6 +526,7 @@ class Chaos:
                     self.run_faults(mono)
             self.run_thaws(mono)
             self.run_heals(mono)
+            self.run_switch()
             self.run_app(mono)
             self.poll_backend()
             if mono - self._last_logs >= LOG_POLL:
@@ -526,7 +565,7 @@ class Chaos:
     def drained(self, mono: float) -> bool:
         """Every counter expired, no failover pending, every episode delivered (plus
         LINGER for late duplicates) or the settle time is over."""
-        if self.pending is not None or self.thaws or self.heals:
+        if self.pending is not None or self.thaws or self.heals or self.switching:
             return False
         if not self.sim.done:
             return False
@@ -572,8 +611,7 @@ class Chaos:
                 and lease.epoch > f.epoch_before):
             took = self._since(lease, f.fired, now)
             f.successor = lease.replica
-        elif lease is not None and f.kind == "redis":
-            assert f.restarted is not None
+        elif lease is not None and f.kind in RESTART_FAULTS and f.restarted is not None:
             if lease.epoch > f.epoch_before:
                 took = self._since(lease, f.restarted, now)
             else:  # the same lease survived the restart: wait for it to be renewed
@@ -596,7 +634,8 @@ class Chaos:
         f.failover = took
         f.effect_end = (f.restarted or f.fired) + took
         self.pending = None
-        what = "after the restart" if f.kind == "redis" else f"after the {f.kind}"
+        what = {"redis": "after the restart", "failover": "after the switch"}.get(
+            f.kind, f"after the {f.kind}")
         return f" — {_ms(took)} {what}"
 
     def check_flags(self, f: Fault, now: float) -> None:
@@ -659,7 +698,7 @@ class Chaos:
         last = self.reconciled.get(lease.replica)
         if last is None or last[0] != lease.epoch:
             return False
-        redis_faults = [f for f in self.faults if f.kind == "redis"]
+        redis_faults = [f for f in self.faults if f.kind in RESTART_FAULTS]
         return not redis_faults or last[1] >= (redis_faults[-1].restarted or 0.0) - 0.001
 
     def fire(self, kind: str, target: Replica | None) -> None:
@@ -704,6 +743,8 @@ class Chaos:
             self.poison(f)
         elif kind == "flags":
             self.rewrite_flags(f)
+        elif kind == "failover":
+            self.failover(f)
         elif kind == "slow":
             assert target is not None
             o = self.opts
@@ -820,6 +861,73 @@ class Chaos:
         self.event(f"fault {f.number}: redis-server killed (SIGKILL) and restarted on port "
                    f"{port}: down {_ms(f.down)}")
 
+    def failover(self, f: Fault) -> None:
+        """SENTINEL FAILOVER, once the replica has every write (WAIT): nothing the app
+        wrote is lost with the old master. The app holds its writes until the sentinels
+        name the new master (:meth:`run_switch`). Skipped if the replica is not in sync
+        (a second failover before the old master rejoined as a replica, say)."""
+        assert self.sentinels is not None
+        assert self.client is not None
+        try:
+            if int(self.client.wait(1, 1000)) < 1:
+                raise redis.ResponseError("the replica is not in sync (WAIT 1 1000: 0)")
+            pttl = int(self.client.pttl(self.lease_key))
+            f.fired = time.time()
+            self.sentinels.failover()
+        except redis.ResponseError as exc:
+            self.faults.remove(f)
+            self.event(f"failover skipped: {exc}")
+            return
+        f.expiry_before = f.fired + pttl / 1000 if pttl > 0 else None
+        self.app_paused = True
+        self.switching = self.pending = f
+        self.event(f"fault {f.number}: SENTINEL FAILOVER {MASTER_NAME} (the master on port "
+                   f"{self.master_port}); the app holds its writes until the sentinels name "
+                   "the new one")
+
+    def run_switch(self) -> None:
+        """failover: follow the master once the sentinels name the new one, then time the
+        workers leaving the old one (each names its connections ``<prefix>:REPLICA_ID``)."""
+        f = self.switching
+        if f is None:
+            return
+        assert self.sentinels is not None
+        now = time.time()
+        if f.restarted is None:
+            port = self.sentinels.master_port()
+            if port != self.master_port:
+                f.restarted = now
+                self.old_master, self.client = self.client, self._connect(
+                    f"redis://{HOST}:{port}/0")
+                self.sim.use(self.client)
+                self.master_port = port
+                self.app_paused = False
+                self.event(f"the sentinels name the master on port {port} "
+                           f"{_ms(now - f.fired)} after the failover; the app writes there")
+            elif now - f.fired > SWITCH_WAIT:
+                self.app_paused = False
+                self.switching = None
+                self.event(f"fault {f.number} (failover): the sentinels did NOT name a new "
+                           f"master within {SWITCH_WAIT:g} s")
+            return
+        assert self.old_master is not None
+        try:
+            listing: Any = self.old_master.client_list()
+        except redis.RedisError:
+            return
+        if any(str(c.get("name", "")).rpartition(":")[2] in self.replicas for c in listing):
+            if now - f.restarted > SWITCH_WAIT:
+                self.switching = None
+                self.event(f"fault {f.number} (failover): workers still connected to the "
+                           f"old master {SWITCH_WAIT:g} s after the switch")
+            return
+        f.left = now
+        self.switching = None
+        self.old_master.close()
+        self.old_master = None
+        self.event(f"no worker connection left on the old master {_ms(now - f.fired)} after "
+                   "the failover")
+
     def run_thaws(self, mono: float) -> None:
         for when, replica in list(self.thaws):
             if mono >= when:
@@ -835,7 +943,7 @@ class Chaos:
         """The app's steps due by ``mono``. While a flags fault lasts, every TTL is at
         least FLAGS_TTL_MS: the leader's rescan is how it learns of the key, and it must
         find it alive."""
-        if self.phase == "starting":
+        if self.phase == "starting" or self.app_paused:
             return
         f = self.pending if self.pending is not None and self.pending.kind == "flags" else None
         self.sim.min_ttl_ms = FLAGS_TTL_MS if f is not None else 0
@@ -890,7 +998,7 @@ class Chaos:
                 cut.stepped_down = at
                 self.event(f"{replica.name} stepped down {_ms(at - cut.fired)} into the "
                            f"partition: {message}")
-        if self.faults and self.faults[-1].kind == "redis":
+        if self.faults and self.faults[-1].kind in RESTART_FAULTS:
             f = self.faults[-1]
             if f.restarted is not None and at is not None and at >= f.restarted - 0.001:
                 if message.startswith("enabled keyspace notifications"):
@@ -898,7 +1006,8 @@ class Chaos:
                 elif message.startswith("reconciled:") and f.resynced is None:
                     f.resynced = at
                     self.event(f"{replica.name} reconnected and reconciled "
-                               f"{_ms(at - f.restarted)} after the Redis restart"
+                               f"{_ms(at - f.restarted)} after the "
+                               + ("Redis restart" if f.kind == "redis" else "switch")
                                + (" (notifications re-enabled)" if f.notifications else ""))
 
     def on_flags_log(self, f: Fault, replica: Replica, record: dict[str, Any],
@@ -936,10 +1045,10 @@ class Chaos:
         for f in self.faults:
             if f.kind in FAILOVER_FAULTS and f.effect_end is not None:
                 # until the new leader reconciled: before that it watches nothing
-                since = f.restarted if f.kind == "redis" else f.fired
-                assert since is not None
+                since = f.restarted if f.kind in RESTART_FAULTS else f.fired
+                since = f.fired if since is None else since  # a failover that never switched
                 working = min((at for at, epoch in self.reconciles if at >= since and (
-                    f.kind == "redis" or epoch > f.epoch_before)), default=f.effect_end)
+                    f.kind in RESTART_FAULTS or epoch > f.epoch_before)), default=f.effect_end)
                 spans.append((f.fired, max(f.effect_end, working)))
         spans.sort()
         merged: list[tuple[float, float]] = []
@@ -1096,6 +1205,12 @@ class Chaos:
             detail = SlowStats(o.slow_ms, self.slow_run,
                                percentiles(f.probe[0] for f in mine if f.probe),
                                percentiles(f.probe[1] for f in mine if f.probe))
+        elif kind == "failover":
+            detail = SwitchStats(
+                percentiles(f.restarted - f.fired for f in mine if f.restarted is not None),
+                percentiles(f.left - f.fired for f in mine if f.left is not None),
+                percentiles(f.resynced - f.restarted for f in mine
+                            if f.resynced is not None and f.restarted is not None))
         elif kind == "partition":
             detail = PartitionStats(
                 o.partition_target, sum(1 for f in mine if f.stepped_down is not None),
