@@ -88,7 +88,6 @@ def find_redis_server() -> str | None:
 class _Fault:
     kind: Literal["SIGKILL", "SIGTERM"]
     at: float  # seconds after the start
-    fired_mono: float = 0.0
     fired_wall: float = 0.0
     victim: str = ""
     waited: bool = False
@@ -245,6 +244,7 @@ class _Demo:
 
     def poll_lease(self) -> None:
         assert self.client is not None
+        assert self.app is not None
         lease = read_lease(self.client, LEASE_KEY)
         if lease is None:
             self.leader = None
@@ -256,18 +256,12 @@ class _Demo:
         self.leader = current
         if self.first_leader_at is None:
             self.first_leader_at = self.elapsed()
-            assert self.app is not None
             self.app.begin(time.monotonic(), first=0.2, spacing=0.4)  # staggered
         suffix = ""
         fault = self.pending_failover
         if fault is not None:
             self.pending_failover = None
-            since_ms = lease.since_ms
-            # since_ms is when the new lease was taken, on Redis's clock (this host's).
-            if since_ms is not None and since_ms / 1000 >= fault.fired_wall - 0.005:
-                took = max(0.0, since_ms / 1000 - fault.fired_wall)
-            else:
-                took = time.monotonic() - fault.fired_mono
+            took = lease.taken_after(fault.fired_wall, time.time(), self.app.offset)
             self.failovers[fault.kind].append(took)
             what = "failover" if fault.kind == "SIGKILL" else "handoff"
             suffix = f" — {what} {_took(took)}"
@@ -299,7 +293,6 @@ class _Demo:
         fault.victim = target.name
         target.signalled = fault.kind
         fault.fired_wall = time.time()
-        fault.fired_mono = time.monotonic()
         if fault.kind == "SIGKILL":
             target.proc.kill()
             target.proc.wait()

@@ -185,6 +185,16 @@ class LeaseInfo:
     holder: str = ""  # unique per process
     since_ms: int | None = None  # when this lease was taken, Redis's clock
 
+    def taken_after(self, start: float, now: float, offset: float = 0.0) -> float:
+        """How long after ``start`` (this host's wall clock) the lease was taken, from
+        ``since_ms`` (``offset``: Redis's clock minus ours); ``now - start`` when it
+        does not say, or names a time before ``start`` (an older lease)."""
+        if self.since_ms is not None:
+            taken = self.since_ms / 1000 - offset
+            if taken >= start - 0.005:
+                return max(0.0, taken - start)
+        return max(0.0, now - start)
+
 
 def read_lease(client: Any, key: str) -> LeaseInfo | None:
     """The lease in ``key`` through a redis-py client (``decode_responses=True``), or

@@ -609,11 +609,11 @@ class Chaos:
         took: float | None = None
         if (lease is not None and f.kind in LEADER_FAULTS | {"partition"}
                 and lease.epoch > f.epoch_before):
-            took = self._since(lease, f.fired, now)
+            took = lease.taken_after(f.fired, now, self.offset)
             f.successor = lease.replica
         elif lease is not None and f.kind in RESTART_FAULTS and f.restarted is not None:
             if lease.epoch > f.epoch_before:
-                took = self._since(lease, f.restarted, now)
+                took = lease.taken_after(f.restarted, now, self.offset)
             else:  # the same lease survived the restart: wait for it to be renewed
                 assert self.client is not None
                 pttl = int(self.client.pttl(self.lease_key))
@@ -649,14 +649,6 @@ class Chaos:
             self.pending = None
             self.event(f"fault {f.number} (flags): notify-keyspace-events NOT restored and "
                        f"rescanned within {time.monotonic() - f.fired_mono:.1f} s")
-
-    def _since(self, lease: LeaseInfo, start: float, now: float) -> float:
-        """When ``lease`` was taken, relative to ``start`` (wall clock, this host)."""
-        if lease.since_ms is not None:
-            taken = lease.since_ms / 1000 - self.offset
-            if taken >= start - 0.005:
-                return max(0.0, taken - start)
-        return max(0.0, now - start)
 
     # -- faults -----------------------------------------------------------------------
 
