@@ -2,7 +2,8 @@
 
 Every benchmark runs on loopback only: its own ``redis-server`` (``RedisServer``), its own
 HTTP backend (``RecordingBackend``) and real ``python -m trio_counter_worker run``
-processes (``WorkerProcess``), all from ``tests.support``. Import this module as
+processes (``WorkerProcess``): the first two from :mod:`trio_counter_worker.lab`, the
+last from ``tests.support``. Import this module as
 ``bench.common`` with the repository root as the working directory.
 """
 
@@ -27,14 +28,11 @@ from typing import Any, TypeVar
 import attrs
 import redis
 
-from tests.support import (
-    RecordingBackend,
-    RedisServer,
-    WorkerProcess,
-    clean_env,
-    find_redis_server,
-)
-from tests.support import backend as backend_module
+from tests.support import WorkerProcess, clean_env
+from trio_counter_worker.lab import backend as backend_module
+from trio_counter_worker.lab.backend import RecordingBackend
+from trio_counter_worker.lab.servers import RedisServer
+from trio_counter_worker.lab.servers import redis_server_binary as find_redis_server
 
 T = TypeVar("T")
 
@@ -248,7 +246,7 @@ class Rig:
         return worker
 
 
-# tests.support's RecordingBackend keeps two socketserver defaults that a real backend
+# The lab's RecordingBackend keeps two socketserver defaults that a real backend
 # does not have, and that would make the benchmarks measure the backend (both shown by
 # bench/burst.py's calibration):
 # - listen backlog 5: a worker opening 32 connections at once overflows it and gets

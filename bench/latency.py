@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from tests.support import RedisServer
+from trio_counter_worker.lab.servers import RedisServer
 
 from .common import (
     CpuWindow,

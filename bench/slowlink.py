@@ -1,7 +1,7 @@
 """Slow link: does the leader keep up when Redis is a round trip of 50 ms away?
 
-The worker reaches Redis through a FaultProxy (``tests.support.proxy``; run as its own
-process, so it shares no interpreter with the driver), forwarding as is (+0 ms) or
+The worker reaches Redis through a FaultProxy (``trio_counter_worker.lab.faultproxy``;
+run as its own process, so it shares no interpreter with the driver), forwarding as is (+0 ms) or
 delaying every chunk 25 ms each way (+50 ms per round trip). The app (the driver)
 writes to Redis directly, on loopback:
 
@@ -51,7 +51,9 @@ from typing import Any
 
 import attrs
 
-from tests.support import FaultProxy, RedisServer, WorkerProcess
+from tests.support import WorkerProcess
+from trio_counter_worker.lab.faultproxy import FaultProxy
+from trio_counter_worker.lab.servers import RedisServer
 
 from .common import (
     BASE_COMMIT,

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from trio_counter_worker import chaos
-from trio_counter_worker.lab import ResetPost
+from trio_counter_worker.lab import chaos
+from trio_counter_worker.lab.backend import ResetPost
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROCESS_AND_HTTP = ("kill", "term", "stop", "redis", "http5xx", "httphang")
@@ -40,7 +40,7 @@ def _run_chaos(tmp: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
     env["PYTHONIOENCODING"] = "utf-8"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trio_counter_worker.chaos", *args],
+        [sys.executable, "-m", "trio_counter_worker.lab.chaos", *args],
         cwd=tmp,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -170,6 +170,19 @@ def test_chaos_partition_makes_a_standby_take_over(tmp_path: Path) -> None:
     assert report["unexpected_exits"] == [], shown
 
 
+@pytest.mark.slow
+def test_chaos_sentinel_failover_moves_app_and_workers_to_the_new_master(tmp_path: Path) -> None:
+    # ~15 s: the Sentinel setup starts in ~5 s, one failover (a second one before the old
+    # master rejoined as a replica is skipped), the last expiries.
+    report, failover, shown = _short_run(tmp_path, "failover", "--topology", "sentinel",
+                                         "--duration", "5", "--fault-every", "2")
+    assert failover["timeouts"] == 0, shown
+    assert failover["failover_ms"]["n"] == failover["count"], shown  # a leader back each time
+    assert failover["switch_ms"]["n"] == failover["count"], shown  # the app followed
+    assert failover["left_old_master_ms"]["n"] == failover["count"], shown  # so did the workers
+    assert report["unexpected_exits"] == [], shown
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -186,6 +199,9 @@ def test_chaos_partition_makes_a_standby_take_over(tmp_path: Path) -> None:
         (["--partition-seconds", "0.5"], "--partition-seconds must be at least the lease"),
         (["--faults", "partition", "--partition-target", "all"],
          "a partition that cuts off every replica"),
+        (["--faults", "failover"], "--faults failover needs --topology sentinel"),
+        (["--topology", "sentinel", "--redis-url", "redis://127.0.0.1:1/0"],
+         "leave out --redis-url"),
     ],
 )
 def test_chaos_rejects_bad_arguments(

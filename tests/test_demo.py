@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_counter_worker import demo
+from trio_counter_worker.lab import demo
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Long enough for both faults (SIGKILL at a third, SIGTERM at two thirds), short enough
@@ -21,7 +21,7 @@ DURATION = 10
 TIMEOUT = 60.0
 TOOK = r"\d+(\.\d\d s| ms)"  # a failover time: "0.91 s" or "4 ms"
 CODE = (
-    "from trio_counter_worker.demo import demo_main; "
+    "from trio_counter_worker.lab.demo import demo_main; "
     f"raise SystemExit(demo_main(duration={DURATION}))"
 )
 

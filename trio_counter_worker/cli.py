@@ -94,12 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 stopped cleanly, 2 bad configuration)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["chaos"]:  # its own options, parsed by chaos itself
-        from .chaos import chaos_main
+        from .lab.chaos import chaos_main
 
         return chaos_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        from .demo import demo_main
+        from .lab.demo import demo_main
 
         return demo_main(replicas=args.replicas, duration=args.duration)
     try:

