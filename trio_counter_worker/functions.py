@@ -41,11 +41,13 @@ from .glob import may_match_prefix
 from .keyspace import OWN_KEY_PREFIX, shown_key
 
 __all__ = [
+    "APP_COMMANDS",
     "LIBRARY",
     "LIBRARY_NAME",
     "LIBRARY_VERSION",
     "REGISTRY_KEY",
     "Installed",
+    "app_acl_rule",
     "install",
     "install_command",
     "namespace_of",
@@ -61,9 +63,26 @@ DEADLINES, PENDING, CLAIMED, CLAIMS, LEASE, EPOCH = (
 )
 
 
+# What an app's Redis user calls: FCALL, and every command the functions call (Redis
+# checks ACLs inside functions too).
+APP_COMMANDS = (
+    "fcall", "fcall_ro", "get", "set", "del", "pttl", "pexpiretime", "time", "hget",
+    "hgetall", "hset", "hsetnx", "hdel", "zadd", "zscore", "zrem", "publish",
+)
+
+
 def namespace_of(counter_key: str) -> str:
     """The deployment's namespace: ``Config.namespace`` for that COUNTER_KEY."""
     return f"{OWN_KEY_PREFIX}{counter_key}}}"
+
+
+def app_acl_rule(counter_key: str) -> str:
+    """``ACL SETUSER`` arguments (after the user name and password) for an app that marks
+    activity on the keys of one deployment through the library."""
+    ns = namespace_of(counter_key)
+    commands = " ".join(f"+{c}" for c in APP_COMMANDS)
+    return (f"resetkeys ~{counter_key} ~{REGISTRY_KEY} ~{ns}:* resetchannels &{ns}:* "
+            f"-@all {commands}")
 
 
 def _lua(text: str) -> str:
@@ -355,6 +374,8 @@ def install_command(config: Config, counter_key: str | None,
     if counter_key is not None:
         out.write(f"registered COUNTER_KEY {shown_key(counter_key)!r} "
                   f"({shown_key(namespace_of(counter_key))})\n")
+        out.write(f"app's Redis user, with ACLs: ACL SETUSER <app> on ><password> "
+                  f"{shown_key(app_acl_rule(counter_key))}\n")
     if not done.registry:
         out.write(f"no deployment registered in {REGISTRY_KEY}: tcw_touch sets keys but "
                   "records no deadline until one is (--counter-key PATTERN)\n")
