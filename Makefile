@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 REDIS62_TESTS := tests/test_redis_bridge.py tests/test_hostile.py tests/test_replicas.py \
 	tests/test_spec_contract.py \
 	tests/test_resync.py tests/test_claim_reported.py tests/test_cluster_scripts.py \
-	tests/test_glob.py tests/test_ops.py
+	tests/test_glob.py tests/test_ops.py tests/test_functions.py
 
 .PHONY: test test-redis62 install lint unit bench clean
 

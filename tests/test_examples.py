@@ -23,6 +23,7 @@ import redis
 
 from tests.support.redis_server import RedisServer, find_redis_server
 from trio_counter_worker.delivery import build_request
+from trio_counter_worker.functions import install
 from trio_counter_worker.store import PendingReset
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -44,6 +45,7 @@ def _load(name: str) -> ModuleType:
 
 rb = _load("reference_backend")
 app = _load("app_activity")
+touch_example = _load("touch")
 
 
 def body_of(
@@ -412,3 +414,86 @@ def test_shell_snippet(redis_server: RedisServer) -> None:
         assert 40 < client.ttl("counter:user7") <= 45
     finally:
         client.close()
+
+
+# -- the app side through the Functions library (Redis 7.0+) ---------------------------
+
+TOUCH_NS = "tcw:{counter:*}"
+
+
+@pytest.fixture
+def touch_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client of a Redis with the tcw library loaded and COUNTER_KEY counter:* registered."""
+    with redis_server.client() as client:
+        if int(str(client.info("server")["redis_version"]).split(".")[0]) < 7:
+            pytest.skip("Redis Functions need Redis 7.0+")
+        install(client, "counter:*")
+        yield client
+
+
+def _assert_touched(client: redis.Redis, key: str, value: str, ttl_ms: int) -> None:
+    assert client.get(key) == value
+    assert ttl_ms - 2_000 < client.pttl(key) <= ttl_ms
+    assert client.zscore(f"{TOUCH_NS}:deadlines", key) == client.pexpiretime(key)
+
+
+def test_touch_py(touch_redis: redis.Redis, redis_server: RedisServer) -> None:
+    with redis_server.client(decode_responses=False) as raw:
+        deadline, matched, claimed = touch_example.touch(raw, "counter:u1", 20_000, "p")
+        assert (matched, claimed) == (1, 0)
+    _assert_touched(touch_redis, "counter:u1", "p", 20_000)
+    assert deadline == touch_redis.pexpiretime("counter:u1")
+    assert touch_redis.hget(f"{TOUCH_NS}:payloads", "counter:u1") == "p"
+    assert touch_example.main(["counter:u1", "--done", "--redis-url", redis_server.url]) == 0
+    assert touch_redis.exists("counter:u1") == 0
+    assert touch_redis.zscore(f"{TOUCH_NS}:deadlines", "counter:u1") is None
+
+
+@pytest.mark.skipif(REDIS_CLI_DIR is None, reason="no redis-cli on PATH or beside redis-server")
+def test_touch_sh(touch_redis: redis.Redis, redis_server: RedisServer) -> None:
+    assert REDIS_CLI_DIR is not None
+    env = {**os.environ, "PATH": os.pathsep.join([REDIS_CLI_DIR, os.environ.get("PATH", "")]),
+           "REDIS_URL": redis_server.url}
+
+    def run(*args: str) -> str:
+        return subprocess.run(["sh", str(EXAMPLES / "touch.sh"), *args], env=env, check=True,
+                              capture_output=True, text=True, timeout=10).stdout
+
+    assert run("counter:u7", "45000", "hello").splitlines()[1:] == ["1", "0"]
+    _assert_touched(touch_redis, "counter:u7", "hello", 45_000)
+    assert run("--done", "counter:u7").splitlines()[0] == "1"
+    assert touch_redis.exists("counter:u7") == 0
+
+
+NODE_DIR = EXAMPLES / "node"
+
+
+def _node_ready() -> str | None:
+    """Why the Node example cannot run here, or None; installs ioredis if it is missing."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "node and npm are not installed"
+    if (NODE_DIR / "node_modules" / "ioredis").is_dir():
+        return None
+    try:
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True,
+                       capture_output=True, text=True, timeout=120)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        return f"npm install failed in examples/node (npm registry unreachable?): {exc}"
+    return None
+
+
+def test_touch_js(touch_redis: redis.Redis, redis_server: RedisServer) -> None:
+    reason = _node_ready()
+    if reason is not None:
+        pytest.skip(reason)
+    env = {**os.environ, "REDIS_URL": redis_server.url}
+
+    def run(*args: str) -> Any:
+        out = subprocess.run(["node", "touch.js", *args], cwd=NODE_DIR, env=env, check=True,
+                             capture_output=True, text=True, timeout=30).stdout
+        return json.loads(out)
+
+    assert run("counter:n1", "30000", "from node")[1:] == [1, 0]
+    _assert_touched(touch_redis, "counter:n1", "from node", 30_000)
+    assert run("--done", "counter:n1")[0] == 1
+    assert touch_redis.exists("counter:n1") == 0

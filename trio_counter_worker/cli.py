@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
                                "RESET_GIVE_UP_AFTER) again, under their own reset_id")
     redeliver.add_argument("reset_ids", nargs="*", metavar="RESET_ID",
                            help="which ones (see `status`) [default: all]")
+    functions = sub.add_parser("install-functions", help="load the Redis Functions library "
+                               "tcw (FCALL tcw_touch / tcw_done; Redis 7.0+, not Cluster)")
+    functions.add_argument("--counter-key", metavar="PATTERN",
+                           help="register the deployment with this COUNTER_KEY, so "
+                           "tcw_touch records its keys' deadlines")
     demo = sub.add_parser("demo", help="see it work: embedded Redis, a reference backend, "
                           "three replicas, a leader killed; nothing to install or start")
     demo.add_argument("--replicas", type=int, default=3, metavar="N",
@@ -106,11 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = Config.from_env(
             env_file=".env" if args.env_file is None else args.env_file,
             required_file=args.env_file is not None,
-            # status and redeliver use Redis only: no endpoint needed
-            redis_only=args.command in ("status", "redeliver"),
+            # status, redeliver and install-functions use Redis only: no endpoint needed
+            redis_only=args.command in ("status", "redeliver", "install-functions"),
         )
     except ConfigError as exc:
         return _fail(exc)
+    if args.command == "install-functions":
+        from .functions import install_command
+
+        return install_command(config, args.counter_key)
     if args.command == "check":
         checks = trio.run(partial(run_checks, config, dry_run_request=args.dry_run_request))
         return print_checks(checks, sys.stdout)

@@ -12,8 +12,10 @@ The hierarchy::
     │                           permission, credentials or database changed; retried with
     │                           backoff and logged at ERROR, since someone must act; at
     │                           start-up, a ConfigError instead (see ``at_start``)
-    └── LeaseLost               this replica is no longer (or may no longer be) the
-                                leader; leader-only work is cancelled
+    ├── LeaseLost               this replica is no longer (or may no longer be) the
+    │                           leader; leader-only work is cancelled
+    └── FunctionsUnavailable    Redis cannot take the tcw Functions library (older than
+                                7.0, or FUNCTION LOAD refused): install-functions exits 2
 
 Messages say what happened and what to do, naming the setting involved, and never
 contain a secret value.
@@ -73,3 +75,8 @@ class RedisRefused(RedisUnavailable):
 
 class LeaseLost(WorkerError):
     """Leadership ended: a renewal failed past the local deadline or showed another holder."""
+
+
+class FunctionsUnavailable(WorkerError):
+    """Redis has no Functions (before 7.0) or refused to load the library; the message
+    says what to do."""

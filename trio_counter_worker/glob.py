@@ -15,7 +15,7 @@ so it may say "may match" where Redis would not: the safe side for its use, refu
 
 from __future__ import annotations
 
-__all__ = ["example_match", "may_match_prefix"]
+__all__ = ["example_match", "matches", "may_match_prefix"]
 
 _ANY = (1 << 256) - 1  # a byte set as a 256-bit mask: bit b set means byte b matches
 _STAR = -1  # a token that is not a byte set
@@ -34,6 +34,25 @@ def example_match(pattern: str | bytes, prefix: str | bytes) -> bytes | None:
         if found is not None:
             return found
     return None
+
+
+def matches(pattern: str | bytes, key: str | bytes, *, signed_char: bool = True) -> bool:
+    """Whether Redis matches ``key`` against ``pattern`` (KEYS, SCAN MATCH), exactly.
+
+    ``signed_char``: compare range bounds as Redis built for x86 does (for ARM, False).
+    The library's Lua port of the matcher (:mod:`trio_counter_worker.functions`) is held
+    to this function and to a real redis-server by ``tests/test_functions.py``.
+    """
+    raw_pattern, raw_key = _bytes(pattern), _bytes(key)
+    if not raw_key:  # util.c never enters its loop: only the empty pattern matches
+        return not raw_pattern
+    tokens = _tokens(raw_pattern, signed_char)
+    states = _closure({0}, tokens)
+    for byte in raw_key:
+        states = _step(states, tokens, byte)
+        if not states:
+            return False
+    return len(tokens) in states
 
 
 def _bytes(text: str | bytes) -> bytes:
@@ -124,18 +143,9 @@ def _complete(tokens: list[int], prefix: bytes) -> bytes | None:
     """Run the prefix through the tokens, then finish the key with one byte per token left."""
     states = _closure({0}, tokens)
     for byte in prefix:
-        moved = set()
-        for state in states:
-            if state == len(tokens):
-                continue
-            token = tokens[state]
-            if token == _STAR:
-                moved.add(state)
-            elif token >> byte & 1:
-                moved.add(state + 1)
-        if not moved:
+        states = _step(states, tokens, byte)
+        if not states:
             return None
-        states = _closure(moved, tokens)
     for state in sorted(states):
         rest = [token for token in tokens[state:] if token != _STAR]
         if all(rest):  # every byte set left has a byte in it
@@ -144,6 +154,20 @@ def _complete(tokens: list[int], prefix: bytes) -> bytes | None:
                 key = b"\x00"
             return key
     return None
+
+
+def _step(states: set[int], tokens: list[int], byte: int) -> set[int]:
+    """The states after one more byte of the key (empty: no match is possible)."""
+    moved = set()
+    for state in states:
+        if state == len(tokens):
+            continue
+        token = tokens[state]
+        if token == _STAR:
+            moved.add(state)
+        elif token >> byte & 1:
+            moved.add(state + 1)
+    return _closure(moved, tokens) if moved else moved
 
 
 def _lowest(mask: int) -> int:
