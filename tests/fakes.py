@@ -15,7 +15,7 @@ import attrs
 import trio
 
 from trio_counter_worker import spec
-from trio_counter_worker.errors import LeaseLost, RedisUnavailable
+from trio_counter_worker.errors import FunctionsUnavailable, LeaseLost, RedisUnavailable
 from trio_counter_worker.keyspace import merged_flags, missing_flags
 from trio_counter_worker.store import (
     FailingNote,
@@ -253,6 +253,10 @@ class FakeStore:
             return NotificationStatus(ok=True, flags=self.flags)
         self.flags = merged_flags(self.flags)
         return NotificationStatus(ok=True, flags=self.flags, changed=True, missing=missing)
+
+    async def install_functions(self) -> str:
+        await self._op("install_functions")
+        raise FunctionsUnavailable("the fake store has no Redis Functions")
 
     async def memory_policy(self) -> str | None:
         await self._op("memory_policy")

@@ -105,3 +105,33 @@ async def test_a_stale_future_deadline_does_not_hide_a_reported_expiry(
             assert await bridge.tracked(HOLDER) == []
     finally:
         bridge.close()
+
+
+async def test_a_payload_goes_with_its_episode_and_no_further(redis_server: RedisServer) -> None:
+    """tcw_touch stores a payload beside the deadline: a claim carries it in the pending
+    record and drops it; a key found gone (deleted early) drops it too."""
+    bridge = _bridge(redis_server)
+    payloads = bridge.payloads_key
+    try:
+        with trio.fail_after(10):
+            assert (await bridge.acquire(HOLDER, "me", 5000, 0)).acquired
+            with redis_server.client() as c:
+                c.hset(payloads, mapping={"c:p": b"room \xff7", "c:del": "x", "c:t": "y"})
+                c.set("c:p", 1, px=50)
+                c.set("c:del", 1, ex=60)
+                c.set("c:t", 1, ex=60)
+            await bridge.track(HOLDER, ["c:p", "c:del", "c:t"])
+            with redis_server.client() as c:
+                c.delete("c:del", "c:t")
+            await trio.sleep(0.1)
+            (gone_t,) = await bridge.track(HOLDER, ["c:t"])
+            claimed, gone = await bridge.claim(HOLDER, ["c:p", "c:del"])
+            assert gone_t.kind == "gone"
+            assert gone.kind == "gone"
+            assert claimed.reset is not None
+            assert claimed.reset.payload == "room \udcff7"
+            assert (await bridge.pending())[0].payload == "room \udcff7"
+            with redis_server.client() as c:
+                assert c.hlen(payloads) == 0
+    finally:
+        bridge.close()

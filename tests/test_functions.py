@@ -31,6 +31,7 @@ from tests.support.backend import RecordingBackend
 from tests.support.procs import SpawnWorker, run_cli
 from tests.support.redis_server import SERVER_ENV, RedisServer
 from trio_counter_worker import scripts, spec, touch_spec
+from trio_counter_worker.acl import acl_rule
 from trio_counter_worker.config import Config
 from trio_counter_worker.errors import FunctionsUnavailable
 from trio_counter_worker.functions import (
@@ -296,7 +297,7 @@ def test_a_claim_here_is_the_claim_scripts(r: redis.Redis) -> None:
     r.delete(ns + PENDING, key)
     r.zadd(ns + DEADLINES, {key: deadline})
     r.register_script(scripts.CLAIM)(
-        keys=[ns + LEASE, ns + DEADLINES, ns + PENDING, ns + CLAIMED, key],
+        keys=[ns + LEASE, ns + DEADLINES, ns + PENDING, ns + CLAIMED, ns + PAYLOADS, key],
         args=["me", ns, ns + CLAIMS, ""])
     (by_claim,) = [json.loads(v) for v in r.hvals(ns + PENDING)]
     for record in (by_touch, by_claim):
@@ -411,21 +412,52 @@ def test_what_no_leader_saw_is_reset_by_the_next(
     ran, and re-armed after an unseen deadline: each episode reset once; ended by
     tcw_done: none."""
     ns = namespace_of("c:*")
-    gap = r.fcall("tcw_touch", 1, "c:gap", 100)[0]
-    first = r.fcall("tcw_touch", 1, "c:rearm", 100)[0]
-    r.fcall("tcw_touch", 1, "c:done", 100)
+    gap = r.fcall("tcw_touch", 1, "c:gap", 100, "room 7")[0]
+    first = r.fcall("tcw_touch", 1, "c:rearm", 100, "first")[0]
+    r.fcall("tcw_touch", 1, "c:done", 100, "never sent")
     r.fcall("tcw_done", 1, "c:done")
     time.sleep(0.2)
-    assert r.fcall("tcw_touch", 1, "c:rearm", 60_000)[2] == 1  # claimed right there
+    assert r.fcall("tcw_touch", 1, "c:rearm", 60_000, "second")[2] == 1  # claimed there
     port = r.connection_pool.connection_kwargs["port"]
     worker = spawn_worker({"REDIS_PORT": str(port), "RESET_ENDPOINT_URL": backend.url,
                            "RESET_SECRET": "s", "COUNTER_KEY": "c:*"}, "leader")
     worker.wait_for_output("reconciled:", 10.0)
-    resets = sorted((q.json["key"], q.json["reset_id"]) for q in backend.wait_for_count(2, 10.0))
-    assert resets == [("c:gap", spec.reset_id(ns, "c:gap", gap)),
-                      ("c:rearm", spec.reset_id(ns, "c:rearm", first))]
+    bodies = sorted((q.json for q in backend.wait_for_count(2, 10.0)), key=lambda b: b["key"])
+    assert [(b["key"], b["reset_id"], b["expired_at"], b["payload"]) for b in bodies] == [
+        ("c:gap", spec.reset_id(ns, "c:gap", gap), gap / 1000, "room 7"),
+        ("c:rearm", spec.reset_id(ns, "c:rearm", first), first / 1000, "first"),
+    ]
+    assert r.hget(ns + PAYLOADS, "c:rearm") == "second"  # the episode going on keeps its own
     time.sleep(0.5)
     assert len(backend.requests) == 2
+
+
+def test_touched_counters_are_reset_on_time_without_notifications(
+        r: redis.Redis, redis_server: RedisServer, backend: RecordingBackend,
+        spawn_worker: SpawnWorker) -> None:
+    """notify-keyspace-events empty and CONFIG refused to the worker: without the library
+    the leader would only find counters by a rescan every 5 s; with it, each touch is
+    announced and its deadline recorded, so every counter is reset at its deadline, with
+    its payload."""
+    r.config_set("notify-keyspace-events", "")
+    rule = acl_rule("c:*", namespace_of("c:*"), 0)
+    rule = rule.replace(" +config|get", "").replace(" +config|set", "")
+    r.execute_command(  # type: ignore[no-untyped-call, unused-ignore]
+        "ACL", "SETUSER", "worker", "on", ">pw", *rule.split())
+    port = r.connection_pool.connection_kwargs["port"]
+    worker = spawn_worker({"REDIS_PORT": str(port), "REDIS_URL":
+                           f"redis://worker:pw@127.0.0.1:{port}/0",
+                           "RESET_ENDPOINT_URL": backend.url, "RESET_SECRET": "s",
+                           "COUNTER_KEY": "c:*"}, "leader")
+    worker.wait_for_output("reconciled:", 10.0)
+    deadlines = {f"c:{n}": r.fcall("tcw_touch", 1, f"c:{n}", 300 + 100 * n, f"p{n}")[0]
+                 for n in range(6)}
+    bodies = [q.json for q in backend.wait_for_count(6, 10.0)]
+    assert sorted((b["key"], b["expired_at"], b["payload"]) for b in bodies) == sorted(
+        (key, at / 1000, f"p{key[2:]}") for key, at in deadlines.items())
+    for request in backend.requests:  # long before a rescan would have found them
+        assert request.received_at - request.json["expired_at"] < 2.0
+    assert r.config_get("notify-keyspace-events")["notify-keyspace-events"] == ""
 
 
 # -- install ---------------------------------------------------------------------------

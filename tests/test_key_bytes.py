@@ -20,7 +20,7 @@ from trio_counter_worker.keyspace import (
     key_from_channel,
     keyspace_pattern,
     shown_key,
-    wire_key,
+    wire_text,
 )
 from trio_counter_worker.store import PendingReset
 
@@ -54,8 +54,21 @@ def test_the_body_is_strict_json_and_carries_the_exact_bytes(raw: bytes) -> None
 
 
 @given(names)
-def test_wire_key_only_adds_base64_when_needed(raw: bytes) -> None:
-    text, b64 = wire_key(as_carried(raw))
+def test_a_payload_travels_like_a_key(raw: bytes) -> None:
+    reset = PendingReset("rid", "c:1", 1_000, 1, payload=as_carried(raw))
+    _, body = build_request(reset, secret="s", replica_id="w", fencing_token=1)
+    body.decode("ascii")
+    parsed = json.loads(body)
+    exact = base64.b64decode(parsed["payload_base64"]) if "payload_base64" in parsed else (
+        parsed["payload"].encode("utf-8"))
+    assert exact == raw
+    assert "payload" not in json.loads(build_request(
+        PendingReset("rid", "c:1", 1_000, 1), secret="s", replica_id="w", fencing_token=1)[1])
+
+
+@given(names)
+def test_wire_text_only_adds_base64_when_needed(raw: bytes) -> None:
+    text, b64 = wire_text(as_carried(raw))
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -79,7 +92,7 @@ def test_the_channel_gives_back_the_key(raw: bytes) -> None:
 
 
 def test_examples_from_the_issue() -> None:
-    text, b64 = wire_key(as_carried(b"c:\xff\xfe"))
+    text, b64 = wire_text(as_carried(b"c:\xff\xfe"))
     assert text == "c:\ufffd\ufffd"
     assert b64 == base64.b64encode(b"c:\xff\xfe").decode()
     assert shown_key(as_carried(b"c:\xff\x00")) == "c:\\xff\x00"

@@ -6,7 +6,7 @@ says to do next.
 
 from __future__ import annotations
 
-from trio_counter_worker.leader_state import EARLY, LeaderState, Quarantine, Taken
+from trio_counter_worker.leader_state import EARLY, Heard, LeaderState, Quarantine, Taken
 from trio_counter_worker.store import KeyOutcome, Message, PendingReset
 
 NS = "tcw:{c:*}"
@@ -34,7 +34,8 @@ def state(since: int = 1_000) -> LeaderState:
 
 def test_a_set_event_asks_to_track_the_key_once() -> None:
     s = state()
-    assert not s.on_events([event("c:1", "set"), event("c:1", "expire"), event("c:1", "set")])
+    heard = s.on_events([event("c:1", "set"), event("c:1", "expire"), event("c:1", "set")])
+    assert heard == Heard(notified=3)
     assert s.take(10) == Taken(False, ["c:1"], None)
     assert s.take(10) is None
 
@@ -127,8 +128,16 @@ def test_a_key_set_aside_is_not_scheduled_or_queued_again() -> None:
 
 def test_a_redeliver_request_is_reported_and_markers_of_others_are_ignored() -> None:
     s = state()
-    assert s.on_events([Message(f"{NS}:redeliver", "3"), Message(MARKERS, "junk")])
+    heard = s.on_events([Message(f"{NS}:redeliver", "3"), Message(MARKERS, "junk")])
+    assert heard == Heard(redeliver=True)
     assert s.take(10) is None
+
+
+def test_a_touch_announcement_asks_to_track_the_key_it_names() -> None:
+    s = state()
+    heard = s.on_events([Message(f"{NS}:touched", "c:\xff"), event("c:2", "set")])
+    assert heard == Heard(notified=1, touched=1)
+    assert s.take(10) == Taken(False, ["c:\xff", "c:2"], None)
 
 
 def test_a_resubscription_forgets_markers_and_the_queue() -> None:

@@ -14,7 +14,7 @@ import httpx
 import trio
 
 from .config import Config
-from .keyspace import wire_key
+from .keyspace import wire_text
 from .metrics import Metrics
 from .retry import Verdict, classify, parse_retry_after
 from .store import PendingReset
@@ -54,7 +54,7 @@ def build_request(
     pending reset sends its own, higher token, so a backend that ignores stale tokens
     still applies it, and dedupes it by ``reset_id``.
     """
-    key, key_base64 = wire_key(reset.key)
+    key, key_base64 = wire_text(reset.key)
     body: dict[str, object] = {
         "key": key,
         "reset_id": reset.reset_id,
@@ -64,6 +64,10 @@ def build_request(
     }
     if key_base64 is not None:
         body["key_base64"] = key_base64  # the exact bytes of a name that is not UTF-8
+    if reset.payload is not None:  # the episode's tcw_touch payload, the same way
+        body["payload"], payload_base64 = wire_text(reset.payload)
+        if payload_base64 is not None:
+            body["payload_base64"] = payload_base64
     headers = {
         "x-secret": secret,
         "content-type": "application/json",

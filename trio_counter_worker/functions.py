@@ -48,13 +48,14 @@ __all__ = [
     "REGISTRY_KEY",
     "Installed",
     "app_acl_rule",
+    "ensure",
     "install",
     "install_command",
     "namespace_of",
 ]
 
 LIBRARY_NAME = "tcw"
-LIBRARY_VERSION = "1"  # raise it with every change to the library's behaviour
+LIBRARY_VERSION = "2"  # raise it with every change to the library's behaviour
 REGISTRY_KEY = f"{OWN_KEY_PREFIX}registry}}"
 PAYLOADS, TOUCHED = ":payloads", ":touched"
 # The worker's own keys and channels the library reads or writes (redis_bridge names them).
@@ -216,7 +217,7 @@ local function claim_ended(key, namespaces, now)
   local claimed = 0
   for _, ns in ipairs(namespaces) do
     local k = {deadlines = ns .. DEADLINES, pending = ns .. PENDING, claimed = ns .. CLAIMED,
-               ns = ns, markers = ns .. CLAIMS}
+               ns = ns, markers = ns .. CLAIMS, payloads = ns .. PAYLOADS}
     if decide(k, key, now, pttl, at, fencing_token(ns), nil).claimed then
       claimed = claimed + 1
     end
@@ -319,6 +320,20 @@ def install_details(client: Any, counter_key: str | None = None) -> Installed:
         client.hset(REGISTRY_KEY, namespace_of(counter_key), counter_key)
     return Installed(LIBRARY_VERSION, previous, redis_version or "unknown",
                      client.hgetall(REGISTRY_KEY))
+
+
+def ensure(client: Any, counter_key: str) -> str:
+    """What a leader does at takeover: the library at this version (loaded only if
+    another version or none is), and this deployment registered. One round trip when all
+    is in place. Raises FunctionsUnavailable as :func:`install`."""
+    try:
+        loaded = client.fcall_ro("tcw_version", 0)
+    except rexc.ResponseError:
+        loaded = None
+    if loaded != LIBRARY_VERSION:
+        return install(client, counter_key)
+    client.hset(REGISTRY_KEY, namespace_of(counter_key), counter_key)
+    return LIBRARY_VERSION
 
 
 def _redis_version(client: Any) -> str | None:

@@ -41,9 +41,10 @@ def key_bytes(key: str) -> bytes:
     return key.encode("utf-8", "surrogateescape")
 
 
-def wire_key(key: str) -> tuple[str, str | None]:
-    """``(text, base64)`` for the reset body: the name as text, with any byte that is not
-    UTF-8 replaced by U+FFFD, and the exact bytes in base64 only when that was needed."""
+def wire_text(key: str) -> tuple[str, str | None]:
+    """``(text, base64)`` for the reset body: a key name (or payload) as text, with any
+    byte that is not UTF-8 replaced by U+FFFD, and the exact bytes in base64 only when
+    that was needed."""
     raw = key_bytes(key)
     try:
         return raw.decode("utf-8"), None

@@ -23,7 +23,13 @@ import trio
 from .config import Config
 from .delivery import Attempt, ResetSender
 from .election import Backoff, Lease
-from .errors import RedisRefused, RedisUnavailable, WorkerError, first_error
+from .errors import (
+    FunctionsUnavailable,
+    RedisRefused,
+    RedisUnavailable,
+    WorkerError,
+    first_error,
+)
 from .keyspace import enable_hint, eviction_warning, keyspace_pattern, shown_key
 from .leader_state import LeaderState, Quarantine, Taken
 from .metrics import Metrics
@@ -84,6 +90,7 @@ class LeaderDuties:
         self._queued = trio.lowlevel.ParkingLot()  # deciders wait here for keys
         self._decided = trio.lowlevel.ParkingLot()  # a reconcile waits here for room
         self._events: trio.MemoryReceiveChannel[list[Message]] | None = None
+        self._functions_note = ""
         self._on_reset = on_reset
 
     async def run(self) -> NoReturn:
@@ -161,6 +168,7 @@ class LeaderDuties:
             log.error("%s (Redis said: %s)", enable_hint(missing), status.error)
         if (warning := eviction_warning(await self._store.memory_policy())) is not None:
             log.warning(warning, extra={"event": "eviction_policy"})
+        await self._install_functions()
         send, receive = trio.open_memory_channel[list[Message]](64)
         self._events = receive
         pattern = keyspace_pattern(self._config.redis_db, self._config.counter_key)
@@ -184,6 +192,20 @@ class LeaderDuties:
             else:
                 nursery.start_soon(self._rescan)
 
+    async def _install_functions(self) -> None:
+        """The touch library, for apps that mark activity with FCALL tcw_touch. Optional:
+        where Redis has no Functions (6.2, Cluster) or refuses them, plain SETs work as
+        ever; said once per leadership."""
+        try:
+            version = await self._store.install_functions()
+        except FunctionsUnavailable as exc:
+            note = f"touch functions (FCALL tcw_touch) not available: {exc}"
+        else:
+            note = f"touch functions ready: library tcw version {version}"
+        if note != self._functions_note:
+            self._functions_note = note
+            log.info(note, extra={"event": "functions"})
+
     async def _load_pending(self) -> None:
         """Every pending reset, with what earlier leaders learnt of its failures."""
         history = await self._store.failing()
@@ -196,9 +218,11 @@ class LeaderDuties:
 
     async def _consume(self, receive: trio.MemoryReceiveChannel[list[Message]]) -> None:
         async for batch in receive:
-            redeliver = self._state.on_events(batch)
+            heard = self._state.on_events(batch)
             self._queued_more()
-            if redeliver:
+            self._metrics.activity.labels("notification").inc(heard.notified)
+            self._metrics.activity.labels("touch").inc(heard.touched)
+            if heard.redeliver:
                 log.info("redeliver requested: reading pending resets")
                 await self._load_pending()
 

@@ -23,7 +23,7 @@ from .schedule import Schedule
 from .spec import TOMBSTONE_MS
 from .store import KeyOutcome, Message, PendingReset
 
-__all__ = ["EARLY", "LeaderState", "Quarantine", "Taken"]
+__all__ = ["EARLY", "Heard", "LeaderState", "Quarantine", "Taken"]
 
 EARLY = 0.001  # fire just after the deadline, so the key is already due in Redis
 _QUARANTINE_MAX = 10_000  # keys set aside per process, at most
@@ -46,6 +46,16 @@ class Quarantine:
 
 
 @attrs.frozen
+class Heard:
+    """What a batch of pub/sub messages held: activity by source, and whether a
+    redelivery of dead resets was asked for (read the pending resets again)."""
+
+    notified: int = 0  # keyspace events of counter keys
+    touched: int = 0  # tcw_touch / tcw_done announcements
+    redeliver: bool = False
+
+
+@attrs.frozen
 class Taken:
     """A batch of keys for one script call: ``claim`` (CLAIM) or not (TRACK), with the
     times Redis reported them expired after when they were reported."""
@@ -65,6 +75,7 @@ class LeaderState:
         self.quarantine = quarantine or Quarantine()
         self.redeliver_channel = f"{namespace}:redeliver"
         self.markers_channel = f"{namespace}:claims"  # a marker per claim (scripts.CLAIM)
+        self.touched_channel = f"{namespace}:touched"  # a key's name, per tcw_touch/done
         # Pub/sub keeps publication order, so an `expired` event follows every claim
         # made before this subscription started, and every claim of its key whose marker
         # came before it. `after`: it follows every claim made at or before that time.
@@ -75,7 +86,7 @@ class LeaderState:
     @property
     def channels(self) -> list[str]:
         """The worker's own channels the leader subscribes to, beside the keyspace."""
-        return [self.redeliver_channel, self.markers_channel]
+        return [self.redeliver_channel, self.markers_channel, self.touched_channel]
 
     def resubscribed(self, since_ms: int) -> None:
         """A new subscription, started at ``since_ms``: what was queued is decided again
@@ -94,22 +105,27 @@ class LeaderState:
         for key in self.counters(keys):
             self.queue.want(key, op)
 
-    def on_events(self, batch: list[Message]) -> bool:
-        """Queue what a batch of pub/sub messages asks for, in order. True if a
-        redelivery of dead resets was asked for (read the pending resets again)."""
+    def on_events(self, batch: list[Message]) -> Heard:
+        """Queue what a batch of pub/sub messages asks for, in order."""
         changed: list[str] = []
         redeliver = False
+        notified = touched = 0
         for msg in batch:
             if msg.channel == self.markers_channel:
                 self._on_marker(msg.data)
+            elif msg.channel == self.touched_channel:
+                changed.append(msg.data)  # its deadline is recorded: read it
+                touched += 1
             elif msg.channel == self.redeliver_channel:
                 redeliver = True
             elif msg.data != "expired":
                 changed.append(key_from_channel(msg.channel))
+                notified += 1
             else:
                 self._on_expired(key_from_channel(msg.channel))
+                notified += 1
         self.want(changed, "track")
-        return redeliver
+        return Heard(notified, touched, redeliver)
 
     def _on_expired(self, key: str) -> None:
         if not self.counters([key]):

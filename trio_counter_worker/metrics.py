@@ -59,8 +59,14 @@ class Metrics:
             "tcw_lease_renewal_seconds", "round trip of a successful lease renewal",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r)
+        self.activity = Counter(
+            "tcw_activity_events", "counter activity the leader heard of, by source: "
+            "touch (tcw_touch / tcw_done) or notification (keyspace events)", ["source"],
+            registry=r)
         for outcome in ("delivered", "retried", "rejected", "redirect"):
             self.resets.labels(outcome)
+        for source in ("touch", "notification"):
+            self.activity.labels(source)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -261,6 +261,12 @@ def print_status(status: dict[str, Any], as_json: bool, out: TextIO) -> None:
         ("notifications", repr(status["notify_keyspace_events"]) if
          status["notify_keyspace_events"] is not None else "unknown (CONFIG refused)"),
     ]
+    touch = status["touch"]
+    lines.append(("touch functions",
+                  "not loaded (plain SETs only)" if touch["library"] is None else
+                  f"tcw version {touch['library']}, this deployment "
+                  f"{'registered' if touch['registered'] else 'NOT registered'}, "
+                  f"{touch['payloads']} payload(s) held"))
     failing, dead = status["failing_resets"], status["dead_resets"]
     lines += [("failing resets", failing["count"]), ("dead resets", dead["count"])]
     for name, value in lines:

@@ -24,10 +24,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from . import scripts
+from . import functions, scripts
 from .acl import is_permission_error, sample_key
 from .config import Config
-from .errors import LeaseLost, RedisRefused, RedisUnavailable
+from .errors import FunctionsUnavailable, LeaseLost, RedisRefused, RedisUnavailable
 from .keyspace import keyspace_pattern, merged_flags, missing_flags, shown_key
 from .store import (
     FailingNote,
@@ -189,6 +189,7 @@ class RedisBridge:
         self.release_channel = f"{ns}:released"
         self.redeliver_channel = f"{ns}:redeliver"
         self.claims_channel = f"{ns}:claims"  # a marker per claim: see scripts._CLAIMING
+        self.payloads_key = f"{ns}:payloads"  # key -> payload of its episode (tcw_touch)
         self.preflight_key = f"{ns}:preflight"
         self._client = _make_client(config)
         self._master = _MasterWatch(self._client)
@@ -326,7 +327,9 @@ class RedisBridge:
     # -- counters --------------------------------------------------------------------------
 
     async def track(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
-        raw = await self._script("TRACK", [self.lease_key, self.deadlines_key, *keys], [holder])
+        raw = await self._script(
+            "TRACK", [self.lease_key, self.deadlines_key, self.payloads_key, *keys], [holder]
+        )
         return _outcomes(raw, keys)
 
     async def claim(
@@ -334,7 +337,8 @@ class RedisBridge:
     ) -> list[KeyOutcome]:
         raw = await self._script(
             "CLAIM",
-            [self.lease_key, self.deadlines_key, self.pending_key, self.claimed_key, *keys],
+            [self.lease_key, self.deadlines_key, self.pending_key, self.claimed_key,
+             self.payloads_key, *keys],
             [holder, self._config.namespace, self.claims_channel,
              *_reported_args(keys, expired_after)],
         )
@@ -420,8 +424,9 @@ class RedisBridge:
         pipe.get(self.epoch_key)
         pipe.hgetall(self.failing_key)
         pipe.hgetall(self.dead_key)
+        pipe.hlen(self.payloads_key)
         (lease, pttl, pending, watched, first, (sec, usec), epoch, failing,
-         dead) = pipe.execute()
+         dead, payloads) = pipe.execute()
         now_ms = int(sec) * 1000 + int(usec) // 1000
         nxt = None
         if first:
@@ -442,6 +447,7 @@ class RedisBridge:
             "notify_keyspace_events": flags,
             "failing_resets": _listing([_note(i, raw) for i, raw in failing.items()]),
             "dead_resets": _dead_listing(dead),
+            "touch": {**_touch_library(c, self._config.namespace), "payloads": int(payloads)},
         }
 
     async def probe(self) -> dict[str, Any]:
@@ -477,6 +483,15 @@ class RedisBridge:
 
     def _verify_notifications_sync(self) -> NotificationStatus:
         return _ensure_on(self._client)
+
+    async def install_functions(self) -> str:
+        return await self._run(self._install_functions_sync)
+
+    def _install_functions_sync(self) -> str:
+        try:
+            return functions.ensure(self._client, self._config.counter_key)
+        except rexc.ResponseError as exc:  # optional: a refusal must not stop the leader
+            raise FunctionsUnavailable(f"Redis refused: {exc}") from None
 
     async def memory_policy(self) -> str | None:
         return await self._run(self._memory_policy_sync)
@@ -561,6 +576,9 @@ class ClusterBridge(RedisBridge):
         self.seen_key = f"{config.namespace}:seen"
         for name in ("APPLY_TRACK", "APPLY_CLAIM"):
             self._scripts[name] = self._client.register_script(getattr(scripts, name))
+
+    async def install_functions(self) -> str:
+        raise FunctionsUnavailable("the tcw library does not support Redis Cluster yet")
 
     def _load_scripts_sync(self) -> None:
         # redis-py sends SCRIPT LOAD to every primary; a cluster pipeline would not.
@@ -749,6 +767,16 @@ def _listen_sync(
         pubsub.close()
 
 
+def _touch_library(client: Any, namespace: str) -> dict[str, Any]:
+    """The touch library's version on this Redis (None: not loaded, no Functions, or not
+    allowed to ask) and whether the deployment is registered."""
+    try:
+        return {"library": str(client.fcall_ro("tcw_version", 0)),
+                "registered": bool(client.hexists(functions.REGISTRY_KEY, namespace))}
+    except rexc.ResponseError:
+        return {"library": None, "registered": False}
+
+
 def _flags(client: Any) -> str:
     """The server's notify-keyspace-events; raises ResponseError where CONFIG is refused."""
     return str(client.config_get("notify-keyspace-events").get("notify-keyspace-events", ""))
@@ -829,11 +857,13 @@ def _pending(raw: str) -> PendingReset:
 
 
 def _record(r: dict[str, Any]) -> PendingReset:
+    payload = r.get("payload")
     return PendingReset(
         reset_id=str(r["reset_id"]),
         key=str(r["key"]),
         deadline_ms=int(r["deadline_ms"]),
         fencing_token=int(r["fencing_token"]),
+        payload=None if payload is None else str(payload),
     )
 
 

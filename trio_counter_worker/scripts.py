@@ -29,8 +29,12 @@ end
 local function holds(lease, holder)
   return redis.call('HGET', lease, 'holder') == holder
 end
+-- Forget a key's payload (tcw_touch), if the caller keeps them (`payloads` not nil).
+local function drop_payload(payloads, key)
+  if payloads then redis.call('HDEL', payloads, key) end
+end
 -- Record one key's state at `now` (pttl, absolute expiry `at`) in the deadlines zset.
-local function record(deadlines, key, now, pttl, at)
+local function record(deadlines, key, now, pttl, at, payloads)
   if pttl >= 0 then
     redis.call('ZADD', deadlines, at, key)
     return {p = pttl}
@@ -38,6 +42,7 @@ local function record(deadlines, key, now, pttl, at)
   local dl = tonumber(redis.call('ZSCORE', deadlines, key))
   if pttl == -2 and dl and dl <= now + DUE_SLACK_MS then return {due = true} end
   if dl then redis.call('ZREM', deadlines, key) end
+  drop_payload(payloads, key)
   return {gone = true}
 end
 """
@@ -91,21 +96,22 @@ end
 return 0
 """
 
-# KEYS: lease, deadlines, counter keys...   ARGV: holder
+# KEYS: lease, deadlines, payloads, counter keys...   ARGV: holder
 # Record what each counter key's state is now. Per key:
 #   {p = pttl}   alive, deadline recorded, fires in pttl ms
 #   {due = true} gone but its recorded deadline has passed: an expiry, claim it now
-#   {}           no deadline (no TTL, or deleted before its deadline): not tracked
+#   {}           no deadline (no TTL, or deleted before its deadline): not tracked, and
+#                its payload (if it was touched with one) dropped
 TRACK = _PRELUDE + """
 if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
 local now = now_ms()
 local out = {}
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   local key = KEYS[i]
   local pttl = redis.call('PTTL', key)
   local at = -1
   if pttl >= 0 then at = expire_at(key, now, pttl) end
-  out[#out + 1] = record(KEYS[2], key, now, pttl, at)
+  out[#out + 1] = record(KEYS[2], key, now, pttl, at, KEYS[3])
 end
 return cjson.encode({leader = true, now = now, keys = out})
 """
@@ -119,8 +125,13 @@ _CLAIMING = f"local TOMBSTONE_MS = {TOMBSTONE_MS}\n" + """
 local function claim_episode(k, key, dl, epoch, now)
   local episode = k.ns .. '\\n' .. key .. '\\n' .. string.format('%d', dl)
   local id = string.sub(redis.sha1hex(episode), 1, 32)
-  local rec = cjson.encode({reset_id = id, key = key, deadline_ms = dl,
-                            fencing_token = epoch, claimed_ms = now})
+  local fields = {reset_id = id, key = key, deadline_ms = dl, fencing_token = epoch,
+                  claimed_ms = now}
+  if k.payloads then  -- the episode's payload (tcw_touch) goes with its reset
+    fields.payload = redis.call('HGET', k.payloads, key) or nil
+    redis.call('HDEL', k.payloads, key)
+  end
+  local rec = cjson.encode(fields)
   redis.call('HSETNX', k.pending, id, rec)
   redis.call('ZADD', k.claimed, now, key)
   if k.markers ~= '' then
@@ -135,7 +146,8 @@ local function is_echo(claimed, key, now, after)
 end
 -- The decision for one key, given its state at `now` (pttl, absolute expiry `at`);
 -- `after`: nil, or Redis reported it expired after that time (spec.claim).
--- k: {deadlines, pending, claimed, ns, markers}; returns the row for the caller's answer.
+-- k: {deadlines, pending, claimed, ns, markers, payloads (or nil)}; returns the row for
+-- the caller's answer.
 local function decide(k, key, now, pttl, at, epoch, after)
   local dl = tonumber(redis.call('ZSCORE', k.deadlines, key))
   if pttl >= 0 then
@@ -148,7 +160,10 @@ local function decide(k, key, now, pttl, at, epoch, after)
     if not due then dl = now end
     return {claimed = claim_episode(k, key, dl, epoch, now)}
   end
-  if pttl == -1 or not due then return {gone = true} end
+  if pttl == -1 or not due then
+    drop_payload(k.payloads, key)
+    return {gone = true}
+  end
   return {claimed = claim_episode(k, key, dl, epoch, now)}
 end
 -- ARGV[i]: '' (not reported) or the time Redis reported the key expired after.
@@ -158,7 +173,7 @@ local function reported_after(i)
 end
 """
 
-# KEYS: lease, deadlines, pending, claimed, counter keys...
+# KEYS: lease, deadlines, pending, claimed, payloads, counter keys...
 # ARGV: holder, namespace, marker channel ('' for none), then per counter key '' or the
 # time Redis reported it expired after.
 # At a key's deadline, decide. Touching the key makes Redis expire it now if it is due,
@@ -173,14 +188,14 @@ if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
 local now = now_ms()
 local k = {deadlines = KEYS[2], pending = KEYS[3], claimed = KEYS[4], ns = ARGV[2],
-           markers = ARGV[3]}
+           markers = ARGV[3], payloads = KEYS[5]}
 local out = {}
-for i = 5, #KEYS do
+for i = 6, #KEYS do
   local key = KEYS[i]
   local pttl = redis.call('PTTL', key)  -- the touch: a due key expires now
   local at = -1
   if pttl >= 0 then at = expire_at(key, now, pttl) end
-  out[#out + 1] = decide(k, key, now, pttl, at, epoch, reported_after(i - 1))
+  out[#out + 1] = decide(k, key, now, pttl, at, epoch, reported_after(i - 2))
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - TOMBSTONE_MS)
 return cjson.encode({leader = true, now = now, keys = out})

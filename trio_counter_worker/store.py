@@ -34,12 +34,14 @@ class LeaseView:
 
 @attrs.frozen
 class PendingReset:
-    """A reset decided in Redis and not yet confirmed by the backend."""
+    """A reset decided in Redis and not yet confirmed by the backend. ``payload``: what
+    the app gave its last ``tcw_touch`` of the episode, if anything."""
 
     reset_id: str
     key: str
     deadline_ms: int
     fencing_token: int
+    payload: str | None = None
 
     @property
     def expired_at(self) -> float:
@@ -146,6 +148,12 @@ class Store(Protocol):
 
     async def verify_notifications(self) -> NotificationStatus:
         """The same check of the flags, alone: cheap enough to repeat every second."""
+        ...
+
+    async def install_functions(self) -> str:
+        """At each takeover: the touch library (:mod:`trio_counter_worker.functions`)
+        loaded and this deployment registered; returns the library's version. Raises
+        :class:`FunctionsUnavailable` where Redis has none or refuses them."""
         ...
 
     async def memory_policy(self) -> str | None:
