@@ -28,9 +28,11 @@ from tests.support.redis_server import RedisServer
 from trio_counter_worker import scripts, spec
 
 NS = "tcw:{k:*}"
-LEASE, DEADLINES, PENDING, SEEN, CLAIMED = (
-    f"{NS}:lease", f"{NS}:deadlines", f"{NS}:pending", f"{NS}:seen", f"{NS}:claimed"
+LEASE, DEADLINES, PENDING, SEEN, CLAIMED, PAYLOADS = (
+    f"{NS}:lease", f"{NS}:deadlines", f"{NS}:pending", f"{NS}:seen", f"{NS}:claimed",
+    f"{NS}:payloads",
 )
+PAYLOAD = "room 7"  # CLAIM and TRACK: every case's key was touched with one
 HOLDER = "me#1"
 EPOCH = 3
 NOW = 1_800_000_000_000  # the facts' time in the apply cases
@@ -167,13 +169,18 @@ def test_claim_is_spec_claim(r: redis.Redis) -> None:
         now = _redis_now(r)
         _set_key(r, key, case.pttl)
         before, tombstone = _arrange(r, key, case, now)
+        r.hset(PAYLOADS, key, PAYLOAD)
         after = "" if case.after is None else now + case.after
-        raw = json.loads(claim(keys=[LEASE, DEADLINES, PENDING, CLAIMED, key],
+        raw = json.loads(claim(keys=[LEASE, DEADLINES, PENDING, CLAIMED, PAYLOADS, key],
                                args=[HOLDER, NS, "", after]))
         at = int(raw["now"])  # the script's own now: the spec decides at the same time
         (row,) = raw["keys"]
         want = spec.claim(case.seen(now), at, None if case.after is None else now + case.after)
         got = actual(r, row, key, before, tombstone, at - spec.TOMBSTONE_MS)
+        # The payload goes with a claimed episode, is dropped with a gone one.
+        assert r.hget(PAYLOADS, key) == (PAYLOAD if want.kind in ("alive", "due") else None)
+        if want.kind == "claimed":
+            assert json.loads(row["claimed"])["payload"] == PAYLOAD, case
         if want.kind == "alive":  # the expiry Redis holds: set just before, at most a ms off
             assert got["kind"] == "alive", case
             assert abs(got["recorded"] - (now + case.pttl)) <= 2, case
@@ -189,10 +196,12 @@ def test_track_is_spec_track(r: redis.Redis) -> None:
         now = _redis_now(r)
         _set_key(r, key, case.pttl)
         before, tombstone = _arrange(r, key, case, now)
-        raw = json.loads(track(keys=[LEASE, DEADLINES, key], args=[HOLDER]))
+        r.hset(PAYLOADS, key, PAYLOAD)
+        raw = json.loads(track(keys=[LEASE, DEADLINES, PAYLOADS, key], args=[HOLDER]))
         (row,) = raw["keys"]
         want = spec.track(case.seen(now), int(raw["now"]))
         got = actual(r, row, key, before, tombstone)
+        assert r.hget(PAYLOADS, key) == (None if want.kind == "gone" else PAYLOAD), case
         if want.kind == "alive":
             assert got["kind"] == "alive", case
             assert abs(got["recorded"] - (now + case.pttl)) <= 2, case
@@ -214,7 +223,7 @@ def test_markers_follow_claims(r: redis.Redis, redis_server: RedisServer) -> Non
         r.zadd(DEADLINES, {"k:m": _redis_now(r)})
         time.sleep(0.01)  # the TTL runs out; the claim's touch (or Redis) expires it
         raw = json.loads(r.register_script(scripts.CLAIM)(
-            keys=[LEASE, DEADLINES, PENDING, CLAIMED, "k:m"],
+            keys=[LEASE, DEADLINES, PENDING, CLAIMED, PAYLOADS, "k:m"],
             args=[HOLDER, NS, f"{NS}:claims", ""]))
         (row,) = raw["keys"]
         claimed_ms = json.loads(row["claimed"])["claimed_ms"]
