@@ -52,7 +52,7 @@ def test_resets_survive_a_sentinel_failover(
         "LEASE_TTL_MS": "1000",
     }
     workers = [spawn_worker({**env, "REPLICA_ID": f"s{i}"}, f"s{i}") for i in range(2)]
-    sentinel: Any = Sentinel(sentinels.addresses, socket_timeout=1.0)  # type: ignore[no-untyped-call]
+    sentinel: Any = Sentinel(sentinels.addresses, socket_timeout=1.0)  # type: ignore[no-untyped-call,unused-ignore]
     app: redis.Redis = sentinel.master_for(MASTER_NAME, decode_responses=True,
                                            socket_timeout=1.0)
     try:
@@ -123,7 +123,7 @@ def test_a_manual_failover_moves_every_connection_at_once(
         "LEASE_TTL_MS": "1000",
     }
     workers = [spawn_worker({**env, "REPLICA_ID": f"m{i}"}, f"m{i}") for i in range(2)]
-    sentinel: Any = Sentinel(sentinels.addresses, socket_timeout=1.0)  # type: ignore[no-untyped-call]
+    sentinel: Any = Sentinel(sentinels.addresses, socket_timeout=1.0)  # type: ignore[no-untyped-call,unused-ignore]
     try:
         deadline = time.monotonic() + 20
         with sentinels.master.client() as old:
