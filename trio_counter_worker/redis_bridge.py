@@ -45,8 +45,16 @@ T = TypeVar("T")
 _POLL_SECONDS = 0.1  # pub/sub poll: bounds how long a stop takes
 _MAX_BATCH = 1000
 _TOPOLOGY_EVERY = 2.0  # Cluster: how often the leader checks the set of primaries
+_REDIRECTS = 5  # Cluster: MOVED/ASK followed per probe before resynchronising instead
 _TRANSIENT = ("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "MOVED", "ASK")
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
+_CLUSTER_TRANSIENT = (
+    rexc.ClusterError,  # ClusterDownError, MasterDownError, "TTL exhausted"
+    rexc.TryAgainError,
+    rexc.AskError,  # MovedError too
+    rexc.SlotNotCoveredError,
+    rexc.RedisClusterUnreachableError,
+)
 _MASTER_CHECK_EVERY = 0.25  # Sentinel: how often to ask which node is the master
 _REACHABLE_POLL = 0.1  # after a lost connection: how often to ask whether Redis is back
 _SUBSCRIBE_TIMEOUT = 2.0  # start-up check: how long Redis may take to confirm a subscription
@@ -100,6 +108,14 @@ def _translate(exc: BaseException) -> BaseException:
         )
     if isinstance(exc, rexc.ReadOnlyError) or code == "READONLY":
         return RedisUnavailable("Redis is read-only (a replica?): waiting for a primary")
+    if isinstance(exc, _CLUSTER_TRANSIENT) or (
+        isinstance(exc, rexc.RedisClusterException)
+        and str(exc).startswith("All slots are not covered")
+    ):
+        # A cluster failing over or resharding: redis-py strips the error code from
+        # these (a ClusterDownError reads "The cluster is down"), so tell them by type.
+        return RedisUnavailable(f"Redis Cluster cannot serve the command for now: "
+                                f"{type(exc).__name__}: {exc}")
     if isinstance(exc, rexc.ResponseError) and (
         str(exc).startswith(_TRANSIENT) or code in _TRANSIENT
     ):
@@ -556,19 +572,68 @@ class ClusterBridge(RedisBridge):
             self._scripts[name] = self._client.register_script(getattr(scripts, name))
 
     def _key_facts_sync(self, keys: list[str]) -> list[Any]:
-        """Facts (key, now, pttl, expire_at) for each key, one pipeline per node."""
-        by_node: dict[str, tuple[Any, list[str]]] = {}
-        for key in keys:
-            node = self._client.get_node_from_key(key)
-            by_node.setdefault(node.name, (node, []))[1].append(key)
+        """Facts (key, now, pttl, expire_at) for each key, one pipeline per node.
+
+        Slots move while the worker runs (resharding, failovers), so a probe may meet a
+        redirection: ``MOVED`` (the slot has a new owner: the slot map is refreshed and
+        the key probed there) or ``ASK`` (the slot is being migrated and the key is not
+        on the source any more: probed on the target, after ``ASKING``). Redis decides
+        where the key is; the probe is never answered from a node that does not own it.
+        """
         facts: dict[str, list[Any]] = {}
-        for node, node_keys in by_node.values():
-            pipe = self._client.get_redis_connection(node).pipeline(transaction=False)
-            for key in node_keys:
-                pipe.eval(scripts.PROBE, 1, key)
-            for key, (now, pttl, at) in zip(node_keys, pipe.execute(), strict=True):
-                facts[key] = [key, now, pttl, at]
-        return [v for key in keys for v in facts[key]]
+        todo: dict[str, tuple[str, int] | None] = dict.fromkeys(keys)  # key -> ASK target
+        for _ in range(_REDIRECTS):
+            by_node: dict[str, tuple[Any, list[tuple[str, bool]]]] = {}
+            for key, ask in todo.items():
+                node = self._node_at(*ask) if ask else self._client.get_node_from_key(key)
+                by_node.setdefault(node.name, (node, []))[1].append((key, ask is not None))
+            todo = {}
+            moved = False
+            for node, probes in by_node.values():
+                for (key, _), reply in zip(probes, self._probe_on(node, probes), strict=True):
+                    if isinstance(reply, rexc.MovedError):  # before AskError: a subclass
+                        moved = True
+                        todo[key] = None
+                    elif isinstance(reply, rexc.AskError):
+                        todo[key] = (reply.host or node.host, int(reply.port))
+                    elif isinstance(reply, Exception):
+                        raise reply
+                    else:
+                        now, pttl, at = reply
+                        facts[key] = [key, now, pttl, at]
+            if not todo:
+                return [v for key in keys for v in facts[key]]
+            if moved:
+                self._client.nodes_manager.initialize()
+        raise RedisUnavailable(
+            f"Redis Cluster kept redirecting {len(todo)} counter key(s) "
+            f"({_REDIRECTS} times): slots moving; retrying after a resynchronisation"
+        )
+
+    def _probe_on(self, node: Any, probes: list[tuple[str, bool]]) -> list[Any]:
+        """PROBE each key on ``node`` in one pipeline (ASKING first where asked to);
+        a redirection comes back as the key's reply, not raised."""
+        pipe = self._client.get_redis_connection(node).pipeline(transaction=False)
+        for key, asking in probes:
+            if asking:
+                pipe.execute_command("ASKING")
+            pipe.eval(scripts.PROBE, 1, key)
+        replies = iter(pipe.execute(raise_on_error=False))
+        out = []
+        for _, asking in probes:
+            if asking:
+                next(replies)  # ASKING's OK (or its error, which the probe repeats)
+            out.append(next(replies))
+        return out
+
+    def _node_at(self, host: str, port: int) -> Any:
+        node = self._client.get_node(host=host, port=port)
+        if node is None:  # a node added since the slot map was read
+            self._client.nodes_manager.initialize()
+            node = self._client.get_node(host=host, port=port)
+        if node is None:
+            raise RedisUnavailable(f"Redis Cluster redirected to unknown node {host}:{port}")
+        return node
 
     async def track(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
         if not keys:
@@ -595,6 +660,28 @@ class ClusterBridge(RedisBridge):
 
     def _primaries(self) -> list[Any]:
         return sorted(self._client.get_primaries(), key=lambda n: n.name)
+
+    def _fresh_primaries(self) -> list[Any]:
+        """The primaries as the cluster names them now (redis-py's map is refreshed only
+        after its own commands fail, so a node that died under a subscription, or a
+        replica promoted since, would not show)."""
+        self._client.nodes_manager.initialize()
+        return self._primaries()
+
+    async def wait_until_reachable(self) -> None:
+        """Return once every slot has a primary that answers: a cluster whose primary
+        died answers on its other nodes (CLUSTERDOWN) until a replica is promoted, and
+        only then can the worker resubscribe everywhere."""
+        while True:
+            try:
+                await self._run(self._reachable_sync)
+                return
+            except RedisUnavailable:
+                await trio.sleep(_REACHABLE_POLL)
+
+    def _reachable_sync(self) -> None:
+        for node in self._fresh_primaries():
+            self._client.get_redis_connection(node).ping()
 
     async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]:
         """SCAN every primary in turn; the low byte of the cursor is the node's index."""
@@ -636,8 +723,9 @@ class ClusterBridge(RedisBridge):
     ) -> None:
         """Keyspace patterns on every primary; channels (cluster-wide) on one node. Raises
         RedisUnavailable when a connection drops or the set of primaries changes."""
-        primaries = await self._run(self._primaries)
-        clients = [self._node_client(node) for node in primaries]
+        primaries = await self._run(self._fresh_primaries)
+        # Channels are broadcast to every node: one subscription is enough for them.
+        clients = [self._node_client(node) for node in (primaries if patterns else primaries[:1])]
         try:
             async with trio.open_nursery() as nursery:
                 for i, client in enumerate(clients):
@@ -784,7 +872,7 @@ def _make_client(config: Config) -> Any:
     if config.redis_sentinels:
         # The pool asks the sentinels for the master on every new connection, and drops a
         # connection that finds its master demoted: a failover surfaces as one error.
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
             list(config.redis_sentinels),
             sentinel_kwargs={
                 "password": config.redis_sentinel_password,
@@ -794,7 +882,7 @@ def _make_client(config: Config) -> Any:
             },
         )
         assert config.redis_sentinel_master is not None
-        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call,unused-ignore]
             config.redis_sentinel_master, **common
         )
         return master

@@ -34,8 +34,10 @@ class ClusterSetup:
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", f"nodes-{i}.conf",
                 "--cluster-node-timeout", "1000",
-                # A killed primary's replica is promoted however quiet the primary was.
-                "--cluster-replica-validity-factor", "0",
+                # The first full sync starts at once: by default a diskless sync waits
+                # 5 s for more replicas, and a primary killed meanwhile leaves a replica
+                # with no data at all (promoted, it looks like a Redis that lost it all).
+                "--repl-diskless-sync-delay", "0",
             ])
             for i in range(size)
         ]
@@ -54,6 +56,7 @@ class ClusterSetup:
             check=True, capture_output=True, timeout=60,
         )
         self.wait_ok()
+        self.wait_replicas_synced()
 
     def client(self) -> RedisCluster:
         nodes = [ClusterNode("127.0.0.1", n.port) for n in self.nodes]  # type: ignore[no-untyped-call]
@@ -76,6 +79,53 @@ class ClusterSetup:
                 raise RuntimeError("cluster not ok in time")
             time.sleep(0.1)
 
+    def wait_replicas_synced(self, timeout: float = 30.0) -> None:
+        """Until every running replica has finished its full sync and is linked to its
+        primary: only then does a failover keep the data."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = []
+            for n in self.nodes:
+                if not n.running:
+                    continue
+                with n.client() as c:
+                    info: Any = c.info("replication")
+                if info["role"] == "slave" and (
+                    info.get("master_link_status") != "up" or info.get("master_sync_in_progress")
+                ):
+                    pending.append(n.port)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replicas {pending} not in sync in time")
+            time.sleep(0.05)
+
+    def node_of(self, client: RedisCluster, key: str) -> RedisServer:
+        """The node that serves ``key`` now (as ``client`` last learnt it)."""
+        port = client.get_node_from_key(key).port  # type: ignore[no-untyped-call]
+        return next(n for n in self.nodes if n.port == port)
+
+    def kill_primary(
+        self, primary: RedisServer, timeout: float = 15.0
+    ) -> tuple[RedisServer, float]:
+        """SIGKILL ``primary``; wait until its replica is promoted and the cluster is ok.
+        Returns the promoted replica and when it was seen promoted (time.time(), to
+        within 20 ms)."""
+        replica = self.replica_of(primary)
+        primary.kill()
+        deadline = time.monotonic() + timeout
+        with replica.client() as c:
+            while True:
+                role: Any = c.execute_command("ROLE")
+                if role[0] == "master":
+                    promoted_at = time.time()
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the killed primary's replica was not promoted")
+                time.sleep(0.02)
+        self.wait_ok(timeout)
+        return replica, promoted_at
+
     def primaries(self) -> list[RedisServer]:
         out = []
         for n in self.nodes:
@@ -89,6 +139,8 @@ class ClusterSetup:
 
     def replica_of(self, primary: RedisServer) -> RedisServer:
         for n in self.nodes:
+            if not n.running:
+                continue
             with n.client() as c:
                 role: Any = c.execute_command("ROLE")
                 if role[0] == "slave" and int(role[2]) == primary.port:
