@@ -568,6 +568,7 @@ class ClusterBridge(RedisBridge):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.seen_key = f"{config.namespace}:seen"
+        self._flagged: set[str] = set()  # nodes whose flags were verified, by name
         for name in ("APPLY_TRACK", "APPLY_CLAIM"):
             self._scripts[name] = self._client.register_script(getattr(scripts, name))
 
@@ -703,14 +704,20 @@ class ClusterBridge(RedisBridge):
         return self._verify_notifications_sync()
 
     def _verify_notifications_sync(self) -> NotificationStatus:
-        statuses = [
-            _ensure_on(self._client.get_redis_connection(node))
-            for node in self._client.get_nodes()  # replicas too: they may be promoted
-        ]
+        nodes = self._client.get_nodes()  # replicas too: they may be promoted
+        statuses = [_ensure_on(self._client.get_redis_connection(node)) for node in nodes]
+        known, self._flagged = self._flagged, {
+            node.name for node, s in zip(nodes, statuses, strict=True) if s.ok}
+        # CLUSTER SLOTS lists a replica only once the cluster knows it is in sync, so
+        # one may first show up seconds after start: setting its flags then restores
+        # nothing (replicas publish nothing the leader listens to). A change counts on a
+        # node already verified, or on a primary.
+        changed = [s for node, s in zip(nodes, statuses, strict=True) if s.changed
+                   and (node.name in known or node.server_type == "primary")]
         bad = [s for s in statuses if not s.ok]
-        first = bad[0] if bad else statuses[0]
-        return NotificationStatus(ok=not bad, flags=first.flags,
-                                  changed=any(s.changed for s in statuses),
+        # Report the node that needs attention: one that refused, else one just set.
+        first = bad[0] if bad else changed[0] if changed else statuses[0]
+        return NotificationStatus(ok=not bad, flags=first.flags, changed=bool(changed),
                                   missing=first.missing, error=first.error)
 
     async def listen(
@@ -832,7 +839,9 @@ def _ensure_on(client: Any) -> NotificationStatus:
     except rexc.ResponseError as exc:
         return NotificationStatus(ok=False, flags=current, missing=missing, error=str(exc))
     now = _flags(client)
-    return NotificationStatus(ok=not missing_flags(now), flags=now, changed=True)
+    # missing: what is still missing, else what was (for the log line saying so)
+    return NotificationStatus(ok=not missing_flags(now), flags=now, changed=True,
+                              missing=missing_flags(now) or missing)
 
 
 def _client_kwargs(config: Config) -> dict[str, Any]:

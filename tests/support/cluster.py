@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,50 @@ class ClusterSetup:
                 time.sleep(0.02)
         self.wait_ok(timeout)
         return replica, promoted_at
+
+    def move_slot(
+        self, slot: int, src: RedisServer, dst: RedisServer, *, batch: int = 10,
+        between: float = 0.0, during: Callable[[list[str]], None] | None = None,
+    ) -> int:
+        """Move ``slot`` from ``src`` to ``dst`` as ``redis-cli --cluster reshard`` does:
+        IMPORTING on ``dst``, MIGRATING on ``src``, the keys in MIGRATE batches of
+        ``batch``, then the slot given to ``dst`` on every node. ``between`` seconds pass
+        after each step, so clients meet the slot half moved (ASK) for a while;
+        ``during(keys)`` runs after each batch, while the slot is still migrating.
+        Returns how many keys moved."""
+        with src.client() as s, dst.client() as d:
+            src_id, dst_id = str(s.execute_command("CLUSTER", "MYID")), str(
+                d.execute_command("CLUSTER", "MYID"))
+            d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            time.sleep(between)
+            moved = 0
+            while keys := list(s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)):
+                s.execute_command("MIGRATE", dst.host, dst.port, "", 0, 5000, "KEYS", *keys)
+                moved += len(keys)
+                if during is not None:
+                    during(keys)
+                time.sleep(between)
+            d.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+            s.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        for n in self.primaries():
+            if n not in (src, dst):
+                with n.client() as c:
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        return moved
+
+    def reshard(self, src: RedisServer, dst: RedisServer, slots: int) -> None:
+        """``redis-cli --cluster reshard``: move ``slots`` slots (the lowest of ``src``'s,
+        keys and all) from ``src`` to ``dst``."""
+        with src.client() as s, dst.client() as d:
+            src_id, dst_id = s.execute_command("CLUSTER", "MYID"), d.execute_command(
+                "CLUSTER", "MYID")
+        subprocess.run(
+            ["redis-cli", "--cluster", "reshard", f"{src.host}:{src.port}",
+             "--cluster-from", str(src_id), "--cluster-to", str(dst_id),
+             "--cluster-slots", str(slots), "--cluster-yes"],
+            check=True, capture_output=True, timeout=120,
+        )
 
     def primaries(self) -> list[RedisServer]:
         out = []
