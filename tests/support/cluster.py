@@ -39,6 +39,7 @@ class ClusterSetup:
                 # 5 s for more replicas, and a primary killed meanwhile leaves a replica
                 # with no data at all (promoted, it looks like a Redis that lost it all).
                 "--repl-diskless-sync-delay", "0",
+                "--enable-debug-command", "local",  # DEBUG SLEEP: a replica falls behind
             ])
             for i in range(size)
         ]
@@ -107,12 +108,12 @@ class ClusterSetup:
         return next(n for n in self.nodes if n.port == port)
 
     def kill_primary(
-        self, primary: RedisServer, timeout: float = 15.0
+        self, primary: RedisServer, timeout: float = 15.0, replica: RedisServer | None = None
     ) -> tuple[RedisServer, float]:
         """SIGKILL ``primary``; wait until its replica is promoted and the cluster is ok.
         Returns the promoted replica and when it was seen promoted (time.time(), to
-        within 20 ms)."""
-        replica = self.replica_of(primary)
+        within 20 ms). Pass ``replica`` if it may be busy: it is not asked first."""
+        replica = replica or self.replica_of(primary)
         primary.kill()
         deadline = time.monotonic() + timeout
         with replica.client() as c:
