@@ -179,3 +179,26 @@ async def test_waits_while_redis_is_unreachable(autojump_clock: trio.testing.Moc
     assert lease.epoch == 1
     assert attempts[-1] >= 4
     assert 4 <= len(attempts) <= 12  # backoff, not a busy loop
+
+
+async def test_campaigns_again_as_soon_as_redis_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A long outage grows the backoff to seconds; a standby must not sleep it out once
+    Redis is back (a promoted replica), while nobody leads."""
+    store = FakeStore()
+    store.down = True
+
+    async def recover() -> None:
+        await trio.sleep(20)
+        store.down = False
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(recover)
+        await elector(store, "a").acquire()
+        acquired_at = trio.current_time()
+    # The backoff is at its 5 s cap by then; back in at most the 0.3 s floor plus one
+    # 0.1 s reachability poll.
+    assert 20 < acquired_at <= 20.4 + 1e-6
+    attempts = [t for t, op in store.calls if op == "acquire"]
+    assert len(attempts) <= 15  # still a backoff while Redis is away, not a busy loop

@@ -133,7 +133,14 @@ class Elector:
             except RedisUnavailable as exc:
                 self._metrics.redis_errors.inc()
                 self._outage.failed("campaign", exc, trio.current_time())
-                await trio.sleep(backoff.next())
+                # Back off, but campaign again as soon as Redis answers (a promoted
+                # replica, a restarted Redis): a standby must not sleep out a backoff
+                # of seconds while nobody leads. The floor keeps a Redis that answers
+                # PING but refuses the script from turning this into a busy loop.
+                delay = backoff.next()
+                with trio.move_on_after(delay):
+                    await trio.sleep(min(delay, self.timing.retry_every))
+                    await self._store.wait_until_reachable()
                 continue
             backoff.reset()
             self.last_ok = trio.current_time()

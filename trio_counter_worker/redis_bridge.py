@@ -45,8 +45,16 @@ T = TypeVar("T")
 _POLL_SECONDS = 0.1  # pub/sub poll: bounds how long a stop takes
 _MAX_BATCH = 1000
 _TOPOLOGY_EVERY = 2.0  # Cluster: how often the leader checks the set of primaries
+_REDIRECTS = 5  # Cluster: MOVED/ASK followed per probe before resynchronising instead
 _TRANSIENT = ("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "MOVED", "ASK")
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
+_CLUSTER_TRANSIENT = (
+    rexc.ClusterError,  # ClusterDownError, MasterDownError, "TTL exhausted"
+    rexc.TryAgainError,
+    rexc.AskError,  # MovedError too
+    rexc.SlotNotCoveredError,
+    rexc.RedisClusterUnreachableError,
+)
 _MASTER_CHECK_EVERY = 0.25  # Sentinel: how often to ask which node is the master
 _REACHABLE_POLL = 0.1  # after a lost connection: how often to ask whether Redis is back
 _SUBSCRIBE_TIMEOUT = 2.0  # start-up check: how long Redis may take to confirm a subscription
@@ -100,6 +108,14 @@ def _translate(exc: BaseException) -> BaseException:
         )
     if isinstance(exc, rexc.ReadOnlyError) or code == "READONLY":
         return RedisUnavailable("Redis is read-only (a replica?): waiting for a primary")
+    if isinstance(exc, _CLUSTER_TRANSIENT) or (
+        isinstance(exc, rexc.RedisClusterException)
+        and str(exc).startswith("All slots are not covered")
+    ):
+        # A cluster failing over or resharding: redis-py strips the error code from
+        # these (a ClusterDownError reads "The cluster is down"), so tell them by type.
+        return RedisUnavailable(f"Redis Cluster cannot serve the command for now: "
+                                f"{type(exc).__name__}: {exc}")
     if isinstance(exc, rexc.ResponseError) and (
         str(exc).startswith(_TRANSIENT) or code in _TRANSIENT
     ):
@@ -574,6 +590,7 @@ class ClusterBridge(RedisBridge):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.seen_key = f"{config.namespace}:seen"
+        self._flagged: set[str] = set()  # nodes whose flags were verified, by name
         for name in ("APPLY_TRACK", "APPLY_CLAIM"):
             self._scripts[name] = self._client.register_script(getattr(scripts, name))
 
@@ -586,19 +603,68 @@ class ClusterBridge(RedisBridge):
             self._client.script_load(script.script)
 
     def _key_facts_sync(self, keys: list[str]) -> list[Any]:
-        """Facts (key, now, pttl, expire_at) for each key, one pipeline per node."""
-        by_node: dict[str, tuple[Any, list[str]]] = {}
-        for key in keys:
-            node = self._client.get_node_from_key(key)
-            by_node.setdefault(node.name, (node, []))[1].append(key)
+        """Facts (key, now, pttl, expire_at) for each key, one pipeline per node.
+
+        Slots move while the worker runs (resharding, failovers), so a probe may meet a
+        redirection: ``MOVED`` (the slot has a new owner: the slot map is refreshed and
+        the key probed there) or ``ASK`` (the slot is being migrated and the key is not
+        on the source any more: probed on the target, after ``ASKING``). Redis decides
+        where the key is; the probe is never answered from a node that does not own it.
+        """
         facts: dict[str, list[Any]] = {}
-        for node, node_keys in by_node.values():
-            pipe = self._client.get_redis_connection(node).pipeline(transaction=False)
-            for key in node_keys:
-                pipe.eval(scripts.PROBE, 1, key)
-            for key, (now, pttl, at) in zip(node_keys, pipe.execute(), strict=True):
-                facts[key] = [key, now, pttl, at]
-        return [v for key in keys for v in facts[key]]
+        todo: dict[str, tuple[str, int] | None] = dict.fromkeys(keys)  # key -> ASK target
+        for _ in range(_REDIRECTS):
+            by_node: dict[str, tuple[Any, list[tuple[str, bool]]]] = {}
+            for key, ask in todo.items():
+                node = self._node_at(*ask) if ask else self._client.get_node_from_key(key)
+                by_node.setdefault(node.name, (node, []))[1].append((key, ask is not None))
+            todo = {}
+            moved = False
+            for node, probes in by_node.values():
+                for (key, _), reply in zip(probes, self._probe_on(node, probes), strict=True):
+                    if isinstance(reply, rexc.MovedError):  # before AskError: a subclass
+                        moved = True
+                        todo[key] = None
+                    elif isinstance(reply, rexc.AskError):
+                        todo[key] = (reply.host or node.host, int(reply.port))
+                    elif isinstance(reply, Exception):
+                        raise reply
+                    else:
+                        now, pttl, at = reply
+                        facts[key] = [key, now, pttl, at]
+            if not todo:
+                return [v for key in keys for v in facts[key]]
+            if moved:
+                self._client.nodes_manager.initialize()
+        raise RedisUnavailable(
+            f"Redis Cluster kept redirecting {len(todo)} counter key(s) "
+            f"({_REDIRECTS} times): slots moving; retrying after a resynchronisation"
+        )
+
+    def _probe_on(self, node: Any, probes: list[tuple[str, bool]]) -> list[Any]:
+        """PROBE each key on ``node`` in one pipeline (ASKING first where asked to);
+        a redirection comes back as the key's reply, not raised."""
+        pipe = self._client.get_redis_connection(node).pipeline(transaction=False)
+        for key, asking in probes:
+            if asking:
+                pipe.execute_command("ASKING")
+            pipe.eval(scripts.PROBE, 1, key)
+        replies = iter(pipe.execute(raise_on_error=False))
+        out = []
+        for _, asking in probes:
+            if asking:
+                next(replies)  # ASKING's OK (or its error, which the probe repeats)
+            out.append(next(replies))
+        return out
+
+    def _node_at(self, host: str, port: int) -> Any:
+        node = self._client.get_node(host=host, port=port)
+        if node is None:  # a node added since the slot map was read
+            self._client.nodes_manager.initialize()
+            node = self._client.get_node(host=host, port=port)
+        if node is None:
+            raise RedisUnavailable(f"Redis Cluster redirected to unknown node {host}:{port}")
+        return node
 
     async def track(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
         if not keys:
@@ -628,6 +694,28 @@ class ClusterBridge(RedisBridge):
     def _primaries(self) -> list[Any]:
         return sorted(self._client.get_primaries(), key=lambda n: n.name)
 
+    def _fresh_primaries(self) -> list[Any]:
+        """The primaries as the cluster names them now (redis-py's map is refreshed only
+        after its own commands fail, so a node that died under a subscription, or a
+        replica promoted since, would not show)."""
+        self._client.nodes_manager.initialize()
+        return self._primaries()
+
+    async def wait_until_reachable(self) -> None:
+        """Return once every slot has a primary that answers: a cluster whose primary
+        died answers on its other nodes (CLUSTERDOWN) until a replica is promoted, and
+        only then can the worker resubscribe everywhere."""
+        while True:
+            try:
+                await self._run(self._reachable_sync)
+                return
+            except RedisUnavailable:
+                await trio.sleep(_REACHABLE_POLL)
+
+    def _reachable_sync(self) -> None:
+        for node in self._fresh_primaries():
+            self._client.get_redis_connection(node).ping()
+
     async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]:
         """SCAN every primary in turn; the low byte of the cursor is the node's index."""
         nodes = await self._run(self._primaries)
@@ -648,14 +736,20 @@ class ClusterBridge(RedisBridge):
         return self._verify_notifications_sync()
 
     def _verify_notifications_sync(self) -> NotificationStatus:
-        statuses = [
-            _ensure_on(self._client.get_redis_connection(node))
-            for node in self._client.get_nodes()  # replicas too: they may be promoted
-        ]
+        nodes = self._client.get_nodes()  # replicas too: they may be promoted
+        statuses = [_ensure_on(self._client.get_redis_connection(node)) for node in nodes]
+        known, self._flagged = self._flagged, {
+            node.name for node, s in zip(nodes, statuses, strict=True) if s.ok}
+        # CLUSTER SLOTS lists a replica only once the cluster knows it is in sync, so
+        # one may first show up seconds after start: setting its flags then restores
+        # nothing (replicas publish nothing the leader listens to). A change counts on a
+        # node already verified, or on a primary.
+        changed = [s for node, s in zip(nodes, statuses, strict=True) if s.changed
+                   and (node.name in known or node.server_type == "primary")]
         bad = [s for s in statuses if not s.ok]
-        first = bad[0] if bad else statuses[0]
-        return NotificationStatus(ok=not bad, flags=first.flags,
-                                  changed=any(s.changed for s in statuses),
+        # Report the node that needs attention: one that refused, else one just set.
+        first = bad[0] if bad else changed[0] if changed else statuses[0]
+        return NotificationStatus(ok=not bad, flags=first.flags, changed=bool(changed),
                                   missing=first.missing, error=first.error)
 
     async def listen(
@@ -672,8 +766,9 @@ class ClusterBridge(RedisBridge):
         Claim markers are not subscribed: a key's events come from its own node and a
         marker from the worker's, in no common order. Started with the earliest of the
         primaries' times read before subscribing."""
-        primaries = await self._run(self._primaries)
-        clients = [self._node_client(node) for node in primaries]
+        primaries = await self._run(self._fresh_primaries)
+        # Channels are broadcast to every node: one subscription is enough for them.
+        clients = [self._node_client(node) for node in (primaries if patterns else primaries[:1])]
         channels = [c for c in channels if c != self.claims_channel]
         try:
             async with trio.open_nursery() as nursery:
@@ -795,7 +890,9 @@ def _ensure_on(client: Any) -> NotificationStatus:
     except rexc.ResponseError as exc:
         return NotificationStatus(ok=False, flags=current, missing=missing, error=str(exc))
     now = _flags(client)
-    return NotificationStatus(ok=not missing_flags(now), flags=now, changed=True)
+    # missing: what is still missing, else what was (for the log line saying so)
+    return NotificationStatus(ok=not missing_flags(now), flags=now, changed=True,
+                              missing=missing_flags(now) or missing)
 
 
 def _client_kwargs(config: Config) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,11 @@ class ClusterSetup:
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", f"nodes-{i}.conf",
                 "--cluster-node-timeout", "1000",
-                # A killed primary's replica is promoted however quiet the primary was.
-                "--cluster-replica-validity-factor", "0",
+                # The first full sync starts at once: by default a diskless sync waits
+                # 5 s for more replicas, and a primary killed meanwhile leaves a replica
+                # with no data at all (promoted, it looks like a Redis that lost it all).
+                "--repl-diskless-sync-delay", "0",
+                "--enable-debug-command", "local",  # DEBUG SLEEP: a replica falls behind
             ])
             for i in range(size)
         ]
@@ -54,6 +58,7 @@ class ClusterSetup:
             check=True, capture_output=True, timeout=60,
         )
         self.wait_ok()
+        self.wait_replicas_synced()
 
     def client(self) -> RedisCluster:
         nodes = [ClusterNode("127.0.0.1", n.port) for n in self.nodes]  # type: ignore[no-untyped-call, unused-ignore]
@@ -76,6 +81,97 @@ class ClusterSetup:
                 raise RuntimeError("cluster not ok in time")
             time.sleep(0.1)
 
+    def wait_replicas_synced(self, timeout: float = 30.0) -> None:
+        """Until every running replica has finished its full sync and is linked to its
+        primary: only then does a failover keep the data."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = []
+            for n in self.nodes:
+                if not n.running:
+                    continue
+                with n.client() as c:
+                    info: Any = c.info("replication")
+                if info["role"] == "slave" and (
+                    info.get("master_link_status") != "up" or info.get("master_sync_in_progress")
+                ):
+                    pending.append(n.port)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replicas {pending} not in sync in time")
+            time.sleep(0.05)
+
+    def node_of(self, client: RedisCluster, key: str) -> RedisServer:
+        """The node that serves ``key`` now (as ``client`` last learnt it)."""
+        port = client.get_node_from_key(key).port  # type: ignore[no-untyped-call]
+        return next(n for n in self.nodes if n.port == port)
+
+    def kill_primary(
+        self, primary: RedisServer, timeout: float = 15.0, replica: RedisServer | None = None
+    ) -> tuple[RedisServer, float]:
+        """SIGKILL ``primary``; wait until its replica is promoted and the cluster is ok.
+        Returns the promoted replica and when it was seen promoted (time.time(), to
+        within 20 ms). Pass ``replica`` if it may be busy: it is not asked first."""
+        replica = replica or self.replica_of(primary)
+        primary.kill()
+        deadline = time.monotonic() + timeout
+        with replica.client() as c:
+            while True:
+                role: Any = c.execute_command("ROLE")
+                if role[0] == "master":
+                    promoted_at = time.time()
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the killed primary's replica was not promoted")
+                time.sleep(0.02)
+        self.wait_ok(timeout)
+        return replica, promoted_at
+
+    def move_slot(
+        self, slot: int, src: RedisServer, dst: RedisServer, *, batch: int = 10,
+        between: float = 0.0, during: Callable[[list[str]], None] | None = None,
+    ) -> int:
+        """Move ``slot`` from ``src`` to ``dst`` as ``redis-cli --cluster reshard`` does:
+        IMPORTING on ``dst``, MIGRATING on ``src``, the keys in MIGRATE batches of
+        ``batch``, then the slot given to ``dst`` on every node. ``between`` seconds pass
+        after each step, so clients meet the slot half moved (ASK) for a while;
+        ``during(keys)`` runs after each batch, while the slot is still migrating.
+        Returns how many keys moved."""
+        with src.client() as s, dst.client() as d:
+            src_id, dst_id = str(s.execute_command("CLUSTER", "MYID")), str(
+                d.execute_command("CLUSTER", "MYID"))
+            d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            time.sleep(between)
+            moved = 0
+            while keys := list(s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)):
+                s.execute_command("MIGRATE", dst.host, dst.port, "", 0, 5000, "KEYS", *keys)
+                moved += len(keys)
+                if during is not None:
+                    during(keys)
+                time.sleep(between)
+            d.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+            s.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        for n in self.primaries():
+            if n not in (src, dst):
+                with n.client() as c:
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        return moved
+
+    def reshard(self, src: RedisServer, dst: RedisServer, slots: int) -> None:
+        """``redis-cli --cluster reshard``: move ``slots`` slots (the lowest of ``src``'s,
+        keys and all) from ``src`` to ``dst``."""
+        with src.client() as s, dst.client() as d:
+            src_id, dst_id = s.execute_command("CLUSTER", "MYID"), d.execute_command(
+                "CLUSTER", "MYID")
+        subprocess.run(
+            ["redis-cli", "--cluster", "reshard", f"{src.host}:{src.port}",
+             "--cluster-from", str(src_id), "--cluster-to", str(dst_id),
+             "--cluster-slots", str(slots), "--cluster-yes"],
+            check=True, capture_output=True, timeout=120,
+        )
+
     def primaries(self) -> list[RedisServer]:
         out = []
         for n in self.nodes:
@@ -89,6 +185,8 @@ class ClusterSetup:
 
     def replica_of(self, primary: RedisServer) -> RedisServer:
         for n in self.nodes:
+            if not n.running:
+                continue
             with n.client() as c:
                 role: Any = c.execute_command("ROLE")
                 if role[0] == "slave" and int(role[2]) == primary.port:
