@@ -29,6 +29,7 @@ import attrs
 import redis
 
 from tests.support import WorkerProcess, clean_env
+from trio_counter_worker.keys import Keys
 from trio_counter_worker.lab import backend as backend_module
 from trio_counter_worker.lab.backend import RecordingBackend
 from trio_counter_worker.lab.servers import RedisServer
@@ -310,19 +311,19 @@ def rig(name: str, redis_args: Sequence[str] = ()) -> Iterator[Rig]:
 
 
 def lease_key(counter_key: str = "c:*") -> str:
-    return f"tcw:{{{counter_key}}}:lease"
+    return Keys(counter_key).lease
 
 
 def deadlines_key(counter_key: str = "c:*") -> str:
-    return f"tcw:{{{counter_key}}}:deadlines"
+    return Keys(counter_key).deadlines
 
 
 def pending_key(counter_key: str = "c:*") -> str:
-    return f"tcw:{{{counter_key}}}:pending"
+    return Keys(counter_key).pending
 
 
 def release_channel(counter_key: str = "c:*") -> str:
-    return f"tcw:{{{counter_key}}}:released"
+    return Keys(counter_key).released
 
 
 def lease_holder(client: redis.Redis, counter_key: str = "c:*") -> str | None:

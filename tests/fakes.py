@@ -16,6 +16,7 @@ import trio
 
 from trio_counter_worker import spec
 from trio_counter_worker.errors import FunctionsUnavailable, LeaseLost, RedisUnavailable
+from trio_counter_worker.keys import Keys
 from trio_counter_worker.keyspace import merged_flags, missing_flags
 from trio_counter_worker.store import (
     FailingNote,
@@ -42,8 +43,9 @@ class FakeLease:
 
 
 class FakeStore:
-    def __init__(self, namespace: str = "tcw:{c}") -> None:
-        self.namespace = namespace
+    def __init__(self, counter_key: str = "c") -> None:
+        self.own = Keys(counter_key)  # the worker's own keys and channels
+        self.namespace = self.own.namespace
         self.lease: FakeLease | None = None
         self.epoch = 0
         self.keys: dict[str, int | None] = {}  # key -> absolute expiry in ms (None: no TTL)
@@ -140,7 +142,7 @@ class FakeStore:
         await self._op("release")
         if self._holds(holder):
             self.lease = None
-            self._publish_to(f"{self.namespace}:released", replica_id)
+            self._publish_to(self.own.released, replica_id)
             return True
         return False
 
@@ -191,7 +193,7 @@ class FakeStore:
         reset = PendingReset(spec.reset_id(self.namespace, key, dl), key, dl, self.lease.epoch)
         self.pending_resets.setdefault(reset.reset_id, reset)
         self.claimed[key] = _ms()
-        self._publish_to(f"{self.namespace}:claims", f"{_ms()} {key}")
+        self._publish_to(self.own.claims, f"{_ms()} {key}")
         return KeyOutcome(key, "claimed", reset=reset, claimed_ms=_ms())
 
     async def mark_sent(self, holder: str, *reset_ids: str) -> None:

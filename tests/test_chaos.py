@@ -27,12 +27,13 @@ import pytest
 from tests.support.backend import RecordingBackend
 from tests.support.procs import SpawnWorker, WorkerProcess
 from tests.support.redis_server import RedisServer
+from trio_counter_worker.keys import Keys
 
 pytestmark = pytest.mark.slow
 
 LEASE_TTL_MS = 1000
 COUNTER_KEY = "c:*"
-LEASE_KEY = f"tcw:{{{COUNTER_KEY}}}:lease"
+LEASE_KEY = Keys(COUNTER_KEY).lease
 DRIVE_SECONDS = 30.0
 FAULT_EVERY = 2.5
 FREEZE_FOR = 1.6  # past the 1 s lease

@@ -111,7 +111,7 @@ async def test_a_payload_goes_with_its_episode_and_no_further(redis_server: Redi
     """tcw_touch stores a payload beside the deadline: a claim carries it in the pending
     record and drops it; a key found gone (deleted early) drops it too."""
     bridge = _bridge(redis_server)
-    payloads = bridge.payloads_key
+    payloads = bridge.keys.payloads
     try:
         with trio.fail_after(10):
             assert (await bridge.acquire(HOLDER, "me", 5000, 0)).acquired

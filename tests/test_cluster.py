@@ -27,6 +27,7 @@ from redis.crc import key_slot
 from tests.support.backend import RecordingBackend
 from tests.support.cluster import ClusterSetup
 from tests.support.procs import SpawnWorker, WorkerProcess
+from trio_counter_worker.keys import Keys
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,8 +35,8 @@ pytestmark = [
 ]
 
 COUNTER_KEY = "k:*"
-LEASE_KEY = f"tcw:{{{COUNTER_KEY}}}:lease"
-DEADLINES_KEY = f"tcw:{{{COUNTER_KEY}}}:deadlines"
+LEASE_KEY = Keys(COUNTER_KEY).lease
+DEADLINES_KEY = Keys(COUNTER_KEY).deadlines
 
 
 @pytest.fixture

@@ -16,11 +16,12 @@ import redis
 
 from tests.support.redis_server import RedisServer
 from trio_counter_worker import scripts
+from trio_counter_worker.keys import Keys
 
-NS = "tcw:{k:*}"
+KEYS = Keys("k:*")
+NS = KEYS.namespace
 LEASE, DEADLINES, PENDING, SEEN, CLAIMED = (
-    f"{NS}:lease", f"{NS}:deadlines", f"{NS}:pending", f"{NS}:seen", f"{NS}:claimed"
-)
+    KEYS.lease, KEYS.deadlines, KEYS.pending, KEYS.seen, KEYS.claimed)
 HOLDER = "me#1"
 
 

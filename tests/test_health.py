@@ -26,7 +26,7 @@ def config() -> Config:
 
 
 async def test_probes_and_metrics() -> None:
-    store = FakeStore("tcw:{c:*}")
+    store = FakeStore("c:*")
     elected = trio.Event()
     reset_done = trio.Event()
     backend = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200)))
@@ -79,7 +79,7 @@ async def test_probes_and_metrics() -> None:
 
 
 async def test_a_broken_client_does_not_disturb_the_worker() -> None:
-    store = FakeStore("tcw:{c:*}")
+    store = FakeStore("c:*")
     backend = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200)))
     with trio.fail_after(10):
         async with backend, open_worker(config(), store=store,

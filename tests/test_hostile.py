@@ -35,14 +35,15 @@ from tests.support.backend import (
 from tests.support.procs import SpawnWorker, WorkerProcess, clean_env, run_cli
 from tests.support.redis_server import RedisServer
 from trio_counter_worker.acl import acl_rule
+from trio_counter_worker.keys import Keys
 
 pytestmark = pytest.mark.slow
 
 T = TypeVar("T")
 
 COUNTER_KEY = "c:*"
-NAMESPACE = f"tcw:{{{COUNTER_KEY}}}"
-LEASE_KEY = f"{NAMESPACE}:lease"
+NAMESPACE = Keys(COUNTER_KEY).namespace
+LEASE_KEY = Keys(COUNTER_KEY).lease
 LEASE_TTL_MS = 1000
 START = 15.0  # interpreter start + connect + first election, on a loaded machine
 WAIT = 10.0

@@ -13,12 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_counter_worker.delivery import build_request
+from trio_counter_worker.keys import OWN_KEY_PREFIX, keyspace_pattern
 from trio_counter_worker.keyspace import (
-    OWN_KEY_PREFIX,
     is_own_key,
     key_bytes,
     key_from_channel,
-    keyspace_pattern,
     shown_key,
     wire_text,
 )

@@ -82,7 +82,7 @@ class Harness:
 
 @pytest.fixture
 def harness() -> Harness:
-    return Harness(FakeStore("tcw:{c:*}"), Backend())
+    return Harness(FakeStore("c:*"), Backend())
 
 
 async def start_worker(
@@ -406,7 +406,7 @@ class PoisonStore(FakeStore):
 async def test_a_key_whose_decision_fails_is_set_aside_and_the_others_go_on(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    harness = Harness(PoisonStore("tcw:{c:*}"), Backend())
+    harness = Harness(PoisonStore("c:*"), Backend())
     async with trio.open_nursery() as nursery:
         worker = await start_worker(nursery, harness)
         harness.store.set_key("c:poison", 1)
@@ -491,7 +491,7 @@ async def test_a_key_claimed_then_set_and_expired_across_a_handoff_is_reset_agai
     again while no leader listened, and it expired before the next leader's scan found it.
     Its `expired` event was published after the next leader subscribed, so after the
     claim: a new episode, not the echo of the old one."""
-    store = ScanHook("tcw:{c:*}")
+    store = ScanHook("c:*")
     harness = Harness(store, Backend())
     with trio.fail_after(200):
         async with trio.open_nursery() as first:
@@ -520,7 +520,7 @@ async def test_a_stale_future_deadline_does_not_hide_an_expiry_across_a_handoff(
     """c:2 was recorded with a deadline at 31 s; during the handoff the app re-armed it
     with a short TTL, unseen, and it expired before the scan: the report ends the
     episode when it is seen, and the stale deadline does not fire again."""
-    store = ScanHook("tcw:{c:*}")
+    store = ScanHook("c:*")
     harness = Harness(store, Backend())
     with trio.fail_after(60):
         async with trio.open_nursery() as first:
@@ -576,7 +576,7 @@ async def test_a_graceful_stop_hands_over_what_only_it_has_seen(
     """c:x expired before its TTL was read: only its `expired` event shows the episode.
     The leader is stopped while deciding it; before releasing the lease it decides it
     (the reset stays pending), and the next leader sends it."""
-    store = SlowOnce("tcw:{c:*}")
+    store = SlowOnce("c:*")
     harness = Harness(store, Backend())
     with trio.fail_after(60):
         async with trio.open_nursery() as first:

@@ -6,11 +6,12 @@ says to do next.
 
 from __future__ import annotations
 
+from trio_counter_worker.keys import Keys
 from trio_counter_worker.leader_state import EARLY, Heard, LeaderState, Quarantine, Taken
 from trio_counter_worker.store import KeyOutcome, Message, PendingReset
 
-NS = "tcw:{c:*}"
-MARKERS = f"{NS}:claims"
+KEYS = Keys("c:*")
+MARKERS = KEYS.claims
 
 
 def event(key: str, name: str) -> Message:
@@ -27,7 +28,7 @@ def claimed(key: str, claimed_ms: int) -> KeyOutcome:
 
 
 def state(since: int = 1_000) -> LeaderState:
-    s = LeaderState(NS)
+    s = LeaderState(KEYS)
     s.resubscribed(since)
     return s
 
@@ -43,7 +44,7 @@ def test_a_set_event_asks_to_track_the_key_once() -> None:
 def test_own_keys_and_quarantined_keys_are_never_counters() -> None:
     q = Quarantine()
     q.add("c:bad", "ValueError: x")
-    s = LeaderState(NS, q)
+    s = LeaderState(KEYS, q)
     s.on_events([event("tcw:{c:*}:lease", "set"), event("c:bad", "set"),
                  event("tcw:{other}:deadlines", "expired")])
     assert s.take(10) is None
@@ -128,14 +129,14 @@ def test_a_key_set_aside_is_not_scheduled_or_queued_again() -> None:
 
 def test_a_redeliver_request_is_reported_and_markers_of_others_are_ignored() -> None:
     s = state()
-    heard = s.on_events([Message(f"{NS}:redeliver", "3"), Message(MARKERS, "junk")])
+    heard = s.on_events([Message(KEYS.redeliver, "3"), Message(MARKERS, "junk")])
     assert heard == Heard(redeliver=True)
     assert s.take(10) is None
 
 
 def test_a_touch_announcement_asks_to_track_the_key_it_names() -> None:
     s = state()
-    heard = s.on_events([Message(f"{NS}:touched", "c:\xff"), event("c:2", "set")])
+    heard = s.on_events([Message(KEYS.touched, "c:\xff"), event("c:2", "set")])
     assert heard == Heard(notified=1, touched=1)
     assert s.take(10) == Taken(False, ["c:\xff", "c:2"], None)
 

@@ -10,10 +10,10 @@ import pytest
 import trio_counter_worker
 from trio_counter_worker.delivery import build_request
 from trio_counter_worker.election import Backoff
+from trio_counter_worker.keys import keyspace_pattern
 from trio_counter_worker.keyspace import (
     enable_hint,
     key_from_channel,
-    keyspace_pattern,
     merged_flags,
     missing_flags,
 )

@@ -16,6 +16,7 @@ from tests.support.procs import run_cli
 from tests.support.redis_server import RedisServer, free_port
 from trio_counter_worker import Config, Hooks, open_worker
 from trio_counter_worker.acl import acl_rule
+from trio_counter_worker.keys import Keys
 from trio_counter_worker.ops import Check, print_checks, print_status, run_checks, run_status
 
 SECRET = "ops-secret-XYZ-321"
@@ -93,7 +94,7 @@ async def test_check_names_a_missing_redis_permission(
 ) -> None:
     with redis_server.client() as c:
         major = int(str(c.info("server")["redis_version"]).split(".")[0])
-        rule = acl_rule("c:*", "tcw:{c:*}", 0, major) + " -scan"
+        rule = acl_rule("c:*", Keys("c:*").namespace, 0, major) + " -scan"
         c.execute_command("ACL", "SETUSER", "weak", "on", ">pw", *rule.split())
     cfg = config(redis_server, backend.url, redis_username="weak", redis_password="pw")
     checks = await run_checks(cfg)
@@ -194,8 +195,8 @@ def test_status_cli_json_and_exit_codes(redis_server: RedisServer, tmp_path: Pat
     env = {"REDIS_PORT": str(redis_server.port), "RESET_ENDPOINT_URL": "http://127.0.0.1:1/r",
            "RESET_SECRET": SECRET, "COUNTER_KEY": "c:*"}
     with redis_server.client() as c:
-        c.hset("tcw:{c:*}:lease", mapping={"holder": "x#1", "replica": "web-7", "epoch": 12})
-        c.pexpire("tcw:{c:*}:lease", 5000)
+        c.hset(Keys("c:*").lease, mapping={"holder": "x#1", "replica": "web-7", "epoch": 12})
+        c.pexpire(Keys("c:*").lease, 5000)
     result = run_cli(["status", "--json"], env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()

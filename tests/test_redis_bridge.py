@@ -36,7 +36,7 @@ from trio_counter_worker import (
     Worker,
     open_worker,
 )
-from trio_counter_worker.keyspace import keyspace_pattern
+from trio_counter_worker.keys import Keys, keyspace_pattern
 from trio_counter_worker.redis_bridge import RedisBridge
 from trio_counter_worker.store import KeyOutcome, Message, PendingReset
 
@@ -44,12 +44,11 @@ T = TypeVar("T")
 
 TEST_TIMEOUT = 20.0
 COUNTER_KEY = "c:*"
-NS = "tcw:{c:*}"
-LEASE_KEY = f"{NS}:lease"
-EPOCH_KEY = f"{NS}:epoch"
-DEADLINES_KEY = f"{NS}:deadlines"
-PENDING_KEY = f"{NS}:pending"
-RELEASE_CHANNEL = f"{NS}:released"
+KEYS = Keys(COUNTER_KEY)
+NS = KEYS.namespace
+LEASE_KEY, EPOCH_KEY = KEYS.lease, KEYS.epoch
+DEADLINES_KEY, PENDING_KEY = KEYS.deadlines, KEYS.pending
+RELEASE_CHANNEL = KEYS.released
 PATTERN = keyspace_pattern(0, COUNTER_KEY)
 
 LEASE_TTL_MS = 1000

@@ -22,6 +22,7 @@ import redis
 from tests.support.backend import Received, RecordingBackend
 from tests.support.procs import SpawnWorker, WorkerProcess
 from tests.support.redis_server import RedisServer
+from trio_counter_worker.keys import Keys
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,8 @@ KEY_TTL_MS = 300
 KEY_TTL = KEY_TTL_MS / 1000
 COUNTER_KEY = "ctr:*"
 KEY = "ctr:a"
-LEASE_KEY = f"tcw:{{{COUNTER_KEY}}}:lease"
+KEYS = Keys(COUNTER_KEY)
+LEASE_KEY = KEYS.lease
 BODY_KEYS = {"key", "reset_id", "expired_at", "fencing_token", "replica_id"}
 NEEDED_FLAGS = "Kg$x"
 
@@ -258,7 +260,7 @@ def _failover(harness: Harness, cluster: Cluster, key_ttl_ms: int, key_before: b
         if key_before:
             due = set_key(client, ttl_ms=key_ttl_ms)
             # The old leader has recorded the deadline before it dies.
-            wait_until(lambda: client.zscore(f"tcw:{{{COUNTER_KEY}}}:deadlines", KEY),
+            wait_until(lambda: client.zscore(KEYS.deadlines, KEY),
                        RESET_TIMEOUT, "the leader to record the key's deadline")
         wall_kill, t_kill = time.time(), time.monotonic()
         assert cluster.leader.kill() == -signal.SIGKILL
@@ -397,7 +399,7 @@ def test_backend_500_twice_then_200_is_delivered_with_one_idempotency_key(
         worker = harness.spawned[0]
         worker.wait_for_output("reset sent:", RESET_TIMEOUT)
         assert "attempts=3" in worker.output()
-        wait_until(lambda: not client.exists(f"tcw:{{{COUNTER_KEY}}}:pending"), RESET_TIMEOUT,
+        wait_until(lambda: not client.exists(KEYS.pending), RESET_TIMEOUT,
                    "the pending record to be cleared after the 2xx")
     assert len(requests) == 3
     bodies = [check_reset(q, secret=harness.secret, key=KEY, due=due) for q in requests]

@@ -22,11 +22,12 @@ from redis.sentinel import Sentinel
 from tests.support.backend import RecordingBackend
 from tests.support.procs import SpawnWorker
 from tests.support.sentinel import MASTER_NAME, SentinelSetup
+from trio_counter_worker.keys import Keys
 
 pytestmark = pytest.mark.slow
 
 COUNTER_KEY = "s:*"
-LEASE_KEY = f"tcw:{{{COUNTER_KEY}}}:lease"
+LEASE_KEY = Keys(COUNTER_KEY).lease
 
 
 @pytest.fixture

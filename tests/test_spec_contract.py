@@ -26,12 +26,12 @@ import redis
 
 from tests.support.redis_server import RedisServer
 from trio_counter_worker import scripts, spec
+from trio_counter_worker.keys import Keys
 
-NS = "tcw:{k:*}"
+KEYS = Keys("k:*")
+NS = KEYS.namespace
 LEASE, DEADLINES, PENDING, SEEN, CLAIMED, PAYLOADS = (
-    f"{NS}:lease", f"{NS}:deadlines", f"{NS}:pending", f"{NS}:seen", f"{NS}:claimed",
-    f"{NS}:payloads",
-)
+    KEYS.lease, KEYS.deadlines, KEYS.pending, KEYS.seen, KEYS.claimed, KEYS.payloads)
 PAYLOAD = "room 7"  # CLAIM and TRACK: every case's key was touched with one
 HOLDER = "me#1"
 EPOCH = 3
@@ -216,7 +216,7 @@ def test_markers_follow_claims(r: redis.Redis, redis_server: RedisServer) -> Non
     with redis_server.client() as sub_client:
         sub = sub_client.pubsub()
         sub.psubscribe("__keyspace@0__:k:*")
-        sub.subscribe(f"{NS}:claims")
+        sub.subscribe(KEYS.claims)
         for _ in range(2):
             sub.get_message(timeout=1)
         r.set("k:m", 1, px=1)
@@ -224,7 +224,7 @@ def test_markers_follow_claims(r: redis.Redis, redis_server: RedisServer) -> Non
         time.sleep(0.01)  # the TTL runs out; the claim's touch (or Redis) expires it
         raw = json.loads(r.register_script(scripts.CLAIM)(
             keys=[LEASE, DEADLINES, PENDING, CLAIMED, PAYLOADS, "k:m"],
-            args=[HOLDER, NS, f"{NS}:claims", ""]))
+            args=[HOLDER, NS, KEYS.claims, ""]))
         (row,) = raw["keys"]
         claimed_ms = json.loads(row["claimed"])["claimed_ms"]
         got = [sub.get_message(timeout=1) for _ in range(2)]

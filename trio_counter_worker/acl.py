@@ -6,7 +6,7 @@ and by ``check``, the start-up check, and the hint in every permission error.
 
 from __future__ import annotations
 
-from .keyspace import keyspace_pattern
+from .keys import keyspace_pattern
 
 __all__ = ["CLIENT_COMMANDS", "SCRIPT_COMMANDS", "acl_rule", "is_permission_error", "sample_key"]
 

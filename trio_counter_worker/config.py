@@ -31,7 +31,7 @@ from dotenv.parser import parse_stream
 
 from .errors import ConfigError
 from .glob import may_match_prefix
-from .keyspace import OWN_KEY_PREFIX
+from .keys import OWN_KEY_PREFIX, Keys
 
 __all__ = ["OWN_KEY_PREFIX", "SETTINGS", "Config", "Setting"]
 
@@ -577,9 +577,14 @@ class Config:
         return self.reset_timeout_ms / 1000
 
     @property
+    def keys(self) -> Keys:
+        """The deployment's own Redis keys and channels."""
+        return Keys(self.counter_key)
+
+    @property
     def namespace(self) -> str:
-        """Prefix of the worker's own Redis keys. The braces make it one cluster hash slot."""
-        return f"{OWN_KEY_PREFIX}{self.counter_key}}}"
+        """Prefix of the worker's own Redis keys (:attr:`Keys.namespace`)."""
+        return self.keys.namespace
 
     @property
     def redis_location(self) -> str:

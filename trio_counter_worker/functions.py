@@ -38,7 +38,20 @@ from . import scripts, touch_spec
 from .config import Config
 from .errors import FunctionsUnavailable, RedisRefused, RedisUnavailable
 from .glob import may_match_prefix
-from .keyspace import OWN_KEY_PREFIX, shown_key
+from .keys import (
+    CLAIMED,
+    CLAIMS,
+    DEADLINES,
+    EPOCH,
+    LEASE,
+    OWN_KEY_PREFIX,
+    PAYLOADS,
+    PENDING,
+    REGISTRY,
+    TOUCHED,
+    Keys,
+)
+from .keyspace import shown_key
 
 __all__ = [
     "APP_COMMANDS",
@@ -56,12 +69,7 @@ __all__ = [
 
 LIBRARY_NAME = "tcw"
 LIBRARY_VERSION = "2"  # raise it with every change to the library's behaviour
-REGISTRY_KEY = f"{OWN_KEY_PREFIX}registry}}"
-PAYLOADS, TOUCHED = ":payloads", ":touched"
-# The worker's own keys and channels the library reads or writes (redis_bridge names them).
-DEADLINES, PENDING, CLAIMED, CLAIMS, LEASE, EPOCH = (
-    ":deadlines", ":pending", ":claimed", ":claims", ":lease", ":epoch"
-)
+REGISTRY_KEY = REGISTRY
 
 
 # What an app's Redis user calls: FCALL, and every command the functions call (Redis
@@ -73,8 +81,8 @@ APP_COMMANDS = (
 
 
 def namespace_of(counter_key: str) -> str:
-    """The deployment's namespace: ``Config.namespace`` for that COUNTER_KEY."""
-    return f"{OWN_KEY_PREFIX}{counter_key}}}"
+    """The deployment's namespace (:attr:`Keys.namespace`)."""
+    return Keys(counter_key).namespace
 
 
 def app_acl_rule(counter_key: str) -> str:

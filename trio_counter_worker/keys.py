@@ -4,16 +4,26 @@ A deployment is the set of replicas sharing a ``COUNTER_KEY``. Everything it kee
 Redis lives under ``tcw:{<COUNTER_KEY>}:``: the braces make one hash tag, so on a
 cluster all of it shares one slot and the lease scripts run as on one Redis; and no
 ``COUNTER_KEY`` may match that prefix (config refuses it), so no key of any deployment is
-ever taken for a counter.
+ever taken for a counter. The touch library (:mod:`trio_counter_worker.functions`)
+builds the same names in Lua from a namespace and the suffixes below.
 """
 
 from __future__ import annotations
 
 import attrs
 
-__all__ = ["OWN_KEY_PREFIX", "Keys", "keyspace_pattern"]
+__all__ = ["OWN_KEY_PREFIX", "REGISTRY", "Keys", "keyspace_pattern"]
 
 OWN_KEY_PREFIX = "tcw:{"
+
+# Every deployment the touch library serves: namespace -> COUNTER_KEY (a hash). Under the
+# prefix, so no COUNTER_KEY can match it either.
+REGISTRY = f"{OWN_KEY_PREFIX}registry}}"
+
+# Suffixes after the namespace, each one key or channel (see the properties below).
+LEASE, EPOCH, DEADLINES, PENDING, CLAIMED = ":lease", ":epoch", ":deadlines", ":pending", ":claimed"
+FAILING, DEAD, SEEN, PREFLIGHT, PAYLOADS = ":failing", ":dead", ":seen", ":preflight", ":payloads"
+RELEASED, REDELIVER, CLAIMS, TOUCHED = ":released", ":redeliver", ":claims", ":touched"
 
 
 def keyspace_pattern(db: int, counter_key: str) -> str:
@@ -32,78 +42,86 @@ class Keys:
         """The prefix of them all, without the final colon (also in the reset_id)."""
         return f"{OWN_KEY_PREFIX}{self.counter_key}}}"
 
-    def _key(self, name: str) -> str:
-        return f"{self.namespace}:{name}"
-
     # -- keys -------------------------------------------------------------------------
 
     @property
     def lease(self) -> str:
         """Hash (holder, replica, epoch, since_ms) with a PEXPIRE: who leads."""
-        return self._key("lease")
+        return self.namespace + LEASE
 
     @property
     def epoch(self) -> str:
         """Counter: the last fencing token handed out."""
-        return self._key("epoch")
+        return self.namespace + EPOCH
 
     @property
     def deadlines(self) -> str:
         """Zset counter key -> recorded deadline (Redis ms)."""
-        return self._key("deadlines")
+        return self.namespace + DEADLINES
 
     @property
     def pending(self) -> str:
         """Hash reset_id -> pending reset record (JSON), until the backend accepts it."""
-        return self._key("pending")
+        return self.namespace + PENDING
 
     @property
     def claimed(self) -> str:
         """Zset counter key -> its last claim (Redis ms): tombstones, spec.TOMBSTONE_MS."""
-        return self._key("claimed")
+        return self.namespace + CLAIMED
 
     @property
     def failing(self) -> str:
         """Hash reset_id -> why it is not delivered yet (JSON)."""
-        return self._key("failing")
+        return self.namespace + FAILING
 
     @property
     def dead(self) -> str:
         """Hash reset_id -> a reset given up on (RESET_GIVE_UP_AFTER), and why."""
-        return self._key("dead")
+        return self.namespace + DEAD
 
     @property
     def seen(self) -> str:
         """Zset counter key -> time of the last facts applied (Cluster only)."""
-        return self._key("seen")
+        return self.namespace + SEEN
 
     @property
     def preflight(self) -> str:
         """Scratch key of the start-up permission check (deleted again)."""
-        return self._key("preflight")
+        return self.namespace + PREFLIGHT
+
+    @property
+    def payloads(self) -> str:
+        """Hash counter key -> the payload of its episode (tcw_touch)."""
+        return self.namespace + PAYLOADS
 
     @property
     def state_keys(self) -> list[str]:
         """Every key the deployment writes: what `chaos --redis-url` cleans up."""
         return [self.lease, self.epoch, self.deadlines, self.pending, self.claimed,
-                self.failing, self.dead, self.seen, self.preflight]
+                self.failing, self.dead, self.seen, self.preflight, self.payloads]
 
     # -- channels ---------------------------------------------------------------------
 
     @property
     def released(self) -> str:
         """The leader announces a release here: standbys take over at once."""
-        return self._key("released")
+        return self.namespace + RELEASED
 
     @property
     def redeliver(self) -> str:
         """`redeliver` asks the leader to read dead resets put back in the queue."""
-        return self._key("redeliver")
+        return self.namespace + REDELIVER
 
     @property
     def claims(self) -> str:
         """A marker per claim, "<claimed_ms> <key>": tells echoes from new expiries."""
-        return self._key("claims")
+        return self.namespace + CLAIMS
+
+    @property
+    def touched(self) -> str:
+        """A counter key's name, after each tcw_touch and tcw_done."""
+        return self.namespace + TOUCHED
 
     def keyspace(self, db: int) -> str:
+        """The keyspace-notification pattern of the counter keys in database ``db``."""
         return keyspace_pattern(db, self.counter_key)

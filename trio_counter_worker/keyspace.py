@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import base64
 
-# Every key and channel of every deployment starts with this (see Config.namespace; the
-# braces make one Redis Cluster hash slot of them); none is ever a counter.
-OWN_KEY_PREFIX = "tcw:{"
+from .keys import OWN_KEY_PREFIX
 
 # K: keyspace channels (one per key, so Redis filters by our pattern and unrelated keys
 # cost the worker nothing); g: generic events (expire, del, rename, persist);
@@ -60,11 +58,6 @@ def shown_key(key: str) -> str:
 def is_own_key(key: str) -> bool:
     """A key of this or another deployment of the worker (lease, epoch, deadlines...)."""
     return key.startswith(OWN_KEY_PREFIX)
-
-
-def keyspace_pattern(db: int, counter_key: str) -> str:
-    """PSUBSCRIBE pattern for events on keys matching ``counter_key`` (a glob or a key)."""
-    return f"__keyspace@{db}__:{counter_key}"
 
 
 def key_from_channel(channel: str) -> str:

@@ -30,7 +30,7 @@ from .errors import (
     WorkerError,
     first_error,
 )
-from .keyspace import enable_hint, eviction_warning, keyspace_pattern, shown_key
+from .keyspace import enable_hint, eviction_warning, shown_key
 from .leader_state import LeaderState, Quarantine, Taken
 from .metrics import Metrics
 from .outage import OutageLog
@@ -74,7 +74,7 @@ class LeaderDuties:
         self._sender = sender
         self._holder = holder
         self._lease = lease
-        self._state = LeaderState(config.namespace, quarantine)
+        self._state = LeaderState(config.keys, quarantine)
         self._sleep: trio.CancelScope | None = None
         # Retries use at most half the couriers: failing resets never starve fresh ones.
         self._outbox = Outbox(max(1, config.max_in_flight // 2), config.reset_give_up_after)
@@ -171,7 +171,7 @@ class LeaderDuties:
         await self._install_functions()
         send, receive = trio.open_memory_channel[list[Message]](64)
         self._events = receive
-        pattern = keyspace_pattern(self._config.redis_db, self._config.counter_key)
+        pattern = self._config.keys.keyspace(self._config.redis_db)
         async with trio.open_nursery() as nursery:
             # Subscribe first, then read state: nothing that changes in between is missed.
             since = await nursery.start(_listen, self._store, [pattern],

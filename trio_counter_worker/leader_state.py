@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import attrs
 
 from .decisions import DecisionQueue, Op
+from .keys import Keys
 from .keyspace import is_own_key, key_from_channel
 from .schedule import Schedule
 from .spec import TOMBSTONE_MS
@@ -69,13 +70,13 @@ class LeaderState:
     """One leader's bookkeeping: the schedule, the decision queue, and what tells an
     `expired` event apart from the echo of a claim (:func:`spec.is_echo`)."""
 
-    def __init__(self, namespace: str, quarantine: Quarantine | None = None) -> None:
+    def __init__(self, keys: Keys, quarantine: Quarantine | None = None) -> None:
         self.schedule = Schedule()
         self.queue = DecisionQueue()
         self.quarantine = quarantine or Quarantine()
-        self.redeliver_channel = f"{namespace}:redeliver"
-        self.markers_channel = f"{namespace}:claims"  # a marker per claim (scripts.CLAIM)
-        self.touched_channel = f"{namespace}:touched"  # a key's name, per tcw_touch/done
+        self.redeliver_channel = keys.redeliver
+        self.markers_channel = keys.claims  # a marker per claim (scripts.CLAIM)
+        self.touched_channel = keys.touched  # a key's name, per tcw_touch/done
         # Pub/sub keeps publication order, so an `expired` event follows every claim
         # made before this subscription started, and every claim of its key whose marker
         # came before it. `after`: it follows every claim made at or before that time.

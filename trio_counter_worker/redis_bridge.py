@@ -28,7 +28,7 @@ from . import functions, scripts
 from .acl import is_permission_error, sample_key
 from .config import Config
 from .errors import FunctionsUnavailable, LeaseLost, RedisRefused, RedisUnavailable
-from .keyspace import keyspace_pattern, merged_flags, missing_flags, shown_key
+from .keyspace import merged_flags, missing_flags, shown_key
 from .store import (
     FailingNote,
     KeyOutcome,
@@ -194,19 +194,7 @@ class RedisBridge:
 
     def __init__(self, config: Config) -> None:
         self._config = config
-        ns = config.namespace
-        self.lease_key = f"{ns}:lease"
-        self.epoch_key = f"{ns}:epoch"
-        self.deadlines_key = f"{ns}:deadlines"
-        self.pending_key = f"{ns}:pending"
-        self.claimed_key = f"{ns}:claimed"  # tombstones: key -> when last claimed
-        self.failing_key = f"{ns}:failing"  # reset_id -> why it is not delivered yet
-        self.dead_key = f"{ns}:dead"  # reset_id -> a reset given up on, and why
-        self.release_channel = f"{ns}:released"
-        self.redeliver_channel = f"{ns}:redeliver"
-        self.claims_channel = f"{ns}:claims"  # a marker per claim: see scripts._CLAIMING
-        self.payloads_key = f"{ns}:payloads"  # key -> payload of its episode (tcw_touch)
-        self.preflight_key = f"{ns}:preflight"
+        self.keys = config.keys
         self._client = _make_client(config)
         self._master = _MasterWatch(self._client)
         self._scripts = {
@@ -271,10 +259,10 @@ class RedisBridge:
             refused: list[str] = []
             check(f"+evalsha and ~{self._config.namespace}:* (the worker's own keys)",
                   lambda: refused.extend(self._scripts["PREFLIGHT"](
-                      [self.preflight_key], [self.release_channel])))
+                      [self.keys.preflight], [self.keys.released])))
             missing += [f"+{name}" for name in refused]
         check(f"+hgetall on ~{self._config.namespace}:*",
-              lambda: self._client.hgetall(self.pending_key))
+              lambda: self._client.hgetall(self.keys.pending))
         check(f"~{self._config.counter_key} (the counter keys) with +pttl",
               lambda: self._client.pttl(sample_key(self._config.counter_key)))
         check("+scan", lambda: self._client.scan(0, self._config.counter_key, 10))
@@ -291,9 +279,9 @@ class RedisBridge:
 
     def _subscribe_check(self) -> list[str]:
         """Subscribe to what the leader and standbys listen to, and unsubscribe."""
-        pattern = keyspace_pattern(self._config.redis_db, self._config.counter_key)
+        pattern = self.keys.keyspace(self._config.redis_db)
         wanted = [("psubscribe", pattern, f"+psubscribe and &{pattern}"),
-                  ("subscribe", self.release_channel,
+                  ("subscribe", self.keys.released,
                    f"+subscribe and &{self._config.namespace}:*")]
         missing: list[str] = []
         for kind, name, rule in wanted:
@@ -320,7 +308,7 @@ class RedisBridge:
         self, holder: str, replica_id: str, ttl_ms: int, epoch_floor: int
     ) -> LeaseView:
         raw = await self._script(
-            "ACQUIRE", [self.lease_key, self.epoch_key], [holder, replica_id, ttl_ms, epoch_floor]
+            "ACQUIRE", [self.keys.lease, self.keys.epoch], [holder, replica_id, ttl_ms, epoch_floor]
         )
         r = json.loads(raw)
         return LeaseView(
@@ -331,12 +319,12 @@ class RedisBridge:
         )
 
     async def renew(self, holder: str, ttl_ms: int) -> bool:
-        return bool(await self._script("RENEW", [self.lease_key], [holder, ttl_ms]))
+        return bool(await self._script("RENEW", [self.keys.lease], [holder, ttl_ms]))
 
     async def release(self, holder: str, replica_id: str) -> bool:
         return bool(
             await self._script(
-                "RELEASE", [self.lease_key], [holder, self.release_channel, replica_id]
+                "RELEASE", [self.keys.lease], [holder, self.keys.released, replica_id]
             )
         )
 
@@ -344,7 +332,7 @@ class RedisBridge:
 
     async def track(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
         raw = await self._script(
-            "TRACK", [self.lease_key, self.deadlines_key, self.payloads_key, *keys], [holder]
+            "TRACK", [self.keys.lease, self.keys.deadlines, self.keys.payloads, *keys], [holder]
         )
         return _outcomes(raw, keys)
 
@@ -353,9 +341,9 @@ class RedisBridge:
     ) -> list[KeyOutcome]:
         raw = await self._script(
             "CLAIM",
-            [self.lease_key, self.deadlines_key, self.pending_key, self.claimed_key,
-             self.payloads_key, *keys],
-            [holder, self._config.namespace, self.claims_channel,
+            [self.keys.lease, self.keys.deadlines, self.keys.pending, self.keys.claimed,
+             self.keys.payloads, *keys],
+            [holder, self._config.namespace, self.keys.claims,
              *_reported_args(keys, expired_after)],
         )
         return _outcomes(raw, keys)
@@ -364,7 +352,7 @@ class RedisBridge:
         if not reset_ids:
             return
         r = await self._script(
-            "MARK_SENT", [self.lease_key, self.pending_key, self.failing_key],
+            "MARK_SENT", [self.keys.lease, self.keys.pending, self.keys.failing],
             [holder, *reset_ids],
         )
         if int(r) < 0:
@@ -377,18 +365,18 @@ class RedisBridge:
         for note in notes:
             args += [note.reset_id, _note_json(note)]
         r = await self._script(
-            "NOTE_FAILING", [self.lease_key, self.pending_key, self.failing_key], args
+            "NOTE_FAILING", [self.keys.lease, self.keys.pending, self.keys.failing], args
         )
         if int(r) < 0:
             raise LeaseLost("lease lost while noting failing resets")
 
     async def failing(self) -> dict[str, FailingNote]:
-        rows: dict[str, str] = await self._run(self._hgetall, self.failing_key)
+        rows: dict[str, str] = await self._run(self._hgetall, self.keys.failing)
         return {reset_id: _note(reset_id, raw) for reset_id, raw in rows.items()}
 
     async def bury(self, holder: str, note: FailingNote) -> bool:
         r = await self._script(
-            "BURY", [self.lease_key, self.pending_key, self.failing_key, self.dead_key],
+            "BURY", [self.keys.lease, self.keys.pending, self.keys.failing, self.keys.dead],
             [holder, note.reset_id, _note_json(note)],
         )
         if int(r) < 0:
@@ -398,11 +386,11 @@ class RedisBridge:
     async def redeliver(self, reset_ids: list[str]) -> int:
         """Operator command: dead resets back to pending (all of them with no ids)."""
         return int(await self._script(
-            "REDELIVER", [self.pending_key, self.dead_key], [self.redeliver_channel, *reset_ids]
+            "REDELIVER", [self.keys.pending, self.keys.dead], [self.keys.redeliver, *reset_ids]
         ))
 
     async def pending(self) -> list[PendingReset]:
-        rows: dict[str, str] = await self._run(self._hgetall, self.pending_key)
+        rows: dict[str, str] = await self._run(self._hgetall, self.keys.pending)
         return sorted((_pending(v) for v in rows.values()), key=lambda p: p.deadline_ms)
 
     def _hgetall(self, key: str) -> dict[str, str]:
@@ -410,7 +398,7 @@ class RedisBridge:
         return rows
 
     async def tracked(self, holder: str) -> list[tuple[str, int]]:
-        keys = [self.lease_key, self.deadlines_key]
+        keys = [self.keys.lease, self.keys.deadlines]
         r = json.loads(await self._script("TRACKED", keys, [holder]))
         if not r["leader"]:
             raise LeaseLost("lease lost while reading deadlines")
@@ -431,16 +419,16 @@ class RedisBridge:
     def _status_sync(self) -> dict[str, Any]:
         c = self._client
         pipe = c.pipeline(transaction=False)
-        pipe.hgetall(self.lease_key)
-        pipe.pttl(self.lease_key)
-        pipe.hlen(self.pending_key)
-        pipe.zcard(self.deadlines_key)
-        pipe.zrange(self.deadlines_key, 0, 0, withscores=True)
+        pipe.hgetall(self.keys.lease)
+        pipe.pttl(self.keys.lease)
+        pipe.hlen(self.keys.pending)
+        pipe.zcard(self.keys.deadlines)
+        pipe.zrange(self.keys.deadlines, 0, 0, withscores=True)
         pipe.time()
-        pipe.get(self.epoch_key)
-        pipe.hgetall(self.failing_key)
-        pipe.hgetall(self.dead_key)
-        pipe.hlen(self.payloads_key)
+        pipe.get(self.keys.epoch)
+        pipe.hgetall(self.keys.failing)
+        pipe.hgetall(self.keys.dead)
+        pipe.hlen(self.keys.payloads)
         (lease, pttl, pending, watched, first, (sec, usec), epoch, failing,
          dead, payloads) = pipe.execute()
         now_ms = int(sec) * 1000 + int(usec) // 1000
@@ -589,7 +577,6 @@ class ClusterBridge(RedisBridge):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        self.seen_key = f"{config.namespace}:seen"
         self._flagged: set[str] = set()  # nodes whose flags were verified, by name
         for name in ("APPLY_TRACK", "APPLY_CLAIM"):
             self._scripts[name] = self._client.register_script(getattr(scripts, name))
@@ -671,7 +658,7 @@ class ClusterBridge(RedisBridge):
             return []
         facts = await self._run(self._key_facts_sync, keys)
         raw = await self._script(
-            "APPLY_TRACK", [self.lease_key, self.deadlines_key, self.seen_key], [holder, *facts]
+            "APPLY_TRACK", [self.keys.lease, self.keys.deadlines, self.keys.seen], [holder, *facts]
         )
         return _outcomes(raw, keys)
 
@@ -685,8 +672,8 @@ class ClusterBridge(RedisBridge):
         args = [v for i in range(len(keys)) for v in (*facts[4 * i:4 * i + 4], reported[i])]
         raw = await self._script(
             "APPLY_CLAIM",
-            [self.lease_key, self.deadlines_key, self.pending_key, self.seen_key,
-             self.claimed_key],
+            [self.keys.lease, self.keys.deadlines, self.keys.pending, self.keys.seen,
+             self.keys.claimed],
             [holder, self._config.namespace, *args],
         )
         return _outcomes(raw, keys)
@@ -769,7 +756,7 @@ class ClusterBridge(RedisBridge):
         primaries = await self._run(self._fresh_primaries)
         # Channels are broadcast to every node: one subscription is enough for them.
         clients = [self._node_client(node) for node in (primaries if patterns else primaries[:1])]
-        channels = [c for c in channels if c != self.claims_channel]
+        channels = [c for c in channels if c != self.keys.claims]
         try:
             async with trio.open_nursery() as nursery:
                 since = [

@@ -29,7 +29,8 @@ import attrs
 
 from . import spec
 from .glob import matches
-from .keyspace import OWN_KEY_PREFIX, key_bytes
+from .keys import OWN_KEY_PREFIX
+from .keyspace import key_bytes
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",

@@ -187,7 +187,7 @@ class Worker:
         send, receive = trio.open_memory_channel[list[Message]](16)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._on_releases, receive)
-            channel = f"{self.config.namespace}:released"
+            channel = self.config.keys.released
             backoff = Backoff()
             first = True
             while True:

@@ -36,11 +36,11 @@ from typing import Any, Literal, TextIO
 import attrs
 import redis
 
+from ..keys import Keys
 from .backend import RecordingBackend, ResetLedger, ResetPost
 from .errors import LabError
 from .replicas import (
     Replica,
-    lease_key,
     log_tails,
     new_exits,
     read_lease,
@@ -59,7 +59,7 @@ __all__ = ["demo_main", "find_redis_server"]
 COUNTER_KEY = "demo:*"
 COUNTERS = ("demo:alice", "demo:bob", "demo:carol")
 LEASE_TTL_MS = 1000
-LEASE_KEY = lease_key(COUNTER_KEY)
+LEASE_KEY = Keys(COUNTER_KEY).lease
 
 # Re-armed half the time; between episodes a counter stays idle longer than a failover
 # (one lease TTL), so the next leader sees the expiry before the key is set again (see

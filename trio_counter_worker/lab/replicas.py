@@ -25,12 +25,10 @@ from typing import Any
 import attrs
 
 from ..config import SETTINGS
-from ..keyspace import OWN_KEY_PREFIX
 
 __all__ = [
     "LeaseInfo",
     "Replica",
-    "lease_key",
     "log_tails",
     "new_exits",
     "read_lease",
@@ -169,11 +167,6 @@ def stop_replicas(replicas: Iterable[Replica], timeout: float = STOP_TIMEOUT) ->
 
 
 # -- the lease --------------------------------------------------------------------------
-
-
-def lease_key(counter_key: str) -> str:
-    """The lease hash of the workers watching ``counter_key``."""
-    return f"{OWN_KEY_PREFIX}{counter_key}}}:lease"
 
 
 @attrs.frozen

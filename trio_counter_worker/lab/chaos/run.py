@@ -64,14 +64,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ...delivery import safe_url
-from ...keyspace import OWN_KEY_PREFIX
+from ...keys import Keys
 from ..backend import RecordingBackend, ResetLedger, ResetPost
 from ..errors import LabError
 from ..faultproxy import FaultProxy
 from ..replicas import (
     LeaseInfo,
     Replica,
-    lease_key,
     log_tails,
     new_exits,
     read_lease,
@@ -238,8 +237,9 @@ class Chaos:
         self.tmp = Path(tempfile.mkdtemp(prefix="tcw-chaos-"))
         self.prefix = f"chaos-{secrets.token_hex(4)}"
         self.counter_key = f"{self.prefix}:*"
-        self.namespace = f"{OWN_KEY_PREFIX}{self.counter_key}}}"
-        self.lease_key = lease_key(self.counter_key)
+        own = Keys(self.counter_key)  # the workers' own keys
+        self.namespace = own.namespace
+        self.lease_key = own.lease
         self.secret = secrets.token_urlsafe(24)
         self.kinds = [k for k in opts.faults if not (k == "redis" and opts.redis_url)]
         self.notes: list[str] = []
