@@ -54,7 +54,7 @@ async def test_reported_expiry_is_claimed_once_and_echoes_are_not(
             assert alive.kind == "alive"
             assert len(await bridge.pending()) == 2
     finally:
-        bridge.close()
+        await bridge.aclose()
 
 
 async def test_an_expiry_after_a_claim_is_a_new_episode(redis_server: RedisServer) -> None:
@@ -74,7 +74,7 @@ async def test_an_expiry_after_a_claim_is_a_new_episode(redis_server: RedisServe
             assert second.reset is not None
             assert second.reset.reset_id != first.reset.reset_id
     finally:
-        bridge.close()
+        await bridge.aclose()
 
 
 async def test_a_stale_future_deadline_does_not_hide_a_reported_expiry(
@@ -104,7 +104,7 @@ async def test_a_stale_future_deadline_does_not_hide_a_reported_expiry(
             assert reported.reset.deadline_ms == reported.claimed_ms
             assert await bridge.tracked(HOLDER) == []
     finally:
-        bridge.close()
+        await bridge.aclose()
 
 
 async def test_a_payload_goes_with_its_episode_and_no_further(redis_server: RedisServer) -> None:
@@ -134,4 +134,4 @@ async def test_a_payload_goes_with_its_episode_and_no_further(redis_server: Redi
             with redis_server.client() as c:
                 assert c.hlen(payloads) == 0
     finally:
-        bridge.close()
+        await bridge.aclose()

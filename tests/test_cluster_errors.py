@@ -11,7 +11,7 @@ import pytest
 import redis.exceptions as rexc
 
 from trio_counter_worker.errors import RedisUnavailable
-from trio_counter_worker.redis_bridge import _translate
+from trio_counter_worker.redis_replies import translate
 
 
 @pytest.mark.parametrize("exc", [
@@ -28,9 +28,9 @@ from trio_counter_worker.redis_bridge import _translate
                                "10923 of 16384 covered..."),
 ], ids=lambda e: type(e).__name__)
 def test_a_cluster_in_motion_is_redis_unavailable(exc: Exception) -> None:
-    assert isinstance(_translate(exc), RedisUnavailable)
+    assert isinstance(translate(exc), RedisUnavailable)
 
 
 def test_a_client_side_cluster_error_is_not_hidden() -> None:
     exc = rexc.RedisClusterException("Invalid args in command: EVAL")
-    assert _translate(exc) is exc
+    assert translate(exc) is exc

@@ -97,7 +97,7 @@ def test_names_are_the_workers(counter_key: str) -> None:
             k.deadlines, k.pending, k.claimed, k.lease, k.epoch]
         assert config.namespace + CLAIMS == k.claims
     finally:
-        bridge.close()
+        bridge.client.close()  # never connected: nothing to wait for
 
 
 # -- the glob port ---------------------------------------------------------------------

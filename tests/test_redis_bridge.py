@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,12 +74,12 @@ def config(server: RedisServer, **kw: Any) -> Config:
 
 
 @pytest.fixture
-def bridge(redis_server: RedisServer) -> Iterator[RedisBridge]:
+async def bridge(redis_server: RedisServer) -> AsyncIterator[RedisBridge]:
     b = RedisBridge(config(redis_server))
     try:
         yield b
     finally:
-        b.close()
+        await b.aclose()
 
 
 @pytest.fixture
@@ -583,7 +583,7 @@ async def test_ensure_notifications_when_config_is_disabled(tmp_path: Path) -> N
             try:
                 status = await bridge.ensure_notifications()
             finally:
-                bridge.close()
+                await bridge.aclose()
         assert not status.ok
         assert status.error is not None
         assert "unknown command" in status.error.lower(), status.error

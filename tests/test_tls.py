@@ -78,7 +78,7 @@ async def test_rediss_with_ca_file_connects(tls_redis: tuple[int, Path]) -> None
             view = await bridge.acquire("h#1", "h", 1000, 0)
         assert view.acquired
     finally:
-        bridge.close()
+        await bridge.aclose()
 
 
 async def test_unverifiable_certificate_is_a_config_error(tls_redis: tuple[int, Path]) -> None:
@@ -90,7 +90,7 @@ async def test_unverifiable_certificate_is_a_config_error(tls_redis: tuple[int, 
             await bridge.ping()
         assert isinstance(caught.value.at_start(), RedisTLSError)
     finally:
-        bridge.close()
+        await bridge.aclose()
 
 
 def test_cli_exits_2_on_unverifiable_certificate(

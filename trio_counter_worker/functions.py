@@ -52,6 +52,7 @@ from .keys import (
     Keys,
 )
 from .keyspace import shown_key
+from .redis_replies import translate
 
 __all__ = [
     "APP_COMMANDS",
@@ -367,7 +368,7 @@ def install_command(config: Config, counter_key: str | None,
                     out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """``trio-counter-worker install-functions``: 0 done, 2 refused (one line on ``err``
     saying what to do), 1 Redis unreachable."""
-    from .redis_bridge import _make_client, _translate
+    from .redis_bridge import make_client
 
     def fail(message: str, code: int = 2) -> int:
         err.write(f"trio-counter-worker: error: {message}\n")
@@ -376,13 +377,13 @@ def install_command(config: Config, counter_key: str | None,
     if config.redis_cluster_nodes:
         return fail("the tcw library does not support Redis Cluster yet: mark activity "
                     "with SET <key> 1 EX <ttl> there")
-    client = _make_client(config)
+    client = make_client(config)
     try:
         done = install_details(client, counter_key)
     except (FunctionsUnavailable, ValueError) as exc:
         return fail(str(exc))
     except Exception as exc:
-        translated = _translate(exc)
+        translated = translate(exc)
         if isinstance(translated, RedisRefused) and translated.kind != "oom":
             return fail(str(translated))
         if isinstance(translated, RedisUnavailable):

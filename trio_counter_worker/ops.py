@@ -16,6 +16,7 @@ import certifi
 import httpx
 import trio
 
+from . import redis_reads
 from .acl import acl_rule
 from .config import Config
 from .delivery import build_request
@@ -70,7 +71,7 @@ async def run_checks(config: Config, *, dry_run_request: bool = False) -> list[C
 async def _redis_checks(config: Config) -> list[Check]:
     bridge = make_bridge(config)
     try:
-        probe = await bridge.probe()
+        probe = await redis_reads.probe(bridge)
     except RedisRefused as exc:
         return [Check("redis", "fail", f"{config.redis_location}: {exc}",
                       _REFUSED_HINTS.get(exc.kind, "see the message"))]
@@ -78,7 +79,7 @@ async def _redis_checks(config: Config) -> list[Check]:
         return [Check("redis", "fail", f"{config.redis_location}: {exc}",
                       "check REDIS_HOST/REDIS_PORT or REDIS_URL, and that Redis is running")]
     finally:
-        bridge.close()
+        await bridge.aclose()
     out = [Check("redis", "ok", f"{config.redis_location} answers (Redis {probe['version']})")]
     out.append(await _permission_check(config))
     policy = probe.get("policy")
@@ -157,7 +158,7 @@ async def _permission_check(config: Config) -> Check:
     except RedisUnavailable as exc:
         return Check("permissions", "fail", f"could not check: {exc}")
     finally:
-        bridge.close()
+        await bridge.aclose()
     return Check("permissions", "ok", "every command, key and channel the worker needs")
 
 
@@ -230,18 +231,18 @@ def print_checks(checks: list[Check], out: TextIO) -> int:
 async def run_status(config: Config) -> dict[str, Any]:
     bridge = make_bridge(config)
     try:
-        return await bridge.status()
+        return await redis_reads.status(bridge)
     finally:
-        bridge.close()
+        await bridge.aclose()
 
 
 async def run_redeliver(config: Config, reset_ids: list[str]) -> int:
     """Dead resets back to pending (all with no ids); the leader is told at once."""
     bridge = make_bridge(config)
     try:
-        return await bridge.redeliver(reset_ids)
+        return await redis_reads.redeliver(bridge, reset_ids)
     finally:
-        bridge.close()
+        await bridge.aclose()
 
 
 def print_status(status: dict[str, Any], as_json: bool, out: TextIO) -> None:

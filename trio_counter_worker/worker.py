@@ -264,7 +264,8 @@ async def open_worker(
                 yield Worker(config, store, clients, hooks)
     finally:
         if bridge is not None:
-            bridge.close()
+            with trio.CancelScope(shield=True):
+                await bridge.aclose()
 
 
 async def _start_on_redis(bridge: RedisBridge, config: Config) -> None:

@@ -1,0 +1,190 @@
+"""What comes back from Redis, read without a server: errors classified, replies parsed.
+
+redis-py raises its own exceptions (and strips the error code from some messages, e.g.
+OOM); :func:`translate` maps them onto the worker's (:mod:`trio_counter_worker.errors`)
+by type where redis-py has one. The scripts answer JSON text (one parser for RESP2 and
+RESP3); the functions below turn it into the values of :mod:`trio_counter_worker.store`.
+Tested in ``tests/test_redis_replies.py`` with hand-made exceptions and replies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis.exceptions as rexc
+
+from .acl import is_permission_error
+from .errors import LeaseLost, RedisRefused, RedisUnavailable
+from .store import FailingNote, KeyOutcome, PendingReset
+
+__all__ = [
+    "error_code",
+    "note",
+    "note_json",
+    "outcomes",
+    "pending_record",
+    "record",
+    "reported_args",
+    "translate",
+    "translating",
+]
+
+T = TypeVar("T")
+
+_TRANSIENT = ("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "MOVED", "ASK")
+_UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError)
+_CLUSTER_TRANSIENT = (
+    rexc.ClusterError,  # ClusterDownError, MasterDownError, "TTL exhausted"
+    rexc.TryAgainError,
+    rexc.AskError,  # MovedError too
+    rexc.SlotNotCoveredError,
+    rexc.RedisClusterUnreachableError,
+)
+
+
+def auth_failed(exc: BaseException) -> bool:
+    if isinstance(exc, rexc.AuthenticationError | rexc.AuthenticationWrongNumberOfArgsError):
+        return True
+    text = str(exc)
+    return isinstance(exc, rexc.ResponseError) and (
+        text.startswith(("WRONGPASS", "NOAUTH")) or "AUTH" in text.split(" ", 2)[:2]
+    )
+
+
+def translate(exc: BaseException) -> BaseException:
+    """Map redis-py errors onto ours, by type where redis-py has one (it strips the error
+    code from some messages, e.g. OOM); anything else (a script bug) passes through."""
+    if auth_failed(exc):
+        return RedisRefused(
+            "Redis authentication failed: check REDIS_PASSWORD (and the user in REDIS_URL)",
+            "auth",
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return RedisRefused(
+            "Redis TLS certificate verification failed: set REDIS_CA_FILE to the CA that "
+            "signed the server's certificate, and connect by a name the certificate lists",
+            "tls",
+        )
+    if isinstance(exc, rexc.NoPermissionError) or (
+        isinstance(exc, rexc.ResponseError) and is_permission_error(str(exc))
+    ):
+        return RedisRefused(
+            f"Redis refused a command for lack of permission ({exc}): give the worker's "
+            "Redis user the ACL rule in the README (section 'Redis permissions'; "
+            "`trio-counter-worker check` prints it)",
+            "permission",
+        )
+    code = error_code(exc)
+    if isinstance(exc, rexc.OutOfMemoryError) or code == "OOM":
+        return RedisRefused(
+            "Redis is out of memory (maxmemory reached with a noeviction policy) and "
+            "refuses writes: free memory or raise maxmemory; the worker catches up once "
+            "writes succeed again",
+            "oom",
+        )
+    if isinstance(exc, rexc.ResponseError) and "DB index is out of range" in str(exc):
+        return RedisRefused(
+            "REDIS_DB (or the /db of REDIS_URL) names a database this Redis does not have "
+            "(`CONFIG GET databases` tells how many it has): choose one below that",
+            "db",
+        )
+    if isinstance(exc, rexc.ReadOnlyError) or code == "READONLY":
+        return RedisUnavailable("Redis is read-only (a replica?): waiting for a primary")
+    if isinstance(exc, _CLUSTER_TRANSIENT) or (
+        isinstance(exc, rexc.RedisClusterException)
+        and str(exc).startswith("All slots are not covered")
+    ):
+        # A cluster failing over or resharding: redis-py strips the error code from
+        # these (a ClusterDownError reads "The cluster is down"), so tell them by type.
+        return RedisUnavailable(f"Redis Cluster cannot serve the command for now: "
+                                f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, rexc.ResponseError) and (
+        str(exc).startswith(_TRANSIENT) or code in _TRANSIENT
+    ):
+        # Redis is up but cannot serve us right now: wait it out, do not crash.
+        return RedisUnavailable(f"Redis refused the command for now: {exc}")
+    if isinstance(exc, _UNAVAILABLE):
+        return RedisUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}")
+    if isinstance(exc, ValueError) and "closed file" in str(exc):
+        # redis-py reading a socket another thread closed (a pool disconnected under it)
+        return RedisUnavailable("Redis connection closed while in use")
+    return exc
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The Redis error code of a failure inside a script, which redis-py (and Redis 6.2)
+    pass on as a plain ResponseError: "Error running script ...: -OOM command not..."."""
+    if not isinstance(exc, rexc.ResponseError):
+        return None
+    _, sep, rest = str(exc).rpartition(": -")
+    return rest.split(" ", 1)[0] if sep else None
+
+
+def translating(fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return fn(*args)
+    except Exception as exc:
+        translated = translate(exc)
+        if translated is exc:
+            raise
+        raise translated from None
+
+
+def pending_record(raw: str) -> PendingReset:
+    return record(json.loads(raw))
+
+
+def record(r: dict[str, Any]) -> PendingReset:
+    payload = r.get("payload")
+    return PendingReset(
+        reset_id=str(r["reset_id"]),
+        key=str(r["key"]),
+        deadline_ms=int(r["deadline_ms"]),
+        fencing_token=int(r["fencing_token"]),
+        payload=None if payload is None else str(payload),
+    )
+
+
+def note_json(note: FailingNote) -> str:
+    return json.dumps({"attempts": note.attempts, "since": note.failing_since,
+                       "error": note.last_error[:500], "key": note.key[:200]})
+
+
+def note(reset_id: str, raw: str) -> FailingNote:
+    try:
+        r = json.loads(raw)
+        return FailingNote(reset_id, int(r["attempts"]), float(r["since"]), str(r["error"]),
+                           str(r.get("key", "")))
+    except (ValueError, KeyError, TypeError):
+        return FailingNote(reset_id, 0, 0.0, "(unreadable note)")
+
+
+def reported_args(keys: list[str], expired_after: list[int] | None) -> list[str]:
+    """Per key: '' (not reported) or the time Redis reported it expired after."""
+    if expired_after is None:
+        return [""] * len(keys)
+    if len(expired_after) != len(keys):
+        raise ValueError("claim: one expired_after per key")
+    return [str(int(t)) for t in expired_after]
+
+
+def outcomes(raw: str, keys: list[str]) -> list[KeyOutcome]:
+    r = json.loads(raw)
+    if not r["leader"]:
+        raise LeaseLost("lease lost: Redis shows another holder")
+    rows = r["keys"] if isinstance(r["keys"], list) else []
+    out: list[KeyOutcome] = []
+    for key, row in zip(keys, rows, strict=True):
+        if "p" in row:
+            out.append(KeyOutcome(key, "alive", pttl_ms=int(row["p"])))
+        elif row.get("due"):
+            out.append(KeyOutcome(key, "due"))
+        elif "claimed" in row:
+            rec = json.loads(row["claimed"])
+            out.append(KeyOutcome(key, "claimed", reset=record(rec),
+                                  claimed_ms=int(rec["claimed_ms"])))
+        else:
+            out.append(KeyOutcome(key, "gone"))
+    return out
