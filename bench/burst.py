@@ -18,6 +18,13 @@ every benchmark uses (backlog 1024, TCP_NODELAY; see bench/common.py), and at se
 concurrencies and keep-alive pool sizes.
 
     .venv/bin/python -m bench.burst [--keys 10000] [--in-flight 8 32 128 1000]
+    .venv/bin/python -m bench.burst --skip-calibration --in-flight 32 --profile DIR
+
+``--profile DIR`` samples the leader with py-spy (``pip install py-spy``; attaching needs
+ptrace rights over the worker) from just before the pipeline until the burst is drained,
+and writes DIR/burst-<MAX_IN_FLIGHT>.txt (collapsed stacks: open it with speedscope or
+flamegraph.pl); the top functions by self time go into the JSON (``profile``). The
+sampling costs the leader some CPU: compare throughput without it.
 """
 
 from __future__ import annotations
@@ -25,10 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from .common import (
@@ -92,13 +103,74 @@ def calibrate_backend(
     return result
 
 
-def run_burst(n_keys: int, max_in_flight: int) -> dict[str, Any]:
+PROFILE_RATE = 250  # py-spy samples per second
+
+
+def profile_top(lines: Iterable[str], n: int = 25) -> dict[str, Any]:
+    """From py-spy's collapsed stacks (``frame;frame;...;leaf count`` per line, thread
+    frames first): the ``n`` functions with the most samples as the innermost Python frame
+    (self) and, for the same functions, as any frame (total), as % of all samples."""
+    self_counts: Counter[str] = Counter()
+    total_counts: Counter[str] = Counter()
+    samples = 0
+    for line in lines:
+        stack, _, count_text = line.rstrip().rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if not f.startswith(("thread (", "process "))]
+        if not frames:
+            continue
+        samples += count
+        self_counts[_function(frames[-1])] += count
+        for name in {_function(f) for f in frames}:
+            total_counts[name] += count
+    return {
+        "samples": samples,
+        "top_self": [{"function": name, "self_pct": round(100 * c / samples, 1),
+                      "total_pct": round(100 * total_counts[name] / samples, 1)}
+                     for name, c in self_counts.most_common(n)],
+    }
+
+
+def _function(frame: str) -> str:
+    """'send (httpx/_client.py:123)' -> 'send (httpx/_client.py)': one entry per function."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rsplit(':', 1)[0]})" if where else name
+
+
+def start_profile(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", str(PROFILE_RATE),
+                             "--format", "raw", "--threads", "--nonblocking",
+                             "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # attach
+    if proc.poll() is not None:
+        raise RuntimeError(f"py-spy exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+    return proc
+
+
+def stop_profile(proc: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    top = profile_top(out.read_text().splitlines()) if out.exists() else {"samples": 0}
+    return {"file": str(out), "rate_per_s": PROFILE_RATE, **top}
+
+
+def run_burst(n_keys: int, max_in_flight: int, profile_dir: Path | None = None
+              ) -> dict[str, Any]:
     log(f"burst: {n_keys} keys within {SPREAD_S:.0f} s, MAX_IN_FLIGHT={max_in_flight}")
     with rig(f"burst-{max_in_flight}") as r:
         client = r.client
         worker = r.spawn("leader", max_in_flight=max_in_flight)
         wait_leader_ready(r)
         rss_before = rss_mib(worker.pid)
+        profile_out = profile_dir / f"burst-{max_in_flight}.txt" if profile_dir else None
+        spy = start_profile(worker.pid, profile_out) if profile_out else None
 
         first_ms = int((time.time() + LEAD_S) * 1000)
         deadlines = {f"c:{i}": first_ms + (i * int(SPREAD_S * 1000)) // n_keys
@@ -146,6 +218,7 @@ def run_burst(n_keys: int, max_in_flight: int) -> dict[str, Any]:
                 break
             time.sleep(0.01)
         cpu_stats = cpu.stop()
+        profile = stop_profile(spy, profile_out) if spy and profile_out else None
         backend_cpu = time.process_time() - backend_cpu0
         others_cpu = (machine_busy_seconds() - busy0) - cpu_stats["cpu_s"] - backend_cpu \
             - (cpu_seconds(redis_pid) - redis_cpu0)
@@ -214,6 +287,8 @@ def run_burst(n_keys: int, max_in_flight: int) -> dict[str, Any]:
             "max_threads": max_threads,
             "log_problems": log_problems(worker),
         }
+        if profile:
+            result["profile"] = profile
         if received:
             result["first_post_after_first_deadline_ms"] = round((received[0] - t_first) * 1000, 1)
             result["drain_s"] = round(received[-1] - t_first, 3)
@@ -233,6 +308,8 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--in-flight", type=int, nargs="+", default=[8, 32, 128, 1000])
     parser.add_argument("--skip-calibration", action="store_true")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="sample the leader with py-spy into DIR (see above)")
     parser.add_argument("--name", default="burst", help="results file bench/results/NAME.json")
     args = parser.parse_args()
     calibration = []
@@ -251,7 +328,7 @@ def main() -> None:
             f"errors {cal['errors']}, {cal['connections_closed']} connections closed, "
             f"client {cal['client_cpu_ms_per_request']} ms CPU/request")
         calibration.append(cal)
-    runs = [run_burst(args.keys, m) for m in args.in_flight]
+    runs = [run_burst(args.keys, m, args.profile) for m in args.in_flight]
     problems = []
     for run in runs:
         tag = f"MAX_IN_FLIGHT {run['max_in_flight']}"

@@ -38,7 +38,12 @@ from trio_counter_worker.lab.servers import redis_server_binary as find_redis_se
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "bench" / "results"
+# bench/compare.py runs a benchmark for another commit by setting these two: the
+# checkout whose ``trio_counter_worker`` package every worker runs (default: this working
+# tree), and where the results JSON goes (default: bench/results, which it leaves alone).
+CODE_ENV = "TCW_BENCH_CODE"
+RESULTS_ENV = "TCW_BENCH_RESULTS"
+RESULTS_DIR = Path(os.environ.get(RESULTS_ENV) or ROOT / "bench" / "results")
 SECRET = "bench-" + secrets.token_hex(8)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PIPELINE_CHUNK = 10_000
@@ -227,9 +232,11 @@ class Rig:
         log_level: str = "WARNING",
         module: str = "trio_counter_worker",
         extra_env: dict[str, str] | None = None,
+        code: WorkerCode | None = None,
     ) -> WorkerProcess:
         """Start one ``python -m trio_counter_worker run`` replica against this rig
-        (``module`` swaps in a wrapper such as bench.gc_probe)."""
+        (``module`` swaps in a wrapper such as bench.gc_probe), running ``code``'s worker
+        package (default: :func:`measured_code`)."""
         env = {
             "REDIS_PORT": str(self.server.port),
             "RESET_ENDPOINT_URL": self.backend.url,
@@ -241,10 +248,30 @@ class Rig:
             "LOG_LEVEL": log_level,
             **(extra_env or {}),
         }
-        worker = WorkerProcess(env, self.tmp / f"{replica_id}.log", module=module)
+        checkout = (code or measured_code()).checkout
+        cwd = None if checkout is None else self._launch_dir(checkout)
+        worker = WorkerProcess(env, self.tmp / f"{replica_id}.log", module=module, cwd=cwd)
         worker.start()
         self.workers.append(worker)
         return worker
+
+    def _launch_dir(self, checkout: Path) -> Path:
+        """A directory holding only a link to ``checkout``'s worker package, made once
+        per rig: as a worker's working directory it comes first on ``sys.path`` (ahead
+        of this tree, which PYTHONPATH adds), so ``python -m`` imports that package and
+        everything else (``bench.gc_probe``, the lab) from here; it holds no ``.env``."""
+        launch = self.tmp / f"code-{abs(hash(checkout.resolve())):x}"
+        if not launch.exists():
+            launch.mkdir()
+            (launch / PACKAGE).symlink_to(checkout.resolve() / PACKAGE)
+            imported = subprocess.run(
+                [sys.executable, "-c", f"import {PACKAGE} as m; print(m.__file__)"],
+                cwd=launch, env=clean_env(), capture_output=True, text=True, check=True,
+            ).stdout.strip()
+            if not imported.startswith(str(launch)):
+                raise RuntimeError(f"a worker started in {launch} imports {imported}, "
+                                   f"not {checkout}'s package")
+        return launch
 
 
 # The lab's RecordingBackend keeps two socketserver defaults that a real backend
@@ -419,15 +446,29 @@ def machine_info() -> dict[str, Any]:
 
 
 def _code_version() -> dict[str, Any]:
-    """The commit measured, and whether the worker or test-support code differed from it."""
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                             check=False)
-        return out.stdout.strip()
+    """The commit measured, and whether the worker or test-support code differed from it
+    (for the checkout in $TCW_BENCH_CODE, when one is set)."""
+    code = measured_code()
+    version: dict[str, Any] = {"git_commit": _git_head(ROOT),
+                               "worker_code_modified": _modified(ROOT)}
+    if code.checkout is not None:
+        version["worker_code_checkout"] = str(code.checkout)
+        version["worker_code_commit"] = _git_head(code.checkout)
+        version["worker_code_modified"] = _modified(code.checkout)
+    return version
 
-    changed = git("status", "--porcelain", "--", "trio_counter_worker", "tests/support")
-    return {"git_commit": git("rev-parse", "HEAD") or "?",
-            "worker_code_modified": bool(changed)}
+
+def _git(cwd: Path, *args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
+    return out.stdout.strip()
+
+
+def _git_head(cwd: Path) -> str:
+    return _git(cwd, "rev-parse", "HEAD") or "?"
+
+
+def _modified(cwd: Path) -> bool:
+    return bool(_git(cwd, "status", "--porcelain", "--", PACKAGE, "tests/support"))
 
 
 def _mem_total_mib() -> int:
@@ -444,7 +485,7 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     payload = {"benchmark": name, "machine": machine_info(), **data}
     text = json.dumps(clean_json(payload), indent=2, default=_json_default, allow_nan=False)
     path.write_text(text + "\n")
-    log(f"wrote {path.relative_to(ROOT)}")
+    log(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path
 
 
@@ -471,78 +512,46 @@ def _json_default(obj: object) -> Any:
 # --- another commit's worker, run side by side with the working tree's ----------------
 
 BASE_COMMIT = "9092cec"  # before isolated deliveries and the decision queue
+PACKAGE = "trio_counter_worker"
 
 
 @attrs.frozen
 class WorkerCode:
-    """The worker code a replica runs: ``root`` is a directory holding another commit's
-    ``trio_counter_worker`` package, or None for the working tree (as in every other
-    benchmark)."""
+    """The worker code a replica runs: the ``trio_counter_worker`` package of
+    ``checkout`` (another commit's tree), or of the working tree when it is None."""
 
     label: str
     commit: str
-    root: Path | None = None
+    checkout: Path | None = None
 
 
-def working_tree_code(label: str = "new") -> WorkerCode:
-    """The working tree's worker, labelled with HEAD (``+modified`` if it differs)."""
-    version = _code_version()
-    commit = str(version["git_commit"])[:12]
-    return WorkerCode(label, commit + ("+modified" if version["worker_code_modified"] else ""))
+def measured_code(label: str = "new") -> WorkerCode:
+    """The code a benchmark measures unless told otherwise: the checkout named by
+    $TCW_BENCH_CODE (bench/compare.py sets it), else the working tree. Labelled with its
+    commit (``+modified`` if its worker code differs from it)."""
+    raw = os.environ.get(CODE_ENV)
+    checkout = Path(raw).resolve() if raw else None
+    where = checkout or ROOT
+    commit = _git_head(where)[:12] + ("+modified" if _modified(where) else "")
+    return WorkerCode(label, commit, checkout)
 
 
 @contextmanager
 def code_at(commit: str, label: str = "old") -> Iterator[WorkerCode]:
-    """``commit``'s worker package, exported with ``git archive`` into a temp dir for as
-    long as the block runs: no checkout, nothing written to the repository."""
-    full = subprocess.run(["git", "rev-parse", "--verify", f"{commit}^{{commit}}"], cwd=ROOT,
-                          capture_output=True, text=True, check=True).stdout.strip()
+    """``commit`` checked out (``git worktree add --detach``) in a temp dir for as long as
+    the block runs, and removed again; the working tree is not touched."""
+    full = _git(ROOT, "rev-parse", "--verify", f"{commit}^{{commit}}")
+    if not full:
+        raise ValueError(f"{commit!r} is not a commit of {ROOT}")
     with tempfile.TemporaryDirectory(prefix=f"tcw-{full[:7]}-") as tmp_name:
-        root = Path(tmp_name)
-        archive = subprocess.run(["git", "archive", "--format=tar", full, "trio_counter_worker"],
-                                 cwd=ROOT, capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
-        code = WorkerCode(label, full[:12], root)
-        imported = subprocess.run(
-            [sys.executable, "-c", "import trio_counter_worker as m; print(m.__file__)"],
-            cwd=root, env=clean_env(), capture_output=True, text=True, check=True,
-        ).stdout.strip()
-        if not imported.startswith(str(root)):
-            raise RuntimeError(f"{commit}: a worker started in {root} imports {imported}")
-        yield code
-
-
-def spawn_code(
-    r: Rig,
-    code: WorkerCode,
-    replica_id: str,
-    *,
-    lease_ttl_ms: int = 3000,
-    max_in_flight: int = 32,
-    log_level: str = "WARNING",
-    extra_env: dict[str, str] | None = None,
-) -> WorkerProcess:
-    """:meth:`Rig.spawn` for ``code``: the working tree's worker, or another commit's."""
-    if code.root is None:
-        return r.spawn(replica_id, lease_ttl_ms=lease_ttl_ms, max_in_flight=max_in_flight,
-                       log_level=log_level, extra_env=extra_env)
-    env = {
-        "REDIS_PORT": str(r.server.port),
-        "RESET_ENDPOINT_URL": r.backend.url,
-        "RESET_SECRET": SECRET,
-        "COUNTER_KEY": "c:*",
-        "LEASE_TTL_MS": str(lease_ttl_ms),
-        "REPLICA_ID": replica_id,
-        "MAX_IN_FLIGHT": str(max_in_flight),
-        "LOG_LEVEL": log_level,
-        **(extra_env or {}),
-    }
-    # `python -m` puts its working directory first on sys.path, ahead of the working
-    # tree that PYTHONPATH adds; the directory holds nothing else (no .env).
-    worker = WorkerProcess(env, r.tmp / f"{replica_id}.log", cwd=code.root)
-    worker.start()
-    r.workers.append(worker)
-    return worker
+        tree = Path(tmp_name) / "tree"
+        subprocess.run(["git", "worktree", "add", "--quiet", "--detach", str(tree), full],
+                       cwd=ROOT, check=True)
+        try:
+            yield WorkerCode(label, full[:12], tree)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT,
+                           check=False)
 
 
 def ratio(new: float | int | None, old: float | int | None) -> float | None:

@@ -18,7 +18,7 @@ deadline is exact). A healthy reset not received ``--cap`` s after the last dead
 never arrived (its latency is infinite, so percentiles can be "never").
 
 Each run is made with the working tree's worker and with the base commit's (its package
-exported with ``git archive`` into a temp dir; the same settings), alternately in one
+checked out with ``git worktree add`` in a temp dir; the same settings), alternately in one
 invocation: A new, A old, B new, B old, C new, C old (the next round starts with old),
 a fresh Redis and backend for every run.
 
@@ -44,12 +44,11 @@ from .common import (
     fmt_ms,
     log,
     log_problems,
+    measured_code,
     ratio,
     rig,
-    spawn_code,
     summarize,
     wait_leader_ready,
-    working_tree_code,
     write_result,
 )
 
@@ -77,7 +76,7 @@ def run_once(code: WorkerCode, scenario: str, rate: float, duration: float,
         client, backend = r.client, r.backend
         behaviours = poison_behaviours()
         backend.behave(by_key(behaviours))
-        worker = spawn_code(r, code, "leader", max_in_flight=MAX_IN_FLIGHT,
+        worker = r.spawn("leader", code=code, max_in_flight=MAX_IN_FLIGHT,
                             extra_env={"RESET_TIMEOUT_MS": str(RESET_TIMEOUT_MS)})
         wait_leader_ready(r)
         cpu = CpuWindow(worker.pid).start()
@@ -187,7 +186,7 @@ def main() -> None:
         args.duration, args.cap = 8.0, 5.0
     runs: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
-        new = working_tree_code()
+        new = measured_code()
         old = stack.enter_context(code_at(args.base))
         for rnd in range(args.rounds):
             codes = (new, old) if rnd % 2 == 0 else (old, new)

@@ -22,10 +22,10 @@ deadline counts as infinite. During the +50 ms runs a second replica stands by a
 leader gets SIGTERM halfway: the episodes and samples around the handoff are reported
 apart as well as in the totals.
 
-Each run is made with the working tree's worker and with the base commit's (its package
-exported with ``git archive``; the same settings), alternately in one invocation, a
-fresh Redis, proxy and backend for every run: +0 new, +0 old, +50 new, +50 old (the next
-round starts with old).
+Each run is made with the working tree's worker and with the base commit's (checked out
+with ``git worktree add`` in a temp dir; the same settings), alternately in one
+invocation, a fresh Redis, proxy and backend for every run: +0 new, +0 old, +50 new,
++50 old (the next round starts with old).
 
     .venv/bin/python -m bench.slowlink [--quick] [--duration 30] [--rounds 1]
     .venv/bin/python -m bench.slowlink --codes new --one-way-ms 25 --log-level INFO \
@@ -70,15 +70,14 @@ from .common import (
     log,
     log_problems,
     machine_busy_seconds,
+    measured_code,
     numsub,
     ratio,
     release_channel,
     rig,
-    spawn_code,
     summarize,
     wait_leader_ready,
     wait_until,
-    working_tree_code,
     write_result,
 )
 
@@ -301,10 +300,10 @@ def run_once(code: WorkerCode, one_way_ms: float, handoff: bool, args: argparse.
     with rig(f"slowlink-{rtt:.0f}-{code.label}") as r, \
             proxy_process(r.server.port, one_way_ms) as (proxy_port, proxy_pid):
         env = {"REDIS_PORT": str(proxy_port)}
-        workers = {"r1": spawn_code(r, code, "r1", log_level=args.log_level, extra_env=env)}
+        workers = {"r1": r.spawn("r1", code=code, log_level=args.log_level, extra_env=env)}
         leader = wait_leader_ready(r, timeout=60)
         if handoff:
-            workers["r2"] = spawn_code(r, code, "r2", log_level=args.log_level, extra_env=env)
+            workers["r2"] = r.spawn("r2", code=code, log_level=args.log_level, extra_env=env)
             wait_until(lambda: numsub(r.client, release_channel()) >= 2, 60,
                        "the standby's subscription to the release channel")
         try:
@@ -623,7 +622,7 @@ def main() -> None:
                      f"({LONG_TTL_MS[0]} ms)")
     runs: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
-        new = working_tree_code()
+        new = measured_code()
         old = stack.enter_context(code_at(args.base))
         for rnd in range(args.rounds):
             codes = [c for c in ((new, old) if rnd % 2 == 0 else (old, new))
