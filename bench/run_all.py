@@ -1,6 +1,6 @@
 """Run every benchmark, then the plot and the summary. From the repository root:
 
-    .venv/bin/python bench/run_all.py            # everything (~13 minutes on 2 cores)
+    .venv/bin/python bench/run_all.py            # everything (~16 minutes on 2 cores)
     .venv/bin/python bench/run_all.py burst idle # some of them
 
 Each benchmark runs as its own process (``python -m bench.<name>``) with a time limit,
@@ -21,10 +21,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> time limit in seconds (normal durations on 2 cores: ~130, ~40, ~210, ~70, ~50,
-# see docs/BENCHMARKS.md for million, ~10, ~30, ~170, ~160)
+# see docs/BENCHMARKS.md for million, ~10, ~30, ~170, ~160, ~180)
 BENCHMARKS = {"latency": 300, "failover": 240, "burst": 420, "idle": 150, "scale": 300,
               "million": 1200, "gcpause": 120, "unrelated": 120, "poison": 360,
-              "slowlink": 480}
+              "slowlink": 480, "touch": 420}
 
 
 def run(name: str, limit: float) -> bool:
