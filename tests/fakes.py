@@ -19,11 +19,13 @@ from trio_counter_worker.errors import FunctionsUnavailable, LeaseLost, RedisUna
 from trio_counter_worker.keys import Keys
 from trio_counter_worker.keyspace import merged_flags, missing_flags
 from trio_counter_worker.store import (
+    DeadlinePage,
     FailingNote,
     KeyOutcome,
     LeaseView,
     Message,
     NotificationStatus,
+    PageStart,
     PendingReset,
 )
 
@@ -56,6 +58,7 @@ class FakeStore:
         self.dead: dict[str, tuple[PendingReset, FailingNote]] = {}
         self.flags = "Kg$x"  # notify-keyspace-events; a test may change it
         self.maxmemory_policy: str | None = "noeviction"
+        self.page_size = 5_000  # recorded deadlines per `tracked` page
         self.down = False  # True: every call raises RedisUnavailable
         self.renew_hangs = False  # True: renew() never answers
         self.calls: list[tuple[float, str]] = []
@@ -231,11 +234,19 @@ class FakeStore:
         await self._op("pending")
         return sorted(self.pending_resets.values(), key=lambda p: p.deadline_ms)
 
-    async def tracked(self, holder: str) -> list[tuple[str, int]]:
+    async def tracked(self, holder: str, start: PageStart) -> DeadlinePage:
         await self._op("tracked")
         if not self._holds(holder):
             raise LeaseLost("fake: not the holder")
-        return [(k, dl - _ms()) for k, dl in self.deadlines.items()]
+        rows = sorted(self.deadlines.items(), key=lambda kv: (kv[1], kv[0]))
+        if start.after is not None:
+            rows = [kv for kv in rows if kv[1] > start.after]
+        page = rows[:self.page_size]
+        more = len(page) == self.page_size
+        if more:  # the whole last deadline's keys, as TRACKED
+            page = [kv for kv in rows if kv[1] <= page[-1][1]]
+        return DeadlinePage([(k, dl - _ms()) for k, dl in page],
+                            PageStart(page[-1][1]) if more else None)
 
     async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]:
         await self._op("scan")

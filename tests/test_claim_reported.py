@@ -12,6 +12,7 @@ import trio
 from tests.support.redis_server import RedisServer
 from trio_counter_worker import Config
 from trio_counter_worker.redis_bridge import RedisBridge
+from trio_counter_worker.store import PageStart
 
 HOLDER = "me#1"
 
@@ -102,7 +103,7 @@ async def test_a_stale_future_deadline_does_not_hide_a_reported_expiry(
             assert reported.kind == "claimed"
             assert reported.reset is not None
             assert reported.reset.deadline_ms == reported.claimed_ms
-            assert await bridge.tracked(HOLDER) == []
+            assert (await bridge.tracked(HOLDER, PageStart())).rows == []
     finally:
         await bridge.aclose()
 

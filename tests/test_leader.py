@@ -593,3 +593,23 @@ async def test_a_graceful_stop_hands_over_what_only_it_has_seen(
             second.cancel_scope.cancel()
     assert [b["key"] for b in harness.backend.bodies] == ["c:x"]
     assert harness.backend.bodies[0]["expired_at"] == 1.001  # decided as the leader stopped
+
+
+async def test_a_takeover_reads_recorded_deadlines_page_by_page(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Pages of 2 (a million recorded deadlines in one reply would outlast any timeout):
+    every deadline, the passed ones and the tied ones, is reset once, on time."""
+    store = harness.store
+    store.page_size = 2
+    for n, deadline_ms in enumerate([500, 500, 500, 1_000, 2_000, 2_000, 3_000]):
+        store.keys[f"c:{n}"] = deadline_ms
+        store.deadlines[f"c:{n}"] = deadline_ms
+    async with trio.open_nursery() as nursery:
+        await trio.sleep(0.8)  # three deadlines pass while no replica leads
+        await start_worker(nursery, harness)
+        await harness.backend.wait(7)
+        nursery.cancel_scope.cancel()
+    assert sorted(str(b["key"]) for b in harness.backend.bodies) == [f"c:{n}" for n in range(7)]
+    assert harness.backend.times[3:] == [1 + EARLY, 2 + EARLY, 2 + EARLY, 3 + EARLY]
+    assert [op for _, op in store.calls].count("tracked") == 3  # 0-2 | 3-5 | 6: ties whole

@@ -35,10 +35,11 @@ from trio_counter_worker import (
     RedisUnavailable,
     Worker,
     open_worker,
+    redis_bridge,
 )
 from trio_counter_worker.keys import Keys, keyspace_pattern
 from trio_counter_worker.redis_bridge import RedisBridge
-from trio_counter_worker.store import KeyOutcome, Message, PendingReset
+from trio_counter_worker.store import DeadlinePage, KeyOutcome, Message, PageStart, PendingReset
 
 T = TypeVar("T")
 
@@ -399,7 +400,7 @@ async def test_key_deleted_before_its_deadline_is_gone(
         assert one(await bridge.claim(HOLDER, ["c:2"])).kind == "gone"
         assert deadline_of(client, "c:2") is None
         assert client.exists(PENDING_KEY) == 0
-        assert await bridge.tracked(HOLDER) == []
+        assert await bridge.tracked(HOLDER, PageStart()) == DeadlinePage([], None)
 
 
 async def test_key_without_ttl_is_gone(bridge: RedisBridge, client: redis.Redis) -> None:
@@ -419,6 +420,33 @@ async def test_key_without_ttl_is_gone(bridge: RedisBridge, client: redis.Redis)
         assert client.exists(PENDING_KEY) == 0
 
 
+async def test_tracked_pages_give_every_deadline_once_whatever_changes_between(
+    bridge: RedisBridge, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages of 3, deadlines tied across page ends (one tie group larger than a page),
+    and keys recorded and claimed between pages: every key recorded all along comes once,
+    earliest first."""
+    monkeypatch.setattr(redis_bridge, "TRACKED_PAGE", 3)
+    now = redis_now_ms(client) + 60_000
+    plan = {"a": 0, "b": 1, "c": 1, "d": 1, "e": 1, "f": 1, "g": 2, "h": 3, "i": 3, "j": 4}
+    client.zadd(DEADLINES_KEY, {f"c:{k}": now + d for k, d in plan.items()})
+    with trio.fail_after(TEST_TIMEOUT):
+        await lead(bridge)
+        seen: list[str] = []
+        start: PageStart | None = PageStart()
+        pages = 0
+        while start is not None:
+            page = await bridge.tracked(HOLDER, start)
+            seen += [k for k, _ in page.rows]
+            start = page.next
+            pages += 1
+            if pages == 1:  # meanwhile: seen ones claimed, a later one recorded
+                client.zrem(DEADLINES_KEY, "c:a", "c:b")
+                client.zadd(DEADLINES_KEY, {"c:late": now + 9})
+    assert seen == [f"c:{k}" for k in plan] + ["c:late"]
+    assert pages == 3  # a, b-c and the rest of their tie group | g-i | j, late
+
+
 async def test_tracked_reports_deadlines_as_delays(
     bridge: RedisBridge, client: redis.Redis
 ) -> None:
@@ -427,7 +455,7 @@ async def test_tracked_reports_deadlines_as_delays(
         set_key(client, "c:1", 5000)
         set_key(client, "c:2", 2000)
         await bridge.track(HOLDER, ["c:1", "c:2", "c:none"])
-        rows = dict(await bridge.tracked(HOLDER))
+        rows = dict((await bridge.tracked(HOLDER, PageStart())).rows)
         assert set(rows) == {"c:1", "c:2"}
         assert 4000 < rows["c:1"] <= 5000
         assert 1000 < rows["c:2"] <= 2000
@@ -472,7 +500,7 @@ async def test_scripts_refuse_a_replica_that_lost_the_lease(
         assert hgetall(client, PENDING_KEY) == before_pending  # still to be sent
 
         with pytest.raises(LeaseLost):
-            await bridge.tracked(HOLDER)
+            await bridge.tracked(HOLDER, PageStart())
 
         assert await bridge.renew(HOLDER, LEASE_TTL_MS) is False
         assert await bridge.release(HOLDER, REPLICA) is False

@@ -36,7 +36,7 @@ from .metrics import Metrics
 from .outage import OutageLog
 from .outbox import Entry, Outbox
 from .retry import RetryPolicy
-from .store import FailingNote, Message, PendingReset, Store
+from .store import FailingNote, Message, PageStart, PendingReset, Store
 
 __all__ = ["LeaderDuties"]
 
@@ -265,10 +265,13 @@ class LeaderDuties:
         """Bring the local schedule in line with Redis: every recorded deadline first
         (including those that passed while nobody led: the first on-time resets of a
         takeover must not wait for a scan of every key), then every matching key."""
-        start = trio.current_time()
-        rows = await self._store.tracked(self._holder)
-        self._state.tracked(rows, (start + trio.current_time()) / 2)
-        self._rescheduled()
+        page: PageStart | None = PageStart()
+        while page is not None:  # earliest first: the due ones are scheduled at once
+            sent = trio.current_time()
+            found = await self._store.tracked(self._holder, page)
+            self._state.tracked(found.rows, (sent + trio.current_time()) / 2)
+            self._rescheduled()
+            page = found.next
         cursor = 0
         while True:
             cursor, keys = await self._store.scan(self._config.counter_key, cursor)

@@ -30,6 +30,7 @@ from .config import Config
 from .errors import FunctionsUnavailable, LeaseLost, RedisRefused, RedisUnavailable
 from .keyspace import merged_flags, missing_flags
 from .redis_replies import (
+    deadline_page,
     note,
     note_json,
     outcomes,
@@ -39,11 +40,13 @@ from .redis_replies import (
     translating,
 )
 from .store import (
+    DeadlinePage,
     FailingNote,
     KeyOutcome,
     LeaseView,
     Message,
     NotificationStatus,
+    PageStart,
     PendingReset,
 )
 
@@ -56,6 +59,7 @@ _MAX_BATCH = 1000
 _TOPOLOGY_EVERY = 2.0  # Cluster: how often the leader checks the set of primaries
 _REDIRECTS = 5  # Cluster: MOVED/ASK followed per probe before resynchronising instead
 _MASTER_CHECK_EVERY = 0.25  # Sentinel: how often to ask which node is the master
+TRACKED_PAGE = 5_000  # recorded deadlines per call: a page is well inside any timeout
 REACHABLE_POLL = 0.1  # after a lost connection: how often to ask whether Redis is back
 _SUBSCRIBE_TIMEOUT = 2.0  # start-up check: how long Redis may take to confirm a subscription
 
@@ -315,14 +319,10 @@ class RedisBridge:
         rows: dict[str, str] = self._client.hgetall(key)
         return rows
 
-    async def tracked(self, holder: str) -> list[tuple[str, int]]:
+    async def tracked(self, holder: str, start: PageStart) -> DeadlinePage:
         keys = [self.keys.lease, self.keys.deadlines]
-        r = json.loads(await self._script("TRACKED", keys, [holder]))
-        if not r["leader"]:
-            raise LeaseLost("lease lost while reading deadlines")
-        rows = r["rows"] if isinstance(r["rows"], list) else []
-        now = int(r["now"])
-        return [(rows[i], int(float(rows[i + 1])) - now) for i in range(0, len(rows), 2)]
+        lowest = "-inf" if start.after is None else f"({start.after}"
+        return deadline_page(await self._script("TRACKED", keys, [holder, lowest, TRACKED_PAGE]))
 
     async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]:
         next_cursor, keys = await self._run(self._client.scan, cursor, pattern, 1000)

@@ -17,9 +17,10 @@ import redis.exceptions as rexc
 
 from .acl import is_permission_error
 from .errors import LeaseLost, RedisRefused, RedisUnavailable
-from .store import FailingNote, KeyOutcome, PendingReset
+from .store import DeadlinePage, FailingNote, KeyOutcome, PageStart, PendingReset
 
 __all__ = [
+    "deadline_page",
     "error_code",
     "note",
     "note_json",
@@ -168,6 +169,21 @@ def reported_args(keys: list[str], expired_after: list[int] | None) -> list[str]
     if len(expired_after) != len(keys):
         raise ValueError("claim: one expired_after per key")
     return [str(int(t)) for t in expired_after]
+
+
+def deadline_page(raw: str) -> DeadlinePage:
+    """TRACKED's answer: a flat [key, deadline, ...] list, Redis's time, and whether more
+    pages follow (then from past the last deadline)."""
+    r = json.loads(raw)
+    if not r["leader"]:
+        raise LeaseLost("lease lost while reading deadlines")
+    flat = r["rows"] if isinstance(r["rows"], list) else []  # cjson: {} when empty
+    now = int(r["now"])
+    keys = flat[0::2]
+    deadlines = [int(float(d)) for d in flat[1::2]]
+    more = bool(r.get("more")) and bool(deadlines)
+    return DeadlinePage([(k, d - now) for k, d in zip(keys, deadlines, strict=True)],
+                        PageStart(deadlines[-1]) if more else None)
 
 
 def outcomes(raw: str, keys: list[str]) -> list[KeyOutcome]:

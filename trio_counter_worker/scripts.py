@@ -260,12 +260,28 @@ if n > 0 then redis.call('PUBLISH', ARGV[1], n) end
 return n
 """
 
-# KEYS: lease, deadlines   ARGV: holder
-# Every recorded deadline, with Redis's clock to turn them into delays.
+# KEYS: lease, deadlines   ARGV: holder, after ('-inf', or '(' .. ms: past it), most rows
+# One page of recorded deadlines, earliest first, with Redis's clock to turn them into
+# delays. Paged, since a million of them in one reply outlasts any timeout; a page ends
+# with every key at its last deadline, so the next starts strictly after it (no offsets
+# that keys recorded or claimed meanwhile could shift).
 TRACKED = _PRELUDE + """
 if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
-local rows = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-return cjson.encode({leader = true, now = now_ms(), rows = rows})
+local limit = tonumber(ARGV[3])
+local rows = redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '+inf', 'WITHSCORES',
+                        'LIMIT', 0, limit)
+local more = #rows == 2 * limit
+if more then
+  local last = rows[#rows]
+  while #rows > 0 and rows[#rows] == last do
+    rows[#rows] = nil
+    rows[#rows] = nil
+  end
+  for _, v in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], last, last, 'WITHSCORES')) do
+    rows[#rows + 1] = v
+  end
+end
+return cjson.encode({leader = true, now = now_ms(), rows = rows, more = more})
 """
 
 

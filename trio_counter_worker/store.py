@@ -12,11 +12,13 @@ import attrs
 import trio
 
 __all__ = [
+    "DeadlinePage",
     "FailingNote",
     "KeyOutcome",
     "LeaseView",
     "Message",
     "NotificationStatus",
+    "PageStart",
     "PendingReset",
     "Store",
 ]
@@ -46,6 +48,22 @@ class PendingReset:
     @property
     def expired_at(self) -> float:
         return self.deadline_ms / 1000
+
+
+@attrs.frozen
+class PageStart:
+    """Where a page of recorded deadlines starts: past deadline ``after`` (Redis ms; None:
+    from the earliest). A page holds every key at its last deadline."""
+
+    after: int | None = None
+
+
+@attrs.frozen
+class DeadlinePage:
+    """Recorded deadlines, earliest first: (key, ms from when Redis read them)."""
+
+    rows: list[tuple[str, int]]
+    next: PageStart | None  # None: the last page
 
 
 @attrs.frozen
@@ -137,7 +155,9 @@ class Store(Protocol):
         False if it was no longer pending."""
         ...
 
-    async def tracked(self, holder: str) -> list[tuple[str, int]]: ...
+    async def tracked(self, holder: str, start: PageStart) -> DeadlinePage:
+        """One page of the recorded deadlines (lease-checked)."""
+        ...
 
     async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]: ...
 
