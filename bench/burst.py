@@ -84,9 +84,19 @@ def calibrate_backend(
         cpu0 = time.process_time()
         child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run(
-            [sys.executable, "-m", "bench.http_load", backend.url, str(n), str(concurrency),
-             *extra],
-            capture_output=True, text=True, timeout=CALIBRATION_TIMEOUT, check=True,
+            [
+                sys.executable,
+                "-m",
+                "bench.http_load",
+                backend.url,
+                str(n),
+                str(concurrency),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=CALIBRATION_TIMEOUT,
+            check=True,
             cwd=ROOT,
         )
         backend_cpu = time.process_time() - cpu0
@@ -127,9 +137,14 @@ def profile_top(lines: Iterable[str], n: int = 25) -> dict[str, Any]:
             total_counts[name] += count
     return {
         "samples": samples,
-        "top_self": [{"function": name, "self_pct": round(100 * c / samples, 1),
-                      "total_pct": round(100 * total_counts[name] / samples, 1)}
-                     for name, c in self_counts.most_common(n)],
+        "top_self": [
+            {
+                "function": name,
+                "self_pct": round(100 * c / samples, 1),
+                "total_pct": round(100 * total_counts[name] / samples, 1),
+            }
+            for name, c in self_counts.most_common(n)
+        ],
     }
 
 
@@ -144,10 +159,24 @@ def start_profile(pid: int, out: Path) -> subprocess.Popen[bytes]:
     if spy is None:
         raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
     out.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", str(PROFILE_RATE),
-                             "--format", "raw", "--threads", "--nonblocking",
-                             "--output", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            str(PROFILE_RATE),
+            "--format",
+            "raw",
+            "--threads",
+            "--nonblocking",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     time.sleep(1.0)  # attach
     if proc.poll() is not None:
         raise RuntimeError(f"py-spy exited: {proc.stderr.read().decode() if proc.stderr else ''}")
@@ -161,8 +190,7 @@ def stop_profile(proc: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
     return {"file": str(out), "rate_per_s": PROFILE_RATE, **top}
 
 
-def run_burst(n_keys: int, max_in_flight: int, profile_dir: Path | None = None
-              ) -> dict[str, Any]:
+def run_burst(n_keys: int, max_in_flight: int, profile_dir: Path | None = None) -> dict[str, Any]:
     log(f"burst: {n_keys} keys within {SPREAD_S:.0f} s, MAX_IN_FLIGHT={max_in_flight}")
     with rig(f"burst-{max_in_flight}") as r:
         client = r.client
@@ -173,8 +201,9 @@ def run_burst(n_keys: int, max_in_flight: int, profile_dir: Path | None = None
         spy = start_profile(worker.pid, profile_out) if profile_out else None
 
         first_ms = int((time.time() + LEAD_S) * 1000)
-        deadlines = {f"c:{i}": first_ms + (i * int(SPREAD_S * 1000)) // n_keys
-                     for i in range(n_keys)}
+        deadlines = {
+            f"c:{i}": first_ms + (i * int(SPREAD_S * 1000)) // n_keys for i in range(n_keys)
+        }
         cpu_track = CpuWindow(worker.pid).start()
         t_set = time.time()
         pipe = client.pipeline(transaction=False)
@@ -190,9 +219,14 @@ def run_burst(n_keys: int, max_in_flight: int, profile_dir: Path | None = None
                 tracked_at = time.time()
             time.sleep(0.01)
         track_cpu = cpu_track.stop()
-        log(f"  pipeline of {n_keys} SETs took {set_s * 1000:.0f} ms; tracked "
-            + (f"{(tracked_at - t_set) * 1000:.0f} ms after the pipeline was sent"
-               if tracked_at else "NOT all before the first deadline"))
+        log(
+            f"  pipeline of {n_keys} SETs took {set_s * 1000:.0f} ms; tracked "
+            + (
+                f"{(tracked_at - t_set) * 1000:.0f} ms after the pipeline was sent"
+                if tracked_at
+                else "NOT all before the first deadline"
+            )
+        )
 
         stats0 = info(client, "everything")
         cpu = CpuWindow(worker.pid).start()
@@ -220,16 +254,21 @@ def run_burst(n_keys: int, max_in_flight: int, profile_dir: Path | None = None
         cpu_stats = cpu.stop()
         profile = stop_profile(spy, profile_out) if spy and profile_out else None
         backend_cpu = time.process_time() - backend_cpu0
-        others_cpu = (machine_busy_seconds() - busy0) - cpu_stats["cpu_s"] - backend_cpu \
+        others_cpu = (
+            (machine_busy_seconds() - busy0)
+            - cpu_stats["cpu_s"]
+            - backend_cpu
             - (cpu_seconds(redis_pid) - redis_cpu0)
+        )
         stats1 = info(client, "everything")
         redis_calls = {
             k.removeprefix("cmdstat_"): int(v["calls"]) - int(stats0.get(k, {"calls": 0})["calls"])
             for k, v in stats1.items()
             if k.startswith("cmdstat_") and k not in ("cmdstat_info", "cmdstat_zcard")
         }
-        redis_cpu = sum(float(stats1[k]) - float(stats0[k])
-                        for k in ("used_cpu_sys", "used_cpu_user"))
+        redis_cpu = sum(
+            float(stats1[k]) - float(stats0[k]) for k in ("used_cpu_sys", "used_cpu_user")
+        )
         time.sleep(2.0)  # late duplicates would show up here
         rss_after = rss_mib(worker.pid)
         closed = time_wait_sockets(r.backend.port)
@@ -243,8 +282,11 @@ def run_burst(n_keys: int, max_in_flight: int, profile_dir: Path | None = None
         first_post: dict[str, tuple[float, dict[str, Any]]] = {}
         for at, b in bodies:
             first_post.setdefault(str(b.get("key")), (at, b))
-        lat = [at - float(b["expired_at"]) for at, b in first_post.values()
-               if str(b.get("key")) in deadlines]
+        lat = [
+            at - float(b["expired_at"])
+            for at, b in first_post.values()
+            if str(b.get("key")) in deadlines
+        ]
         received = sorted(at for at, _ in bodies)
         missing = [k for k in deadlines if k not in per_key]
         pending: Any = client.hlen(pending_key())
@@ -266,7 +308,8 @@ def run_burst(n_keys: int, max_in_flight: int, profile_dir: Path | None = None
             "pending_left": int(pending),
             "deadlines_left": int(left),
             "expired_at_mismatch": sum(
-                1 for _, b in first_post.values()
+                1
+                for _, b in first_post.values()
                 if str(b.get("key")) in deadlines
                 and abs(float(b["expired_at"]) * 1000 - deadlines[str(b["key"])]) > 1
             ),
@@ -295,11 +338,13 @@ def run_burst(n_keys: int, max_in_flight: int, profile_dir: Path | None = None
             result["last_post_after_last_deadline_s"] = round(received[-1] - last_deadline, 3)
             span = received[-1] - received[0]
             result["resets_per_s"] = round(len(received) / span, 1) if span > 0 else None
-        log(f"  drain {result.get('drain_s')} s, {result.get('resets_per_s')} resets/s, "
+        log(
+            f"  drain {result.get('drain_s')} s, {result.get('resets_per_s')} resets/s, "
             f"latency p50 {fmt_ms(result['latency_ms'].get('p50'))} "
             f"p99 {fmt_ms(result['latency_ms'].get('p99'))}; "
             f"{result['distinct_keys']}/{n_keys} keys, {result['posts']} POSTs, "
-            f"{result['missing_keys']} missing")
+            f"{result['missing_keys']} missing"
+        )
         return result
 
 
@@ -308,8 +353,12 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--in-flight", type=int, nargs="+", default=[8, 32, 128, 1000])
     parser.add_argument("--skip-calibration", action="store_true")
-    parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="sample the leader with py-spy into DIR (see above)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample the leader with py-spy into DIR (see above)",
+    )
     parser.add_argument("--name", default="burst", help="results file bench/results/NAME.json")
     args = parser.parse_args()
     calibration = []
@@ -317,16 +366,20 @@ def main() -> None:
     # (backend, concurrency, keep-alive pool or None for httpx's default, requests)
     plan: list[tuple[BackendTuning, int, int | None, int]] = [
         (STOCK_BACKEND, 1, None, 200),  # one connection, back to back: the Nagle stall
-        (STOCK_BACKEND, 32, None, n_cal), (STOCK_BACKEND, 128, None, n_cal),
+        (STOCK_BACKEND, 32, None, n_cal),
+        (STOCK_BACKEND, 128, None, n_cal),
         *((TUNED_BACKEND, c, None, n_cal) for c in (1, 8, 32, 128)),
-        (TUNED_BACKEND, 32, 32, n_cal), (TUNED_BACKEND, 128, 128, n_cal),
+        (TUNED_BACKEND, 32, 32, n_cal),
+        (TUNED_BACKEND, 128, 128, n_cal),
     ]
     for tuning, c, keepalive, n in [] if args.skip_calibration else plan:
         cal = calibrate_backend(n, c, tuning, keepalive)
-        log(f"backend ({tuning.label}), {c} concurrent requests from another process "
+        log(
+            f"backend ({tuning.label}), {c} concurrent requests from another process "
             f"(keep-alive pool {cal['keepalive_pool']}): {cal['req_per_s']} req/s, "
             f"errors {cal['errors']}, {cal['connections_closed']} connections closed, "
-            f"client {cal['client_cpu_ms_per_request']} ms CPU/request")
+            f"client {cal['client_cpu_ms_per_request']} ms CPU/request"
+        )
         calibration.append(cal)
     runs = [run_burst(args.keys, m, args.profile) for m in args.in_flight]
     problems = []
@@ -340,13 +393,20 @@ def main() -> None:
             problems.append(f"{tag}: pending/deadlines left in Redis")
         if run["log_problems"]:
             problems.append(f"{tag}: worker logged warnings")
-    write_result(args.name, {
-        "params": {"keys": args.keys, "spread_s": SPREAD_S, "lead_s": LEAD_S,
-                   "in_flight": args.in_flight},
-        "backend_calibration": calibration,
-        "runs": runs,
-        "problems": problems,
-    })
+    write_result(
+        args.name,
+        {
+            "params": {
+                "keys": args.keys,
+                "spread_s": SPREAD_S,
+                "lead_s": LEAD_S,
+                "in_flight": args.in_flight,
+            },
+            "backend_calibration": calibration,
+            "runs": runs,
+            "problems": problems,
+        },
+    )
 
 
 if __name__ == "__main__":

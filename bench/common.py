@@ -61,9 +61,7 @@ def log(msg: str) -> None:
 _T0 = time.monotonic()
 
 
-def wait_until(
-    check: Callable[[], T | None], timeout: float, what: str, poll: float = 0.005
-) -> T:
+def wait_until(check: Callable[[], T | None], timeout: float, what: str, poll: float = 0.005) -> T:
     """Poll ``check`` until it returns something truthy; return it. TimeoutError after
     ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -165,8 +163,10 @@ def time_wait_sockets(port: int) -> int:
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         local, remote, state = fields[1], fields[2], fields[3]
-        if state == "06" and port in (int(local.rsplit(":", 1)[1], 16),
-                                      int(remote.rsplit(":", 1)[1], 16)):
+        if state == "06" and port in (
+            int(local.rsplit(":", 1)[1], 16),
+            int(remote.rsplit(":", 1)[1], 16),
+        ):
             count += 1
     return count
 
@@ -266,11 +266,16 @@ class Rig:
             (launch / PACKAGE).symlink_to(checkout.resolve() / PACKAGE)
             imported = subprocess.run(
                 [sys.executable, "-c", f"import {PACKAGE} as m; print(m.__file__)"],
-                cwd=launch, env=clean_env(), capture_output=True, text=True, check=True,
+                cwd=launch,
+                env=clean_env(),
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout.strip()
             if not imported.startswith(str(launch)):
-                raise RuntimeError(f"a worker started in {launch} imports {imported}, "
-                                   f"not {checkout}'s package")
+                raise RuntimeError(
+                    f"a worker started in {launch} imports {imported}, not {checkout}'s package"
+                )
         return launch
 
 
@@ -379,9 +384,7 @@ def wait_leader_ready(r: Rig, timeout: float = 30.0, counter_key: str = "c:*") -
     before = len(r.backend.requests)
     r.client.set(probe, "1", px=200)
     wait_until(
-        lambda: any(
-            (q.json or {}).get("key") == probe for q in r.backend.requests[before:]
-        ),
+        lambda: any((q.json or {}).get("key") == probe for q in r.backend.requests[before:]),
         timeout,
         "the probe key's reset",
         poll=0.01,
@@ -391,7 +394,10 @@ def wait_leader_ready(r: Rig, timeout: float = 30.0, counter_key: str = "c:*") -
 
 
 def load_keys(
-    client: redis.Redis, names: Iterable[str], *, ex: int | None = None,
+    client: redis.Redis,
+    names: Iterable[str],
+    *,
+    ex: int | None = None,
     pxat: Callable[[int], int] | None = None,
 ) -> int:
     """SET each name with ``EX ex`` (or ``PXAT pxat(i)``) through non-transactional
@@ -449,8 +455,10 @@ def _code_version() -> dict[str, Any]:
     """The commit measured, and whether the worker or test-support code differed from it
     (for the checkout in $TCW_BENCH_CODE, when one is set)."""
     code = measured_code()
-    version: dict[str, Any] = {"git_commit": _git_head(ROOT),
-                               "worker_code_modified": _modified(ROOT)}
+    version: dict[str, Any] = {
+        "git_commit": _git_head(ROOT),
+        "worker_code_modified": _modified(ROOT),
+    }
     if code.checkout is not None:
         version["worker_code_checkout"] = str(code.checkout)
         version["worker_code_commit"] = _git_head(code.checkout)
@@ -545,13 +553,15 @@ def code_at(commit: str, label: str = "old") -> Iterator[WorkerCode]:
         raise ValueError(f"{commit!r} is not a commit of {ROOT}")
     with tempfile.TemporaryDirectory(prefix=f"tcw-{full[:7]}-") as tmp_name:
         tree = Path(tmp_name) / "tree"
-        subprocess.run(["git", "worktree", "add", "--quiet", "--detach", str(tree), full],
-                       cwd=ROOT, check=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--quiet", "--detach", str(tree), full], cwd=ROOT, check=True
+        )
         try:
             yield WorkerCode(label, full[:12], tree)
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT,
-                           check=False)
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False
+            )
 
 
 def ratio(new: float | int | None, old: float | int | None) -> float | None:

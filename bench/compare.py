@@ -89,8 +89,10 @@ def _burst(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
             (Metric(tag + "CPU per reset", "ms", True), _get(run, "burst_cpu_ms_per_reset")),
             (Metric(tag + "latency p50", "ms", True), _get(run, "latency_ms", "p50")),
             (Metric(tag + "latency p99", "ms", True), _get(run, "latency_ms", "p99")),
-            (Metric(tag + "all deadlines recorded after", "ms", True),
-             _get(run, "all_tracked_after_ms")),
+            (
+                Metric(tag + "all deadlines recorded after", "ms", True),
+                _get(run, "all_tracked_after_ms"),
+            ),
             (Metric(tag + "RSS after", "MiB", True), _get(run, "rss_mib", "after")),
             (Metric(tag + "keys without a reset", "", True), _get(run, "missing_keys")),
         ]
@@ -105,12 +107,16 @@ def _scale(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
         mem = run.get("redis_used_memory_bytes", {})
         added = (mem["after_reconcile"] - mem["keys_loaded"]) / n if mem else None
         out += [
-            (Metric(tag + "reconcile", "s", True),
-             _get(run, "reconcile", "acquired_to_reconciled_s")),
+            (
+                Metric(tag + "reconcile", "s", True),
+                _get(run, "reconcile", "acquired_to_reconciled_s"),
+            ),
             (Metric(tag + "leader RSS", "MiB", True), _get(run, "reconcile", "rss_mib")),
             (Metric(tag + "idle CPU", "%", True), _get(run, "idle_after_reconcile", "cpu_pct")),
-            (Metric(tag + "re-arm all: tracked in", "s", True),
-             _get(run, "live_events", "all_tracked_after_s")),
+            (
+                Metric(tag + "re-arm all: tracked in", "s", True),
+                _get(run, "live_events", "all_tracked_after_s"),
+            ),
             (Metric(tag + "RSS after re-arm", "MiB", True), _get(run, "live_events", "rss_mib")),
             (Metric(tag + "Redis memory added per counter", "B", True), added),
         ]
@@ -122,21 +128,33 @@ def _million(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
     for run in d.get("runs", []):
         tag = f"{run['counters']:,}: "
         out += [
-            (Metric(tag + "reconcile (first leader)", "s", True),
-             _get(run, "first_leader", "acquired_to_reconciled_s")),
+            (
+                Metric(tag + "reconcile (first leader)", "s", True),
+                _get(run, "first_leader", "acquired_to_reconciled_s"),
+            ),
             (Metric(tag + "leader RSS", "MiB", True), _get(run, "first_leader", "rss_mib")),
             (Metric(tag + "standby RSS", "MiB", True), _get(run, "standby", "rss_mib")),
-            (Metric(tag + "takeover: first on-time reset", "s", True),
-             _get(run, "takeover", "first_on_time_reset_s")),
-            (Metric(tag + "takeover: reconciled", "s", True),
-             _get(run, "takeover", "reconciled_s")),
-            (Metric(tag + "takeover: resets late > 50 ms", "", True),
-             _get(run, "takeover", "ticks_late")),
+            (
+                Metric(tag + "takeover: first on-time reset", "s", True),
+                _get(run, "takeover", "first_on_time_reset_s"),
+            ),
+            (
+                Metric(tag + "takeover: reconciled", "s", True),
+                _get(run, "takeover", "reconciled_s"),
+            ),
+            (
+                Metric(tag + "takeover: resets late > 50 ms", "", True),
+                _get(run, "takeover", "ticks_late"),
+            ),
             (Metric(tag + "new leader RSS", "MiB", True), _get(run, "takeover", "rss_mib")),
-            (Metric(tag + "deadline zset per counter", "B", True),
-             _get(run, "redis", "deadlines_zset_bytes_per_counter")),
-            (Metric(tag + "Redis memory added per counter", "B", True),
-             _get(run, "redis", "used_memory_added_per_counter")),
+            (
+                Metric(tag + "deadline zset per counter", "B", True),
+                _get(run, "redis", "deadlines_zset_bytes_per_counter"),
+            ),
+            (
+                Metric(tag + "Redis memory added per counter", "B", True),
+                _get(run, "redis", "used_memory_added_per_counter"),
+            ),
         ]
     return out
 
@@ -145,8 +163,10 @@ def _latency(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
     out = []
     for sc in d.get("scenarios", []):
         tag = f"{sc['other_keys']:,} other keys: "
-        out += [(Metric(tag + f"latency {p}", "ms", True), _get(sc, "worker", "latency_ms", p))
-                for p in ("p50", "p99", "max")]
+        out += [
+            (Metric(tag + f"latency {p}", "ms", True), _get(sc, "worker", "latency_ms", p))
+            for p in ("p50", "p99", "max")
+        ]
         out.append((Metric(tag + "CPU", "%", True), _get(sc, "worker", "cpu", "cpu_pct")))
     return out
 
@@ -157,8 +177,10 @@ def _failover(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
         tag = f"lease {res['lease_ttl_ms']} ms: "
         out += [
             (Metric(tag + "SIGKILL p50", "ms", True), _get(res, "SIGKILL", "poll_ms", "p50")),
-            (Metric(tag + "SIGKILL: after expiry p50", "ms", True),
-             _get(res, "SIGKILL", "after_expiry_ms", "p50")),
+            (
+                Metric(tag + "SIGKILL: after expiry p50", "ms", True),
+                _get(res, "SIGKILL", "after_expiry_ms", "p50"),
+            ),
             (Metric(tag + "SIGTERM p50", "ms", True), _get(res, "SIGTERM", "poll_ms", "p50")),
         ]
     return out
@@ -166,24 +188,37 @@ def _failover(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
 
 def _idle(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
     a = d.get("attribution", {})
-    return [(Metric(f"{who}: {what}", unit, True), _get(a, who, key))
-            for who in ("leader", "standby")
-            for what, unit, key in (("CPU", "%", "cpu_pct"), ("RSS", "MiB", "rss_mib"),
-                                    ("Redis round trips/s", "", "round_trips_per_s"))]
+    return [
+        (Metric(f"{who}: {what}", unit, True), _get(a, who, key))
+        for who in ("leader", "standby")
+        for what, unit, key in (
+            ("CPU", "%", "cpu_pct"),
+            ("RSS", "MiB", "rss_mib"),
+            ("Redis round trips/s", "", "round_trips_per_s"),
+        )
+    ]
 
 
 def _gcpause(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
-    return [*((Metric(f"latency {p}", "ms", True), _get(d, "latency_ms", p))
-              for p in ("p50", "p99", "max")),
-            (Metric("full collections", "", True), float(len(d.get("full_collections", []))))]
+    return [
+        *(
+            (Metric(f"latency {p}", "ms", True), _get(d, "latency_ms", p))
+            for p in ("p50", "p99", "max")
+        ),
+        (Metric("full collections", "", True), float(len(d.get("full_collections", [])))),
+    ]
 
 
 def _unrelated(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
-    return [(Metric(f"{w}: {what}", unit, True), _get(d, w, *path))
-            for w in ("quiet", "churn")
-            for what, unit, path in (("leader CPU", "%", ("leader_cpu", "cpu_pct")),
-                                     ("latency p50", "ms", ("counter_latency_ms", "p50")),
-                                     ("latency p99", "ms", ("counter_latency_ms", "p99")))]
+    return [
+        (Metric(f"{w}: {what}", unit, True), _get(d, w, *path))
+        for w in ("quiet", "churn")
+        for what, unit, path in (
+            ("leader CPU", "%", ("leader_cpu", "cpu_pct")),
+            ("latency p50", "ms", ("counter_latency_ms", "p50")),
+            ("latency p99", "ms", ("counter_latency_ms", "p99")),
+        )
+    ]
 
 
 # poison and slowlink are left out: they run both commits themselves (--base).
@@ -191,8 +226,11 @@ SPECS: dict[str, Spec] = {
     "latency": Spec((), ("--quick",), _latency),
     "failover": Spec(("--rounds", "3"), ("--rounds", "2", "--ttls", "1000"), _failover),
     # The backend calibration measures no worker: skipped.
-    "burst": Spec(("--skip-calibration", "--in-flight", "32"),
-                  ("--skip-calibration", "--in-flight", "32", "--keys", "3000"), _burst),
+    "burst": Spec(
+        ("--skip-calibration", "--in-flight", "32"),
+        ("--skip-calibration", "--in-flight", "32", "--keys", "3000"),
+        _burst,
+    ),
     "idle": Spec(("--window", "20"), ("--window", "5"), _idle),
     "scale": Spec((), ("--sizes", "1000", "10000", "--idle", "2"), _scale),
     "million": Spec(("--sizes", "100000"), ("--sizes", "20000"), _million),
@@ -204,8 +242,9 @@ SPECS: dict[str, Spec] = {
 # --- running -----------------------------------------------------------------------------
 
 
-def run_one(name: str, args: Sequence[str], code: WorkerCode, out_dir: Path,
-            limit: float) -> dict[str, Any] | None:
+def run_one(
+    name: str, args: Sequence[str], code: WorkerCode, out_dir: Path, limit: float
+) -> dict[str, Any] | None:
     """Run ``bench.<name>`` with ``code``'s workers; its JSON, or None if it failed."""
     env = {**os.environ, RESULTS_ENV: str(out_dir)}
     env.pop(CODE_ENV, None)
@@ -215,8 +254,13 @@ def run_one(name: str, args: Sequence[str], code: WorkerCode, out_dir: Path,
     log(f"compare: {name} {shlex.join(args)} with {code.label} ({code.commit})")
     t0 = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "-m", f"bench.{name}", *args], cwd=ROOT,
-                              env=env, timeout=limit, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", f"bench.{name}", *args],
+            cwd=ROOT,
+            env=env,
+            timeout=limit,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         log(f"compare: {name} with {code.label} TIMED OUT after {limit:.0f} s")
         return None
@@ -243,25 +287,38 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"benchmarks (default: all of {list(SPECS)})")
-    parser.add_argument("--against", default=BASE_COMMIT, metavar="REV",
-                        help=f"the commit to compare with (default {BASE_COMMIT})")
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"benchmarks (default: all of {list(SPECS)})"
+    )
+    parser.add_argument(
+        "--against",
+        default=BASE_COMMIT,
+        metavar="REV",
+        help=f"the commit to compare with (default {BASE_COMMIT})",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smoke-sized runs")
-    parser.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
-                        help="a benchmark's options instead of the usual ones (repeatable)")
-    parser.add_argument("--keep-raw", type=Path, metavar="DIR",
-                        help="keep every run's own JSON under DIR")
+    parser.add_argument(
+        "--args",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="a benchmark's options instead of the usual ones (repeatable)",
+    )
+    parser.add_argument(
+        "--keep-raw", type=Path, metavar="DIR", help="keep every run's own JSON under DIR"
+    )
     args = parser.parse_args()
     names = args.names or list(SPECS)
     unknown = [n for n in names if n not in SPECS]
     if unknown:
         parser.error(f"not comparable: {unknown}; choose from {list(SPECS)}")
     overrides = _parse_overrides(args.args)
-    bench_args = {n: overrides.get(n, SPECS[n].quick if args.quick else SPECS[n].args)
-                  for n in names}
+    bench_args = {
+        n: overrides.get(n, SPECS[n].quick if args.quick else SPECS[n].args) for n in names
+    }
     limits = {n: float(BENCHMARKS.get(n, 600)) * (0.5 if args.quick else 1.5) for n in names}
 
     values: dict[str, dict[str, list[Values]]] = {n: {"new": [], "old": []} for n in names}
@@ -269,16 +326,22 @@ def main() -> int:
     failed: list[str] = []
     t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
-        raw_dir = args.keep_raw or Path(stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="bench-compare-")))
+        raw_dir = args.keep_raw or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-compare-"))
+        )
         new = measured_code("new")
         old = stack.enter_context(code_at(args.against, "old"))
         for rnd in range(args.rounds):
             sides = (new, old) if rnd % 2 == 0 else (old, new)
             for name in names:
                 for code in sides:
-                    data = run_one(name, bench_args[name], code,
-                                   raw_dir / f"{name}-{code.label}-{rnd}", limits[name])
+                    data = run_one(
+                        name,
+                        bench_args[name],
+                        code,
+                        raw_dir / f"{name}-{code.label}-{rnd}",
+                        limits[name],
+                    )
                     if data is None:
                         failed.append(f"{name} {code.label} round {rnd}")
                         continue
@@ -286,35 +349,57 @@ def main() -> int:
                     for m, _ in got:
                         metrics[name].setdefault(m.name, m)
                     values[name][code.label].append({m.name: v for m, v in got})
-    rows = [row for n in names
-            for row in compare_rows(n, list(metrics[n].values()),
-                                    values[n]["new"], values[n]["old"])]
+    rows = [
+        row
+        for n in names
+        for row in compare_rows(n, list(metrics[n].values()), values[n]["new"], values[n]["old"])
+    ]
     print(render_table(rows, new.commit, old.commit))
     _write(args, names, bench_args, new, old, rows, failed, time.monotonic() - t0)
     return 1 if failed else 0
 
 
-def _write(args: argparse.Namespace, names: Sequence[str],
-           bench_args: Mapping[str, Sequence[str]], new: WorkerCode, old: WorkerCode,
-           rows: Sequence[Row], failed: Sequence[str], wall_s: float) -> None:
+def _write(
+    args: argparse.Namespace,
+    names: Sequence[str],
+    bench_args: Mapping[str, Sequence[str]],
+    new: WorkerCode,
+    old: WorkerCode,
+    rows: Sequence[Row],
+    failed: Sequence[str],
+    wall_s: float,
+) -> None:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"compare-{args.against.replace('/', '_')}.json"
     payload = {
         "benchmark": "compare",
         "machine": machine_info(),
-        "params": {"against": args.against, "rounds": args.rounds, "quick": args.quick,
-                   "benchmarks": {n: list(bench_args[n]) for n in names},
-                   "order": "round r: new, old if r is even, else old, new"},
+        "params": {
+            "against": args.against,
+            "rounds": args.rounds,
+            "quick": args.quick,
+            "benchmarks": {n: list(bench_args[n]) for n in names},
+            "order": "round r: new, old if r is even, else old, new",
+        },
         "new": attrs.asdict(new),
         "old": attrs.asdict(old),
         "wall_s": round(wall_s, 1),
         "failed_runs": list(failed),
-        "rows": [{"benchmark": r.benchmark, "metric": r.metric.name, "unit": r.metric.unit,
-                  "lower_is_better": r.metric.lower_is_better, "new": list(r.new),
-                  "old": list(r.old), "new_median": r.new_median,
-                  "old_median": r.old_median,
-                  "ratio_new_over_old": None if r.ratio is None else round(r.ratio, 4),
-                  "verdict": r.verdict} for r in rows],
+        "rows": [
+            {
+                "benchmark": r.benchmark,
+                "metric": r.metric.name,
+                "unit": r.metric.unit,
+                "lower_is_better": r.metric.lower_is_better,
+                "new": list(r.new),
+                "old": list(r.old),
+                "new_median": r.new_median,
+                "old_median": r.old_median,
+                "ratio_new_over_old": None if r.ratio is None else round(r.ratio, 4),
+                "verdict": r.verdict,
+            }
+            for r in rows
+        ],
     }
     path.write_text(json.dumps(clean_json(payload), indent=2, default=str) + "\n")
     log(f"wrote {path}")

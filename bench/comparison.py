@@ -50,7 +50,7 @@ def ratio_of(new: float | None, old: float | None) -> float | None:
 
 
 def verdict(metric: Metric, new: Sequence[float | None], old: Sequence[float | None]) -> str:
-    """"better" / "worse" when every new value is on the same side of every old value and
+    """ "better" / "worse" when every new value is on the same side of every old value and
     the medians differ by at least CLEAR_MARGIN; "~" when it is not that clear; "" for a
     metric without a direction; "n/a" when a side has no value."""
     if metric.lower_is_better is None:
@@ -82,8 +82,18 @@ def compare_rows(
         new = tuple(run.get(m.name) for run in new_runs)
         old = tuple(run.get(m.name) for run in old_runs)
         new_median, old_median = median(new), median(old)
-        rows.append(Row(benchmark, m, new, old, new_median, old_median,
-                        ratio_of(new_median, old_median), verdict(m, new, old)))
+        rows.append(
+            Row(
+                benchmark,
+                m,
+                new,
+                old,
+                new_median,
+                old_median,
+                ratio_of(new_median, old_median),
+                verdict(m, new, old),
+            )
+        )
     return rows
 
 
@@ -97,16 +107,22 @@ def fmt_value(x: float | None) -> str:
 
 def render_table(rows: Sequence[Row], new_label: str, old_label: str) -> str:
     """A Markdown table: metric, both medians (and every value), new/old, verdict."""
-    lines = [f"| benchmark | metric | new {new_label} | old {old_label} | new/old | verdict |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| benchmark | metric | new {new_label} | old {old_label} | new/old | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
+
         def cell(med: float | None, values: Sequence[float | None]) -> str:
             spread = " / ".join(fmt_value(v) for v in values)
             return f"{fmt_value(med)} ({spread})" if len(values) > 1 else fmt_value(med)
+
         unit = f" ({row.metric.unit})" if row.metric.unit else ""
         direction = {True: " ↓", False: " ↑", None: ""}[row.metric.lower_is_better]
         r = "-" if row.ratio is None else f"{row.ratio:.3f}"
-        lines.append(f"| {row.benchmark} | {row.metric.name}{unit}{direction} | "
-                     f"{cell(row.new_median, row.new)} | {cell(row.old_median, row.old)} | "
-                     f"{r} | {row.verdict} |")
+        lines.append(
+            f"| {row.benchmark} | {row.metric.name}{unit}{direction} | "
+            f"{cell(row.new_median, row.new)} | {cell(row.old_median, row.old)} | "
+            f"{r} | {row.verdict} |"
+        )
     return "\n".join(lines)

@@ -63,8 +63,11 @@ class Replicas:
     def wait_ready(self, timeout: float = 30.0) -> str:
         """All live replicas listen for releases and one of them leads; return its id."""
         client = self.r.client
-        wait_until(lambda: numsub(client, release_channel()) >= len(self.live), timeout,
-                   "all replicas to subscribe to the release channel")
+        wait_until(
+            lambda: numsub(client, release_channel()) >= len(self.live),
+            timeout,
+            "all replicas to subscribe to the release channel",
+        )
         return wait_until(lambda: lease_holder(client), timeout, "a leader")
 
     def retire(self, rid: str, worker: WorkerProcess) -> None:
@@ -104,7 +107,8 @@ def one_fault(reps: Replicas, sig: signal.Signals, rng: random.Random) -> dict[s
         "poll_ms": round((t1 - t0) * 1000, 2) if new_holder else None,
         "since_ms": (
             round(int(lease["since_ms"]) - t_wall * 1000, 2)
-            if new_holder and lease.get("since_ms") else None
+            if new_holder and lease.get("since_ms")
+            else None
         ),
         "lease_left_ms": int(left),
         "epoch_before": epoch_before,
@@ -149,8 +153,10 @@ def run_ttl(ttl_ms: int, rounds: int, rng: random.Random) -> dict[str, Any]:
                 )
             out[sig.name] = kind
             s = kind["poll_ms"]
-            log(f"  {sig.name}: p50 {fmt_ms(s.get('p50'))} max {fmt_ms(s.get('max'))} "
-                f"(lease {ttl_ms} ms)")
+            log(
+                f"  {sig.name}: p50 {fmt_ms(s.get('p50'))} max {fmt_ms(s.get('max'))} "
+                f"(lease {ttl_ms} ms)"
+            )
         for rid, w in reps.live.items():
             out.setdefault("survivor_log_problems", []).extend(
                 f"{rid}: {line}" for line in log_problems(w)
@@ -180,15 +186,22 @@ def main() -> None:
                     )
                 if kind == "SIGTERM" and row["victim_exit_code"] != 0:
                     problems.append(
-                        f"lease {res['lease_ttl_ms']}: SIGTERM exit code "
-                        f"{row['victim_exit_code']}"
+                        f"lease {res['lease_ttl_ms']}: SIGTERM exit code {row['victim_exit_code']}"
                     )
-    write_result("failover", {
-        "params": {"rounds": args.rounds, "ttls_ms": args.ttls, "poll_s": POLL,
-                   "seed": args.seed, "replicas": 3},
-        "results": results,
-        "problems": problems,
-    })
+    write_result(
+        "failover",
+        {
+            "params": {
+                "rounds": args.rounds,
+                "ttls_ms": args.ttls,
+                "poll_s": POLL,
+                "seed": args.seed,
+                "replicas": 3,
+            },
+            "results": results,
+            "problems": problems,
+        },
+    )
 
 
 if __name__ == "__main__":

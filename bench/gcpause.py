@@ -36,8 +36,7 @@ def run(n_keys: int, slow_ms: float, seed: int) -> dict[str, Any]:
     with rig("gcpause") as r:
         gc_log = r.tmp / "gc.log"
         gc_log.touch()
-        worker = r.spawn("leader", module="bench.gc_probe",
-                         extra_env={"GC_PROBE_OUT": str(gc_log)})
+        worker = r.spawn("leader", module="bench.gc_probe", extra_env={"GC_PROBE_OUT": str(gc_log)})
         wait_leader_ready(r)
         # Deadlines evenly spaced SPACING_MS apart (set in random order), so that any
         # pause longer than the spacing is bound to delay at least one reset.
@@ -59,8 +58,14 @@ def run(n_keys: int, slow_ms: float, seed: int) -> dict[str, Any]:
         for line in gc_log.read_text().splitlines():
             end, gen, ms, collected = line.split()
             if float(end) >= t_start:
-                collections.append({"end": float(end), "generation": int(gen),
-                                    "ms": float(ms), "collected": int(collected)})
+                collections.append(
+                    {
+                        "end": float(end),
+                        "generation": int(gen),
+                        "ms": float(ms),
+                        "collected": int(collected),
+                    }
+                )
         problems = log_problems(worker)
 
     rows = []
@@ -71,8 +76,7 @@ def run(n_keys: int, slow_ms: float, seed: int) -> dict[str, Any]:
         row: dict[str, Any] = {"key": key, "latency_ms": round((at - dl) * 1000, 3)}
         if row["latency_ms"] > slow_ms:
             # A collection overlapping [deadline, POST arrival] delayed this reset.
-            overlap = [c for c in collections
-                       if c["end"] - c["ms"] / 1000 <= at and c["end"] >= dl]
+            overlap = [c for c in collections if c["end"] - c["ms"] / 1000 <= at and c["end"] >= dl]
             row["gc_overlap"] = overlap
         rows.append(row)
     slow = [row for row in rows if "gc_overlap" in row]
@@ -91,10 +95,12 @@ def run(n_keys: int, slow_ms: float, seed: int) -> dict[str, Any]:
     }
     lat = result["latency_ms"]
     pauses = ", ".join(f"{c['ms']:.1f} ms" for c in full) or "none"
-    log(f"  latency p50 {fmt_ms(lat.get('p50'))} p99 {fmt_ms(lat.get('p99'))} "
+    log(
+        f"  latency p50 {fmt_ms(lat.get('p50'))} p99 {fmt_ms(lat.get('p99'))} "
         f"max {fmt_ms(lat.get('max'))}; {len(slow)} resets > {slow_ms:.0f} ms, "
         f"{result['slow_resets_with_gc_overlap']} of them during a collection; "
-        f"{len(full)} full collections ({pauses})")
+        f"{len(full)} full collections ({pauses})"
+    )
     return result
 
 
@@ -110,12 +116,19 @@ def main() -> None:
         problems.append(f"{args.keys - result['resets']} resets missing")
     if result["log_problems"]:
         problems.append("worker logged warnings")
-    write_result("gcpause", {
-        "params": {"keys": args.keys, "slow_ms": args.slow_ms, "seed": args.seed,
-                   "deadline_spacing_ms": SPACING_MS},
-        **result,
-        "problems": problems,
-    })
+    write_result(
+        "gcpause",
+        {
+            "params": {
+                "keys": args.keys,
+                "slow_ms": args.slow_ms,
+                "seed": args.seed,
+                "deadline_spacing_ms": SPACING_MS,
+            },
+            **result,
+            "problems": problems,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ async def load(url: str, n: int, concurrency: int, keepalive: int | None) -> dic
     # alive; 5 s timeout; no redirects), unless --keepalive raises the pool.
     limits = (
         httpx.Limits(max_connections=max(100, keepalive), max_keepalive_connections=keepalive)
-        if keepalive else httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        if keepalive
+        else httpx.Limits(max_connections=100, max_keepalive_connections=20)
     )
     async with httpx.AsyncClient(
         timeout=httpx.Timeout(5.0), follow_redirects=False, limits=limits
@@ -35,9 +36,15 @@ async def load(url: str, n: int, concurrency: int, keepalive: int | None) -> dic
 
         async def post(i: int) -> None:
             nonlocal ok
-            body = json.dumps({"key": f"c:{i}", "reset_id": f"{i:032x}",
-                               "expired_at": time.time(), "fencing_token": 1,
-                               "replica_id": "calibration"}).encode()
+            body = json.dumps(
+                {
+                    "key": f"c:{i}",
+                    "reset_id": f"{i:032x}",
+                    "expired_at": time.time(),
+                    "fencing_token": 1,
+                    "replica_id": "calibration",
+                }
+            ).encode()
             async with limiter:
                 try:
                     resp = await http.post(url, content=body, headers=headers)
@@ -54,9 +61,15 @@ async def load(url: str, n: int, concurrency: int, keepalive: int | None) -> dic
             for i in range(n):
                 nursery.start_soon(post, i)
         elapsed = trio.current_time() - t0
-    return {"requests": n, "ok": ok, "errors": dict(errors), "concurrency": concurrency,
-            "keepalive_pool": keepalive or 20,
-            "elapsed_s": round(elapsed, 3), "req_per_s": round(ok / elapsed, 1)}
+    return {
+        "requests": n,
+        "ok": ok,
+        "errors": dict(errors),
+        "concurrency": concurrency,
+        "keepalive_pool": keepalive or 20,
+        "elapsed_s": round(elapsed, 3),
+        "req_per_s": round(ok / elapsed, 1),
+    }
 
 
 def main() -> None:
@@ -64,8 +77,12 @@ def main() -> None:
     parser.add_argument("url")
     parser.add_argument("requests", type=int)
     parser.add_argument("concurrency", type=int)
-    parser.add_argument("--keepalive", type=int, default=None,
-                        help="keep-alive pool size (default: httpx's 20, as the worker)")
+    parser.add_argument(
+        "--keepalive",
+        type=int,
+        default=None,
+        help="keep-alive pool size (default: httpx's 20, as the worker)",
+    )
     args = parser.parse_args()
     print(json.dumps(trio.run(load, args.url, args.requests, args.concurrency, args.keepalive)))
 

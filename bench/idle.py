@@ -43,15 +43,34 @@ from .common import (
 SETTLE_S = 3.0
 LEASE_TTL_MS = 3000
 # Commands the worker's Lua scripts run (counted by commandstats too, but not round trips).
-SCRIPT_INNER = {"time", "hget", "pexpire", "pexpiretime", "pttl", "incr", "set", "del",
-                "hset", "publish", "zadd", "zscore", "zrem", "hsetnx", "hdel", "zrange"}
+SCRIPT_INNER = {
+    "time",
+    "hget",
+    "pexpire",
+    "pexpiretime",
+    "pttl",
+    "incr",
+    "set",
+    "del",
+    "hset",
+    "publish",
+    "zadd",
+    "zscore",
+    "zrem",
+    "hsetnx",
+    "hdel",
+    "zrange",
+}
 
 
 def _snapshot(client: Any) -> dict[str, Any]:
     """One INFO call: commandstats, stats and cpu together (it counts as one INFO)."""
     raw = info(client, "everything")
-    calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in raw.items()
-             if k.startswith("cmdstat_")}
+    calls = {
+        k.removeprefix("cmdstat_"): int(v["calls"])
+        for k, v in raw.items()
+        if k.startswith("cmdstat_")
+    }
     return {
         "calls": calls,
         "total_commands": int(raw["total_commands_processed"]),
@@ -64,8 +83,13 @@ def _snapshot(client: Any) -> dict[str, Any]:
 def _clients(client: Any) -> list[dict[str, Any]]:
     rows: Any = client.client_list()
     return [
-        {"cmd": row.get("cmd"), "sub": int(row.get("sub", 0)), "psub": int(row.get("psub", 0)),
-         "age": int(row.get("age", 0)), "idle": int(row.get("idle", 0))}
+        {
+            "cmd": row.get("cmd"),
+            "sub": int(row.get("sub", 0)),
+            "psub": int(row.get("psub", 0)),
+            "age": int(row.get("age", 0)),
+            "idle": int(row.get("idle", 0)),
+        }
         for row in rows
     ]
 
@@ -137,10 +161,22 @@ def run(window: float) -> dict[str, Any]:
         "standby": {
             "commands_per_s": per_standby("commands_per_s"),
             "round_trips_per_s": per_standby("round_trips_per_s"),
-            "cpu_pct": round((phase_b["processes"]["standby-1"]["cpu_pct"]
-                              + phase_b["processes"]["standby-2"]["cpu_pct"]) / 2, 3),
-            "rss_mib": round((phase_b["processes"]["standby-1"]["rss_mib"]
-                              + phase_b["processes"]["standby-2"]["rss_mib"]) / 2, 2),
+            "cpu_pct": round(
+                (
+                    phase_b["processes"]["standby-1"]["cpu_pct"]
+                    + phase_b["processes"]["standby-2"]["cpu_pct"]
+                )
+                / 2,
+                3,
+            ),
+            "rss_mib": round(
+                (
+                    phase_b["processes"]["standby-1"]["rss_mib"]
+                    + phase_b["processes"]["standby-2"]["rss_mib"]
+                )
+                / 2,
+                2,
+            ),
         },
     }
     log(f"  leader: {attribution['leader']}")
@@ -162,11 +198,14 @@ def main() -> None:
     problems = [f"{n}: {line}" for n, lines in result["log_problems"].items() for line in lines]
     if result["leader_at_end"] != "leader":
         problems.append(f"leadership moved during the idle run: {result['leader_at_end']}")
-    write_result("idle", {
-        "params": {"window_s": args.window, "lease_ttl_ms": LEASE_TTL_MS, "settle_s": SETTLE_S},
-        **result,
-        "problems": problems,
-    })
+    write_result(
+        "idle",
+        {
+            "params": {"window_s": args.window, "lease_ttl_ms": LEASE_TTL_MS, "settle_s": SETTLE_S},
+            **result,
+            "problems": problems,
+        },
+    )
 
 
 if __name__ == "__main__":

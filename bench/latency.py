@@ -134,8 +134,10 @@ def _scenario(r: Rig, n_other: int, n_keys: int, cap: float, seed: int) -> dict[
             client.set(key, "1", pxat=deadline_ms)
             deadlines[key] = deadline_ms
     last_deadline = max(deadlines.values()) / 1000
-    log(f"  set {n_keys} worker keys and {n_keys} reference keys; last deadline in "
-        f"{last_deadline - time.time():.1f} s")
+    log(
+        f"  set {n_keys} worker keys and {n_keys} reference keys; last deadline in "
+        f"{last_deadline - time.time():.1f} s"
+    )
 
     worker_done_by = last_deadline + WORKER_TIMEOUT
     ref_done_by = last_deadline + cap
@@ -185,11 +187,14 @@ def _scenario(r: Rig, n_other: int, n_keys: int, cap: float, seed: int) -> dict[
         first = min(posts[key], key=lambda x: x[0])[0] if key in posts else None
         if at is not None and first is not None:
             post_after_touch.append(first - at)
-        worker_rows.append({
-            "key": key, "deadline_ms": deadline_ms,
-            "touched_ms": round((at - deadline_ms / 1000) * 1000, 3) if at else None,
-            "posted_ms": round((first - deadline_ms / 1000) * 1000, 3) if first else None,
-        })
+        worker_rows.append(
+            {
+                "key": key,
+                "deadline_ms": deadline_ms,
+                "touched_ms": round((at - deadline_ms / 1000) * 1000, 3) if at else None,
+                "posted_ms": round((first - deadline_ms / 1000) * 1000, 3) if first else None,
+            }
+        )
 
     keyspace = info(client, "keyspace").get("db0", {})
     result: dict[str, Any] = {
@@ -210,9 +215,7 @@ def _scenario(r: Rig, n_other: int, n_keys: int, cap: float, seed: int) -> dict[
         },
         "reference": {
             "latency_ms": summarize(ref_lat, 1000),
-            "latency_ms_arrived_only": summarize(
-                [x for x in ref_lat if x != float("inf")], 1000
-            ),
+            "latency_ms_arrived_only": summarize([x for x in ref_lat if x != float("inf")], 1000),
             "never_arrived": sum(1 for x in ref_lat if x == float("inf")),
             "duplicate_events": sub.duplicates,
         },
@@ -233,18 +236,26 @@ def _scenario(r: Rig, n_other: int, n_keys: int, cap: float, seed: int) -> dict[
         },
     }
     w, ref = result["worker"]["latency_ms"], result["reference"]["latency_ms"]
-    log(f"  worker    p50 {fmt_ms(w.get('p50'))} p99 {fmt_ms(w.get('p99'))} "
-        f"max {fmt_ms(w.get('max'))} ({len(worker_lat)}/{n_keys} resets)")
-    log(f"  reference p50 {fmt_ms(ref.get('p50'))} p99 {fmt_ms(ref.get('p99'))} "
-        f"max {fmt_ms(ref.get('max'))} ({ref['arrived']}/{n_keys} events within {cap:.0f} s)")
+    log(
+        f"  worker    p50 {fmt_ms(w.get('p50'))} p99 {fmt_ms(w.get('p99'))} "
+        f"max {fmt_ms(w.get('max'))} ({len(worker_lat)}/{n_keys} resets)"
+    )
+    log(
+        f"  reference p50 {fmt_ms(ref.get('p50'))} p99 {fmt_ms(ref.get('p99'))} "
+        f"max {fmt_ms(ref.get('max'))} ({ref['arrived']}/{n_keys} events within {cap:.0f} s)"
+    )
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, default=200, help="keys per side (default 200)")
-    parser.add_argument("--cap", type=float, default=60.0,
-                        help="seconds after the last deadline to wait for Redis's own events")
+    parser.add_argument(
+        "--cap",
+        type=float,
+        default=60.0,
+        help="seconds after the last deadline to wait for Redis's own events",
+    )
     parser.add_argument("--others", type=int, nargs="+", default=[0, 10_000, 100_000])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run: 40 keys, 10 s cap")
@@ -262,12 +273,20 @@ def main() -> None:
             problems.append(f"{s['other_keys']} other keys: missing/duplicate/unexpected resets")
         if w["log_problems"]:
             problems.append(f"{s['other_keys']} other keys: worker logged warnings")
-    write_result("latency", {
-        "params": {"keys_per_side": args.keys, "cap_s": args.cap, "seed": args.seed,
-                   "ttl_range_ms": [500, 5000], "target_p99_ms": TARGET_P99_MS},
-        "scenarios": scenarios,
-        "problems": problems,
-    })
+    write_result(
+        "latency",
+        {
+            "params": {
+                "keys_per_side": args.keys,
+                "cap_s": args.cap,
+                "seed": args.seed,
+                "ttl_range_ms": [500, 5000],
+                "target_p99_ms": TARGET_P99_MS,
+            },
+            "scenarios": scenarios,
+            "problems": problems,
+        },
+    )
 
 
 if __name__ == "__main__":

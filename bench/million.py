@@ -79,6 +79,7 @@ def _wait_line(worker: WorkerProcess, needle: str, timeout: float) -> float:
         if not worker.alive:
             raise RuntimeError(f"worker exited\n{worker.output()[-3000:]}")
         return _line_time(worker, needle)
+
     return wait_until(seen, timeout, f"{needle!r} in the log", poll=0.05)
 
 
@@ -95,8 +96,10 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         load_keys(client, (f"c:{i}" for i in range(n)), ex=TTL_MS // 1000)
         load_s = time.monotonic() - t
         mem_keys = _used_memory(r)
-        log(f"  loaded {n:,} keys in {load_s:.1f} s; used_memory +{(mem_keys - mem_empty) / n:.0f} "
-            "B/key")
+        log(
+            f"  loaded {n:,} keys in {load_s:.1f} s; used_memory +{(mem_keys - mem_empty) / n:.0f} "
+            "B/key"
+        )
 
         # --- the first leader's reconcile, and a standby ---------------------------------
         t_spawn = time.time()
@@ -126,10 +129,12 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         mem_tracked = _used_memory(r)
         zset_bytes = int(client.memory_usage(deadlines_key(), samples=0) or 0)
         zcard = int(client.zcard(deadlines_key()))
-        log(f"  r1 reconciled in {t_rec1 - t_acq1:.1f} s (zset full after "
+        log(
+            f"  r1 reconciled in {t_rec1 - t_acq1:.1f} s (zset full after "
             f"{zset_full_at - t_acq1:.1f} s), CPU {cpu_reconcile['cpu_s']:.1f} s; "
             f"RSS leader {rss1_settled} MiB (peak {rss1_peak}), standby {rss2} MiB; "
-            f"zset {zset_bytes / max(zcard, 1):.0f} B/counter")
+            f"zset {zset_bytes / max(zcard, 1):.0f} B/counter"
+        )
 
         # --- takeover --------------------------------------------------------------------
         expected = max(t_rec1 - t_acq1, 1.0)
@@ -137,27 +142,37 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         step = args.tick_ms / 1000
         t_sig_planned = time.time() + 2.0
         t_first = t_sig_planned + step  # the first tick falls due one step after the SIGTERM
-        ticks = {f"c:tick:{j}": int((t_first + j * step) * 1000)
-                 for j in range(int(window / step))}
+        ticks = {f"c:tick:{j}": int((t_first + j * step) * 1000) for j in range(int(window / step))}
         load_keys(client, ticks, pxat=lambda j: ticks[f"c:tick:{j}"])
         last_tick = f"c:tick:{len(ticks) - 1}"
-        wait_until(lambda: client.zscore(deadlines_key(), last_tick) is not None, 30,
-                   "r1 to record the ticks' deadlines")
+        wait_until(
+            lambda: client.zscore(deadlines_key(), last_tick) is not None,
+            30,
+            "r1 to record the ticks' deadlines",
+        )
         while time.time() < t_sig_planned:
             time.sleep(0.005)
         before = len(r.backend.requests)
         t_sig = time.time()
         r1.signal(signal.SIGTERM)
-        t_lease = wait_until(lambda: time.time() if lease_holder(client) == "r2" else None,
-                             30, "r2 to take the lease", poll=0.001)
+        t_lease = wait_until(
+            lambda: time.time() if lease_holder(client) == "r2" else None,
+            30,
+            "r2 to take the lease",
+            poll=0.001,
+        )
         t_acq2 = _wait_line(r2, ACQUIRED, 30)
         try:
             t_rec2: float | None = _wait_line(r2, RECONCILED, args.takeover_timeout)
         except TimeoutError:
             t_rec2 = None  # reported as never: the benchmark goes on
         rss2_reconciled, rss2_peak = rss_mib(r2.pid), peak_rss_mib(r2.pid)
-        wait_until(lambda: time.time() > max(ticks.values()) / 1000 + args.cap, args.cap + window
-                   + 60, "the last tick's cap", poll=0.1)
+        wait_until(
+            lambda: time.time() > max(ticks.values()) / 1000 + args.cap,
+            args.cap + window + 60,
+            "the last tick's cap",
+            poll=0.1,
+        )
         r1_exit = r1.wait(30)
 
         got: dict[str, float] = {}
@@ -169,8 +184,9 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 if first_reset is None and q.received_at >= t_lease:
                     first_reset = q.received_at
         due_after = {k: dl / 1000 for k, dl in ticks.items() if dl / 1000 >= t_sig}
-        late = {k: (got[k] - dl) * 1000 if k in got else float("inf")
-                for k, dl in due_after.items()}
+        late = {
+            k: (got[k] - dl) * 1000 if k in got else float("inf") for k, dl in due_after.items()
+        }
         on_time_ms = args.on_time_ms
         on_time = sorted(got[k] for k, lat in late.items() if lat <= on_time_ms)
         first_on_time = on_time[0] if on_time else None
@@ -197,18 +213,25 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
             "ticks_never": sum(1 for lat in late.values() if lat == float("inf")),
             "last_late_tick_due_s": since_sig(last_late_due),
             "max_late_ms": round(max(finite_late), 1) if finite_late else None,
-            "duplicate_posts": (sum(1 for q in r.backend.requests[before:]
-                                    if str((q.json or {}).get("key")) in ticks)
-                                - len(got)),
+            "duplicate_posts": (
+                sum(
+                    1
+                    for q in r.backend.requests[before:]
+                    if str((q.json or {}).get("key")) in ticks
+                )
+                - len(got)
+            ),
             "rss_mib": rss2_reconciled,
             "rss_peak_mib": rss2_peak,
             "old_leader_exit": r1_exit,
         }
-        log(f"  takeover: lease {takeover['lease_taken_s']} s, first reset "
+        log(
+            f"  takeover: lease {takeover['lease_taken_s']} s, first reset "
             f"{takeover['first_reset_s']} s, first on-time reset "
             f"{takeover['first_on_time_reset_s']} s, reconciled {takeover['reconciled_s']} s "
             f"after the SIGTERM; {len(late_keys)}/{len(due_after)} ticks late (max "
-            f"{takeover['max_late_ms']} ms); new leader RSS {rss2_reconciled} MiB")
+            f"{takeover['max_late_ms']} ms); new leader RSS {rss2_reconciled} MiB"
+        )
         return {
             "counters": n,
             "ttl_ms": TTL_MS,
@@ -243,19 +266,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000])
     parser.add_argument("--lease-ms", type=int, default=3000)
-    parser.add_argument("--timeout", type=float, default=900.0,
-                        help="longest wait for a reconcile, seconds")
-    parser.add_argument("--takeover-timeout", type=float, default=120.0,
-                        help="longest wait for the new leader's reconcile, seconds")
-    parser.add_argument("--settle", type=float, default=3.0,
-                        help="seconds after reconcile before RSS is read, and the idle window")
+    parser.add_argument(
+        "--timeout", type=float, default=900.0, help="longest wait for a reconcile, seconds"
+    )
+    parser.add_argument(
+        "--takeover-timeout",
+        type=float,
+        default=120.0,
+        help="longest wait for the new leader's reconcile, seconds",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=3.0,
+        help="seconds after reconcile before RSS is read, and the idle window",
+    )
     parser.add_argument("--tick-ms", type=int, default=50)
-    parser.add_argument("--tick-window", type=float, default=0.0,
-                        help="seconds of ticks after the handoff (default: 2.5 x r1's "
-                             "reconcile + 10 s)")
+    parser.add_argument(
+        "--tick-window",
+        type=float,
+        default=0.0,
+        help="seconds of ticks after the handoff (default: 2.5 x r1's reconcile + 10 s)",
+    )
     parser.add_argument("--on-time-ms", type=float, default=50.0)
-    parser.add_argument("--cap", type=float, default=10.0,
-                        help="a tick not reset this long after the last one counts as never")
+    parser.add_argument(
+        "--cap",
+        type=float,
+        default=10.0,
+        help="a tick not reset this long after the last one counts as never",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 20,000 counters")
     args = parser.parse_args()
     if args.quick:
@@ -265,18 +304,25 @@ def main() -> None:
     for run in runs:
         t = run["takeover"]
         if t["reconciled_s"] is None:
-            problems.append(f"{run['counters']}: the new leader did not reconcile within "
-                            f"{args.takeover_timeout:.0f} s")
+            problems.append(
+                f"{run['counters']}: the new leader did not reconcile within "
+                f"{args.takeover_timeout:.0f} s"
+            )
         if t["ticks_never"] or t["duplicate_posts"]:
-            problems.append(f"{run['counters']}: {t['ticks_never']} ticks never reset, "
-                            f"{t['duplicate_posts']} duplicate POSTs")
+            problems.append(
+                f"{run['counters']}: {t['ticks_never']} ticks never reset, "
+                f"{t['duplicate_posts']} duplicate POSTs"
+            )
         if any(run["log_problems"].values()):
             problems.append(f"{run['counters']}: a worker logged warnings")
-    write_result("million", {
-        "params": {k: v for k, v in vars(args).items() if k != "quick"},
-        "runs": runs,
-        "problems": problems,
-    })
+    write_result(
+        "million",
+        {
+            "params": {k: v for k, v in vars(args).items() if k != "quick"},
+            "runs": runs,
+            "problems": problems,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -34,14 +34,21 @@ def plot(results: dict[str, Any], out: Path) -> Path:
 
     scenarios = results["scenarios"]
     target = results["params"]["target_p99_ms"]
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(5.2 * len(scenarios), 4.2),
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(scenarios), figsize=(5.2 * len(scenarios), 4.2), sharey=True, squeeze=False
+    )
     for ax, s in zip(axes[0], scenarios, strict=True):
         n = s["keys_per_side"]
         wx, wy = _cdf(s["raw"]["worker_latency_ms"], n)
         rx, ry = _cdf(s["raw"]["reference_latency_ms"], n)
-        ax.step(wx, wy, where="post", color="tab:blue", lw=2,
-                label=f"worker reset POST (p99 {s['worker']['latency_ms']['p99']:.1f} ms)")
+        ax.step(
+            wx,
+            wy,
+            where="post",
+            color="tab:blue",
+            lw=2,
+            label=f"worker reset POST (p99 {s['worker']['latency_ms']['p99']:.1f} ms)",
+        )
         missing = s["reference"]["never_arrived"]
         label = "Redis's own expired event"
         if missing:
@@ -60,9 +67,11 @@ def plot(results: dict[str, Any], out: Path) -> Path:
         ax.grid(True, which="both", alpha=0.25)
         ax.legend(loc="upper left", fontsize=8)
     axes[0][0].set_ylabel(f"fraction of the {scenarios[0]['keys_per_side']} keys")
-    fig.suptitle("Reset latency vs Redis expiry lag (TTLs 0.5-5 s, Redis "
-                 f"{results['machine']['redis_server'].split()[2].removeprefix('v=')}, "
-                 f"{results['machine']['cpus']} cores)")
+    fig.suptitle(
+        "Reset latency vs Redis expiry lag (TTLs 0.5-5 s, Redis "
+        f"{results['machine']['redis_server'].split()[2].removeprefix('v=')}, "
+        f"{results['machine']['cpus']} cores)"
+    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

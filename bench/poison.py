@@ -65,19 +65,23 @@ SCENARIOS = ("A-clean", "B-poisoned", "C-poison-burst")
 
 def poison_behaviours() -> dict[str, Behaviour]:
     """Even poison keys get 404, odd ones a hang until the worker gives up on the request."""
-    return {f"c:p:{i}": Respond(404) if i % 2 == 0 else Hang(float("inf"))
-            for i in range(POISON)}
+    return {f"c:p:{i}": Respond(404) if i % 2 == 0 else Hang(float("inf")) for i in range(POISON)}
 
 
-def run_once(code: WorkerCode, scenario: str, rate: float, duration: float,
-             cap: float) -> dict[str, Any]:
+def run_once(
+    code: WorkerCode, scenario: str, rate: float, duration: float, cap: float
+) -> dict[str, Any]:
     log(f"poison: {scenario}, {code.label} worker ({code.commit})")
     with rig(f"poison-{scenario}-{code.label}") as r:
         client, backend = r.client, r.backend
         behaviours = poison_behaviours()
         backend.behave(by_key(behaviours))
-        worker = r.spawn("leader", code=code, max_in_flight=MAX_IN_FLIGHT,
-                            extra_env={"RESET_TIMEOUT_MS": str(RESET_TIMEOUT_MS)})
+        worker = r.spawn(
+            "leader",
+            code=code,
+            max_in_flight=MAX_IN_FLIGHT,
+            extra_env={"RESET_TIMEOUT_MS": str(RESET_TIMEOUT_MS)},
+        )
         wait_leader_ready(r)
         cpu = CpuWindow(worker.pid).start()
 
@@ -117,13 +121,13 @@ def run_once(code: WorkerCode, scenario: str, rate: float, duration: float,
             if q.key in deadlines:
                 per_key[q.key] += 1
                 first.setdefault(q.key, q.received_at)
-        lat = [first[k] - dl / 1000 if k in first else float("inf")
-               for k, dl in deadlines.items()]
+        lat = [first[k] - dl / 1000 if k in first else float("inf") for k, dl in deadlines.items()]
         window = (first_ms / 1000, last)
         poison_posts = [q for q in reqs if q.key in behaviours]
         in_window = [q for q in poison_posts if window[0] <= q.received_at <= window[1]]
-        hangs = sorted(q.received_at for q in poison_posts
-                       if isinstance(behaviours[str(q.key)], Hang))
+        hangs = sorted(
+            q.received_at for q in poison_posts if isinstance(behaviours[str(q.key)], Hang)
+        )
         hangs_in_window = [t for t in hangs if window[0] <= t <= window[1]]
         problems = log_problems(worker, limit=100_000)
         poison_lines = [ln for ln in problems if re.search(r"'c:p:\d+'", ln)]
@@ -151,12 +155,14 @@ def run_once(code: WorkerCode, scenario: str, rate: float, duration: float,
             "log_problems_other": other_lines[:20],
         }
         s = result["healthy_latency_ms"]
-        log(f"  healthy {len(first)}/{n}: p50 {fmt_ms(s.get('p50'))} p99 {fmt_ms(s.get('p99'))} "
+        log(
+            f"  healthy {len(first)}/{n}: p50 {fmt_ms(s.get('p50'))} p99 {fmt_ms(s.get('p99'))} "
             f"max {fmt_ms(s.get('max'))}; poison attempted before the healthy ones: "
             f"{len(poison_seen)}; poison POSTs/s meanwhile "
             f"{result['poison_posts_per_s_in_window']}; hangs in the air at most "
             f"{result['poison_hangs_in_air_max']} (while healthy ones fell due: "
-            f"{result['poison_hangs_in_air_max_in_window']})")
+            f"{result['poison_hangs_in_air_max_in_window']})"
+        )
         return result
 
 
@@ -173,10 +179,15 @@ def _max_in_window(times: list[float], width: float) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=20.0, help="healthy deadlines per s")
-    parser.add_argument("--duration", type=float, default=20.0,
-                        help="seconds over which the healthy deadlines fall")
-    parser.add_argument("--cap", type=float, default=10.0,
-                        help="seconds after the last deadline to wait for healthy resets")
+    parser.add_argument(
+        "--duration", type=float, default=20.0, help="seconds over which the healthy deadlines fall"
+    )
+    parser.add_argument(
+        "--cap",
+        type=float,
+        default=10.0,
+        help="seconds after the last deadline to wait for healthy resets",
+    )
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--base", default=BASE_COMMIT, help="the commit to compare with")
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
@@ -197,8 +208,11 @@ def main() -> None:
                     runs.append(run)
 
     def p(code: str, scenario: str, stat: str) -> list[float | None]:
-        return [run["healthy_latency_ms"].get(stat) for run in runs
-                if run["code"] == code and run["scenario"] == scenario]
+        return [
+            run["healthy_latency_ms"].get(stat)
+            for run in runs
+            if run["code"] == code and run["scenario"] == scenario
+        ]
 
     comparison: dict[str, Any] = {}
     for scenario in args.scenarios:
@@ -211,30 +225,43 @@ def main() -> None:
         if run["code"] != "new":
             continue
         if run["healthy_arrived"] < run["healthy"]:
-            problems.append(f"{tag}: {run['healthy'] - run['healthy_arrived']} healthy resets "
-                            "never arrived")
+            problems.append(
+                f"{tag}: {run['healthy'] - run['healthy_arrived']} healthy resets never arrived"
+            )
         if run["healthy_duplicate_posts"]:
             problems.append(f"{tag}: {run['healthy_duplicate_posts']} duplicate healthy POSTs")
         if run["log_problems_other"]:
             problems.append(f"{tag}: worker logged warnings not about poison keys")
     for rnd in range(args.rounds if {"A-clean", "B-poisoned"} <= set(args.scenarios) else 0):
         clean_run, poisoned_run = (
-            next(x for x in runs if x["code"] == "new" and x["round"] == rnd
-                 and x["scenario"] == s) for s in ("A-clean", "B-poisoned"))
+            next(x for x in runs if x["code"] == "new" and x["round"] == rnd and x["scenario"] == s)
+            for s in ("A-clean", "B-poisoned")
+        )
         a = clean_run["healthy_latency_ms"].get("p99")
         b = poisoned_run["healthy_latency_ms"].get("p99")
         if a is None or b is None or b > a + TARGET_EXTRA_P99_MS:
             problems.append(f"round {rnd}: new code's poisoned p99 {b} ms vs clean {a} ms")
-    write_result("poison", {
-        "params": {"max_in_flight": MAX_IN_FLIGHT, "reset_timeout_ms": RESET_TIMEOUT_MS,
-                   "poison": POISON, "poison_404": POISON // 2, "poison_hang": POISON // 2,
-                   "healthy_rate_per_s": args.rate, "healthy_duration_s": args.duration,
-                   "cap_s": args.cap, "rounds": args.rounds, "base_commit": old.commit,
-                   "healthy_after_poison_s": HEALTHY_AFTER_S},
-        "runs": runs,
-        "ratios_new_over_old": comparison,
-        "problems": problems,
-    })
+    write_result(
+        "poison",
+        {
+            "params": {
+                "max_in_flight": MAX_IN_FLIGHT,
+                "reset_timeout_ms": RESET_TIMEOUT_MS,
+                "poison": POISON,
+                "poison_404": POISON // 2,
+                "poison_hang": POISON // 2,
+                "healthy_rate_per_s": args.rate,
+                "healthy_duration_s": args.duration,
+                "cap_s": args.cap,
+                "rounds": args.rounds,
+                "base_commit": old.commit,
+                "healthy_after_poison_s": HEALTHY_AFTER_S,
+            },
+            "runs": runs,
+            "ratios_new_over_old": comparison,
+            "problems": problems,
+        },
+    )
 
 
 if __name__ == "__main__":

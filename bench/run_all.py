@@ -22,17 +22,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # name -> time limit in seconds (normal durations on 2 cores: ~130, ~40, ~210, ~70, ~50,
 # see docs/BENCHMARKS.md for million, ~10, ~30, ~170, ~160, ~180)
-BENCHMARKS = {"latency": 300, "failover": 240, "burst": 420, "idle": 150, "scale": 300,
-              "million": 1200, "gcpause": 120, "unrelated": 120, "poison": 360,
-              "slowlink": 480, "touch": 420}
+BENCHMARKS = {
+    "latency": 300,
+    "failover": 240,
+    "burst": 420,
+    "idle": 150,
+    "scale": 300,
+    "million": 1200,
+    "gcpause": 120,
+    "unrelated": 120,
+    "poison": 360,
+    "slowlink": 480,
+    "touch": 420,
+}
 
 
 def run(name: str, limit: float) -> bool:
     print(f"=== {name} (limit {limit:.0f} s)", flush=True)
     t0 = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "-m", f"bench.{name}"], cwd=ROOT,
-                              timeout=limit, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", f"bench.{name}"], cwd=ROOT, timeout=limit, check=False
+        )
     except subprocess.TimeoutExpired:
         print(f"=== {name}: TIMED OUT after {limit:.0f} s", flush=True)
         return False
@@ -51,8 +62,10 @@ def main() -> int:
     t0 = time.monotonic()
     failed = [n for n in names if not run(n, BENCHMARKS[n])]
     if importlib.util.find_spec("matplotlib") is None:
-        print("matplotlib not installed: skipping docs/latency.png "
-              "(.venv/bin/pip install -e '.[bench]')")
+        print(
+            "matplotlib not installed: skipping docs/latency.png "
+            "(.venv/bin/pip install -e '.[bench]')"
+        )
     elif (ROOT / "bench" / "results" / "latency.json").exists():
         subprocess.run([sys.executable, "-m", "bench.plot"], cwd=ROOT, check=False)
     subprocess.run([sys.executable, "-m", "bench.report"], cwd=ROOT, check=False)

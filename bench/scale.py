@@ -81,8 +81,12 @@ def run_size(n: int, idle_s: float) -> dict[str, Any]:
         # Probe: a short-lived counter set as soon as the leader has subscribed, i.e.
         # while it reconciles. It must get its reset like any other.
         wait_until(lambda: numpat(client) >= 1, 30, "the keyspace subscription", poll=0.001)
-        probes = {"c:probe:during-reconcile": (
-            _set_probe(client, "c:probe:during-reconcile", PROBE_TTL_MS), PROBE_TTL_MS)}
+        probes = {
+            "c:probe:during-reconcile": (
+                _set_probe(client, "c:probe:during-reconcile", PROBE_TTL_MS),
+                PROBE_TTL_MS,
+            )
+        }
         # The count may include the probe, if the SCAN saw it alive.
         needle = "reconciled: "
         zset_full_at = None
@@ -122,8 +126,10 @@ def run_size(n: int, idle_s: float) -> dict[str, Any]:
         load_keys(client, (f"c:{i}" for i in range(n)), ex=RESET_TTL_S)
         set_s = time.time() - t_live
         # Probes: short-lived counters set right behind the burst of keyspace events.
-        for name, ttl_ms in (("c:probe:after-rearm", PROBE_TTL_MS),
-                             ("c:probe:after-rearm-3s", 3000)):
+        for name, ttl_ms in (
+            ("c:probe:after-rearm", PROBE_TTL_MS),
+            ("c:probe:after-rearm-3s", 3000),
+        ):
             probes[name] = (_set_probe(client, name, ttl_ms), ttl_ms)
         threshold = (time.time() + (KEY_TTL_S + RESET_TTL_S) / 2) * 1000
         max_omem = 0
@@ -138,8 +144,14 @@ def run_size(n: int, idle_s: float) -> dict[str, Any]:
         live_stats = cpu_live.stop()
         rss_live = rss_mib(worker.pid)
         mem_live = int(info(client, "memory")["used_memory"])
-        log("  live events: " + (f"{n} re-armed keys tracked in {live_done_at - t_live:.2f} s"
-                                 if live_done_at else "NOT all tracked in time"))
+        log(
+            "  live events: "
+            + (
+                f"{n} re-armed keys tracked in {live_done_at - t_live:.2f} s"
+                if live_done_at
+                else "NOT all tracked in time"
+            )
+        )
 
         time.sleep(1.0)
         idle2 = CpuWindow(worker.pid).start()
@@ -157,15 +169,22 @@ def run_size(n: int, idle_s: float) -> dict[str, Any]:
             name: {
                 "ttl_ms": ttl_ms,
                 "resets": len(resets.get(name, [])),
-                "late_ms": (round((min(resets[name]) - deadline / 1000) * 1000, 1)
-                            if name in resets else None),
+                "late_ms": (
+                    round((min(resets[name]) - deadline / 1000) * 1000, 1)
+                    if name in resets
+                    else None
+                ),
             }
             for name, (deadline, ttl_ms) in probes.items()
         }
-        log("  probes: " + "; ".join(
-            f"{name}: " + (f"reset {p['late_ms']} ms after its deadline" if p["resets"]
-                           else "NO RESET")
-            for name, p in probe_results.items()))
+        log(
+            "  probes: "
+            + "; ".join(
+                f"{name}: "
+                + (f"reset {p['late_ms']} ms after its deadline" if p["resets"] else "NO RESET")
+                for name, p in probe_results.items()
+            )
+        )
         return {
             "counters": n,
             "load_keys_s": round(load_s, 3),
@@ -174,8 +193,7 @@ def run_size(n: int, idle_s: float) -> dict[str, Any]:
                 "spawn_to_acquired_s": round(t_acquired - t_spawn, 3),
                 "acquired_to_reconciled_s": round(t_reconciled - t_acquired, 3),
                 "acquired_to_zset_full_s": (
-                    round(zset_full_at - int(since) / 1000, 3) if zset_full_at and since
-                    else None
+                    round(zset_full_at - int(since) / 1000, 3) if zset_full_at and since else None
                 ),
                 "spawn_to_reconciled_s": round(t_reconciled - t_spawn, 3),
                 "worker_cpu_s_at_reconciled": round(cpu_reconciled, 3),
@@ -186,8 +204,7 @@ def run_size(n: int, idle_s: float) -> dict[str, Any]:
             "live_events": {
                 "pipeline_set_s": round(set_s, 3),
                 "all_tracked_after_s": round(live_done_at - t_live, 3) if live_done_at else None,
-                "rearms_per_s": (round(n / (live_done_at - t_live), 1)
-                                 if live_done_at else None),
+                "rearms_per_s": (round(n / (live_done_at - t_live), 1) if live_done_at else None),
                 "cpu": live_stats,
                 "max_pubsub_omem_bytes": max_omem,
                 "rss_mib": rss_live,
@@ -221,17 +238,29 @@ def main() -> None:
             problems.append(f"{run['counters']}: {run['unexpected_resets']} unexpected resets")
         for name, probe in run["short_ttl_probes"].items():
             if probe["resets"] != 1:
-                problems.append(f"{run['counters']} counters: {name} (TTL {probe['ttl_ms']} ms) "
-                                f"got {probe['resets']} resets")
+                problems.append(
+                    f"{run['counters']} counters: {name} (TTL {probe['ttl_ms']} ms) "
+                    f"got {probe['resets']} resets"
+                )
             elif probe["late_ms"] is not None and probe["late_ms"] > 50:
-                problems.append(f"{run['counters']} counters: {name} reset "
-                                f"{probe['late_ms']} ms after its deadline")
-    write_result("scale", {
-        "params": {"sizes": args.sizes, "idle_s": args.idle, "key_ttl_s": KEY_TTL_S,
-                   "rearm_ttl_s": RESET_TTL_S, "log_level": "INFO"},
-        "runs": runs,
-        "problems": problems,
-    })
+                problems.append(
+                    f"{run['counters']} counters: {name} reset "
+                    f"{probe['late_ms']} ms after its deadline"
+                )
+    write_result(
+        "scale",
+        {
+            "params": {
+                "sizes": args.sizes,
+                "idle_s": args.idle,
+                "key_ttl_s": KEY_TTL_S,
+                "rearm_ttl_s": RESET_TTL_S,
+                "log_level": "INFO",
+            },
+            "runs": runs,
+            "problems": problems,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -109,9 +109,19 @@ def serve_proxy(target_port: int, one_way_ms: float) -> None:
 def proxy_process(target_port: int, one_way_ms: float) -> Iterator[tuple[int, int]]:
     """A FaultProxy process in front of Redis: yields (its port, its pid)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.slowlink", "--serve-proxy", str(target_port),
-         "--one-way-ms", str(one_way_ms)],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "bench.slowlink",
+            "--serve-proxy",
+            str(target_port),
+            "--one-way-ms",
+            str(one_way_ms),
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -140,8 +150,16 @@ class App(threading.Thread):
     """SETs at ``rate`` per second over ``keys`` keys, round robin, from ``start`` for
     ``duration`` s; every SAMPLE_EVERY-th SET is handed to ``watcher``."""
 
-    def __init__(self, server: RedisServer, keys: int, rate: float, start: float,
-                 duration: float, seed: int, watcher: DeadlineWatcher) -> None:
+    def __init__(
+        self,
+        server: RedisServer,
+        keys: int,
+        rate: float,
+        start: float,
+        duration: float,
+        seed: int,
+        watcher: DeadlineWatcher,
+    ) -> None:
         super().__init__(name="app", daemon=True)
         self._server = server
         self._keys = keys
@@ -174,8 +192,7 @@ class App(threading.Thread):
                 if due <= j:
                     time.sleep(0.001)
                     continue
-                self.behind_max_s = max(self.behind_max_s,
-                                        now - (self.start_at + j / self._rate))
+                self.behind_max_s = max(self.behind_max_s, now - (self.start_at + j / self._rate))
                 pipe = client.pipeline(transaction=False)
                 batch = []
                 for i in range(j, due):
@@ -292,20 +309,28 @@ class Handoff:
     victim_exit: int | None = None
 
 
-def run_once(code: WorkerCode, one_way_ms: float, handoff: bool, args: argparse.Namespace,
-             seed: int) -> dict[str, Any]:
+def run_once(
+    code: WorkerCode, one_way_ms: float, handoff: bool, args: argparse.Namespace, seed: int
+) -> dict[str, Any]:
     rtt = 2 * one_way_ms
-    log(f"slowlink: +{rtt:.0f} ms RTT, {code.label} worker ({code.commit})"
-        + (", SIGTERM handoff halfway" if handoff else ""))
-    with rig(f"slowlink-{rtt:.0f}-{code.label}") as r, \
-            proxy_process(r.server.port, one_way_ms) as (proxy_port, proxy_pid):
+    log(
+        f"slowlink: +{rtt:.0f} ms RTT, {code.label} worker ({code.commit})"
+        + (", SIGTERM handoff halfway" if handoff else "")
+    )
+    with (
+        rig(f"slowlink-{rtt:.0f}-{code.label}") as r,
+        proxy_process(r.server.port, one_way_ms) as (proxy_port, proxy_pid),
+    ):
         env = {"REDIS_PORT": str(proxy_port)}
         workers = {"r1": r.spawn("r1", code=code, log_level=args.log_level, extra_env=env)}
         leader = wait_leader_ready(r, timeout=60)
         if handoff:
             workers["r2"] = r.spawn("r2", code=code, log_level=args.log_level, extra_env=env)
-            wait_until(lambda: numsub(r.client, release_channel()) >= 2, 60,
-                       "the standby's subscription to the release channel")
+            wait_until(
+                lambda: numsub(r.client, release_channel()) >= 2,
+                60,
+                "the standby's subscription to the release channel",
+            )
         try:
             return _measure(r, code, rtt, workers, leader, proxy_pid, handoff, args, seed)
         finally:
@@ -316,9 +341,17 @@ def run_once(code: WorkerCode, one_way_ms: float, handoff: bool, args: argparse.
                     shutil.copy(path, dest / path.name)
 
 
-def _measure(r: Rig, code: WorkerCode, rtt: float, workers: dict[str, WorkerProcess],
-             leader: str, proxy_pid: int, handoff: bool, args: argparse.Namespace,
-             seed: int) -> dict[str, Any]:
+def _measure(
+    r: Rig,
+    code: WorkerCode,
+    rtt: float,
+    workers: dict[str, WorkerProcess],
+    leader: str,
+    proxy_pid: int,
+    handoff: bool,
+    args: argparse.Namespace,
+    seed: int,
+) -> dict[str, Any]:
     watcher = DeadlineWatcher(r.server)
     watcher.start()
     start = time.time() + 0.5
@@ -348,8 +381,10 @@ def _measure(r: Rig, code: WorkerCode, rtt: float, workers: dict[str, WorkerProc
         pipe.delete(k)
     pipe.execute()
     histories, ambiguous = _histories(app.sets, set(doomed), deleted_at, stop)
-    episodes = sorted((e for h in histories.values() for e in h.episodes if e is not None),
-                      key=lambda e: e.deadline_ms)
+    episodes = sorted(
+        (e for h in histories.values() for e in h.episodes if e is not None),
+        key=lambda e: e.deadline_ms,
+    )
     last = max((e.deadline_ms for e in episodes), default=0) / 1000
 
     def arrived() -> int:
@@ -398,14 +433,16 @@ def _measure(r: Rig, code: WorkerCode, rtt: float, workers: dict[str, WorkerProc
         "steady": _tally(steady),
         "handoff_window": _tally(around) if switch is not None else None,
         "tail": _tally(tail),
-        "missed_detail": _missed_detail(episodes, histories,
-                                        switch.term_at if switch is not None else start),
+        "missed_detail": _missed_detail(
+            episodes, histories, switch.term_at if switch is not None else start
+        ),
         "stale_posts": len(stale),
         "stale_by_cause": dict(causes),
         "stale_examples": stale[:10],
         "deadline_recorded_lag_ms": summarize(lags_steady, 1000),
-        "deadline_recorded_lag_ms_handoff_window": (summarize(lags_around, 1000)
-                                                   if switch is not None else None),
+        "deadline_recorded_lag_ms_handoff_window": (
+            summarize(lags_around, 1000) if switch is not None else None
+        ),
         "lag_samples_superseded": watcher.superseded,
         "lag_polls_per_s": round(watcher.polls / wall, 1),
         "pubsub_omem_max_bytes": watcher.omem_max,
@@ -413,10 +450,17 @@ def _measure(r: Rig, code: WorkerCode, rtt: float, workers: dict[str, WorkerProc
         "handoff": attrs.asdict(switch) if switch is not None else None,
         # The slowest resets around the handoff: (deadline - SIGTERM, latency), in s.
         "handoff_slowest": sorted(
-            ((round(e.deadline_ms / 1000 - switch.term_at, 3),
-              round(e.first_post - e.deadline_ms / 1000, 3) if e.first_post else None)
-             for e in around), key=lambda x: -math.inf if x[1] is None else -x[1],
-        )[:10] if switch is not None else None,
+            (
+                (
+                    round(e.deadline_ms / 1000 - switch.term_at, 3),
+                    round(e.first_post - e.deadline_ms / 1000, 3) if e.first_post else None,
+                )
+                for e in around
+            ),
+            key=lambda x: -math.inf if x[1] is None else -x[1],
+        )[:10]
+        if switch is not None
+        else None,
         # Deadline recorded lag over the run: per 5 s of SETs, p50 / p99 / never, in ms.
         "deadline_recorded_lag_by_5s": _buckets(watcher.lags, start, 5.0),
         "worker_cpu": cpu_stats,
@@ -426,30 +470,38 @@ def _measure(r: Rig, code: WorkerCode, rtt: float, workers: dict[str, WorkerProc
         "log_problems": {rid: log_problems(w, limit=30) for rid, w in workers.items()},
     }
     s, lag = result["steady"], result["deadline_recorded_lag_ms"]
-    log(f"  {len(app.sets)} SETs, {len(episodes)} episodes: {result['episodes']['missed']} "
+    log(
+        f"  {len(app.sets)} SETs, {len(episodes)} episodes: {result['episodes']['missed']} "
         f"missed, {result['episodes']['doubled']} doubled, {len(stale)} stale; steady "
         f"reset latency p50 {fmt_ms(s['latency_ms'].get('p50'))} p99 "
         f"{fmt_ms(s['latency_ms'].get('p99'))} max {fmt_ms(s['latency_ms'].get('max'))}; "
-        f"deadline recorded p50 {fmt_ms(lag.get('p50'))} p99 {fmt_ms(lag.get('p99'))}")
+        f"deadline recorded p50 {fmt_ms(lag.get('p50'))} p99 {fmt_ms(lag.get('p99'))}"
+    )
     if switch is not None and result["handoff_window"] is not None:
         h = result["handoff_window"]
-        log(f"  handoff: new leader {switch.new_leader} after "
+        log(
+            f"  handoff: new leader {switch.new_leader} after "
             f"{fmt_ms(((switch.takeover_at or switch.term_at) - switch.term_at) * 1000)}; "
             f"{h['n']} episodes around it, {h['missed']} missed, {h['doubled']} doubled, "
-            f"latency max {fmt_ms(h['latency_ms'].get('max'))}")
+            f"latency max {fmt_ms(h['latency_ms'].get('max'))}"
+        )
     return result
 
 
-def _missed_detail(episodes: list[Episode], histories: dict[str, History],
-                   origin: float) -> list[dict[str, Any]]:
+def _missed_detail(
+    episodes: list[Episode], histories: dict[str, History], origin: float
+) -> list[dict[str, Any]]:
     """The first missed episodes, with the key's SET before the episode's: times in s
     from ``origin`` (the SIGTERM if there was a handoff, else the first SET)."""
     rows = []
     for e in (e for e in episodes if e.first_post is None):
         h = histories[e.key]
         i = h.set_times.index(e.set_at)
-        row: dict[str, Any] = {"key": e.key, "set": round(e.set_at - origin, 3),
-                               "deadline": round(e.deadline_ms / 1000 - origin, 3)}
+        row: dict[str, Any] = {
+            "key": e.key,
+            "set": round(e.set_at - origin, 3),
+            "deadline": round(e.deadline_ms / 1000 - origin, 3),
+        }
         if i > 0:
             prev = h.sets[i - 1]
             row["previous_set"] = round(prev.at - origin, 3)
@@ -463,20 +515,27 @@ def _missed_detail(episodes: list[Episode], histories: dict[str, History],
 def _script_calls(r: Rig) -> int:
     """EVALSHA + EVAL calls Redis has served (the workers' scripts)."""
     stats = info(r.client, "commandstats")
-    return sum(int(stats.get(k, {"calls": 0})["calls"])
-               for k in ("cmdstat_evalsha", "cmdstat_eval"))
+    return sum(
+        int(stats.get(k, {"calls": 0})["calls"]) for k in ("cmdstat_evalsha", "cmdstat_eval")
+    )
 
 
-def _buckets(lags: list[tuple[float, float]], start: float,
-             width: float) -> list[dict[str, Any]]:
+def _buckets(lags: list[tuple[float, float]], start: float, width: float) -> list[dict[str, Any]]:
     per: dict[int, list[float]] = defaultdict(list)
     for at, lag in lags:
         per[int((at - start) // width)].append(lag)
     rows = []
     for b in sorted(per):
         s = summarize(per[b], 1000)
-        rows.append({"from_s": b * width, "n": s["n"], "p50": s.get("p50"),
-                     "p99": s.get("p99"), "never": s["n"] - s["arrived"]})
+        rows.append(
+            {
+                "from_s": b * width,
+                "n": s["n"],
+                "p50": s.get("p50"),
+                "p99": s.get("p99"),
+                "never": s["n"] - s["arrived"],
+            }
+        )
     return rows
 
 
@@ -506,8 +565,9 @@ class History:
     deleted: bool = False
 
 
-def _histories(sets: list[SetRecord], deleted: set[str], deleted_at: float,
-               stop: float) -> tuple[dict[str, History], int]:
+def _histories(
+    sets: list[SetRecord], deleted: set[str], deleted_at: float, stop: float
+) -> tuple[dict[str, History], int]:
     """Each key's SETs and episodes; how many SETs were too close to call."""
     out: dict[str, History] = defaultdict(History)
     for rec in sets:
@@ -555,12 +615,19 @@ def _match(histories: dict[str, History], requests: list[Any]) -> list[dict[str,
                 cause = "deleted by the app before its deadline"
             else:
                 cause = "re-armed before its deadline"
-            row = {"key": key, "expired_at": body.get("expired_at"),
-                   "received_at": q.received_at, "reset_id": body.get("reset_id"),
-                   "cause": cause}
+            row = {
+                "key": key,
+                "expired_at": body.get("expired_at"),
+                "received_at": q.received_at,
+                "reset_id": body.get("reset_id"),
+                "cause": cause,
+            }
             if h is not None and len(stale) < 10:
-                row["sets_around"] = [(round(rec.at, 3), rec.deadline_ms) for rec in h.sets
-                                      if abs(rec.at - expired) < 15]
+                row["sets_around"] = [
+                    (round(rec.at, 3), rec.deadline_ms)
+                    for rec in h.sets
+                    if abs(rec.at - expired) < 15
+                ]
             stale.append(row)
             continue
         e.reset_ids.add(str(body.get("reset_id")))
@@ -572,8 +639,10 @@ def _match(histories: dict[str, History], requests: list[Any]) -> list[dict[str,
 
 
 def _tally(episodes: list[Episode]) -> dict[str, Any]:
-    lat = [(e.first_post - e.deadline_ms / 1000) if e.first_post is not None else float("inf")
-           for e in episodes]
+    lat = [
+        (e.first_post - e.deadline_ms / 1000) if e.first_post is not None else float("inf")
+        for e in episodes
+    ]
     missed = [e for e in episodes if e.first_post is None]
     return {
         "n": len(episodes),
@@ -595,20 +664,36 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="app SETs per s")
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of SETs per run")
-    parser.add_argument("--one-way-ms", type=float, nargs="+", default=[0.0, 25.0],
-                        help="proxy delay each way (default 0 and 25: +0 and +50 ms RTT)")
-    parser.add_argument("--cap", type=float, default=10.0,
-                        help="seconds after the last deadline to wait for resets")
+    parser.add_argument(
+        "--one-way-ms",
+        type=float,
+        nargs="+",
+        default=[0.0, 25.0],
+        help="proxy delay each way (default 0 and 25: +0 and +50 ms RTT)",
+    )
+    parser.add_argument(
+        "--cap", type=float, default=10.0, help="seconds after the last deadline to wait for resets"
+    )
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--base", default=BASE_COMMIT, help="the commit to compare with")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--codes", nargs="+", choices=["new", "old"], default=["new", "old"],
-                        help="which workers to run (default both, alternately)")
-    parser.add_argument("--no-handoff", action="store_true",
-                        help="no standby and no SIGTERM in the delayed runs")
+    parser.add_argument(
+        "--codes",
+        nargs="+",
+        choices=["new", "old"],
+        default=["new", "old"],
+        help="which workers to run (default both, alternately)",
+    )
+    parser.add_argument(
+        "--no-handoff", action="store_true", help="no standby and no SIGTERM in the delayed runs"
+    )
     parser.add_argument("--log-level", default="WARNING", help="the workers' LOG_LEVEL")
-    parser.add_argument("--keep-logs", type=Path, metavar="DIR",
-                        help="copy the workers' logs to DIR/<rtt>ms-<code>/")
+    parser.add_argument(
+        "--keep-logs",
+        type=Path,
+        metavar="DIR",
+        help="copy the workers' logs to DIR/<rtt>ms-<code>/",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 15 s of SETs")
     parser.add_argument("--serve-proxy", type=int, metavar="REDIS_PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -618,40 +703,56 @@ def main() -> None:
     if args.quick:
         args.duration = 15.0
     if args.keys / args.rate >= LONG_TTL_MS[0] / 1000:
-        parser.error("keys / rate (a key's re-arm period) must be under the long TTL "
-                     f"({LONG_TTL_MS[0]} ms)")
+        parser.error(
+            f"keys / rate (a key's re-arm period) must be under the long TTL ({LONG_TTL_MS[0]} ms)"
+        )
     runs: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         new = measured_code()
         old = stack.enter_context(code_at(args.base))
         for rnd in range(args.rounds):
-            codes = [c for c in ((new, old) if rnd % 2 == 0 else (old, new))
-                     if c.label in args.codes]
+            codes = [
+                c for c in ((new, old) if rnd % 2 == 0 else (old, new)) if c.label in args.codes
+            ]
             for one_way in args.one_way_ms:
                 for code in codes:
-                    run = run_once(code, one_way, one_way > 0 and not args.no_handoff, args,
-                                   args.seed + rnd)
+                    run = run_once(
+                        code, one_way, one_way > 0 and not args.no_handoff, args, args.seed + rnd
+                    )
                     run["round"] = rnd
                     runs.append(run)
-    write_result("slowlink", {
-        "params": {"rate_per_s": args.rate, "keys": args.keys, "duration_s": args.duration,
-                   "one_way_ms": args.one_way_ms, "cap_s": args.cap, "rounds": args.rounds,
-                   "base_commit": old.commit, "seed": args.seed,
-                   "short_ttl_ms": SHORT_TTL_MS, "long_ttl_ms": LONG_TTL_MS,
-                   "short_share": SHORT_SHARE, "lag_sample_every": SAMPLE_EVERY,
-                   "handoff_window_s": HANDOFF_WINDOW_S},
-        "runs": runs,
-        "ratios_new_over_old": _ratios(runs),
-        "problems": _problems(runs),
-    })
+    write_result(
+        "slowlink",
+        {
+            "params": {
+                "rate_per_s": args.rate,
+                "keys": args.keys,
+                "duration_s": args.duration,
+                "one_way_ms": args.one_way_ms,
+                "cap_s": args.cap,
+                "rounds": args.rounds,
+                "base_commit": old.commit,
+                "seed": args.seed,
+                "short_ttl_ms": SHORT_TTL_MS,
+                "long_ttl_ms": LONG_TTL_MS,
+                "short_share": SHORT_SHARE,
+                "lag_sample_every": SAMPLE_EVERY,
+                "handoff_window_s": HANDOFF_WINDOW_S,
+            },
+            "runs": runs,
+            "ratios_new_over_old": _ratios(runs),
+            "problems": _problems(runs),
+        },
+    )
 
 
 def _ratios(runs: list[dict[str, Any]]) -> dict[str, list[float | None]]:
     out: dict[str, list[float | None]] = {}
     for rtt in sorted({run["rtt_ms"] for run in runs}):
         for rnd in sorted({run["round"] for run in runs}):
-            pair = {run["code"]: run for run in runs
-                    if run["rtt_ms"] == rtt and run["round"] == rnd}
+            pair = {
+                run["code"]: run for run in runs if run["rtt_ms"] == rtt and run["round"] == rnd
+            }
             if set(pair) != {"new", "old"}:
                 continue
             for what, path in (
@@ -662,7 +763,8 @@ def _ratios(runs: list[dict[str, Any]]) -> dict[str, list[float | None]]:
                 ("missed", ("episodes", "missed")),
             ):
                 out.setdefault(f"+{rtt:.0f} ms {what} new/old", []).append(
-                    ratio(_dig(pair["new"], path), _dig(pair["old"], path)))
+                    ratio(_dig(pair["new"], path), _dig(pair["old"], path))
+                )
     return out
 
 
@@ -681,8 +783,9 @@ def _problems(runs: list[dict[str, Any]]) -> list[str]:
         tag = f"+{run['rtt_ms']:.0f} ms round {run['round']}"
         e = run["episodes"]
         if e["missed"] or e["doubled"] or run["stale_posts"]:
-            problems.append(f"{tag}: {e['missed']} missed, {e['doubled']} doubled, "
-                            f"{run['stale_posts']} stale")
+            problems.append(
+                f"{tag}: {e['missed']} missed, {e['doubled']} doubled, {run['stale_posts']} stale"
+            )
         p99 = run["steady"]["latency_ms"].get("p99")
         target = TARGET_P99_MS_BASE + 3 * run["rtt_ms"]
         if p99 is None or p99 > target:

@@ -102,9 +102,29 @@ LEASE_TTL_MS = 3000
 # Commands that only run inside the worker's scripts or the tcw functions in these runs
 # (commandstats counts them too); everything else is a round trip. The app's own SETs
 # (set variant) are counted apart: ``set`` also runs inside scripts and functions.
-INNER = {"time", "hget", "hgetall", "pexpire", "pexpiretime", "pttl", "incr", "set", "del",
-         "hset", "publish", "zadd", "zscore", "zrem", "hsetnx", "hdel", "zrange", "get",
-         "hexists", "hkeys", "zremrangebyscore"}
+INNER = {
+    "time",
+    "hget",
+    "hgetall",
+    "pexpire",
+    "pexpiretime",
+    "pttl",
+    "incr",
+    "set",
+    "del",
+    "hset",
+    "publish",
+    "zadd",
+    "zscore",
+    "zrem",
+    "hsetnx",
+    "hdel",
+    "zrange",
+    "get",
+    "hexists",
+    "hkeys",
+    "zremrangebyscore",
+}
 # The ERROR a leader logs when it may not turn notifications back on (touch-nonotify).
 EXPECTED_NONOTIFY = re.compile(r"notify-keyspace-events|keyspace notifications", re.I)
 
@@ -153,8 +173,16 @@ class App(threading.Thread):
     """``rate`` activities a second over ``keys`` keys, round robin in a shuffled order,
     from ``start`` for ``duration`` s, pipelined every millisecond tick."""
 
-    def __init__(self, port: int, variant: Variant, keys: int, rate: float, start: float,
-                 duration: float, seed: int) -> None:
+    def __init__(
+        self,
+        port: int,
+        variant: Variant,
+        keys: int,
+        rate: float,
+        start: float,
+        duration: float,
+        seed: int,
+    ) -> None:
         super().__init__(name="app", daemon=True)
         self._port = port
         self._variant = variant
@@ -190,8 +218,7 @@ class App(threading.Thread):
                 if due <= j:
                     time.sleep(0.0005)
                     continue
-                self.behind_max_s = max(self.behind_max_s,
-                                        now - (self.start_at + j / self._rate))
+                self.behind_max_s = max(self.behind_max_s, now - (self.start_at + j / self._rate))
                 pipe = client.pipeline(transaction=False)
                 batch = []
                 for i in range(j, due):
@@ -253,8 +280,11 @@ def metrics(port: int) -> dict[str, float]:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     out: dict[str, float] = {}
     for line in text.splitlines():
-        for name in ("tcw_activity_events_total", "tcw_reset_attempts_total",
-                     "tcw_decision_backlog"):
+        for name in (
+            "tcw_activity_events_total",
+            "tcw_reset_attempts_total",
+            "tcw_decision_backlog",
+        ):
             if line.startswith(name):
                 labels, _, value = line.partition(" ")
                 out[labels] = float(value)
@@ -266,13 +296,20 @@ def wait_ready(r: Rig, variant: Variant) -> str:
     probe key marked the variant's way must come back as a POST (not kept)."""
     leader = wait_until(lambda: lease_holder(r.client, COUNTER_KEY), 30, "a leader")
     wait_until(lambda: numpat(r.client) >= 1, 30, "the leader's keyspace subscription")
-    wait_until(lambda: r.client.hget(functions.REGISTRY_KEY, NAMESPACE), 30,
-               "the leader's registration of the deployment")
+    wait_until(
+        lambda: r.client.hget(functions.REGISTRY_KEY, NAMESPACE),
+        30,
+        "the leader's registration of the deployment",
+    )
     pipe = r.client.pipeline(transaction=False)
     mark(pipe, variant, "c:probe", 200)
     pipe.execute()
-    wait_until(lambda: any((q.json or {}).get("key") == "c:probe"
-                           for q in r.backend.requests), 30, "the probe's reset", poll=0.01)
+    wait_until(
+        lambda: any((q.json or {}).get("key") == "c:probe" for q in r.backend.requests),
+        30,
+        "the probe's reset",
+        poll=0.01,
+    )
     r.backend.clear()
     return leader
 
@@ -285,16 +322,23 @@ def arm_all(r: Rig, variant: Variant, keys: int) -> None:
         for i in range(lo, min(keys, lo + SEED_CHUNK)):
             mark(pipe, variant, f"c:{i}", SEED_TTL_MS)
         pipe.execute()
-    wait_until(lambda: int(r.client.zcard(deadlines_key(COUNTER_KEY))) >= keys, 60,
-               "every deadline recorded", poll=0.05)
+    wait_until(
+        lambda: int(r.client.zcard(deadlines_key(COUNTER_KEY))) >= keys,
+        60,
+        "every deadline recorded",
+        poll=0.05,
+    )
 
 
 def snapshot(r: Rig, health_port: int) -> dict[str, Any]:
     raw = info(r.client, "everything")
     return {
         "t": time.monotonic(),
-        "calls": {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in raw.items()
-                  if k.startswith("cmdstat_")},
+        "calls": {
+            k.removeprefix("cmdstat_"): int(v["calls"])
+            for k, v in raw.items()
+            if k.startswith("cmdstat_")
+        },
         "total": int(raw["total_commands_processed"]),
         "net_out": int(raw["total_net_output_bytes"]),
         "redis_cpu": float(raw["used_cpu_sys"]) + float(raw["used_cpu_user"]),
@@ -335,8 +379,15 @@ def run_once(variant: Variant, args: argparse.Namespace, seed: int) -> dict[str,
         return _measure(r, variant, leader, standby, health_port, args, seed)
 
 
-def _measure(r: Rig, variant: Variant, leader: WorkerProcess, standby: WorkerProcess | None,
-             health_port: int, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+def _measure(
+    r: Rig,
+    variant: Variant,
+    leader: WorkerProcess,
+    standby: WorkerProcess | None,
+    health_port: int,
+    args: argparse.Namespace,
+    seed: int,
+) -> dict[str, Any]:
     start = time.time() + 0.3
     app = App(r.server.port, variant, args.keys, args.rate, start, args.duration, seed)
     app.start()
@@ -366,8 +417,12 @@ def _measure(r: Rig, variant: Variant, leader: WorkerProcess, standby: WorkerPro
     pipe.execute()
     episodes = _episodes(app.activities, set(doomed), ended_at)
     due_last = max((e.deadline_ms / 1000 for e in episodes), default=stop)
-    wait_until(lambda: _posted(r, episodes) or time.time() > due_last + args.cap,
-               due_last - time.time() + args.cap + 5, "the last resets", poll=0.1)
+    wait_until(
+        lambda: _posted(r, episodes) or time.time() > due_last + args.cap,
+        due_last - time.time() + args.cap + 5,
+        "the last resets",
+        poll=0.1,
+    )
     stale = _match(episodes, r.backend.requests)
     window = after["t"] - before["t"]
     per_k = 1000 / n if n else float("nan")
@@ -384,20 +439,34 @@ def _measure(r: Rig, variant: Variant, leader: WorkerProcess, standby: WorkerPro
         inner -= n  # the app's SETs are round trips, counted apart
     worker_round_trips = total - inner - app_round_trips
     m0, m1 = before["metrics"], after["metrics"]
-    events = {label: m1.get(label, 0) - m0.get(label, 0) for label in m1
-              if label.startswith("tcw_activity_events_total")}
+    events = {
+        label: m1.get(label, 0) - m0.get(label, 0)
+        for label in m1
+        if label.startswith("tcw_activity_events_total")
+    }
 
-    lat = [(e.first_post - e.expired_at) if e.first_post is not None and e.expired_at
-           else float("inf") for e in episodes]
-    deadline_error = [abs(e.expired_at * 1000 - e.deadline_ms) for e in episodes
-                      if e.expired_at is not None]
+    lat = [
+        (e.first_post - e.expired_at) if e.first_post is not None and e.expired_at else float("inf")
+        for e in episodes
+    ]
+    deadline_error = [
+        abs(e.expired_at * 1000 - e.deadline_ms) for e in episodes if e.expired_at is not None
+    ]
     problems = {"leader": log_problems(leader, limit=40)}
     if standby is not None:
         problems["standby"] = log_problems(standby, limit=40)
-    expected = {rid: [ln for ln in lines if EXPECTED_NONOTIFY.search(ln)]
-                for rid, lines in problems.items()} if not variant.notifications else {}
-    unexpected = {rid: [ln for ln in lines if not (expected and EXPECTED_NONOTIFY.search(ln))]
-                  for rid, lines in problems.items()}
+    expected = (
+        {
+            rid: [ln for ln in lines if EXPECTED_NONOTIFY.search(ln)]
+            for rid, lines in problems.items()
+        }
+        if not variant.notifications
+        else {}
+    )
+    unexpected = {
+        rid: [ln for ln in lines if not (expected and EXPECTED_NONOTIFY.search(ln))]
+        for rid, lines in problems.items()
+    }
     flags = r.client.config_get("notify-keyspace-events").get("notify-keyspace-events")
     result: dict[str, Any] = {
         "variant": variant.name,
@@ -415,7 +484,8 @@ def _measure(r: Rig, variant: Variant, leader: WorkerProcess, standby: WorkerPro
         "redis": {
             "cpu_pct": round(100 * (after["redis_cpu"] - before["redis_cpu"]) / window, 2),
             "cpu_ms_per_1000_activities": round(
-                (after["redis_cpu"] - before["redis_cpu"]) * 1000 * per_k, 2),
+                (after["redis_cpu"] - before["redis_cpu"]) * 1000 * per_k, 2
+            ),
             "commands_total": total,
             "commands_per_1000_activities": round(total * per_k, 1),
             "round_trips_per_1000_activities": {
@@ -423,13 +493,13 @@ def _measure(r: Rig, variant: Variant, leader: WorkerProcess, standby: WorkerPro
                 "worker": round(worker_round_trips * per_k, 1),
             },
             "inside_scripts_and_functions_per_1000_activities": round(inner * per_k, 1),
-            "calls_per_1000_activities": {cmd: round(c * per_k, 1)
-                                          for cmd, c in sorted(calls.items())},
+            "calls_per_1000_activities": {
+                cmd: round(c * per_k, 1) for cmd, c in sorted(calls.items())
+            },
             "net_out_bytes_per_activity": round((after["net_out"] - before["net_out"]) / n, 1),
         },
         "leader_heard": events,
-        "machine_busy_pct_of_one_core": round(100 * (after["busy"] - before["busy"]) / window,
-                                              1),
+        "machine_busy_pct_of_one_core": round(100 * (after["busy"] - before["busy"]) / window, 1),
         "resets": {
             "episodes": len(episodes),
             "missed": sum(1 for e in episodes if e.first_post is None),
@@ -447,11 +517,13 @@ def _measure(r: Rig, variant: Variant, leader: WorkerProcess, standby: WorkerPro
         "expected_log_lines": expected,
     }
     res = result["resets"]
-    log(f"  {n} activities in {window:.1f} s: leader CPU {leader_cpu['cpu_pct']} % "
+    log(
+        f"  {n} activities in {window:.1f} s: leader CPU {leader_cpu['cpu_pct']} % "
         f"({result['leader_cpu']['cpu_ms_per_1000_activities']} ms/1k), Redis CPU "
         f"{result['redis']['cpu_pct']} %, {result['redis']['commands_per_1000_activities']} "
         f"commands/1k; {res['episodes']} episodes, {res['missed']} missed, latency p50 "
-        f"{fmt_ms(res['latency_ms'].get('p50'))} p99 {fmt_ms(res['latency_ms'].get('p99'))}")
+        f"{fmt_ms(res['latency_ms'].get('p50'))} p99 {fmt_ms(res['latency_ms'].get('p99'))}"
+    )
     return result
 
 
@@ -464,8 +536,11 @@ def _episodes(activities: list[Activity], ended: set[str], ended_at: float) -> l
     out = []
     for key, acts in per.items():
         for i, a in enumerate(acts):
-            nxt = acts[i + 1].at if i + 1 < len(acts) else (
-                ended_at if key in ended else float("inf"))
+            nxt = (
+                acts[i + 1].at
+                if i + 1 < len(acts)
+                else (ended_at if key in ended else float("inf"))
+            )
             if a.deadline_ms / 1000 < nxt:
                 out.append(Episode(key, a.at, a.deadline_ms))
     return out
@@ -534,7 +609,8 @@ def _ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[float | None
                 continue
             for what, path in COMPARED.items():
                 out.setdefault(f"{name}/set", {}).setdefault(what, []).append(
-                    ratio(_dig(run, path), _dig(base, path)))
+                    ratio(_dig(run, path), _dig(base, path))
+                )
     return out
 
 
@@ -556,15 +632,18 @@ def _problems(runs: list[dict[str, Any]]) -> list[str]:
         tag = f"{run['variant']} round {run['round']}"
         res = run["resets"]
         if res["missed"] or res["doubled"] or res["stale_posts"]:
-            problems.append(f"{tag}: {res['missed']} missed, {res['doubled']} doubled, "
-                            f"{res['stale_posts']} stale")
+            problems.append(
+                f"{tag}: {res['missed']} missed, {res['doubled']} doubled, "
+                f"{res['stale_posts']} stale"
+            )
         if run["unmatched_touches"]:
             problems.append(f"{tag}: {run['unmatched_touches']} touches matched no deployment")
         if any(run["log_problems"].values()):
             problems.append(f"{tag}: a worker logged warnings")
         if run["app_behind_schedule_max_ms"] > 100:
-            problems.append(f"{tag}: the app fell {run['app_behind_schedule_max_ms']} ms "
-                            "behind its schedule")
+            problems.append(
+                f"{tag}: the app fell {run['app_behind_schedule_max_ms']} ms behind its schedule"
+            )
     return problems
 
 
@@ -572,24 +651,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=1000.0, help="activities per s")
     parser.add_argument("--keys", type=int, default=10_000)
-    parser.add_argument("--duration", type=float, default=25.0,
-                        help="seconds of activity per run (the measured window)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=25.0,
+        help="seconds of activity per run (the measured window)",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--cap", type=float, default=5.0,
-                        help="seconds after the last deadline to wait for resets")
+    parser.add_argument(
+        "--cap", type=float, default=5.0, help="seconds after the last deadline to wait for resets"
+    )
     parser.add_argument("--standby", action="store_true", help="run a standby too")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--name", default="touch",
-                        help="results go to bench/results/<name>.json (default touch)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 8 s per variant, one round")
+    parser.add_argument(
+        "--name", default="touch", help="results go to bench/results/<name>.json (default touch)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 8 s per variant, one round"
+    )
     args = parser.parse_args()
     if args.quick:
         args.duration, args.rounds = 8.0, 1
     if args.keys / args.rate >= LONG_TTL_MS[0] / 1000:
-        parser.error(f"keys / rate (a key's re-arm period) must be under the long TTL "
-                     f"({LONG_TTL_MS[0]} ms)")
+        parser.error(
+            f"keys / rate (a key's re-arm period) must be under the long TTL ({LONG_TTL_MS[0]} ms)"
+        )
     t0 = time.monotonic()
     runs: list[dict[str, Any]] = []
     for rnd in range(args.rounds):
@@ -603,18 +690,31 @@ def main() -> None:
         log(f"{name}: {row}")
     for name, row in ratios.items():
         log(f"{name}: {row}")
-    write_result(args.name, {
-        "params": {"rate_per_s": args.rate, "keys": args.keys, "duration_s": args.duration,
-                   "rounds": args.rounds, "variants": args.variants, "cap_s": args.cap,
-                   "standby": args.standby, "seed": args.seed, "short_ttl_ms": SHORT_TTL_MS,
-                   "long_ttl_ms": LONG_TTL_MS, "short_share": SHORT_SHARE,
-                   "seed_ttl_ms": SEED_TTL_MS, "lease_ttl_ms": LEASE_TTL_MS},
-        "elapsed_s": round(time.monotonic() - t0, 1),
-        "runs": runs,
-        "means": means,
-        "ratios_over_set": ratios,
-        "problems": _problems(runs),
-    })
+    write_result(
+        args.name,
+        {
+            "params": {
+                "rate_per_s": args.rate,
+                "keys": args.keys,
+                "duration_s": args.duration,
+                "rounds": args.rounds,
+                "variants": args.variants,
+                "cap_s": args.cap,
+                "standby": args.standby,
+                "seed": args.seed,
+                "short_ttl_ms": SHORT_TTL_MS,
+                "long_ttl_ms": LONG_TTL_MS,
+                "short_share": SHORT_SHARE,
+                "seed_ttl_ms": SEED_TTL_MS,
+                "lease_ttl_ms": LEASE_TTL_MS,
+            },
+            "elapsed_s": round(time.monotonic() - t0, 1),
+            "runs": runs,
+            "means": means,
+            "ratios_over_set": ratios,
+            "problems": _problems(runs),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def _window(r: Rig, leader_pid: int, seconds: float, rate: int) -> dict[str, Any
     usage = cpu.stop()
     latency = [
         (q.received_at - deadlines[q.json["key"]]) * 1000
-        for q in r.backend.requests if q.json and q.json.get("key") in deadlines
+        for q in r.backend.requests
+        if q.json and q.json.get("key") in deadlines
     ]
     return {
         "unrelated_keys_set": sent[0] if sent else 0,
@@ -101,15 +102,22 @@ def main() -> None:
         log(f"churn window: {args.rate} unrelated keys/s")
         churn = _window(r, leader.pid, args.window, args.rate)
         problems = log_problems(leader)
-    result = {"benchmark": "unrelated", "params": vars(args), "quiet": quiet,
-              "churn": churn, "log_problems": problems}
+    result = {
+        "benchmark": "unrelated",
+        "params": vars(args),
+        "quiet": quiet,
+        "churn": churn,
+        "log_problems": problems,
+    }
     path = write_result("unrelated", result)
     for name, w in (("quiet", quiet), ("churn", churn)):
         lat = w["counter_latency_ms"]
-        log(f"{name}: unrelated {w['unrelated_rate_per_s']}/s, Redis expired "
+        log(
+            f"{name}: unrelated {w['unrelated_rate_per_s']}/s, Redis expired "
             f"{w['redis_expired_per_s']}/s, leader CPU {w['leader_cpu']['cpu_pct']} %, "
             f"counter latency p50 {lat['p50']} ms p99 {lat['p99']} ms "
-            f"({w['counters_reset']}/{COUNTERS_PER_WINDOW})")
+            f"({w['counters_reset']}/{COUNTERS_PER_WINDOW})"
+        )
     log(f"wrote {path}")
 
 

@@ -46,15 +46,22 @@ def mark_activity(client: redis.Redis, key: str = DEFAULT_KEY, ttl: int = DEFAUL
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Mark activity: SET <key> 1 EX <ttl>.")
-    parser.add_argument("key", nargs="?", default=DEFAULT_KEY,
-                        help=f"the counter key [{DEFAULT_KEY}]")
-    parser.add_argument("--ttl", type=int, default=DEFAULT_TTL,
-                        help=f"seconds of inactivity before the reset [{DEFAULT_TTL}]")
-    parser.add_argument("--redis-url",
-                        default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument(
+        "key", nargs="?", default=DEFAULT_KEY, help=f"the counter key [{DEFAULT_KEY}]"
+    )
+    parser.add_argument(
+        "--ttl",
+        type=int,
+        default=DEFAULT_TTL,
+        help=f"seconds of inactivity before the reset [{DEFAULT_TTL}]",
+    )
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
     parser.add_argument("--count", type=int, default=1, help="how many times to mark [1]")
-    parser.add_argument("--every", type=float, default=1.0,
-                        help="seconds between marks when --count > 1 [1]")
+    parser.add_argument(
+        "--every", type=float, default=1.0, help="seconds between marks when --count > 1 [1]"
+    )
     args = parser.parse_args(argv)
     client = redis.Redis.from_url(args.redis_url)
     try:

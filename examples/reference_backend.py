@@ -451,8 +451,10 @@ class _Handler(BaseHTTPRequestHandler):
         if server.signing_secret is not None and not verify_signature(
             server.signing_secret, self.headers.get("x-signature"), body, now
         ):
-            log.warning("reset refused: missing, invalid or expired x-signature from %s",
-                        self.client_address[0])
+            log.warning(
+                "reset refused: missing, invalid or expired x-signature from %s",
+                self.client_address[0],
+            )
             self._answer(401, {"error": "bad x-signature"})
             return
         dry_run = self.headers.get(DRY_RUN_HEADER)
@@ -466,9 +468,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(400, {"error": str(exc)})
             return
         if dry_run is not None:
-            log.info("dry run accepted: secret%s right, from replica %s",
-                     " and signature" if server.signing_secret is not None else "",
-                     reset.replica_id)
+            log.info(
+                "dry run accepted: secret%s right, from replica %s",
+                " and signature" if server.signing_secret is not None else "",
+                reset.replica_id,
+            )
             self._answer(200, {"status": "dry_run", "key": reset.key, "reset_id": reset.reset_id})
             return
         before = server.ledger.value(reset.key)
@@ -476,7 +480,11 @@ class _Handler(BaseHTTPRequestHandler):
         log.info(
             "%s: key=%r reset_id=%s fencing_token=%d replica=%s counter_before=%d lag_ms=%.0f",
             "reset applied" if status == "reset" else f"reset ignored ({status})",
-            reset.key, reset.reset_id, reset.fencing_token, reset.replica_id, before,
+            reset.key,
+            reset.reset_id,
+            reset.fencing_token,
+            reset.replica_id,
+            before,
             (now - reset.expired_at) * 1000,
         )
         self._answer(200, {"status": status, "key": reset.key, "reset_id": reset.reset_id})
@@ -508,12 +516,16 @@ class _Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("content-length", "0"))
         except ValueError:
             length = -1
-        if length < 0 or length > MAX_BODY or "chunked" in self.headers.get(
-            "transfer-encoding", ""
-        ).lower():
+        if (
+            length < 0
+            or length > MAX_BODY
+            or "chunked" in self.headers.get("transfer-encoding", "").lower()
+        ):
             self.close_connection = True
-            self._answer(400 if length <= MAX_BODY else 413,
-                         {"error": f"need a content-length up to {MAX_BODY} bytes"})
+            self._answer(
+                400 if length <= MAX_BODY else 413,
+                {"error": f"need a content-length up to {MAX_BODY} bytes"},
+            )
             return None
         return self.rfile.read(length)
 
@@ -528,29 +540,51 @@ class _Handler(BaseHTTPRequestHandler):
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (0.0.0.0 in a container) [127.0.0.1]")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container) [127.0.0.1]"
+    )
     parser.add_argument("--port", type=int, default=3000)
     # Secrets may come from the environment instead: they then stay out of `ps` output.
     env_secret = os.environ.get("RESET_SECRET") or None
-    parser.add_argument("--secret", default=env_secret, required=env_secret is None,
-                        help="expected x-secret; required unless the environment variable "
-                             "RESET_SECRET is set")
-    parser.add_argument("--signing-secret", default=os.environ.get("RESET_SIGNING_SECRET") or None,
-                        help="require a valid x-signature [env RESET_SIGNING_SECRET]")
-    parser.add_argument("--redis-url", default=None,
-                        help="also SET the activity key in this Redis on POST /activity")
-    parser.add_argument("--ttl", type=int, default=DEFAULT_TTL,
-                        help=f"activity key TTL in seconds, unless /activity says [{DEFAULT_TTL}]")
+    parser.add_argument(
+        "--secret",
+        default=env_secret,
+        required=env_secret is None,
+        help="expected x-secret; required unless the environment variable RESET_SECRET is set",
+    )
+    parser.add_argument(
+        "--signing-secret",
+        default=os.environ.get("RESET_SIGNING_SECRET") or None,
+        help="require a valid x-signature [env RESET_SIGNING_SECRET]",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=None,
+        help="also SET the activity key in this Redis on POST /activity",
+    )
+    parser.add_argument(
+        "--ttl",
+        type=int,
+        default=DEFAULT_TTL,
+        help=f"activity key TTL in seconds, unless /activity says [{DEFAULT_TTL}]",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     server = make_server(
-        args.host, args.port, secret=args.secret, signing_secret=args.signing_secret,
-        redis_url=args.redis_url, default_ttl=args.ttl,
+        args.host,
+        args.port,
+        secret=args.secret,
+        signing_secret=args.signing_secret,
+        redis_url=args.redis_url,
+        default_ttl=args.ttl,
     )
-    log.info("listening on %s (POST /reset, POST /activity, GET /counters); signatures %s; "
-             "dry runs (%s: 1) supported", server.url,
-             "required" if args.signing_secret else "not checked", DRY_RUN_HEADER)
+    log.info(
+        "listening on %s (POST /reset, POST /activity, GET /counters); signatures %s; "
+        "dry runs (%s: 1) supported",
+        server.url,
+        "required" if args.signing_secret else "not checked",
+        DRY_RUN_HEADER,
+    )
     # As PID 1 in a container SIGTERM would otherwise be ignored: stop like on Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -34,8 +34,9 @@ from collections.abc import Sequence
 import redis
 
 
-def touch(client: redis.Redis, key: str, ttl_ms: int, payload: str | bytes | None = None
-          ) -> list[int]:
+def touch(
+    client: redis.Redis, key: str, ttl_ms: int, payload: str | bytes | None = None
+) -> list[int]:
     """Re-arm ``key`` for ``ttl_ms`` more milliseconds, with an optional payload (at most
     4096 bytes) that the reset will carry. Returns [deadline_ms, deployments matched,
     earlier episodes claimed]."""
@@ -54,21 +55,30 @@ def done(client: redis.Redis, key: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Mark activity: FCALL tcw_touch / tcw_done.")
     parser.add_argument("key", help="the counter key")
-    parser.add_argument("--ttl-ms", type=int, default=1_200_000,
-                        help="milliseconds of inactivity before the reset [1200000]")
+    parser.add_argument(
+        "--ttl-ms",
+        type=int,
+        default=1_200_000,
+        help="milliseconds of inactivity before the reset [1200000]",
+    )
     parser.add_argument("--payload", default=None, help="carried by the reset [none]")
     parser.add_argument("--done", action="store_true", help="end the episode: no reset")
-    parser.add_argument("--redis-url",
-                        default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
     args = parser.parse_args(argv)
     client = redis.Redis.from_url(args.redis_url)
     try:
-        answer = done(client, args.key) if args.done else touch(
-            client, args.key, args.ttl_ms, args.payload)
+        answer = (
+            done(client, args.key)
+            if args.done
+            else touch(client, args.key, args.ttl_ms, args.payload)
+        )
     except redis.ResponseError as exc:
         if "Function not found" in str(exc):
             exc = redis.ResponseError(
-                "the tcw library is not loaded: run trio-counter-worker install-functions")
+                "the tcw library is not loaded: run trio-counter-worker install-functions"
+            )
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

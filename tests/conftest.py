@@ -22,8 +22,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     a hang reaches the deadline at once."""
     for item in items:
         marker = item.get_closest_marker("fail_after")
-        if (marker is not None and isinstance(item, pytest.Function)
-                and inspect.iscoroutinefunction(item.obj)):
+        if (
+            marker is not None
+            and isinstance(item, pytest.Function)
+            and inspect.iscoroutinefunction(item.obj)
+        ):
             item.obj = _failing_after(float(marker.args[0]), item.obj)
 
 

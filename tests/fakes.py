@@ -165,8 +165,10 @@ class FakeStore:
         await self._op("claim")
         self._check(holder)
         afters: list[int | None] = [*expired_after] if expired_after else [None] * len(keys)
-        out = [self._carry_out(key, spec.claim(self._seen(key), _ms(), after))
-               for key, after in zip(keys, afters, strict=True)]
+        out = [
+            self._carry_out(key, spec.claim(self._seen(key), _ms(), after))
+            for key, after in zip(keys, afters, strict=True)
+        ]
         self.claimed = {k: t for k, t in self.claimed.items() if t >= _ms() - spec.TOMBSTONE_MS}
         return out
 
@@ -176,8 +178,9 @@ class FakeStore:
 
     def _seen(self, key: str) -> spec.Seen:
         pttl = self._pttl(key)  # the touch
-        return spec.Seen(pttl, _ms() + pttl if pttl >= 0 else -1, self.deadlines.get(key),
-                         self.claimed.get(key))
+        return spec.Seen(
+            pttl, _ms() + pttl if pttl >= 0 else -1, self.deadlines.get(key), self.claimed.get(key)
+        )
 
     def _carry_out(self, key: str, verdict: spec.Verdict) -> KeyOutcome:
         """What the script does with a verdict, on the fake's dicts."""
@@ -241,12 +244,13 @@ class FakeStore:
         rows = sorted(self.deadlines.items(), key=lambda kv: (kv[1], kv[0]))
         if start.after is not None:
             rows = [kv for kv in rows if kv[1] > start.after]
-        page = rows[:self.page_size]
+        page = rows[: self.page_size]
         more = len(page) == self.page_size
         if more:  # the whole last deadline's keys, as TRACKED
             page = [kv for kv in rows if kv[1] <= page[-1][1]]
-        return DeadlinePage([(k, dl - _ms()) for k, dl in page],
-                            PageStart(page[-1][1]) if more else None)
+        return DeadlinePage(
+            [(k, dl - _ms()) for k, dl in page], PageStart(page[-1][1]) if more else None
+        )
 
     async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]:
         await self._op("scan")

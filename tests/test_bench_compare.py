@@ -39,21 +39,23 @@ def test_verdict_needs_no_overlap_and_a_margin() -> None:
 
 def test_compare_rows_takes_medians_over_rounds() -> None:
     new_runs = [{"latency p99": 5.0, "resets/s": 1200.0}, {"latency p99": 7.0}]
-    old_runs = [{"latency p99": 10.0, "resets/s": 1000.0}, {"latency p99": 14.0,
-                                                            "resets/s": 1100.0}]
+    old_runs = [
+        {"latency p99": 10.0, "resets/s": 1000.0},
+        {"latency p99": 14.0, "resets/s": 1100.0},
+    ]
     rows = compare_rows("burst", [LATENCY, THROUGHPUT], new_runs, old_runs)
     assert [r.metric for r in rows] == [LATENCY, THROUGHPUT]
     lat, thr = rows
     assert (lat.new, lat.old) == ((5.0, 7.0), (10.0, 14.0))
-    assert (lat.new_median, lat.old_median, lat.ratio, lat.verdict) == (6.0, 12.0, 0.5,
-                                                                         "better")
+    assert (lat.new_median, lat.old_median, lat.ratio, lat.verdict) == (6.0, 12.0, 0.5, "better")
     assert thr.new == (1200.0, None)  # a run that did not report it
     assert (thr.new_median, thr.old_median, thr.verdict) == (1200.0, 1050.0, "better")
 
 
 def test_table_has_a_row_per_metric() -> None:
-    rows = compare_rows("burst", [LATENCY, COUNT], [{"latency p99": 5.0}],
-                        [{"latency p99": 10.0, "keys": 3.0}])
+    rows = compare_rows(
+        "burst", [LATENCY, COUNT], [{"latency p99": 5.0}], [{"latency p99": 10.0, "keys": 3.0}]
+    )
     table = render_table(rows, "abc", "def").splitlines()
     assert table[0].startswith("| benchmark | metric | new abc | old def |")
     assert table[2] == "| burst | latency p99 (ms) ↓ | 5 | 10 | 0.500 | better |"

@@ -66,9 +66,7 @@ class Chaos:
 
 
 @pytest.fixture
-def chaos(
-    redis_server: RedisServer, backend: RecordingBackend, spawn_worker: SpawnWorker
-) -> Chaos:
+def chaos(redis_server: RedisServer, backend: RecordingBackend, spawn_worker: SpawnWorker) -> Chaos:
     return Chaos(redis_server, backend, spawn_worker)
 
 

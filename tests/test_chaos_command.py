@@ -25,11 +25,33 @@ from trio_counter_worker.lab.backend import ResetPost
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROCESS_AND_HTTP = ("kill", "term", "stop", "redis", "http5xx", "httphang")
-ARGS = ["--replicas", "3", "--duration", "20", "--fault-every", "2", "--json", "--seed", "1",
-        "--faults", ",".join(PROCESS_AND_HTTP)]
+ARGS = [
+    "--replicas",
+    "3",
+    "--duration",
+    "20",
+    "--fault-every",
+    "2",
+    "--json",
+    "--seed",
+    "1",
+    "--faults",
+    ",".join(PROCESS_AND_HTTP),
+]
 # The short runs: ~10 s each (start, a few seconds of faults, the last expiries).
-SHORT = ["--replicas", "3", "--duration", "4", "--ttl-ms", "1250:2000", "--lease-ms", "1000",
-         "--json", "--seed", "7"]
+SHORT = [
+    "--replicas",
+    "3",
+    "--duration",
+    "4",
+    "--ttl-ms",
+    "1250:2000",
+    "--lease-ms",
+    "1000",
+    "--json",
+    "--seed",
+    "7",
+]
 TIMEOUT = 60.0  # ~25 s expected: startup, 20 s of faults, the last expiries, cleanup
 
 
@@ -122,8 +144,9 @@ def _short_run(tmp: Path, kind: str, *extra: str) -> tuple[dict[str, Any], dict[
 def test_chaos_poison_refuses_some_keys_then_every_reset_lands(tmp_path: Path) -> None:
     # Two overlapping 2 s poisons of 10 keys each: some of them expire meanwhile, and
     # some of the other 10 too (a key expires every ~5 s).
-    _, poison, shown = _short_run(tmp_path, "poison", "--fault-every", "1.5", "--poison-keys",
-                                  "50%", "--poison-seconds", "2")
+    _, poison, shown = _short_run(
+        tmp_path, "poison", "--fault-every", "1.5", "--poison-keys", "50%", "--poison-seconds", "2"
+    )
     assert poison["refused_keys"] == 10 * poison["count"], shown
     assert poison["refused_answers"] >= 1, shown  # the backend did answer 404s ...
     assert poison["status"] == 404, shown
@@ -148,8 +171,9 @@ def test_chaos_flags_are_rewritten_restored_and_rescanned(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_chaos_slow_redis_adds_the_round_trip(tmp_path: Path) -> None:
-    report, slow, shown = _short_run(tmp_path, "slow", "--fault-every", "1", "--slow-for",
-                                     "2", "--slow-ms", "50")
+    report, slow, shown = _short_run(
+        tmp_path, "slow", "--fault-every", "1", "--slow-for", "2", "--slow-ms", "50"
+    )
     assert report["settings"]["proxied"] is True, shown
     assert slow["whole_run"] is False, shown
     assert slow["probe_ms"]["n"] == slow["count"], shown
@@ -160,8 +184,9 @@ def test_chaos_slow_redis_adds_the_round_trip(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_chaos_partition_makes_a_standby_take_over(tmp_path: Path) -> None:
-    report, cut, shown = _short_run(tmp_path, "partition", "--fault-every", "1",
-                                    "--partition-seconds", "2")
+    report, cut, shown = _short_run(
+        tmp_path, "partition", "--fault-every", "1", "--partition-seconds", "2"
+    )
     assert cut["timeouts"] == 0, shown
     assert cut["failover_ms"]["n"] == cut["count"], shown  # a new lease every time ...
     assert cut["standby_took_over"] == cut["count"], shown  # ... taken by another replica
@@ -174,8 +199,9 @@ def test_chaos_partition_makes_a_standby_take_over(tmp_path: Path) -> None:
 def test_chaos_sentinel_failover_moves_app_and_workers_to_the_new_master(tmp_path: Path) -> None:
     # ~15 s: the Sentinel setup starts in ~5 s, one failover (a second one before the old
     # master rejoined as a replica is skipped), the last expiries.
-    report, failover, shown = _short_run(tmp_path, "failover", "--topology", "sentinel",
-                                         "--duration", "5", "--fault-every", "2")
+    report, failover, shown = _short_run(
+        tmp_path, "failover", "--topology", "sentinel", "--duration", "5", "--fault-every", "2"
+    )
     assert failover["timeouts"] == 0, shown
     assert failover["failover_ms"]["n"] == failover["count"], shown  # a leader back each time
     assert failover["switch_ms"]["n"] == failover["count"], shown  # the app followed
@@ -197,11 +223,15 @@ def test_chaos_sentinel_failover_moves_app_and_workers_to_the_new_master(tmp_pat
         (["--slow-ms", "600"], "--slow-ms must be between 1 and half the lease"),
         (["--slow-for", "soon"], "--slow-for must be a number of seconds or run"),
         (["--partition-seconds", "0.5"], "--partition-seconds must be at least the lease"),
-        (["--faults", "partition", "--partition-target", "all"],
-         "a partition that cuts off every replica"),
+        (
+            ["--faults", "partition", "--partition-target", "all"],
+            "a partition that cuts off every replica",
+        ),
         (["--faults", "failover"], "--faults failover needs --topology sentinel"),
-        (["--topology", "sentinel", "--redis-url", "redis://127.0.0.1:1/0"],
-         "leave out --redis-url"),
+        (
+            ["--topology", "sentinel", "--redis-url", "redis://127.0.0.1:1/0"],
+            "leave out --redis-url",
+        ),
     ],
 )
 def test_chaos_rejects_bad_arguments(
@@ -222,8 +252,13 @@ def test_chaos_matches_resets_to_episodes_by_key_and_deadline() -> None:
 
     matching = chaos.match_posts(
         episodes,
-        [post(10.0, "a", 503), post(10.002, "a"), post(20.0, "b"), post(19.0, "s"),
-         post(15.0, "c")],
+        [
+            post(10.0, "a", 503),
+            post(10.002, "a"),
+            post(20.0, "b"),
+            post(19.0, "s"),
+            post(15.0, "c"),
+        ],
     )
     assert [p.reset_id for p in matching.exact[1]] == ["a", "a"]
     assert [p.reset_id for p in matching.exact[2]] == ["b"]
@@ -234,5 +269,8 @@ def test_chaos_matches_resets_to_episodes_by_key_and_deadline() -> None:
 def test_chaos_percentiles_are_nearest_rank_in_ms() -> None:
     assert chaos.percentiles([]) is None
     assert chaos.percentiles([0.001 * i for i in range(1, 101)]) == {
-        "n": 100, "p50": 50.0, "p99": 99.0, "max": 100.0
+        "n": 100,
+        "p50": 50.0,
+        "p99": 99.0,
+        "max": 100.0,
     }

@@ -18,8 +18,13 @@ HOLDER = "me#1"
 
 
 def _bridge(redis_server: RedisServer) -> RedisBridge:
-    cfg = Config(reset_endpoint_url="http://127.0.0.1:1/r", reset_secret="x",
-                 counter_key="c:*", redis_port=redis_server.port, lease_ttl_ms=5000)
+    cfg = Config(
+        reset_endpoint_url="http://127.0.0.1:1/r",
+        reset_secret="x",
+        counter_key="c:*",
+        redis_port=redis_server.port,
+        lease_ttl_ms=5000,
+    )
     return RedisBridge(cfg)
 
 

@@ -295,14 +295,17 @@ def test_health_host_that_does_not_resolve_exits_2(redis_server: RedisServer) ->
 def test_redis_url_override_is_logged_once(
     redis_server: RedisServer, spawn_worker: SpawnWorker
 ) -> None:
-    env = redis_env(redis_server, REDIS_URL=f"redis://127.0.0.1:{redis_server.port}/0",
-                    REDIS_PASSWORD=REDIS_SECRET, REDIS_HOST="ignored.example")
+    env = redis_env(
+        redis_server,
+        REDIS_URL=f"redis://127.0.0.1:{redis_server.port}/0",
+        REDIS_PASSWORD=REDIS_SECRET,
+        REDIS_HOST="ignored.example",
+    )
     worker = spawn_worker(env, "override")
     output = worker.wait_for_output("started", timeout=WAIT)
     worker.terminate()
     assert worker.wait(timeout=WAIT) == 0
-    warning = ("REDIS_URL overrides REDIS_HOST, REDIS_PORT, REDIS_PASSWORD: their values are "
-               "ignored")
+    warning = "REDIS_URL overrides REDIS_HOST, REDIS_PORT, REDIS_PASSWORD: their values are ignored"
     assert output.count(warning) == 1, output
     assert output.index(warning) < output.index("started")
     assert REDIS_SECRET not in worker.output()
@@ -320,8 +323,9 @@ def test_status_needs_no_endpoint_or_secret(redis_server: RedisServer) -> None:
 
 
 def test_status_still_checks_redis_settings() -> None:
-    assert_config_failure(run_cli(["status"], cli_env({"REDIS_PORT": "x"}), CLI_TIMEOUT),
-                          "REDIS_PORT")
+    assert_config_failure(
+        run_cli(["status"], cli_env({"REDIS_PORT": "x"}), CLI_TIMEOUT), "REDIS_PORT"
+    )
 
 
 def test_demo_help_gives_units() -> None:

@@ -147,8 +147,11 @@ def _set_retrying(app: RedisCluster, key: str, px: int) -> float:
 
 
 def _assert_each_once(
-    backend: RecordingBackend, deadlines: dict[str, float], workers: list[WorkerProcess],
-    env: dict[str, str], timeout: float = 25,
+    backend: RecordingBackend,
+    deadlines: dict[str, float],
+    workers: list[WorkerProcess],
+    env: dict[str, str],
+    timeout: float = 25,
 ) -> dict[str, float]:
     """Every key reset, under one reset_id each; no Traceback, no secret in the logs.
     Returns each key's first POST time (time.time())."""
@@ -190,13 +193,15 @@ def test_killed_primary_every_episode_reset_once(
     workers = _start_leading(cluster, env, spawn_worker)
     with closing(cluster.client()) as app:
         own = cluster.node_of(app, LEASE_KEY)
-        target = own if victim == "worker_slot" else next(
-            n for n in cluster.primaries() if n is not own)
+        target = (
+            own if victim == "worker_slot" else next(n for n in cluster.primaries() if n is not own)
+        )
         deadlines: dict[str, float] = {}
         for i in range(40):  # due from 1.0 s before the kill to 4.4 s after it
             deadlines[f"k:{i}"] = _set_retrying(app, f"k:{i}", 1000 + 100 * i) + 1 + 0.1 * i
         assert {cluster.node_of(app, k).port for k in deadlines} == {
-            n.port for n in cluster.primaries()}, "counters should live on every primary"
+            n.port for n in cluster.primaries()
+        }, "counters should live on every primary"
         on_target = {k for k in deadlines if cluster.node_of(app, k) is target}
         # Replication is asynchronous: writes acknowledged in the last instant before a
         # crash can be missing on the promoted replica (docs/CLUSTER.md). Give it the
@@ -214,10 +219,12 @@ def test_killed_primary_every_episode_reset_once(
     caught_up = max(first[k] for k in during) - t_promoted
     late = [first[k] - d for k, d in deadlines.items() if d > t_promoted + 0.5]
     healthy = max(first[k] - deadlines[k] for k in during if k not in on_target)
-    print(f"\n[{victim}] kill -> replica promoted {t_promoted - t_kill:.2f} s; "
-          f"{len(during)} counters due meanwhile, all reset {caught_up * 1000:.0f} ms after "
-          f"the promotion (those on live primaries up to {healthy:.2f} s late); due "
-          f"later: lateness max {max(late) * 1000:.0f} ms")
+    print(
+        f"\n[{victim}] kill -> replica promoted {t_promoted - t_kill:.2f} s; "
+        f"{len(during)} counters due meanwhile, all reset {caught_up * 1000:.0f} ms after "
+        f"the promotion (those on live primaries up to {healthy:.2f} s late); due "
+        f"later: lateness max {max(late) * 1000:.0f} ms"
+    )
     assert caught_up < 2.0, "resets should resume within a lease of the promotion"
     _flags_on_every_primary(cluster)
 
@@ -256,17 +263,22 @@ def test_resharding_while_counters_expire(
         t0 = time.time()
         # The worker's own slot moves as redis-cli moves it, in one MIGRATE: its scripts
         # touch several keys, which Redis refuses (TRYAGAIN) while a slot is half moved.
-        moved = sum(cluster.move_slot(slot, src, dst, between=0.15, during=while_half_moved)
-                    if slot != own_slot else cluster.move_slot(slot, src, dst)
-                    for slot in slots)
+        moved = sum(
+            cluster.move_slot(slot, src, dst, between=0.15, during=while_half_moved)
+            if slot != own_slot
+            else cluster.move_slot(slot, src, dst)
+            for slot in slots
+        )
         t_moved = time.time()
         app.nodes_manager.initialize()
         assert cluster.node_of(app, LEASE_KEY) is dst
     first = _assert_each_once(backend, deadlines, workers, env)
     late = sorted(first[k] - d for k, d in deadlines.items())
-    print(f"\n[reshard] {len(slots)} slots ({moved} keys) moved in {t_moved - t0:.1f} s; "
-          f"{len(deadlines)} episodes reset once each; lateness p50 "
-          f"{late[len(late) // 2] * 1000:.0f} ms, max {late[-1] * 1000:.0f} ms")
+    print(
+        f"\n[reshard] {len(slots)} slots ({moved} keys) moved in {t_moved - t0:.1f} s; "
+        f"{len(deadlines)} episodes reset once each; lateness p50 "
+        f"{late[len(late) // 2] * 1000:.0f} ms, max {late[-1] * 1000:.0f} ms"
+    )
     assert late[-1] < 1.0
     for w in workers:
         assert "resynchronis" not in w.output(), "resharding alone should not resync"
@@ -294,9 +306,11 @@ def test_redis_cli_reshard_while_counters_expire(
             deadlines[f"k:{i}"] = _set_retrying(app, f"k:{i}", 1000) + 1
     first = _assert_each_once(backend, deadlines, workers, env)
     late = sorted(first[k] - d for k, d in deadlines.items())
-    print(f"\n[redis-cli reshard] all slots of one primary moved in {t_moved - t0:.1f} s; "
-          f"{len(deadlines)} episodes reset once each; lateness p50 "
-          f"{late[len(late) // 2] * 1000:.0f} ms, max {late[-1] * 1000:.0f} ms")
+    print(
+        f"\n[redis-cli reshard] all slots of one primary moved in {t_moved - t0:.1f} s; "
+        f"{len(deadlines)} episodes reset once each; lateness p50 "
+        f"{late[len(late) // 2] * 1000:.0f} ms, max {late[-1] * 1000:.0f} ms"
+    )
     assert late[-1] < 1.0
 
 
@@ -317,8 +331,9 @@ def test_killed_primary_lost_writes_are_reconciled_from_the_keys(
         replica = cluster.replica_of(victim)
         names = (f"k:lost:{i}" for i in range(1000))
         elsewhere = [k for k in names if cluster.node_of(app, k) is not victim][:10]
-        on_victim = next(k for k in (f"k:lost:{i}" for i in range(1000))
-                         if cluster.node_of(app, k) is victim)
+        on_victim = next(
+            k for k in (f"k:lost:{i}" for i in range(1000)) if cluster.node_of(app, k) is victim
+        )
 
         def cut_and_sleep() -> None:
             with replica.client() as c:

@@ -21,7 +21,12 @@ from trio_counter_worker.keys import Keys
 KEYS = Keys("k:*")
 NS = KEYS.namespace
 LEASE, DEADLINES, PENDING, SEEN, CLAIMED = (
-    KEYS.lease, KEYS.deadlines, KEYS.pending, KEYS.seen, KEYS.claimed)
+    KEYS.lease,
+    KEYS.deadlines,
+    KEYS.pending,
+    KEYS.seen,
+    KEYS.claimed,
+)
 HOLDER = "me#1"
 
 
@@ -43,8 +48,9 @@ def track(r: redis.Redis, *facts: tuple[str, int, int, int]) -> list[dict[str, A
 def claim(r: redis.Redis, *facts: tuple[str, int, int, int]) -> list[dict[str, Any]]:
     script = r.register_script(scripts.APPLY_CLAIM)
     flat = [v for f in facts for v in (*f, "")]  # each key's facts, not reported
-    out = json.loads(script(keys=[LEASE, DEADLINES, PENDING, SEEN, CLAIMED],
-                            args=[HOLDER, NS, *flat]))
+    out = json.loads(
+        script(keys=[LEASE, DEADLINES, PENDING, SEEN, CLAIMED], args=[HOLDER, NS, *flat])
+    )
     return list(out["keys"])
 
 
@@ -80,8 +86,12 @@ def test_not_the_holder_decides_nothing(r: redis.Redis) -> None:
     track(r, ("k:1", 1000, 500, 1500))
     r.hset(LEASE, "holder", "someone-else#2")
     script = r.register_script(scripts.APPLY_CLAIM)
-    out = json.loads(script(keys=[LEASE, DEADLINES, PENDING, SEEN, CLAIMED],
-                            args=[HOLDER, NS, "0", "k:1", 1501, -2, -1]))
+    out = json.loads(
+        script(
+            keys=[LEASE, DEADLINES, PENDING, SEEN, CLAIMED],
+            args=[HOLDER, NS, "0", "k:1", 1501, -2, -1],
+        )
+    )
     assert out == {"leader": False}
     assert r.hlen(PENDING) == 0
     assert r.zscore(DEADLINES, "k:1") == 1500

@@ -74,47 +74,72 @@ BAD_CASES: tuple[BadCase, ...] = (
         "ALLOW_INSECURE_HTTP",
     ),
     # Each used to escape as a ValueError from urlsplit: a traceback and exit 1.
-    BadCase("endpoint-port-99999", {"RESET_ENDPOINT_URL": "http://127.0.0.1:99999/x"},
-            "RESET_ENDPOINT_URL"),
-    BadCase("endpoint-port-3OOO", {"RESET_ENDPOINT_URL": "http://127.0.0.1:3OOO/x"},
-            "RESET_ENDPOINT_URL"),
-    BadCase("endpoint-port-0", {"RESET_ENDPOINT_URL": "https://h.example:0/x"},
-            "RESET_ENDPOINT_URL"),
+    BadCase(
+        "endpoint-port-99999",
+        {"RESET_ENDPOINT_URL": "http://127.0.0.1:99999/x"},
+        "RESET_ENDPOINT_URL",
+    ),
+    BadCase(
+        "endpoint-port-3OOO",
+        {"RESET_ENDPOINT_URL": "http://127.0.0.1:3OOO/x"},
+        "RESET_ENDPOINT_URL",
+    ),
+    BadCase(
+        "endpoint-port-0", {"RESET_ENDPOINT_URL": "https://h.example:0/x"}, "RESET_ENDPOINT_URL"
+    ),
     BadCase("endpoint-bracket", {"RESET_ENDPOINT_URL": "http://[::1/x"}, "RESET_ENDPOINT_URL"),
-    BadCase("endpoint-bracket-not-ip", {"RESET_ENDPOINT_URL": "https://[abc]/x"},
-            "RESET_ENDPOINT_URL"),
-    BadCase("endpoint-label-too-long", {"RESET_ENDPOINT_URL": f"https://{'a' * 64}.example/"},
-            "RESET_ENDPOINT_URL"),
-    BadCase("endpoint-control-char", {"RESET_ENDPOINT_URL": "https://h.example/\x01"},
-            "RESET_ENDPOINT_URL"),
+    BadCase(
+        "endpoint-bracket-not-ip", {"RESET_ENDPOINT_URL": "https://[abc]/x"}, "RESET_ENDPOINT_URL"
+    ),
+    BadCase(
+        "endpoint-label-too-long",
+        {"RESET_ENDPOINT_URL": f"https://{'a' * 64}.example/"},
+        "RESET_ENDPOINT_URL",
+    ),
+    BadCase(
+        "endpoint-control-char",
+        {"RESET_ENDPOINT_URL": "https://h.example/\x01"},
+        "RESET_ENDPOINT_URL",
+    ),
     # .invalid never resolves (RFC 6761), whatever the resolver's search domains.
-    BadCase("endpoint-unresolvable", {"RESET_ENDPOINT_URL": "http://localhsot.invalid/x"},
-            "RESET_ENDPOINT_URL"),
+    BadCase(
+        "endpoint-unresolvable",
+        {"RESET_ENDPOINT_URL": "http://localhsot.invalid/x"},
+        "RESET_ENDPOINT_URL",
+    ),
     # Each used to pass, then fail on every request (UnicodeEncodeError, invalid header).
     BadCase("secret-non-ascii", {"RESET_SECRET": "sécrèt-€"}, "RESET_SECRET"),
     BadCase("secret-newline", {"RESET_SECRET": "sekrit\nXYZ"}, "RESET_SECRET"),
     BadCase("secret-space", {"RESET_SECRET": "sekrit XYZ"}, "RESET_SECRET"),
-    BadCase("signing-secret-undecodable", {"RESET_SIGNING_SECRET": "sekrit-\udcff"},
-            "RESET_SIGNING_SECRET"),
+    BadCase(
+        "signing-secret-undecodable",
+        {"RESET_SIGNING_SECRET": "sekrit-\udcff"},
+        "RESET_SIGNING_SECRET",
+    ),
     BadCase("counter-key-star", {"COUNTER_KEY": "*"}, "COUNTER_KEY"),
     BadCase("counter-key-t-star", {"COUNTER_KEY": "t*"}, "COUNTER_KEY"),
     BadCase("counter-key-own-prefix", {"COUNTER_KEY": "tcw:*"}, "COUNTER_KEY"),
     BadCase("counter-key-question", {"COUNTER_KEY": "?cw:{x}"}, "COUNTER_KEY"),
     BadCase("counter-key-class", {"COUNTER_KEY": "[t]cw:*"}, "COUNTER_KEY"),
     BadCase("port-superscript", {"REDIS_PORT": "²"}, "REDIS_PORT"),
-    BadCase("redis-url-db-superscript", {"REDIS_URL": f"redis://u:{URL_SECRET}@h/²"},
-            "REDIS_URL"),
+    BadCase("redis-url-db-superscript", {"REDIS_URL": f"redis://u:{URL_SECRET}@h/²"}, "REDIS_URL"),
     BadCase("redis-url-bad-host", {"REDIS_URL": f"redis://u:{URL_SECRET}@a..b/0"}, "REDIS_URL"),
-    BadCase("sentinel-port-superscript", {"REDIS_SENTINELS": "h:²",
-                                          "REDIS_SENTINEL_MASTER": "m"}, "REDIS_SENTINELS"),
+    BadCase(
+        "sentinel-port-superscript",
+        {"REDIS_SENTINELS": "h:²", "REDIS_SENTINEL_MASTER": "m"},
+        "REDIS_SENTINELS",
+    ),
     BadCase("redis-host-space", {"REDIS_HOST": "redis host"}, "REDIS_HOST"),
     BadCase("health-host-space", {"HEALTH_HOST": "0.0.0.0 8080"}, "HEALTH_HOST"),
     BadCase("ca-file-not-pem", {"REDIS_CA_FILE": __file__}, "REDIS_CA_FILE"),
     BadCase("allow-insecure-maybe", {"ALLOW_INSECURE_HTTP": "maybe"}, "ALLOW_INSECURE_HTTP"),
     BadCase("log-format-xml", {"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
     BadCase("health-port-big", {"HEALTH_PORT": "70000"}, "HEALTH_PORT"),
-    BadCase("sentinels-bad", {"REDIS_SENTINELS": "h1:26379,h2",
-                              "REDIS_SENTINEL_MASTER": "m"}, "REDIS_SENTINELS"),
+    BadCase(
+        "sentinels-bad",
+        {"REDIS_SENTINELS": "h1:26379,h2", "REDIS_SENTINEL_MASTER": "m"},
+        "REDIS_SENTINELS",
+    ),
     BadCase("sentinels-no-master", {"REDIS_SENTINELS": "h1:26379"}, "REDIS_SENTINEL_MASTER"),
     BadCase("cluster-bad", {"REDIS_CLUSTER_NODES": "h1"}, "REDIS_CLUSTER_NODES"),
     BadCase("cluster-db", {"REDIS_CLUSTER_NODES": "h1:7000", "REDIS_DB": "2"}, "REDIS_DB"),
@@ -467,11 +492,19 @@ def test_every_secret_setting_is_kept_out_of_the_repr() -> None:
     """Secrecy is declared once, with the setting: each secret field is hidden. REDIS_URL
     is secret as a whole, but of its parts only the password is."""
     sentinel_secret = "sentinel-sekrit-XYZ-111"
-    config = Config(reset_endpoint_url=ENDPOINT, reset_secret=SECRET,
-                    redis_password=REDIS_SECRET, reset_signing_secret=SIGNING_SECRET,
-                    redis_sentinel_password=sentinel_secret, redis_username="worker-user")
+    config = Config(
+        reset_endpoint_url=ENDPOINT,
+        reset_secret=SECRET,
+        redis_password=REDIS_SECRET,
+        reset_signing_secret=SIGNING_SECRET,
+        redis_sentinel_password=sentinel_secret,
+        redis_username="worker-user",
+    )
     assert {s.name for s in SETTINGS if s.secret} == {
-        "RESET_SECRET", "REDIS_PASSWORD", "REDIS_URL", "RESET_SIGNING_SECRET",
+        "RESET_SECRET",
+        "REDIS_PASSWORD",
+        "REDIS_URL",
+        "RESET_SIGNING_SECRET",
         "REDIS_SENTINEL_PASSWORD",
     }
     assert_no_secret(repr(config))
@@ -480,8 +513,9 @@ def test_every_secret_setting_is_kept_out_of_the_repr() -> None:
 
 
 def test_sentinel_settings() -> None:
-    config = load({**MINIMAL, "REDIS_SENTINELS": "s1:26379, [::1]:26380",
-                   "REDIS_SENTINEL_MASTER": "mymaster"})
+    config = load(
+        {**MINIMAL, "REDIS_SENTINELS": "s1:26379, [::1]:26380", "REDIS_SENTINEL_MASTER": "mymaster"}
+    )
     assert config.redis_sentinels == (("s1", 26379), ("::1", 26380))
     assert config.redis_sentinel_master == "mymaster"
     assert config.redis_location == "sentinel://s1:26379,::1:26380/mymaster/0"
@@ -492,9 +526,14 @@ def test_cluster_settings() -> None:
     assert config.redis_cluster_nodes == (("n1", 7000), ("n2", 7001))
     assert config.redis_location == "redis-cluster://n1:7000,n2:7001"
     with pytest.raises(ConfigError, match="exclude each other"):
-        load({**MINIMAL, "REDIS_CLUSTER_NODES": "n1:7000", "REDIS_SENTINELS": "s:1",
-              "REDIS_SENTINEL_MASTER": "m"})
-
+        load(
+            {
+                **MINIMAL,
+                "REDIS_CLUSTER_NODES": "n1:7000",
+                "REDIS_SENTINELS": "s:1",
+                "REDIS_SENTINEL_MASTER": "m",
+            }
+        )
 
 
 # --- what used to fail only later --------------------------------------------------
@@ -561,8 +600,10 @@ def fake_getaddrinfo(table: Mapping[str, list[str]]) -> Any:
     def getaddrinfo(host: str, *_args: object, **_kwargs: object) -> list[Any]:
         if host not in table:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "",
-                 (a, 0)) for a in table[host]]
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0))
+            for a in table[host]
+        ]
 
     return getaddrinfo
 
@@ -624,8 +665,14 @@ def test_real_resolver_on_a_name_that_cannot_exist() -> None:
 def test_redis_url_reports_what_it_overrode() -> None:
     config = load({**MINIMAL, **REDIS_PARTS, "REDIS_URL": "redis://only-host/0"})
     assert config.overridden == ("REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB")
-    partial = load({**MINIMAL, "REDIS_PASSWORD": REDIS_SECRET, "REDIS_HOST": " ",
-                    "REDIS_URL": "redis://only-host/0"})
+    partial = load(
+        {
+            **MINIMAL,
+            "REDIS_PASSWORD": REDIS_SECRET,
+            "REDIS_HOST": " ",
+            "REDIS_URL": "redis://only-host/0",
+        }
+    )
     assert partial.overridden == ("REDIS_PASSWORD",)  # blank means unset
     assert load({**MINIMAL, **REDIS_PARTS}).overridden == ()
     assert load({**MINIMAL, "REDIS_URL": "redis://only-host/0"}).overridden == ()
@@ -638,8 +685,13 @@ def test_redis_only_needs_no_endpoint_or_secret() -> None:
     config = Config.from_env({"REDIS_PORT": "7001"}, env_file=None, redis_only=True)
     assert config.redis_port == 7001
     # Bad delivery settings are not its business either; bad Redis ones still are.
-    bad_delivery = {"RESET_ENDPOINT_URL": "ftp://x", "RESET_SECRET": "é", "MAX_IN_FLIGHT": "0",
-                    "RESET_TIMEOUT_MS": "x", "ALLOW_INSECURE_HTTP": "maybe"}
+    bad_delivery = {
+        "RESET_ENDPOINT_URL": "ftp://x",
+        "RESET_SECRET": "é",
+        "MAX_IN_FLIGHT": "0",
+        "RESET_TIMEOUT_MS": "x",
+        "ALLOW_INSECURE_HTTP": "maybe",
+    }
     Config.from_env(bad_delivery, env_file=None, redis_only=True)
     with pytest.raises(ConfigError, match="REDIS_PORT"):
         Config.from_env({"REDIS_PORT": "x"}, env_file=None, redis_only=True)

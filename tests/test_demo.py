@@ -77,8 +77,12 @@ def test_demo_runs_both_faults_without_missed_or_doubled_resets(tmp_path: Path) 
     handoff = _after(rf"{new_leader} — handoff {TOOK}$", out, term.end())
     assert handoff.group(1) != term.group(1)
     _after(rf"s  {term.group(1)} exited with code 0$", out, term.end())
-    _after(r"s  reset demo:(alice|bob|carol)  \(reset_id [0-9a-f]{4}…, .* after expiry, by "
-           r"replica-\d+", out, 0)
+    _after(
+        r"s  reset demo:(alice|bob|carol)  \(reset_id [0-9a-f]{4}…, .* after expiry, by "
+        r"replica-\d+",
+        out,
+        0,
+    )
 
     summary = _after(r"^summary$", out, handoff.end())
     _after(r"^  episodes \(expiries the demo caused\) +[1-9]\d*$", out, summary.end())

@@ -220,11 +220,13 @@ def test_example_secret_holds_placeholders_only() -> None:
     for name, value in values.items():
         assert_placeholder(name, str(value), K8S_SECRET.name)
     # The commented optional entries are meant to be uncommented: the same rules hold.
-    commented = yaml.safe_load("\n".join(
-        line.strip().removeprefix("# ")
-        for line in K8S_SECRET.read_text().splitlines()
-        if re.fullmatch(r"\s+# [A-Z_]+: \S+", line)
-    ))
+    commented = yaml.safe_load(
+        "\n".join(
+            line.strip().removeprefix("# ")
+            for line in K8S_SECRET.read_text().splitlines()
+            if re.fullmatch(r"\s+# [A-Z_]+: \S+", line)
+        )
+    )
     assert commented
     for name, value in commented.items():
         assert name in SECRET_NAMES

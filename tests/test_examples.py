@@ -55,10 +55,15 @@ def body_of(
     expired_at: float = NOW - 1,
     fencing_token: int = 7,
 ) -> bytes:
-    return json.dumps({
-        "key": key, "reset_id": reset_id, "expired_at": expired_at,
-        "fencing_token": fencing_token, "replica_id": "worker-a",
-    }).encode()
+    return json.dumps(
+        {
+            "key": key,
+            "reset_id": reset_id,
+            "expired_at": expired_at,
+            "fencing_token": fencing_token,
+            "replica_id": "worker-a",
+        }
+    ).encode()
 
 
 def reset_of(**fields: Any) -> Any:
@@ -107,8 +112,18 @@ def test_timestamp_cannot_be_moved_to_replay() -> None:
 
 @pytest.mark.parametrize(
     "header",
-    [None, "", "garbage", "t=1764370000", "v1=00", "t=abc,v1=00", "t=-5,v1=00",
-     "t=1764370000,t=1764370000,v1=00", "t=\uff11\uff17\uff16,v1=00", "t=1764370000,v1"],
+    [
+        None,
+        "",
+        "garbage",
+        "t=1764370000",
+        "v1=00",
+        "t=abc,v1=00",
+        "t=-5,v1=00",
+        "t=1764370000,t=1764370000,v1=00",
+        "t=\uff11\uff17\uff16,v1=00",
+        "t=1764370000,v1",
+    ],
 )
 def test_malformed_signature_rejected(header: str | None) -> None:
     assert not rb.verify_signature(SIGNING, header, body_of(), NOW)
@@ -134,8 +149,12 @@ def test_worker_requests_pass_the_reference_checks() -> None:
         reset_id="abc123", key="counter:user42", deadline_ms=1_764_369_999_500, fencing_token=3
     )
     headers, body = build_request(
-        pending, secret=SECRET, replica_id="worker-b", fencing_token=9,
-        signing_secret=SIGNING, now=NOW,
+        pending,
+        secret=SECRET,
+        replica_id="worker-b",
+        fencing_token=9,
+        signing_secret=SIGNING,
+        now=NOW,
     )
     assert rb.secret_matches(SECRET, headers["x-secret"])
     assert rb.verify_signature(SIGNING, headers["x-signature"], body, NOW + 10)
@@ -213,11 +232,16 @@ def test_activity_after_the_deadline_starts_a_new_episode() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"", b"not json", b"[]", b'{"key": "k"}',
-     b'{"key": "k", "reset_id": "r", "expired_at": "soon", "fencing_token": 1}',
-     b'{"key": "k", "reset_id": "r", "expired_at": 1.5, "fencing_token": true}',
-     b'{"key": "", "reset_id": "r", "expired_at": 1.5, "fencing_token": 1}',
-     b'{"key": "k", "reset_id": "r", "expired_at": NaN, "fencing_token": 1}'],
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"key": "k"}',
+        b'{"key": "k", "reset_id": "r", "expired_at": "soon", "fencing_token": 1}',
+        b'{"key": "k", "reset_id": "r", "expired_at": 1.5, "fencing_token": true}',
+        b'{"key": "", "reset_id": "r", "expired_at": 1.5, "fencing_token": 1}',
+        b'{"key": "k", "reset_id": "r", "expired_at": NaN, "fencing_token": 1}',
+    ],
 )
 def test_malformed_reset_body(body: bytes) -> None:
     with pytest.raises(ValueError, match=r"."):
@@ -249,7 +273,9 @@ def test_http_reset_endpoint(server: Any) -> None:
     def post_reset(client: httpx.Client, body: bytes, **headers: str) -> httpx.Response:
         reset_id = json.loads(body)["reset_id"]
         base = {
-            "x-secret": SECRET, "content-type": "application/json", "idempotency-key": reset_id,
+            "x-secret": SECRET,
+            "content-type": "application/json",
+            "idempotency-key": reset_id,
             "x-signature": rb.sign(SIGNING, body, int(time.time())),
         }
         base.update({k.replace("_", "-"): v for k, v in headers.items()})
@@ -269,12 +295,16 @@ def test_http_reset_endpoint(server: Any) -> None:
         assert client.post("/reset", content=first, headers=no_sig).status_code == 401
         tampered = first.replace(b'"fencing_token": 5', b'"fencing_token": 6')
         assert tampered != first
-        assert post_reset(
-            client, tampered, x_signature=rb.sign(SIGNING, first, int(now))
-        ).status_code == 401
-        assert post_reset(
-            client, first, x_signature=rb.sign(SIGNING, first, int(now) - 301)
-        ).status_code == 401
+        assert (
+            post_reset(client, tampered, x_signature=rb.sign(SIGNING, first, int(now))).status_code
+            == 401
+        )
+        assert (
+            post_reset(
+                client, first, x_signature=rb.sign(SIGNING, first, int(now) - 301)
+            ).status_code
+            == 401
+        )
         assert client.get("/counters").json()[key]["value"] == 3  # nothing applied yet
 
         answer = post_reset(client, first)
@@ -294,9 +324,10 @@ def test_http_reset_endpoint(server: Any) -> None:
         # The path in .env.example works too; malformed input is a 400, not a crash.
         other = body_of(key="contador_reset", reset_id="c1", fencing_token=1)
         headers = {"x-secret": SECRET, "x-signature": rb.sign(SIGNING, other, int(now))}
-        assert client.post("/api/counter/reset", content=other, headers=headers).json()[
-            "status"
-        ] == "reset"
+        assert (
+            client.post("/api/counter/reset", content=other, headers=headers).json()["status"]
+            == "reset"
+        )
         bad = b"{not json"
         headers = {"x-secret": SECRET, "x-signature": rb.sign(SIGNING, bad, int(now))}
         assert client.post("/reset", content=bad, headers=headers).status_code == 400
@@ -308,13 +339,16 @@ def test_dry_run_checks_the_secret_and_resets_nothing(server: Any) -> None:
     """What `check` sends (the worker's own request plus the header) is verified, not applied."""
     key = "counter:dry"
     # Its deadline after the activity below, so the real reset at the end is applied.
-    pending = PendingReset(reset_id="dry-1", key=key,
-                           deadline_ms=int(time.time() * 1000) + 60_000, fencing_token=0)
+    pending = PendingReset(
+        reset_id="dry-1", key=key, deadline_ms=int(time.time() * 1000) + 60_000, fencing_token=0
+    )
 
-    def dry_post(client: httpx.Client, secret: str, signing: str | None, value: str = "1"
-                 ) -> httpx.Response:
-        headers, body = build_request(pending, secret=secret, replica_id="checker",
-                                      fencing_token=99, signing_secret=signing)
+    def dry_post(
+        client: httpx.Client, secret: str, signing: str | None, value: str = "1"
+    ) -> httpx.Response:
+        headers, body = build_request(
+            pending, secret=secret, replica_id="checker", fencing_token=99, signing_secret=signing
+        )
         headers[rb.DRY_RUN_HEADER] = value
         return client.post("/reset", content=body, headers=headers)
 
@@ -335,8 +369,9 @@ def test_dry_run_checks_the_secret_and_resets_nothing(server: Any) -> None:
         assert client.get("/counters").json() == before
         assert before[key]["max_fencing_token"] is None
 
-        headers, body = build_request(pending, secret=SECRET, replica_id="worker-a",
-                                      fencing_token=1, signing_secret=SIGNING)
+        headers, body = build_request(
+            pending, secret=SECRET, replica_id="worker-a", fencing_token=1, signing_secret=SIGNING
+        )
         real = client.post("/reset", content=body, headers=headers)
         assert real.json()["status"] == "reset"  # the dry run left no idempotency record
         assert client.get("/counters").json()[key]["value"] == 0
@@ -408,7 +443,10 @@ def test_shell_snippet(redis_server: RedisServer) -> None:
     env = {**os.environ, "PATH": path, "REDIS_URL": redis_server.url}
     subprocess.run(
         ["sh", str(EXAMPLES / "app_activity.sh"), "counter:user7", "45"],
-        env=env, check=True, capture_output=True, timeout=10,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=10,
     )
     client = redis.Redis(host="127.0.0.1", port=redis_server.port)
     try:
@@ -453,12 +491,21 @@ def test_touch_py(touch_redis: redis.Redis, redis_server: RedisServer) -> None:
 @pytest.mark.skipif(REDIS_CLI_DIR is None, reason="no redis-cli on PATH or beside redis-server")
 def test_touch_sh(touch_redis: redis.Redis, redis_server: RedisServer) -> None:
     assert REDIS_CLI_DIR is not None
-    env = {**os.environ, "PATH": os.pathsep.join([REDIS_CLI_DIR, os.environ.get("PATH", "")]),
-           "REDIS_URL": redis_server.url}
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([REDIS_CLI_DIR, os.environ.get("PATH", "")]),
+        "REDIS_URL": redis_server.url,
+    }
 
     def run(*args: str) -> str:
-        return subprocess.run(["sh", str(EXAMPLES / "touch.sh"), *args], env=env, check=True,
-                              capture_output=True, text=True, timeout=10).stdout
+        return subprocess.run(
+            ["sh", str(EXAMPLES / "touch.sh"), *args],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
 
     assert run("counter:u7", "45000", "hello").splitlines()[1:] == ["1", "0"]
     _assert_touched(touch_redis, "counter:u7", "hello", 45_000)
@@ -476,8 +523,14 @@ def _node_ready() -> str | None:
     if (NODE_DIR / "node_modules" / "ioredis").is_dir():
         return None
     try:
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True,
-                       capture_output=True, text=True, timeout=120)
+        subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         return f"npm install failed in examples/node (npm registry unreachable?): {exc}"
     return None
@@ -490,8 +543,15 @@ def test_touch_js(touch_redis: redis.Redis, redis_server: RedisServer) -> None:
     env = {**os.environ, "REDIS_URL": redis_server.url}
 
     def run(*args: str) -> Any:
-        out = subprocess.run(["node", "touch.js", *args], cwd=NODE_DIR, env=env, check=True,
-                             capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["node", "touch.js", *args],
+            cwd=NODE_DIR,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
         return json.loads(out)
 
     assert run("counter:n1", "30000", "from node")[1:] == [1, 0]

@@ -94,7 +94,12 @@ def test_names_are_the_workers(counter_key: str) -> None:
         assert namespace_of(counter_key) == config.namespace
         k = bridge.keys
         assert [config.namespace + s for s in (DEADLINES, PENDING, CLAIMED, LEASE, EPOCH)] == [
-            k.deadlines, k.pending, k.claimed, k.lease, k.epoch]
+            k.deadlines,
+            k.pending,
+            k.claimed,
+            k.lease,
+            k.epoch,
+        ]
         assert config.namespace + CLAIMS == k.claims
     finally:
         bridge.client.close()  # never connected: nothing to wait for
@@ -114,8 +119,10 @@ def test_lua_glob_is_redis_glob(redis_server: RedisServer) -> None:
         lua = client.register_script(GLOB_EVAL)
 
         @settings(max_examples=400, deadline=None, database=None)
-        @given(pattern=st.lists(_GLOB_BYTES, max_size=8).map(bytes),
-               key=st.lists(_GLOB_BYTES, min_size=1, max_size=6).map(bytes))
+        @given(
+            pattern=st.lists(_GLOB_BYTES, max_size=8).map(bytes),
+            key=st.lists(_GLOB_BYTES, min_size=1, max_size=6).map(bytes),
+        )
         def agree(pattern: bytes, key: bytes) -> None:
             client.flushdb()
             client.set(key, b"1")
@@ -135,8 +142,9 @@ def test_lua_glob_is_redis_glob(redis_server: RedisServer) -> None:
     (b"[\\]]", b"]", True), (b"[^a]", b"a", False), (b"[a-\xe9]", b"b", False),
     (b"[\xe9-a]", b"\xff", True), (b"*a*a*a*a*a*a*a*b", b"a" * 200, False),
 ])  # fmt: skip
-def test_lua_glob_table(redis_server: RedisServer, pattern: bytes, key: bytes,
-                        expected: bool) -> None:
+def test_lua_glob_table(
+    redis_server: RedisServer, pattern: bytes, key: bytes, expected: bool
+) -> None:
     """Edge cases, including the empty key (SCAN's "*" shortcut would answer otherwise)
     and a pattern that needs util.c's skipLongerMatches to finish at once."""
     assert matches(pattern, key) == expected
@@ -169,8 +177,14 @@ def cases() -> list[Case]:
     return [
         Case(function, width, pttl, deadline, other, fencing, payload)
         for function, width, pttl, deadline, other, fencing, payload in itertools.product(
-            FUNCTIONS, (0, 1, 2), (-2, -1, 5_000), (None, -1_000, 10_000),
-            (False, True), ("lease", "epoch", "none"), (None, "p\x00ayload"))
+            FUNCTIONS,
+            (0, 1, 2),
+            (-2, -1, 5_000),
+            (None, -1_000, 10_000),
+            (False, True),
+            ("lease", "epoch", "none"),
+            (None, "p\x00ayload"),
+        )
         if (width == 2 or not other) and (function == "tcw_touch" or payload is None)
     ]
 
@@ -205,8 +219,7 @@ def _arrange(r: redis.Redis, case: Case, key: str, now: int) -> list[touch_spec.
     return deployments
 
 
-def _observed(r: redis.Redis, key: str, sub: Any, function: str, args: list[Any]
-              ) -> dict[str, Any]:
+def _observed(r: redis.Redis, key: str, sub: Any, function: str, args: list[Any]) -> dict[str, Any]:
     """Call, then read back everything the call may have changed."""
     before = _redis_now(r)
     answer = r.fcall(function, 1, key, *args)
@@ -225,11 +238,18 @@ def _observed(r: redis.Redis, key: str, sub: Any, function: str, args: list[Any]
         if msg is not None and msg["type"] == "pmessage":
             assert msg["data"] == key
             touched.append(msg["channel"].removesuffix(TOUCHED))
-    return {"answer": answer, "before": before, "after": after, "claims": sorted(claims),
-            "tombstones": all(tombstones), "touched": sorted(touched),
-            "deadlines": {ns: r.zscore(ns + DEADLINES, key) for ns in REGISTRY},
-            "payloads": {ns: r.hget(ns + PAYLOADS, key) for ns in REGISTRY},
-            "value": r.get(key), "pttl": r.pttl(key)}
+    return {
+        "answer": answer,
+        "before": before,
+        "after": after,
+        "claims": sorted(claims),
+        "tombstones": all(tombstones),
+        "touched": sorted(touched),
+        "deadlines": {ns: r.zscore(ns + DEADLINES, key) for ns in REGISTRY},
+        "payloads": {ns: r.hget(ns + PAYLOADS, key) for ns in REGISTRY},
+        "value": r.get(key),
+        "pttl": r.pttl(key),
+    }
 
 
 def test_library_is_touch_spec(r: redis.Redis) -> None:
@@ -241,8 +261,11 @@ def test_library_is_touch_spec(r: redis.Redis) -> None:
         for case in cases():
             key = case.key
             deployments = _arrange(r, case, key, _redis_now(r))
-            args = [] if case.function == "tcw_done" else [
-                TTL_MS, *([] if case.payload is None else [case.payload])]
+            args = (
+                []
+                if case.function == "tcw_done"
+                else [TTL_MS, *([] if case.payload is None else [case.payload])]
+            )
             got = _observed(r, key, sub, case.function, args)
             claims += _check(case, key, deployments, got)
     finally:
@@ -250,8 +273,9 @@ def test_library_is_touch_spec(r: redis.Redis) -> None:
     assert claims == 36, "the table exercises claims, in one and two namespaces"
 
 
-def _check(case: Case, key: str, deployments: list[touch_spec.Deployment],
-           got: dict[str, Any]) -> int:
+def _check(
+    case: Case, key: str, deployments: list[touch_spec.Deployment], got: dict[str, Any]
+) -> int:
     """Compare; returns how many claims the case made."""
     # The margins make the spec's answer the same anywhere in [before, after].
     now = got["before"]
@@ -260,7 +284,8 @@ def _check(case: Case, key: str, deployments: list[touch_spec.Deployment],
     else:
         want = touch_spec.done(key, now, case.pttl, deployments)
     assert got["claims"] == sorted(
-        (c.namespace, c.reset_id, c.deadline_ms, c.fencing_token) for c in want.claims), case
+        (c.namespace, c.reset_id, c.deadline_ms, c.fencing_token) for c in want.claims
+    ), case
     assert got["tombstones"], case
     assert got["touched"] == sorted(want.namespaces), case
     assert got["answer"][1:] == [len(want.namespaces), len(want.claims)], case
@@ -300,7 +325,8 @@ def test_a_claim_here_is_the_claim_scripts(r: redis.Redis) -> None:
     r.zadd(ns + DEADLINES, {key: deadline})
     r.register_script(scripts.CLAIM)(
         keys=[ns + LEASE, ns + DEADLINES, ns + PENDING, ns + CLAIMED, ns + PAYLOADS, key],
-        args=["me", ns, ns + CLAIMS, ""])
+        args=["me", ns, ns + CLAIMS, ""],
+    )
     (by_claim,) = [json.loads(v) for v in r.hvals(ns + PENDING)]
     for record in (by_touch, by_claim):
         del record["claimed_ms"]
@@ -367,8 +393,9 @@ BAD_CALLS: list[tuple[touch_spec.Function, list[str], list[str]]] = [
 
 
 @pytest.mark.parametrize(("function", "keys", "args"), BAD_CALLS)
-def test_refused_calls_change_nothing(r: redis.Redis, function: touch_spec.Function,
-                                      keys: list[str], args: list[str]) -> None:
+def test_refused_calls_change_nothing(
+    r: redis.Redis, function: touch_spec.Function, keys: list[str], args: list[str]
+) -> None:
     with pytest.raises(touch_spec.TouchRefused) as refused:
         touch_spec.parse(function, keys, args)
     r.set("tcw:{c:*}:lease", "kept")
@@ -395,7 +422,8 @@ def test_the_app_acl_rule_is_enough(r: redis.Redis, redis_server: RedisServer) -
     ns = namespace_of("c:*")
     r.hdel(REGISTRY_KEY, namespace_of("c:?"), namespace_of("d:*"))
     r.execute_command(  # type: ignore[no-untyped-call, unused-ignore]
-        "ACL", "SETUSER", "app", "on", ">pw", *app_acl_rule("c:*").split())
+        "ACL", "SETUSER", "app", "on", ">pw", *app_acl_rule("c:*").split()
+    )
     r.hset(ns + LEASE, mapping={"holder": "h", "epoch": 3})
     r.zadd(ns + DEADLINES, {"c:1": _redis_now(r) - 1_000})
     with redis_server.client(username="app", password="pw") as app:
@@ -409,7 +437,8 @@ def test_the_app_acl_rule_is_enough(r: redis.Redis, redis_server: RedisServer) -
 
 
 def test_what_no_leader_saw_is_reset_by_the_next(
-        r: redis.Redis, backend: RecordingBackend, spawn_worker: SpawnWorker) -> None:
+    r: redis.Redis, backend: RecordingBackend, spawn_worker: SpawnWorker
+) -> None:
     """The README's promise, with today's leader: touched and expired while no replica
     ran, and re-armed after an unseen deadline: each episode reset once; ended by
     tcw_done: none."""
@@ -421,8 +450,15 @@ def test_what_no_leader_saw_is_reset_by_the_next(
     time.sleep(0.2)
     assert r.fcall("tcw_touch", 1, "c:rearm", 60_000, "second")[2] == 1  # claimed there
     port = r.connection_pool.connection_kwargs["port"]
-    worker = spawn_worker({"REDIS_PORT": str(port), "RESET_ENDPOINT_URL": backend.url,
-                           "RESET_SECRET": "s", "COUNTER_KEY": "c:*"}, "leader")
+    worker = spawn_worker(
+        {
+            "REDIS_PORT": str(port),
+            "RESET_ENDPOINT_URL": backend.url,
+            "RESET_SECRET": "s",
+            "COUNTER_KEY": "c:*",
+        },
+        "leader",
+    )
     worker.wait_for_output("reconciled:", 10.0)
     bodies = sorted((q.json for q in backend.wait_for_count(2, 10.0)), key=lambda b: b["key"])
     assert [(b["key"], b["reset_id"], b["expired_at"], b["payload"]) for b in bodies] == [
@@ -435,8 +471,8 @@ def test_what_no_leader_saw_is_reset_by_the_next(
 
 
 def test_touched_counters_are_reset_on_time_without_notifications(
-        r: redis.Redis, redis_server: RedisServer, backend: RecordingBackend,
-        spawn_worker: SpawnWorker) -> None:
+    r: redis.Redis, redis_server: RedisServer, backend: RecordingBackend, spawn_worker: SpawnWorker
+) -> None:
     """notify-keyspace-events empty and CONFIG refused to the worker: without the library
     the leader would only find counters by a rescan every 5 s; with it, each touch is
     announced and its deadline recorded, so every counter is reset at its deadline, with
@@ -445,18 +481,27 @@ def test_touched_counters_are_reset_on_time_without_notifications(
     rule = acl_rule("c:*", namespace_of("c:*"), 0)
     rule = rule.replace(" +config|get", "").replace(" +config|set", "")
     r.execute_command(  # type: ignore[no-untyped-call, unused-ignore]
-        "ACL", "SETUSER", "worker", "on", ">pw", *rule.split())
+        "ACL", "SETUSER", "worker", "on", ">pw", *rule.split()
+    )
     port = r.connection_pool.connection_kwargs["port"]
-    worker = spawn_worker({"REDIS_PORT": str(port), "REDIS_URL":
-                           f"redis://worker:pw@127.0.0.1:{port}/0",
-                           "RESET_ENDPOINT_URL": backend.url, "RESET_SECRET": "s",
-                           "COUNTER_KEY": "c:*"}, "leader")
+    worker = spawn_worker(
+        {
+            "REDIS_PORT": str(port),
+            "REDIS_URL": f"redis://worker:pw@127.0.0.1:{port}/0",
+            "RESET_ENDPOINT_URL": backend.url,
+            "RESET_SECRET": "s",
+            "COUNTER_KEY": "c:*",
+        },
+        "leader",
+    )
     worker.wait_for_output("reconciled:", 10.0)
-    deadlines = {f"c:{n}": r.fcall("tcw_touch", 1, f"c:{n}", 300 + 100 * n, f"p{n}")[0]
-                 for n in range(6)}
+    deadlines = {
+        f"c:{n}": r.fcall("tcw_touch", 1, f"c:{n}", 300 + 100 * n, f"p{n}")[0] for n in range(6)
+    }
     bodies = [q.json for q in backend.wait_for_count(6, 10.0)]
     assert sorted((b["key"], b["expired_at"], b["payload"]) for b in bodies) == sorted(
-        (key, at / 1000, f"p{key[2:]}") for key, at in deadlines.items())
+        (key, at / 1000, f"p{key[2:]}") for key, at in deadlines.items()
+    )
     for request in backend.requests:  # long before a rescan would have found them
         assert request.received_at - request.json["expired_at"] < 2.0
     assert r.config_get("notify-keyspace-events")["notify-keyspace-events"] == ""
@@ -506,8 +551,7 @@ def test_install_functions_command(redis_server: RedisServer) -> None:
             f"redis://127.0.0.1:{redis_server.port}/0, Redis "
             f"{client.info('server')['redis_version']}",
             "registered COUNTER_KEY 'c:*' (tcw:{c:*})",
-            f"app's Redis user, with ACLs: ACL SETUSER <app> on ><password> "
-            f"{app_acl_rule('c:*')}",
+            f"app's Redis user, with ACLs: ACL SETUSER <app> on ><password> {app_acl_rule('c:*')}",
             "deployment tcw:{c:*}: COUNTER_KEY 'c:*'",
             "apps call: FCALL tcw_touch 1 <key> <ttl_ms> [<payload>]",
         ]
@@ -518,11 +562,14 @@ def test_install_functions_command(redis_server: RedisServer) -> None:
         bad = run_cli(["install-functions", "--counter-key", "t*"], env, CLI_TIMEOUT)
         assert bad.returncode == 2
         assert "could match the worker's own keys" in bad.stderr
-        client.acl_setuser("app", enabled=True, passwords=["+pw"], keys=["*"],
-                           commands=["+@all", "-function"])
-        refused = run_cli(["install-functions"],
-                          {"REDIS_URL": f"redis://app:pw@127.0.0.1:{redis_server.port}/0"},
-                          CLI_TIMEOUT)
+        client.acl_setuser(
+            "app", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-function"]
+        )
+        refused = run_cli(
+            ["install-functions"],
+            {"REDIS_URL": f"redis://app:pw@127.0.0.1:{redis_server.port}/0"},
+            CLI_TIMEOUT,
+        )
     assert refused.returncode == 2
     (line,) = refused.stderr.splitlines()
     assert "+function|load" in line

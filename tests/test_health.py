@@ -32,8 +32,11 @@ async def test_probes_and_metrics() -> None:
     backend = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200)))
     hooks = Hooks(on_elected=lambda _e: elected.set(), on_reset=lambda _r, _a: reset_done.set())
     with trio.fail_after(10):
-        async with backend, open_worker(config(), store=store, http_client=backend,
-                                        hooks=hooks) as worker, trio.open_nursery() as nursery:
+        async with (
+            backend,
+            open_worker(config(), store=store, http_client=backend, hooks=hooks) as worker,
+            trio.open_nursery() as nursery,
+        ):
             await nursery.start(worker.run)
             await elected.wait()
             store.set_key("c:1", 0.05)
@@ -43,8 +46,12 @@ async def test_probes_and_metrics() -> None:
                 assert (await http.get("/healthz")).status_code == 200
                 ready = await http.get("/readyz")
                 assert ready.status_code == 200
-                assert ready.json() == {"ready": True, "role": "leader", "replica_id": "h1",
-                                        "fencing_token": 1}
+                assert ready.json() == {
+                    "ready": True,
+                    "role": "leader",
+                    "replica_id": "h1",
+                    "fencing_token": 1,
+                }
                 metrics = await http.get("/metrics")
                 assert metrics.headers["content-type"].startswith("text/plain")
                 text = metrics.text
@@ -82,8 +89,11 @@ async def test_a_broken_client_does_not_disturb_the_worker() -> None:
     store = FakeStore("c:*")
     backend = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200)))
     with trio.fail_after(10):
-        async with backend, open_worker(config(), store=store,
-                                        http_client=backend) as worker, trio.open_nursery() as n:
+        async with (
+            backend,
+            open_worker(config(), store=store, http_client=backend) as worker,
+            trio.open_nursery() as n,
+        ):
             await n.start(worker.run)
             assert worker.health_port is not None
             stream = await trio.open_tcp_stream("127.0.0.1", worker.health_port)

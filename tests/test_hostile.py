@@ -98,8 +98,7 @@ class Hostile:
         } | extra
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host=self.redis_server.host, port=self.redis_server.port,
-                           protocol=2)
+        return redis.Redis(host=self.redis_server.host, port=self.redis_server.port, protocol=2)
 
     def start(self, replica_ids: Sequence[str], **extra: str) -> dict[str, WorkerProcess]:
         """Start replicas; return once one of them leads and has reconciled."""
@@ -131,7 +130,8 @@ def hostile(
     for worker in h.spawned:
         assert h.secret not in worker.output(), "RESET_SECRET leaked into a log"
         assert "Traceback" not in worker.output() or "set aside" in worker.output(), (
-            f"{worker!r} printed a traceback")
+            f"{worker!r} printed a traceback"
+        )
 
 
 def test_key_names_that_are_not_utf8_take_no_replica_down(hostile: Hostile) -> None:
@@ -150,8 +150,11 @@ def test_key_names_that_are_not_utf8_take_no_replica_down(hostile: Hostile) -> N
     first = hostile.leader(workers)
     first.kill()
     survivors = {rid: w for rid, w in workers.items() if w is not first}
-    second = wait_until(lambda: hostile.leader(survivors) if hostile.leader(workers)
-                        is not first else None, "a new leader", START)
+    second = wait_until(
+        lambda: hostile.leader(survivors) if hostile.leader(workers) is not first else None,
+        "a new leader",
+        START,
+    )
     second.wait_for_output("reconciled:", START)
     with hostile.client() as c:
         c.set(b"c:\x80again", 1, px=200)
@@ -165,14 +168,17 @@ def test_key_names_that_are_not_utf8_take_no_replica_down(hostile: Hostile) -> N
 
 def test_resets_the_backend_keeps_refusing_do_not_block_the_others(hostile: Hostile) -> None:
     poison = [f"c:poison-{n}" for n in range(10)]
-    hostile.backend.behave(by_key(
-        {k: (Respond(404) if n % 2 else Hang(float("inf"))) for n, k in enumerate(poison)}))
+    hostile.backend.behave(
+        by_key({k: (Respond(404) if n % 2 else Hang(float("inf"))) for n, k in enumerate(poison)})
+    )
     workers = hostile.start(["r1"], MAX_IN_FLIGHT="4", RESET_TIMEOUT_MS="1000")
     with hostile.client() as c:
         for key in poison:
             c.set(key, 1, px=100)
-        wait_until(lambda: {r.key for r in hostile.backend.requests} >= set(poison),
-                   "a first attempt for every poisoned reset")
+        wait_until(
+            lambda: {r.key for r in hostile.backend.requests} >= set(poison),
+            "a first attempt for every poisoned reset",
+        )
         deadlines = {}
         for n in range(6):
             deadlines[f"c:healthy-{n}"] = time.time() + 0.2
@@ -182,6 +188,7 @@ def test_resets_the_backend_keeps_refusing_do_not_block_the_others(hostile: Host
         # Before: 0 of 6 within 16 s. A poisoned backlog costs the healthy ones nothing
         # beyond the couriers kept free for them (generous bound, for a loaded machine).
         assert first.received_at - due < 2.0, (key, first.received_at - due)
+
     def failing_now() -> dict[str, Any] | None:
         done = run_cli(["status", "--json"], clean_env(hostile.env("op")))
         rows: dict[str, Any] = json.loads(done.stdout)["failing_resets"]
@@ -196,13 +203,17 @@ def test_resets_the_backend_keeps_refusing_do_not_block_the_others(hostile: Host
 
 
 def test_a_slow_or_endless_answer_costs_one_timeout_and_no_memory(hostile: Hostile) -> None:
-    hostile.backend.behave(by_key({
-        "c:drip": Drip(interval=1.0, length=60),
-        "c:nobody": HeadersThenNothing(),
-        "c:endless": Endless(),
-        "c:huge": Huge(10_000_000),
-        "c:slowhead": Drip(interval=0.5, length=10, head_too=True),
-    }))
+    hostile.backend.behave(
+        by_key(
+            {
+                "c:drip": Drip(interval=1.0, length=60),
+                "c:nobody": HeadersThenNothing(),
+                "c:endless": Endless(),
+                "c:huge": Huge(10_000_000),
+                "c:slowhead": Drip(interval=0.5, length=10, head_too=True),
+            }
+        )
+    )
     workers = hostile.start(["r1"], RESET_TIMEOUT_MS="1500")
     worker = workers["r1"]
     with hostile.client() as c:
@@ -212,9 +223,10 @@ def test_a_slow_or_endless_answer_costs_one_timeout_and_no_memory(hostile: Hosti
     for key in ("c:drip", "c:nobody", "c:endless", "c:huge"):
         worker.wait_for_output(f"reset sent: key={key!r}", WAIT)
     # Headers that drip past RESET_TIMEOUT_MS: the attempt ends and is retried.
-    attempts = wait_until(lambda: len([r for r in hostile.backend.requests
-                                       if r.key == "c:slowhead"]) >= 2 or None,
-                          "a retry of the dripping answer")
+    attempts = wait_until(
+        lambda: len([r for r in hostile.backend.requests if r.key == "c:slowhead"]) >= 2 or None,
+        "a retry of the dripping answer",
+    )
     assert attempts
     assert "no answer within RESET_TIMEOUT_MS=1500" in worker.output()
     slow = [r for r in hostile.backend.requests if r.key == "c:slowhead"]
@@ -250,12 +262,12 @@ def minimal_rule(c: redis.Redis) -> str:
 
 def acl_user(c: redis.Redis, name: str, rule: str) -> None:
     c.execute_command(  # type: ignore[no-untyped-call, unused-ignore]
-        "ACL", "SETUSER", name, "reset", "on", f">{ACL_PASSWORD}", *rule.split())
+        "ACL", "SETUSER", name, "reset", "on", f">{ACL_PASSWORD}", *rule.split()
+    )
 
 
 def user_env(hostile: Hostile, name: str) -> dict[str, str]:
-    url = (f"redis://{name}:{ACL_PASSWORD}@{hostile.redis_server.host}:"
-           f"{hostile.redis_server.port}/0")
+    url = f"redis://{name}:{ACL_PASSWORD}@{hostile.redis_server.host}:{hostile.redis_server.port}/0"
     env = hostile.env("r1", REDIS_URL=url)
     del env["REDIS_HOST"], env["REDIS_PORT"]
     return env
@@ -283,8 +295,13 @@ def test_the_documented_acl_is_enough(hostile: Hostile) -> None:
 
 @pytest.mark.parametrize(
     ("remove", "named"),
-    [("-psubscribe", "+psubscribe"), ("-evalsha", "+evalsha"), ("-scan", "+scan"),
-     ("-zadd", "+zadd"), ("resetchannels", "&__keyspace@0__:c:*")],
+    [
+        ("-psubscribe", "+psubscribe"),
+        ("-evalsha", "+evalsha"),
+        ("-scan", "+scan"),
+        ("-zadd", "+zadd"),
+        ("resetchannels", "&__keyspace@0__:c:*"),
+    ],
 )
 def test_a_missing_permission_is_one_line_at_start(
     hostile: Hostile, remove: str, named: str
@@ -329,19 +346,26 @@ def test_out_of_memory_is_survived_and_caught_up(hostile: Hostile) -> None:
         for n in range(5):
             c.set(f"c:oom-{n}", 1, px=1500)
         c.config_set("maxmemory", "1")  # noeviction: every write is refused now
-        wait_until(lambda: any("out of memory" in w.output() for w in workers.values()),
-                   "the leader to say Redis is out of memory")
+        wait_until(
+            lambda: any("out of memory" in w.output() for w in workers.values()),
+            "the leader to say Redis is out of memory",
+        )
         time.sleep(0.5)  # the counters' deadlines pass while writes are refused
         assert all(w.alive for w in workers.values())
         c.config_set("maxmemory", "0")
     for n in range(5):
-        wait_until(partial(hostile.resets_for, f"c:oom-{n}".encode()),
-                   f"c:oom-{n} reset after memory came back")
+        wait_until(
+            partial(hostile.resets_for, f"c:oom-{n}".encode()),
+            f"c:oom-{n} reset after memory came back",
+        )
     assert all(w.alive for w in workers.values())
 
 
-@settings(max_examples=8, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(names=st.lists(st.binary(max_size=40), min_size=1, max_size=25, unique=True))
 def test_any_byte_string_as_a_counter_name_is_reset_exactly_once(
     hostile: Hostile, names: list[bytes]
@@ -411,8 +435,13 @@ async def test_redis_failing_during_the_start_up_checks_is_waited_out(
         await real(self)
 
     monkeypatch.setattr(RedisBridge, "preflight", flaky)
-    cfg = Config(reset_endpoint_url=backend.url, reset_secret="s", counter_key=COUNTER_KEY,
-                 redis_port=redis_server.port, lease_ttl_ms=LEASE_TTL_MS)
+    cfg = Config(
+        reset_endpoint_url=backend.url,
+        reset_secret="s",
+        counter_key=COUNTER_KEY,
+        redis_port=redis_server.port,
+        lease_ttl_ms=LEASE_TTL_MS,
+    )
     with trio.fail_after(20):
         async with open_worker(cfg):
             pass

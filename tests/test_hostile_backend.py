@@ -103,9 +103,9 @@ def test_redirects_are_followed_by_a_real_client(
     backend: RecordingBackend, http: httpx.Client, status: int, method_after: str
 ) -> None:
     backend.behave(
-        lambda received: Respond(status, {"location": "/elsewhere"})
-        if received.path == "/reset"
-        else None
+        lambda received: (
+            Respond(status, {"location": "/elsewhere"}) if received.path == "/reset" else None
+        )
     )
     response = http.post(backend.url, json={"key": "k"}, follow_redirects=True)
     assert response.status_code == 200

@@ -58,11 +58,17 @@ def test_a_payload_travels_like_a_key(raw: bytes) -> None:
     _, body = build_request(reset, secret="s", replica_id="w", fencing_token=1)
     body.decode("ascii")
     parsed = json.loads(body)
-    exact = base64.b64decode(parsed["payload_base64"]) if "payload_base64" in parsed else (
-        parsed["payload"].encode("utf-8"))
+    exact = (
+        base64.b64decode(parsed["payload_base64"])
+        if "payload_base64" in parsed
+        else (parsed["payload"].encode("utf-8"))
+    )
     assert exact == raw
-    assert "payload" not in json.loads(build_request(
-        PendingReset("rid", "c:1", 1_000, 1), secret="s", replica_id="w", fencing_token=1)[1])
+    assert "payload" not in json.loads(
+        build_request(
+            PendingReset("rid", "c:1", 1_000, 1), secret="s", replica_id="w", fencing_token=1
+        )[1]
+    )
 
 
 @given(names)

@@ -37,9 +37,7 @@ class Backend:
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         self.seen.append((trio.current_time(), request))
         self.arrived.set()
-        return httpx.Response(
-            self.statuses.pop(0) if self.statuses else 200, headers=self.headers
-        )
+        return httpx.Response(self.statuses.pop(0) if self.statuses else 200, headers=self.headers)
 
     async def wait(self, n: int) -> None:
         while len(self.seen) < n:
@@ -85,17 +83,16 @@ def harness() -> Harness:
     return Harness(FakeStore("c:*"), Backend())
 
 
-async def start_worker(
-    nursery: trio.Nursery, h: Harness, **kw: object
-) -> Worker:
+async def start_worker(nursery: trio.Nursery, h: Harness, **kw: object) -> Worker:
     transport = httpx.MockTransport(h.backend)
     client = httpx.AsyncClient(transport=transport)
     worker_box: list[Worker] = []
 
     async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with client, open_worker(
-            config(**kw), store=h.store, http_client=client, hooks=h.hooks()
-        ) as worker:
+        async with (
+            client,
+            open_worker(config(**kw), store=h.store, http_client=client, hooks=h.hooks()) as worker,
+        ):
             worker_box.append(worker)
             await worker.run(task_status=task_status)
 
@@ -375,8 +372,7 @@ async def test_a_failing_reset_does_not_hold_a_courier(
     cfg = config(max_in_flight=2, reset_timeout_ms=2000)
     async with (
         httpx.AsyncClient(transport=transport) as client,
-        open_worker(cfg, store=harness.store, http_client=client,
-                    hooks=harness.hooks()) as worker,
+        open_worker(cfg, store=harness.store, http_client=client, hooks=harness.hooks()) as worker,
         trio.open_nursery() as nursery,
     ):
         await nursery.start(worker.run)
@@ -421,7 +417,8 @@ async def test_a_key_whose_decision_fails_is_set_aside_and_the_others_go_on(
 
 
 async def test_leader_work_that_fails_gives_the_lease_back_and_campaigns_again(
-    harness: Harness, autojump_clock: trio.testing.MockClock,
+    harness: Harness,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     failures = [True]
 
@@ -431,8 +428,9 @@ async def test_leader_work_that_fails_gives_the_lease_back_and_campaigns_again(
             failures.pop()
             raise RuntimeError("a bug in a hook")
 
-    hooks = Hooks(on_elected=lambda e: harness.elected.append((trio.current_time(), e)),
-                  on_reset=on_reset)
+    hooks = Hooks(
+        on_elected=lambda e: harness.elected.append((trio.current_time(), e)), on_reset=on_reset
+    )
     transport = httpx.MockTransport(harness.backend)
     async with (
         httpx.AsyncClient(transport=transport) as client,
@@ -461,8 +459,9 @@ async def test_flags_rewritten_are_restored_within_a_second(
         scans = [t for t, op in harness.store.calls if op == "scan"]
         await wait_until(lambda: "K" in harness.store.flags)
         restored = trio.current_time()
-        await wait_until(lambda: len([t for t, op in harness.store.calls if op == "scan"])
-                         > len(scans))
+        await wait_until(
+            lambda: len([t for t, op in harness.store.calls if op == "scan"]) > len(scans)
+        )
         nursery.cancel_scope.cancel()
     assert 5.5 < restored <= 6.5
     assert worker.metrics.flags_restored._value.get() == 1

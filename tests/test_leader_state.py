@@ -23,8 +23,9 @@ def marker(key: str, claimed_ms: int) -> Message:
 
 
 def claimed(key: str, claimed_ms: int) -> KeyOutcome:
-    return KeyOutcome(key, "claimed", reset=PendingReset(f"id-{key}", key, 1, 1),
-                      claimed_ms=claimed_ms)
+    return KeyOutcome(
+        key, "claimed", reset=PendingReset(f"id-{key}", key, 1, 1), claimed_ms=claimed_ms
+    )
 
 
 def state(since: int = 1_000) -> LeaderState:
@@ -45,8 +46,13 @@ def test_own_keys_and_quarantined_keys_are_never_counters() -> None:
     q = Quarantine()
     q.add("c:bad", "ValueError: x")
     s = LeaderState(KEYS, q)
-    s.on_events([event("tcw:{c:*}:lease", "set"), event("c:bad", "set"),
-                 event("tcw:{other}:deadlines", "expired")])
+    s.on_events(
+        [
+            event("tcw:{c:*}:lease", "set"),
+            event("c:bad", "set"),
+            event("tcw:{other}:deadlines", "expired"),
+        ]
+    )
     assert s.take(10) is None
 
 
@@ -99,8 +105,15 @@ def test_a_scheduled_key_reported_expired_is_claimed_first() -> None:
 
 def test_outcomes_set_the_schedule_and_return_resets_to_deliver() -> None:
     s = state()
-    resets = s.apply([KeyOutcome("c:a", "alive", pttl_ms=2_000), KeyOutcome("c:d", "due"),
-                      KeyOutcome("c:g", "gone"), claimed("c:c", 4_000)], base=10.0)
+    resets = s.apply(
+        [
+            KeyOutcome("c:a", "alive", pttl_ms=2_000),
+            KeyOutcome("c:d", "due"),
+            KeyOutcome("c:g", "gone"),
+            claimed("c:c", 4_000),
+        ],
+        base=10.0,
+    )
     assert [r.key for r in resets] == ["c:c"]
     assert s.schedule.next_deadline() == 10.0  # c:d, due now
     s.due(10.0)

@@ -66,9 +66,19 @@ def test_schedule_limit_and_compaction() -> None:
 
 @pytest.mark.parametrize(
     ("status", "verdict"),
-    [(200, "done"), (204, "done"), (500, "retry"), (503, "retry"), (408, "retry"),
-     (429, "retry"), (307, "redirect"), (301, "redirect"), (401, "rejected"),
-     (404, "rejected"), (422, "rejected")],
+    [
+        (200, "done"),
+        (204, "done"),
+        (500, "retry"),
+        (503, "retry"),
+        (408, "retry"),
+        (429, "retry"),
+        (307, "redirect"),
+        (301, "redirect"),
+        (401, "rejected"),
+        (404, "rejected"),
+        (422, "rejected"),
+    ],
 )
 def test_classify(status: int, verdict: str) -> None:
     assert classify(status) == verdict
@@ -182,8 +192,7 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     example = (Path(__file__).parent.parent / ".env.example").read_text()
     section = readme.partition("\n## Settings\n")[2].partition("\n## ")[0]
-    rows = [line.strip("|").split("|") for line in section.splitlines()
-            if line.startswith("| `")]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| `")]
     table = [(name.strip().strip("`"), default.strip().strip("`")) for name, _, default in rows]
     expected = [(s.name, "required" if s.required else s.default or "none") for s in SETTINGS]
     assert table == expected
@@ -215,8 +224,9 @@ def test_json_log_lines_carry_event_fields() -> None:
 
     from trio_counter_worker.logs import JsonFormatter
 
-    record = logging.LogRecord("trio_counter_worker", logging.INFO, "f.py", 1,
-                               "reset sent: key=%r", ("c:1",), None)
+    record = logging.LogRecord(
+        "trio_counter_worker", logging.INFO, "f.py", 1, "reset sent: key=%r", ("c:1",), None
+    )
     record.event = "reset_sent"
     record.fencing_token = 3
     line = json.loads(JsonFormatter().format(record))

@@ -23,9 +23,15 @@ SECRET = "ops-secret-XYZ-321"
 
 
 def config(server: RedisServer, url: str, **kw: object) -> Config:
-    return Config(reset_endpoint_url=url, reset_secret=SECRET, counter_key="c:*",
-                  redis_port=server.port, lease_ttl_ms=1000, replica_id="ops-1",
-                  **kw)  # type: ignore[arg-type]
+    return Config(
+        reset_endpoint_url=url,
+        reset_secret=SECRET,
+        counter_key="c:*",
+        redis_port=server.port,
+        lease_ttl_ms=1000,
+        replica_id="ops-1",
+        **kw,  # type: ignore[arg-type]
+    )
 
 
 def states(checks: list[Check]) -> dict[str, str]:
@@ -36,10 +42,17 @@ async def test_check_passes_with_redis_and_backend_up(
     redis_server: RedisServer, backend: RecordingBackend
 ) -> None:
     checks = await run_checks(config(redis_server, backend.url))
-    assert states(checks) == {"configuration": "ok", "redis": "ok", "permissions": "ok",
-                              "eviction": "ok", "notifications": "ok", "endpoint dns": "ok",
-                              "endpoint tcp": "ok", "endpoint path": "ok",
-                              "endpoint secret": "warn"}
+    assert states(checks) == {
+        "configuration": "ok",
+        "redis": "ok",
+        "permissions": "ok",
+        "eviction": "ok",
+        "notifications": "ok",
+        "endpoint dns": "ok",
+        "endpoint tcp": "ok",
+        "endpoint path": "ok",
+        "endpoint secret": "warn",
+    }
     out = io.StringIO()
     assert print_checks(checks, out) == 0
     assert "all checks passed" in out.getvalue()
@@ -73,8 +86,9 @@ async def test_check_verifies_the_secret_with_the_dry_run(
     assert print_checks(checks, out) == 1
     assert "RESET_SECRET" in out.getvalue()
     assert SECRET not in out.getvalue()
-    assert all(r.headers.get("x-reset-dry-run") == "1" for r in backend.requests
-               if r.method == "POST")
+    assert all(
+        r.headers.get("x-reset-dry-run") == "1" for r in backend.requests if r.method == "POST"
+    )
 
 
 async def test_check_fails_on_a_wrong_path(
@@ -121,13 +135,15 @@ async def test_an_eviction_policy_that_can_take_the_workers_keys_is_a_warning(
     elected = trio.Event()
     hooks = Hooks(on_elected=lambda _epoch: elected.set())
     with trio.fail_after(10):
-        async with open_worker(
-            config(redis_server, backend.url), hooks=hooks
-        ) as worker, trio.open_nursery() as nursery:
+        async with (
+            open_worker(config(redis_server, backend.url), hooks=hooks) as worker,
+            trio.open_nursery() as nursery,
+        ):
             await nursery.start(worker.run)
             await elected.wait()
-            while not any("maxmemory-policy is allkeys-lru" in r.getMessage()
-                          for r in caplog.records):
+            while not any(
+                "maxmemory-policy is allkeys-lru" in r.getMessage() for r in caplog.records
+            ):
                 await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
 
@@ -192,8 +208,12 @@ async def test_status_shows_the_leader_and_its_work(
 
 
 def test_status_cli_json_and_exit_codes(redis_server: RedisServer, tmp_path: Path) -> None:
-    env = {"REDIS_PORT": str(redis_server.port), "RESET_ENDPOINT_URL": "http://127.0.0.1:1/r",
-           "RESET_SECRET": SECRET, "COUNTER_KEY": "c:*"}
+    env = {
+        "REDIS_PORT": str(redis_server.port),
+        "RESET_ENDPOINT_URL": "http://127.0.0.1:1/r",
+        "RESET_SECRET": SECRET,
+        "COUNTER_KEY": "c:*",
+    }
     with redis_server.client() as c:
         c.hset(Keys("c:*").lease, mapping={"holder": "x#1", "replica": "web-7", "epoch": 12})
         c.pexpire(Keys("c:*").lease, 5000)

@@ -31,8 +31,11 @@ def test_one_line_down_a_summary_at_most_every_period_one_line_back(
     ]
     assert not log.down
     log.failed("leader", err, 20.0, hint="it resynchronises as soon as Redis answers")
-    assert caplog.records[-1].getMessage().endswith(
-        "(it resynchronises as soon as Redis answers); retrying with backoff")
+    assert (
+        caplog.records[-1]
+        .getMessage()
+        .endswith("(it resynchronises as soon as Redis answers); retrying with backoff")
+    )
 
 
 def test_a_refusal_is_an_error(caplog: pytest.LogCaptureFixture) -> None:
@@ -40,5 +43,6 @@ def test_a_refusal_is_an_error(caplog: pytest.LogCaptureFixture) -> None:
 
     caplog.set_level(logging.INFO, logger="test.outage")
     OutageLog(logging.getLogger("test.outage")).failed(
-        "campaign", RedisRefused("lack of permission", "permission"), 0.0)
+        "campaign", RedisRefused("lack of permission", "permission"), 0.0
+    )
     assert caplog.records[0].levelno == logging.ERROR

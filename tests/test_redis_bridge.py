@@ -765,8 +765,7 @@ async def test_worker_resets_once_then_releases_the_lease_on_cancel(
                 deadline = set_key(client, "c:1", 300)
                 await watch.reset_done.wait()  # POSTed, 2xx, marked sent
                 (request,) = backend.requests
-                check_reset(request, key="c:1", deadline_ms=deadline, epoch=epoch,
-                            replica_id="w1")
+                check_reset(request, key="c:1", deadline_ms=deadline, epoch=epoch, replica_id="w1")
                 assert client.exists(PENDING_KEY) == 0
                 assert deadline_of(client, "c:1") is None
                 await assert_no_more_requests(backend, 1, window=0.5)
@@ -784,10 +783,12 @@ async def test_standby_takes_over_promptly_when_the_leader_stops(
         any_elected = trio.Event()
         watches = {rid: Watch(any_elected) for rid in ("a", "b")}
         async with (
-            open_worker(worker_config(redis_server, backend, "a"),
-                        hooks=watches["a"].hooks()) as worker_a,
-            open_worker(worker_config(redis_server, backend, "b"),
-                        hooks=watches["b"].hooks()) as worker_b,
+            open_worker(
+                worker_config(redis_server, backend, "a"), hooks=watches["a"].hooks()
+            ) as worker_a,
+            open_worker(
+                worker_config(redis_server, backend, "b"), hooks=watches["b"].hooks()
+            ) as worker_b,
             trio.open_nursery() as nursery,
         ):
             workers = {"a": worker_a, "b": worker_b}
@@ -820,8 +821,9 @@ async def test_standby_takes_over_promptly_when_the_leader_stops(
             deadline = set_key(client, "c:2", 300)
             await standby.reset_done.wait()
             (request,) = backend.requests
-            check_reset(request, key="c:2", deadline_ms=deadline, epoch=epoch + 1,
-                        replica_id=standby_id)
+            check_reset(
+                request, key="c:2", deadline_ms=deadline, epoch=epoch + 1, replica_id=standby_id
+            )
             await assert_no_more_requests(backend, 1, window=0.5)
             assert leader.resets == []
             nursery.cancel_scope.cancel()

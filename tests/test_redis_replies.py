@@ -20,19 +20,37 @@ from trio_counter_worker.store import FailingNote, KeyOutcome, PendingReset
 
 
 def _rec(**extra: object) -> str:
-    return json.dumps({"reset_id": "r1", "key": "c:1", "deadline_ms": 1500,
-                       "fencing_token": 3, "claimed_ms": 1501, **extra})
+    return json.dumps(
+        {
+            "reset_id": "r1",
+            "key": "c:1",
+            "deadline_ms": 1500,
+            "fencing_token": 3,
+            "claimed_ms": 1501,
+            **extra,
+        }
+    )
 
 
 def test_a_script_answer_becomes_outcomes_in_key_order() -> None:
-    raw = json.dumps({"leader": True, "keys": [
-        {"p": 250}, {"due": True}, {"gone": True}, {"claimed": _rec(payload="room 7")}]})
+    raw = json.dumps(
+        {
+            "leader": True,
+            "keys": [
+                {"p": 250},
+                {"due": True},
+                {"gone": True},
+                {"claimed": _rec(payload="room 7")},
+            ],
+        }
+    )
     assert outcomes(raw, ["c:a", "c:d", "c:g", "c:1"]) == [
         KeyOutcome("c:a", "alive", pttl_ms=250),
         KeyOutcome("c:d", "due"),
         KeyOutcome("c:g", "gone"),
-        KeyOutcome("c:1", "claimed", reset=PendingReset("r1", "c:1", 1500, 3, "room 7"),
-                   claimed_ms=1501),
+        KeyOutcome(
+            "c:1", "claimed", reset=PendingReset("r1", "c:1", 1500, 3, "room 7"), claimed_ms=1501
+        ),
     ]
 
 
@@ -59,30 +77,43 @@ def test_a_failing_note_round_trips_and_junk_is_readable() -> None:
     assert note("r2", "{not json").last_error == "(unreadable note)"
 
 
-@pytest.mark.parametrize(("exc", "kind"), [
-    (rexc.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), "oom"),
-    (rexc.ResponseError("Error running script (call to f_x): @user_script:1: "
-                        "-OOM command not allowed when used memory > 'maxmemory'."), "oom"),
-    (rexc.NoPermissionError("this user has no permissions to run the 'eval' command"),
-     "permission"),
-    (rexc.AuthenticationError("invalid username-password pair"), "auth"),
-    (rexc.ResponseError("WRONGPASS invalid username-password pair"), "auth"),
-    (rexc.ResponseError("ERR DB index is out of range"), "db"),
-])
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (rexc.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), "oom"),
+        (
+            rexc.ResponseError(
+                "Error running script (call to f_x): @user_script:1: "
+                "-OOM command not allowed when used memory > 'maxmemory'."
+            ),
+            "oom",
+        ),
+        (
+            rexc.NoPermissionError("this user has no permissions to run the 'eval' command"),
+            "permission",
+        ),
+        (rexc.AuthenticationError("invalid username-password pair"), "auth"),
+        (rexc.ResponseError("WRONGPASS invalid username-password pair"), "auth"),
+        (rexc.ResponseError("ERR DB index is out of range"), "db"),
+    ],
+)
 def test_refusals_are_classified_by_type_or_code(exc: Exception, kind: str) -> None:
     translated = translate(exc)
     assert isinstance(translated, RedisRefused)
     assert translated.kind == kind
 
 
-@pytest.mark.parametrize("exc", [
-    rexc.ConnectionError("Error 111 connecting"),
-    rexc.TimeoutError("Timeout reading from socket"),
-    rexc.ReadOnlyError("You can't write against a read only replica."),
-    rexc.BusyLoadingError("Redis is loading the dataset in memory"),
-    rexc.ResponseError("MASTERDOWN Link with MASTER is down"),
-    ValueError("I/O operation on closed file."),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        rexc.ConnectionError("Error 111 connecting"),
+        rexc.TimeoutError("Timeout reading from socket"),
+        rexc.ReadOnlyError("You can't write against a read only replica."),
+        rexc.BusyLoadingError("Redis is loading the dataset in memory"),
+        rexc.ResponseError("MASTERDOWN Link with MASTER is down"),
+        ValueError("I/O operation on closed file."),
+    ],
+)
 def test_redis_away_for_now_is_unavailable(exc: Exception) -> None:
     translated = translate(exc)
     assert isinstance(translated, RedisUnavailable)
@@ -98,6 +129,7 @@ def test_anything_else_passes_through() -> None:
 
 def test_the_code_inside_a_script_error() -> None:
     assert error_code(rexc.ResponseError("Error running script: -READONLY You can't")) == (
-        "READONLY")
+        "READONLY"
+    )
     assert error_code(rexc.ResponseError("plain")) is None
     assert error_code(ValueError("-OOM")) is None

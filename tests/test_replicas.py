@@ -222,14 +222,24 @@ def test_three_replicas_one_post_per_episode(harness: Harness) -> None:
             due = set_key(client)
             for _ in range(times):
                 # Re-arm just before the TTL would run out (activity keeps it alive).
-                wait_until(lambda: 0 <= client.pttl(KEY) <= KEY_TTL_MS // 3, RESET_TIMEOUT,
-                           "the key's TTL to run low before re-arming")
+                wait_until(
+                    lambda: 0 <= client.pttl(KEY) <= KEY_TTL_MS // 3,
+                    RESET_TIMEOUT,
+                    "the key's TTL to run low before re-arming",
+                )
                 due = set_key(client)
                 assert len(backend.requests) == episode, "reset sent for a key kept alive"
             requests = backend.wait_for_count(episode + 1, timeout=RESET_TIMEOUT)
             assert len(requests) == episode + 1, "more than one POST for one episode"
-            bodies.append(check_reset(requests[episode], secret=harness.secret, key=KEY,
-                                      due=due, replica_id=cluster.leader_id))
+            bodies.append(
+                check_reset(
+                    requests[episode],
+                    secret=harness.secret,
+                    key=KEY,
+                    due=due,
+                    replica_id=cluster.leader_id,
+                )
+            )
 
         # Nothing more: no duplicate, no late re-delivery, no phantom episode.
         assert_no_more(backend, len(rearms), 1.5 * LEASE_TTL)
@@ -260,15 +270,21 @@ def _failover(harness: Harness, cluster: Cluster, key_ttl_ms: int, key_before: b
         if key_before:
             due = set_key(client, ttl_ms=key_ttl_ms)
             # The old leader has recorded the deadline before it dies.
-            wait_until(lambda: client.zscore(KEYS.deadlines, KEY),
-                       RESET_TIMEOUT, "the leader to record the key's deadline")
+            wait_until(
+                lambda: client.zscore(KEYS.deadlines, KEY),
+                RESET_TIMEOUT,
+                "the leader to record the key's deadline",
+            )
         wall_kill, t_kill = time.time(), time.monotonic()
         assert cluster.leader.kill() == -signal.SIGKILL
         if not key_before:
             due = set_key(client, ttl_ms=key_ttl_ms)
 
-        new = wait_until(lambda: holder_other_than(client, killed),
-                         LEASE_TTL + 5.0, "another replica to hold the lease")
+        new = wait_until(
+            lambda: holder_other_than(client, killed),
+            LEASE_TTL + 5.0,
+            "another replica to hold the lease",
+        )
         t_lease = time.monotonic() - t_kill
         current = lease(client)
         assert current["replica"] == new
@@ -277,10 +293,12 @@ def _failover(harness: Harness, cluster: Cluster, key_ttl_ms: int, key_before: b
         t_log = time.monotonic() - t_kill
         assert _times(cluster)[new] == acquired_before[new] + 1
 
-        print(f"\nSIGKILL failover ({'key armed before' if key_before else 'key armed after'} "
-              f"the kill, key TTL {key_ttl_ms} ms, lease {LEASE_TTL_MS} ms): "
-              f"lease held by {new} after {t_lease * 1000:.0f} ms, its 'leader acquired' "
-              f"log seen after {t_log * 1000:.0f} ms")
+        print(
+            f"\nSIGKILL failover ({'key armed before' if key_before else 'key armed after'} "
+            f"the kill, key TTL {key_ttl_ms} ms, lease {LEASE_TTL_MS} ms): "
+            f"lease held by {new} after {t_lease * 1000:.0f} ms, its 'leader acquired' "
+            f"log seen after {t_log * 1000:.0f} ms"
+        )
 
         budget = LEASE_TTL + key_ttl_ms / 1000 + 2.0  # lease runs out + key TTL + margin
         [request] = backend.wait_for_count(1, timeout=max(0.1, budget - t_log))
@@ -318,8 +336,9 @@ def test_sigterm_leader_hands_over(harness: Harness) -> None:
     with harness.redis_server.client() as client:
         t_term = time.monotonic()
         cluster.leader.signal(signal.SIGTERM)
-        new = wait_until(lambda: holder_other_than(client, old),
-                         LEASE_TTL, "another replica to hold the lease")
+        new = wait_until(
+            lambda: holder_other_than(client, old), LEASE_TTL, "another replica to hold the lease"
+        )
         t_handoff = time.monotonic() - t_term
         print(f"\nSIGTERM handoff: lease held by {new} {t_handoff * 1000:.1f} ms after SIGTERM")
         assert new in survivors
@@ -366,20 +385,24 @@ def test_single_replica_survives_redis_restart(harness: Harness) -> None:
     t_up = time.monotonic() - t_restart
 
     with server.client() as client:
-        wait_until(lambda: all(f in flags(client) for f in NEEDED_FLAGS), 10.0,
-                   "the worker to re-enable keyspace notifications "
-                   "(notify-keyspace-events is '' on a fresh server)")
+        wait_until(
+            lambda: all(f in flags(client) for f in NEEDED_FLAGS),
+            10.0,
+            "the worker to re-enable keyspace notifications "
+            "(notify-keyspace-events is '' on a fresh server)",
+        )
         t_flags = time.monotonic() - t_restart
         # The lease went with the data: the replica must win it again on the new server.
         wait_until(lambda: lease(client).get("replica") == "r0", 10.0, "r0 to lead again")
         t_lease = time.monotonic() - t_restart
-        print(f"\nRedis restart (server up again after {t_up * 1000:.0f} ms): flags "
-              f"re-enabled after {t_flags * 1000:.0f} ms, lease re-acquired after "
-              f"{t_lease * 1000:.0f} ms")
+        print(
+            f"\nRedis restart (server up again after {t_up * 1000:.0f} ms): flags "
+            f"re-enabled after {t_flags * 1000:.0f} ms, lease re-acquired after "
+            f"{t_lease * 1000:.0f} ms"
+        )
         due = set_key(client)
         requests = backend.wait_for_count(2, timeout=RESET_TIMEOUT)
-        body = check_reset(requests[1], secret=harness.secret, key=KEY, due=due,
-                           replica_id="r0")
+        body = check_reset(requests[1], secret=harness.secret, key=KEY, due=due, replica_id="r0")
         assert body["fencing_token"] > first.json["fencing_token"]
         assert_no_more(backend, 2, 1.5 * LEASE_TTL)
     assert worker.alive
@@ -399,8 +422,11 @@ def test_backend_500_twice_then_200_is_delivered_with_one_idempotency_key(
         worker = harness.spawned[0]
         worker.wait_for_output("reset sent:", RESET_TIMEOUT)
         assert "attempts=3" in worker.output()
-        wait_until(lambda: not client.exists(KEYS.pending), RESET_TIMEOUT,
-                   "the pending record to be cleared after the 2xx")
+        wait_until(
+            lambda: not client.exists(KEYS.pending),
+            RESET_TIMEOUT,
+            "the pending record to be cleared after the 2xx",
+        )
     assert len(requests) == 3
     bodies = [check_reset(q, secret=harness.secret, key=KEY, due=due) for q in requests]
     assert len({q.headers["idempotency-key"] for q in requests}) == 1

@@ -19,9 +19,14 @@ async def test_killed_subscription_is_resynchronised(
     redis_server: RedisServer, backend: RecordingBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="trio_counter_worker")
-    cfg = Config(reset_endpoint_url=backend.url, reset_secret="resync-secret",
-                 counter_key="c:*", redis_port=redis_server.port, lease_ttl_ms=1000,
-                 replica_id="r1")
+    cfg = Config(
+        reset_endpoint_url=backend.url,
+        reset_secret="resync-secret",
+        counter_key="c:*",
+        redis_port=redis_server.port,
+        lease_ttl_ms=1000,
+        replica_id="r1",
+    )
     elected = trio.Event()
     with trio.fail_after(20):
         hooks = Hooks(on_elected=lambda e: elected.set())

@@ -54,13 +54,13 @@ def test_resets_survive_a_sentinel_failover(
     }
     workers = [spawn_worker({**env, "REPLICA_ID": f"s{i}"}, f"s{i}") for i in range(2)]
     sentinel: Any = Sentinel(sentinels.addresses, socket_timeout=1.0)  # type: ignore[no-untyped-call, unused-ignore]
-    app: redis.Redis = sentinel.master_for(MASTER_NAME, decode_responses=True,
-                                           socket_timeout=1.0)
+    app: redis.Redis = sentinel.master_for(MASTER_NAME, decode_responses=True, socket_timeout=1.0)
     try:
         deadline = time.monotonic() + 20
         while not app.hget(LEASE_KEY, "replica"):
             assert time.monotonic() < deadline, "no leader elected through Sentinel"
             time.sleep(0.02)
+
         def durable_set(key: str, px: int) -> None:
             """SET, then WAIT for the replica: a write only the old master saw may be
             lost in the failover (Redis's own limit), so write it again until one
@@ -136,6 +136,7 @@ def test_a_manual_failover_moves_every_connection_at_once(
                 assert time.monotonic() < deadline, "failover did not happen"
                 time.sleep(0.02)
             switched = time.monotonic()
+
             # The app follows Sentinel and writes to the new master at once, plain SETs.
             def worker_clients(c: redis.Redis) -> list[str]:
                 listing: Any = c.client_list()
@@ -154,7 +155,8 @@ def test_a_manual_failover_moves_every_connection_at_once(
                     time.sleep(0.1)
                 while left is None:
                     assert time.monotonic() - switched < 5.0, (
-                        f"still on the old master: {worker_clients(old)}")
+                        f"still on the old master: {worker_clients(old)}"
+                    )
                     if not worker_clients(old):
                         left = time.monotonic() - switched
                         role = old.execute_command("ROLE")

@@ -53,21 +53,34 @@ def glued(*parts: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     return st.tuples(*parts).map("".join)
 
 
-numbers = st.one_of(st.integers(-10, 70_000).map(str), st.integers().map(str),
-                    st.sampled_from(["²", "٣", "\uff11", "1_000", "+5", " 7 ", "0x10", "1e3"]))
-hosts = st.one_of(st.sampled_from(["h", "127.0.0.1", "::1", "[::1]", "a..b", "x" * 70,
-                                   "bü.example", "[abc]", "h:"]), short_text)
+numbers = st.one_of(
+    st.integers(-10, 70_000).map(str),
+    st.integers().map(str),
+    st.sampled_from(["²", "٣", "\uff11", "1_000", "+5", " 7 ", "0x10", "1e3"]),
+)
+hosts = st.one_of(
+    st.sampled_from(
+        ["h", "127.0.0.1", "::1", "[::1]", "a..b", "x" * 70, "bü.example", "[abc]", "h:"]
+    ),
+    short_text,
+)
 ports = st.one_of(numbers, short_text)
 near_valid: dict[str, st.SearchStrategy[str]] = {
     "RESET_ENDPOINT_URL": glued(
         st.sampled_from(["http://", "https://", "https://u:p@", "HTTP://", "ftp://", "", "//"]),
-        hosts, st.sampled_from(["", ":"]), st.one_of(st.just(""), ports),
-        st.sampled_from(["", "/", "/reset", "?q", "#f"]), st.one_of(st.just(""), short_text),
+        hosts,
+        st.sampled_from(["", ":"]),
+        st.one_of(st.just(""), ports),
+        st.sampled_from(["", "/", "/reset", "?q", "#f"]),
+        st.one_of(st.just(""), short_text),
     ),
     "REDIS_URL": glued(
         st.sampled_from(["redis://", "rediss://", "redis://u:p@", "redis://:", "http://", ""]),
-        hosts, st.sampled_from(["", ":"]), st.one_of(st.just(""), ports),
-        st.sampled_from(["", "/", "/0", "/x"]), st.one_of(st.just(""), numbers, short_text),
+        hosts,
+        st.sampled_from(["", ":"]),
+        st.one_of(st.just(""), ports),
+        st.sampled_from(["", "/", "/0", "/x"]),
+        st.one_of(st.just(""), numbers, short_text),
     ),
     "COUNTER_KEY": st.text(st.sampled_from("tcw:{}*?[]^-\\xé"), max_size=10),
     "REDIS_SENTINELS": st.lists(glued(hosts, st.just(":"), ports), max_size=3).map(",".join),
@@ -79,8 +92,14 @@ near_valid: dict[str, st.SearchStrategy[str]] = {
     "REDIS_HOST": hosts,
     "HEALTH_HOST": hosts,
 }
-for _name in ("REDIS_PORT", "REDIS_DB", "LEASE_TTL_MS", "RESET_TIMEOUT_MS", "MAX_IN_FLIGHT",
-              "HEALTH_PORT"):
+for _name in (
+    "REDIS_PORT",
+    "REDIS_DB",
+    "LEASE_TTL_MS",
+    "RESET_TIMEOUT_MS",
+    "MAX_IN_FLIGHT",
+    "HEALTH_PORT",
+):
     near_valid[_name] = numbers
 
 
@@ -249,7 +268,9 @@ def nasty_runs() -> Iterator[dict[str, Future[subprocess.CompletedProcess[str]]]
 
 @pytest.mark.parametrize(("name", "value"), NASTY, ids=NASTY_IDS)
 def test_nasty_value_exits_2_with_one_line(
-    name: str, value: str, request: pytest.FixtureRequest,
+    name: str,
+    value: str,
+    request: pytest.FixtureRequest,
     nasty_runs: dict[str, Future[subprocess.CompletedProcess[str]]],
 ) -> None:
     result = nasty_runs[request.node.callspec.id].result(timeout=CLI_TIMEOUT * len(NASTY))

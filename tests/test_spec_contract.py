@@ -31,7 +31,13 @@ from trio_counter_worker.keys import Keys
 KEYS = Keys("k:*")
 NS = KEYS.namespace
 LEASE, DEADLINES, PENDING, SEEN, CLAIMED, PAYLOADS = (
-    KEYS.lease, KEYS.deadlines, KEYS.pending, KEYS.seen, KEYS.claimed, KEYS.payloads)
+    KEYS.lease,
+    KEYS.deadlines,
+    KEYS.pending,
+    KEYS.seen,
+    KEYS.claimed,
+    KEYS.payloads,
+)
 PAYLOAD = "room 7"  # CLAIM and TRACK: every case's key was touched with one
 HOLDER = "me#1"
 EPOCH = 3
@@ -83,15 +89,29 @@ def expected(verdict: spec.Verdict, key: str, now: int) -> dict[str, Any]:
     """The script's answer row and what it leaves recorded, as the spec says."""
     if verdict.kind == "claimed":
         assert verdict.deadline is not None
-        return {"kind": "claimed", "deadline_ms": verdict.deadline,
-                "reset_id": spec.reset_id(NS, key, verdict.deadline), "claimed_ms": now,
-                "fencing_token": EPOCH, "recorded": None, "tombstone": now}
-    return {"kind": verdict.kind,
-            "recorded": verdict.deadline if verdict.kind == "alive" else "unchanged"}
+        return {
+            "kind": "claimed",
+            "deadline_ms": verdict.deadline,
+            "reset_id": spec.reset_id(NS, key, verdict.deadline),
+            "claimed_ms": now,
+            "fencing_token": EPOCH,
+            "recorded": None,
+            "tombstone": now,
+        }
+    return {
+        "kind": verdict.kind,
+        "recorded": verdict.deadline if verdict.kind == "alive" else "unchanged",
+    }
 
 
-def actual(r: redis.Redis, row: dict[str, Any], key: str, before: float | None,
-           tombstone_before: float | None, prune_below: int | None = None) -> dict[str, Any]:
+def actual(
+    r: redis.Redis,
+    row: dict[str, Any],
+    key: str,
+    before: float | None,
+    tombstone_before: float | None,
+    prune_below: int | None = None,
+) -> dict[str, Any]:
     """What the script answered and left; a claim script also drops tombstones older
     than ``prune_below``."""
     if tombstone_before is not None and prune_below is not None and tombstone_before < prune_below:
@@ -100,10 +120,15 @@ def actual(r: redis.Redis, row: dict[str, Any], key: str, before: float | None,
     if "claimed" in row:
         rec = json.loads(row["claimed"])
         assert r.hexists(PENDING, rec["reset_id"])
-        return {"kind": "claimed", "deadline_ms": rec["deadline_ms"],
-                "reset_id": rec["reset_id"], "claimed_ms": rec["claimed_ms"],
-                "fencing_token": rec["fencing_token"], "recorded": recorded,
-                "tombstone": r.zscore(CLAIMED, key)}
+        return {
+            "kind": "claimed",
+            "deadline_ms": rec["deadline_ms"],
+            "reset_id": rec["reset_id"],
+            "claimed_ms": rec["claimed_ms"],
+            "fencing_token": rec["fencing_token"],
+            "recorded": recorded,
+            "tombstone": r.zscore(CLAIMED, key),
+        }
     assert r.zscore(CLAIMED, key) == tombstone_before, "only a claim moves the tombstone"
     kind = "alive" if "p" in row else "due" if row.get("due") else "gone"
     if kind == "gone":
@@ -127,8 +152,10 @@ def test_apply_claim_is_spec_claim(r: redis.Redis) -> None:
         before, tombstone = _arrange(r, key, case, NOW)
         seen = case.seen(NOW)
         after = "" if case.after is None else NOW + case.after
-        raw = apply_claim(keys=[LEASE, DEADLINES, PENDING, SEEN, CLAIMED],
-                          args=[HOLDER, NS, key, NOW, seen.pttl, seen.expire_at, after])
+        raw = apply_claim(
+            keys=[LEASE, DEADLINES, PENDING, SEEN, CLAIMED],
+            args=[HOLDER, NS, key, NOW, seen.pttl, seen.expire_at, after],
+        )
         (row,) = json.loads(raw)["keys"]
         want = spec.claim(seen, NOW, None if case.after is None else NOW + case.after)
         got = actual(r, row, key, before, tombstone, NOW - spec.TOMBSTONE_MS)
@@ -137,13 +164,13 @@ def test_apply_claim_is_spec_claim(r: redis.Redis) -> None:
 
 def test_apply_track_is_spec_track(r: redis.Redis) -> None:
     apply_track = r.register_script(scripts.APPLY_TRACK)
-    for n, case in enumerate(c for c in cases(slack=True)
-                             if c.claimed is None and c.after is None):
+    for n, case in enumerate(c for c in cases(slack=True) if c.claimed is None and c.after is None):
         key = f"k:{n}"
         before, tombstone = _arrange(r, key, case, NOW)
         seen = case.seen(NOW)
-        raw = apply_track(keys=[LEASE, DEADLINES, SEEN],
-                          args=[HOLDER, key, NOW, seen.pttl, seen.expire_at])
+        raw = apply_track(
+            keys=[LEASE, DEADLINES, SEEN], args=[HOLDER, key, NOW, seen.pttl, seen.expire_at]
+        )
         (row,) = json.loads(raw)["keys"]
         got = actual(r, row, key, before, tombstone)
         assert got == expected(spec.track(seen, NOW), key, NOW), case
@@ -171,8 +198,12 @@ def test_claim_is_spec_claim(r: redis.Redis) -> None:
         before, tombstone = _arrange(r, key, case, now)
         r.hset(PAYLOADS, key, PAYLOAD)
         after = "" if case.after is None else now + case.after
-        raw = json.loads(claim(keys=[LEASE, DEADLINES, PENDING, CLAIMED, PAYLOADS, key],
-                               args=[HOLDER, NS, "", after]))
+        raw = json.loads(
+            claim(
+                keys=[LEASE, DEADLINES, PENDING, CLAIMED, PAYLOADS, key],
+                args=[HOLDER, NS, "", after],
+            )
+        )
         at = int(raw["now"])  # the script's own now: the spec decides at the same time
         (row,) = raw["keys"]
         want = spec.claim(case.seen(now), at, None if case.after is None else now + case.after)
@@ -190,8 +221,9 @@ def test_claim_is_spec_claim(r: redis.Redis) -> None:
 
 def test_track_is_spec_track(r: redis.Redis) -> None:
     track = r.register_script(scripts.TRACK)
-    for n, case in enumerate(c for c in cases(slack=False)
-                             if c.claimed is None and c.after is None):
+    for n, case in enumerate(
+        c for c in cases(slack=False) if c.claimed is None and c.after is None
+    ):
         key = f"k:{n}"
         now = _redis_now(r)
         _set_key(r, key, case.pttl)
@@ -222,9 +254,12 @@ def test_markers_follow_claims(r: redis.Redis, redis_server: RedisServer) -> Non
         r.set("k:m", 1, px=1)
         r.zadd(DEADLINES, {"k:m": _redis_now(r)})
         time.sleep(0.01)  # the TTL runs out; the claim's touch (or Redis) expires it
-        raw = json.loads(r.register_script(scripts.CLAIM)(
-            keys=[LEASE, DEADLINES, PENDING, CLAIMED, PAYLOADS, "k:m"],
-            args=[HOLDER, NS, KEYS.claims, ""]))
+        raw = json.loads(
+            r.register_script(scripts.CLAIM)(
+                keys=[LEASE, DEADLINES, PENDING, CLAIMED, PAYLOADS, "k:m"],
+                args=[HOLDER, NS, KEYS.claims, ""],
+            )
+        )
         (row,) = raw["keys"]
         claimed_ms = json.loads(row["claimed"])["claimed_ms"]
         got = [sub.get_message(timeout=1) for _ in range(2)]

@@ -40,20 +40,70 @@ def _openssl(*args: str, cwd: Path) -> None:
 def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     d = tmp_path / "tls"
     d.mkdir()
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
-             "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca", cwd=d)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
-             "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        cwd=d,
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+        cwd=d,
+    )
     (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-             "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf",
-             cwd=d)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        cwd=d,
+    )
     tls_port = free_port()
-    server = RedisServer(d, extra_args=[
-        "--tls-port", str(tls_port), "--tls-cert-file", str(d / "server.crt"),
-        "--tls-key-file", str(d / "server.key"), "--tls-ca-cert-file", str(d / "ca.crt"),
-        "--tls-auth-clients", "no",
-    ])
+    server = RedisServer(
+        d,
+        extra_args=[
+            "--tls-port",
+            str(tls_port),
+            "--tls-cert-file",
+            str(d / "server.crt"),
+            "--tls-key-file",
+            str(d / "server.key"),
+            "--tls-ca-cert-file",
+            str(d / "ca.crt"),
+            "--tls-auth-clients",
+            "no",
+        ],
+    )
     server.start()
     try:
         yield tls_port, d / "ca.crt"
@@ -62,11 +112,15 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 
 
 def tls_config(port: int, ca: Path | None) -> Config:
-    return Config.from_env({
-        "RESET_ENDPOINT_URL": "http://127.0.0.1:1/reset", "RESET_SECRET": "tls-secret",
-        "REDIS_URL": f"rediss://127.0.0.1:{port}/0",
-        **({"REDIS_CA_FILE": str(ca)} if ca else {}),
-    }, env_file=None)
+    return Config.from_env(
+        {
+            "RESET_ENDPOINT_URL": "http://127.0.0.1:1/reset",
+            "RESET_SECRET": "tls-secret",
+            "REDIS_URL": f"rediss://127.0.0.1:{port}/0",
+            **({"REDIS_CA_FILE": str(ca)} if ca else {}),
+        },
+        env_file=None,
+    )
 
 
 async def test_rediss_with_ca_file_connects(tls_redis: tuple[int, Path]) -> None:
@@ -97,8 +151,11 @@ def test_cli_exits_2_on_unverifiable_certificate(
     tls_redis: tuple[int, Path], tmp_path: Path
 ) -> None:
     port, _ca = tls_redis
-    env = {"RESET_ENDPOINT_URL": "http://127.0.0.1:1/reset", "RESET_SECRET": "tls-secret",
-           "REDIS_URL": f"rediss://127.0.0.1:{port}/0"}
+    env = {
+        "RESET_ENDPOINT_URL": "http://127.0.0.1:1/reset",
+        "RESET_SECRET": "tls-secret",
+        "REDIS_URL": f"rediss://127.0.0.1:{port}/0",
+    }
     result = run_cli(["run"], env, cwd=tmp_path, timeout=20)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

@@ -12,15 +12,43 @@ __all__ = ["CLIENT_COMMANDS", "SCRIPT_COMMANDS", "acl_rule", "is_permission_erro
 
 # Called from inside the worker's Lua scripts (ACLs apply there too).
 SCRIPT_COMMANDS = (
-    "hget", "hset", "hsetnx", "hdel", "hexists", "hkeys", "del", "set", "incr", "pexpire",
-    "pttl", "pexpiretime", "time", "publish", "zadd", "zscore", "zrem", "zrange",
+    "hget",
+    "hset",
+    "hsetnx",
+    "hdel",
+    "hexists",
+    "hkeys",
+    "del",
+    "set",
+    "incr",
+    "pexpire",
+    "pttl",
+    "pexpiretime",
+    "time",
+    "publish",
+    "zadd",
+    "zscore",
+    "zrem",
+    "zrange",
     "zremrangebyscore",
 )
 # Called by the worker itself. CONFIG is optional: without it the worker cannot set
 # notify-keyspace-events and says so.
 CLIENT_COMMANDS = (
-    "ping", "select", "info", "scan", "hgetall", "eval", "evalsha", "script|load",
-    "subscribe", "psubscribe", "unsubscribe", "punsubscribe", "config|get", "config|set",
+    "ping",
+    "select",
+    "info",
+    "scan",
+    "hgetall",
+    "eval",
+    "evalsha",
+    "script|load",
+    "subscribe",
+    "psubscribe",
+    "unsubscribe",
+    "punsubscribe",
+    "config|get",
+    "config|set",
     "client|setname",
 )
 _SINCE_7 = ("pexpiretime",)  # an ACL naming a command the server lacks is refused

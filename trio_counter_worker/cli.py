@@ -44,39 +44,81 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--env-file", default=None, metavar="PATH",
-                        help="file to read settings from; it must exist [default: .env in "
-                        "the working directory, if there is one]")
+    parser.add_argument(
+        "--env-file",
+        default=None,
+        metavar="PATH",
+        help="file to read settings from; it must exist [default: .env in "
+        "the working directory, if there is one]",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("run", help="run one replica until SIGTERM/SIGINT (the default)",
-                   epilog=_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    check = sub.add_parser("check", help="check the settings, Redis and the reset endpoint, "
-                           "without sending a reset; exit 0 only if nothing failed")
-    check.add_argument("--dry-run-request", action="store_true",
-                       help="send the dry-run POST (x-reset-dry-run: 1) to verify "
-                       "RESET_SECRET even if the backend does not advertise support")
-    status = sub.add_parser("status", help="who leads, fencing token, pending resets, "
-                            "watched counters, next deadline")
+    sub.add_parser(
+        "run",
+        help="run one replica until SIGTERM/SIGINT (the default)",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check = sub.add_parser(
+        "check",
+        help="check the settings, Redis and the reset endpoint, "
+        "without sending a reset; exit 0 only if nothing failed",
+    )
+    check.add_argument(
+        "--dry-run-request",
+        action="store_true",
+        help="send the dry-run POST (x-reset-dry-run: 1) to verify "
+        "RESET_SECRET even if the backend does not advertise support",
+    )
+    status = sub.add_parser(
+        "status", help="who leads, fencing token, pending resets, watched counters, next deadline"
+    )
     status.add_argument("--json", action="store_true", help="print one JSON object")
-    redeliver = sub.add_parser("redeliver", help="queue dead resets (given up on after "
-                               "RESET_GIVE_UP_AFTER) again, under their own reset_id")
-    redeliver.add_argument("reset_ids", nargs="*", metavar="RESET_ID",
-                           help="which ones (see `status`) [default: all]")
-    functions = sub.add_parser("install-functions", help="load the Redis Functions library "
-                               "tcw (FCALL tcw_touch / tcw_done; Redis 7.0+, not Cluster)")
-    functions.add_argument("--counter-key", metavar="PATTERN",
-                           help="register the deployment with this COUNTER_KEY, so "
-                           "tcw_touch records its keys' deadlines")
-    demo = sub.add_parser("demo", help="see it work: embedded Redis, a reference backend, "
-                          "three replicas, a leader killed; nothing to install or start")
-    demo.add_argument("--replicas", type=int, default=3, metavar="N",
-                      help="number of worker processes to start, at least 1 [default: 3]")
-    demo.add_argument("--duration", type=float, default=25.0, metavar="SECONDS",
-                      help="how long the demo app stays active, in seconds, from the first "
-                      "election; the faults come at its thirds [default: 25]")
-    sub.add_parser("chaos", add_help=False, help="verify the guarantees: replicas, a "
-                   "recording backend and injected faults; exit non-zero if a reset was "
-                   "missed or doubled (chaos --help for its options)")
+    redeliver = sub.add_parser(
+        "redeliver",
+        help="queue dead resets (given up on after "
+        "RESET_GIVE_UP_AFTER) again, under their own reset_id",
+    )
+    redeliver.add_argument(
+        "reset_ids", nargs="*", metavar="RESET_ID", help="which ones (see `status`) [default: all]"
+    )
+    functions = sub.add_parser(
+        "install-functions",
+        help="load the Redis Functions library "
+        "tcw (FCALL tcw_touch / tcw_done; Redis 7.0+, not Cluster)",
+    )
+    functions.add_argument(
+        "--counter-key",
+        metavar="PATTERN",
+        help="register the deployment with this COUNTER_KEY, so "
+        "tcw_touch records its keys' deadlines",
+    )
+    demo = sub.add_parser(
+        "demo",
+        help="see it work: embedded Redis, a reference backend, "
+        "three replicas, a leader killed; nothing to install or start",
+    )
+    demo.add_argument(
+        "--replicas",
+        type=int,
+        default=3,
+        metavar="N",
+        help="number of worker processes to start, at least 1 [default: 3]",
+    )
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=25.0,
+        metavar="SECONDS",
+        help="how long the demo app stays active, in seconds, from the first "
+        "election; the faults come at its thirds [default: 25]",
+    )
+    sub.add_parser(
+        "chaos",
+        add_help=False,
+        help="verify the guarantees: replicas, a "
+        "recording backend and injected faults; exit non-zero if a reset was "
+        "missed or doubled (chaos --help for its options)",
+    )
     return parser
 
 
@@ -139,8 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     configure_logging(config.log_level, config.log_format)
     if config.overridden:
-        log.warning("REDIS_URL overrides %s: their values are ignored; unset them, or REDIS_URL",
-                    ", ".join(config.overridden))
+        log.warning(
+            "REDIS_URL overrides %s: their values are ignored; unset them, or REDIS_URL",
+            ", ".join(config.overridden),
+        )
     # Everything imported so far lives for the whole run: keep it out of the full
     # collections, whose pauses would otherwise show up in reset latency.
     gc.freeze()

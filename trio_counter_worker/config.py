@@ -99,15 +99,18 @@ def _host_problem(host: str) -> str | None:
     if not host:
         return "must be a host name or IP address, got ''"
     if not host.isprintable() or any(c.isspace() for c in host):
-        return ("must be a host name or IP address, without spaces or control characters, "
-                f"got {shown}")
+        return (
+            f"must be a host name or IP address, without spaces or control characters, got {shown}"
+        )
     if not _is_ip(host):
         try:
             host.encode("idna")
         except UnicodeError as exc:
             reason = _one_line(str(exc.__cause__ or exc))
-            return (f"is not a valid host name ({reason}; each dot-separated part has 1-63 "
-                    f"characters), got {shown}")
+            return (
+                f"is not a valid host name ({reason}; each dot-separated part has 1-63 "
+                f"characters), got {shown}"
+            )
     return None
 
 
@@ -271,8 +274,10 @@ def _int_in(lo: int, hi: int, unit: str = "") -> Any:
 
     def check(_inst: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
         if value is not None and not lo <= value <= hi:
-            raise ConfigError(f"{_setting(attribute).name} must be between {lo} and {hi}{unit}, "
-                              f"got {_shown_number(value)}")
+            raise ConfigError(
+                f"{_setting(attribute).name} must be between {lo} and {hi}{unit}, "
+                f"got {_shown_number(value)}"
+            )
 
     return check
 
@@ -280,8 +285,10 @@ def _int_in(lo: int, hi: int, unit: str = "") -> Any:
 def _one_of(choices: tuple[str, ...]) -> Any:
     def check(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
         if value not in choices:
-            raise ConfigError(f"{_setting(attribute).name} must be one of {', '.join(choices)}, "
-                              f"got {_shown(value)}")
+            raise ConfigError(
+                f"{_setting(attribute).name} must be one of {', '.join(choices)}, "
+                f"got {_shown(value)}"
+            )
 
     return check
 
@@ -322,32 +329,39 @@ def _header_safe(_inst: object, attribute: attrs.Attribute[Any], value: str) -> 
 def _http_url(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     name, shown = _setting(attribute).name, _shown_url(value)
     if not _is_utf8(value) or not value.isprintable():
-        raise ConfigError(f"{name} must be printable text, without control characters or "
-                          f"bytes that are not UTF-8, got {shown}")
+        raise ConfigError(
+            f"{name} must be printable text, without control characters or "
+            f"bytes that are not UTF-8, got {shown}"
+        )
     try:
         parts = urlsplit(value)
     except ValueError:  # every urlsplit error is about the host part
-        raise ConfigError(f"{name} has a malformed host (an IPv6 address goes in balanced "
-                          f"brackets, like https://[::1]:8443/reset), got {shown}") from None
+        raise ConfigError(
+            f"{name} has a malformed host (an IPv6 address goes in balanced "
+            f"brackets, like https://[::1]:8443/reset), got {shown}"
+        ) from None
     if parts.scheme not in ("http", "https"):
         raise ConfigError(f"{name} must be an http:// or https:// URL with a host, got {shown}")
     if not parts.hostname:
-        raise ConfigError(f"{name} must name a host, like https://backend.example/reset, "
-                          f"got {shown}")
+        raise ConfigError(
+            f"{name} must name a host, like https://backend.example/reset, got {shown}"
+        )
     try:
         port = parts.port
     except ValueError:
         port = 0
     if port == 0:
-        raise ConfigError(f"{name} has an invalid port: it must be a number from 1 to 65535, "
-                          f"got {shown}")
+        raise ConfigError(
+            f"{name} has an invalid port: it must be a number from 1 to 65535, got {shown}"
+        )
     if (problem := _host_problem(parts.hostname)) is not None:
         raise ConfigError(f"{name}'s host {problem}")
     try:
         httpx.URL(value)
     except (httpx.InvalidURL, ValueError) as exc:  # ValueError: idna's errors among them
-        raise ConfigError(f"{name} is not a URL httpx can send to ({_one_line(str(exc))}), "
-                          f"got {shown}") from None
+        raise ConfigError(
+            f"{name} is not a URL httpx can send to ({_one_line(str(exc))}), got {shown}"
+        ) from None
 
 
 def _counter_key(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -363,8 +377,10 @@ def _counter_key(_inst: object, attribute: attrs.Attribute[Any], value: str) -> 
 
 def _replica_id(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if not value or len(value) > 128 or not value.isprintable() or any(c.isspace() for c in value):
-        raise ConfigError(f"{_setting(attribute).name} must be 1-128 printable characters "
-                          f"without spaces, got {_shown(value)}")
+        raise ConfigError(
+            f"{_setting(attribute).name} must be 1-128 printable characters "
+            f"without spaces, got {_shown(value)}"
+        )
 
 
 def _ca_file(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
@@ -401,22 +417,33 @@ class Config:
 
     reset_endpoint_url: str = attrs.field(
         validator=_http_url,
-        metadata=_env("RESET_ENDPOINT_URL", "http(s) URL the reset is POSTed to; plain http "
-                      "only to a loopback host unless ALLOW_INSECURE_HTTP=1", delivery=True,
-                      expects="the http(s) URL of your backend's reset endpoint"),
+        metadata=_env(
+            "RESET_ENDPOINT_URL",
+            "http(s) URL the reset is POSTed to; plain http "
+            "only to a loopback host unless ALLOW_INSECURE_HTTP=1",
+            delivery=True,
+            expects="the http(s) URL of your backend's reset endpoint",
+        ),
     )
     reset_secret: str = attrs.field(
         validator=[_non_empty, _header_safe],
-        metadata=_env("RESET_SECRET", "sent as the x-secret header: visible ASCII only, no "
-                      "spaces", secret=True, delivery=True,
-                      expects="the shared secret your backend expects"),
+        metadata=_env(
+            "RESET_SECRET",
+            "sent as the x-secret header: visible ASCII only, no spaces",
+            secret=True,
+            delivery=True,
+            expects="the shared secret your backend expects",
+        ),
     )
     counter_key: str = attrs.field(
         default="contador_reset",
         validator=[_non_empty, _utf8, _counter_key],
-        metadata=_env("COUNTER_KEY", "key, or glob pattern such as counter:*, whose expiry "
-                      "means inactivity; must not be able to match the worker's own tcw:{ keys",
-                      expects="the key (or glob pattern) the app sets"),
+        metadata=_env(
+            "COUNTER_KEY",
+            "key, or glob pattern such as counter:*, whose expiry "
+            "means inactivity; must not be able to match the worker's own tcw:{ keys",
+            expects="the key (or glob pattern) the app sets",
+        ),
     )
     redis_host: str = attrs.field(
         default="127.0.0.1", validator=_host, metadata=_env("REDIS_HOST", "Redis host")
@@ -440,22 +467,34 @@ class Config:
     redis_username: str | None = attrs.field(
         default=None,
         validator=_utf8,
-        metadata=_env("REDIS_URL", "redis:// or rediss:// URL with user, password and db; "
-                      "overrides REDIS_HOST, REDIS_PORT, REDIS_PASSWORD and REDIS_DB, with a "
-                      "warning at start if any is set too", parse=_redis_url, spread=True,
-                      secret=True),
+        metadata=_env(
+            "REDIS_URL",
+            "redis:// or rediss:// URL with user, password and db; "
+            "overrides REDIS_HOST, REDIS_PORT, REDIS_PASSWORD and REDIS_DB, with a "
+            "warning at start if any is set too",
+            parse=_redis_url,
+            spread=True,
+            secret=True,
+        ),
     )
     redis_tls: bool = False  # rediss:// in REDIS_URL
     redis_cluster_nodes: tuple[tuple[str, int], ...] = attrs.field(
         default=(),
-        metadata=_env("REDIS_CLUSTER_NODES", "Cluster mode: host:port,... of some cluster "
-                      "nodes to start from; the rest is discovered", parse=_nodes),
+        metadata=_env(
+            "REDIS_CLUSTER_NODES",
+            "Cluster mode: host:port,... of some cluster "
+            "nodes to start from; the rest is discovered",
+            parse=_nodes,
+        ),
     )
     redis_sentinels: tuple[tuple[str, int], ...] = attrs.field(
         default=(),
-        metadata=_env("REDIS_SENTINELS", "Sentinel mode: host:port,host:port,... of the "
-                      "sentinels; the master is discovered and followed through failovers",
-                      parse=_nodes),
+        metadata=_env(
+            "REDIS_SENTINELS",
+            "Sentinel mode: host:port,host:port,... of the "
+            "sentinels; the master is discovered and followed through failovers",
+            parse=_nodes,
+        ),
     )
     redis_sentinel_master: str | None = attrs.field(
         default=None,
@@ -465,39 +504,60 @@ class Config:
     redis_sentinel_password: str | None = attrs.field(
         default=None,
         validator=_utf8,
-        metadata=_env("REDIS_SENTINEL_PASSWORD", "password of the sentinels themselves",
-                      secret=True),
+        metadata=_env(
+            "REDIS_SENTINEL_PASSWORD", "password of the sentinels themselves", secret=True
+        ),
     )
     lease_ttl_ms: int = attrs.field(
         default=3000,
         validator=_int_in(500, 5000, " ms"),
-        metadata=_env("LEASE_TTL_MS", "leader lease length in ms (500-5000): a crashed leader "
-                      "is replaced within this time", parse=_integer),
+        metadata=_env(
+            "LEASE_TTL_MS",
+            "leader lease length in ms (500-5000): a crashed leader is replaced within this time",
+            parse=_integer,
+        ),
     )
     replica_id: str = attrs.field(
         factory=default_replica_id,
         validator=_replica_id,
-        metadata=_env("REPLICA_ID", "this replica's name in the lease, logs and requests",
-                      default="hostname-pid"),
+        metadata=_env(
+            "REPLICA_ID",
+            "this replica's name in the lease, logs and requests",
+            default="hostname-pid",
+        ),
     )
     reset_timeout_ms: int = attrs.field(
         default=5000,
         validator=_int_in(100, 14999, " ms"),
-        metadata=_env("RESET_TIMEOUT_MS", "timeout of one reset request in ms (100-14999)",
-                      parse=_integer, delivery=True),
+        metadata=_env(
+            "RESET_TIMEOUT_MS",
+            "timeout of one reset request in ms (100-14999)",
+            parse=_integer,
+            delivery=True,
+        ),
     )
     max_in_flight: int = attrs.field(
         default=32,
         validator=_int_in(1, 1000),
-        metadata=_env("MAX_IN_FLIGHT", "most reset requests sent at once (1-1000); at most "
-                      "half of them are retries of failing resets", parse=_integer,
-                      delivery=True),
+        metadata=_env(
+            "MAX_IN_FLIGHT",
+            "most reset requests sent at once (1-1000); at most "
+            "half of them are retries of failing resets",
+            parse=_integer,
+            delivery=True,
+        ),
     )
     reset_give_up_after: float | None = attrs.field(
         default=None,
-        metadata=_env("RESET_GIVE_UP_AFTER", "a duration such as 90s, 30m, 6h or 2d: a reset "
-                      "failing that long moves to the dead letters (`redeliver` sends it "
-                      "again)", parse=_duration, default="never", delivery=True),
+        metadata=_env(
+            "RESET_GIVE_UP_AFTER",
+            "a duration such as 90s, 30m, 6h or 2d: a reset "
+            "failing that long moves to the dead letters (`redeliver` sends it "
+            "again)",
+            parse=_duration,
+            default="never",
+            delivery=True,
+        ),
     )
     log_level: str = attrs.field(
         default="INFO",
@@ -507,27 +567,38 @@ class Config:
     log_format: str = attrs.field(
         default="text",
         validator=_one_of(_LOG_FORMATS),
-        metadata=_env("LOG_FORMAT", "text (readable lines) or json (one JSON object a line)",
-                      parse=_lower),
+        metadata=_env(
+            "LOG_FORMAT", "text (readable lines) or json (one JSON object a line)", parse=_lower
+        ),
     )
     reset_signing_secret: str | None = attrs.field(
         default=None,
         validator=_utf8,
-        metadata=_env("RESET_SIGNING_SECRET", "if set, sign each request: x-signature: "
-                      "t=<unix>,v1=<HMAC-SHA256 hex of '<t>.<body>'>", secret=True,
-                      delivery=True),
+        metadata=_env(
+            "RESET_SIGNING_SECRET",
+            "if set, sign each request: x-signature: t=<unix>,v1=<HMAC-SHA256 hex of '<t>.<body>'>",
+            secret=True,
+            delivery=True,
+        ),
     )
     allow_insecure_http: bool = attrs.field(
         default=False,
-        metadata=_env("ALLOW_INSECURE_HTTP", "1 to allow a plain http:// RESET_ENDPOINT_URL "
-                      "on a host that is not loopback (the secret then travels unencrypted)",
-                      parse=_boolean, delivery=True),
+        metadata=_env(
+            "ALLOW_INSECURE_HTTP",
+            "1 to allow a plain http:// RESET_ENDPOINT_URL "
+            "on a host that is not loopback (the secret then travels unencrypted)",
+            parse=_boolean,
+            delivery=True,
+        ),
     )
     health_port: int | None = attrs.field(
         default=None,
         validator=_int_in(0, 65535),
-        metadata=_env("HEALTH_PORT", "if set, serve /healthz, /readyz and /metrics on this "
-                      "port", parse=_integer),
+        metadata=_env(
+            "HEALTH_PORT",
+            "if set, serve /healthz, /readyz and /metrics on this port",
+            parse=_integer,
+        ),
     )
     health_host: str = attrs.field(
         default="0.0.0.0",  # noqa: S104 - probes reach the pod on its own address
@@ -537,8 +608,11 @@ class Config:
     redis_ca_file: str | None = attrs.field(
         default=None,
         validator=_ca_file,
-        metadata=_env("REDIS_CA_FILE", "CA bundle (PEM) to verify a rediss:// server with",
-                      default="system CAs"),
+        metadata=_env(
+            "REDIS_CA_FILE",
+            "CA bundle (PEM) to verify a rediss:// server with",
+            default="system CAs",
+        ),
     )
     # Where the settings came from, not what they are (so not part of equality): the
     # REDIS_* settings that were set but lost to REDIS_URL, for a warning at start.
@@ -551,16 +625,20 @@ class Config:
                 "is a Cluster or uses Sentinel, not both"
             )
         if self.redis_cluster_nodes and self.redis_db != 0:
-            raise ConfigError(f"REDIS_DB must be 0 with REDIS_CLUSTER_NODES (Redis Cluster "
-                              f"has only database 0), got {self.redis_db}")
+            raise ConfigError(
+                f"REDIS_DB must be 0 with REDIS_CLUSTER_NODES (Redis Cluster "
+                f"has only database 0), got {self.redis_db}"
+            )
         if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
             raise ConfigError(
                 "REDIS_SENTINELS and REDIS_SENTINEL_MASTER go together: set both for "
                 "Sentinel mode, or neither"
             )
         parts = urlsplit(self.reset_endpoint_url)
-        if parts.scheme == "http" and not self.allow_insecure_http and not _is_loopback(
-            parts.hostname or ""
+        if (
+            parts.scheme == "http"
+            and not self.allow_insecure_http
+            and not _is_loopback(parts.hostname or "")
         ):
             raise ConfigError(
                 f"RESET_ENDPOINT_URL uses plain http to {_shown(parts.hostname or '')}, which "
@@ -654,8 +732,9 @@ class Config:
                 kwargs[field.name] = setting.parse(setting, raw)
         if spread:  # REDIS_URL wins over the settings it holds too: name those that were set
             lost = spread.keys() & kwargs.keys()
-            kwargs["overridden"] = tuple(_setting(f).name for f in attrs.fields(cls)
-                                         if f.name in lost)
+            kwargs["overridden"] = tuple(
+                _setting(f).name for f in attrs.fields(cls) if f.name in lost
+            )
             kwargs.update(spread)
         return cls(**kwargs)
 

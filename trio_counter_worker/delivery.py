@@ -140,12 +140,20 @@ class ResetSender:
             with trio.fail_after(timeout):
                 response = await client.send(request, stream=True)
         except trio.TooSlowError:
-            attempt = Attempt("retry", None, f"no answer within RESET_TIMEOUT_MS="
-                              f"{round(timeout * 1000)} from {self._where} (it may still "
-                              "have applied the reset)")
+            attempt = Attempt(
+                "retry",
+                None,
+                f"no answer within RESET_TIMEOUT_MS="
+                f"{round(timeout * 1000)} from {self._where} (it may still "
+                "have applied the reset)",
+            )
         except httpx.TransportError as exc:  # refused, reset, DNS, protocol errors
-            attempt = Attempt("retry", None, f"{type(exc).__name__} talking to {self._where}"
-                              f"{': ' + str(exc) if str(exc) else ''}")
+            attempt = Attempt(
+                "retry",
+                None,
+                f"{type(exc).__name__} talking to {self._where}"
+                f"{': ' + str(exc) if str(exc) else ''}",
+            )
         else:
             attempt = self._judge(reset, response)
             try:

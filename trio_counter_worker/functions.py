@@ -76,8 +76,23 @@ REGISTRY_KEY = REGISTRY
 # What an app's Redis user calls: FCALL, and every command the functions call (Redis
 # checks ACLs inside functions too).
 APP_COMMANDS = (
-    "fcall", "fcall_ro", "get", "set", "del", "pttl", "pexpiretime", "time", "hget",
-    "hgetall", "hset", "hsetnx", "hdel", "zadd", "zscore", "zrem", "publish",
+    "fcall",
+    "fcall_ro",
+    "get",
+    "set",
+    "del",
+    "pttl",
+    "pexpiretime",
+    "time",
+    "hget",
+    "hgetall",
+    "hset",
+    "hsetnx",
+    "hdel",
+    "zadd",
+    "zscore",
+    "zrem",
+    "publish",
 )
 
 
@@ -91,8 +106,9 @@ def app_acl_rule(counter_key: str) -> str:
     activity on the keys of one deployment through the library."""
     ns = namespace_of(counter_key)
     commands = " ".join(f"+{c}" for c in APP_COMMANDS)
-    return (f"resetkeys ~{counter_key} ~{REGISTRY_KEY} ~{ns}:* resetchannels &{ns}:* "
-            f"-@all {commands}")
+    return (
+        f"resetkeys ~{counter_key} ~{REGISTRY_KEY} ~{ns}:* resetchannels &{ns}:* -@all {commands}"
+    )
 
 
 def _lua(text: str) -> str:
@@ -170,23 +186,31 @@ local function glob(pattern, str)
 end
 """
 
-_CONSTANTS = "\n".join(f"local {name} = {value}" for name, value in {
-    "VERSION": _lua(LIBRARY_VERSION),
-    "REGISTRY": _lua(REGISTRY_KEY),
-    "OWN_PREFIX": _lua(OWN_KEY_PREFIX),
-    "MAX_PAYLOAD": touch_spec.MAX_PAYLOAD_BYTES,
-    "MAX_TTL_DIGITS": touch_spec.MAX_TTL_DIGITS,
-    "SHOWN_TTL_BYTES": touch_spec.SHOWN_TTL_BYTES,
-    "USAGE_TOUCH": _lua(touch_spec.USAGE["tcw_touch"]),
-    "USAGE_DONE": _lua(touch_spec.USAGE["tcw_done"]),
-    "USAGE_ERROR": _lua(touch_spec.USAGE_ERROR),
-    "TTL_ERROR": _lua(touch_spec.TTL_ERROR),
-    "PAYLOAD_ERROR": _lua(touch_spec.PAYLOAD_ERROR),
-    "OWN_KEY_ERROR": _lua(touch_spec.OWN_KEY_ERROR),
-    "DEADLINES": _lua(DEADLINES), "PENDING": _lua(PENDING), "CLAIMED": _lua(CLAIMED),
-    "CLAIMS": _lua(CLAIMS), "LEASE": _lua(LEASE), "EPOCH": _lua(EPOCH),
-    "PAYLOADS": _lua(PAYLOADS), "TOUCHED": _lua(TOUCHED),
-}.items())
+_CONSTANTS = "\n".join(
+    f"local {name} = {value}"
+    for name, value in {
+        "VERSION": _lua(LIBRARY_VERSION),
+        "REGISTRY": _lua(REGISTRY_KEY),
+        "OWN_PREFIX": _lua(OWN_KEY_PREFIX),
+        "MAX_PAYLOAD": touch_spec.MAX_PAYLOAD_BYTES,
+        "MAX_TTL_DIGITS": touch_spec.MAX_TTL_DIGITS,
+        "SHOWN_TTL_BYTES": touch_spec.SHOWN_TTL_BYTES,
+        "USAGE_TOUCH": _lua(touch_spec.USAGE["tcw_touch"]),
+        "USAGE_DONE": _lua(touch_spec.USAGE["tcw_done"]),
+        "USAGE_ERROR": _lua(touch_spec.USAGE_ERROR),
+        "TTL_ERROR": _lua(touch_spec.TTL_ERROR),
+        "PAYLOAD_ERROR": _lua(touch_spec.PAYLOAD_ERROR),
+        "OWN_KEY_ERROR": _lua(touch_spec.OWN_KEY_ERROR),
+        "DEADLINES": _lua(DEADLINES),
+        "PENDING": _lua(PENDING),
+        "CLAIMED": _lua(CLAIMED),
+        "CLAIMS": _lua(CLAIMS),
+        "LEASE": _lua(LEASE),
+        "EPOCH": _lua(EPOCH),
+        "PAYLOADS": _lua(PAYLOADS),
+        "TOUCHED": _lua(TOUCHED),
+    }.items()
+)
 
 # The functions. `refuse` answers an error before anything is written. Each matching
 # deployment first gets the claim script's own decision for the key with no reported
@@ -281,8 +305,15 @@ redis.register_function{function_name = 'tcw_version', callback = function() ret
 """
 
 # What FUNCTION LOAD takes: the shebang must be the first line.
-LIBRARY = (f"#!lua name={LIBRARY_NAME}\n" + _CONSTANTS + "\n" + GLOB + scripts._PRELUDE
-           + scripts._CLAIMING + _FUNCTIONS)
+LIBRARY = (
+    f"#!lua name={LIBRARY_NAME}\n"
+    + _CONSTANTS
+    + "\n"
+    + GLOB
+    + scripts._PRELUDE
+    + scripts._CLAIMING
+    + _FUNCTIONS
+)
 
 
 @attrs.frozen
@@ -307,16 +338,19 @@ def install(client: Any, counter_key: str | None = None) -> str:
 
 def install_details(client: Any, counter_key: str | None = None) -> Installed:
     """:func:`install`, saying what it found and did."""
-    if counter_key is not None and (not counter_key
-                                    or may_match_prefix(counter_key, OWN_KEY_PREFIX)):
+    if counter_key is not None and (
+        not counter_key or may_match_prefix(counter_key, OWN_KEY_PREFIX)
+    ):
         raise ValueError(
             f"--counter-key {counter_key!r} could match the worker's own keys, which all "
-            f"start with {OWN_KEY_PREFIX!r}: give the COUNTER_KEY your workers run with")
+            f"start with {OWN_KEY_PREFIX!r}: give the COUNTER_KEY your workers run with"
+        )
     redis_version = _redis_version(client)
     if redis_version is not None and int(redis_version.split(".")[0]) < 7:
         raise FunctionsUnavailable(
             f"Redis {redis_version} has no Functions (7.0+): upgrade Redis, or keep marking "
-            "activity with SET <key> 1 EX <ttl>")
+            "activity with SET <key> 1 EX <ttl>"
+        )
     try:
         previous = client.fcall_ro("tcw_version", 0)
     except rexc.ResponseError:
@@ -327,8 +361,9 @@ def install_details(client: Any, counter_key: str | None = None) -> Installed:
         raise FunctionsUnavailable(_load_refused(exc, redis_version)) from None
     if counter_key is not None:
         client.hset(REGISTRY_KEY, namespace_of(counter_key), counter_key)
-    return Installed(LIBRARY_VERSION, previous, redis_version or "unknown",
-                     client.hgetall(REGISTRY_KEY))
+    return Installed(
+        LIBRARY_VERSION, previous, redis_version or "unknown", client.hgetall(REGISTRY_KEY)
+    )
 
 
 def ensure(client: Any, counter_key: str) -> str:
@@ -355,17 +390,22 @@ def _redis_version(client: Any) -> str | None:
 def _load_refused(exc: Exception, redis_version: str | None) -> str:
     text = str(exc)
     if "unknown command" in text.lower():
-        return (f"Redis {redis_version or '(version unknown)'} does not know FUNCTION "
-                "(Functions need Redis 7.0+): upgrade Redis, or keep marking activity with "
-                "SET <key> 1 EX <ttl>")
+        return (
+            f"Redis {redis_version or '(version unknown)'} does not know FUNCTION "
+            "(Functions need Redis 7.0+): upgrade Redis, or keep marking activity with "
+            "SET <key> 1 EX <ttl>"
+        )
     if "NOPERM" in text or "no permissions" in text:
-        return (f"Redis refused FUNCTION LOAD ({text}): run install-functions as a user "
-                f"with +function|load and ~{REGISTRY_KEY}, or as an admin")
+        return (
+            f"Redis refused FUNCTION LOAD ({text}): run install-functions as a user "
+            f"with +function|load and ~{REGISTRY_KEY}, or as an admin"
+        )
     return f"Redis refused the library ({text}): see the README, 'Touch'"
 
 
-def install_command(config: Config, counter_key: str | None,
-                    out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def install_command(
+    config: Config, counter_key: str | None, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> int:
     """``trio-counter-worker install-functions``: 0 done, 2 refused (one line on ``err``
     saying what to do), 1 Redis unreachable."""
     from .redis_bridge import make_client
@@ -375,8 +415,10 @@ def install_command(config: Config, counter_key: str | None,
         return code
 
     if config.redis_cluster_nodes:
-        return fail("the tcw library does not support Redis Cluster yet: mark activity "
-                    "with SET <key> 1 EX <ttl> there")
+        return fail(
+            "the tcw library does not support Redis Cluster yet: mark activity "
+            "with SET <key> 1 EX <ttl> there"
+        )
     client = make_client(config)
     try:
         done = install_details(client, counter_key)
@@ -387,22 +429,32 @@ def install_command(config: Config, counter_key: str | None,
         if isinstance(translated, RedisRefused) and translated.kind != "oom":
             return fail(str(translated))
         if isinstance(translated, RedisUnavailable):
-            return fail(f"{config.redis_location}: {translated} (check REDIS_HOST/REDIS_PORT "
-                        "or REDIS_URL)", 1)
+            return fail(
+                f"{config.redis_location}: {translated} (check REDIS_HOST/REDIS_PORT or REDIS_URL)",
+                1,
+            )
         raise
     finally:
         client.close()
     was = f"replaced version {done.previous}" if done.previous else "new"
-    out.write(f"loaded library {LIBRARY_NAME} version {done.version} ({was}) on "
-              f"{config.redis_location}, Redis {done.redis_version}\n")
+    out.write(
+        f"loaded library {LIBRARY_NAME} version {done.version} ({was}) on "
+        f"{config.redis_location}, Redis {done.redis_version}\n"
+    )
     if counter_key is not None:
-        out.write(f"registered COUNTER_KEY {shown_key(counter_key)!r} "
-                  f"({shown_key(namespace_of(counter_key))})\n")
-        out.write(f"app's Redis user, with ACLs: ACL SETUSER <app> on ><password> "
-                  f"{shown_key(app_acl_rule(counter_key))}\n")
+        out.write(
+            f"registered COUNTER_KEY {shown_key(counter_key)!r} "
+            f"({shown_key(namespace_of(counter_key))})\n"
+        )
+        out.write(
+            f"app's Redis user, with ACLs: ACL SETUSER <app> on ><password> "
+            f"{shown_key(app_acl_rule(counter_key))}\n"
+        )
     if not done.registry:
-        out.write(f"no deployment registered in {REGISTRY_KEY}: tcw_touch sets keys but "
-                  "records no deadline until one is (--counter-key PATTERN)\n")
+        out.write(
+            f"no deployment registered in {REGISTRY_KEY}: tcw_touch sets keys but "
+            "records no deadline until one is (--counter-key PATTERN)\n"
+        )
     for ns, pattern in sorted(done.registry.items()):
         out.write(f"deployment {shown_key(ns)}: COUNTER_KEY {shown_key(pattern)!r}\n")
     out.write("apps call: " + touch_spec.USAGE["tcw_touch"] + "\n")

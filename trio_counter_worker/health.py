@@ -57,19 +57,26 @@ def _listen_error(exc: OSError | UnicodeError, port: int, host: str) -> ConfigEr
     reason = " ".join(reason.split())
     code = exc.errno if isinstance(exc, OSError) else None
     if isinstance(exc, (socket.gaierror, UnicodeError)):
-        return ConfigError(f"HEALTH_HOST {host!r} does not resolve ({reason}): set it to an "
-                           "address of this machine, such as 0.0.0.0 (all) or 127.0.0.1")
+        return ConfigError(
+            f"HEALTH_HOST {host!r} does not resolve ({reason}): set it to an "
+            "address of this machine, such as 0.0.0.0 (all) or 127.0.0.1"
+        )
     if code == errno.EADDRINUSE:
-        return ConfigError(f"HEALTH_PORT {port} is already in use on {host} ({reason}): "
-                           "choose another port, or unset HEALTH_PORT")
+        return ConfigError(
+            f"HEALTH_PORT {port} is already in use on {host} ({reason}): "
+            "choose another port, or unset HEALTH_PORT"
+        )
     if code == errno.EACCES:
-        return ConfigError(f"HEALTH_PORT {port} cannot be bound here ({reason}): choose a "
-                           "port above 1023, or unset HEALTH_PORT")
+        return ConfigError(
+            f"HEALTH_PORT {port} cannot be bound here ({reason}): choose a "
+            "port above 1023, or unset HEALTH_PORT"
+        )
     if code == errno.EADDRNOTAVAIL:
-        return ConfigError(f"HEALTH_HOST {host!r} is not an address of this machine "
-                           f"({reason}): set it to one, such as 0.0.0.0 (all) or 127.0.0.1")
-    return ConfigError(f"HEALTH_HOST {host!r} / HEALTH_PORT {port}: cannot listen there "
-                       f"({reason})")
+        return ConfigError(
+            f"HEALTH_HOST {host!r} is not an address of this machine "
+            f"({reason}): set it to one, such as 0.0.0.0 (all) or 127.0.0.1"
+        )
+    return ConfigError(f"HEALTH_HOST {host!r} / HEALTH_PORT {port}: cannot listen there ({reason})")
 
 
 def respond(worker: Worker, method: str, target: str) -> tuple[int, bytes, str]:
@@ -96,8 +103,11 @@ async def _handle(worker: Worker, stream: trio.SocketStream) -> None:
             if request is None:
                 return
             status, body, ctype = respond(worker, request.method.decode(), request.target.decode())
-            headers = [("content-type", ctype), ("content-length", str(len(body))),
-                       ("connection", "close")]
+            headers = [
+                ("content-type", ctype),
+                ("content-length", str(len(body))),
+                ("connection", "close"),
+            ]
             await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
             if request.method != b"HEAD":
                 await stream.send_all(conn.send(h11.Data(data=body)))

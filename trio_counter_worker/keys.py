@@ -97,8 +97,18 @@ class Keys:
     @property
     def state_keys(self) -> list[str]:
         """Every key the deployment writes: what `chaos --redis-url` cleans up."""
-        return [self.lease, self.epoch, self.deadlines, self.pending, self.claimed,
-                self.failing, self.dead, self.seen, self.preflight, self.payloads]
+        return [
+            self.lease,
+            self.epoch,
+            self.deadlines,
+            self.pending,
+            self.claimed,
+            self.failing,
+            self.dead,
+            self.seen,
+            self.preflight,
+            self.payloads,
+        ]
 
     # -- channels ---------------------------------------------------------------------
 

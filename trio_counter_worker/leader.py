@@ -134,12 +134,17 @@ class LeaderDuties:
         reported = self._state.take_reported()
         try:
             for i in range(0, len(reported), _BATCH):
-                batch = reported[i:i + _BATCH]
-                await self._store.claim(self._holder, [k for k, _ in batch],
-                                        [after for _, after in batch])
+                batch = reported[i : i + _BATCH]
+                await self._store.claim(
+                    self._holder, [k for k, _ in batch], [after for _, after in batch]
+                )
         except Exception as exc:  # the release must go on, whatever this does
-            log.warning("handing over: %d key(s) reported expired could not be decided "
-                        "(%s); the next leader may not see them", len(reported), exc)
+            log.warning(
+                "handing over: %d key(s) reported expired could not be decided "
+                "(%s); the next leader may not see them",
+                len(reported),
+                exc,
+            )
             return
         if reported:
             log.info("handing over: decided %d key(s) reported expired", len(reported))
@@ -154,8 +159,9 @@ class LeaderDuties:
             log.error("leader: %s; resynchronising in %.1f s", exc, delay)
             await trio.sleep(delay)
             return
-        self._outage.failed("leader", exc, trio.current_time(),
-                            "it resynchronises as soon as Redis answers")
+        self._outage.failed(
+            "leader", exc, trio.current_time(), "it resynchronises as soon as Redis answers"
+        )
         with trio.move_on_after(delay):
             await self._store.wait_until_reachable()
 
@@ -174,8 +180,7 @@ class LeaderDuties:
         pattern = self._config.keys.keyspace(self._config.redis_db)
         async with trio.open_nursery() as nursery:
             # Subscribe first, then read state: nothing that changes in between is missed.
-            since = await nursery.start(_listen, self._store, [pattern],
-                                        self._state.channels, send)
+            since = await nursery.start(_listen, self._store, [pattern], self._state.channels, send)
             # Deadlines and events are served while the reconcile runs (2 s for 100k
             # counters): every script reads Redis's current state, so the order in which
             # they land does not matter; at worst a key is looked at once more.
@@ -237,14 +242,19 @@ class LeaderDuties:
                 log.warning(
                     "notify-keyspace-events had been changed (it lacked %r): set it back "
                     "to %r; rescanning for counters set while notifications were off",
-                    status.missing, status.flags,
+                    status.missing,
+                    status.flags,
                     extra={"event": "flags_restored", "flags": status.flags},
                 )
                 await self._reconcile()
             elif not status.ok:
                 missing = None if status.flags is None else status.missing
-                log.error("keyspace notifications were turned off and could not be set "
-                          "again: %s (Redis said: %s)", enable_hint(missing), status.error)
+                log.error(
+                    "keyspace notifications were turned off and could not be set "
+                    "again: %s (Redis said: %s)",
+                    enable_hint(missing),
+                    status.error,
+                )
                 nursery.start_soon(self._rescan)
                 return
 
@@ -317,8 +327,7 @@ class LeaderDuties:
         start = trio.current_time()
         try:
             if taken.claim:
-                outcomes = await self._store.claim(self._holder, taken.keys,
-                                                   taken.expired_after)
+                outcomes = await self._store.claim(self._holder, taken.keys, taken.expired_after)
             else:
                 outcomes = await self._store.track(self._holder, taken.keys)
         except WorkerError:
@@ -334,9 +343,13 @@ class LeaderDuties:
             key = taken.keys[0]
             self._state.set_aside(key, f"{type(exc).__name__}: {exc}")
             self._metrics.quarantined.inc()
-            log.error("counter key %r set aside: deciding it failed unexpectedly; the other "
-                      "counters go on", shown_key(key), exc_info=exc,
-                      extra={"event": "key_quarantined", "key": shown_key(key)})
+            log.error(
+                "counter key %r set aside: deciding it failed unexpectedly; the other "
+                "counters go on",
+                shown_key(key),
+                exc_info=exc,
+                extra={"event": "key_quarantined", "key": shown_key(key)},
+            )
             return
         self._poison_streak = 0
         try:
@@ -361,9 +374,12 @@ class LeaderDuties:
         if history is None:
             added = self._outbox.add(reset)
         else:
-            added = self._outbox.add(reset, attempts=history.attempts,
-                                     failing_since=history.failing_since,
-                                     last_error=history.last_error)
+            added = self._outbox.add(
+                reset,
+                attempts=history.attempts,
+                failing_since=history.failing_since,
+                last_error=history.last_error,
+            )
         if added:
             self._metrics.pending.set(len(self._outbox))
             self._work.unpark()
@@ -396,18 +412,32 @@ class LeaderDuties:
         self._outbox.remove(reset.reset_id)
         self._metrics.quarantined.inc()
         self._metrics.pending.set(len(self._outbox))
-        log.error("reset set aside: key=%r reset_id=%s: sending it failed unexpectedly; it "
-                  "stays pending in Redis for the next leader", shown_key(reset.key),
-                  reset.reset_id, exc_info=exc,
-                  extra={"event": "reset_quarantined", "reset_id": reset.reset_id})
+        log.error(
+            "reset set aside: key=%r reset_id=%s: sending it failed unexpectedly; it "
+            "stays pending in Redis for the next leader",
+            shown_key(reset.key),
+            reset.reset_id,
+            exc_info=exc,
+            extra={"event": "reset_quarantined", "reset_id": reset.reset_id},
+        )
 
     def _failed(self, entry: Entry, attempt: Attempt) -> None:
         reset = entry.reset
         delay = self._policy.delay(entry.attempts + 1, attempt.verdict, attempt.retry_after)
-        verdict = self._outbox.failed(reset.reset_id, now=trio.current_time(),
-                                      wall=time.time(), delay=delay, error=attempt.error)
-        note = FailingNote(reset.reset_id, entry.attempts, entry.failing_since or time.time(),
-                           attempt.error, shown_key(reset.key))
+        verdict = self._outbox.failed(
+            reset.reset_id,
+            now=trio.current_time(),
+            wall=time.time(),
+            delay=delay,
+            error=attempt.error,
+        )
+        note = FailingNote(
+            reset.reset_id,
+            entry.attempts,
+            entry.failing_since or time.time(),
+            attempt.error,
+            shown_key(reset.key),
+        )
         if verdict == "dead":
             self._outbox.remove(reset.reset_id)
             self._burials.append(note)
@@ -418,10 +448,17 @@ class LeaderDuties:
         self._notes_lot.unpark()
         self._metrics.failing.set(len(self._outbox.failing()))
         level = logging.WARNING if attempt.verdict == "retry" else logging.ERROR
-        log.log(level, "reset not delivered: key=%r reset_id=%s attempt=%d: %s; %s",
-                shown_key(reset.key), reset.reset_id, entry.attempts, attempt.error,
-                "giving up (RESET_GIVE_UP_AFTER): moving it to the dead letters"
-                if verdict == "dead" else f"retrying in {delay:.2f} s")
+        log.log(
+            level,
+            "reset not delivered: key=%r reset_id=%s attempt=%d: %s; %s",
+            shown_key(reset.key),
+            reset.reset_id,
+            entry.attempts,
+            attempt.error,
+            "giving up (RESET_GIVE_UP_AFTER): moving it to the dead letters"
+            if verdict == "dead"
+            else f"retrying in {delay:.2f} s",
+        )
 
     async def _run_retry_timer(self) -> NoReturn:
         """Wake couriers when failed resets come due: no courier waits on a retry."""
@@ -439,18 +476,25 @@ class LeaderDuties:
                 await self._notes_lot.park()
             notes, self._notes = list(self._notes.values()), {}
             burials, self._burials = self._burials, []
-            await self._with_retries("note failing resets",
-                                     partial(self._store.note_failing, self._holder, notes))
+            await self._with_retries(
+                "note failing resets", partial(self._store.note_failing, self._holder, notes)
+            )
             for note in burials:
-                await self._with_retries("give up on a reset", partial(self._store.bury,
-                                                                       self._holder, note))
+                await self._with_retries(
+                    "give up on a reset", partial(self._store.bury, self._holder, note)
+                )
                 self._metrics.dead.inc()
-                log.error("reset given up on after failing since %s: key=%r reset_id=%s "
-                          "attempts=%d last error: %s; `trio-counter-worker redeliver` "
-                          "sends it again",
-                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(note.failing_since)),
-                          note.key, note.reset_id, note.attempts, note.last_error,
-                          extra={"event": "reset_dead", "reset_id": note.reset_id})
+                log.error(
+                    "reset given up on after failing since %s: key=%r reset_id=%s "
+                    "attempts=%d last error: %s; `trio-counter-worker redeliver` "
+                    "sends it again",
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(note.failing_since)),
+                    note.key,
+                    note.reset_id,
+                    note.attempts,
+                    note.last_error,
+                    extra={"event": "reset_dead", "reset_id": note.reset_id},
+                )
             self._metrics.pending.set(len(self._outbox))
             await trio.sleep(_NOTE_EVERY)
 
@@ -473,8 +517,10 @@ class LeaderDuties:
                 await self._delivered_lot.park()
             batch, self._delivered = self._delivered[:_BATCH], self._delivered[_BATCH:]
             ids = [entry.reset.reset_id for entry, _ in batch]
-            await self._with_retries(f"mark {len(batch)} reset(s) sent",
-                                     partial(self._store.mark_sent, self._holder, *ids))
+            await self._with_retries(
+                f"mark {len(batch)} reset(s) sent",
+                partial(self._store.mark_sent, self._holder, *ids),
+            )
             for entry, done in batch:
                 reset = entry.reset
                 self._outbox.remove(reset.reset_id)
@@ -482,12 +528,20 @@ class LeaderDuties:
                 log.info(
                     "reset sent: key=%r reset_id=%s fencing_token=%d status=%d attempts=%d "
                     "latency_ms=%.1f",
-                    shown_key(reset.key), reset.reset_id, self._lease.epoch, done.status,
-                    attempts, done.latency * 1000,
-                    extra={"event": "reset_sent", "key": shown_key(reset.key),
-                           "reset_id": reset.reset_id, "fencing_token": self._lease.epoch,
-                           "attempts": attempts,
-                           "latency_ms": round(done.latency * 1000, 1)},
+                    shown_key(reset.key),
+                    reset.reset_id,
+                    self._lease.epoch,
+                    done.status,
+                    attempts,
+                    done.latency * 1000,
+                    extra={
+                        "event": "reset_sent",
+                        "key": shown_key(reset.key),
+                        "reset_id": reset.reset_id,
+                        "fencing_token": self._lease.epoch,
+                        "attempts": attempts,
+                        "latency_ms": round(done.latency * 1000, 1),
+                    },
                 )
                 self._on_reset(reset, attempts)
             self._metrics.pending.set(len(self._outbox))
@@ -497,8 +551,10 @@ class LeaderDuties:
 def _halves(taken: Taken) -> list[Taken]:
     half = len(taken.keys) // 2
     after = taken.expired_after
-    return [Taken(taken.claim, taken.keys[:half], after and after[:half]),
-            Taken(taken.claim, taken.keys[half:], after and after[half:])]
+    return [
+        Taken(taken.claim, taken.keys[:half], after and after[:half]),
+        Taken(taken.claim, taken.keys[half:], after and after[half:]),
+    ]
 
 
 async def _listen(
@@ -509,5 +565,4 @@ async def _listen(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await store.listen(patterns=patterns, channels=channels, send=send,
-                       task_status=task_status)
+    await store.listen(patterns=patterns, channels=channels, send=send, task_status=task_status)

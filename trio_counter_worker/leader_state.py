@@ -99,8 +99,7 @@ class LeaderState:
 
     def counters(self, keys: Iterable[str]) -> list[str]:
         """Counter keys only: never a key of any worker deployment, nor one set aside."""
-        return [k for k in dict.fromkeys(keys)
-                if not is_own_key(k) and k not in self.quarantine]
+        return [k for k in dict.fromkeys(keys) if not is_own_key(k) and k not in self.quarantine]
 
     def want(self, keys: Iterable[str], op: Op) -> None:
         for key in self.counters(keys):
@@ -206,4 +205,3 @@ def _remember(claims: dict[str, int], key: str, claimed_ms: int) -> None:
         if claims[oldest] > horizon:
             break
         del claims[oldest]
-

@@ -17,52 +17,84 @@ class Metrics:
         r = self.registry
         self.leader = Gauge("tcw_leader", "1 while this replica leads, else 0", registry=r)
         self.fencing_token = Gauge(
-            "tcw_fencing_token", "fencing token (epoch) of this replica's lease, or the "
-            "highest seen", registry=r)
+            "tcw_fencing_token",
+            "fencing token (epoch) of this replica's lease, or the highest seen",
+            registry=r,
+        )
         self.leader_changes = Counter(
-            "tcw_leader_changes", "times this replica became leader", registry=r)
+            "tcw_leader_changes", "times this replica became leader", registry=r
+        )
         self.resets = Counter(
-            "tcw_reset_attempts", "reset requests by outcome: delivered (2xx), retried "
-            "(5xx/408/429/network), rejected (other 4xx), redirect (3xx)", ["outcome"],
-            registry=r)
+            "tcw_reset_attempts",
+            "reset requests by outcome: delivered (2xx), retried "
+            "(5xx/408/429/network), rejected (other 4xx), redirect (3xx)",
+            ["outcome"],
+            registry=r,
+        )
         self.reset_latency = Histogram(
-            "tcw_reset_latency_seconds", "key TTL deadline to the backend's 2xx",
-            buckets=_LATENCY_BUCKETS, registry=r)
+            "tcw_reset_latency_seconds",
+            "key TTL deadline to the backend's 2xx",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.pending = Gauge(
-            "tcw_pending_resets", "resets claimed and not yet confirmed by this leader",
-            registry=r)
+            "tcw_pending_resets", "resets claimed and not yet confirmed by this leader", registry=r
+        )
         self.watched = Gauge(
-            "tcw_watched_counters", "counter keys with a deadline scheduled by this leader",
-            registry=r)
+            "tcw_watched_counters",
+            "counter keys with a deadline scheduled by this leader",
+            registry=r,
+        )
         self.redis_errors = Counter(
-            "tcw_redis_errors", "Redis calls that failed (unreachable, timeout, refused)",
-            registry=r)
+            "tcw_redis_errors",
+            "Redis calls that failed (unreachable, timeout, refused)",
+            registry=r,
+        )
         self.decision_backlog = Gauge(
-            "tcw_decision_backlog", "counter keys waiting for the leader to look at them "
-            "in Redis (merged per key)", registry=r)
+            "tcw_decision_backlog",
+            "counter keys waiting for the leader to look at them in Redis (merged per key)",
+            registry=r,
+        )
         self.failing = Gauge(
-            "tcw_failing_resets", "resets the backend has not accepted yet after at least "
-            "one attempt (this leader's view)", registry=r)
+            "tcw_failing_resets",
+            "resets the backend has not accepted yet after at least "
+            "one attempt (this leader's view)",
+            registry=r,
+        )
         self.dead = Counter(
-            "tcw_dead_resets", "resets given up on after RESET_GIVE_UP_AFTER (moved to the "
-            "dead letters)", registry=r)
+            "tcw_dead_resets",
+            "resets given up on after RESET_GIVE_UP_AFTER (moved to the dead letters)",
+            registry=r,
+        )
         self.quarantined = Counter(
-            "tcw_quarantined", "counter keys or resets set aside after an unexpected error",
-            registry=r)
+            "tcw_quarantined",
+            "counter keys or resets set aside after an unexpected error",
+            registry=r,
+        )
         self.flags_restored = Counter(
-            "tcw_flags_restored", "times the leader found notify-keyspace-events changed "
-            "and set it back", registry=r)
+            "tcw_flags_restored",
+            "times the leader found notify-keyspace-events changed and set it back",
+            registry=r,
+        )
         self.leader_crashes = Counter(
-            "tcw_leader_crashes", "times leader work failed unexpectedly (the replica "
-            "released the lease and campaigned again)", registry=r)
+            "tcw_leader_crashes",
+            "times leader work failed unexpectedly (the replica "
+            "released the lease and campaigned again)",
+            registry=r,
+        )
         self.renewal = Histogram(
-            "tcw_lease_renewal_seconds", "round trip of a successful lease renewal",
+            "tcw_lease_renewal_seconds",
+            "round trip of a successful lease renewal",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            registry=r)
+            registry=r,
+        )
         self.activity = Counter(
-            "tcw_activity_events", "counter activity the leader heard of, by source: "
-            "touch (tcw_touch / tcw_done) or notification (keyspace events)", ["source"],
-            registry=r)
+            "tcw_activity_events",
+            "counter activity the leader heard of, by source: "
+            "touch (tcw_touch / tcw_done) or notification (keyspace events)",
+            ["source"],
+            registry=r,
+        )
         for outcome in ("delivered", "retried", "rejected", "redirect"):
             self.resets.labels(outcome)
         for source in ("touch", "notification"):

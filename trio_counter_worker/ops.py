@@ -73,11 +73,23 @@ async def _redis_checks(config: Config) -> list[Check]:
     try:
         probe = await redis_reads.probe(bridge)
     except RedisRefused as exc:
-        return [Check("redis", "fail", f"{config.redis_location}: {exc}",
-                      _REFUSED_HINTS.get(exc.kind, "see the message"))]
+        return [
+            Check(
+                "redis",
+                "fail",
+                f"{config.redis_location}: {exc}",
+                _REFUSED_HINTS.get(exc.kind, "see the message"),
+            )
+        ]
     except RedisUnavailable as exc:
-        return [Check("redis", "fail", f"{config.redis_location}: {exc}",
-                      "check REDIS_HOST/REDIS_PORT or REDIS_URL, and that Redis is running")]
+        return [
+            Check(
+                "redis",
+                "fail",
+                f"{config.redis_location}: {exc}",
+                "check REDIS_HOST/REDIS_PORT or REDIS_URL, and that Redis is running",
+            )
+        ]
     finally:
         await bridge.aclose()
     out = [Check("redis", "ok", f"{config.redis_location} answers (Redis {probe['version']})")]
@@ -86,24 +98,43 @@ async def _redis_checks(config: Config) -> list[Check]:
     if (warning := eviction_warning(policy)) is not None:
         out.append(Check("eviction", "warn", f"maxmemory-policy={policy}", warning))
     elif policy is not None:
-        out.append(Check("eviction", "ok", f"maxmemory-policy={policy}: the worker's keys "
-                         "are not evicted"))
+        out.append(
+            Check("eviction", "ok", f"maxmemory-policy={policy}: the worker's keys are not evicted")
+        )
     flags = probe["flags"]
     if flags is None:
-        out.append(Check("notifications", "warn",
-                         "cannot read notify-keyspace-events (CONFIG refused)",
-                         enable_hint(None)))
+        out.append(
+            Check(
+                "notifications",
+                "warn",
+                "cannot read notify-keyspace-events (CONFIG refused)",
+                enable_hint(None),
+            )
+        )
     elif not (missing := missing_flags(flags)):
-        out.append(Check("notifications", "ok",
-                         f"notify-keyspace-events={flags!r} includes {NEEDED_FLAGS!r}"))
+        out.append(
+            Check(
+                "notifications", "ok", f"notify-keyspace-events={flags!r} includes {NEEDED_FLAGS!r}"
+            )
+        )
     elif probe["can_set"]:
-        out.append(Check("notifications", "ok",
-                         f"notify-keyspace-events={flags!r} lacks {missing!r}; the leader "
-                         "will add it (CONFIG SET allowed)"))
+        out.append(
+            Check(
+                "notifications",
+                "ok",
+                f"notify-keyspace-events={flags!r} lacks {missing!r}; the leader "
+                "will add it (CONFIG SET allowed)",
+            )
+        )
     else:
-        out.append(Check("notifications", "fail",
-                         f"notify-keyspace-events={flags!r} lacks {missing!r} and CONFIG SET "
-                         "is refused", enable_hint(missing)))
+        out.append(
+            Check(
+                "notifications",
+                "fail",
+                f"notify-keyspace-events={flags!r} lacks {missing!r} and CONFIG SET is refused",
+                enable_hint(missing),
+            )
+        )
     return out
 
 
@@ -116,17 +147,28 @@ async def _endpoint_checks(config: Config) -> list[Check]:
         with trio.fail_after(config.reset_timeout):
             infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
     except (OSError, trio.TooSlowError) as exc:
-        return [Check("endpoint dns", "fail", f"cannot resolve {host}: {exc}",
-                      "check the host name in RESET_ENDPOINT_URL")]
+        return [
+            Check(
+                "endpoint dns",
+                "fail",
+                f"cannot resolve {host}: {exc}",
+                "check the host name in RESET_ENDPOINT_URL",
+            )
+        ]
     addresses = sorted({str(info[4][0]) for info in infos})
     out.append(Check("endpoint dns", "ok", f"{host} -> {', '.join(addresses)}"))
     try:
         with trio.fail_after(config.reset_timeout):
             stream = await trio.open_tcp_stream(host, port)
     except (OSError, trio.TooSlowError) as exc:
-        out.append(Check("endpoint tcp", "fail", f"cannot connect to {host}:{port}: "
-                         f"{exc or 'timed out'}", "is the backend running and reachable "
-                         "from here? (RESET_ENDPOINT_URL)"))
+        out.append(
+            Check(
+                "endpoint tcp",
+                "fail",
+                f"cannot connect to {host}:{port}: {exc or 'timed out'}",
+                "is the backend running and reachable from here? (RESET_ENDPOINT_URL)",
+            )
+        )
         return out
     out.append(Check("endpoint tcp", "ok", f"connected to {host}:{port}"))
     try:
@@ -138,10 +180,15 @@ async def _endpoint_checks(config: Config) -> list[Check]:
                 out.append(Check("endpoint tls", "ok", f"certificate valid for {host}"))
             except (trio.BrokenResourceError, ssl.SSLError, trio.TooSlowError) as exc:
                 cause = exc.__cause__ or exc
-                out.append(Check("endpoint tls", "fail",
-                                 f"TLS handshake failed: {type(cause).__name__}: {cause}",
-                                 "the certificate must be valid for the host in "
-                                 "RESET_ENDPOINT_URL and trusted by this machine"))
+                out.append(
+                    Check(
+                        "endpoint tls",
+                        "fail",
+                        f"TLS handshake failed: {type(cause).__name__}: {cause}",
+                        "the certificate must be valid for the host in "
+                        "RESET_ENDPOINT_URL and trusted by this machine",
+                    )
+                )
     finally:
         await stream.aclose()
     return out
@@ -153,8 +200,7 @@ async def _permission_check(config: Config) -> Check:
         await bridge.preflight()
     except RedisRefused as exc:
         rule = acl_rule(config.counter_key, config.namespace, config.redis_db)
-        return Check("permissions", "fail", str(exc),
-                     f"ACL SETUSER <user> on ><password> {rule}")
+        return Check("permissions", "fail", str(exc), f"ACL SETUSER <user> on ><password> {rule}")
     except RedisUnavailable as exc:
         return Check("permissions", "fail", f"could not check: {exc}")
     finally:
@@ -169,50 +215,92 @@ async def _request_checks(config: Config, dry_run_request: bool) -> list[Check]:
     """Ask the endpoint things that cannot reset anything: OPTIONS tells a wrong path
     (404) from a right one; the dry run, where supported, checks RESET_SECRET."""
     url = config.reset_endpoint_url
-    async with httpx.AsyncClient(timeout=config.reset_timeout, follow_redirects=False,
-                                 verify=ssl.create_default_context(cafile=certifi.where())
-                                 ) as client:
+    async with httpx.AsyncClient(
+        timeout=config.reset_timeout,
+        follow_redirects=False,
+        verify=ssl.create_default_context(cafile=certifi.where()),
+    ) as client:
         try:
             answer = await client.options(url)
         except httpx.HTTPError as exc:
-            return [Check("endpoint path", "fail", f"OPTIONS failed: {type(exc).__name__}: "
-                          f"{exc}", "is the backend an HTTP server? (RESET_ENDPOINT_URL)")]
+            return [
+                Check(
+                    "endpoint path",
+                    "fail",
+                    f"OPTIONS failed: {type(exc).__name__}: {exc}",
+                    "is the backend an HTTP server? (RESET_ENDPOINT_URL)",
+                )
+            ]
         if answer.status_code == 404:
-            return [Check("endpoint path", "fail", "the backend answers 404 Not Found for "
-                          "this path", "check the path in RESET_ENDPOINT_URL")]
+            return [
+                Check(
+                    "endpoint path",
+                    "fail",
+                    "the backend answers 404 Not Found for this path",
+                    "check the path in RESET_ENDPOINT_URL",
+                )
+            ]
         if 300 <= answer.status_code < 400:
-            return [Check("endpoint path", "fail", f"the backend redirects (HTTP "
-                          f"{answer.status_code}); redirects are never followed",
-                          "set RESET_ENDPOINT_URL to the final URL")]
+            return [
+                Check(
+                    "endpoint path",
+                    "fail",
+                    f"the backend redirects (HTTP "
+                    f"{answer.status_code}); redirects are never followed",
+                    "set RESET_ENDPOINT_URL to the final URL",
+                )
+            ]
         out = [Check("endpoint path", "ok", f"OPTIONS answered HTTP {answer.status_code}")]
         advertised = answer.headers.get(DRY_RUN_HEADER, "").lower() == "supported"
         if not (advertised or dry_run_request):
-            out.append(Check("endpoint secret", "warn", "not verified: the backend does not "
-                             f"advertise the dry run ({DRY_RUN_HEADER}: supported on "
-                             "OPTIONS)", "see the README's 'Dry run' to support it, or pass "
-                             "--dry-run-request if your backend does"))
+            out.append(
+                Check(
+                    "endpoint secret",
+                    "warn",
+                    "not verified: the backend does not "
+                    f"advertise the dry run ({DRY_RUN_HEADER}: supported on "
+                    "OPTIONS)",
+                    "see the README's 'Dry run' to support it, or pass "
+                    "--dry-run-request if your backend does",
+                )
+            )
             return out
         probe = PendingReset("dry-run", "dry-run", int(time.time() * 1000), 0)
-        headers, body = build_request(probe, secret=config.reset_secret,
-                                      replica_id=config.replica_id, fencing_token=0,
-                                      signing_secret=config.reset_signing_secret)
+        headers, body = build_request(
+            probe,
+            secret=config.reset_secret,
+            replica_id=config.replica_id,
+            fencing_token=0,
+            signing_secret=config.reset_signing_secret,
+        )
         headers[DRY_RUN_HEADER] = "1"
         try:
             dry = await client.post(url, content=body, headers=headers)
         except httpx.HTTPError as exc:
-            out.append(Check("endpoint secret", "fail", f"dry run failed: "
-                             f"{type(exc).__name__}: {exc}"))
+            out.append(
+                Check("endpoint secret", "fail", f"dry run failed: {type(exc).__name__}: {exc}")
+            )
             return out
         if 200 <= dry.status_code < 300:
-            out.append(Check("endpoint secret", "ok", "dry run accepted: RESET_SECRET is "
-                             "right"))
+            out.append(Check("endpoint secret", "ok", "dry run accepted: RESET_SECRET is right"))
         elif dry.status_code in (401, 403):
-            out.append(Check("endpoint secret", "fail", f"dry run refused with HTTP "
-                             f"{dry.status_code}", "check RESET_SECRET (and "
-                             "RESET_SIGNING_SECRET): the backend rejected it"))
+            out.append(
+                Check(
+                    "endpoint secret",
+                    "fail",
+                    f"dry run refused with HTTP {dry.status_code}",
+                    "check RESET_SECRET (and RESET_SIGNING_SECRET): the backend rejected it",
+                )
+            )
         else:
-            out.append(Check("endpoint secret", "fail", f"dry run answered HTTP "
-                             f"{dry.status_code}", "see the backend's logs"))
+            out.append(
+                Check(
+                    "endpoint secret",
+                    "fail",
+                    f"dry run answered HTTP {dry.status_code}",
+                    "see the backend's logs",
+                )
+            )
         return out
 
 
@@ -252,30 +340,47 @@ def print_status(status: dict[str, Any], as_json: bool, out: TextIO) -> None:
     nxt = status["next_deadline"]
     lines = [
         ("leader", status["leader"] or "none"),
-        ("fencing token", status["fencing_token"] if status["fencing_token"] is not None
-         else f"none (last {status['last_fencing_token']})"),
-        ("lease left", f"{status['lease_ms_left']} ms" if status["lease_ms_left"] is not None
-         else "-"),
+        (
+            "fencing token",
+            status["fencing_token"]
+            if status["fencing_token"] is not None
+            else f"none (last {status['last_fencing_token']})",
+        ),
+        (
+            "lease left",
+            f"{status['lease_ms_left']} ms" if status["lease_ms_left"] is not None else "-",
+        ),
         ("pending resets", status["pending_resets"]),
         ("watched counters", status["watched_counters"]),
         ("next deadline", f"{nxt['key']} in {nxt['in_ms'] / 1000:.1f} s" if nxt else "-"),
-        ("notifications", repr(status["notify_keyspace_events"]) if
-         status["notify_keyspace_events"] is not None else "unknown (CONFIG refused)"),
+        (
+            "notifications",
+            repr(status["notify_keyspace_events"])
+            if status["notify_keyspace_events"] is not None
+            else "unknown (CONFIG refused)",
+        ),
     ]
     touch = status["touch"]
-    lines.append(("touch functions",
-                  "not loaded (plain SETs only)" if touch["library"] is None else
-                  f"tcw version {touch['library']}, this deployment "
-                  f"{'registered' if touch['registered'] else 'NOT registered'}, "
-                  f"{touch['payloads']} payload(s) held"))
+    lines.append(
+        (
+            "touch functions",
+            "not loaded (plain SETs only)"
+            if touch["library"] is None
+            else f"tcw version {touch['library']}, this deployment "
+            f"{'registered' if touch['registered'] else 'NOT registered'}, "
+            f"{touch['payloads']} payload(s) held",
+        )
+    )
     failing, dead = status["failing_resets"], status["dead_resets"]
     lines += [("failing resets", failing["count"]), ("dead resets", dead["count"])]
     for name, value in lines:
         out.write(f"{name + ':':<18} {value}\n")
     for title, rows in (("failing", failing), ("dead", dead)):
         for row in rows["oldest"]:
-            out.write(f"  {title}: {row.get('key', '?')} reset_id={row['reset_id']} "
-                      f"attempts={row.get('attempts', '?')}: {row['last_error']}\n")
+            out.write(
+                f"  {title}: {row.get('key', '?')} reset_id={row['reset_id']} "
+                f"attempts={row.get('attempts', '?')}: {row['last_error']}\n"
+            )
         if rows["count"] > len(rows["oldest"]):
             out.write(f"  ... and {rows['count'] - len(rows['oldest'])} more {title}\n")
     if dead["count"]:

@@ -37,21 +37,34 @@ class OutageLog:
             self._since = self._last_line = now
             # A refusal (out of memory, a permission, credentials) needs someone to act.
             level = logging.ERROR if isinstance(exc, RedisRefused) else logging.WARNING
-            self._log.log(level, "Redis unavailable (%s: %s)%s; retrying with backoff", what,
-                          text, f" ({hint})" if hint else "",
-                          extra={"event": "redis_down"})
+            self._log.log(
+                level,
+                "Redis unavailable (%s: %s)%s; retrying with backoff",
+                what,
+                text,
+                f" ({hint})" if hint else "",
+                extra={"event": "redis_down"},
+            )
         elif now - self._last_line >= self._every:
             self._last_line = now
-            self._log.warning("Redis still unavailable after %.0f s (%d failed calls; "
-                              "last: %s)", now - self._since, self._failures, text,
-                              extra={"event": "redis_down"})
+            self._log.warning(
+                "Redis still unavailable after %.0f s (%d failed calls; last: %s)",
+                now - self._since,
+                self._failures,
+                text,
+                extra={"event": "redis_down"},
+            )
 
     def recovered(self, now: float) -> None:
         """A call succeeded."""
         if self._since is None:
             return
-        self._log.info("Redis answers again after %.1f s (%d failed calls)",
-                       now - self._since, self._failures, extra={"event": "redis_up"})
+        self._log.info(
+            "Redis answers again after %.1f s (%d failed calls)",
+            now - self._since,
+            self._failures,
+            extra={"event": "redis_up"},
+        )
         self._since = None
         self._failures = 0
 

@@ -115,8 +115,19 @@ class RedisBridge:
         self._master = _MasterWatch(self._client)
         self._scripts = {
             name: self._client.register_script(getattr(scripts, name))
-            for name in ("ACQUIRE", "RENEW", "RELEASE", "TRACK", "CLAIM", "MARK_SENT", "TRACKED",
-                         "NOTE_FAILING", "BURY", "REDELIVER", "PREFLIGHT")
+            for name in (
+                "ACQUIRE",
+                "RENEW",
+                "RELEASE",
+                "TRACK",
+                "CLAIM",
+                "MARK_SENT",
+                "TRACKED",
+                "NOTE_FAILING",
+                "BURY",
+                "REDELIVER",
+                "PREFLIGHT",
+            )
         }
 
     @property
@@ -185,14 +196,21 @@ class RedisBridge:
         check("+script|load", self._load_scripts_sync)
         if not missing:
             refused: list[str] = []
-            check(f"+evalsha and ~{self._config.namespace}:* (the worker's own keys)",
-                  lambda: refused.extend(self._scripts["PREFLIGHT"](
-                      [self.keys.preflight], [self.keys.released])))
+            check(
+                f"+evalsha and ~{self._config.namespace}:* (the worker's own keys)",
+                lambda: refused.extend(
+                    self._scripts["PREFLIGHT"]([self.keys.preflight], [self.keys.released])
+                ),
+            )
             missing += [f"+{name}" for name in refused]
-        check(f"+hgetall on ~{self._config.namespace}:*",
-              lambda: self._client.hgetall(self.keys.pending))
-        check(f"~{self._config.counter_key} (the counter keys) with +pttl",
-              lambda: self._client.pttl(sample_key(self._config.counter_key)))
+        check(
+            f"+hgetall on ~{self._config.namespace}:*",
+            lambda: self._client.hgetall(self.keys.pending),
+        )
+        check(
+            f"~{self._config.counter_key} (the counter keys) with +pttl",
+            lambda: self._client.pttl(sample_key(self._config.counter_key)),
+        )
         check("+scan", lambda: self._client.scan(0, self._config.counter_key, 10))
         missing += self._subscribe_check()
         if missing:
@@ -208,9 +226,10 @@ class RedisBridge:
     def _subscribe_check(self) -> list[str]:
         """Subscribe to what the leader and standbys listen to, and unsubscribe."""
         pattern = self.keys.keyspace(self._config.redis_db)
-        wanted = [("psubscribe", pattern, f"+psubscribe and &{pattern}"),
-                  ("subscribe", self.keys.released,
-                   f"+subscribe and &{self._config.namespace}:*")]
+        wanted = [
+            ("psubscribe", pattern, f"+psubscribe and &{pattern}"),
+            ("subscribe", self.keys.released, f"+subscribe and &{self._config.namespace}:*"),
+        ]
         missing: list[str] = []
         for kind, name, rule in wanted:
             pubsub = self._pubsub_client().pubsub()
@@ -269,10 +288,15 @@ class RedisBridge:
     ) -> list[KeyOutcome]:
         raw = await self._script(
             "CLAIM",
-            [self.keys.lease, self.keys.deadlines, self.keys.pending, self.keys.claimed,
-             self.keys.payloads, *keys],
-            [holder, self._config.namespace, self.keys.claims,
-             *reported_args(keys, expired_after)],
+            [
+                self.keys.lease,
+                self.keys.deadlines,
+                self.keys.pending,
+                self.keys.claimed,
+                self.keys.payloads,
+                *keys,
+            ],
+            [holder, self._config.namespace, self.keys.claims, *reported_args(keys, expired_after)],
         )
         return outcomes(raw, keys)
 
@@ -280,7 +304,8 @@ class RedisBridge:
         if not reset_ids:
             return
         r = await self._script(
-            "MARK_SENT", [self.keys.lease, self.keys.pending, self.keys.failing],
+            "MARK_SENT",
+            [self.keys.lease, self.keys.pending, self.keys.failing],
             [holder, *reset_ids],
         )
         if int(r) < 0:
@@ -304,7 +329,8 @@ class RedisBridge:
 
     async def bury(self, holder: str, note: FailingNote) -> bool:
         r = await self._script(
-            "BURY", [self.keys.lease, self.keys.pending, self.keys.failing, self.keys.dead],
+            "BURY",
+            [self.keys.lease, self.keys.pending, self.keys.failing, self.keys.dead],
             [holder, note.reset_id, note_json(note)],
         )
         if int(r) < 0:
@@ -410,7 +436,6 @@ class RedisBridge:
         )
 
 
-
 def make_bridge(config: Config) -> RedisBridge:
     """The bridge for the configured topology: one Redis, Sentinel, or Cluster."""
     if config.redis_cluster_nodes:
@@ -494,8 +519,9 @@ def ensure_on(client: Any) -> NotificationStatus:
         return NotificationStatus(ok=False, flags=current, missing=missing, error=str(exc))
     now = flags_of(client)
     # missing: what is still missing, else what was (for the log line saying so)
-    return NotificationStatus(ok=not missing_flags(now), flags=now, changed=True,
-                              missing=missing_flags(now) or missing)
+    return NotificationStatus(
+        ok=not missing_flags(now), flags=now, changed=True, missing=missing_flags(now) or missing
+    )
 
 
 def client_kwargs(config: Config) -> dict[str, Any]:
@@ -550,5 +576,3 @@ def make_client(config: Config) -> Any:
         )
         return master
     return redis.Redis(host=config.redis_host, port=config.redis_port, **common)
-
-

@@ -138,11 +138,16 @@ class ClusterBridge(RedisBridge):
             return []
         facts = await self._run(self._key_facts_sync, keys)
         reported = reported_args(keys, expired_after)
-        args = [v for i in range(len(keys)) for v in (*facts[4 * i:4 * i + 4], reported[i])]
+        args = [v for i in range(len(keys)) for v in (*facts[4 * i : 4 * i + 4], reported[i])]
         raw = await self._script(
             "APPLY_CLAIM",
-            [self.keys.lease, self.keys.deadlines, self.keys.pending, self.keys.seen,
-             self.keys.claimed],
+            [
+                self.keys.lease,
+                self.keys.deadlines,
+                self.keys.pending,
+                self.keys.seen,
+                self.keys.claimed,
+            ],
             [holder, self._config.namespace, *args],
         )
         return outcomes(raw, keys)
@@ -194,19 +199,29 @@ class ClusterBridge(RedisBridge):
     def _verify_notifications_sync(self) -> NotificationStatus:
         nodes = self._client.get_nodes()  # replicas too: they may be promoted
         statuses = [ensure_on(self._client.get_redis_connection(node)) for node in nodes]
-        known, self._flagged = self._flagged, {
-            node.name for node, s in zip(nodes, statuses, strict=True) if s.ok}
+        known, self._flagged = (
+            self._flagged,
+            {node.name for node, s in zip(nodes, statuses, strict=True) if s.ok},
+        )
         # CLUSTER SLOTS lists a replica only once the cluster knows it is in sync, so
         # one may first show up seconds after start: setting its flags then restores
         # nothing (replicas publish nothing the leader listens to). A change counts on a
         # node already verified, or on a primary.
-        changed = [s for node, s in zip(nodes, statuses, strict=True) if s.changed
-                   and (node.name in known or node.server_type == "primary")]
+        changed = [
+            s
+            for node, s in zip(nodes, statuses, strict=True)
+            if s.changed and (node.name in known or node.server_type == "primary")
+        ]
         bad = [s for s in statuses if not s.ok]
         # Report the node that needs attention: one that refused, else one just set.
         first = bad[0] if bad else changed[0] if changed else statuses[0]
-        return NotificationStatus(ok=not bad, flags=first.flags, changed=bool(changed),
-                                  missing=first.missing, error=first.error)
+        return NotificationStatus(
+            ok=not bad,
+            flags=first.flags,
+            changed=bool(changed),
+            missing=first.missing,
+            error=first.error,
+        )
 
     async def listen(
         self,
@@ -258,7 +273,9 @@ class ClusterBridge(RedisBridge):
     def _current_primaries(self) -> set[str]:
         nodes: Any = self._client.cluster_nodes()
         return {
-            addr.split("@")[0] for addr, info in nodes.items()
-            if "master" in info["flags"] and "fail" not in info["flags"]
+            addr.split("@")[0]
+            for addr, info in nodes.items()
+            if "master" in info["flags"]
+            and "fail" not in info["flags"]
             and info.get("connected", True)
         }

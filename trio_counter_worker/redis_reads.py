@@ -38,8 +38,9 @@ def _status_sync(bridge: RedisBridge) -> dict[str, Any]:
     pipe.hgetall(keys.failing)
     pipe.hgetall(keys.dead)
     pipe.hlen(keys.payloads)
-    (lease, pttl, pending, watched, first, (sec, usec), epoch, failing,
-     dead, payloads) = pipe.execute()
+    (lease, pttl, pending, watched, first, (sec, usec), epoch, failing, dead, payloads) = (
+        pipe.execute()
+    )
     now_ms = int(sec) * 1000 + int(usec) // 1000
     nxt = None
     if first:
@@ -89,16 +90,26 @@ def _probe_sync(c: Any) -> dict[str, Any]:
 async def redeliver(bridge: RedisBridge, reset_ids: list[str]) -> int:
     """Operator command: dead resets back to pending (all of them with no ids)."""
     keys = bridge.keys
-    return int(await bridge.script("REDELIVER", [keys.pending, keys.dead],
-                                   [keys.redeliver, *reset_ids]))
+    return int(
+        await bridge.script("REDELIVER", [keys.pending, keys.dead], [keys.redeliver, *reset_ids])
+    )
 
 
 def _listing(notes: list[FailingNote]) -> dict[str, Any]:
     notes.sort(key=lambda n: n.failing_since)
-    return {"count": len(notes), "oldest": [
-        {"reset_id": n.reset_id, "key": n.key, "attempts": n.attempts,
-         "failing_since": n.failing_since,
-         "last_error": n.last_error} for n in notes[:_LISTED]]}
+    return {
+        "count": len(notes),
+        "oldest": [
+            {
+                "reset_id": n.reset_id,
+                "key": n.key,
+                "attempts": n.attempts,
+                "failing_since": n.failing_since,
+                "last_error": n.last_error,
+            }
+            for n in notes[:_LISTED]
+        ],
+    }
 
 
 def _dead_listing(rows: dict[str, str]) -> dict[str, Any]:
@@ -107,9 +118,15 @@ def _dead_listing(rows: dict[str, str]) -> dict[str, Any]:
         try:
             dead = json.loads(raw)
             record, why = pending_record(dead["record"]), note(reset_id, dead["note"])
-            out.append({"reset_id": reset_id, "key": shown_key(record.key),
-                        "attempts": why.attempts, "last_error": why.last_error,
-                        "dead_at": int(dead["dead_ms"]) / 1000})
+            out.append(
+                {
+                    "reset_id": reset_id,
+                    "key": shown_key(record.key),
+                    "attempts": why.attempts,
+                    "last_error": why.last_error,
+                    "dead_at": int(dead["dead_ms"]) / 1000,
+                }
+            )
         except (ValueError, KeyError, TypeError):
             out.append({"reset_id": reset_id, "last_error": "(unreadable record)"})
     out.sort(key=lambda d: d.get("dead_at", 0))
@@ -120,7 +137,9 @@ def _touch_library(client: Any, namespace: str) -> dict[str, Any]:
     """The touch library's version on this Redis (None: not loaded, no Functions, or not
     allowed to ask) and whether the deployment is registered."""
     try:
-        return {"library": str(client.fcall_ro("tcw_version", 0)),
-                "registered": bool(client.hexists(REGISTRY, namespace))}
+        return {
+            "library": str(client.fcall_ro("tcw_version", 0)),
+            "registered": bool(client.hexists(REGISTRY, namespace)),
+        }
     except rexc.ResponseError:
         return {"library": None, "registered": False}

@@ -99,8 +99,9 @@ def translate(exc: BaseException) -> BaseException:
     ):
         # A cluster failing over or resharding: redis-py strips the error code from
         # these (a ClusterDownError reads "The cluster is down"), so tell them by type.
-        return RedisUnavailable(f"Redis Cluster cannot serve the command for now: "
-                                f"{type(exc).__name__}: {exc}")
+        return RedisUnavailable(
+            f"Redis Cluster cannot serve the command for now: {type(exc).__name__}: {exc}"
+        )
     if isinstance(exc, rexc.ResponseError) and (
         str(exc).startswith(_TRANSIENT) or code in _TRANSIENT
     ):
@@ -149,15 +150,22 @@ def record(r: dict[str, Any]) -> PendingReset:
 
 
 def note_json(note: FailingNote) -> str:
-    return json.dumps({"attempts": note.attempts, "since": note.failing_since,
-                       "error": note.last_error[:500], "key": note.key[:200]})
+    return json.dumps(
+        {
+            "attempts": note.attempts,
+            "since": note.failing_since,
+            "error": note.last_error[:500],
+            "key": note.key[:200],
+        }
+    )
 
 
 def note(reset_id: str, raw: str) -> FailingNote:
     try:
         r = json.loads(raw)
-        return FailingNote(reset_id, int(r["attempts"]), float(r["since"]), str(r["error"]),
-                           str(r.get("key", "")))
+        return FailingNote(
+            reset_id, int(r["attempts"]), float(r["since"]), str(r["error"]), str(r.get("key", ""))
+        )
     except (ValueError, KeyError, TypeError):
         return FailingNote(reset_id, 0, 0.0, "(unreadable note)")
 
@@ -182,8 +190,10 @@ def deadline_page(raw: str) -> DeadlinePage:
     keys = flat[0::2]
     deadlines = [int(float(d)) for d in flat[1::2]]
     more = bool(r.get("more")) and bool(deadlines)
-    return DeadlinePage([(k, d - now) for k, d in zip(keys, deadlines, strict=True)],
-                        PageStart(deadlines[-1]) if more else None)
+    return DeadlinePage(
+        [(k, d - now) for k, d in zip(keys, deadlines, strict=True)],
+        PageStart(deadlines[-1]) if more else None,
+    )
 
 
 def outcomes(raw: str, keys: list[str]) -> list[KeyOutcome]:
@@ -199,8 +209,9 @@ def outcomes(raw: str, keys: list[str]) -> list[KeyOutcome]:
             out.append(KeyOutcome(key, "due"))
         elif "claimed" in row:
             rec = json.loads(row["claimed"])
-            out.append(KeyOutcome(key, "claimed", reset=record(rec),
-                                  claimed_ms=int(rec["claimed_ms"])))
+            out.append(
+                KeyOutcome(key, "claimed", reset=record(rec), claimed_ms=int(rec["claimed_ms"]))
+            )
         else:
             out.append(KeyOutcome(key, "gone"))
     return out

@@ -44,9 +44,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def backoff_delay(
-    attempt: int, base: float, cap: float, rng: random.Random | None = None
-) -> float:
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
     """Capped exponential backoff with "equal jitter": a random wait in [ceiling/2,
     ceiling], where the ceiling doubles from ``base`` at each ``attempt`` (counting from 1)
     up to ``cap``. The certain half keeps the waits growing; the random half keeps callers
@@ -76,6 +74,7 @@ class RetryPolicy:
         """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1)."""
         if retry_after is not None:
             return min(retry_after, self.retry_after_cap)
-        base, cap = (self.base, self.cap) if verdict == "retry" else (
-            self.rejected_base, self.rejected_cap)
+        base, cap = (
+            (self.base, self.cap) if verdict == "retry" else (self.rejected_base, self.rejected_cap)
+        )
         return backoff_delay(attempt, base, cap, rng)

@@ -16,7 +16,9 @@ from __future__ import annotations
 from .spec import DUE_SLACK_MS, TOMBSTONE_MS
 
 # Shared prelude: current Redis time in ms and a key's absolute expiry.
-_PRELUDE = f"local DUE_SLACK_MS = {DUE_SLACK_MS}\n" + """
+_PRELUDE = (
+    f"local DUE_SLACK_MS = {DUE_SLACK_MS}\n"
+    + """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -46,11 +48,14 @@ local function record(deadlines, key, now, pttl, at, payloads)
   return {gone = true}
 end
 """
+)
 
 # KEYS: lease, epoch   ARGV: holder, replica_id, ttl_ms, epoch_floor
 # The epoch only grows: INCR, raised above the highest epoch the caller has seen, so a
 # Redis that lost its data (restart without persistence) does not hand out old tokens.
-ACQUIRE = _PRELUDE + """
+ACQUIRE = (
+    _PRELUDE
+    + """
 local lease, holder, ttl = KEYS[1], ARGV[1], tonumber(ARGV[3])
 local current = redis.call('HGET', lease, 'holder')
 if current == holder then
@@ -75,19 +80,25 @@ redis.call('HSET', lease, 'holder', holder, 'replica', ARGV[2], 'epoch', epoch,
 redis.call('PEXPIRE', lease, ttl)
 return cjson.encode({acquired = true, epoch = epoch, pttl = ttl})
 """
+)
 
 # KEYS: lease   ARGV: holder, ttl_ms
-RENEW = _PRELUDE + """
+RENEW = (
+    _PRELUDE
+    + """
 if holds(KEYS[1], ARGV[1]) then
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
   return 1
 end
 return 0
 """
+)
 
 # KEYS: lease   ARGV: holder, release channel, replica_id
 # Compare-and-delete, then tell the standbys at once.
-RELEASE = _PRELUDE + """
+RELEASE = (
+    _PRELUDE
+    + """
 if holds(KEYS[1], ARGV[1]) then
   redis.call('DEL', KEYS[1])
   redis.call('PUBLISH', ARGV[2], ARGV[3])
@@ -95,6 +106,7 @@ if holds(KEYS[1], ARGV[1]) then
 end
 return 0
 """
+)
 
 # KEYS: lease, deadlines, payloads, counter keys...   ARGV: holder
 # Record what each counter key's state is now. Per key:
@@ -102,7 +114,9 @@ return 0
 #   {due = true} gone but its recorded deadline has passed: an expiry, claim it now
 #   {}           no deadline (no TTL, or deleted before its deadline): not tracked, and
 #                its payload (if it was touched with one) dropped
-TRACK = _PRELUDE + """
+TRACK = (
+    _PRELUDE
+    + """
 if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
 local now = now_ms()
 local out = {}
@@ -115,13 +129,16 @@ for i = 4, #KEYS do
 end
 return cjson.encode({leader = true, now = now, keys = out})
 """
+)
 
 # Claiming: the pending record, a tombstone (key -> claim time) and, on one Redis, a
 # marker published on the leader's own subscription. Pub/sub keeps publication order, so
 # the marker tells the leader which of the key's `expired` events came after the claim
 # (real expiries) and which before (the claim's own echo). spec.claim is this decision in
 # Python; tests/test_spec_contract.py holds the two to the same outcomes.
-_CLAIMING = f"local TOMBSTONE_MS = {TOMBSTONE_MS}\n" + """
+_CLAIMING = (
+    f"local TOMBSTONE_MS = {TOMBSTONE_MS}\n"
+    + """
 local function claim_episode(k, key, dl, epoch, now)
   local episode = k.ns .. '\\n' .. key .. '\\n' .. string.format('%d', dl)
   local id = string.sub(redis.sha1hex(episode), 1, 32)
@@ -172,6 +189,7 @@ local function reported_after(i)
   return tonumber(ARGV[i])
 end
 """
+)
 
 # KEYS: lease, deadlines, pending, claimed, payloads, counter keys...
 # ARGV: holder, namespace, marker channel ('' for none), then per counter key '' or the
@@ -183,7 +201,10 @@ end
 # A key still alive had its TTL extended: it is rescheduled, not reset. A reported
 # expiry that is not the echo of a claim ends an episode even without a usable recorded
 # deadline (set and expired before the leader read its TTL): it ends when it was seen.
-CLAIM = _PRELUDE + _CLAIMING + """
+CLAIM = (
+    _PRELUDE
+    + _CLAIMING
+    + """
 if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
 local now = now_ms()
@@ -200,18 +221,24 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - TOMBSTONE_MS)
 return cjson.encode({leader = true, now = now, keys = out})
 """
+)
 
 # KEYS: lease, pending, failing   ARGV: holder, reset_id...
-MARK_SENT = _PRELUDE + """
+MARK_SENT = (
+    _PRELUDE
+    + """
 if not holds(KEYS[1], ARGV[1]) then return -1 end
 redis.call('HDEL', KEYS[3], unpack(ARGV, 2))
 return redis.call('HDEL', KEYS[2], unpack(ARGV, 2))
 """
+)
 
 # KEYS: lease, pending, failing   ARGV: holder, then (reset_id, note JSON) pairs
 # Why a reset is not delivered yet, for `status` and the next leader. Only for resets
 # still pending: a note must not outlive its reset.
-NOTE_FAILING = _PRELUDE + """
+NOTE_FAILING = (
+    _PRELUDE
+    + """
 if not holds(KEYS[1], ARGV[1]) then return -1 end
 local n = 0
 for i = 2, #ARGV, 2 do
@@ -222,11 +249,14 @@ for i = 2, #ARGV, 2 do
 end
 return n
 """
+)
 
 # KEYS: lease, pending, failing, dead   ARGV: holder, reset_id, note JSON
 # Give up on a reset (RESET_GIVE_UP_AFTER): its record moves to the dead letters, with
 # why, until an operator runs `redeliver`.
-BURY = _PRELUDE + """
+BURY = (
+    _PRELUDE
+    + """
 if not holds(KEYS[1], ARGV[1]) then return -1 end
 local rec = redis.call('HGET', KEYS[2], ARGV[2])
 if not rec then return 0 end
@@ -236,6 +266,7 @@ redis.call('HDEL', KEYS[2], ARGV[2])
 redis.call('HDEL', KEYS[3], ARGV[2])
 return 1
 """
+)
 
 # KEYS: pending, dead   ARGV: channel, reset_id... (none: every dead reset)
 # `redeliver`: dead resets become pending again, under the same reset_id, and the leader
@@ -265,7 +296,9 @@ return n
 # delays. Paged, since a million of them in one reply outlasts any timeout; a page ends
 # with every key at its last deadline, so the next starts strictly after it (no offsets
 # that keys recorded or claimed meanwhile could shift).
-TRACKED = _PRELUDE + """
+TRACKED = (
+    _PRELUDE
+    + """
 if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
 local limit = tonumber(ARGV[3])
 local rows = redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '+inf', 'WITHSCORES',
@@ -283,6 +316,7 @@ if more then
 end
 return cjson.encode({leader = true, now = now_ms(), rows = rows, more = more})
 """
+)
 
 
 # -- Redis Cluster ---------------------------------------------------------------------
@@ -295,13 +329,16 @@ return cjson.encode({leader = true, now = now_ms(), rows = rows, more = more})
 # probe taken before the app set the key again could erase the new deadline.
 
 # KEYS: counter key   ->  {now_ms, pttl, expire_at (or -1)}
-PROBE = _PRELUDE + """
+PROBE = (
+    _PRELUDE
+    + """
 local now = now_ms()
 local pttl = redis.call('PTTL', KEYS[1])
 local at = -1
 if pttl >= 0 then at = expire_at(KEYS[1], now, pttl) end
 return {now, pttl, at}
 """
+)
 
 # Shared part: read one key's facts from ARGV at position i; skip stale ones.
 _FACTS = """
@@ -320,7 +357,10 @@ end
 """
 
 # KEYS: lease, deadlines, seen   ARGV: holder, then (key, now, pttl, at) per key
-APPLY_TRACK = _PRELUDE + _FACTS + """
+APPLY_TRACK = (
+    _PRELUDE
+    + _FACTS
+    + """
 if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
 local out, last = {}, nil
 for i = 2, #ARGV, 4 do
@@ -335,12 +375,17 @@ end
 prune(KEYS[3], last)
 return cjson.encode({leader = true, keys = out})
 """
+)
 
 # KEYS: lease, deadlines, pending, seen, claimed
 # ARGV: holder, namespace, then per key its facts and '' or the time Redis reported it
 # expired after (as CLAIM). No markers: on a cluster a key's events come from its own
 # node and a marker from the worker's, so their order says nothing.
-APPLY_CLAIM = _PRELUDE + _FACTS + _CLAIMING + """
+APPLY_CLAIM = (
+    _PRELUDE
+    + _FACTS
+    + _CLAIMING
+    + """
 if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
 local k = {deadlines = KEYS[2], pending = KEYS[3], claimed = KEYS[5], ns = ARGV[2],
@@ -359,6 +404,7 @@ prune(KEYS[4], last)
 if last then redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', last - TOMBSTONE_MS) end
 return cjson.encode({leader = true, keys = out})
 """
+)
 
 
 # KEYS: a scratch key in the worker's namespace   ARGV: a scratch channel there
@@ -387,4 +433,3 @@ try('ZREM', s, 'm') try('ZREMRANGEBYSCORE', s, '-inf', 0) try('DEL', s)
 try('PUBLISH', ARGV[1], 'preflight')
 return refused
 """
-

@@ -89,8 +89,9 @@ def is_echo(claimed_at: int | None, now: int, expired_after: int) -> bool:
     Redis publishes it) only if that claim came later. A claim publishes a marker on the
     leader's subscription, so the leader knows which claims an event follows; and a new
     subscription follows every claim made before it started."""
-    return (claimed_at is not None and claimed_at >= now - TOMBSTONE_MS
-            and claimed_at > expired_after)
+    return (
+        claimed_at is not None and claimed_at >= now - TOMBSTONE_MS and claimed_at > expired_after
+    )
 
 
 def claim(seen: Seen, now: int, expired_after: int | None = None) -> Verdict:
@@ -106,8 +107,11 @@ def claim(seen: Seen, now: int, expired_after: int | None = None) -> Verdict:
     if seen.pttl >= 0:
         return Verdict("alive", seen.expire_at)
     dl = seen.deadline
-    if (expired_after is not None and seen.pttl == -2
-            and not is_echo(seen.claimed_at, now, expired_after)):
+    if (
+        expired_after is not None
+        and seen.pttl == -2
+        and not is_echo(seen.claimed_at, now, expired_after)
+    ):
         return Verdict("claimed", dl if dl is not None and is_due(dl, now) else now)
     if dl is None or seen.pttl == -1 or not is_due(dl, now):
         return Verdict("gone")

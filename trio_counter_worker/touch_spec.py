@@ -103,12 +103,16 @@ class Outcome:
 def matching(registry: Mapping[str, str], key: str) -> tuple[str, ...]:
     """The namespaces of the deployments whose COUNTER_KEY pattern matches ``key``
     (the registry maps namespace -> pattern), sorted."""
-    return tuple(sorted(ns for ns, pattern in registry.items()
-                        if matches(key_bytes(pattern), key_bytes(key))))
+    return tuple(
+        sorted(
+            ns for ns, pattern in registry.items() if matches(key_bytes(pattern), key_bytes(key))
+        )
+    )
 
 
-def parse(function: Function, keys: Sequence[str], args: Sequence[str]
-          ) -> tuple[int | None, str | None]:
+def parse(
+    function: Function, keys: Sequence[str], args: Sequence[str]
+) -> tuple[int | None, str | None]:
     """Check a call's keys and arguments: ``(ttl_ms, payload)`` for ``tcw_touch``,
     ``(None, None)`` for ``tcw_done``; TouchRefused otherwise, before anything changes."""
     most_args = 2 if function == "tcw_touch" else 0
@@ -120,8 +124,7 @@ def parse(function: Function, keys: Sequence[str], args: Sequence[str]
     if function == "tcw_done":
         return None, None
     raw_ttl = key_bytes(args[0])
-    if (not raw_ttl.isdigit() or raw_ttl.startswith(b"0")
-            or len(raw_ttl) > MAX_TTL_DIGITS):
+    if not raw_ttl.isdigit() or raw_ttl.startswith(b"0") or len(raw_ttl) > MAX_TTL_DIGITS:
         shown = raw_ttl[:SHOWN_TTL_BYTES].decode("utf-8", "surrogateescape")
         raise TouchRefused(TTL_ERROR % shown)
     payload = args[1] if len(args) == 2 else None
@@ -139,26 +142,41 @@ def ended_unseen(key: str, pttl: int, deployment: Deployment, now: int) -> Claim
     if verdict.kind != "claimed":
         return None
     assert verdict.deadline is not None
-    return Claim(deployment.namespace, spec.reset_id(deployment.namespace, key, verdict.deadline),
-                 verdict.deadline, deployment.fencing_token, now)
+    return Claim(
+        deployment.namespace,
+        spec.reset_id(deployment.namespace, key, verdict.deadline),
+        verdict.deadline,
+        deployment.fencing_token,
+        now,
+    )
 
 
-def touch(key: str, ttl_ms: int, payload: str | None, now: int, pttl: int,
-          deployments: Sequence[Deployment]) -> Outcome:
+def touch(
+    key: str,
+    ttl_ms: int,
+    payload: str | None,
+    now: int,
+    pttl: int,
+    deployments: Sequence[Deployment],
+) -> Outcome:
     """``tcw_touch``: claim what ended unseen, then SET the key (its value: the payload,
     or "1") with the TTL and record its deadline, now + ttl_ms, in every namespace."""
-    return Outcome(_claims(key, pttl, deployments, now), now + ttl_ms, payload,
-                   tuple(d.namespace for d in deployments))
+    return Outcome(
+        _claims(key, pttl, deployments, now),
+        now + ttl_ms,
+        payload,
+        tuple(d.namespace for d in deployments),
+    )
 
 
 def done(key: str, now: int, pttl: int, deployments: Sequence[Deployment]) -> Outcome:
     """``tcw_done``: claim what ended unseen, then DEL the key and forget its deadline
     and payload in every namespace: the episode the app ends itself has no reset."""
-    return Outcome(_claims(key, pttl, deployments, now), None, None,
-                   tuple(d.namespace for d in deployments))
+    return Outcome(
+        _claims(key, pttl, deployments, now), None, None, tuple(d.namespace for d in deployments)
+    )
 
 
-def _claims(key: str, pttl: int, deployments: Sequence[Deployment], now: int
-            ) -> tuple[Claim, ...]:
+def _claims(key: str, pttl: int, deployments: Sequence[Deployment], now: int) -> tuple[Claim, ...]:
     found = (ended_unseen(key, pttl, d, now) for d in deployments)
     return tuple(claim for claim in found if claim is not None)

@@ -63,8 +63,14 @@ class Worker:
         # Unique per process: two processes started with the same REPLICA_ID still differ.
         self.holder = f"{config.replica_id}#{secrets.token_hex(4)}"
         self._outage = OutageLog(log)  # one account of an outage for all the loops
-        self._elector = Elector(store, LeaseTiming(config.lease_ttl), self.holder,
-                                config.replica_id, self.metrics, self._outage)
+        self._elector = Elector(
+            store,
+            LeaseTiming(config.lease_ttl),
+            self.holder,
+            config.replica_id,
+            self.metrics,
+            self._outage,
+        )
         self.lease: Lease | None = None
         self.health_port: int | None = None  # bound port of the health endpoint, once up
         self._quarantine = Quarantine()  # outlives each leadership: a bad key stays aside
@@ -102,10 +108,14 @@ class Worker:
                 )
             await nursery.start(self._watch_releases)
             task_status.started()
-            log.info("replica %s started (standby); lease %s ms, counter key %r, Redis %s, "
-                     "endpoint %s", self.config.replica_id, self.config.lease_ttl_ms,
-                     self.config.counter_key, self.config.redis_location,
-                     safe_url(self.config.reset_endpoint_url))
+            log.info(
+                "replica %s started (standby); lease %s ms, counter key %r, Redis %s, endpoint %s",
+                self.config.replica_id,
+                self.config.lease_ttl_ms,
+                self.config.counter_key,
+                self.config.redis_location,
+                safe_url(self.config.reset_endpoint_url),
+            )
             while True:
                 lease = await self._elector.acquire()
                 await self._lead(lease)
@@ -124,22 +134,36 @@ class Worker:
                 self._crash_backoff.reset()
             delay = self._crash_backoff.next()
             self.metrics.leader_crashes.inc()
-            log.error("leader work failed unexpectedly (fencing_token=%d); the lease was "
-                      "released; campaigning again in %.1f s", lease.epoch, delay,
-                      exc_info=group, extra={"event": "leader_crashed",
-                                             "fencing_token": lease.epoch})
+            log.error(
+                "leader work failed unexpectedly (fencing_token=%d); the lease was "
+                "released; campaigning again in %.1f s",
+                lease.epoch,
+                delay,
+                exc_info=group,
+                extra={"event": "leader_crashed", "fencing_token": lease.epoch},
+            )
             await trio.sleep(delay)
 
     async def _lead_once(self, lease: Lease) -> None:
         self.lease = lease
         self.metrics.leader.set(1)
         self.metrics.leader_changes.inc()
-        log.info("leader acquired: replica=%s fencing_token=%d",
-                 self.config.replica_id, lease.epoch,
-                 extra={"event": "leader_acquired", "fencing_token": lease.epoch})
+        log.info(
+            "leader acquired: replica=%s fencing_token=%d",
+            self.config.replica_id,
+            lease.epoch,
+            extra={"event": "leader_acquired", "fencing_token": lease.epoch},
+        )
         duties = LeaderDuties(
-            self.config, self._store, self._sender, self.holder, lease, self.hooks.on_reset,
-            self.metrics, self._quarantine, outage=self._outage,
+            self.config,
+            self._store,
+            self._sender,
+            self.holder,
+            lease,
+            self.hooks.on_reset,
+            self.metrics,
+            self._quarantine,
+            outage=self._outage,
         )
         self.hooks.on_elected(lease.epoch)
         try:
@@ -161,23 +185,36 @@ class Worker:
                     await self._release(lease)
                     self.hooks.on_deposed(lease.epoch)
         except* LeaseLost as group:
-            log.warning("leader lost: fencing_token=%d: %s", lease.epoch, first_error(group),
-                        extra={"event": "leader_lost", "fencing_token": lease.epoch})
+            log.warning(
+                "leader lost: fencing_token=%d: %s",
+                lease.epoch,
+                first_error(group),
+                extra={"event": "leader_lost", "fencing_token": lease.epoch},
+            )
 
     async def _release(self, lease: Lease) -> None:
         with trio.CancelScope(shield=True):
             with trio.move_on_after(_RELEASE_TIMEOUT) as scope:
                 try:
                     if await self._elector.release():
-                        log.info("lease released: fencing_token=%d", lease.epoch,
-                                 extra={"event": "lease_released",
-                                        "fencing_token": lease.epoch})
+                        log.info(
+                            "lease released: fencing_token=%d",
+                            lease.epoch,
+                            extra={"event": "lease_released", "fencing_token": lease.epoch},
+                        )
                 except RedisUnavailable as exc:
-                    log.warning("could not release the lease (%s): it expires by itself "
-                                "within %s ms", exc, self.config.lease_ttl_ms)
+                    log.warning(
+                        "could not release the lease (%s): it expires by itself within %s ms",
+                        exc,
+                        self.config.lease_ttl_ms,
+                    )
             if scope.cancelled_caught:
-                log.warning("releasing the lease took over %.1f s: given up; it expires by "
-                            "itself within %s ms", _RELEASE_TIMEOUT, self.config.lease_ttl_ms)
+                log.warning(
+                    "releasing the lease took over %.1f s: given up; it expires by "
+                    "itself within %s ms",
+                    _RELEASE_TIMEOUT,
+                    self.config.lease_ttl_ms,
+                )
 
     async def _watch_releases(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -201,8 +238,7 @@ class Worker:
                             task_status.started()
                 except* RedisUnavailable as group:
                     delay = backoff.next()
-                    self._outage.failed("release watch", first_error(group),
-                                        trio.current_time())
+                    self._outage.failed("release watch", first_error(group), trio.current_time())
                     if first:
                         first = False
                         task_status.started()
@@ -216,8 +252,9 @@ class Worker:
         *,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        await self._store.listen(patterns=[], channels=[channel], send=send,
-                                 task_status=task_status)
+        await self._store.listen(
+            patterns=[], channels=[channel], send=send, task_status=task_status
+        )
 
     async def _on_releases(self, receive: trio.MemoryReceiveChannel[list[Message]]) -> None:
         async for _batch in receive:
@@ -253,12 +290,14 @@ async def open_worker(
                 # context shared by all, as httpx would build it (certifi's CAs).
                 tls = ssl.create_default_context(cafile=certifi.where())
                 clients = [
-                    await stack.enter_async_context(httpx.AsyncClient(
-                        timeout=httpx.Timeout(config.reset_timeout),
-                        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-                        verify=tls,
-                        follow_redirects=False,
-                    ))
+                    await stack.enter_async_context(
+                        httpx.AsyncClient(
+                            timeout=httpx.Timeout(config.reset_timeout),
+                            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                            verify=tls,
+                            follow_redirects=False,
+                        )
+                    )
                     for _ in range(config.max_in_flight)
                 ]
                 yield Worker(config, store, clients, hooks)
@@ -285,8 +324,12 @@ async def _start_on_redis(bridge: RedisBridge, config: Config) -> None:
             log.error("Redis at %s: %s; retrying in %.1f s", config.redis_location, exc, delay)
         except RedisUnavailable as exc:
             delay = backoff.next()
-            log.warning("Redis at %s failed during the start-up checks (%s); retrying in "
-                        "%.1f s", config.redis_location, exc, delay)
+            log.warning(
+                "Redis at %s failed during the start-up checks (%s); retrying in %.1f s",
+                config.redis_location,
+                exc,
+                delay,
+            )
         await trio.sleep(delay)
 
 
@@ -305,7 +348,11 @@ async def _wait_for_redis(bridge: RedisBridge, config: Config) -> None:
             await trio.sleep(delay)
         except RedisUnavailable as exc:
             delay = backoff.next()
-            log.warning("Redis at %s unreachable (%s); retrying in %.1f s "
-                        "(check REDIS_HOST/REDIS_PORT or REDIS_URL)",
-                        config.redis_location, exc, delay)
+            log.warning(
+                "Redis at %s unreachable (%s); retrying in %.1f s "
+                "(check REDIS_HOST/REDIS_PORT or REDIS_URL)",
+                config.redis_location,
+                exc,
+                delay,
+            )
             await trio.sleep(delay)

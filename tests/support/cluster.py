@@ -31,16 +31,25 @@ class ClusterSetup:
     def __init__(self, tmp_dir: Path, size: int = 6) -> None:
         self.dir = tmp_dir
         self.nodes = [
-            RedisServer(tmp_dir / f"node{i}", port=_free_port_with_bus(), extra_args=[
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", f"nodes-{i}.conf",
-                "--cluster-node-timeout", "1000",
-                # The first full sync starts at once: by default a diskless sync waits
-                # 5 s for more replicas, and a primary killed meanwhile leaves a replica
-                # with no data at all (promoted, it looks like a Redis that lost it all).
-                "--repl-diskless-sync-delay", "0",
-                "--enable-debug-command", "local",  # DEBUG SLEEP: a replica falls behind
-            ])
+            RedisServer(
+                tmp_dir / f"node{i}",
+                port=_free_port_with_bus(),
+                extra_args=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"nodes-{i}.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                    # The first full sync starts at once: by default a diskless sync waits
+                    # 5 s for more replicas, and a primary killed meanwhile leaves a replica
+                    # with no data at all (promoted, it looks like a Redis that lost it all).
+                    "--repl-diskless-sync-delay",
+                    "0",
+                    "--enable-debug-command",
+                    "local",  # DEBUG SLEEP: a replica falls behind
+                ],
+            )
             for i in range(size)
         ]
 
@@ -52,10 +61,18 @@ class ClusterSetup:
         for n in self.nodes:
             n.start()
         subprocess.run(
-            ["redis-cli", "--cluster", "create",
-             *[f"127.0.0.1:{n.port}" for n in self.nodes],
-             "--cluster-replicas", "1", "--cluster-yes"],
-            check=True, capture_output=True, timeout=60,
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{n.port}" for n in self.nodes],
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
         )
         self.wait_ok()
         self.wait_replicas_synced()
@@ -129,8 +146,14 @@ class ClusterSetup:
         return replica, promoted_at
 
     def move_slot(
-        self, slot: int, src: RedisServer, dst: RedisServer, *, batch: int = 10,
-        between: float = 0.0, during: Callable[[list[str]], None] | None = None,
+        self,
+        slot: int,
+        src: RedisServer,
+        dst: RedisServer,
+        *,
+        batch: int = 10,
+        between: float = 0.0,
+        during: Callable[[list[str]], None] | None = None,
     ) -> int:
         """Move ``slot`` from ``src`` to ``dst`` as ``redis-cli --cluster reshard`` does:
         IMPORTING on ``dst``, MIGRATING on ``src``, the keys in MIGRATE batches of
@@ -139,8 +162,10 @@ class ClusterSetup:
         ``during(keys)`` runs after each batch, while the slot is still migrating.
         Returns how many keys moved."""
         with src.client() as s, dst.client() as d:
-            src_id, dst_id = str(s.execute_command("CLUSTER", "MYID")), str(
-                d.execute_command("CLUSTER", "MYID"))
+            src_id, dst_id = (
+                str(s.execute_command("CLUSTER", "MYID")),
+                str(d.execute_command("CLUSTER", "MYID")),
+            )
             d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
             s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
             time.sleep(between)
@@ -163,13 +188,27 @@ class ClusterSetup:
         """``redis-cli --cluster reshard``: move ``slots`` slots (the lowest of ``src``'s,
         keys and all) from ``src`` to ``dst``."""
         with src.client() as s, dst.client() as d:
-            src_id, dst_id = s.execute_command("CLUSTER", "MYID"), d.execute_command(
-                "CLUSTER", "MYID")
+            src_id, dst_id = (
+                s.execute_command("CLUSTER", "MYID"),
+                d.execute_command("CLUSTER", "MYID"),
+            )
         subprocess.run(
-            ["redis-cli", "--cluster", "reshard", f"{src.host}:{src.port}",
-             "--cluster-from", str(src_id), "--cluster-to", str(dst_id),
-             "--cluster-slots", str(slots), "--cluster-yes"],
-            check=True, capture_output=True, timeout=120,
+            [
+                "redis-cli",
+                "--cluster",
+                "reshard",
+                f"{src.host}:{src.port}",
+                "--cluster-from",
+                str(src_id),
+                "--cluster-to",
+                str(dst_id),
+                "--cluster-slots",
+                str(slots),
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
 
     def primaries(self) -> list[RedisServer]:
@@ -211,4 +250,3 @@ class ClusterSetup:
     def stop(self) -> None:
         for n in self.nodes:
             n.stop()
-

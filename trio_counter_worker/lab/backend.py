@@ -815,8 +815,9 @@ class ResetLedger:
         with self._lock:
             if now < self._hang_until:
                 self._posts.append(attrs.evolve(post, status=503))
-                return Hang(self._hang_seconds,
-                            then=_answer(503, {"ok": False, "error": "hung on purpose"}))
+                return Hang(
+                    self._hang_seconds, then=_answer(503, {"ok": False, "error": "hung on purpose"})
+                )
             if now < self._fail_until:
                 self._posts.append(attrs.evolve(post, status=503))
                 return _answer(503, {"ok": False, "error": "failing on purpose"})

@@ -163,32 +163,44 @@ class _Demo:
         )
         self.redis_server.start()
         self.client = redis.Redis(
-            host=HOST, port=self.redis_server.port, decode_responses=True,
-            socket_timeout=2.0, socket_connect_timeout=2.0,
+            host=HOST,
+            port=self.redis_server.port,
+            decode_responses=True,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
         )
         info: Any = self.client.info("server")
         self.app = AppSimulator(self.client, COUNTERS, APP, self.rng)
-        self.say(f"redis-server {info.get('redis_version', '?')} on {HOST}:"
-                 f"{self.redis_server.port} ({self.binary})")
+        self.say(
+            f"redis-server {info.get('redis_version', '?')} on {HOST}:"
+            f"{self.redis_server.port} ({self.binary})"
+        )
         self.backend.start()
-        self.say(f"reset backend on {self.backend.url} (checks x-secret, dedupes by "
-                 "idempotency-key)")
+        self.say(
+            f"reset backend on {self.backend.url} (checks x-secret, dedupes by idempotency-key)"
+        )
         names = [self.spawn_replica() for _ in range(self.n_replicas)]
-        self.say(f"started {', '.join(names)} (python -m trio_counter_worker run, "
-                 f"COUNTER_KEY={COUNTER_KEY})")
+        self.say(
+            f"started {', '.join(names)} (python -m trio_counter_worker run, "
+            f"COUNTER_KEY={COUNTER_KEY})"
+        )
 
     def spawn_replica(self) -> str:
         self.replica_count += 1
         name = f"replica-{self.replica_count}"
-        self.replicas[name] = spawn_replica(self.tmp, name, {
-            "REDIS_HOST": HOST,
-            "REDIS_PORT": str(self.redis_server.port),
-            "RESET_ENDPOINT_URL": self.backend.url,
-            "RESET_SECRET": self.secret,
-            "COUNTER_KEY": COUNTER_KEY,
-            "LEASE_TTL_MS": str(LEASE_TTL_MS),
-            "LOG_LEVEL": "INFO",
-        })
+        self.replicas[name] = spawn_replica(
+            self.tmp,
+            name,
+            {
+                "REDIS_HOST": HOST,
+                "REDIS_PORT": str(self.redis_server.port),
+                "RESET_ENDPOINT_URL": self.backend.url,
+                "RESET_SECRET": self.secret,
+                "COUNTER_KEY": COUNTER_KEY,
+                "LEASE_TTL_MS": str(LEASE_TTL_MS),
+                "LOG_LEVEL": "INFO",
+            },
+        )
         return name
 
     def close(self) -> None:
@@ -211,8 +223,10 @@ class _Demo:
             self.poll_lease()
             if self.first_leader_at is None:
                 if now > START_TIMEOUT:
-                    raise DemoError(f"no replica became leader within {START_TIMEOUT:g} s"
-                                    + log_tails(self.replicas.values()))
+                    raise DemoError(
+                        f"no replica became leader within {START_TIMEOUT:g} s"
+                        + log_tails(self.replicas.values())
+                    )
             elif not self.activity_stopped and now >= self.first_leader_at + self.duration:
                 self.stop_activity()
             elif not self.activity_stopped:
@@ -296,12 +310,16 @@ class _Demo:
         if fault.kind == "SIGKILL":
             target.proc.kill()
             target.proc.wait()
-            self.say(f"SIGKILL {target.name} (leader, fencing token {epoch}): a crash, "
-                     f"the lease must expire ({LEASE_TTL_MS} ms)")
+            self.say(
+                f"SIGKILL {target.name} (leader, fencing token {epoch}): a crash, "
+                f"the lease must expire ({LEASE_TTL_MS} ms)"
+            )
         else:
             target.proc.terminate()
-            self.say(f"SIGTERM {target.name} (leader, fencing token {epoch}): graceful "
-                     "stop, it hands the lease over")
+            self.say(
+                f"SIGTERM {target.name} (leader, fencing token {epoch}): graceful "
+                "stop, it hands the lease over"
+            )
         self.pending_failover = fault
         name = self.spawn_replica()
         self.say(f"started {name} (replacement)")
@@ -325,8 +343,10 @@ class _Demo:
         elif step.kind == "late":
             self.say(f"{key} too close to expiry to re-arm safely: left to expire")
         else:
-            self.say(f"{key} active again: SET {key} 1 PX {step.ttl_ms} "
-                     f"(re-armed {step.left:.2f} s before it would expire)")
+            self.say(
+                f"{key} active again: SET {key} 1 PX {step.ttl_ms} "
+                f"(re-armed {step.left:.2f} s before it would expire)"
+            )
 
     def announce(self, number: int, key: str) -> None:
         if number not in self.announced:
@@ -350,24 +370,30 @@ class _Demo:
             self.posts.append(post)
             short = post.reset_id[:4] + "…"
             if post.duplicate:
-                self.say(f"duplicate POST {post.key} (reset_id {short}, by {post.replica_id},"
-                         " fencing token "
-                         f"{post.fencing_token}): already applied, answered 200, ignored")
+                self.say(
+                    f"duplicate POST {post.key} (reset_id {short}, by {post.replica_id},"
+                    " fencing token "
+                    f"{post.fencing_token}): already applied, answered 200, ignored"
+                )
                 continue
             late = post.received_at - post.expired_at
             episode = self.app.episode_for(post, MATCH_SLACK_MS)
             if episode is None:
                 self.unexpected.append(post)
-                self.say(f"reset {post.key} that no episode explains (reset_id {short}, "
-                         f"expired_at {post.expired_at:.3f}, by {post.replica_id})")
+                self.say(
+                    f"reset {post.key} that no episode explains (reset_id {short}, "
+                    f"expired_at {post.expired_at:.3f}, by {post.replica_id})"
+                )
                 continue
             reset_ids = self.reset_ids[episode.number]
             reset_ids.append(post.reset_id)
             self.latencies.append(late)
             self.announce(episode.number, post.key)
             extra = "" if len(reset_ids) == 1 else " — a SECOND reset_id for it!"
-            self.say(f"reset {post.key}  (reset_id {short}, {_ms(late)} after expiry, "
-                     f"by {post.replica_id}, fencing token {post.fencing_token}){extra}")
+            self.say(
+                f"reset {post.key}  (reset_id {short}, {_ms(late)} after expiry, "
+                f"by {post.replica_id}, fencing token {post.fencing_token}){extra}"
+            )
 
     # -- the replicas -----------------------------------------------------------------
 
@@ -382,11 +408,14 @@ class _Demo:
         if event == "lease_released":
             self.say(f"{replica.name} released the lease (fencing token {token})")
         elif event == "leader_lost":
-            self.say(f"{replica.name} lost the lease (fencing token {token}): "
-                     f"{record.get('message', '')}")
+            self.say(
+                f"{replica.name} lost the lease (fencing token {token}): "
+                f"{record.get('message', '')}"
+            )
         elif event == "reset_sent" and int(record.get("attempts") or 1) > 1:
-            self.say(f"{replica.name} needed {record.get('attempts')} attempts for "
-                     f"{record.get('key')}")
+            self.say(
+                f"{replica.name} needed {record.get('attempts')} attempts for {record.get('key')}"
+            )
         elif record.get("level") in ("WARNING", "ERROR", "CRITICAL"):
             message = str(record.get("message", ""))
             self.say(f"{replica.name} {record.get('level')}: {message[:160]}")
@@ -399,8 +428,10 @@ class _Demo:
                 self.say(f"{replica.name} exited with code {code}")
                 continue
             self.unexpected_exits += 1
-            self.say(f"{replica.name} exited unexpectedly with code {code}; its log ends:\n"
-                     + tail(replica.log_path))
+            self.say(
+                f"{replica.name} exited unexpectedly with code {code}; its log ends:\n"
+                + tail(replica.log_path)
+            )
 
     # -- summary ----------------------------------------------------------------------
 
@@ -438,18 +469,26 @@ class _Demo:
         lines = ["", "summary", "-" * (width + 14)]
         lines += [f"  {name:<{width}}  {value}" for name, value in rows]
         for e in missed:
-            lines.append(f"  missed: episode {e.number}, {e.key} expiring at "
-                         f"{e.deadline_ms / 1000 - self.t0_wall:.2f}s")
+            lines.append(
+                f"  missed: episode {e.number}, {e.key} expiring at "
+                f"{e.deadline_ms / 1000 - self.t0_wall:.2f}s"
+            )
         for e in doubled:
-            lines.append(f"  doubled: episode {e.number}, {e.key}: "
-                         f"{', '.join(self.reset_ids[e.number])}")
+            lines.append(
+                f"  doubled: episode {e.number}, {e.key}: {', '.join(self.reset_ids[e.number])}"
+            )
         failed = bool(missed or doubled or self.unexpected or not episodes)
         if failed:
             lines.append("result: FAILED — see the rows above")
         else:
-            lines.append("result: OK — one reset per inactivity episode, none missed"
-                         + (f" ({duplicates} duplicate POST(s), deduplicated by "
-                            "idempotency-key)" if duplicates else ""))
+            lines.append(
+                "result: OK — one reset per inactivity episode, none missed"
+                + (
+                    f" ({duplicates} duplicate POST(s), deduplicated by idempotency-key)"
+                    if duplicates
+                    else ""
+                )
+            )
         self.write("\n".join(lines) + "\n")
         return 1 if failed else 0
 
@@ -463,8 +502,10 @@ def demo_main(*, replicas: int = 3, duration: float = 25.0, out: TextIO = sys.st
     active, from the first election; the faults come at its thirds. Everything it
     starts is stopped and removed on the way out, Ctrl-C and SIGTERM included."""
     if replicas < 1 or not duration > 0:
-        out.write("trio-counter-worker demo: error: --replicas must be at least 1 and "
-                  "--duration more than 0\n")
+        out.write(
+            "trio-counter-worker demo: error: --replicas must be at least 1 and "
+            "--duration more than 0\n"
+        )
         out.flush()
         return 2
     binary = find_redis_server()

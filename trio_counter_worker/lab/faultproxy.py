@@ -69,8 +69,19 @@ class _Direction:
     """Bytes on their way from ``src`` to ``dst``, each chunk with the time it is due."""
 
     __slots__ = (
-        "blocked", "broken", "conn", "dst", "eof", "last_due", "out", "queue", "queued",
-        "shut", "src", "timer", "up",
+        "blocked",
+        "broken",
+        "conn",
+        "dst",
+        "eof",
+        "last_due",
+        "out",
+        "queue",
+        "queued",
+        "shut",
+        "src",
+        "timer",
+        "up",
     )
 
     def __init__(self, conn: _Conn, src: socket.socket, dst: socket.socket, up: bool) -> None:

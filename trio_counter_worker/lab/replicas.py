@@ -110,8 +110,7 @@ def new_exits(replicas: Iterable[Replica]) -> list[tuple[Replica, int]]:
 
 def log_tails(replicas: Iterable[Replica]) -> str:
     """The end of each replica's log, for an error message."""
-    return "".join(f"\n  {r.name} (exit {r.proc.poll()}):\n{tail(r.log_path)}"
-                   for r in replicas)
+    return "".join(f"\n  {r.name} (exit {r.proc.poll()}):\n{tail(r.log_path)}" for r in replicas)
 
 
 def _package_root() -> Path:
@@ -143,7 +142,11 @@ def spawn_replica(directory: Path, name: str, settings: Mapping[str, str]) -> Re
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "trio_counter_worker", "run"],
-            env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
         )
     return Replica(name, proc, log_path)
 
@@ -197,5 +200,6 @@ def read_lease(client: Any, key: str) -> LeaseInfo | None:
     if not replica or not epoch.isdigit():
         return None
     since = raw.get("since_ms", "")
-    return LeaseInfo(replica, int(epoch), raw.get("holder", ""),
-                     int(since) if since.isdigit() else None)
+    return LeaseInfo(
+        replica, int(epoch), raw.get("holder", ""), int(since) if since.isdigit() else None
+    )

@@ -245,14 +245,17 @@ class RedisServer:
         while time.monotonic() < deadline:
             if not self.running:
                 self._reap()
-                raise LabError(f"redis-server ({self.binary}) exited during startup\n"
-                               f"{self._diagnostics()}")
+                raise LabError(
+                    f"redis-server ({self.binary}) exited during startup\n{self._diagnostics()}"
+                )
             if _pings(self._port):
                 return
             time.sleep(_POLL_INTERVAL)
         self.kill()
-        raise LabError(f"redis-server ({self.binary}) did not answer PING within "
-                       f"{START_TIMEOUT}s\n{self._diagnostics()}")
+        raise LabError(
+            f"redis-server ({self.binary}) did not answer PING within "
+            f"{START_TIMEOUT}s\n{self._diagnostics()}"
+        )
 
     def kill(self) -> None:
         """SIGKILL the server (a crash: nothing is flushed) and reap it."""
@@ -325,8 +328,9 @@ class RedisServer:
 class SentinelSetup:
     """One master, one replica and three sentinels (quorum 2) on loopback, in ``directory``."""
 
-    def __init__(self, directory: Path, *, binary: str | None = None,
-                 appendonly: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, binary: str | None = None, appendonly: bool = False
+    ) -> None:
         self.dir = directory
         self.binary = binary or redis_server_binary()
         self.appendonly = appendonly
@@ -347,8 +351,10 @@ class SentinelSetup:
     def start(self) -> None:
         self.master.start()
         self.replica = RedisServer(
-            self.dir / "replica", extra_args=["--replicaof", HOST, str(self.master.port)],
-            binary=self.binary, appendonly=self.appendonly,
+            self.dir / "replica",
+            extra_args=["--replicaof", HOST, str(self.master.port)],
+            binary=self.binary,
+            appendonly=self.appendonly,
         )
         self.replica.start()
         for i in range(3):

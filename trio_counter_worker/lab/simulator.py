@@ -121,8 +121,9 @@ def clock_offset(client: redis.Redis) -> float:
 class AppSimulator:
     """The app on ``keys``, through ``client`` (``decode_responses=True``)."""
 
-    def __init__(self, client: redis.Redis, keys: Sequence[str], plan: AppPlan,
-                 rng: random.Random) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Sequence[str], plan: AppPlan, rng: random.Random
+    ) -> None:
         self.client = client
         self.plan = plan
         self.rng = rng
@@ -195,7 +196,8 @@ class AppSimulator:
         """After a SET: re-arm later, or leave the key to expire."""
         p = self.plan
         if (p.max_rearms is None or c.rearms < p.max_rearms) and (
-                self.rng.random() < p.rearm_chance):
+            self.rng.random() < p.rearm_chance
+        ):
             c.state = "rearm"
             c.next_at = time.monotonic() + ttl_ms / 1000 * self.rng.uniform(*p.rearm_at)
         else:
@@ -204,8 +206,9 @@ class AppSimulator:
     def expire(self, c: Counter) -> None:
         """Leave the key alone until its deadline: an inactivity episode."""
         deadline = c.deadline_ms / 1000 - self.offset
-        e = Episode(len(self.episodes) + 1, c.key, c.deadline_ms, deadline, c.began,
-                    tuple(c.earlier))
+        e = Episode(
+            len(self.episodes) + 1, c.key, c.deadline_ms, deadline, c.began, tuple(c.earlier)
+        )
         self.episodes.append(e)
         self.by_key[c.key].append(e)
         c.state = "expiring"
@@ -262,8 +265,7 @@ def match_posts(
         if best is not None:
             exact[best.number].append(post)
             continue
-        owner = next((e for e in mine
-                      if any(abs(d - at_ms) <= slack_ms for d in e.earlier)), None)
+        owner = next((e for e in mine if any(abs(d - at_ms) <= slack_ms for d in e.earlier)), None)
         if owner is not None:
             earlier[owner.number].append(post)
         else:
@@ -283,7 +285,7 @@ class Settle:
     resolved_at: float | None = None  # when everything was first delivered
 
     def check(self, mono: float, last_deadline: float, all_delivered: bool) -> str:
-        """"wait", "done", or "gave up"."""
+        """ "wait", "done", or "gave up"."""
         if self.until is None:
             self.until = mono + max(0.0, last_deadline - time.time()) + self.grace
         if all_delivered:

@@ -13,8 +13,19 @@ import attrs
 __all__ = ["DEFAULT_FAULTS", "FAULT_KINDS", "PROG", "Options", "parse_options"]
 
 PROG = "trio-counter-worker chaos"
-FAULT_KINDS = ("kill", "term", "stop", "redis", "http5xx", "httphang", "poison", "flags",
-               "slow", "partition", "failover")
+FAULT_KINDS = (
+    "kill",
+    "term",
+    "stop",
+    "redis",
+    "http5xx",
+    "httphang",
+    "poison",
+    "flags",
+    "slow",
+    "partition",
+    "failover",
+)
 DEFAULT_FAULTS = FAULT_KINDS[:-1]  # failover needs --topology sentinel: asked for by name
 LEADER_FAULTS = frozenset({"kill", "term", "stop"})
 RESTART_FAULTS = frozenset({"redis", "failover"})  # Redis itself changes under the workers
@@ -184,54 +195,120 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--replicas", type=int, default=3, metavar="N",
-                   help="replica processes (default 3)")
-    p.add_argument("--duration", type=float, default=30.0, metavar="SECONDS",
-                   help="how long the app is active and faults are injected (default 30)")
-    p.add_argument("--fault-every", type=float, default=3.0, metavar="SECONDS",
-                   help="one fault this often (default 3.0)")
-    p.add_argument("--faults", default=",".join(DEFAULT_FAULTS), metavar="KINDS",
-                   help=f"comma-separated, from {','.join(FAULT_KINDS)}, or none "
-                   "(default all but failover)")
-    p.add_argument("--counters", type=int, default=20, metavar="N",
-                   help="distinct counter keys cycling through episodes (default 20)")
-    p.add_argument("--ttl-ms", default="1500:3000", metavar="MIN:MAX",
-                   help="TTL range of each SET, ms; MIN must be at least the lease + "
-                   f"{TTL_MARGIN_MS} ms (default 1500:3000)")
-    p.add_argument("--lease-ms", type=int, default=1000, metavar="MS",
-                   help="the replicas' LEASE_TTL_MS, 500-5000 (default 1000)")
-    p.add_argument("--redis-url", metavar="URL",
-                   help="use this Redis instead of starting one (keys under a unique "
-                   "chaos-<random>: prefix, deleted afterwards; no redis fault)")
-    p.add_argument("--poison-keys", default="25%", metavar="N|P%",
-                   help="poison: how many counter keys are refused, a count or a share "
-                   "(default 25%%)")
-    p.add_argument("--poison-seconds", type=float, default=2.0, metavar="SECONDS",
-                   help=f"poison: how long they are refused, at most {MAX_POISON_SECONDS:g} "
-                   "(default 2)")
-    p.add_argument("--poison-status", type=int, default=404, metavar="CODE",
-                   help="poison: the 4xx status answered (default 404)")
-    p.add_argument("--slow-ms", type=int, default=50, metavar="MS",
-                   help="slow: latency added to each Redis round trip, ms, at most half the "
-                   "lease (default 50)")
-    p.add_argument("--slow-for", default="3", metavar="SECONDS|run",
-                   help="slow: how long each slow fault lasts, s, or run: the whole run "
-                   "(default 3)")
-    p.add_argument("--partition-seconds", type=float, metavar="SECONDS",
-                   help="partition: how long Redis traffic is blackholed, s, at least the "
-                   f"lease, at most {MAX_PARTITION_SECONDS:g} (default twice the lease)")
-    p.add_argument("--partition-target", choices=("leader", "all"), default="leader",
-                   help="partition: cut off the leader only, or every replica (default "
-                   "leader)")
-    p.add_argument("--topology", choices=("single", "sentinel"), default="single",
-                   help="single: one redis-server; sentinel: a master, a replica and three "
-                   "sentinels, the replicas configured through REDIS_SENTINELS (default "
-                   "single)")
+    p.add_argument(
+        "--replicas", type=int, default=3, metavar="N", help="replica processes (default 3)"
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long the app is active and faults are injected (default 30)",
+    )
+    p.add_argument(
+        "--fault-every",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="one fault this often (default 3.0)",
+    )
+    p.add_argument(
+        "--faults",
+        default=",".join(DEFAULT_FAULTS),
+        metavar="KINDS",
+        help=f"comma-separated, from {','.join(FAULT_KINDS)}, or none (default all but failover)",
+    )
+    p.add_argument(
+        "--counters",
+        type=int,
+        default=20,
+        metavar="N",
+        help="distinct counter keys cycling through episodes (default 20)",
+    )
+    p.add_argument(
+        "--ttl-ms",
+        default="1500:3000",
+        metavar="MIN:MAX",
+        help="TTL range of each SET, ms; MIN must be at least the lease + "
+        f"{TTL_MARGIN_MS} ms (default 1500:3000)",
+    )
+    p.add_argument(
+        "--lease-ms",
+        type=int,
+        default=1000,
+        metavar="MS",
+        help="the replicas' LEASE_TTL_MS, 500-5000 (default 1000)",
+    )
+    p.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="use this Redis instead of starting one (keys under a unique "
+        "chaos-<random>: prefix, deleted afterwards; no redis fault)",
+    )
+    p.add_argument(
+        "--poison-keys",
+        default="25%",
+        metavar="N|P%",
+        help="poison: how many counter keys are refused, a count or a share (default 25%%)",
+    )
+    p.add_argument(
+        "--poison-seconds",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help=f"poison: how long they are refused, at most {MAX_POISON_SECONDS:g} (default 2)",
+    )
+    p.add_argument(
+        "--poison-status",
+        type=int,
+        default=404,
+        metavar="CODE",
+        help="poison: the 4xx status answered (default 404)",
+    )
+    p.add_argument(
+        "--slow-ms",
+        type=int,
+        default=50,
+        metavar="MS",
+        help="slow: latency added to each Redis round trip, ms, at most half the "
+        "lease (default 50)",
+    )
+    p.add_argument(
+        "--slow-for",
+        default="3",
+        metavar="SECONDS|run",
+        help="slow: how long each slow fault lasts, s, or run: the whole run (default 3)",
+    )
+    p.add_argument(
+        "--partition-seconds",
+        type=float,
+        metavar="SECONDS",
+        help="partition: how long Redis traffic is blackholed, s, at least the "
+        f"lease, at most {MAX_PARTITION_SECONDS:g} (default twice the lease)",
+    )
+    p.add_argument(
+        "--partition-target",
+        choices=("leader", "all"),
+        default="leader",
+        help="partition: cut off the leader only, or every replica (default leader)",
+    )
+    p.add_argument(
+        "--topology",
+        choices=("single", "sentinel"),
+        default="single",
+        help="single: one redis-server; sentinel: a master, a replica and three "
+        "sentinels, the replicas configured through REDIS_SENTINELS (default "
+        "single)",
+    )
     p.add_argument("--seed", type=int, help="random seed (default: random, printed)")
-    p.add_argument("--json", action="store_true",
-                   help="print only one JSON object, on the last line of stdout")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the temp directory (replica logs, Redis files) and print it")
+    p.add_argument(
+        "--json", action="store_true", help="print only one JSON object, on the last line of stdout"
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temp directory (replica logs, Redis files) and print it",
+    )
     return p
 
 
@@ -254,8 +331,10 @@ def parse_options(argv: Sequence[str]) -> Options:
         kinds = []
     unknown = [k for k in kinds if k not in FAULT_KINDS]
     if unknown:
-        parser.error(f"--faults: unknown {', '.join(unknown)}; choose from "
-                     f"{', '.join(FAULT_KINDS)} (or none)")
+        parser.error(
+            f"--faults: unknown {', '.join(unknown)}; choose from "
+            f"{', '.join(FAULT_KINDS)} (or none)"
+        )
     if a.topology == "sentinel" and a.redis_url:
         parser.error("--topology sentinel starts its own servers: leave out --redis-url")
     if "failover" in kinds and a.topology != "sentinel":
@@ -294,17 +373,23 @@ def parse_options(argv: Sequence[str]) -> Options:
             if count < 1:
                 raise ValueError(spec)
     except ValueError:
-        parser.error(f"--poison-keys must be a count of keys (1 or more) or a share such as "
-                     f"25%, got {a.poison_keys!r}")
+        parser.error(
+            f"--poison-keys must be a count of keys (1 or more) or a share such as "
+            f"25%, got {a.poison_keys!r}"
+        )
     if not 0 < a.poison_seconds <= MAX_POISON_SECONDS:
-        parser.error(f"--poison-seconds must be more than 0 and at most "
-                     f"{MAX_POISON_SECONDS:g}, got {a.poison_seconds:g}")
+        parser.error(
+            f"--poison-seconds must be more than 0 and at most "
+            f"{MAX_POISON_SECONDS:g}, got {a.poison_seconds:g}"
+        )
     if not 400 <= a.poison_status <= 499:
         parser.error(f"--poison-status must be a 4xx status, got {a.poison_status}")
     if not 1 <= a.slow_ms <= a.lease_ms // 2:
-        parser.error(f"--slow-ms must be between 1 and half the lease ({a.lease_ms // 2} ms), "
-                     f"got {a.slow_ms}: beyond that every renewal risks the step-down "
-                     "deadline, which is a different test")
+        parser.error(
+            f"--slow-ms must be between 1 and half the lease ({a.lease_ms // 2} ms), "
+            f"got {a.slow_ms}: beyond that every renewal risks the step-down "
+            "deadline, which is a different test"
+        )
     slow_for: float | None = None  # the whole run
     if a.slow_for.strip() != "run":
         bad = f"--slow-for must be a number of seconds or run, got {a.slow_for!r}"
@@ -316,17 +401,32 @@ def parse_options(argv: Sequence[str]) -> Options:
             parser.error(bad)
     partition = a.partition_seconds
     if partition is not None and not a.lease_ms / 1000 <= partition <= MAX_PARTITION_SECONDS:
-        parser.error(f"--partition-seconds must be at least the lease ({a.lease_ms / 1000:g} s: "
-                     "a shorter one need not make the leader step down) and at most "
-                     f"{MAX_PARTITION_SECONDS:g}, got {partition:g}")
+        parser.error(
+            f"--partition-seconds must be at least the lease ({a.lease_ms / 1000:g} s: "
+            "a shorter one need not make the leader step down) and at most "
+            f"{MAX_PARTITION_SECONDS:g}, got {partition:g}"
+        )
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1, 1_000_000)
     opts = Options(
-        replicas=a.replicas, duration=a.duration, fault_every=a.fault_every,
-        faults=tuple(dict.fromkeys(kinds)), counters=a.counters, ttl_ms=(low, high),
-        lease_ms=a.lease_ms, redis_url=a.redis_url, seed=seed, json=a.json, keep=a.keep,
-        poison_count=count, poison_share=share, poison_seconds=a.poison_seconds,
-        poison_status=a.poison_status, slow_ms=a.slow_ms, slow_for=slow_for,
-        partition_seconds=partition, partition_target=a.partition_target,
+        replicas=a.replicas,
+        duration=a.duration,
+        fault_every=a.fault_every,
+        faults=tuple(dict.fromkeys(kinds)),
+        counters=a.counters,
+        ttl_ms=(low, high),
+        lease_ms=a.lease_ms,
+        redis_url=a.redis_url,
+        seed=seed,
+        json=a.json,
+        keep=a.keep,
+        poison_count=count,
+        poison_share=share,
+        poison_seconds=a.poison_seconds,
+        poison_status=a.poison_status,
+        slow_ms=a.slow_ms,
+        slow_for=slow_for,
+        partition_seconds=partition,
+        partition_target=a.partition_target,
         topology=a.topology,
     )
     gap_ms = round(opts.partition_gap * 1000)

@@ -28,8 +28,12 @@ def percentiles(values: Iterable[float]) -> Stats:
     def rank(p: float) -> float:
         return s[max(0, math.ceil(p * len(s)) - 1)]
 
-    return {"n": len(s), "p50": round(rank(0.5) * 1000, 1),
-            "p99": round(rank(0.99) * 1000, 1), "max": round(s[-1] * 1000, 1)}
+    return {
+        "n": len(s),
+        "p50": round(rank(0.5) * 1000, 1),
+        "p99": round(rank(0.99) * 1000, 1),
+        "max": round(s[-1] * 1000, 1),
+    }
 
 
 def ms(seconds: float | None) -> str:
@@ -121,8 +125,11 @@ class FaultStats:
     detail: Detail | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"count": self.count, "affected_episodes": self.affected_episodes,
-                               "latency_ms": self.latency_ms}
+        out: dict[str, Any] = {
+            "count": self.count,
+            "affected_episodes": self.affected_episodes,
+            "latency_ms": self.latency_ms,
+        }
         for part in (self.failover, self.detail):
             if part is not None:
                 out.update(attrs.asdict(part))
@@ -269,8 +276,12 @@ def format_report(r: Report) -> str:
         ("reset latency p50 / p99 / max", lat(r.latency_ms)),
     ]
     if r.rejected or r.truncated:
-        rows.append(("requests rejected / cut short", f"{r.rejected} (bad secret or body) / "
-                     f"{r.truncated} (sender killed mid-request)"))
+        rows.append(
+            (
+                "requests rejected / cut short",
+                f"{r.rejected} (bad secret or body) / {r.truncated} (sender killed mid-request)",
+            )
+        )
     if r.unexpected_exits:
         rows.append(("replicas that exited unexpectedly", ", ".join(r.unexpected_exits)))
     if r.replica_errors:
@@ -279,8 +290,11 @@ def format_report(r: Report) -> str:
     lines = ["", "summary", "-" * (width + 30)]
     lines += [f"  {name:<{width}}  {value}" for name, value in rows]
     if r.faults:
-        lines += ["", f"  {'fault':<9} {'count':>5}  {'failover p50 / p99 / max':<28}"
-                  "latency of resets due meanwhile p50 / p99 / max"]
+        lines += [
+            "",
+            f"  {'fault':<9} {'count':>5}  {'failover p50 / p99 / max':<28}"
+            "latency of resets due meanwhile p50 / p99 / max",
+        ]
         for kind, f in r.faults.items():
             failover = "(none)"
             if f.failover is not None:
@@ -295,25 +309,33 @@ def format_report(r: Report) -> str:
             if f.count:
                 lines += [f"  {'':<9} {'':>5}  {text}" for text in _fault_details(f)]
     for m in r.missed_episodes:
-        lines.append(f"  missed: episode {m.episode} {m.key} deadline {m.deadline_ms} "
-                     f"(+{m.at_s:.2f} s), {m.attempts} attempt(s): {m.why}")
+        lines.append(
+            f"  missed: episode {m.episode} {m.key} deadline {m.deadline_ms} "
+            f"(+{m.at_s:.2f} s), {m.attempts} attempt(s): {m.why}"
+        )
     for d in r.doubled_episodes:
         lines.append(f"  doubled: episode {d.episode} {d.key}: {', '.join(d.reset_ids)}")
     for x in r.stale_episodes:
-        lines.append(f"  replaced deadline: episode {x.episode} {x.key} deadline "
-                     f"{x.deadline_ms}, reset with expired_at {x.expired_at_ms}: {x.why}")
+        lines.append(
+            f"  replaced deadline: episode {x.episode} {x.key} deadline "
+            f"{x.deadline_ms}, reset with expired_at {x.expired_at_ms}: {x.why}"
+        )
     for u in r.unexplained_resets[:10]:
-        lines.append(f"  unexplained: {u.key} expired_at {u.expired_at} reset_id "
-                     f"{u.reset_id} by {u.replica_id}")
+        lines.append(
+            f"  unexplained: {u.key} expired_at {u.expired_at} reset_id "
+            f"{u.reset_id} by {u.replica_id}"
+        )
     for note in r.notes:
         lines.append(f"  note: {note}")
     if r.ok:
-        lines.append("result: OK — one reset per episode, none missed"
-                     + (f" ({r.duplicates} duplicate POST(s), same reset_id)"
-                        if r.duplicates else ""))
+        lines.append(
+            "result: OK — one reset per episode, none missed"
+            + (f" ({r.duplicates} duplicate POST(s), same reset_id)" if r.duplicates else "")
+        )
     else:
-        lines.append("result: FAILED — see the rows above"
-                     + ("" if r.episodes else " (no episodes ran)"))
+        lines.append(
+            "result: FAILED — see the rows above" + ("" if r.episodes else " (no episodes ran)")
+        )
     if r.logs:
         lines.append(f"logs kept in {r.logs}")
     return "\n".join(lines) + "\n"
@@ -329,29 +351,38 @@ def _fault_details(f: FaultStats) -> list[str]:
     """The table's extra lines for one fault kind."""
     d = f.detail
     if isinstance(d, RedisStats):
-        return [f"down {stats_text(d.down_ms)}; leader reconciled after "
-                f"{stats_text(d.resync_ms)}"]
+        return [f"down {stats_text(d.down_ms)}; leader reconciled after {stats_text(d.resync_ms)}"]
     if isinstance(d, PoisonStats):
-        return [f"{d.refused_answers} answers {d.status} to {d.refused_keys} key(s); "
-                f"{d.refused_episodes} refused episode(s), latency "
-                f"{stats_text(d.refused_latency_ms)} (the line above: the others)"]
+        return [
+            f"{d.refused_answers} answers {d.status} to {d.refused_keys} key(s); "
+            f"{d.refused_episodes} refused episode(s), latency "
+            f"{stats_text(d.refused_latency_ms)} (the line above: the others)"
+        ]
     if isinstance(d, FlagsStats):
         shown = ", ".join(repr(v) for v in d.rewritten_to)
-        return [f"rewritten to {shown}; restored {d.restored} time(s) after "
-                f"{stats_text(d.restore_ms)}; rescanned after {stats_text(d.rescan_ms)}"
-                + (f"; {d.timeouts} timed out" if d.timeouts else ""),
-                f"{d.sets_while_off} SET(s) made while the flags were off (TTL at least "
-                f"{FLAGS_TTL_MS} ms)"]
+        return [
+            f"rewritten to {shown}; restored {d.restored} time(s) after "
+            f"{stats_text(d.restore_ms)}; rescanned after {stats_text(d.rescan_ms)}"
+            + (f"; {d.timeouts} timed out" if d.timeouts else ""),
+            f"{d.sets_while_off} SET(s) made while the flags were off (TTL at least "
+            f"{FLAGS_TTL_MS} ms)",
+        ]
     if isinstance(d, SlowStats):
         span = "the whole run" if d.whole_run else "each fault"
-        return [f"+{d.slow_ms} ms per round trip for {span}; a PING through a proxy "
-                f"{stats_text(d.probe_ms)}, directly {stats_text(d.direct_ms)}"]
+        return [
+            f"+{d.slow_ms} ms per round trip for {span}; a PING through a proxy "
+            f"{stats_text(d.probe_ms)}, directly {stats_text(d.direct_ms)}"
+        ]
     if isinstance(d, SwitchStats):
-        return [f"the sentinels named the new master after {stats_text(d.switch_ms)}; the "
-                f"workers had left the old one after {stats_text(d.left_old_master_ms)}; "
-                f"leader reconciled {stats_text(d.resync_ms)} after the switch"]
+        return [
+            f"the sentinels named the new master after {stats_text(d.switch_ms)}; the "
+            f"workers had left the old one after {stats_text(d.left_old_master_ms)}; "
+            f"leader reconciled {stats_text(d.resync_ms)} after the switch"
+        ]
     if isinstance(d, PartitionStats):
-        return [f"target {d.target}; the leader stepped down {d.stepped_down} time(s), "
-                f"logged after {stats_text(d.stepped_down_ms)}; a standby took over "
-                f"{d.standby_took_over} of {f.count}"]
+        return [
+            f"target {d.target}; the leader stepped down {d.stepped_down} time(s), "
+            f"logged after {stats_text(d.stepped_down_ms)}; a standby took over "
+            f"{d.standby_took_over} of {f.count}"
+        ]
     return []

