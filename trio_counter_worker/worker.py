@@ -308,12 +308,15 @@ async def open_worker(
 
 
 async def _start_on_redis(bridge: RedisBridge, config: Config) -> None:
-    """Wait for Redis, then check every permission the worker needs. A refusal that is a
-    bad setting raises its ConfigError; Redis going away meanwhile is waited out."""
+    """Wait for Redis to answer, then check every permission the worker needs. A refusal
+    that is a bad setting raises its ConfigError; Redis unreachable, or going away during
+    the checks, is waited out with backoff."""
     backoff = Backoff()
     while True:
-        await _wait_for_redis(bridge, config)
+        what = "unreachable"
         try:
+            await bridge.ping()
+            what = "failed during the start-up checks"
             await bridge.preflight()
             return
         except RedisRefused as exc:
@@ -325,34 +328,11 @@ async def _start_on_redis(bridge: RedisBridge, config: Config) -> None:
         except RedisUnavailable as exc:
             delay = backoff.next()
             log.warning(
-                "Redis at %s failed during the start-up checks (%s); retrying in %.1f s",
+                "Redis at %s %s (%s); retrying in %.1f s (check REDIS_HOST/REDIS_PORT or "
+                "REDIS_URL)",
                 config.redis_location,
+                what,
                 exc,
                 delay,
             )
         await trio.sleep(delay)
-
-
-async def _wait_for_redis(bridge: RedisBridge, config: Config) -> None:
-    backoff = Backoff()
-    while True:
-        try:
-            await bridge.ping()
-            return
-        except RedisRefused as exc:
-            start_error = exc.at_start()
-            if start_error is not exc:
-                raise start_error from None
-            delay = backoff.next()
-            log.error("Redis at %s: %s; retrying in %.1f s", config.redis_location, exc, delay)
-            await trio.sleep(delay)
-        except RedisUnavailable as exc:
-            delay = backoff.next()
-            log.warning(
-                "Redis at %s unreachable (%s); retrying in %.1f s "
-                "(check REDIS_HOST/REDIS_PORT or REDIS_URL)",
-                config.redis_location,
-                exc,
-                delay,
-            )
-            await trio.sleep(delay)
