@@ -159,7 +159,7 @@ class Fault:
     failover: float | None = None  # seconds, once a leader is back
     timed_out: bool = False
     effect_end: float | None = None  # wall clock: leader back, or backend healthy again
-    restarted: float | None = None  # redis: wall clock when it answered again; failover:
+    restarted: float | None = None  # redis: wall clock when it was started again; failover:
     # when the sentinels named the new master
     down: float | None = None  # redis: kill -> answering again, seconds
     expiry_before: float | None = None  # redis: the lease's expiry (wall) before the kill
@@ -909,9 +909,11 @@ class Chaos:
         port = self.server.port
         f.fired = time.time()
         self.server.kill()
-        self.server.start()  # on the same port
+        # Noted before starting it: a worker may reconnect and reconcile before start()
+        # has seen the server answer, and such a reconcile must count as after it.
         f.restarted = time.time()
-        f.down = f.restarted - f.fired
+        self.server.start()  # on the same port
+        f.down = time.time() - f.fired
         self.client.connection_pool.disconnect()  # the old connections are dead
         self.event(
             f"fault {f.number}: redis-server killed (SIGKILL) and restarted on port "
