@@ -228,6 +228,9 @@ class Report:
     duplicates: int  # 2xx answers beyond the first for one reset_id
     unexplained: int
     stale_expired_at: int
+    # resets whose expired_at is when the leader saw the expiry: the key was set and
+    # expired while no leader had reconciled yet (its `expired` event vouched for it)
+    seen_expired_at: int
     requests: int
     failed_attempts: int
     rejected: int
@@ -272,6 +275,7 @@ def format_report(r: Report) -> str:
         ("resets no episode explains", str(r.unexplained)),
         ("duplicate POSTs (2xx again, same id)", str(r.duplicates)),
         ("resets under a replaced deadline", str(r.stale_expired_at)),
+        ("resets dated when the expiry was seen", str(r.seen_expired_at)),
         ("failed attempts (4xx, 5xx or hung)", f"{r.failed_attempts} of {r.requests} POSTs"),
         ("reset latency p50 / p99 / max", lat(r.latency_ms)),
     ]

@@ -1122,7 +1122,10 @@ class Chaos:
 
     def no_leader_windows(self) -> list[tuple[float, float]]:
         """Wall-clock spans without a working leader: no lease held, or the fault until a
-        leader was back (a frozen leader holds a lease and does nothing)."""
+        leader was back (a frozen leader holds a lease and does nothing). A leader logs
+        "reconciled" once its look at every key is queued; the looks take a few more
+        round trips (``settle``), so a span ends that much after it."""
+        settle = 0.02 + (5 * self.opts.slow_ms / 1000 if "slow" in self.kinds else 0.0)
         spans = list(self.gaps)
         if self.gap_start is not None:
             spans.append((self.gap_start, time.time()))
@@ -1139,7 +1142,7 @@ class Chaos:
                     ),
                     default=f.effect_end,
                 )
-                spans.append((f.fired, max(f.effect_end, working)))
+                spans.append((f.fired, max(f.effect_end, working + settle)))
         spans.sort()
         merged: list[tuple[float, float]] = []
         for start, end in spans:
@@ -1164,6 +1167,25 @@ class Chaos:
                 )
         return "not explained by a documented limit"
 
+    def seen_episode(self, p: ResetPost, windows: list[tuple[float, float]]) -> Episode | None:
+        """The episode a reset dated when its expiry was seen belongs to: the key's last
+        one due before that date, due inside a span without a working leader that the
+        date falls in too (give or take a second), and not set again before it. (A key set
+        and expired before a new leader reconciled: its `expired` event vouches for it.)"""
+        at_ms = p.expired_at * 1000
+        mine = [e for e in self.sim.by_key.get(p.key, ()) if e.deadline_ms <= at_ms]
+        if not mine:
+            return None
+        e = mine[-1]
+        at = e.deadline + (at_ms - e.deadline_ms) / 1000  # this host's clock
+        later = [x for x in self.sim.by_key[p.key] if x.number > e.number]
+        if later and later[0].began <= at:
+            return None
+        for start, end in windows:
+            if start <= e.deadline <= end and at <= end + 1.0:
+                return e
+        return None
+
     def explain_stale(self, e: Episode, windows: list[tuple[float, float]]) -> str:
         for start, end in windows:
             if start <= e.deadline <= end:
@@ -1175,8 +1197,16 @@ class Chaos:
 
     def report(self) -> Report:
         matching = match_posts(self.episodes, self.posts, MATCH_SLACK_MS)
-        unexplained = list(matching.unexplained)
         windows = self.no_leader_windows()
+        unexplained: list[ResetPost] = []
+        seen = 0
+        for p in matching.unexplained:
+            owner = self.seen_episode(p, windows)
+            if owner is None:
+                unexplained.append(p)
+            else:
+                matching.exact.setdefault(owner.number, []).append(p)
+                seen += p.delivered
         missed: list[MissedEpisode] = []
         doubled: list[DoubledEpisode] = []
         stale: list[StaleEpisode] = []
@@ -1246,6 +1276,7 @@ class Chaos:
             duplicates=duplicates,
             unexplained=len(unexplained),
             stale_expired_at=len(stale),
+            seen_expired_at=seen,
             requests=len(self.posts),
             failed_attempts=sum(1 for p in self.posts if not p.delivered),
             rejected=self.ledger.rejected,
