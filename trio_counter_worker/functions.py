@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 LIBRARY_NAME = "tcw"
-LIBRARY_VERSION = "2"  # raise it with every change to the library's behaviour
+LIBRARY_VERSION = "3"  # raise it with every change to the library's behaviour
 REGISTRY_KEY = REGISTRY
 
 
@@ -245,13 +245,13 @@ end
 -- Claim, in each namespace, the key's episode if it ended unseen; returns how many.
 local function claim_ended(key, namespaces, now)
   local pttl = redis.call('PTTL', key)  -- as the claim script's touch: a due key expires
-  local at = -1
-  if pttl >= 0 then at = expire_at(key, now, pttl) end
+  -- Alive: no episode ended, and the caller records the key's new state itself.
+  if pttl >= 0 then return 0 end
   local claimed = 0
   for _, ns in ipairs(namespaces) do
     local k = {deadlines = ns .. DEADLINES, pending = ns .. PENDING, claimed = ns .. CLAIMED,
                ns = ns, markers = ns .. CLAIMS, payloads = ns .. PAYLOADS}
-    if decide(k, key, now, pttl, at, fencing_token(ns), nil).claimed then
+    if decide(k, key, now, pttl, -1, fencing_token(ns), nil).claimed then
       claimed = claimed + 1
     end
   end
