@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import secrets
 import subprocess
@@ -59,6 +60,38 @@ def log(msg: str) -> None:
 
 
 _T0 = time.monotonic()
+
+
+# An app's activity, as slowlink and touch drive it: most SETs re-armed in time, a few
+# left to expire before the key's next SET (one episode each).
+SHORT_TTL_MS = (500, 4000)
+LONG_TTL_MS = (10_500, 13_000)  # longer than a key's re-arm period (keys / rate = 10 s)
+SHORT_SHARE = 0.05
+
+
+def draw_ttl_ms(rng: random.Random) -> int:
+    """One SET's TTL: short (the key will expire) with SHORT_SHARE, else long."""
+    short = rng.random() < SHORT_SHARE
+    return rng.randint(*(SHORT_TTL_MS if short else LONG_TTL_MS))
+
+
+def paced(
+    rate: float, duration: float, start_at: float, poll: float = 0.001
+) -> Iterator[tuple[float, range, float]]:
+    """A steady ``rate`` of items per second for ``duration`` s from ``start_at`` (wall
+    clock), in ticks: yields (now, the items due since the last tick, how far behind its
+    schedule the first of them is, in seconds)."""
+    total = int(rate * duration)
+    time.sleep(max(0.0, start_at - time.time()))
+    j = 0
+    while j < total:
+        now = time.time()
+        due = min(total, int((now - start_at) * rate) + 1)
+        if due <= j:
+            time.sleep(poll)
+            continue
+        yield now, range(j, due), now - (start_at + j / rate)
+        j = due
 
 
 def wait_until(check: Callable[[], T | None], timeout: float, what: str, poll: float = 0.005) -> T:

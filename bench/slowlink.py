@@ -57,13 +57,17 @@ from trio_counter_worker.lab.servers import RedisServer
 
 from .common import (
     BASE_COMMIT,
+    LONG_TTL_MS,
     ROOT,
+    SHORT_SHARE,
+    SHORT_TTL_MS,
     CpuWindow,
     Rig,
     WorkerCode,
     code_at,
     cpu_seconds,
     deadlines_key,
+    draw_ttl_ms,
     fmt_ms,
     info,
     lease_holder,
@@ -72,6 +76,7 @@ from .common import (
     machine_busy_seconds,
     measured_code,
     numsub,
+    paced,
     ratio,
     release_channel,
     rig,
@@ -81,9 +86,6 @@ from .common import (
     write_result,
 )
 
-SHORT_TTL_MS = (500, 4000)
-LONG_TTL_MS = (10_500, 13_000)  # longer than a key's re-arm period (keys / rate = 10 s)
-SHORT_SHARE = 0.05
 SAMPLE_EVERY = 10
 AMBIGUOUS_S = 0.05  # a next SET this close to the deadline: expired or not, undecidable
 DELETE_AFTER_S = 1.0  # at the end, keys due later than this are deleted
@@ -181,23 +183,14 @@ class App(threading.Thread):
     def _run(self) -> None:
         order = list(range(self._keys))
         self._rng.shuffle(order)
-        total = int(self._rate * self._duration)
         client = self._server.client()
         try:
-            time.sleep(max(0.0, self.start_at - time.time()))
-            j = 0
-            while j < total:
-                now = time.time()
-                due = min(total, int((now - self.start_at) * self._rate) + 1)
-                if due <= j:
-                    time.sleep(0.001)
-                    continue
-                self.behind_max_s = max(self.behind_max_s, now - (self.start_at + j / self._rate))
+            for now, due, behind in paced(self._rate, self._duration, self.start_at):
+                self.behind_max_s = max(self.behind_max_s, behind)
                 pipe = client.pipeline(transaction=False)
                 batch = []
-                for i in range(j, due):
-                    short = self._rng.random() < SHORT_SHARE
-                    ttl = self._rng.randint(*(SHORT_TTL_MS if short else LONG_TTL_MS))
+                for i in due:
+                    ttl = draw_ttl_ms(self._rng)
                     rec = SetRecord(f"c:{order[i % self._keys]}", now, int(now * 1000) + ttl)
                     pipe.set(rec.key, "1", pxat=rec.deadline_ms)
                     batch.append((i, rec))
@@ -206,7 +199,6 @@ class App(threading.Thread):
                     self.sets.append(rec)
                     if i % SAMPLE_EVERY == 0:
                         self._watcher.add(rec)
-                j = due
         finally:
             client.close()
 

@@ -72,10 +72,14 @@ from trio_counter_worker.acl import acl_rule
 from trio_counter_worker.lab.servers import free_port
 
 from .common import (
+    LONG_TTL_MS,
     SECRET,
+    SHORT_SHARE,
+    SHORT_TTL_MS,
     CpuWindow,
     Rig,
     deadlines_key,
+    draw_ttl_ms,
     fmt_ms,
     info,
     lease_holder,
@@ -83,6 +87,7 @@ from .common import (
     log_problems,
     machine_busy_seconds,
     numpat,
+    paced,
     ratio,
     rig,
     summarize,
@@ -92,9 +97,6 @@ from .common import (
 
 COUNTER_KEY = "c:*"
 NAMESPACE = functions.namespace_of(COUNTER_KEY)
-SHORT_TTL_MS = (500, 4000)
-LONG_TTL_MS = (10_500, 13_000)  # longer than a key's re-arm period (keys / rate = 10 s)
-SHORT_SHARE = 0.05
 SEED_TTL_MS = 30_000  # the arming pass before the window: outlives the first re-arm
 SEED_CHUNK = 1000
 DELETE_AFTER_S = 1.0  # at the end, keys due later than this are ended by the app
@@ -207,23 +209,15 @@ class App(threading.Thread):
     def _run(self) -> None:
         order = list(range(self._keys))
         self._rng.shuffle(order)
-        total = int(self._rate * self._duration)
         client = redis.Redis(port=self._port, decode_responses=True)
         try:
-            time.sleep(max(0.0, self.start_at - time.time()))
-            j = 0
-            while j < total:
-                now = time.time()
-                due = min(total, int((now - self.start_at) * self._rate) + 1)
-                if due <= j:
-                    time.sleep(0.0005)
-                    continue
-                self.behind_max_s = max(self.behind_max_s, now - (self.start_at + j / self._rate))
+            ticks = paced(self._rate, self._duration, self.start_at, poll=0.0005)
+            for now, due, behind in ticks:
+                self.behind_max_s = max(self.behind_max_s, behind)
                 pipe = client.pipeline(transaction=False)
                 batch = []
-                for i in range(j, due):
-                    short = self._rng.random() < SHORT_SHARE
-                    ttl = self._rng.randint(*(SHORT_TTL_MS if short else LONG_TTL_MS))
+                for i in due:
+                    ttl = draw_ttl_ms(self._rng)
                     key = f"c:{order[i % self._keys]}"
                     mark(pipe, self._variant, key, ttl)
                     batch.append((key, ttl))
@@ -237,7 +231,6 @@ class App(threading.Thread):
                     else:
                         deadline = int(now * 1000) + ttl
                     self.activities.append(Activity(key, now, deadline))
-                j = due
         finally:
             client.close()
 
