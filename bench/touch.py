@@ -67,7 +67,7 @@ import httpx
 import redis
 
 from tests.support import WorkerProcess
-from trio_counter_worker import functions
+from trio_counter_worker import functions, keys
 from trio_counter_worker.acl import acl_rule
 from trio_counter_worker.lab.servers import free_port
 
@@ -245,7 +245,7 @@ def worker_user(r: Rig, variant: Variant) -> str:
     rule = acl_rule(COUNTER_KEY, NAMESPACE, 0).split()
     if not variant.notifications:
         rule = [part for part in rule if part != "+config|set"]
-    rule += [f"~{functions.REGISTRY_KEY}", "+fcall_ro", "+function|load"]
+    rule += [f"~{keys.REGISTRY}", "+fcall_ro", "+function|load"]
     r.client.execute_command("ACL", "SETUSER", "worker", "reset", "on", f">{password}", *rule)
     return password
 
@@ -290,7 +290,7 @@ def wait_ready(r: Rig, variant: Variant) -> str:
     leader = wait_until(lambda: lease_holder(r.client, COUNTER_KEY), 30, "a leader")
     wait_until(lambda: numpat(r.client) >= 1, 30, "the leader's keyspace subscription")
     wait_until(
-        lambda: r.client.hget(functions.REGISTRY_KEY, NAMESPACE),
+        lambda: r.client.hget(keys.REGISTRY, NAMESPACE),
         30,
         "the leader's registration of the deployment",
     )

@@ -37,7 +37,6 @@ from trio_counter_worker.errors import FunctionsUnavailable
 from trio_counter_worker.functions import (
     GLOB,
     LIBRARY_VERSION,
-    REGISTRY_KEY,
     app_acl_rule,
     install,
     namespace_of,
@@ -51,6 +50,7 @@ from trio_counter_worker.keys import (
     LEASE,
     PAYLOADS,
     PENDING,
+    REGISTRY,
     TOUCHED,
 )
 from trio_counter_worker.keyspace import key_bytes
@@ -60,7 +60,7 @@ from trio_counter_worker.redis_cluster import ClusterBridge
 
 # Three deployments: "c:x" matches two of them, "c:xy" one, "e:x" none.
 PATTERNS = ("c:*", "c:?", "d:*")
-REGISTRY = {namespace_of(p): p for p in PATTERNS}
+DEPLOYMENTS = {namespace_of(p): p for p in PATTERNS}
 CLI_TIMEOUT = 15.0
 END = "tcw:{end of call}" + TOUCHED
 
@@ -195,13 +195,13 @@ TTL_MS = 60_000
 
 def _arrange(r: redis.Redis, case: Case, key: str, now: int) -> list[touch_spec.Deployment]:
     r.flushdb()
-    for ns, pattern in REGISTRY.items():
-        r.hset(REGISTRY_KEY, ns, pattern)
+    for ns, pattern in DEPLOYMENTS.items():
+        r.hset(REGISTRY, ns, pattern)
     if case.pttl == -1:
         r.set(key, "old")
     elif case.pttl >= 0:
         r.set(key, "old", px=case.pttl)
-    namespaces = touch_spec.matching(REGISTRY, key)
+    namespaces = touch_spec.matching(DEPLOYMENTS, key)
     assert len(namespaces) == case.width, (key, namespaces)
     deployments = []
     for i, ns in enumerate(namespaces):
@@ -226,7 +226,7 @@ def _observed(r: redis.Redis, key: str, sub: Any, function: str, args: list[Any]
     answer = r.fcall(function, 1, key, *args)
     after = _redis_now(r)
     claims, tombstones = [], []
-    for ns in REGISTRY:
+    for ns in DEPLOYMENTS:
         for raw in r.hvals(ns + PENDING):
             rec = json.loads(raw)
             assert rec["key"] == key
@@ -246,8 +246,8 @@ def _observed(r: redis.Redis, key: str, sub: Any, function: str, args: list[Any]
         "claims": sorted(claims),
         "tombstones": all(tombstones),
         "touched": sorted(touched),
-        "deadlines": {ns: r.zscore(ns + DEADLINES, key) for ns in REGISTRY},
-        "payloads": {ns: r.hget(ns + PAYLOADS, key) for ns in REGISTRY},
+        "deadlines": {ns: r.zscore(ns + DEADLINES, key) for ns in DEPLOYMENTS},
+        "payloads": {ns: r.hget(ns + PAYLOADS, key) for ns in DEPLOYMENTS},
         "value": r.get(key),
         "pttl": r.pttl(key),
     }
@@ -290,7 +290,7 @@ def _check(
     assert got["tombstones"], case
     assert got["touched"] == sorted(want.namespaces), case
     assert got["answer"][1:] == [len(want.namespaces), len(want.claims)], case
-    for ns in REGISTRY:
+    for ns in DEPLOYMENTS:
         told = ns in want.namespaces
         deadline = got["deadlines"][ns]
         if want.deadline is not None and told:
@@ -365,7 +365,7 @@ def test_binary_names_and_payloads(r: redis.Redis, redis_server: RedisServer) ->
     ns = namespace_of(pattern.decode("utf-8", "surrogateescape"))
     install(r, pattern.decode("utf-8", "surrogateescape"))
     with redis_server.client(decode_responses=False) as raw:
-        assert raw.hget(REGISTRY_KEY, key_bytes(ns)) == pattern
+        assert raw.hget(REGISTRY, key_bytes(ns)) == pattern
         deadline = _redis_now(r) - 2_000
         raw.zadd(key_bytes(ns + DEADLINES), {key: deadline})
         assert raw.fcall("tcw_touch", 1, key, 5000, payload)[1:] == [1, 1]
@@ -421,7 +421,7 @@ def test_the_app_acl_rule_is_enough(r: redis.Redis, redis_server: RedisServer) -
     """An app user with exactly app_acl_rule can touch, claim an ended episode, and end
     one; without it, Redis refuses inside the function."""
     ns = namespace_of("c:*")
-    r.hdel(REGISTRY_KEY, namespace_of("c:?"), namespace_of("d:*"))
+    r.hdel(REGISTRY, namespace_of("c:?"), namespace_of("d:*"))
     r.execute_command(  # type: ignore[no-untyped-call, unused-ignore]
         "ACL", "SETUSER", "app", "on", ">pw", *app_acl_rule("c:*").split()
     )
@@ -514,7 +514,7 @@ def test_touched_counters_are_reset_on_time_without_notifications(
 def test_install_replaces_and_registers(r: redis.Redis) -> None:
     assert r.fcall_ro("tcw_version", 0) == LIBRARY_VERSION
     assert install(r) == LIBRARY_VERSION  # again: REPLACE
-    assert r.hgetall(REGISTRY_KEY) == REGISTRY
+    assert r.hgetall(REGISTRY) == DEPLOYMENTS
     with pytest.raises(ValueError, match="could match the worker's own keys"):
         install(r, "tcw:*")
     r.fcall("tcw_touch", 1, "z:1", 100)  # matches no deployment: still set

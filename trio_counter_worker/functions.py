@@ -59,7 +59,6 @@ __all__ = [
     "LIBRARY",
     "LIBRARY_NAME",
     "LIBRARY_VERSION",
-    "REGISTRY_KEY",
     "Installed",
     "app_acl_rule",
     "ensure",
@@ -70,7 +69,6 @@ __all__ = [
 
 LIBRARY_NAME = "tcw"
 LIBRARY_VERSION = "3"  # raise it with every change to the library's behaviour
-REGISTRY_KEY = REGISTRY
 
 
 # What an app's Redis user calls: FCALL, and every command the functions call (Redis
@@ -106,9 +104,7 @@ def app_acl_rule(counter_key: str) -> str:
     activity on the keys of one deployment through the library."""
     ns = namespace_of(counter_key)
     commands = " ".join(f"+{c}" for c in APP_COMMANDS)
-    return (
-        f"resetkeys ~{counter_key} ~{REGISTRY_KEY} ~{ns}:* resetchannels &{ns}:* -@all {commands}"
-    )
+    return f"resetkeys ~{counter_key} ~{REGISTRY} ~{ns}:* resetchannels &{ns}:* -@all {commands}"
 
 
 def _lua(text: str) -> str:
@@ -190,7 +186,7 @@ _CONSTANTS = "\n".join(
     f"local {name} = {value}"
     for name, value in {
         "VERSION": _lua(LIBRARY_VERSION),
-        "REGISTRY": _lua(REGISTRY_KEY),
+        "REGISTRY": _lua(REGISTRY),
         "OWN_PREFIX": _lua(OWN_KEY_PREFIX),
         "MAX_PAYLOAD": touch_spec.MAX_PAYLOAD_BYTES,
         "MAX_TTL_DIGITS": touch_spec.MAX_TTL_DIGITS,
@@ -360,9 +356,9 @@ def install_details(client: Any, counter_key: str | None = None) -> Installed:
     except rexc.ResponseError as exc:
         raise FunctionsUnavailable(_load_refused(exc, redis_version)) from None
     if counter_key is not None:
-        client.hset(REGISTRY_KEY, namespace_of(counter_key), counter_key)
+        client.hset(REGISTRY, namespace_of(counter_key), counter_key)
     return Installed(
-        LIBRARY_VERSION, previous, redis_version or "unknown", client.hgetall(REGISTRY_KEY)
+        LIBRARY_VERSION, previous, redis_version or "unknown", client.hgetall(REGISTRY)
     )
 
 
@@ -376,7 +372,7 @@ def ensure(client: Any, counter_key: str) -> str:
         loaded = None
     if loaded != LIBRARY_VERSION:
         return install(client, counter_key)
-    client.hset(REGISTRY_KEY, namespace_of(counter_key), counter_key)
+    client.hset(REGISTRY, namespace_of(counter_key), counter_key)
     return LIBRARY_VERSION
 
 
@@ -398,7 +394,7 @@ def _load_refused(exc: Exception, redis_version: str | None) -> str:
     if "NOPERM" in text or "no permissions" in text:
         return (
             f"Redis refused FUNCTION LOAD ({text}): run install-functions as a user "
-            f"with +function|load and ~{REGISTRY_KEY}, or as an admin"
+            f"with +function|load and ~{REGISTRY}, or as an admin"
         )
     return f"Redis refused the library ({text}): see the README, 'Touch'"
 
@@ -452,7 +448,7 @@ def install_command(
         )
     if not done.registry:
         out.write(
-            f"no deployment registered in {REGISTRY_KEY}: tcw_touch sets keys but "
+            f"no deployment registered in {REGISTRY}: tcw_touch sets keys but "
             "records no deadline until one is (--counter-key PATTERN)\n"
         )
     for ns, pattern in sorted(done.registry.items()):

@@ -94,22 +94,6 @@ class Keys:
         """Hash counter key -> the payload of its episode (tcw_touch)."""
         return self.namespace + PAYLOADS
 
-    @property
-    def state_keys(self) -> list[str]:
-        """Every key the deployment writes: what `chaos --redis-url` cleans up."""
-        return [
-            self.lease,
-            self.epoch,
-            self.deadlines,
-            self.pending,
-            self.claimed,
-            self.failing,
-            self.dead,
-            self.seen,
-            self.preflight,
-            self.payloads,
-        ]
-
     # -- channels ---------------------------------------------------------------------
 
     @property
