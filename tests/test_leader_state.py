@@ -147,6 +147,15 @@ def test_a_redeliver_request_is_reported_and_markers_of_others_are_ignored() -> 
     assert s.take(10) is None
 
 
+def test_a_touch_announcement_of_another_key_is_ignored() -> None:
+    """Whoever may publish on the channel cannot make the leader watch a key that is not
+    a counter (COUNTER_KEY c:*)."""
+    s = state()
+    heard = s.on_events([Message(KEYS.touched, "session:42"), Message(KEYS.touched, "")])
+    assert heard == Heard()
+    assert s.take(10) is None
+
+
 def test_a_touch_announcement_asks_to_track_the_key_it_names() -> None:
     s = state()
     heard = s.on_events([Message(KEYS.touched, "c:\xff"), event("c:2", "set")])

@@ -18,8 +18,9 @@ from collections.abc import Iterable
 import attrs
 
 from .decisions import DecisionQueue, Op
+from .glob import matches
 from .keys import Keys
-from .keyspace import is_own_key, key_from_channel
+from .keyspace import is_own_key, key_bytes, key_from_channel
 from .schedule import Schedule
 from .spec import TOMBSTONE_MS
 from .store import KeyOutcome, Message, PendingReset
@@ -77,6 +78,7 @@ class LeaderState:
         self.redeliver_channel = keys.redeliver
         self.markers_channel = keys.claims  # a marker per claim (scripts.CLAIM)
         self.touched_channel = keys.touched  # a key's name, per tcw_touch/done
+        self._pattern = key_bytes(keys.counter_key)
         # Pub/sub keeps publication order, so an `expired` event follows every claim
         # made before this subscription started, and every claim of its key whose marker
         # came before it. `after`: it follows every claim made at or before that time.
@@ -114,8 +116,11 @@ class LeaderState:
             if msg.channel == self.markers_channel:
                 self._on_marker(msg.data)
             elif msg.channel == self.touched_channel:
-                changed.append(msg.data)  # its deadline is recorded: read it
-                touched += 1
+                # Its deadline is recorded: read it. Only for a counter key: anyone who
+                # may publish there must not make the leader watch, and reset, other keys.
+                if matches(self._pattern, key_bytes(msg.data)):
+                    changed.append(msg.data)
+                    touched += 1
             elif msg.channel == self.redeliver_channel:
                 redeliver = True
             elif msg.data != "expired":
