@@ -146,6 +146,10 @@ def _million(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
                 Metric(tag + "takeover: resets late > 50 ms", "", True),
                 _get(run, "takeover", "ticks_late"),
             ),
+            (
+                Metric(tag + "takeover: p99 of resets due while reconciling", "ms", True),
+                _get(run, "takeover", "during_reconcile", "p99_ms"),
+            ),
             (Metric(tag + "new leader RSS", "MiB", True), _get(run, "takeover", "rss_mib")),
             (
                 Metric(tag + "deadline zset per counter", "B", True),

@@ -44,6 +44,7 @@ from .common import (
     log,
     log_problems,
     log_time,
+    percentile,
     rig,
     rss_mib,
     wait_until,
@@ -193,6 +194,12 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         late_keys = [k for k, lat in late.items() if lat > on_time_ms]
         last_late_due = max((due_after[k] for k in late_keys), default=None)
         finite_late = [lat for lat in late.values() if lat != float("inf")]
+        # Ticks due while the new leader reconciled (its acquired -> reconciled lines).
+        during = [
+            late[k]
+            for k, dl in due_after.items()
+            if dl >= t_acq2 and (t_rec2 is None or dl <= t_rec2)
+        ]
 
         def since_sig(at: float | None) -> float | None:
             return None if at is None else round(at - t_sig, 3)
@@ -213,6 +220,11 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
             "ticks_never": sum(1 for lat in late.values() if lat == float("inf")),
             "last_late_tick_due_s": since_sig(last_late_due),
             "max_late_ms": round(max(finite_late), 1) if finite_late else None,
+            "during_reconcile": {
+                "ticks": len(during),
+                "p50_ms": round(percentile(during, 50), 1) if during else None,
+                "p99_ms": round(percentile(during, 99), 1) if during else None,
+            },
             "duplicate_posts": (
                 sum(
                     1
@@ -230,7 +242,8 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
             f"{takeover['first_reset_s']} s, first on-time reset "
             f"{takeover['first_on_time_reset_s']} s, reconciled {takeover['reconciled_s']} s "
             f"after the SIGTERM; {len(late_keys)}/{len(due_after)} ticks late (max "
-            f"{takeover['max_late_ms']} ms); new leader RSS {rss2_reconciled} MiB"
+            f"{takeover['max_late_ms']} ms; p99 {takeover['during_reconcile']['p99_ms']} ms while "
+            f"it reconciled); new leader RSS {rss2_reconciled} MiB"
         )
         return {
             "counters": n,

@@ -10,6 +10,7 @@ from ``trio.current_time()``: 1 s of trio time is 1000 ms of "Redis" time.
 from __future__ import annotations
 
 import fnmatch
+import math
 
 import attrs
 import trio
@@ -237,19 +238,27 @@ class FakeStore:
         await self._op("pending")
         return sorted(self.pending_resets.values(), key=lambda p: p.deadline_ms)
 
-    async def tracked(self, holder: str, start: PageStart) -> DeadlinePage:
+    async def tracked(
+        self, holder: str, start: PageStart, within_ms: int | None = None
+    ) -> DeadlinePage:
         await self._op("tracked")
         if not self._holds(holder):
             raise LeaseLost("fake: not the holder")
+        now = _ms()
+        top = math.inf if within_ms is None else now + within_ms
         rows = sorted(self.deadlines.items(), key=lambda kv: (kv[1], kv[0]))
-        if start.after is not None:
-            rows = [kv for kv in rows if kv[1] > start.after]
+        rows = [kv for kv in rows if (start.after is None or kv[1] > start.after) and kv[1] <= top]
         page = rows[: self.page_size]
         more = len(page) == self.page_size
         if more:  # the whole last deadline's keys, as TRACKED
-            page = [kv for kv in rows if kv[1] <= page[-1][1]]
+            top = page[-1][1]
+            page = [kv for kv in rows if kv[1] <= top]
+        upto = None if top == math.inf else int(top)
         return DeadlinePage(
-            [(k, dl - _ms()) for k, dl in page], PageStart(page[-1][1]) if more else None
+            [(k, dl - now) for k, dl in page],
+            PageStart(page[-1][1]) if more else None,
+            upto,
+            top - now,
         )
 
     async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]:

@@ -18,7 +18,7 @@ import trio.testing
 
 from tests.fakes import FakeLease, FakeStore
 from trio_counter_worker import Config, Hooks, Worker, open_worker
-from trio_counter_worker.leader_state import EARLY
+from trio_counter_worker.leader_state import EARLY, WINDOW
 from trio_counter_worker.store import PendingReset
 
 # Every test runs under the autojump clock: a hang reaches this at once and fails.
@@ -612,3 +612,35 @@ async def test_a_takeover_reads_recorded_deadlines_page_by_page(
     assert sorted(str(b["key"]) for b in harness.backend.bodies) == [f"c:{n}" for n in range(7)]
     assert harness.backend.times[3:] == [1 + EARLY, 2 + EARLY, 2 + EARLY, 3 + EARLY]
     assert [op for _, op in store.calls].count("tracked") == 3  # 0-2 | 3-5 | 6: ties whole
+
+
+@pytest.mark.fail_after(1_800)  # 20 minutes of deadlines, under the autojump clock
+async def test_counters_due_far_beyond_the_window_are_reset_on_time(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Only the next minute of deadlines is held in memory; the rest are read in from
+    the recorded deadlines as time advances. Recorded ones and ones only a scan finds
+    (set while nobody led), re-armed nearer or farther meanwhile: each once, on time."""
+    store = harness.store
+    store.page_size = 7
+    for n in range(60):  # recorded, due over the next 20 minutes
+        store.keys[f"c:r{n}"] = store.deadlines[f"c:r{n}"] = 20_000 * (n + 1)
+    for n in range(20):  # never recorded: the takeover's scan finds them
+        store.keys[f"c:s{n}"] = 61_000 * (n + 1)
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        await trio.sleep(10)
+        harness.store.set_key("c:r59", 90)  # 20 min away -> nearer: 100 s
+        harness.store.set_key("c:r1", 600)  # 40 s away -> farther: 610 s
+        await harness.backend.wait(80)
+        nursery.cancel_scope.cancel()
+    due = {f"c:r{n}": 20.0 * (n + 1) for n in range(60)}
+    due |= {f"c:s{n}": 61.0 * (n + 1) for n in range(20)}
+    due |= {"c:r59": 100.0, "c:r1": 610.0}
+    at = {
+        str(b["key"]): t for t, b in zip(harness.backend.times, harness.backend.bodies, strict=True)
+    }
+    assert len(harness.backend.bodies) == 80
+    assert at == {k: round(t + EARLY, 6) for k, t in due.items()}
+    refills = [t for t, op in store.calls if op == "tracked"]
+    assert len(refills) >= 1_200 / (WINDOW / 2) - 1  # read in as time went on

@@ -7,8 +7,15 @@ says to do next.
 from __future__ import annotations
 
 from trio_counter_worker.keys import Keys
-from trio_counter_worker.leader_state import EARLY, Heard, LeaderState, Quarantine, Taken
-from trio_counter_worker.store import KeyOutcome, Message, PendingReset
+from trio_counter_worker.leader_state import (
+    EARLY,
+    WINDOW,
+    Heard,
+    LeaderState,
+    Quarantine,
+    Taken,
+)
+from trio_counter_worker.store import DeadlinePage, KeyOutcome, Message, PageStart, PendingReset
 
 KEYS = Keys("c:*")
 MARKERS = KEYS.claims
@@ -123,12 +130,65 @@ def test_outcomes_set_the_schedule_and_return_resets_to_deliver() -> None:
     assert "c:c" not in s.schedule
 
 
+def page(rows: list[tuple[str, int]], upto: int, ahead_ms: int, more: bool = False) -> DeadlinePage:
+    return DeadlinePage(rows, PageStart(upto) if more else None, upto, ahead_ms)
+
+
 def test_tracked_rows_are_scheduled_from_the_read_time() -> None:
     s = state()
-    s.tracked([("c:1", 500), ("c:2", -1_000)], base=20.0)
+    s.tracked(page([("c:2", -1_000), ("c:1", 500)], upto=61_000, ahead_ms=60_000), base=20.0)
     s.due(20.0)
     assert s.take(10) == Taken(True, ["c:2"], None)
     assert s.schedule.next_deadline() == 20.5 + EARLY
+
+
+def test_a_page_never_moves_a_deadline_a_later_look_set() -> None:
+    """A page may have been read before a decision that came back first: the key keeps
+    the decision's deadline (an earlier one from a stale page costs one look, no more)."""
+    s = state()
+    s.apply([KeyOutcome("c:1", "alive", pttl_ms=2_000)], base=0.0)
+    s.tracked(page([("c:1", 30_000)], upto=60_000, ahead_ms=60_000), base=0.0)
+    assert s.schedule.next_deadline() == 2.0 + EARLY
+
+
+def test_only_deadlines_within_the_window_are_held() -> None:
+    """Beyond the window a deadline stays in Redis's record only; a read brings it in
+    before it comes (the edge is read half a window ahead)."""
+    s = state()
+    assert s.refill_at == float("-inf")  # nothing read yet
+    s.tracked(page([], upto=1_060_000, ahead_ms=60_000), base=0.0)
+    assert s.read_from == PageStart(1_060_000)
+    assert s.refill_at == WINDOW / 2
+    s.apply(
+        [
+            KeyOutcome("c:near", "alive", pttl_ms=round(WINDOW * 1000)),
+            KeyOutcome("c:far", "alive", pttl_ms=20 * 60_000),
+        ],
+        base=0.0,
+    )
+    assert "c:near" in s.schedule
+    assert "c:far" not in s.schedule
+    # Held, then re-armed far: let go.
+    s.apply([KeyOutcome("c:near", "alive", pttl_ms=20 * 60_000)], base=1.0)
+    assert len(s.schedule) == 0
+
+
+def test_pages_move_the_edge_forward_only() -> None:
+    s = state()
+    s.tracked(page([("c:1", 100)], upto=5_000, ahead_ms=4_000, more=True), base=10.0)
+    assert (s.read_from, s.horizon) == (PageStart(5_000), 14.0)
+    s.tracked(page([("c:2", 200)], upto=61_000, ahead_ms=60_000), base=11.0)
+    assert (s.read_from, s.horizon) == (PageStart(61_000), 71.0)
+    s.tracked(page([], upto=60_500, ahead_ms=60_000), base=11.5)  # Redis's clock stepped back
+    assert (s.read_from, s.horizon) == (PageStart(61_000), 71.0)
+
+
+def test_a_new_subscription_reads_the_deadlines_again() -> None:
+    s = state()
+    s.tracked(page([("c:1", 100)], upto=61_000, ahead_ms=60_000), base=10.0)
+    s.resubscribed(2_000)
+    assert len(s.schedule) == 0
+    assert (s.read_from, s.horizon) == (PageStart(), float("-inf"))
 
 
 def test_a_key_set_aside_is_not_scheduled_or_queued_again() -> None:

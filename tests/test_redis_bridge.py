@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -39,7 +40,7 @@ from trio_counter_worker import (
 )
 from trio_counter_worker.keys import Keys, keyspace_pattern
 from trio_counter_worker.redis_bridge import RedisBridge
-from trio_counter_worker.store import DeadlinePage, KeyOutcome, Message, PageStart, PendingReset
+from trio_counter_worker.store import KeyOutcome, Message, PageStart, PendingReset
 
 T = TypeVar("T")
 
@@ -413,7 +414,7 @@ async def test_key_deleted_before_its_deadline_is_gone(
         assert one(await bridge.claim(HOLDER, ["c:2"])).kind == "gone"
         assert deadline_of(client, "c:2") is None
         assert client.exists(PENDING_KEY) == 0
-        assert await bridge.tracked(HOLDER, PageStart()) == DeadlinePage([], None)
+        assert (await bridge.tracked(HOLDER, PageStart())).rows == []
 
 
 async def test_key_without_ttl_is_gone(bridge: RedisBridge, client: redis.Redis) -> None:
@@ -458,6 +459,28 @@ async def test_tracked_pages_give_every_deadline_once_whatever_changes_between(
                 client.zadd(DEADLINES_KEY, {"c:late": now + 9})
     assert seen == [f"c:{k}" for k in plan] + ["c:late"]
     assert pages == 3  # a, b-c and the rest of their tie group | g-i | j, late
+
+
+async def test_tracked_reads_up_to_a_window_and_says_how_far(
+    bridge: RedisBridge, client: redis.Redis
+) -> None:
+    """With ``within_ms``: only deadlines due within it; ``upto``/``ahead_ms`` say how far
+    the read covered, and the next read from there brings the rest, once each."""
+    now = redis_now_ms(client)
+    client.zadd(DEADLINES_KEY, {"c:soon": now + 1_000, "c:late": now + 30_000})
+    with trio.fail_after(TEST_TIMEOUT):
+        await lead(bridge)
+        first = await bridge.tracked(HOLDER, PageStart(), 10_000)
+        assert [k for k, _ in first.rows] == ["c:soon"]
+        assert first.next is None
+        assert first.upto is not None
+        assert now + 10_000 <= first.upto < now + 10_000 + 1_000
+        assert first.ahead_ms == 10_000
+        rest = await bridge.tracked(HOLDER, PageStart(first.upto), 60_000)
+        assert [k for k, _ in rest.rows] == ["c:late"]
+        everything = await bridge.tracked(HOLDER, PageStart())
+        assert (everything.upto, everything.ahead_ms) == (None, math.inf)
+        assert [k for k, _ in everything.rows] == ["c:soon", "c:late"]
 
 
 async def test_tracked_reports_deadlines_as_delays(

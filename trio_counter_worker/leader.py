@@ -31,12 +31,12 @@ from .errors import (
     first_error,
 )
 from .keyspace import enable_hint, eviction_warning, shown_key
-from .leader_state import LeaderState, Quarantine, Taken
+from .leader_state import WINDOW, LeaderState, Quarantine, Taken
 from .metrics import Metrics
 from .outage import OutageLog
 from .outbox import Entry, Outbox
 from .retry import RetryPolicy
-from .store import FailingNote, Message, PageStart, PendingReset, Store
+from .store import FailingNote, Message, PendingReset, Store
 
 __all__ = ["LeaderDuties"]
 
@@ -45,6 +45,7 @@ log = logging.getLogger("trio_counter_worker.leader")
 _BATCH = 500  # keys per script call: bounds the time Redis spends in one script
 _DECIDERS = 8  # script calls in flight at once: keeps up over a slow link
 _RECONCILE_AHEAD = 8 * _BATCH  # keys a reconcile queues ahead of the deciders, at most
+_WINDOW_MS = round(WINDOW * 1000)
 _RESCAN_EVERY = 5.0  # without notifications, how often to look for new keys
 _VERIFY_FLAGS_EVERY = 1.0  # how often the leader checks that notifications are still on
 _NOTE_EVERY = 0.5  # failing-reset notes are written to Redis at most this often
@@ -190,6 +191,8 @@ class LeaderDuties:
             nursery.start_soon(self._run_timer)
             nursery.start_soon(self._consume, receive)
             await self._load_pending()
+            await self._read_window()  # the recorded deadlines first: the due ones
+            nursery.start_soon(self._keep_window)
             await self._reconcile()
             backoff.reset()
             if status.ok:
@@ -271,27 +274,45 @@ class LeaderDuties:
         if self._sleep is not None and nxt is not None and nxt < self._sleep.deadline:
             self._sleep.deadline = nxt
 
-    async def _reconcile(self) -> None:
-        """Bring the local schedule in line with Redis: every recorded deadline first
-        (including those that passed while nobody led: the first on-time resets of a
-        takeover must not wait for a scan of every key), then every matching key."""
-        page: PageStart | None = PageStart()
-        while page is not None:  # earliest first: the due ones are scheduled at once
+    async def _read_window(self) -> None:
+        """Read in the recorded deadlines that fall due within the window, page by page,
+        earliest first (at a takeover, including those that passed while nobody led:
+        the first on-time resets must not wait for a scan of every key)."""
+        while True:
             sent = trio.current_time()
-            found = await self._store.tracked(self._holder, page)
-            self._state.tracked(found.rows, (sent + trio.current_time()) / 2)
+            page = await self._store.tracked(self._holder, self._state.read_from, _WINDOW_MS)
+            self._state.tracked(page, (sent + trio.current_time()) / 2)
             self._rescheduled()
-            page = found.next
+            self._metrics.watched.set(len(self._state.schedule))
+            if page.next is None:
+                return
+
+    async def _keep_window(self) -> NoReturn:
+        while True:
+            # At least a second apart, whatever Redis's clock does.
+            await trio.sleep_until(max(self._state.refill_at, trio.current_time() + 1.0))
+            await self._read_window()
+
+    async def _reconcile(self) -> None:
+        """Look at every matching key: those set while nobody watched (no leader, or
+        notifications off) have no recorded deadline yet."""
         cursor = 0
+        found = 0
         while True:
             cursor, keys = await self._store.scan(self._config.counter_key, cursor)
+            found += len(keys)
             self._state.want(keys, "track")
             self._queued_more()
             while len(self._state.queue) > _RECONCILE_AHEAD:
                 await self._decided.park()
             if cursor == 0:
                 break
-        log.info("reconciled: %d counter keys tracked", len(self._state.schedule))
+        log.info(
+            "reconciled: %d counter keys tracked; %d due within %.0f s held in memory",
+            found,
+            len(self._state.schedule),
+            WINDOW,
+        )
 
     async def _rescan(self) -> None:
         while True:

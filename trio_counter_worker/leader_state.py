@@ -13,6 +13,7 @@ The path of a reset through it: a keyspace event or a deadline → :meth:`on_eve
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import attrs
@@ -23,11 +24,19 @@ from .keys import Keys
 from .keyspace import is_own_key, key_bytes, key_from_channel
 from .schedule import Schedule
 from .spec import TOMBSTONE_MS
-from .store import KeyOutcome, Message, PendingReset
+from .store import DeadlinePage, KeyOutcome, Message, PageStart, PendingReset
 
-__all__ = ["EARLY", "Heard", "LeaderState", "Quarantine", "Taken"]
+__all__ = ["EARLY", "WINDOW", "Heard", "LeaderState", "Quarantine", "Taken"]
 
 EARLY = 0.001  # fire just after the deadline, so the key is already due in Redis
+# Seconds of deadlines held in memory. Redis's deadlines zset is the complete, ordered
+# record; the leader holds only what falls due soon and reads the rest in, page by page,
+# as time advances. Memory then follows the reset rate, not the number of counters.
+WINDOW = 60.0
+# Outcomes due within WINDOW + _SLACK are held: more than any page can have covered,
+# whatever the round trips and clocks (the window's edge and an outcome's deadline are
+# estimated from different calls).
+_SLACK = 5.0
 _QUARANTINE_MAX = 10_000  # keys set aside per process, at most
 
 
@@ -72,7 +81,11 @@ class LeaderState:
     `expired` event apart from the echo of a claim (:func:`spec.is_echo`)."""
 
     def __init__(self, keys: Keys, quarantine: Quarantine | None = None) -> None:
+        # The deadlines due within the window. Invariant: every key whose recorded
+        # deadline is before `read_from` is here (or being decided), at or before it.
         self.schedule = Schedule()
+        self.read_from = PageStart()  # where the next read of recorded deadlines starts
+        self.horizon = -math.inf  # trio time of read_from: read on before it comes
         self.queue = DecisionQueue()
         self.quarantine = quarantine or Quarantine()
         self.redeliver_channel = keys.redeliver
@@ -98,6 +111,15 @@ class LeaderState:
         self._start_after = since_ms - 1
         self._marked.clear()
         self.queue.clear()
+        # What changed meanwhile is in the recorded deadlines (and the scan): read again.
+        self.schedule = Schedule()
+        self.read_from = PageStart()
+        self.horizon = -math.inf
+
+    @property
+    def refill_at(self) -> float:
+        """When to read more recorded deadlines: half a window before the edge."""
+        return self.horizon - WINDOW / 2
 
     def counters(self, keys: Iterable[str]) -> list[str]:
         """Counter keys only: never a key of any worker deployment, nor one set aside."""
@@ -172,8 +194,10 @@ class LeaderState:
         the best estimate of when Redis read the keys). Returns the resets to deliver."""
         claimed: list[PendingReset] = []
         for o in outcomes:
-            if o.kind == "alive":
+            if o.kind == "alive" and o.pttl_ms / 1000 <= WINDOW + _SLACK:
                 self.schedule.set(o.key, base + o.pttl_ms / 1000 + EARLY)
+            elif o.kind == "alive":
+                self.schedule.remove(o.key)  # recorded: a later read brings it in
             elif o.kind == "due":
                 self.schedule.set(o.key, base)
             elif o.kind == "claimed" and o.reset is not None:
@@ -184,10 +208,16 @@ class LeaderState:
                 self.schedule.remove(o.key)
         return claimed
 
-    def tracked(self, rows: list[tuple[str, int]], base: float) -> None:
-        """Every recorded deadline (key, ms from ``base``), as a takeover reads them."""
-        for key, pttl_ms in rows:
-            self.schedule.set(key, base + pttl_ms / 1000 + EARLY)
+    def tracked(self, page: DeadlinePage, base: float) -> None:
+        """A page of recorded deadlines (ms from ``base``, as read at the middle of the
+        round trip). A key already held keeps its deadline: that came from a later
+        look at the key, or is earlier (a look too many at worst, never a late one)."""
+        for key, pttl_ms in page.rows:
+            if key not in self.schedule and key not in self.quarantine:
+                self.schedule.set(key, base + pttl_ms / 1000 + EARLY)
+        if page.upto is not None and (self.read_from.after or page.upto) <= page.upto:
+            self.read_from = PageStart(page.upto)
+            self.horizon = base + page.ahead_ms / 1000
 
     def set_aside(self, key: str, error: str) -> None:
         """A key whose decision fails unexpectedly: no more looks at it."""

@@ -42,7 +42,7 @@ class Metrics:
         )
         self.watched = Gauge(
             "tcw_watched_counters",
-            "counter keys with a deadline scheduled by this leader",
+            "counter keys whose deadline this leader holds: those due within the next minute",
             registry=r,
         )
         self.redis_errors = Counter(

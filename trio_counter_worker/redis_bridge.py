@@ -345,10 +345,14 @@ class RedisBridge:
         rows: dict[str, str] = self._client.hgetall(key)
         return rows
 
-    async def tracked(self, holder: str, start: PageStart) -> DeadlinePage:
+    async def tracked(
+        self, holder: str, start: PageStart, within_ms: int | None = None
+    ) -> DeadlinePage:
         keys = [self.keys.lease, self.keys.deadlines]
         lowest = "-inf" if start.after is None else f"({start.after}"
-        return deadline_page(await self._script("TRACKED", keys, [holder, lowest, TRACKED_PAGE]))
+        within = "" if within_ms is None else str(int(within_ms))
+        args = [holder, lowest, TRACKED_PAGE, within]
+        return deadline_page(await self._script("TRACKED", keys, args))
 
     async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]:
         next_cursor, keys = await self._run(self._client.scan, cursor, pattern, 1000)

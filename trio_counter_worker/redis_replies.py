@@ -10,6 +10,7 @@ Tested in ``tests/test_redis_replies.py`` with hand-made exceptions and replies.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -180,8 +181,8 @@ def reported_args(keys: list[str], expired_after: list[int] | None) -> list[str]
 
 
 def deadline_page(raw: str) -> DeadlinePage:
-    """TRACKED's answer: a flat [key, deadline, ...] list, Redis's time, and whether more
-    pages follow (then from past the last deadline)."""
+    """TRACKED's answer: a flat [key, deadline, ...] list, Redis's time, whether more
+    pages follow (then from past the last deadline), how far the read has covered."""
     r = json.loads(raw)
     if not r["leader"]:
         raise LeaseLost("lease lost while reading deadlines")
@@ -190,9 +191,12 @@ def deadline_page(raw: str) -> DeadlinePage:
     keys = flat[0::2]
     deadlines = [int(float(d)) for d in flat[1::2]]
     more = bool(r.get("more")) and bool(deadlines)
+    upto = None if r["upto"] == "+inf" else int(float(r["upto"]))
     return DeadlinePage(
         [(k, d - now) for k, d in zip(keys, deadlines, strict=True)],
         PageStart(deadlines[-1]) if more else None,
+        upto,
+        math.inf if upto is None else upto - now,
     )
 
 

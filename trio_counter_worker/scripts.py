@@ -292,19 +292,24 @@ return n
 """
 
 # KEYS: lease, deadlines   ARGV: holder, after ('-inf', or '(' .. ms: past it), most rows
-# One page of recorded deadlines, earliest first, with Redis's clock to turn them into
-# delays (ZRANGE ... BYSCORE, 6.2+: the ACL's +zrange covers it). Paged, since a million
-# of them in one reply outlasts any timeout; a page ends with every key at its last
-# deadline, so the next starts strictly after it (no offsets that keys recorded or
-# claimed meanwhile could shift).
+# One page of recorded deadlines, earliest first, up to ARGV[4] ms past Redis's clock
+# ('' : all), with Redis's clock to turn them into delays (ZRANGE ... BYSCORE, 6.2+: the
+# ACL's +zrange covers it). Paged, since a million of them in one reply outlasts any
+# timeout; a page ends with every key at its last deadline, so the next starts strictly
+# after it (no offsets that keys recorded or claimed meanwhile could shift). `upto`:
+# every deadline up to it has been read, by this page or earlier ones.
 TRACKED = (
     _PRELUDE
     + """
 if not holds(KEYS[1], ARGV[1]) then return cjson.encode({leader = false}) end
 local limit = tonumber(ARGV[3])
-local rows = redis.call('ZRANGE', KEYS[2], ARGV[2], '+inf', 'BYSCORE', 'LIMIT', 0, limit,
+local now = now_ms()
+local top = '+inf'
+if ARGV[4] ~= '' then top = string.format('%.0f', now + tonumber(ARGV[4])) end
+local rows = redis.call('ZRANGE', KEYS[2], ARGV[2], top, 'BYSCORE', 'LIMIT', 0, limit,
                         'WITHSCORES')
 local more = #rows == 2 * limit
+local upto = top
 if more then
   local last = rows[#rows]
   while #rows > 0 and rows[#rows] == last do
@@ -314,8 +319,9 @@ if more then
   for _, v in ipairs(redis.call('ZRANGE', KEYS[2], last, last, 'BYSCORE', 'WITHSCORES')) do
     rows[#rows + 1] = v
   end
+  upto = last
 end
-return cjson.encode({leader = true, now = now_ms(), rows = rows, more = more})
+return cjson.encode({leader = true, now = now, rows = rows, more = more, upto = upto})
 """
 )
 

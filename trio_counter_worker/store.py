@@ -6,6 +6,7 @@ that need deterministic time use a trio-native fake with the same methods.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Protocol
 
 import attrs
@@ -63,7 +64,12 @@ class DeadlinePage:
     """Recorded deadlines, earliest first: (key, ms from when Redis read them)."""
 
     rows: list[tuple[str, int]]
-    next: PageStart | None  # None: the last page
+    next: PageStart | None  # None: the last page of this read
+    # Every deadline up to ``upto`` (Redis ms; None: all of them) is in this page or an
+    # earlier one: a later read goes on from there. ``ahead_ms``: the same, as ms from
+    # when Redis read them.
+    upto: int | None = None
+    ahead_ms: float = math.inf
 
 
 @attrs.frozen
@@ -155,8 +161,11 @@ class Store(Protocol):
         False if it was no longer pending."""
         ...
 
-    async def tracked(self, holder: str, start: PageStart) -> DeadlinePage:
-        """One page of the recorded deadlines (lease-checked)."""
+    async def tracked(
+        self, holder: str, start: PageStart, within_ms: int | None = None
+    ) -> DeadlinePage:
+        """One page of the recorded deadlines (lease-checked), from ``start`` up to
+        ``within_ms`` past Redis's clock (None: all of them)."""
         ...
 
     async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]: ...
