@@ -77,7 +77,9 @@ class DecisionQueue:
         other = self._other if queue is self._due else self._due
         if key in other:
             wanted = wanted | other.pop(key)
-        queue[key] = queue.get(key, Want()) | wanted
+        held = queue.get(key)
+        # (Merged only when asked twice: a reconcile asks this once per key, a million times.)
+        queue[key] = wanted if held is None or held == wanted else held | wanted
 
     def take(self, limit: int) -> tuple[Want, list[str], list[int] | None] | None:
         """Up to ``limit`` keys that want the same call and are in no call now, with

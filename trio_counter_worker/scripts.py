@@ -23,10 +23,18 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function expire_at(key, now, pttl)
-  local r = redis.pcall('PEXPIRETIME', key)
-  if type(r) == 'number' and r > 0 then return r end
-  return now + pttl
+-- A key's TTL at `now` and absolute expiry (-1 without a TTL). Looking it up is the
+-- touch: a due key expires now. One call on Redis 7 (PEXPIRETIME: -2 gone, -1 no TTL);
+-- on 6.2, which lacks it, PTTL and TIME + PTTL.
+local function ttl_of(key, now)
+  local at = redis.pcall('PEXPIRETIME', key)
+  if type(at) == 'number' then
+    if at < 0 then return at, -1 end
+    return math.max(at - now, 0), at
+  end
+  local pttl = redis.call('PTTL', key)
+  if pttl < 0 then return pttl, -1 end
+  return pttl, now + pttl
 end
 local function holds(lease, holder)
   return redis.call('HGET', lease, 'holder') == holder
@@ -122,9 +130,7 @@ local now = now_ms()
 local out = {}
 for i = 4, #KEYS do
   local key = KEYS[i]
-  local pttl = redis.call('PTTL', key)
-  local at = -1
-  if pttl >= 0 then at = expire_at(key, now, pttl) end
+  local pttl, at = ttl_of(key, now)
   out[#out + 1] = record(KEYS[2], key, now, pttl, at, KEYS[3])
 end
 return cjson.encode({leader = true, now = now, keys = out})
@@ -213,9 +219,7 @@ local k = {deadlines = KEYS[2], pending = KEYS[3], claimed = KEYS[4], ns = ARGV[
 local out = {}
 for i = 6, #KEYS do
   local key = KEYS[i]
-  local pttl = redis.call('PTTL', key)  -- the touch: a due key expires now
-  local at = -1
-  if pttl >= 0 then at = expire_at(key, now, pttl) end
+  local pttl, at = ttl_of(key, now)  -- the touch: a due key expires now
   out[#out + 1] = decide(k, key, now, pttl, at, epoch, reported_after(i - 2))
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - TOMBSTONE_MS)
@@ -340,9 +344,7 @@ PROBE = (
     _PRELUDE
     + """
 local now = now_ms()
-local pttl = redis.call('PTTL', KEYS[1])
-local at = -1
-if pttl >= 0 then at = expire_at(KEYS[1], now, pttl) end
+local pttl, at = ttl_of(KEYS[1], now)
 return {now, pttl, at}
 """
 )
