@@ -73,9 +73,22 @@ def test_one_call_holds_keys_of_one_kind_up_to_the_limit() -> None:
     for n in range(5):
         q.want(f"c:{n}", "track")
     q.want("c:r", "reported", 7)
+    assert q.take(3) == (Want(claim=True, reported=True), ["c:r"], [7])  # a claim: first
     assert q.take(3) == (Want(), ["c:0", "c:1", "c:2"], None)
     assert q.take(3) == (Want(), ["c:3", "c:4"], None)
-    assert q.take(3) == (Want(claim=True, reported=True), ["c:r"], [7])
+
+
+def test_claims_can_be_taken_without_looks() -> None:
+    """Some deciders take claims only, so a reconcile's looks never hold up a reset."""
+    q = DecisionQueue()
+    q.want("c:t", "track")
+    assert q.take(10, looks=False) is None
+    q.want("c:r", "reported", 7)
+    q.want("c:d", "claim")
+    assert q.take(10, looks=False) == (Want(claim=True, reported=True), ["c:r"], [7])
+    assert q.take(10, looks=False) == (Want(claim=True), ["c:d"], None)
+    assert q.take(10, looks=False) is None
+    assert q.take(10) == (Want(), ["c:t"], None)
 
 
 ops = st.sampled_from(["track", "claim", "reported"])

@@ -42,12 +42,12 @@ _WANTS: dict[Op, Want] = {
 
 
 class DecisionQueue:
-    """Keys to decide, one entry per key; deadlines first, then everything else in the
-    order it came."""
+    """Keys to decide, one entry per key; claims first, then looks, each in the
+    order they came."""
 
     def __init__(self) -> None:
-        self._due: dict[str, Want] = {}  # the timer's: on-time resets come first
-        self._other: dict[str, Want] = {}  # from events and reconciles
+        self._due: dict[str, Want] = {}  # claims (deadlines, reported expiries): first
+        self._other: dict[str, Want] = {}  # looks, from events and reconciles
         self._deciding: set[str] = set()
         # Reported keys: Redis published `expired` after this time (Redis ms). Merged to
         # the latest: an expiry after a claim is a new episode, one before it its echo,
@@ -71,7 +71,7 @@ class DecisionQueue:
             self._after[key] = max(after, self._after.get(key, after))
         elif op == "reported":
             raise ValueError("want: a reported key needs `after`")
-        queue = self._due if op == "claim" else self._other
+        queue = self._due if wanted.claim else self._other
         if key in self._due and queue is self._other:
             queue = self._due  # already due: keep its place, add what is asked
         other = self._other if queue is self._due else self._due
@@ -81,10 +81,13 @@ class DecisionQueue:
         # (Merged only when asked twice: a reconcile asks this once per key, a million times.)
         queue[key] = wanted if held is None or held == wanted else held | wanted
 
-    def take(self, limit: int) -> tuple[Want, list[str], list[int] | None] | None:
+    def take(
+        self, limit: int, looks: bool = True
+    ) -> tuple[Want, list[str], list[int] | None] | None:
         """Up to ``limit`` keys that want the same call and are in no call now, with
-        their ``after`` times if reported; they count as deciding until :meth:`done`."""
-        for queue in (self._due, self._other):
+        their ``after`` times if reported; they count as deciding until :meth:`done`.
+        ``looks``: False takes claims only."""
+        for queue in (self._due, self._other) if looks else (self._due,):
             picked: list[str] = []
             kind: Want | None = None
             for key, wanted in queue.items():
