@@ -23,7 +23,8 @@ Target: every expiry reset once, deadline -> POST p99 <= 50 ms, the leader's RSS
    the resets of keys due in it are waited for (``--cap`` s past T0 + duration).
 
 Measured: every key whose (last) deadline falls within [T0, T0 + duration] is an
-expiry and must get one POST: **missed** (none by the cap), **doubled** (two
+expiry and must get one POST: **missed** (none within ``--cap`` s of the window's end:
+lost, or later than that), **doubled** (two
 reset_ids), duplicate POSTs of one reset_id, **stale** (a POST whose ``expired_at`` is
 not its key's last deadline: a re-armed key reset for its old one), **early** (a POST
 received before the key's deadline). **Latency** = POST received - the deadline the
@@ -491,6 +492,8 @@ def _report(
             + sum(i in rearmer.rearmed for i in missed),
             "posted": len(first_post),
             "resets_per_s_in_window": round(posted_in_window / window, 1),
+            # Expiries of the window without a POST when it closed: the backlog then.
+            "unreset_at_window_end": sum(1 for i in due if first_post.get(i, t_end + 1) > t_end),
             "missed": len(missed),
             "missed_examples": [(f"c:{i}", deadlines[i]) for i in missed[:5]],
             "doubled": doubled,
@@ -545,6 +548,12 @@ def _problems(run: dict[str, Any]) -> list[str]:
         problems.append(
             f"{res['missed']} missed, {res['doubled']} doubled, {res['stale_posts']} stale, "
             f"{res['early_posts']} early"
+        )
+    if res["resets_per_s_in_window"] < 0.95 * res["expiries_per_s"]:
+        problems.append(
+            f"the leader fell behind: {res['resets_per_s_in_window']} resets/s for "
+            f"{res['expiries_per_s']} expiries/s, {res['unreset_at_window_end']} not reset when "
+            "the window closed"
         )
     p99 = res["latency_ms"].get("p99")
     if p99 is None or p99 > TARGET_P99_MS:
