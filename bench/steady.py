@@ -22,22 +22,21 @@ Target: every expiry reset once, deadline -> POST p99 <= 50 ms, the leader's RSS
    Redis's (``used_cpu_sys + used_cpu_user``) over the interval. After the window,
    the resets of keys due in it are waited for (``--cap`` s past T0 + duration).
 
-Measured: every key whose (last) deadline falls within [T0, T0 + duration] is an
-expiry and must get one POST: **missed** (none within ``--cap`` s of the window's end:
-lost, or later than that), **doubled** (two
-reset_ids), duplicate POSTs of one reset_id, **stale** (a POST whose ``expired_at`` is
-not its key's last deadline: a re-armed key reset for its old one), **early** (a POST
-received before the key's deadline). **Latency** = POST received - the deadline the
-driver set: exact for loaded keys (PXAT); for re-armed keys (PX) the driver's time
-just before sending the pipeline + TTL, which can only be earlier than Redis's
-deadline, so their latency is over-, never under-stated; as a cross-check also POST
-received - ``expired_at`` (the worker's own record, from Redis). Leader RSS per 5 s
-(first / last / max, least-squares slope in MiB/min over the window, its second half,
-and from 65 s on: the leader remembers each claim for the tombstone's minute, so it grows
-with the claim rate for the first minute of expiries and is judged flat, a slope ~ 0,
-only after it), leader CPU (% of a core, ms per reset: it includes the work
-for the re-arms, a TRACK call each), Redis CPU, resets/s achieved, and per 5 s the
-expiries due and their latency p50/p99.
+Measured: every key whose (last) deadline falls within [T0, T0 + duration] is an expiry
+and must get one POST: **missed** (none within ``--cap`` s of the window's end: lost, or
+later than that), **doubled** (two reset_ids), duplicate POSTs of one reset_id,
+**stale** (a POST whose ``expired_at`` is not its key's last deadline: a re-armed key
+reset for its old one), **early** (a POST received before the key's deadline).
+**Latency** = POST received - the deadline the driver set: exact for loaded keys (PXAT);
+for re-armed keys (PX) the driver's time just before sending the pipeline + TTL, which
+can only be earlier than Redis's deadline, so their latency is over-, never
+under-stated; as a cross-check also POST received - ``expired_at`` (the worker's own
+record, from Redis). Leader RSS per 5 s (first / last / max, least-squares slope in
+MiB/min over the window, its second half, and from 65 s on: the leader remembers each
+claim for the tombstone's minute, so it grows with the claim rate for the first minute
+of expiries and is judged flat, a slope ~ 0, only after it), leader CPU (% of a core, ms
+per reset: it includes the work for the re-arms, a TRACK call each), Redis CPU, resets/s
+achieved, and per 5 s the expiries due and their latency p50/p99.
 
     .venv/bin/python -m bench.steady [--counters 1000000] [--duration 300] [--rearms 1000]
     .venv/bin/python -m bench.steady --quick      # 50,000 counters, 200/s + 200/s, 30 s
