@@ -181,6 +181,14 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def peak_rss_mib(pid: int) -> float:
+    """Peak resident set size (VmHWM) of ``pid`` in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 2)
+    return 0.0
+
+
 def threads(pid: int) -> int:
     """Number of OS threads of ``pid``."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -240,6 +248,29 @@ def log_time(line: str) -> float:
     """Unix time of a worker log line ('2025-01-01 12:00:00,123 INFO ...': local time)."""
     stamp = line[:23]
     return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def line_time(worker: WorkerProcess, needle: str, after: float = 0.0) -> float | None:
+    """Time of the first line of ``worker``'s log containing ``needle`` logged after
+    ``after`` (unix time), or None. (Text logs: LOG_FORMAT text, the default.)"""
+    for line in worker.output().splitlines():
+        if needle in line:
+            at = log_time(line)
+            if at >= after:
+                return at
+    return None
+
+
+def wait_line(worker: WorkerProcess, needle: str, timeout: float) -> float:
+    """Wait for a line of ``worker``'s log containing ``needle``; return its time.
+    RuntimeError if the worker exits first, TimeoutError after ``timeout`` seconds."""
+
+    def seen() -> float | None:
+        if not worker.alive:
+            raise RuntimeError(f"worker exited\n{worker.output()[-3000:]}")
+        return line_time(worker, needle)
+
+    return wait_until(seen, timeout, f"{needle!r} in the log", poll=0.05)
 
 
 # --- the setup every benchmark shares --------------------------------------------------

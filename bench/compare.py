@@ -5,6 +5,8 @@
     .venv/bin/python -m bench.compare --against HEAD~1 --quick burst   # smoke-sized
     .venv/bin/python -m bench.compare --against 9092cec million \\
         --args million="--sizes 100000"                                # a benchmark's own options
+    .venv/bin/python -m bench.compare --against HEAD~1 steady --rounds 1 \\
+        --args steady="--counters 1000000 --duration 300"              # #14's steady state
 
 Each named benchmark runs as its own process (``python -m bench.<name>``, its usual
 options or ``--quick`` ones, the same for both sides) once per side per round, sides
@@ -163,6 +165,34 @@ def _million(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
     return out
 
 
+def _steady(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
+    run = d.get("run", {})
+    res, leader = run.get("resets", {}), run.get("leader", {})
+    tag = f"{run.get('counters', 0):,}: "
+    return [
+        *(
+            (Metric(tag + f"latency {p}", "ms", True), _get(res, "latency_ms", p))
+            for p in ("p50", "p99", "max")
+        ),
+        (Metric(tag + "missed", "", True), _get(res, "missed")),
+        (Metric(tag + "doubled + stale", "", True), _sum(res, "doubled", "stale_posts")),
+        (Metric(tag + "resets/s", "", None), _get(res, "resets_per_s_in_window")),
+        (Metric(tag + "leader CPU", "%", True), _get(leader, "cpu_pct")),
+        (Metric(tag + "leader CPU per reset", "ms", True), _get(leader, "cpu_ms_per_reset")),
+        (Metric(tag + "leader RSS at the end", "MiB", True), _get(leader, "rss_mib", "last")),
+        (
+            Metric(tag + "leader RSS slope", "MiB/min", True),
+            _get(leader, "rss_mib", "slope_mib_per_min"),
+        ),
+        (Metric(tag + "Redis CPU", "%", True), _get(run, "redis", "cpu_pct")),
+    ]
+
+
+def _sum(d: dict[str, Any], *names: str) -> float | None:
+    values = [_get(d, n) for n in names]
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
+
 def _latency(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
     out = []
     for sc in d.get("scenarios", []):
@@ -238,6 +268,8 @@ SPECS: dict[str, Spec] = {
     "idle": Spec(("--window", "20"), ("--window", "5"), _idle),
     "scale": Spec((), ("--sizes", "1000", "10000", "--idle", "2"), _scale),
     "million": Spec(("--sizes", "100000"), ("--sizes", "20000"), _million),
+    # 200k counters at the full rates for 2 minutes (the 1M / 5 min run: --args).
+    "steady": Spec(("--counters", "200000", "--duration", "120"), ("--quick",), _steady),
     "gcpause": Spec((), ("--keys", "100"), _gcpause),
     "unrelated": Spec(("--window", "10"), ("--window", "5", "--rate", "5000"), _unrelated),
 }

@@ -29,10 +29,7 @@ from __future__ import annotations
 import argparse
 import signal
 import time
-from pathlib import Path
 from typing import Any
-
-from tests.support import WorkerProcess
 
 from .common import (
     CpuWindow,
@@ -40,13 +37,15 @@ from .common import (
     deadlines_key,
     info,
     lease_holder,
+    line_time,
     load_keys,
     log,
     log_problems,
-    log_time,
+    peak_rss_mib,
     percentile,
     rig,
     rss_mib,
+    wait_line,
     wait_until,
     write_result,
 )
@@ -54,34 +53,6 @@ from .common import (
 TTL_MS = 20 * 60 * 1000
 RECONCILED = "reconciled: "
 ACQUIRED = "leader acquired"
-
-
-def peak_rss_mib(pid: int) -> float:
-    """Peak resident set size (VmHWM) of ``pid`` in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 2)
-    return 0.0
-
-
-def _line_time(worker: WorkerProcess, needle: str, after: float = 0.0) -> float | None:
-    """Time of the first line of ``worker``'s log containing ``needle`` logged after
-    ``after`` (unix time), or None."""
-    for line in worker.output().splitlines():
-        if needle in line:
-            at = log_time(line)
-            if at >= after:
-                return at
-    return None
-
-
-def _wait_line(worker: WorkerProcess, needle: str, timeout: float) -> float:
-    def seen() -> float | None:
-        if not worker.alive:
-            raise RuntimeError(f"worker exited\n{worker.output()[-3000:]}")
-        return _line_time(worker, needle)
-
-    return wait_until(seen, timeout, f"{needle!r} in the log", poll=0.05)
 
 
 def _used_memory(r: Rig) -> int:
@@ -110,7 +81,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         r2 = r.spawn("r2", log_level="INFO", lease_ttl_ms=args.lease_ms)
         zset_full_at = None
         deadline = time.time() + args.timeout
-        while _line_time(r1, RECONCILED) is None:
+        while line_time(r1, RECONCILED) is None:
             if zset_full_at is None and int(client.zcard(deadlines_key())) >= n:
                 zset_full_at = time.time()
             if not r1.alive or time.time() > deadline:
@@ -119,8 +90,8 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         if zset_full_at is None:
             zset_full_at = time.time()
         cpu_reconcile = cpu1.stop()
-        t_acq1 = _line_time(r1, ACQUIRED) or t_spawn
-        t_rec1 = _line_time(r1, RECONCILED) or time.time()
+        t_acq1 = line_time(r1, ACQUIRED) or t_spawn
+        t_rec1 = line_time(r1, RECONCILED) or time.time()
         rss1, rss1_peak = rss_mib(r1.pid), peak_rss_mib(r1.pid)
         time.sleep(args.settle)
         idle = CpuWindow(r1.pid).start()
@@ -162,9 +133,9 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
             "r2 to take the lease",
             poll=0.001,
         )
-        t_acq2 = _wait_line(r2, ACQUIRED, 30)
+        t_acq2 = wait_line(r2, ACQUIRED, 30)
         try:
-            t_rec2: float | None = _wait_line(r2, RECONCILED, args.takeover_timeout)
+            t_rec2: float | None = wait_line(r2, RECONCILED, args.takeover_timeout)
         except TimeoutError:
             t_rec2 = None  # reported as never: the benchmark goes on
         rss2_reconciled, rss2_peak = rss_mib(r2.pid), peak_rss_mib(r2.pid)
