@@ -44,6 +44,9 @@ log = logging.getLogger("trio_counter_worker.leader")
 
 _BATCH = 500  # keys per script call: bounds the time Redis spends in one script
 _DECIDERS = 8  # script calls in flight at once: keeps up over a slow link
+# Of those, the ones that may look at keys (TRACK); the others claim only, so a claim
+# due during a reconcile's looks finds a decider free and few scripts ahead of it.
+_LOOKERS = 4
 _RECONCILE_AHEAD = 8 * _BATCH  # keys a reconcile queues ahead of the deciders, at most
 _WINDOW_MS = round(WINDOW * 1000)
 _RESCAN_EVERY = 5.0  # without notifications, how often to look for new keys
@@ -186,8 +189,8 @@ class LeaderDuties:
             # counters): every script reads Redis's current state, so the order in which
             # they land does not matter; at worst a key is looked at once more.
             self._state.resubscribed(since)
-            for _ in range(_DECIDERS):
-                nursery.start_soon(self._decider)
+            for lane in range(_DECIDERS):
+                nursery.start_soon(self._decider, lane < _LOOKERS)
             nursery.start_soon(self._run_timer)
             nursery.start_soon(self._consume, receive)
             await self._load_pending()
@@ -319,11 +322,12 @@ class LeaderDuties:
             await trio.sleep(_RESCAN_EVERY)
             await self._reconcile()
 
-    async def _decider(self) -> NoReturn:
+    async def _decider(self, looks: bool) -> NoReturn:
         """Take keys from the decision queue and decide them, one script call at a time;
-        _DECIDERS of these run at once, never two on the same key."""
+        _DECIDERS of these run at once, never two on the same key. ``looks``: this one
+        may also look at keys (else it only claims)."""
         while True:
-            taken = self._state.take(_BATCH)
+            taken = self._state.take(_BATCH, looks)
             if taken is None:
                 await self._queued.park()
                 continue
