@@ -44,9 +44,14 @@ log = logging.getLogger("trio_counter_worker.leader")
 
 _BATCH = 500  # keys per script call: bounds the time Redis spends in one script
 _DECIDERS = 8  # script calls in flight at once: keeps up over a slow link
-# Of those, the ones that may look at keys (TRACK); the others claim only, so a claim
-# due during a reconcile's looks finds a decider free and few scripts ahead of it.
-_LOOKERS = 4
+# Of those, at most this many look at keys (TRACK): a claim due during a reconcile's
+# looks finds a decider free, and few scripts ahead of it in Redis.
+_LOOKS = 4
+# A call for less than a full batch goes at once, unless another did less than this ago:
+# then it waits out the rest, gathering what comes meanwhile. At a few keys a second
+# each goes alone, on time to the millisecond; at thousands a second calls carry
+# several keys each instead of one, which is what keeps the leader's CPU in hand.
+_GATHER = 0.002
 _RECONCILE_AHEAD = 8 * _BATCH  # keys a reconcile queues ahead of the deciders, at most
 _WINDOW_MS = round(WINDOW * 1000)
 _RESCAN_EVERY = 5.0  # without notifications, how often to look for new keys
@@ -91,7 +96,8 @@ class LeaderDuties:
         self._burials: list[FailingNote] = []  # given up on: to move to the dead letters
         self._notes_lot = trio.lowlevel.ParkingLot()
         self._poison_streak = 0
-        self._queued = trio.lowlevel.ParkingLot()  # deciders wait here for keys
+        self._queued = trio.lowlevel.ParkingLot()  # the dispatcher waits here for keys
+        self._looks = trio.Semaphore(_LOOKS)
         self._decided = trio.lowlevel.ParkingLot()  # a reconcile waits here for room
         self._events: trio.MemoryReceiveChannel[list[Message]] | None = None
         self._functions_note = ""
@@ -189,8 +195,10 @@ class LeaderDuties:
             # counters): every script reads Redis's current state, so the order in which
             # they land does not matter; at worst a key is looked at once more.
             self._state.resubscribed(since)
-            for lane in range(_DECIDERS):
-                nursery.start_soon(self._decider, lane < _LOOKERS)
+            batches, ready = trio.open_memory_channel[Taken](0)
+            for _ in range(_DECIDERS):
+                nursery.start_soon(self._decider, ready)
+            nursery.start_soon(self._dispatch, batches)
             nursery.start_soon(self._run_timer)
             nursery.start_soon(self._consume, receive)
             await self._load_pending()
@@ -322,21 +330,38 @@ class LeaderDuties:
             await trio.sleep(_RESCAN_EVERY)
             await self._reconcile()
 
-    async def _decider(self, looks: bool) -> NoReturn:
-        """Take keys from the decision queue and decide them, one script call at a time;
-        _DECIDERS of these run at once, never two on the same key. ``looks``: this one
-        may also look at keys (else it only claims)."""
+    async def _dispatch(self, batches: trio.MemorySendChannel[Taken]) -> NoReturn:
+        """Form the script calls: claims first, at most _LOOKS looks in flight, one key
+        in one call at a time, small calls gathered (_GATHER). Hands each to a free
+        decider."""
+        self._looks = trio.Semaphore(_LOOKS)  # a resync starts with none in flight
+        last_partial = -math.inf
         while True:
-            taken = self._state.take(_BATCH, looks)
+            if len(self._state.queue) < _BATCH:
+                await trio.sleep_until(last_partial + _GATHER)
+            taken = self._state.take(_BATCH, looks=self._looks.value > 0)
             if taken is None:
                 await self._queued.park()
                 continue
+            if len(taken.keys) < _BATCH:
+                last_partial = trio.current_time()
+            if not taken.claim:
+                self._looks.acquire_nowait()
+            await batches.send(taken)
+
+    async def _decider(self, ready: trio.MemoryReceiveChannel[Taken]) -> None:
+        """Decide the batches the dispatcher forms, one script call at a time;
+        _DECIDERS of these run at once, never two on the same key."""
+        async for taken in ready:
             decided = False
             try:
                 await self._decide(taken)
                 decided = True
             finally:
                 self._state.done(taken, decided)
+                if not taken.claim:
+                    self._looks.release()
+                self._queued.unpark_all()  # its keys, or a look, may be taken again
                 self._decided.unpark_all()
                 self._metrics.decision_backlog.set(len(self._state.queue))
 
