@@ -82,12 +82,12 @@ class DecisionQueue:
         queue[key] = wanted if held is None or held == wanted else held | wanted
 
     def take(
-        self, limit: int, looks: bool = True
+        self, limit: int, claims: bool = True, looks: bool = True
     ) -> tuple[Want, list[str], list[int] | None] | None:
         """Up to ``limit`` keys that want the same call and are in no call now, with
         their ``after`` times if reported; they count as deciding until :meth:`done`.
-        ``looks``: False takes claims only."""
-        for queue in (self._due, self._other) if looks else (self._due,):
+        ``claims``, ``looks``: which of the two may be taken."""
+        for queue in [q for q, ok in ((self._due, claims), (self._other, looks)) if ok]:
             picked: list[str] = []
             kind: Want | None = None
             for key, wanted in queue.items():

@@ -47,11 +47,11 @@ _DECIDERS = 8  # script calls in flight at once: keeps up over a slow link
 # Of those, at most this many look at keys (TRACK): a claim due during a reconcile's
 # looks finds a decider free, and few scripts ahead of it in Redis.
 _LOOKS = 4
-# A call for less than a full batch goes at once, unless another did less than this ago:
-# then it waits out the rest, gathering what comes meanwhile. At a few keys a second
-# each goes alone, on time to the millisecond; at thousands a second calls carry
-# several keys each instead of one, which is what keeps the leader's CPU in hand.
-_GATHER = 0.002
+# Calls for less than a full batch in flight at once, per kind (claims, looks): more
+# keys wait for one to return and go together. At a few keys a second each goes alone
+# at once; at thousands a second, or with the leader's CPU busy, calls carry many keys
+# each instead of one (per call: a thread hop and a script run).
+_SMALL_CALLS = 2
 _RECONCILE_AHEAD = 8 * _BATCH  # keys a reconcile queues ahead of the deciders, at most
 _WINDOW_MS = round(WINDOW * 1000)
 _RESCAN_EVERY = 5.0  # without notifications, how often to look for new keys
@@ -98,6 +98,7 @@ class LeaderDuties:
         self._poison_streak = 0
         self._queued = trio.lowlevel.ParkingLot()  # the dispatcher waits here for keys
         self._looks = trio.Semaphore(_LOOKS)
+        self._small = {True: 0, False: 0}  # small calls in flight: claims, looks
         self._decided = trio.lowlevel.ParkingLot()  # a reconcile waits here for room
         self._events: trio.MemoryReceiveChannel[list[Message]] | None = None
         self._functions_note = ""
@@ -195,7 +196,7 @@ class LeaderDuties:
             # counters): every script reads Redis's current state, so the order in which
             # they land does not matter; at worst a key is looked at once more.
             self._state.resubscribed(since)
-            batches, ready = trio.open_memory_channel[Taken](0)
+            batches, ready = trio.open_memory_channel[tuple[Taken, bool]](0)
             for _ in range(_DECIDERS):
                 nursery.start_soon(self._decider, ready)
             nursery.start_soon(self._dispatch, batches)
@@ -330,38 +331,41 @@ class LeaderDuties:
             await trio.sleep(_RESCAN_EVERY)
             await self._reconcile()
 
-    async def _dispatch(self, batches: trio.MemorySendChannel[Taken]) -> NoReturn:
-        """Form the script calls: claims first, at most _LOOKS looks in flight, one key
-        in one call at a time, small calls gathered (_GATHER). Hands each to a free
-        decider."""
-        self._looks = trio.Semaphore(_LOOKS)  # a resync starts with none in flight
-        last_partial = -math.inf
+    async def _dispatch(self, batches: trio.MemorySendChannel[tuple[Taken, bool]]) -> NoReturn:
+        """Form the script calls: claims first, at most _LOOKS looks and _SMALL_CALLS
+        small calls of each kind in flight. Hands each to a free decider."""
+        self._looks = trio.Semaphore(_LOOKS)  # a resync starts with nothing in flight
+        self._small = {True: 0, False: 0}
         while True:
-            if len(self._state.queue) < _BATCH:
-                await trio.sleep_until(last_partial + _GATHER)
-            taken = self._state.take(_BATCH, looks=self._looks.value > 0)
+            full = len(self._state.queue) >= _BATCH
+            taken = self._state.take(
+                _BATCH,
+                claims=full or self._small[True] < _SMALL_CALLS,
+                looks=self._looks.value > 0 and (full or self._small[False] < _SMALL_CALLS),
+            )
             if taken is None:
                 await self._queued.park()
                 continue
-            if len(taken.keys) < _BATCH:
-                last_partial = trio.current_time()
+            small = len(taken.keys) < _BATCH
+            self._small[taken.claim] += small
             if not taken.claim:
                 self._looks.acquire_nowait()
-            await batches.send(taken)
+            await batches.send((taken, small))
 
-    async def _decider(self, ready: trio.MemoryReceiveChannel[Taken]) -> None:
+    async def _decider(self, ready: trio.MemoryReceiveChannel[tuple[Taken, bool]]) -> None:
         """Decide the batches the dispatcher forms, one script call at a time;
         _DECIDERS of these run at once, never two on the same key."""
-        async for taken in ready:
+        async for taken, small in ready:
             decided = False
             try:
                 await self._decide(taken)
                 decided = True
             finally:
                 self._state.done(taken, decided)
+                self._small[taken.claim] -= small
                 if not taken.claim:
                     self._looks.release()
-                self._queued.unpark_all()  # its keys, or a look, may be taken again
+                self._queued.unpark_all()  # its keys, or room for a call, may be taken
                 self._decided.unpark_all()
                 self._metrics.decision_backlog.set(len(self._state.queue))
 

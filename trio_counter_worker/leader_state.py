@@ -179,8 +179,8 @@ class LeaderState:
         """Queue a claim for every key whose deadline has come (trio time)."""
         self.want(self.schedule.pop_due(now), "claim")
 
-    def take(self, limit: int, looks: bool = True) -> Taken | None:
-        taken = self.queue.take(limit, looks)
+    def take(self, limit: int, claims: bool = True, looks: bool = True) -> Taken | None:
+        taken = self.queue.take(limit, claims, looks)
         if taken is None:
             return None
         wanted, keys, afters = taken
