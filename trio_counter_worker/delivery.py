@@ -15,7 +15,15 @@ import httpx
 import trio
 
 from .config import Config
-from .http_client import Endpoint, HttpError, Lane, header_value, tls_context, uses_proxy
+from .http_client import (
+    BODY_CAP,
+    Endpoint,
+    HttpError,
+    Lane,
+    header_value,
+    tls_context,
+    uses_proxy,
+)
 from .keyspace import wire_text
 from .metrics import Metrics
 from .retry import Verdict, classify, parse_retry_after
@@ -142,7 +150,7 @@ class ResetSender:
 
     async def attempt(self, reset: PendingReset, fencing_token: int, lane: int = 0) -> Attempt:
         """POST ``reset`` once. RESET_TIMEOUT_MS bounds the whole attempt (connect, send,
-        status line and headers), and at most ``_BODY_CAP`` bytes of the answer are read:
+        status line and headers), and at most ``BODY_CAP`` bytes of the answer are read:
         a slow, dripping or endless answer costs one timeout and constant memory.
 
         Cancellation: the usual way this stops early, when leadership is lost; the reset
@@ -183,7 +191,7 @@ class ResetSender:
             # Only the status matters. Reading a small answer to its end lets the
             # connection be reused; anything longer or slower closes it.
             with trio.move_on_at(deadline):
-                await lane.finish(answer, _BODY_CAP)
+                await lane.finish(answer)
         return attempt
 
     async def _attempt_httpx(
@@ -254,7 +262,6 @@ class ResetSender:
         return Attempt(verdict, status, what, retry_after)
 
 
-_BODY_CAP = 64 * 1024  # bytes of an answer read at most: the worker needs only its status
 _CLOSE_TIMEOUT = 1.0  # closing an answer left unread drops its connection: quick
 
 
@@ -264,7 +271,7 @@ async def _drain(response: httpx.Response) -> None:
     read = 0
     async for chunk in response.aiter_raw():
         read += len(chunk)
-        if read > _BODY_CAP:
+        if read > BODY_CAP:
             return
 
 

@@ -38,6 +38,7 @@ import trio
 __all__ = ["Answer", "Endpoint", "HttpError", "Lane", "header_value", "tls_context", "uses_proxy"]
 
 READ_SIZE = 64 * 1024  # bytes per read, as httpcore
+BODY_CAP = 64 * 1024  # bytes of an answer's body read at most: only its status matters
 HEAD_LIMIT = 100 * 1024  # an answer head still incomplete past this is refused (httpcore)
 KEEPALIVE_EXPIRY = 5.0  # an idle connection older than this is not reused (httpx default)
 
@@ -149,18 +150,24 @@ class Answer:
 
     def header(self, name: str) -> str | None:
         """A header's value as httpx's ``Headers.get`` gives it: several occurrences
-        joined with ", "; ASCII, else UTF-8, else Latin-1."""
+        joined with ", ", decoded as ASCII, else UTF-8, else Latin-1 (whichever fits
+        every header of the answer)."""
         key = name.lower().encode("ascii")
         values = [v for k, v in self._raw_headers if k.lower() == key]
         if not values:
             return None
-        joined = b", ".join(values)
+        return b", ".join(values).decode(self._encoding())
+
+    def _encoding(self) -> str:
         for encoding in ("ascii", "utf-8"):
             try:
-                return joined.decode(encoding)
+                for k, v in self._raw_headers:
+                    k.decode(encoding)
+                    v.decode(encoding)
             except UnicodeDecodeError:
-                pass
-        return joined.decode("iso-8859-1")
+                continue
+            return encoding
+        return "iso-8859-1"
 
 
 class _Plain:
@@ -239,9 +246,12 @@ class Lane:
     time. The caller bounds each call's time (cancel scopes); a call interrupted, or
     failing, leaves the connection closed, so the next request starts afresh."""
 
-    def __init__(self, endpoint: Endpoint, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, endpoint: Endpoint, tls: ssl.SSLContext | None = None, cap: int = BODY_CAP
+    ) -> None:
         self.endpoint = endpoint
         self._tls = tls
+        self._cap = cap
         self._conn: _Plain | _Tls | None = None
         self._reusable = False  # the last answer was read to its end, on a kept connection
         self._idle_since = 0.0
@@ -265,7 +275,7 @@ class Lane:
                 await conn.send_all(data)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise HttpError("WriteError", _text(exc)) from exc
-            answer = await self._read_head(conn)
+            answer = await self._read_head(conn, self._cap)
         except BaseException:
             await self._drop()
             raise
@@ -273,14 +283,14 @@ class Lane:
             self._kept()
         return answer
 
-    async def finish(self, answer: Answer, cap: int) -> None:
+    async def finish(self, answer: Answer) -> None:
         """Read the rest of ``answer``'s body (nothing if it was all there), at most
         ``cap`` bytes of it: read to its end, the connection stays; longer, broken or
         interrupted, it is closed. Errors reading it are not the request's: ignored."""
         if answer.complete:
             return
         try:
-            await self._read_body(answer, cap)
+            await self._read_body(answer, self._cap)
         except HttpError:
             pass
         finally:
@@ -330,7 +340,7 @@ class Lane:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise HttpError("ReadError", _text(exc)) from exc
 
-    async def _read_head(self, conn: _Plain | _Tls) -> Answer:
+    async def _read_head(self, conn: _Plain | _Tls, cap: int) -> Answer:
         buf = b""
         searched = 0
         while True:
@@ -375,10 +385,10 @@ class Lane:
         if after > length:
             close = True  # bytes beyond the answer: the connection is not trusted again
         answer._body = length - min(after, length)
-        if answer._body == 0 and not close:
+        if close or length > cap:
+            answer._body = -1  # not worth reading: the connection is closed
+        elif answer._body == 0:
             answer.complete = True
-        elif close:
-            answer._body = -1  # nothing to keep the connection for
         return answer
 
     async def _h11_head(self, conn: _Plain | _Tls, buf: bytes) -> Answer:
