@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -385,10 +385,12 @@ async def test_connections_are_kept_alive_and_replaced(backend: RecordingBackend
     assert [r.key for r in backend.requests] == ["counter:1"] * 5
 
 
-async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
-    # A server that answers once per connection with keep-alive, then hangs up.
+@contextmanager
+def answering_once(answer: bytes) -> Iterator[tuple[str, list[socket.socket]]]:
+    """A server that reads one request per connection, sends ``answer`` and hangs up;
+    yields its URL and the connections it accepted."""
     sock = socket.create_server(("127.0.0.1", 0))
-    accepted = []
+    accepted: list[socket.socket] = []
 
     def serve() -> None:
         while True:
@@ -399,17 +401,21 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
             accepted.append(conn)
             with conn:
                 conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                conn.shutdown(socket.SHUT_WR)
+                conn.sendall(answer)
 
     threading.Thread(target=serve, daemon=True).start()
     try:
-        async with lane_sender(f"http://127.0.0.1:{sock.getsockname()[1]}/r") as (sender, _):
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/r", accepted
+    finally:
+        sock.close()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
+    with answering_once(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n") as (url, accepted):
+        async with lane_sender(url) as (sender, _):
             for n in range(3):
                 assert (await sender.attempt(make_reset(n), 7)).done
                 await trio.sleep(0.05)  # the FIN arrives: readable while idle
-    finally:
-        sock.close()
     assert len(accepted) == 3
 
 
@@ -491,27 +497,11 @@ async def test_retry_after_and_hints(backend: RecordingBackend) -> None:
 
 async def test_a_2xx_whose_body_is_cut_short_is_delivered() -> None:
     # The status is in; the connection breaks in the body. Both ways count it done.
-    sock = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nab")
-                time.sleep(0.05)
-
-    threading.Thread(target=serve, daemon=True).start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}/r"
-    try:
+    cut_short = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nab"
+    with answering_once(cut_short) as (url, _):
         async with lane_sender(url) as (sender, _), httpx.AsyncClient() as client:
             assert (await sender.attempt(make_reset(), 7)).done
             assert (await ResetSender(make_config(url), client).attempt(make_reset(), 7)).done
-    finally:
-        sock.close()
 
 
 async def test_cancelled_mid_request_the_connection_is_dropped(backend: RecordingBackend) -> None:
