@@ -20,6 +20,7 @@ from typing import NoReturn
 
 import trio
 
+from . import logs
 from .config import Config
 from .delivery import Attempt, ResetSender
 from .election import Backoff, Lease
@@ -32,7 +33,6 @@ from .errors import (
 )
 from .keyspace import enable_hint, eviction_warning, shown_key
 from .leader_state import LeaderState, Quarantine, Taken
-from .logs import line_logger
 from .metrics import Metrics
 from .outage import OutageLog
 from .outbox import Entry, Outbox
@@ -522,7 +522,7 @@ class LeaderDuties:
                 f"mark {len(batch)} reset(s) sent",
                 partial(self._store.mark_sent, self._holder, *ids),
             )
-            emit = line_logger(log, logging.INFO)
+            emit = logs.line_logger(log, logging.INFO)
             failed_before = False
             epoch = self._lease.epoch
             for entry, done in batch:
