@@ -346,6 +346,21 @@ def test_a_plain_answer_is_read_in_one_piece(monkeypatch: pytest.MonkeyPatch) ->
     assert not script.chunks
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 429 Slow\r\nRetry-After: 2\r\nContent-Length: 3\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    ],
+)
+def test_an_answer_a_byte_at_a_time(monkeypatch: pytest.MonkeyPatch, answer: bytes) -> None:
+    chunks = [answer[i : i + 1] for i in range(len(answer))]
+    script = Script(chunks)
+    got = lane_reads(scripted_lane(monkeypatch, script), script)
+    assert got == h11_reads(chunks)
+    assert got[-2:] == (True, False)  # read to its end: kept
+
+
 async def test_an_answer_left_unfinished_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
     script = Script([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"])
     lane = scripted_lane(monkeypatch, script)

@@ -341,26 +341,29 @@ class Lane:
             raise HttpError("ReadError", _text(exc)) from exc
 
     async def _read_head(self, conn: _Plain | _Tls, cap: int) -> Answer:
-        buf = b""
+        data = await self._receive(conn, True)
+        buf: bytes | bytearray = data  # a bytearray once a head comes in pieces
         searched = 0
         while True:
-            data = await self._receive(conn, not buf)
             if not data:
                 raise HttpError("RemoteProtocolError", _DISCONNECTED)
-            buf += data
             if not buf.startswith(_STATUS_PREFIX[: len(buf)]) or len(buf) > HEAD_LIMIT:
                 return await self._h11_head(conn, buf)
             end = _BLANK_LINE.search(buf, searched)
             if end is not None:
                 break
             searched = max(0, len(buf) - 2)
+            data = await self._receive(conn, False)
+            if isinstance(buf, bytes):
+                buf = bytearray(buf)
+            buf += data
         head_end = end.end()
-        head = buf[:head_end]
+        head = bytes(buf[:head_end])
         if _PLAIN_HEAD.fullmatch(head) is None:
             return await self._h11_head(conn, buf)
         lines = head[:-4].split(b"\r\n")
         status = int(lines[0][9:12])
-        headers = []
+        headers: list[tuple[bytes, bytes]] = []
         length = -1
         close = False
         for line in lines[1:]:
@@ -391,13 +394,13 @@ class Lane:
             answer.complete = True
         return answer
 
-    async def _h11_head(self, conn: _Plain | _Tls, buf: bytes) -> Answer:
+    async def _h11_head(self, conn: _Plain | _Tls, buf: bytes | bytearray) -> Answer:
         """Hand an answer the fast path does not read to h11, as httpcore would."""
         machine = h11.Connection(h11.CLIENT, max_incomplete_event_size=HEAD_LIMIT)
         # h11 must believe it sent the request; only the method matters for the answer.
         machine.send(h11.Request(method=b"POST", target=b"/", headers=[(b"host", b"x")]))
         machine.send(h11.EndOfMessage())
-        machine.receive_data(buf)
+        machine.receive_data(bytes(buf))
         try:
             while True:
                 event = machine.next_event()
