@@ -6,7 +6,8 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from urllib.parse import urlsplit
 
 import attrs
@@ -14,12 +15,23 @@ import httpx
 import trio
 
 from .config import Config
+from .http_client import (
+    BODY_CAP,
+    Endpoint,
+    HttpError,
+    Lane,
+    header_value,
+    tls_context,
+    uses_proxy,
+)
 from .keyspace import wire_text
 from .metrics import Metrics
 from .retry import Verdict, classify, parse_retry_after
 from .store import PendingReset
 
-__all__ = ["Attempt", "ResetSender", "build_request", "safe_url", "sign"]
+__all__ = ["Attempt", "ResetSender", "build_request", "open_lanes", "safe_url", "sign"]
+
+_JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps(..., separators=) makes one a call
 
 _HINTS = {
     401: "check RESET_SECRET: the backend rejected it",
@@ -54,6 +66,20 @@ def build_request(
     pending reset sends its own, higher token, so a backend that ignores stale tokens
     still applies it, and dedupes it by ``reset_id``.
     """
+    raw = request_body(reset, replica_id=replica_id, fencing_token=fencing_token)
+    headers = {
+        "x-secret": secret,
+        "content-type": "application/json",
+        "idempotency-key": reset.reset_id,
+        "x-fencing-token": str(fencing_token),
+    }
+    if signing_secret is not None:
+        headers["x-signature"] = sign(signing_secret, raw, int(time.time() if now is None else now))
+    return headers, raw
+
+
+def request_body(reset: PendingReset, *, replica_id: str, fencing_token: int) -> bytes:
+    """The JSON body of the reset request (see :func:`build_request`)."""
     key, key_base64 = wire_text(reset.key)
     body: dict[str, object] = {
         "key": key,
@@ -68,16 +94,7 @@ def build_request(
         body["payload"], payload_base64 = wire_text(reset.payload)
         if payload_base64 is not None:
             body["payload_base64"] = payload_base64
-    headers = {
-        "x-secret": secret,
-        "content-type": "application/json",
-        "idempotency-key": reset.reset_id,
-        "x-fencing-token": str(fencing_token),
-    }
-    raw = json.dumps(body, separators=(",", ":")).encode()
-    if signing_secret is not None:
-        headers["x-signature"] = sign(signing_secret, raw, int(time.time() if now is None else now))
-    return headers, raw
+    return _JSON.encode(body).encode()
 
 
 @attrs.frozen
@@ -98,12 +115,17 @@ class Attempt:
 class ResetSender:
     """Sends one attempt of a reset at a time. Never follows redirects: the secret stays
     with the URL. Retrying is the caller's business (see :mod:`.outbox`), so a reset that
-    keeps failing never holds a connection while it waits."""
+    keeps failing never holds a connection while it waits.
+
+    One lane per courier, each a connection of its own: :class:`~.http_client.Lane`
+    (what :func:`open_lanes` makes unless a proxy is configured), or an httpx client
+    (a pool of one connection each; tests pass one with a mock transport).
+    """
 
     def __init__(
         self,
         config: Config,
-        client: httpx.AsyncClient | Sequence[httpx.AsyncClient],
+        client: httpx.AsyncClient | Sequence[httpx.AsyncClient] | Sequence[Lane],
         metrics: Metrics | None = None,
     ) -> None:
         self._config = config
@@ -111,17 +133,70 @@ class ResetSender:
         # One client per lane (courier): a pool of one connection each. httpcore scans
         # every pooled connection, with a poll() each, on every request: one shared
         # pool of 32 made that scan the worker's main cost under a burst.
-        self._clients = [client] if isinstance(client, httpx.AsyncClient) else list(client)
+        self._lanes: list[httpx.AsyncClient | Lane] = (
+            [client] if isinstance(client, httpx.AsyncClient) else list(client)
+        )
         self._where = safe_url(config.reset_endpoint_url)
+        resets = self._metrics.resets
+        self._outcomes = {
+            verdict: resets.labels(outcome)
+            for verdict, outcome in (
+                ("done", "delivered"),
+                ("retry", "retried"),
+                ("redirect", "redirect"),
+                ("rejected", "rejected"),
+            )
+        }
 
     async def attempt(self, reset: PendingReset, fencing_token: int, lane: int = 0) -> Attempt:
         """POST ``reset`` once. RESET_TIMEOUT_MS bounds the whole attempt (connect, send,
-        status line and headers), and at most ``_BODY_CAP`` bytes of the answer are read:
+        status line and headers), and at most ``BODY_CAP`` bytes of the answer are read:
         a slow, dripping or endless answer costs one timeout and constant memory.
 
         Cancellation: the usual way this stops early, when leadership is lost; the reset
         stays pending in Redis and the next leader sends it under the same reset_id.
         """
+        use = self._lanes[lane % len(self._lanes)]
+        if isinstance(use, Lane):
+            attempt = await self._attempt_on(use, reset, fencing_token)
+        else:
+            attempt = await self._attempt_httpx(use, reset, fencing_token)
+        self._outcomes[attempt.verdict].inc()
+        if attempt.done:
+            self._metrics.reset_latency.observe(max(0.0, attempt.latency))
+        return attempt
+
+    async def _attempt_on(self, lane: Lane, reset: PendingReset, fencing_token: int) -> Attempt:
+        config = self._config
+        # Built per attempt: a signature carries the time it was made.
+        body = request_body(reset, replica_id=config.replica_id, fencing_token=fencing_token)
+        timeout = config.reset_timeout
+        deadline = trio.current_time() + timeout
+        try:
+            with trio.fail_after(timeout):
+                headers = [
+                    (b"idempotency-key", header_value(reset.reset_id)),
+                    (b"x-fencing-token", b"%d" % fencing_token),
+                ]
+                if config.reset_signing_secret is not None:
+                    signature = sign(config.reset_signing_secret, body, int(time.time()))
+                    headers.append((b"x-signature", signature.encode("ascii")))
+                answer = await lane.request(lane.endpoint.request(headers, body))
+        except trio.TooSlowError:
+            return self._timed_out(timeout)
+        except HttpError as exc:  # refused, reset, DNS, protocol errors
+            return self._no_answer(exc.kind, str(exc))
+        attempt = self._judge(reset, answer.status, answer.header)
+        if not answer.complete:
+            # Only the status matters. Reading a small answer to its end lets the
+            # connection be reused; anything longer or slower closes it.
+            with trio.move_on_at(deadline):
+                await lane.finish(answer)
+        return attempt
+
+    async def _attempt_httpx(
+        self, client: httpx.AsyncClient, reset: PendingReset, fencing_token: int
+    ) -> Attempt:
         # Built per attempt: a signature carries the time it was made.
         headers, body = build_request(
             reset,
@@ -132,7 +207,6 @@ class ResetSender:
         )
         timeout = self._config.reset_timeout
         deadline = trio.current_time() + timeout
-        client = self._clients[lane % len(self._clients)]
         request = client.build_request(
             "POST", self._config.reset_endpoint_url, content=body, headers=headers
         )
@@ -140,55 +214,54 @@ class ResetSender:
             with trio.fail_after(timeout):
                 response = await client.send(request, stream=True)
         except trio.TooSlowError:
-            attempt = Attempt(
-                "retry",
-                None,
-                f"no answer within RESET_TIMEOUT_MS="
-                f"{round(timeout * 1000)} from {self._where} (it may still "
-                "have applied the reset)",
-            )
+            return self._timed_out(timeout)
         except httpx.TransportError as exc:  # refused, reset, DNS, protocol errors
-            attempt = Attempt(
-                "retry",
-                None,
-                f"{type(exc).__name__} talking to {self._where}"
-                f"{': ' + str(exc) if str(exc) else ''}",
-            )
-        else:
-            attempt = self._judge(reset, response)
-            try:
-                # Only the status matters. Reading a small answer to its end lets the
-                # connection be reused; anything longer or slower closes it.
-                with trio.move_on_at(deadline):
-                    await _drain(response)
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
-                    await response.aclose()
-        outcome = {"done": "delivered", "retry": "retried"}.get(attempt.verdict, attempt.verdict)
-        self._metrics.resets.labels(outcome).inc()
-        if attempt.done:
-            self._metrics.reset_latency.observe(max(0.0, attempt.latency))
+            return self._no_answer(type(exc).__name__, str(exc))
+        attempt = self._judge(reset, response.status_code, response.headers.get)
+        try:
+            # Only the status matters. Reading a small answer to its end lets the
+            # connection be reused; anything longer, slower or broken closes it.
+            with trio.move_on_at(deadline):
+                await _drain(response)
+        except httpx.TransportError:
+            pass  # the answer's status is in: a body cut short only costs the connection
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+                await response.aclose()
         return attempt
 
-    def _judge(self, reset: PendingReset, response: httpx.Response) -> Attempt:
-        status = response.status_code
+    def _timed_out(self, timeout: float) -> Attempt:
+        return Attempt(
+            "retry",
+            None,
+            f"no answer within RESET_TIMEOUT_MS={round(timeout * 1000)} from {self._where} "
+            "(it may still have applied the reset)",
+        )
+
+    def _no_answer(self, kind: str, message: str) -> Attempt:
+        return Attempt(
+            "retry", None, f"{kind} talking to {self._where}{': ' + message if message else ''}"
+        )
+
+    def _judge(
+        self, reset: PendingReset, status: int, header: Callable[[str], str | None]
+    ) -> Attempt:
         verdict = classify(status)
         if verdict == "done":
             return Attempt("done", status, latency=time.time() - reset.expired_at)
         what = f"HTTP {status} from {self._where}"
         if verdict == "redirect":
-            location = response.headers.get("location", "?")[:200]
+            location = (header("location") or "?")[:200]
             what += (
                 f" redirecting to {location!r}: redirects are not followed, so the secret"
                 " is never sent elsewhere; set RESET_ENDPOINT_URL to the final URL"
             )
         elif verdict == "rejected":
             what += ": " + _HINTS.get(status, "the backend refused the request")
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        retry_after = parse_retry_after(header("retry-after"))
         return Attempt(verdict, status, what, retry_after)
 
 
-_BODY_CAP = 64 * 1024  # bytes of an answer read at most: the worker needs only its status
 _CLOSE_TIMEOUT = 1.0  # closing an answer left unread drops its connection: quick
 
 
@@ -198,8 +271,39 @@ async def _drain(response: httpx.Response) -> None:
     read = 0
     async for chunk in response.aiter_raw():
         read += len(chunk)
-        if read > _BODY_CAP:
+        if read > BODY_CAP:
             return
+
+
+@asynccontextmanager
+async def open_lanes(config: Config) -> AsyncIterator[list[httpx.AsyncClient] | list[Lane]]:
+    """One lane per request in flight (MAX_IN_FLIGHT), closed on exit: a
+    :class:`~.http_client.Lane` each, or, with a proxy configured in the environment
+    (which httpx honours), an httpx client each as before. One TLS context shared by
+    all, as httpx would build it (certifi's CAs)."""
+    tls = tls_context()
+    async with AsyncExitStack() as stack:
+        if uses_proxy():
+            yield [
+                await stack.enter_async_context(
+                    httpx.AsyncClient(
+                        timeout=httpx.Timeout(config.reset_timeout),
+                        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                        verify=tls,
+                        follow_redirects=False,
+                    )
+                )
+                for _ in range(config.max_in_flight)
+            ]
+            return
+        endpoint = Endpoint(
+            config.reset_endpoint_url,
+            [("x-secret", config.reset_secret), ("content-type", "application/json")],
+        )
+        lanes = [Lane(endpoint, tls) for _ in range(config.max_in_flight)]
+        for lane in lanes:
+            stack.push_async_callback(lane.aclose)
+        yield lanes
 
 
 def safe_url(url: str) -> str:

@@ -20,6 +20,7 @@ from typing import NoReturn
 
 import trio
 
+from . import logs
 from .config import Config
 from .delivery import Attempt, ResetSender
 from .election import Backoff, Lease
@@ -575,31 +576,34 @@ class LeaderDuties:
                 f"mark {len(batch)} reset(s) sent",
                 partial(self._store.mark_sent, self._holder, *ids),
             )
+            emit = logs.line_logger(log, logging.INFO)
+            failed_before = False
+            epoch = self._lease.epoch
             for entry, done in batch:
                 reset = entry.reset
                 self._outbox.remove(reset.reset_id)
+                failed_before = failed_before or entry.attempts > 0
                 attempts = entry.attempts + 1
-                log.info(
-                    "reset sent: key=%r reset_id=%s fencing_token=%d status=%d attempts=%d "
-                    "latency_ms=%.1f",
-                    shown_key(reset.key),
-                    reset.reset_id,
-                    self._lease.epoch,
-                    done.status,
-                    attempts,
-                    done.latency * 1000,
-                    extra={
-                        "event": "reset_sent",
-                        "key": shown_key(reset.key),
-                        "reset_id": reset.reset_id,
-                        "fencing_token": self._lease.epoch,
-                        "attempts": attempts,
-                        "latency_ms": round(done.latency * 1000, 1),
-                    },
-                )
+                if emit is not None:
+                    key = shown_key(reset.key)
+                    latency_ms = done.latency * 1000
+                    emit(
+                        "reset sent: key=%r reset_id=%s fencing_token=%d status=%d "
+                        "attempts=%d latency_ms=%.1f",
+                        (key, reset.reset_id, epoch, done.status, attempts, latency_ms),
+                        {
+                            "event": "reset_sent",
+                            "key": key,
+                            "reset_id": reset.reset_id,
+                            "fencing_token": epoch,
+                            "attempts": attempts,
+                            "latency_ms": round(latency_ms, 1),
+                        },
+                    )
                 self._on_reset(reset, attempts)
             self._metrics.pending.set(len(self._outbox))
-            self._metrics.failing.set(len(self._outbox.failing()))
+            if failed_before:  # only a reset that had failed was counted as failing
+                self._metrics.failing.set(len(self._outbox.failing()))
 
 
 def _halves(taken: Taken) -> list[Taken]:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["JsonFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "LineLogger", "configure_logging", "line_logger"]
 
 # Attributes every LogRecord has; anything else came from ``extra=``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -36,6 +38,27 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
+
+
+LineLogger = Callable[[str, tuple[object, ...], Mapping[str, object]], None]
+
+
+def line_logger(logger: logging.Logger, level: int) -> LineLogger | None:
+    """For lines logged many at a time (one per reset): a function that logs
+    ``(msg, args, extra)`` as ``logger.log(level, msg, *args, extra=extra)`` would, except
+    that the caller is looked up once, here (each record names the line that called
+    this), not per line. None when ``level`` is off, so nothing need be built."""
+    if not logger.isEnabledFor(level):
+        return None
+    caller = sys._getframe(1)
+    path, line, function = caller.f_code.co_filename, caller.f_lineno, caller.f_code.co_name
+
+    def emit(msg: str, args: tuple[object, ...], extra: Mapping[str, object]) -> None:
+        logger.handle(
+            logger.makeRecord(logger.name, level, path, line, msg, args, None, function, extra)
+        )
+
+    return emit
 
 
 def configure_logging(level: str, fmt: str = "text") -> None:

@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import logging
 import secrets
-import ssl
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import NoReturn
 
-import certifi
 import httpx
 import trio
 
 from .config import Config
-from .delivery import ResetSender, safe_url
+from .delivery import ResetSender, open_lanes, safe_url
 from .election import Backoff, Elector, Lease, LeaseTiming
 from .errors import LeaseLost, RedisRefused, RedisUnavailable, first_error
 from .health import serve_health
 from .hooks import Hooks
+from .http_client import Lane
 from .leader import LeaderDuties
 from .leader_state import Quarantine
 from .metrics import Metrics
@@ -51,7 +50,7 @@ class Worker:
         self,
         config: Config,
         store: Store,
-        http: httpx.AsyncClient | Sequence[httpx.AsyncClient],
+        http: httpx.AsyncClient | Sequence[httpx.AsyncClient] | Sequence[Lane],
         hooks: Hooks | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -285,22 +284,9 @@ async def open_worker(
         if http_client is not None:
             yield Worker(config, store, http_client, hooks)
         else:
-            async with AsyncExitStack() as stack:
-                # One client (one kept-alive connection) per request in flight; one TLS
-                # context shared by all, as httpx would build it (certifi's CAs).
-                tls = ssl.create_default_context(cafile=certifi.where())
-                clients = [
-                    await stack.enter_async_context(
-                        httpx.AsyncClient(
-                            timeout=httpx.Timeout(config.reset_timeout),
-                            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-                            verify=tls,
-                            follow_redirects=False,
-                        )
-                    )
-                    for _ in range(config.max_in_flight)
-                ]
-                yield Worker(config, store, clients, hooks)
+            # One lane (one kept-alive connection) per request in flight.
+            async with open_lanes(config) as lanes:
+                yield Worker(config, store, lanes, hooks)
     finally:
         if bridge is not None:
             with trio.CancelScope(shield=True):
