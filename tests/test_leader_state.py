@@ -9,6 +9,7 @@ from __future__ import annotations
 from trio_counter_worker.keys import Keys
 from trio_counter_worker.leader_state import (
     EARLY,
+    REFILL_EVERY,
     WINDOW,
     Heard,
     LeaderState,
@@ -158,7 +159,7 @@ def test_only_deadlines_within_the_window_are_held() -> None:
     assert s.refill_at == float("-inf")  # nothing read yet
     s.tracked(page([], upto=1_060_000, ahead_ms=60_000), base=0.0)
     assert s.read_from == PageStart(1_060_000)
-    assert s.refill_at == WINDOW / 2
+    assert s.refill_at == REFILL_EVERY
     s.apply(
         [
             KeyOutcome("c:near", "alive", pttl_ms=round(WINDOW * 1000)),

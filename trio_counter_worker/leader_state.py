@@ -26,13 +26,16 @@ from .schedule import Schedule
 from .spec import TOMBSTONE_MS
 from .store import DeadlinePage, KeyOutcome, Message, PageStart, PendingReset
 
-__all__ = ["EARLY", "WINDOW", "Heard", "LeaderState", "Quarantine", "Taken"]
+__all__ = ["EARLY", "REFILL_EVERY", "WINDOW", "Heard", "LeaderState", "Quarantine", "Taken"]
 
 EARLY = 0.001  # fire just after the deadline, so the key is already due in Redis
 # Seconds of deadlines held in memory. Redis's deadlines zset is the complete, ordered
 # record; the leader holds only what falls due soon and reads the rest in, page by page,
 # as time advances. Memory then follows the reset rate, not the number of counters.
 WINDOW = 60.0
+# Read on this often, a few seconds of deadlines each time: a small read never holds the
+# leader (or Redis) up for long, however many counters fall due per second.
+REFILL_EVERY = 5.0
 # Outcomes due within WINDOW + _SLACK are held: more than any page can have covered,
 # whatever the round trips and clocks (the window's edge and an outcome's deadline are
 # estimated from different calls).
@@ -118,8 +121,8 @@ class LeaderState:
 
     @property
     def refill_at(self) -> float:
-        """When to read more recorded deadlines: half a window before the edge."""
-        return self.horizon - WINDOW / 2
+        """When to read more recorded deadlines: REFILL_EVERY after the last read."""
+        return self.horizon - WINDOW + REFILL_EVERY
 
     def counters(self, keys: Iterable[str]) -> list[str]:
         """Counter keys only: never a key of any worker deployment, nor one set aside."""
