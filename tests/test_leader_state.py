@@ -159,7 +159,7 @@ def test_only_deadlines_within_the_window_are_held() -> None:
     assert s.refill_at == float("-inf")  # nothing read yet
     s.tracked(page([], upto=1_060_000, ahead_ms=60_000), base=0.0)
     assert s.read_from == PageStart(1_060_000)
-    assert s.refill_at == REFILL_EVERY
+    assert s.refill_at == WINDOW / 2  # a quiet read: the next in half a window
     s.apply(
         [
             KeyOutcome("c:near", "alive", pttl_ms=round(WINDOW * 1000)),
@@ -172,6 +172,18 @@ def test_only_deadlines_within_the_window_are_held() -> None:
     # Held, then re-armed far: let go.
     s.apply([KeyOutcome("c:near", "alive", pttl_ms=20 * 60_000)], base=1.0)
     assert len(s.schedule) == 0
+
+
+def test_busy_reads_come_every_few_seconds() -> None:
+    """A read that brought many deadlines (over pages) is followed by the next one soon,
+    so that no read is large; a quiet one, by the next half a window later."""
+    s = state()
+    rows = [(f"c:{n}", 100) for n in range(600)]
+    s.tracked(page(rows, upto=5_000, ahead_ms=4_000, more=True), base=0.0)
+    s.tracked(page(rows, upto=61_000, ahead_ms=60_000), base=1.0)  # 1,200 in all
+    assert s.refill_at == 1.0 + REFILL_EVERY
+    s.tracked(page(rows[:10], upto=66_000, ahead_ms=60_000), base=6.0)
+    assert s.refill_at == 6.0 + WINDOW / 2
 
 
 def test_pages_move_the_edge_forward_only() -> None:

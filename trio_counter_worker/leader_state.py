@@ -33,9 +33,12 @@ EARLY = 0.001  # fire just after the deadline, so the key is already due in Redi
 # record; the leader holds only what falls due soon and reads the rest in, page by page,
 # as time advances. Memory then follows the reset rate, not the number of counters.
 WINDOW = 60.0
-# Read on this often, a few seconds of deadlines each time: a small read never holds the
-# leader (or Redis) up for long, however many counters fall due per second.
+# Read on this often while reads bring many deadlines (at least _BUSY_READ), a few
+# seconds of them each time: a read never holds the leader (or Redis) up for long,
+# however many counters fall due per second. Otherwise every half window: an idle leader
+# reads twice a minute.
 REFILL_EVERY = 5.0
+_BUSY_READ = 1_000
 # Outcomes due within WINDOW + _SLACK are held: more than any page can have covered,
 # whatever the round trips and clocks (the window's edge and an outcome's deadline are
 # estimated from different calls).
@@ -89,6 +92,8 @@ class LeaderState:
         self.schedule = Schedule()
         self.read_from = PageStart()  # where the next read of recorded deadlines starts
         self.horizon = -math.inf  # trio time of read_from: read on before it comes
+        self._read = 0  # deadlines the last read brought (pages of it so far: _reading)
+        self._reading = 0
         self.queue = DecisionQueue()
         self.quarantine = quarantine or Quarantine()
         self.redeliver_channel = keys.redeliver
@@ -118,11 +123,15 @@ class LeaderState:
         self.schedule = Schedule()
         self.read_from = PageStart()
         self.horizon = -math.inf
+        self._read = self._reading = 0
 
     @property
     def refill_at(self) -> float:
-        """When to read more recorded deadlines: REFILL_EVERY after the last read."""
-        return self.horizon - WINDOW + REFILL_EVERY
+        """When to read more recorded deadlines: REFILL_EVERY after a busy read, half a
+        window before the edge after a quiet one."""
+        if self._read >= _BUSY_READ:
+            return self.horizon - WINDOW + REFILL_EVERY
+        return self.horizon - WINDOW / 2
 
     def counters(self, keys: Iterable[str]) -> list[str]:
         """Counter keys only: never a key of any worker deployment, nor one set aside."""
@@ -221,6 +230,9 @@ class LeaderState:
         if page.upto is not None and (self.read_from.after or page.upto) <= page.upto:
             self.read_from = PageStart(page.upto)
             self.horizon = base + page.ahead_ms / 1000
+        self._reading += len(page.rows)
+        if page.next is None:
+            self._read, self._reading = self._reading, 0
 
     def set_aside(self, key: str, error: str) -> None:
         """A key whose decision fails unexpectedly: no more looks at it."""
