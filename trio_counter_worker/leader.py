@@ -52,7 +52,7 @@ _LOOKS = 4
 # keys wait for one to return and go together. At a few keys a second each goes alone
 # at once; at thousands a second, or with the leader's CPU busy, calls carry many keys
 # each instead of one (per call: a thread hop and a script run).
-_SMALL_CALLS = 2
+_SMALL_CALLS = 4
 _RECONCILE_AHEAD = 8 * _BATCH  # keys a reconcile queues ahead of the deciders, at most
 _WINDOW_MS = round(WINDOW * 1000)
 _RESCAN_EVERY = 5.0  # without notifications, how often to look for new keys
