@@ -26,11 +26,15 @@ end
 -- A key's TTL at `now` and absolute expiry (-1 without a TTL). Looking it up is the
 -- touch: a due key expires now. One call on Redis 7 (PEXPIRETIME: -2 gone, -1 no TTL);
 -- on 6.2, which lacks it, PTTL and TIME + PTTL.
+local has_pexpiretime = true  -- until Redis says otherwise (6.2), once per call
 local function ttl_of(key, now)
-  local at = redis.pcall('PEXPIRETIME', key)
-  if type(at) == 'number' then
-    if at < 0 then return at, -1 end
-    return math.max(at - now, 0), at
+  if has_pexpiretime then
+    local at = redis.pcall('PEXPIRETIME', key)
+    if type(at) == 'number' then
+      if at < 0 then return at, -1 end
+      return math.max(at - now, 0), at
+    end
+    has_pexpiretime = false
   end
   local pttl = redis.call('PTTL', key)
   if pttl < 0 then return pttl, -1 end
