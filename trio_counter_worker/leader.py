@@ -283,6 +283,7 @@ class LeaderDuties:
 
     def _rescheduled(self) -> None:
         """The schedule changed: wake the timer if the next deadline came nearer."""
+        self._metrics.watched.set(len(self._state.schedule))
         nxt = self._state.schedule.next_deadline()
         if self._sleep is not None and nxt is not None and nxt < self._sleep.deadline:
             self._sleep.deadline = nxt
@@ -296,7 +297,6 @@ class LeaderDuties:
             page = await self._store.tracked(self._holder, self._state.read_from, _WINDOW_MS)
             self._state.tracked(page, (sent + trio.current_time()) / 2)
             self._rescheduled()
-            self._metrics.watched.set(len(self._state.schedule))
             if page.next is None:
                 return
 
@@ -412,7 +412,6 @@ class LeaderDuties:
                 self._spawn_delivery(reset)
         finally:
             self._rescheduled()
-            self._metrics.watched.set(len(self._state.schedule))
 
     async def _run_timer(self) -> NoReturn:
         while True:
