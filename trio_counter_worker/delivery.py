@@ -67,15 +67,31 @@ def build_request(
     still applies it, and dedupes it by ``reset_id``.
     """
     raw = request_body(reset, replica_id=replica_id, fencing_token=fencing_token)
-    headers = {
-        "x-secret": secret,
-        "content-type": "application/json",
-        "idempotency-key": reset.reset_id,
-        "x-fencing-token": str(fencing_token),
-    }
+    headers = fixed_headers(secret) + reset_headers(
+        reset, raw, fencing_token=fencing_token, signing_secret=signing_secret, now=now
+    )
+    return dict(headers), raw
+
+
+def fixed_headers(secret: str) -> list[tuple[str, str]]:
+    """The headers every reset request carries, first."""
+    return [("x-secret", secret), ("content-type", "application/json")]
+
+
+def reset_headers(
+    reset: PendingReset,
+    body: bytes,
+    *,
+    fencing_token: int,
+    signing_secret: str | None,
+    now: float | None = None,
+) -> list[tuple[str, str]]:
+    """The headers of one reset request, after :func:`fixed_headers`."""
+    headers = [("idempotency-key", reset.reset_id), ("x-fencing-token", str(fencing_token))]
     if signing_secret is not None:
-        headers["x-signature"] = sign(signing_secret, raw, int(time.time() if now is None else now))
-    return headers, raw
+        timestamp = int(time.time() if now is None else now)
+        headers.append(("x-signature", sign(signing_secret, body, timestamp)))
+    return headers
 
 
 def request_body(reset: PendingReset, *, replica_id: str, fencing_token: int) -> bytes:
@@ -175,12 +191,14 @@ class ResetSender:
         try:
             with trio.fail_after(timeout):
                 headers = [
-                    (b"idempotency-key", header_value(reset.reset_id)),
-                    (b"x-fencing-token", b"%d" % fencing_token),
+                    (name.encode("ascii"), header_value(value))
+                    for name, value in reset_headers(
+                        reset,
+                        body,
+                        fencing_token=fencing_token,
+                        signing_secret=config.reset_signing_secret,
+                    )
                 ]
-                if config.reset_signing_secret is not None:
-                    signature = sign(config.reset_signing_secret, body, int(time.time()))
-                    headers.append((b"x-signature", signature.encode("ascii")))
                 answer = await lane.request(lane.endpoint.request(headers, body))
         except trio.TooSlowError:
             return self._timed_out(timeout)
@@ -296,10 +314,7 @@ async def open_lanes(config: Config) -> AsyncIterator[list[httpx.AsyncClient] | 
                 for _ in range(config.max_in_flight)
             ]
             return
-        endpoint = Endpoint(
-            config.reset_endpoint_url,
-            [("x-secret", config.reset_secret), ("content-type", "application/json")],
-        )
+        endpoint = Endpoint(config.reset_endpoint_url, fixed_headers(config.reset_secret))
         lanes = [Lane(endpoint, tls) for _ in range(config.max_in_flight)]
         for lane in lanes:
             stack.push_async_callback(lane.aclose)
