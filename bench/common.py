@@ -19,6 +19,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -92,6 +93,37 @@ def paced(
             continue
         yield now, range(j, due), now - (start_at + j / rate)
         j = due
+
+
+class PacedDriver(threading.Thread):
+    """A driver thread doing ``rate`` things a second for ``duration`` s from ``start``
+    (wall clock), in :func:`paced` ticks: it keeps how far it fell behind its schedule,
+    and an error for the run to report instead of losing it in the thread. Subclasses
+    define :meth:`drive`, looping over :meth:`ticks`."""
+
+    def __init__(self, name: str, *, rate: float, start: float, duration: float, seed: int):
+        super().__init__(name=name, daemon=True)
+        self._rate = rate
+        self.start_at = start
+        self._duration = duration
+        self._rng = random.Random(seed)
+        self.behind_max_s = 0.0  # how far it fell behind its schedule, at most
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.drive()
+        except BaseException as exc:  # reported by the run, not lost in the thread
+            self.error = exc
+
+    def drive(self) -> None:
+        raise NotImplementedError
+
+    def ticks(self, poll: float = 0.001) -> Iterator[tuple[float, range]]:
+        """:func:`paced` ticks (now, the items due), noting how far behind each is."""
+        for now, due, behind in paced(self._rate, self._duration, self.start_at, poll):
+            self.behind_max_s = max(self.behind_max_s, behind)
+            yield now, due
 
 
 def wait_until(check: Callable[[], T | None], timeout: float, what: str, poll: float = 0.005) -> T:

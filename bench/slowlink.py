@@ -38,7 +38,6 @@ import argparse
 import bisect
 import contextlib
 import math
-import random
 import shutil
 import subprocess
 import sys
@@ -62,6 +61,7 @@ from .common import (
     SHORT_SHARE,
     SHORT_TTL_MS,
     CpuWindow,
+    PacedDriver,
     Rig,
     WorkerCode,
     code_at,
@@ -76,7 +76,6 @@ from .common import (
     machine_busy_seconds,
     measured_code,
     numsub,
-    paced,
     ratio,
     release_channel,
     rig,
@@ -148,7 +147,7 @@ class SetRecord:
     deadline_ms: int
 
 
-class App(threading.Thread):
+class App(PacedDriver):
     """SETs at ``rate`` per second over ``keys`` keys, round robin, from ``start`` for
     ``duration`` s; every SAMPLE_EVERY-th SET is handed to ``watcher``."""
 
@@ -162,31 +161,18 @@ class App(threading.Thread):
         seed: int,
         watcher: DeadlineWatcher,
     ) -> None:
-        super().__init__(name="app", daemon=True)
+        super().__init__("app", rate=rate, start=start, duration=duration, seed=seed)
         self._server = server
         self._keys = keys
-        self._rate = rate
-        self.start_at = start
-        self._duration = duration
-        self._rng = random.Random(seed)
         self._watcher = watcher
         self.sets: list[SetRecord] = []
-        self.behind_max_s = 0.0  # how far the app fell behind its schedule, at most
-        self.error: BaseException | None = None
 
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:  # reported by the run, not lost in the thread
-            self.error = exc
-
-    def _run(self) -> None:
+    def drive(self) -> None:
         order = list(range(self._keys))
         self._rng.shuffle(order)
         client = self._server.client()
         try:
-            for now, due, behind in paced(self._rate, self._duration, self.start_at):
-                self.behind_max_s = max(self.behind_max_s, behind)
+            for now, due in self.ticks():
                 pipe = client.pipeline(transaction=False)
                 batch = []
                 for i in due:

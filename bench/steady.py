@@ -49,7 +49,6 @@ import itertools
 import os
 import random
 import statistics
-import threading
 import time
 from array import array
 from collections import defaultdict
@@ -63,6 +62,7 @@ from trio_counter_worker.spec import TOMBSTONE_MS
 
 from .common import (
     CpuWindow,
+    PacedDriver,
     Rig,
     cpu_seconds,
     deadlines_key,
@@ -73,7 +73,6 @@ from .common import (
     log,
     log_problems,
     machine_busy_seconds,
-    paced,
     peak_rss_mib,
     rig,
     rss_mib,
@@ -101,7 +100,7 @@ MAX_PICKS = 1000  # random draws per re-arm before giving up (no key far enough 
 # --- the app -------------------------------------------------------------------------------
 
 
-class Rearmer(threading.Thread):
+class Rearmer(PacedDriver):
     """Re-arms ``rate`` keys a second from ``start`` for ``duration`` s: each a random key
     not due within ``horizon_ms``, to a deadline uniform over [max(now + horizon, lo),
     hi]. ``deadlines`` (ms, per key index) is kept up to date: the driver's record of
@@ -120,27 +119,15 @@ class Rearmer(threading.Thread):
         hi_ms: int,
         seed: int,
     ) -> None:
-        super().__init__(name="rearmer", daemon=True)
+        super().__init__("rearmer", rate=rate, start=start, duration=duration, seed=seed)
         self._client = client
         self._deadlines = deadlines
-        self._rate = rate
-        self.start_at = start
-        self._duration = duration
         self._horizon_ms = horizon_ms
         self._lo_ms, self._hi_ms = lo_ms, hi_ms
-        self._rng = random.Random(seed)
         self.rearmed: set[int] = set()  # keys re-armed at least once
         self.rearms = 0
         self.skipped = 0  # no key far enough out found
         self.pipelines = 0
-        self.behind_max_s = 0.0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:  # reported by the run, not lost in the thread
-            self.error = exc
 
     def close(self) -> None:
         self._client.close()
@@ -153,10 +140,9 @@ class Rearmer(threading.Thread):
                 return i
         return None
 
-    def _run(self) -> None:
+    def drive(self) -> None:
         d, rng = self._deadlines, self._rng
-        for now, due, behind in paced(self._rate, self._duration, self.start_at, poll=0.0005):
-            self.behind_max_s = max(self.behind_max_s, behind)
+        for now, due in self.ticks(poll=0.0005):
             now_ms = int(now * 1000)
             lo = max(now_ms + self._horizon_ms, self._lo_ms)
             pipe = self._client.pipeline(transaction=False)

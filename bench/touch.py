@@ -54,10 +54,8 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import random
 import re
 import secrets
-import threading
 import time
 from collections import defaultdict
 from typing import Any
@@ -77,6 +75,7 @@ from .common import (
     SHORT_SHARE,
     SHORT_TTL_MS,
     CpuWindow,
+    PacedDriver,
     Rig,
     deadlines_key,
     draw_ttl_ms,
@@ -87,7 +86,6 @@ from .common import (
     log_problems,
     machine_busy_seconds,
     numpat,
-    paced,
     ratio,
     rig,
     summarize,
@@ -171,7 +169,7 @@ def end(pipe: Any, variant: Variant, key: str) -> None:
         pipe.delete(key)
 
 
-class App(threading.Thread):
+class App(PacedDriver):
     """``rate`` activities a second over ``keys`` keys, round robin in a shuffled order,
     from ``start`` for ``duration`` s, pipelined every millisecond tick."""
 
@@ -185,35 +183,21 @@ class App(threading.Thread):
         duration: float,
         seed: int,
     ) -> None:
-        super().__init__(name="app", daemon=True)
+        super().__init__("app", rate=rate, start=start, duration=duration, seed=seed)
         self._port = port
         self._variant = variant
         self._keys = keys
-        self._rate = rate
-        self.start_at = start
-        self._duration = duration
-        self._rng = random.Random(seed)
         self.activities: list[Activity] = []
         self.unmatched = 0  # tcw_touch answers matching no deployment (must stay 0)
         self.claimed_by_touch = 0  # episodes tcw_touch found ended unseen and claimed
-        self.behind_max_s = 0.0
         self.pipelines = 0
-        self.error: BaseException | None = None
 
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:  # reported by the run, not lost in the thread
-            self.error = exc
-
-    def _run(self) -> None:
+    def drive(self) -> None:
         order = list(range(self._keys))
         self._rng.shuffle(order)
         client = redis.Redis(port=self._port, decode_responses=True)
         try:
-            ticks = paced(self._rate, self._duration, self.start_at, poll=0.0005)
-            for now, due, behind in ticks:
-                self.behind_max_s = max(self.behind_max_s, behind)
+            for now, due in self.ticks(poll=0.0005):
                 pipe = client.pipeline(transaction=False)
                 batch = []
                 for i in due:
