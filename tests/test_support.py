@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import textwrap
 import time
 import types
@@ -15,9 +16,12 @@ import trio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from tests.support import cluster as cluster_support
 from tests.support.backend import RecordingBackend
+from tests.support.cluster import ClusterSetup
 from tests.support.procs import WorkerProcess, run_cli
 from tests.support.redis_server import RedisServer
+from trio_counter_worker.lab.errors import LabError
 
 # --- redis_server ------------------------------------------------------------
 
@@ -191,3 +195,39 @@ def test_support_exports_exactly_all() -> None:
         if not name.startswith("_") and not isinstance(value, types.ModuleType)
     }
     assert public == set(support.__all__)
+
+
+# --- cluster -----------------------------------------------------------------
+
+
+def test_a_cluster_node_whose_port_was_taken_starts_on_another(tmp_path: Path) -> None:
+    """Ports are picked before the nodes start; one taken meanwhile (by any process on
+    the machine) must not fail the setup, nor leave the nodes started so far running."""
+    setup = ClusterSetup(tmp_path / "cluster")
+    taken = setup.nodes[2].port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        setup.start()
+    try:
+        assert setup.nodes[2].port != taken
+        setup.wait_ok()
+    finally:
+        setup.stop()
+    assert not any(n.running for n in setup.nodes)
+
+
+def test_a_cluster_that_cannot_start_stops_the_nodes_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = ClusterSetup(tmp_path / "cluster")
+    last = setup.nodes[-1]
+
+    def refuse() -> None:
+        raise LabError("no")
+
+    monkeypatch.setattr(cluster_support, "_START_ATTEMPTS", 1)
+    monkeypatch.setattr(last, "start", refuse)
+    with pytest.raises(LabError):
+        setup.start()
+    assert not any(n.running for n in setup.nodes)

@@ -12,6 +12,7 @@ from typing import Any
 from redis.cluster import ClusterNode, RedisCluster
 
 from tests.support.redis_server import RedisServer, free_port
+from trio_counter_worker.lab.errors import LabError
 
 
 def _free_port_with_bus() -> int:
@@ -27,39 +28,59 @@ def _free_port_with_bus() -> int:
                 continue
 
 
+_START_ATTEMPTS = 3  # a port found free may be taken before its node binds it
+
+
 class ClusterSetup:
     def __init__(self, tmp_dir: Path, size: int = 6) -> None:
         self.dir = tmp_dir
-        self.nodes = [
-            RedisServer(
-                tmp_dir / f"node{i}",
-                port=_free_port_with_bus(),
-                extra_args=[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    f"nodes-{i}.conf",
-                    "--cluster-node-timeout",
-                    "1000",
-                    # The first full sync starts at once: by default a diskless sync waits
-                    # 5 s for more replicas, and a primary killed meanwhile leaves a replica
-                    # with no data at all (promoted, it looks like a Redis that lost it all).
-                    "--repl-diskless-sync-delay",
-                    "0",
-                    "--enable-debug-command",
-                    "local",  # DEBUG SLEEP: a replica falls behind
-                ],
-            )
-            for i in range(size)
-        ]
+        self.nodes = [self._node(i) for i in range(size)]
+
+    def _node(self, i: int) -> RedisServer:
+        """Node ``i``, on a port (and bus port) free now."""
+        return RedisServer(
+            self.dir / f"node{i}",
+            port=_free_port_with_bus(),
+            extra_args=[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{i}.conf",
+                "--cluster-node-timeout",
+                "1000",
+                # The first full sync starts at once: by default a diskless sync waits
+                # 5 s for more replicas, and a primary killed meanwhile leaves a replica
+                # with no data at all (promoted, it looks like a Redis that lost it all).
+                "--repl-diskless-sync-delay",
+                "0",
+                "--enable-debug-command",
+                "local",  # DEBUG SLEEP: a replica falls behind
+            ],
+        )
 
     @property
     def env_value(self) -> str:
         return ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3])
 
     def start(self) -> None:
-        for n in self.nodes:
-            n.start()
+        """Start every node and form the cluster; on failure, stop what was started (a
+        fixture whose setup raises is not torn down)."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        for i in range(len(self.nodes)):
+            for attempt in range(_START_ATTEMPTS):
+                try:
+                    self.nodes[i].start()
+                    break
+                except LabError:
+                    if attempt == _START_ATTEMPTS - 1:
+                        raise
+                    self.nodes[i] = self._node(i)  # its port was taken meanwhile
         subprocess.run(
             [
                 "redis-cli",
