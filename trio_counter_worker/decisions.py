@@ -14,7 +14,7 @@ from typing import Literal
 
 import attrs
 
-__all__ = ["DecisionQueue", "Op", "Want"]
+__all__ = ["CallLimits", "DecisionQueue", "Op", "Want"]
 
 Op = Literal["track", "claim", "reported"]
 
@@ -142,3 +142,37 @@ class DecisionQueue:
         self._deciding.clear()
         self._after.clear()
         self._reporting.clear()
+
+
+class CallLimits:
+    """Which script calls may start now, given those in flight: claims always come first,
+    at most ``looks`` calls look at keys (TRACK) at once, so a claim due during a
+    reconcile's looks finds few scripts ahead of it; and at most ``small`` calls of each
+    kind carry less than a full ``batch``, so that more keys wait for one to return and go
+    together (at a few keys a second each goes alone at once; at thousands a second calls
+    carry many keys each instead of one)."""
+
+    def __init__(self, batch: int, looks: int, small: int) -> None:
+        self.batch = batch
+        self._looks = looks  # looks that may still start
+        self._small_max = small
+        self._small = {True: 0, False: 0}  # small calls in flight: claims, looks
+
+    def allowed(self, queued: int) -> tuple[bool, bool]:
+        """(claims, looks): which kinds may start a call, with ``queued`` keys waiting."""
+        full = queued >= self.batch
+        claims = full or self._small[True] < self._small_max
+        looks = self._looks > 0 and (full or self._small[False] < self._small_max)
+        return claims, looks
+
+    def started(self, claim: bool, keys: int) -> None:
+        """A call for ``keys`` keys went out."""
+        self._small[claim] += keys < self.batch
+        if not claim:
+            self._looks -= 1
+
+    def finished(self, claim: bool, keys: int) -> None:
+        """The call :meth:`started` with these arguments returned (or failed)."""
+        self._small[claim] -= keys < self.batch
+        if not claim:
+            self._looks += 1

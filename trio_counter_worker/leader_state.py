@@ -1,9 +1,10 @@
 """What the leader knows and decides between Redis calls: plain logic, no I/O.
 
-The leader's trio code (:mod:`trio_counter_worker.leader`) only carries out what this
-state says: which keys to ask Redis about (a :class:`DecisionQueue`), when the next
-deadline is (a :class:`Schedule`), which resets to deliver. Times are passed in: trio
-time (seconds) for the schedule, Redis time (ms) for claims. Tested synchronously in
+The leader's trio code (:mod:`trio_counter_worker.leader` and the modules it composes)
+only carries out what this state says: which keys to ask Redis about (a
+:class:`DecisionQueue`), when the next deadline is (a :class:`Schedule`), which resets
+to deliver. Times are passed in: trio time (seconds) for the schedule, Redis time (ms)
+for claims. Tested synchronously in
 ``tests/test_leader_state.py``, the way h11 tests its state machine.
 
 The path of a reset through it: a keyspace event or a deadline → :meth:`on_events` /
@@ -80,6 +81,15 @@ class Taken:
     claim: bool
     keys: list[str]
     expired_after: list[int] | None
+
+    def halves(self) -> list[Taken]:
+        """The batch cut in two, to find a key whose decision fails (bisecting)."""
+        half = len(self.keys) // 2
+        after = self.expired_after
+        return [
+            Taken(self.claim, self.keys[:half], after and after[:half]),
+            Taken(self.claim, self.keys[half:], after and after[half:]),
+        ]
 
 
 class LeaderState:

@@ -1,0 +1,200 @@
+"""The leader's deciders: script calls that ask Redis about the keys the state queues.
+
+A dispatcher forms the calls (claims first, see :class:`~.decisions.CallLimits`) and hands
+each to one of ``_DECIDERS`` deciders; a timer queues a claim for each deadline as it
+comes. What a claim yields goes to ``deliver`` (the couriers, :mod:`.delivering`). A call
+that fails unexpectedly is bisected until the key at fault is set aside.
+
+What to look at (events, the window of recorded deadlines, reconciles) is
+:mod:`.watching`'s business; it tells the deciders through :meth:`Deciders.queued` and
+:meth:`Deciders.rescheduled`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import NoReturn
+
+import trio
+
+from .decisions import CallLimits
+from .errors import WorkerError
+from .keyspace import shown_key
+from .leader_state import LeaderState, Taken
+from .metrics import Metrics
+from .store import FailingNote, PendingReset, Store
+
+__all__ = ["BATCH", "Deciders", "Deliver"]
+
+# The leader's log, whichever of its parts speaks: operators filter on this name.
+log = logging.getLogger("trio_counter_worker.leader")
+
+BATCH = 500  # keys per script call: bounds the time Redis spends in one script
+_DECIDERS = 8  # script calls in flight at once: keeps up over a slow link
+# Of those, at most this many look at keys (TRACK): a claim due during a reconcile's
+# looks finds a decider free, and few scripts ahead of it in Redis.
+_LOOKS = 4
+# Calls for less than a full batch in flight at once, per kind (claims, looks): more
+# keys wait for one to return and go together. At a few keys a second each goes alone
+# at once; at thousands a second, or with the leader's CPU busy, calls carry many keys
+# each instead of one (per call: a thread hop and a script run).
+_SMALL_CALLS = 4
+_POISON_LIMIT = 3  # single keys failing in a row before the failure counts as the leader's
+
+# Hands a claimed reset to the couriers, with what earlier leaders learnt of its failures.
+Deliver = Callable[[PendingReset, FailingNote | None], None]
+
+
+class Deciders:
+    """Decide what ``state`` queues, one :meth:`run` per subscription; hand what is
+    claimed to ``deliver``."""
+
+    def __init__(
+        self,
+        store: Store,
+        holder: str,
+        state: LeaderState,
+        deliver: Deliver,
+        metrics: Metrics,
+    ) -> None:
+        self._store = store
+        self._holder = holder
+        self._state = state
+        self._deliver = deliver
+        self._metrics = metrics
+        self._sleep: trio.CancelScope | None = None  # the timer's, while it waits
+        self._queued = trio.lowlevel.ParkingLot()  # the dispatcher waits here for keys
+        self._decided = trio.lowlevel.ParkingLot()  # a reconcile waits here for room
+        self._poison_streak = 0
+
+    async def run(self) -> NoReturn:
+        """The dispatcher, the deciders and the deadline timer, until cancelled. A
+        resynchronisation starts them again, with nothing in flight."""
+        calls = CallLimits(BATCH, _LOOKS, _SMALL_CALLS)
+        batches, ready = trio.open_memory_channel[Taken](0)
+        async with trio.open_nursery() as nursery:
+            for _ in range(_DECIDERS):
+                nursery.start_soon(self._decider, ready, calls)
+            nursery.start_soon(self._run_timer)
+            await self._dispatch(batches, calls)
+        raise AssertionError("unreachable")
+
+    def queued(self) -> None:
+        """The state queued keys: wake the dispatcher."""
+        self._queued.unpark_all()
+        self._metrics.decision_backlog.set(len(self._state.queue))
+
+    def rescheduled(self) -> None:
+        """The schedule changed: wake the timer if the next deadline came nearer."""
+        self._metrics.watched.set(len(self._state.schedule))
+        nxt = self._state.schedule.next_deadline()
+        if self._sleep is not None and nxt is not None and nxt < self._sleep.deadline:
+            self._sleep.deadline = nxt
+
+    async def wait_for_room(self, most: int) -> None:
+        """Wait until at most ``most`` keys are queued."""
+        while len(self._state.queue) > most:
+            await self._decided.park()
+
+    async def hand_over(self) -> None:
+        """Decide the keys that only an `expired` event vouches for (see
+        :meth:`.LeaderDuties.hand_over`); gives up quietly, with a warning."""
+        reported = self._state.take_reported()
+        try:
+            for i in range(0, len(reported), BATCH):
+                batch = reported[i : i + BATCH]
+                await self._store.claim(
+                    self._holder, [k for k, _ in batch], [after for _, after in batch]
+                )
+        except Exception as exc:  # the release must go on, whatever this does
+            log.warning(
+                "handing over: %d key(s) reported expired could not be decided "
+                "(%s); the next leader may not see them",
+                len(reported),
+                exc,
+            )
+            return
+        if reported:
+            log.info("handing over: decided %d key(s) reported expired", len(reported))
+
+    async def _dispatch(
+        self, batches: trio.MemorySendChannel[Taken], calls: CallLimits
+    ) -> NoReturn:
+        """Form the script calls ``calls`` allows; hand each to a free decider."""
+        while True:
+            claims, looks = calls.allowed(len(self._state.queue))
+            taken = self._state.take(BATCH, claims=claims, looks=looks)
+            if taken is None:
+                await self._queued.park()
+                continue
+            calls.started(taken.claim, len(taken.keys))
+            await batches.send(taken)
+
+    async def _decider(self, ready: trio.MemoryReceiveChannel[Taken], calls: CallLimits) -> None:
+        """Decide the batches the dispatcher forms, one script call at a time;
+        _DECIDERS of these run at once, never two on the same key."""
+        async for taken in ready:
+            decided = False
+            try:
+                await self._decide(taken)
+                decided = True
+            finally:
+                self._state.done(taken, decided)
+                calls.finished(taken.claim, len(taken.keys))
+                self._queued.unpark_all()  # its keys, or room for a call, may be taken
+                self._decided.unpark_all()
+                self._metrics.decision_backlog.set(len(self._state.queue))
+
+    async def _decide(self, taken: Taken) -> None:
+        """One script call for ``taken``, and act on its outcomes. Its pttls count from
+        the middle of the round trip: the best local estimate of when Redis read them.
+
+        An unexpected error (not Redis being away, not the lease) is bisected: the keys
+        that fail alone are quarantined, the others decided. Several single keys failing
+        in a row mean the fault is not in the data: it is raised, for the replica's
+        crash barrier.
+        """
+        start = trio.current_time()
+        try:
+            if taken.claim:
+                outcomes = await self._store.claim(self._holder, taken.keys, taken.expired_after)
+            else:
+                outcomes = await self._store.track(self._holder, taken.keys)
+        except WorkerError:
+            raise
+        except Exception as exc:
+            if len(taken.keys) > 1:
+                for half in taken.halves():
+                    await self._decide(half)
+                return
+            self._poison_streak += 1
+            if self._poison_streak > _POISON_LIMIT:
+                raise
+            key = taken.keys[0]
+            self._state.set_aside(key, f"{type(exc).__name__}: {exc}")
+            self._metrics.quarantined.inc()
+            log.error(
+                "counter key %r set aside: deciding it failed unexpectedly; the other "
+                "counters go on",
+                shown_key(key),
+                exc_info=exc,
+                extra={"event": "key_quarantined", "key": shown_key(key)},
+            )
+            return
+        self._poison_streak = 0
+        try:
+            for reset in self._state.apply(outcomes, (start + trio.current_time()) / 2):
+                self._deliver(reset, None)
+        finally:
+            self.rescheduled()
+
+    async def _run_timer(self) -> NoReturn:
+        while True:
+            nxt = self._state.schedule.next_deadline()
+            with trio.CancelScope(deadline=math.inf if nxt is None else nxt) as self._sleep:
+                await trio.sleep_forever()
+            self._sleep = None
+            self._state.due(trio.current_time())
+            self.queued()

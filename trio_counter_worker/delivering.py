@@ -1,0 +1,279 @@
+"""The leader's couriers: send each claimed reset until the backend takes it, then mark
+it sent; note why resets fail, and move those given up on to the dead letters.
+
+Carries out the :class:`~.outbox.Outbox` (which reset next, when to retry, when to give
+up). Resets come in through :meth:`Deliveries.deliver`, from the deciders (claimed) and
+the watch (pending in Redis, with what earlier leaders learnt of their failures).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import NoReturn, Protocol
+
+import trio
+
+from . import logs
+from .config import Config
+from .delivery import Attempt
+from .election import Backoff, Lease
+from .errors import RedisUnavailable, WorkerError
+from .keyspace import shown_key
+from .metrics import Metrics
+from .outage import OutageLog
+from .outbox import Entry, Outbox
+from .retry import RetryPolicy
+from .store import FailingNote, PendingReset, Store
+
+__all__ = ["Deliveries", "Sender"]
+
+# The leader's log, whichever of its parts speaks: operators filter on this name.
+log = logging.getLogger("trio_counter_worker.leader")
+
+_MARK_BATCH = 500  # resets marked sent per script call: bounds the time Redis spends in one
+_NOTE_EVERY = 0.5  # failing-reset notes are written to Redis at most this often
+
+
+class Sender(Protocol):
+    """What the couriers send with (:class:`~.delivery.ResetSender`)."""
+
+    async def attempt(self, reset: PendingReset, fencing_token: int, lane: int = 0) -> Attempt:
+        """POST ``reset`` once, on courier ``lane``'s connection."""
+        ...
+
+
+class Deliveries:
+    """The delivery side of one lease: :meth:`run` until cancelled, and
+    :meth:`deliver` to hand it a reset."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        sender: Sender,
+        holder: str,
+        lease: Lease,
+        on_reset: Callable[[PendingReset, int], None],
+        metrics: Metrics,
+        policy: RetryPolicy,
+        outage: OutageLog,
+    ) -> None:
+        self._couriers = config.max_in_flight
+        self._store = store
+        self._sender = sender
+        self._holder = holder
+        self._lease = lease
+        self._on_reset = on_reset
+        self._metrics = metrics
+        self._policy = policy
+        self._outage = outage
+        # Retries use at most half the couriers: failing resets never starve fresh ones.
+        self._outbox = Outbox(max(1, config.max_in_flight // 2), config.reset_give_up_after)
+        self._work = trio.lowlevel.ParkingLot()  # couriers wait here for a reset to send
+        self._retry_timer: trio.CancelScope | None = None
+        self._delivered: list[tuple[Entry, Attempt]] = []  # awaiting mark_sent
+        self._delivered_lot = trio.lowlevel.ParkingLot()
+        self._notes: dict[str, FailingNote] = {}  # to write to Redis, newest per reset
+        self._burials: list[FailingNote] = []  # given up on: to move to the dead letters
+        self._notes_lot = trio.lowlevel.ParkingLot()
+
+    async def run(self) -> NoReturn:
+        """The couriers, the retry timer, the noter and the marker, until cancelled.
+
+        Cancellation: in-flight requests are abandoned; their resets stay pending in
+        Redis and the next leader sends them under the same reset_id.
+        """
+        async with trio.open_nursery() as nursery:
+            # MAX_IN_FLIGHT couriers: at most that many requests at once, and no task
+            # per reset however large a burst is.
+            for lane in range(self._couriers):
+                nursery.start_soon(self._courier, lane)
+            nursery.start_soon(self._marker)
+            nursery.start_soon(self._run_retry_timer)
+            await self._noter()
+
+    def deliver(self, reset: PendingReset, history: FailingNote | None = None) -> None:
+        """Send ``reset`` (unless it is already on its way), carrying over ``history``:
+        what earlier leaders learnt of its failures."""
+        if history is None:
+            added = self._outbox.add(reset)
+        else:
+            added = self._outbox.add(
+                reset,
+                attempts=history.attempts,
+                failing_since=history.failing_since,
+                last_error=history.last_error,
+            )
+        if added:
+            self._metrics.pending.set(len(self._outbox))
+            self._work.unpark()
+
+    async def _courier(self, lane: int) -> NoReturn:
+        while True:
+            entry = self._outbox.take()
+            if entry is None:
+                await self._work.park()
+                continue
+            was_retry = entry.retry
+            try:
+                attempt = await self._sender.attempt(entry.reset, self._lease.epoch, lane)
+            except WorkerError:
+                raise
+            except Exception as exc:  # a bug, or a reset it cannot even build: set it aside
+                self._set_aside(entry, exc)
+                continue
+            if attempt.done:
+                self._outbox.succeeded(entry.reset.reset_id)
+                self._delivered.append((entry, attempt))
+                self._delivered_lot.unpark()
+            else:
+                self._failed(entry, attempt)
+            if was_retry:
+                self._work.unpark()  # a retry slot is free again
+
+    def _set_aside(self, entry: Entry, exc: Exception) -> None:
+        reset = entry.reset
+        self._outbox.remove(reset.reset_id)
+        self._metrics.quarantined.inc()
+        self._metrics.pending.set(len(self._outbox))
+        log.error(
+            "reset set aside: key=%r reset_id=%s: sending it failed unexpectedly; it "
+            "stays pending in Redis for the next leader",
+            shown_key(reset.key),
+            reset.reset_id,
+            exc_info=exc,
+            extra={"event": "reset_quarantined", "reset_id": reset.reset_id},
+        )
+
+    def _failed(self, entry: Entry, attempt: Attempt) -> None:
+        reset = entry.reset
+        delay = self._policy.delay(entry.attempts + 1, attempt.verdict, attempt.retry_after)
+        verdict = self._outbox.failed(
+            reset.reset_id,
+            now=trio.current_time(),
+            wall=time.time(),
+            delay=delay,
+            error=attempt.error,
+        )
+        note = FailingNote(
+            reset.reset_id,
+            entry.attempts,
+            entry.failing_since or time.time(),
+            attempt.error,
+            shown_key(reset.key),
+        )
+        if verdict == "dead":
+            self._outbox.remove(reset.reset_id)
+            self._burials.append(note)
+        else:
+            self._notes[reset.reset_id] = note
+            if self._retry_timer is not None and entry.retry_at < self._retry_timer.deadline:
+                self._retry_timer.deadline = entry.retry_at
+        self._notes_lot.unpark()
+        self._metrics.failing.set(len(self._outbox.failing()))
+        level = logging.WARNING if attempt.verdict == "retry" else logging.ERROR
+        log.log(
+            level,
+            "reset not delivered: key=%r reset_id=%s attempt=%d: %s; %s",
+            shown_key(reset.key),
+            reset.reset_id,
+            entry.attempts,
+            attempt.error,
+            "giving up (RESET_GIVE_UP_AFTER): moving it to the dead letters"
+            if verdict == "dead"
+            else f"retrying in {delay:.2f} s",
+        )
+
+    async def _run_retry_timer(self) -> NoReturn:
+        """Wake couriers when failed resets come due: no courier waits on a retry."""
+        while True:
+            with trio.CancelScope(deadline=self._outbox.next_retry_at()) as self._retry_timer:
+                await trio.sleep_forever()
+            self._retry_timer = None
+            for _ in range(self._outbox.promote(trio.current_time())):
+                self._work.unpark()
+
+    async def _noter(self) -> NoReturn:
+        """Write why resets are failing, and bury those given up on, in batches."""
+        while True:
+            while not self._notes and not self._burials:
+                await self._notes_lot.park()
+            notes, self._notes = list(self._notes.values()), {}
+            burials, self._burials = self._burials, []
+            await self._with_retries(
+                "note failing resets", partial(self._store.note_failing, self._holder, notes)
+            )
+            for note in burials:
+                await self._with_retries(
+                    "give up on a reset", partial(self._store.bury, self._holder, note)
+                )
+                self._metrics.dead.inc()
+                log.error(
+                    "reset given up on after failing since %s: key=%r reset_id=%s "
+                    "attempts=%d last error: %s; `trio-counter-worker redeliver` "
+                    "sends it again",
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(note.failing_since)),
+                    note.key,
+                    note.reset_id,
+                    note.attempts,
+                    note.last_error,
+                    extra={"event": "reset_dead", "reset_id": note.reset_id},
+                )
+            self._metrics.pending.set(len(self._outbox))
+            await trio.sleep(_NOTE_EVERY)
+
+    async def _with_retries(self, what: str, call: Callable[[], Awaitable[object]]) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                await call()
+                return
+            except RedisUnavailable as exc:
+                self._outage.failed(f"could not {what}", exc, trio.current_time())
+                await trio.sleep(backoff.next())
+
+    async def _marker(self) -> NoReturn:
+        """Mark delivered resets sent, many per script call: under a burst this saves a
+        round trip per reset. A reset stays in the outbox until marked, so a resync does
+        not send it again."""
+        while True:
+            while not self._delivered:
+                await self._delivered_lot.park()
+            batch = self._delivered[:_MARK_BATCH]
+            self._delivered = self._delivered[_MARK_BATCH:]
+            ids = [entry.reset.reset_id for entry, _ in batch]
+            await self._with_retries(
+                f"mark {len(batch)} reset(s) sent",
+                partial(self._store.mark_sent, self._holder, *ids),
+            )
+            emit = logs.line_logger(log, logging.INFO)
+            failed_before = False
+            epoch = self._lease.epoch
+            for entry, done in batch:
+                reset = entry.reset
+                self._outbox.remove(reset.reset_id)
+                failed_before = failed_before or entry.attempts > 0
+                attempts = entry.attempts + 1
+                if emit is not None:
+                    key = shown_key(reset.key)
+                    latency_ms = done.latency * 1000
+                    emit(
+                        "reset sent: key=%r reset_id=%s fencing_token=%d status=%d "
+                        "attempts=%d latency_ms=%.1f",
+                        (key, reset.reset_id, epoch, done.status, attempts, latency_ms),
+                        {
+                            "event": "reset_sent",
+                            "key": key,
+                            "reset_id": reset.reset_id,
+                            "fencing_token": epoch,
+                            "attempts": attempts,
+                            "latency_ms": round(latency_ms, 1),
+                        },
+                    )
+                self._on_reset(reset, attempts)
+            self._metrics.pending.set(len(self._outbox))
+            if failed_before:  # only a reset that had failed was counted as failing
+                self._metrics.failing.set(len(self._outbox.failing()))
