@@ -263,3 +263,13 @@ def test_claims_remembered_are_bounded_by_the_tombstone_window() -> None:
     s.on_events([event("c:0", "expired")])  # 999 s later: its tombstone is long gone
     assert s.take(10) == Taken(True, ["c:0"], [-1])
     assert len(s._claims) <= 61
+
+
+def test_a_batch_is_halved_with_its_reported_times() -> None:
+    reported = Taken(True, ["c:1", "c:2", "c:3"], [10, 20, 30])
+    assert reported.halves() == [
+        Taken(True, ["c:1"], [10]),
+        Taken(True, ["c:2", "c:3"], [20, 30]),
+    ]
+    looks = Taken(False, ["c:1", "c:2"], None)
+    assert looks.halves() == [Taken(False, ["c:1"], None), Taken(False, ["c:2"], None)]

@@ -19,7 +19,7 @@ import trio
 from . import logs
 from .config import Config
 from .delivery import Attempt
-from .election import Backoff, Lease
+from .election import Backoff
 from .errors import RedisUnavailable, WorkerError
 from .keyspace import shown_key
 from .metrics import Metrics
@@ -28,7 +28,7 @@ from .outbox import Entry, Outbox
 from .retry import RetryPolicy
 from .store import FailingNote, PendingReset, Store
 
-__all__ = ["Deliveries", "Sender"]
+__all__ = ["Deliveries", "Fencing", "Sender"]
 
 # The leader's log, whichever of its parts speaks: operators filter on this name.
 log = logging.getLogger("trio_counter_worker.leader")
@@ -45,6 +45,15 @@ class Sender(Protocol):
         ...
 
 
+class Fencing(Protocol):
+    """The lease the resets go out under (:class:`~.election.Lease`)."""
+
+    @property
+    def epoch(self) -> int:
+        """The fencing token every request carries."""
+        ...
+
+
 class Deliveries:
     """The delivery side of one lease: :meth:`run` until cancelled, and
     :meth:`deliver` to hand it a reset."""
@@ -55,7 +64,7 @@ class Deliveries:
         store: Store,
         sender: Sender,
         holder: str,
-        lease: Lease,
+        lease: Fencing,
         on_reset: Callable[[PendingReset, int], None],
         metrics: Metrics,
         policy: RetryPolicy,
