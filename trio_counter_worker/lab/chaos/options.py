@@ -143,10 +143,11 @@ faults (--faults, comma-separated; default all but failover):
   With slow or partition among the faults, each replica reaches Redis through a loopback
   TCP proxy of its own, started here (a redis:// URL is needed: with rediss:// or
   unix:// both are skipped); the app and this command reach Redis directly.
-  Faults come one at a time, in shuffled rounds: each waits until a leader has taken
-  over and reconciled after the previous one (stacked failovers would make one gap
-  longer than the TTLs allow for: keys living wholly inside a gap are a documented
-  limit, not a finding).
+  Faults come one at a time, in rounds: the first opens with kill, term, stop (so a
+  short run covers them), the rest and later rounds are shuffled. Each waits until a
+  leader has taken over and reconciled after the previous one (stacked failovers would
+  make one gap longer than the TTLs allow for: keys living wholly inside a gap are a
+  documented limit, not a finding).
 
 what is counted:
   episode     a counter key left to expire: (key, its final TTL deadline)
@@ -162,6 +163,10 @@ what is counted:
               the re-arm and the expiry both fell while no leader worked (the README's
               first limit, for a re-armed key); delivered, but reported, and a failure
               unless such a span explains it
+  kill gap    kill: the SIGKILL -> the first reset request the backend received
+              from another replica, per kill and p50 / p99 / max over the kills; and
+              the resets it held up (due by then, not sent before the kill): how late
+              each was sent
   failover    fault -> a new lease (higher fencing token); for redis: restarted ->
               the lease renewed or taken again; for failover: the sentinels named the
               new master -> the same

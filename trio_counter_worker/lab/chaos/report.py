@@ -14,9 +14,11 @@ import attrs
 
 from .options import FLAGS_TTL_MS
 
-__all__ = ["FaultStats", "Report", "format_report", "percentiles"]
+__all__ = ["FaultStats", "KillGap", "KillStats", "Report", "format_report", "percentiles"]
 
 Stats = dict[str, float] | None  # n / p50 / p99 / max in ms, None when there was nothing
+MAX_ERRORS = 50  # replica ERROR lines kept in the report
+SHOWN_ERRORS = 5  # ... and shown in the table
 
 
 def percentiles(values: Iterable[float]) -> Stats:
@@ -111,7 +113,19 @@ class SwitchStats:
     resync_ms: Stats  # the sentinels named the new master -> the leader's "reconciled"
 
 
-Detail = RedisStats | PoisonStats | FlagsStats | SlowStats | PartitionStats | SwitchStats
+@attrs.frozen
+class KillStats:
+    """kill: SIGKILL of the leader -> the next reset request the backend received, over
+    the kills (see :class:`KillGap`)."""
+
+    gap_ms: Stats
+    owed_late_ms: Stats  # every kill's held-up resets together
+    no_reset: int  # kills after which no reset came at all
+
+
+Detail = (
+    RedisStats | PoisonStats | FlagsStats | SlowStats | PartitionStats | SwitchStats | KillStats
+)
 
 
 @attrs.frozen
@@ -187,6 +201,22 @@ class UnexplainedReset:
 
 
 @attrs.frozen
+class KillGap:
+    """One SIGKILL of the leader, from the backend's side."""
+
+    fault: int  # its number in the fault log
+    at_s: float  # the kill, seconds into the run
+    victim: str
+    gap_ms: float | None  # the kill -> the first reset request received from another
+    # replica; None: none came
+    by: str | None  # the replica that sent it
+    first_due_ms: float | None  # the kill -> the first deadline after it: a gap this long
+    # would be no failover's fault
+    owed: int  # resets the kill held up: due by the gap's end, not sent before the kill
+    owed_late_ms: Stats  # their lateness: deadline -> first request
+
+
+@attrs.frozen
 class FaultRecord:
     n: int
     kind: str
@@ -244,7 +274,9 @@ class Report:
     slowest_episodes: list[SlowEpisode]
     unexplained_resets: list[UnexplainedReset]
     unexpected_exits: list[str]
-    replica_errors: list[str]
+    replica_errors: list[str]  # the first MAX_ERRORS
+    replica_error_count: int  # all of them
+    kill_gaps: list[KillGap]
     notes: list[str]
     seed: int
     settings: Settings
@@ -288,8 +320,8 @@ def format_report(r: Report) -> str:
         )
     if r.unexpected_exits:
         rows.append(("replicas that exited unexpectedly", ", ".join(r.unexpected_exits)))
-    if r.replica_errors:
-        rows.append(("replica ERROR log lines", str(len(r.replica_errors))))
+    if r.replica_error_count:
+        rows.append(("replica ERROR log lines", str(r.replica_error_count)))
     width = max(len(name) for name, _ in rows)
     lines = ["", "summary", "-" * (width + 30)]
     lines += [f"  {name:<{width}}  {value}" for name, value in rows]
@@ -312,6 +344,8 @@ def format_report(r: Report) -> str:
             lines.append(f"  {kind:<9} {f.count:>5}  {failover:<28}{latency}")
             if f.count:
                 lines += [f"  {'':<9} {'':>5}  {text}" for text in _fault_details(f)]
+    lines += _kill_lines(r.kill_gaps)
+    lines += _error_lines(r.replica_errors[:SHOWN_ERRORS], r.replica_error_count, r.logs)
     for m in r.missed_episodes:
         lines.append(
             f"  missed: episode {m.episode} {m.key} deadline {m.deadline_ms} "
@@ -343,6 +377,42 @@ def format_report(r: Report) -> str:
     if r.logs:
         lines.append(f"logs kept in {r.logs}")
     return "\n".join(lines) + "\n"
+
+
+def _kill_lines(gaps: list[KillGap]) -> list[str]:
+    """One line per SIGKILL of the leader: how long the resets stopped."""
+    lines = (
+        ["  kill -> next reset sent (by another replica), per SIGKILL of the leader:"]
+        if gaps
+        else []
+    )
+    for g in gaps:
+        if g.gap_ms is None:
+            lines.append(
+                f"    kill {g.fault} (+{g.at_s:.2f} s, {g.victim}): no reset came after it"
+            )
+            continue
+        due = (
+            "no deadline"
+            if g.first_due_ms is None
+            else f"the first due {ms(g.first_due_ms / 1000)}"
+        )
+        late = f", sent late p50 / p99 / max {stats_text(g.owed_late_ms)}" if g.owed_late_ms else ""
+        lines.append(
+            f"    kill {g.fault} (+{g.at_s:.2f} s, {g.victim}): next reset sent "
+            f"{ms(g.gap_ms / 1000)} later by {g.by} ({due} after the kill); "
+            f"{g.owed} reset(s) held up by it{late}"
+        )
+    return lines
+
+
+def _error_lines(shown: list[str], total: int, logs: str | None) -> list[str]:
+    """The first replica ERROR lines, and how many more there were."""
+    lines = [f"  replica error: {line[:200]}" for line in shown]
+    if total > len(shown):
+        where = f"in {logs}" if logs else "in the replicas' logs (--keep keeps them)"
+        lines.append(f"  ... and {total - len(shown)} more replica ERROR line(s) {where}")
+    return lines
 
 
 def _timeouts(f: FaultStats) -> int:
@@ -382,6 +452,12 @@ def _fault_details(f: FaultStats) -> list[str]:
             f"the sentinels named the new master after {stats_text(d.switch_ms)}; the "
             f"workers had left the old one after {stats_text(d.left_old_master_ms)}; "
             f"leader reconciled {stats_text(d.resync_ms)} after the switch"
+        ]
+    if isinstance(d, KillStats):
+        return [
+            f"kill -> next reset sent {stats_text(d.gap_ms)}; the resets held up meanwhile "
+            f"late {stats_text(d.owed_late_ms)}"
+            + (f"; {d.no_reset} kill(s) with no reset after" if d.no_reset else "")
         ]
     if isinstance(d, PartitionStats):
         return [
