@@ -31,7 +31,7 @@ from .errors import (
     WorkerError,
     first_error,
 )
-from .keyspace import enable_hint, eviction_warning, shown_key
+from .keyspace import enable_hint, shown_key
 from .leader_state import WINDOW, LeaderState, Quarantine, Taken
 from .metrics import Metrics
 from .outage import OutageLog
@@ -124,7 +124,7 @@ class LeaderDuties:
                 try:
                     await self._watch(backoff)
                 except* RedisUnavailable as group:
-                    self._metrics.redis_errors.inc()
+                    self._metrics.redis_error(first_error(group))
                     await self._after_redis_error(first_error(group), backoff)
         raise AssertionError("unreachable")
 
@@ -178,13 +178,14 @@ class LeaderDuties:
             await self._store.wait_until_reachable()
 
     async def _watch(self, backoff: Backoff) -> None:
+        self._metrics.reconciled.set(0)
         status = await self._store.ensure_notifications()
         if status.changed:
             log.info("enabled keyspace notifications: notify-keyspace-events=%r", status.flags)
         if not status.ok:
             missing = None if status.flags is None else status.missing
             log.error("%s (Redis said: %s)", enable_hint(missing), status.error)
-        if (warning := eviction_warning(await self._store.memory_policy())) is not None:
+        if (warning := self._metrics.eviction(await self._store.memory_policy())) is not None:
             log.warning(warning, extra={"event": "eviction_policy"})
         await self._install_functions()
         send, receive = trio.open_memory_channel[list[Message]](64)
@@ -326,6 +327,7 @@ class LeaderDuties:
             len(self._state.schedule),
             WINDOW,
         )
+        self._metrics.reconciled.set(1)
 
     async def _rescan(self) -> None:
         while True:
