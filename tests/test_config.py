@@ -791,10 +791,8 @@ def test_an_environment_variable_close_to_a_setting_is_named() -> None:
         "REDIS_PORT_6379_TCP_ADDR": "10.0.0.1",
     }
     assert load(env).notices == (
-        "environment variable 'REDIS_PASS' is no setting (did you mean REDIS_PASSWORD?); "
-        "ignored",
-        "environment variable 'lease_ttl_ms' is no setting (did you mean LEASE_TTL_MS?); "
-        "ignored",
+        "environment variable 'REDIS_PASS' is no setting (did you mean REDIS_PASSWORD?); ignored",
+        "environment variable 'lease_ttl_ms' is no setting (did you mean LEASE_TTL_MS?); ignored",
     )
 
 

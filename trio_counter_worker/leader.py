@@ -31,6 +31,7 @@ from .errors import (
     WorkerError,
     first_error,
 )
+from .hints import with_hint
 from .keyspace import enable_hint, shown_key
 from .leader_state import WINDOW, LeaderState, Quarantine, Taken
 from .metrics import Metrics
@@ -510,7 +511,7 @@ class LeaderDuties:
             shown_key(reset.key),
             reset.reset_id,
             entry.attempts,
-            attempt.error,
+            with_hint(attempt.status, attempt.error),
             "giving up (RESET_GIVE_UP_AFTER): moving it to the dead letters"
             if verdict == "dead"
             else f"retrying in {delay:.2f} s",
