@@ -134,6 +134,7 @@ BAD_CASES: tuple[BadCase, ...] = (
     BadCase("ca-file-not-pem", {"REDIS_CA_FILE": __file__}, "REDIS_CA_FILE"),
     BadCase("allow-insecure-maybe", {"ALLOW_INSECURE_HTTP": "maybe"}, "ALLOW_INSECURE_HTTP"),
     BadCase("log-format-xml", {"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    BadCase("log-resets-every", {"LOG_RESETS": "every"}, "LOG_RESETS"),
     BadCase("health-port-big", {"HEALTH_PORT": "70000"}, "HEALTH_PORT"),
     BadCase(
         "sentinels-bad",
@@ -206,6 +207,7 @@ NAMED_VALUES: list[tuple[str, str, str, Any]] = [
     ("RESET_GIVE_UP_AFTER", "30m", "reset_give_up_after", 1800.0),
     ("LOG_LEVEL", "WARNING", "log_level", "WARNING"),
     ("LOG_FORMAT", "json", "log_format", "json"),
+    ("LOG_RESETS", "Summary", "log_resets", "summary"),
     ("RESET_SIGNING_SECRET", SIGNING_SECRET, "reset_signing_secret", SIGNING_SECRET),
     ("ALLOW_INSECURE_HTTP", "1", "allow_insecure_http", True),
     ("REDIS_CA_FILE", certifi.where(), "redis_ca_file", certifi.where()),
@@ -760,3 +762,40 @@ def test_missing_setting_says_no_dotenv_was_found(
     with pytest.raises(ConfigError) as info:
         load({"RESET_SECRET": SECRET})
     assert "no .env" not in str(info.value)
+
+
+def test_a_misspelt_name_in_the_env_file_is_named_with_the_right_one(tmp_path: Path) -> None:
+    path = write_env_file(
+        tmp_path / ".env", **MINIMAL, LEASE_TLL_MS="1000", COMPOSE_PROJECT_NAME=REDIS_SECRET
+    )
+    config = load({}, env_file=path)
+    assert config.lease_ttl_ms == 3000  # ignored, as the notice says
+    assert config.notices == (
+        f"{str(path)!r} sets 'LEASE_TLL_MS', which is no setting (did you mean "
+        "LEASE_TTL_MS?); ignored",
+        f"{str(path)!r} sets 'COMPOSE_PROJECT_NAME', which is no setting (`--help` lists "
+        "the settings); ignored",
+    )
+    assert_no_secret(" ".join(config.notices))
+
+
+def test_an_environment_variable_close_to_a_setting_is_named() -> None:
+    env = {
+        **MINIMAL,
+        "REDIS_PASS": REDIS_SECRET,
+        "lease_ttl_ms": "1000",
+        # not ours: the shell's, and Kubernetes' service variables for a "redis" service
+        "PATH": "/usr/bin",
+        "HOSTNAME": "pod-1",
+        "REDIS_SERVICE_HOST": "10.0.0.1",
+        "REDIS_PORT_6379_TCP_ADDR": "10.0.0.1",
+    }
+    assert load(env).notices == (
+        "environment variable 'REDIS_PASS' is no setting (did you mean REDIS_PASSWORD?); ignored",
+        "environment variable 'lease_ttl_ms' is no setting (did you mean LEASE_TTL_MS?); ignored",
+    )
+
+
+def test_right_names_give_no_notice(tmp_path: Path) -> None:
+    path = write_env_file(tmp_path / ".env", **MINIMAL, LEASE_TTL_MS="1000")
+    assert load({"LOG_LEVEL": "DEBUG"}, env_file=path).notices == ()

@@ -116,8 +116,10 @@ def test_every_yaml_file_parses(path: Path) -> None:
 
 
 def test_the_files_the_tests_know_are_all_there_is() -> None:
-    known = {COMPOSE, COMPOSE_PORTS, KUBERNETES, K8S_SECRET}
+    # the alert rules and the dashboard have theirs in tests/test_alerts.py
+    known = {COMPOSE, COMPOSE_PORTS, KUBERNETES, K8S_SECRET, DEPLOY / "prometheus-alerts.yml"}
     assert set(DEPLOY.glob("*.y*ml")) == known  # a new file needs its own checks here
+    assert {p.name for p in DEPLOY.glob("*.json")} == {"grafana-dashboard.json"}
 
 
 # -- the image -------------------------------------------------------------------------

@@ -51,6 +51,7 @@ async def test_probes_and_metrics() -> None:
                     "role": "leader",
                     "replica_id": "h1",
                     "fencing_token": 1,
+                    "reconciled": True,
                 }
                 metrics = await http.get("/metrics")
                 assert metrics.headers["content-type"].startswith("text/plain")
@@ -73,6 +74,7 @@ async def test_probes_and_metrics() -> None:
                         await trio.sleep(0.01)
                 ready = await http.get("/readyz")
                 assert ready.json()["role"] == "standby"
+                assert ready.json()["reconciled"] is False
                 assert ready.status_code == 200
                 assert "tcw_leader 0.0" in (await http.get("/metrics")).text
 

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -17,7 +18,14 @@ from tests.support.redis_server import RedisServer, free_port
 from trio_counter_worker import Config, Hooks, open_worker
 from trio_counter_worker.acl import acl_rule
 from trio_counter_worker.keys import Keys
-from trio_counter_worker.ops import Check, print_checks, print_status, run_checks, run_status
+from trio_counter_worker.ops import (
+    Check,
+    print_checks,
+    print_status,
+    run_checks,
+    run_status,
+    server_name,
+)
 
 SECRET = "ops-secret-XYZ-321"
 
@@ -160,7 +168,7 @@ async def test_check_reports_each_failure_with_a_hint(redis_server: RedisServer)
         assert print_checks(checks, out) == 1
         text = out.getvalue()
         assert "authentication failed" in text
-        assert "REDIS_PASSWORD" in text
+        assert text.count("REDIS_PASSWORD") == 1  # the message says it; no second hint
         assert "RESET_ENDPOINT_URL" in text
         assert "wrong-pass-XYZ" not in text
         assert SECRET not in text
@@ -205,6 +213,38 @@ async def test_status_shows_the_leader_and_its_work(
     out = io.StringIO()
     print_status(status, False, out)
     assert "leader:            ops-1" in out.getvalue()
+    assert out.getvalue().startswith(f"server:            {status['server']}\n")
+    assert status["server"].startswith(("Redis ", "Valkey "))
+
+
+@pytest.mark.parametrize(
+    ("info", "name"),
+    [
+        ({"redis_version": "7.0.15", "redis_mode": "standalone"}, "Redis 7.0.15"),
+        (
+            {"redis_version": "7.2.4", "valkey_version": "9.0.0", "server_name": "valkey"},
+            "Valkey 9.0.0 (Redis 7.2.4 compatible)",
+        ),
+        ({}, "Redis ?"),
+    ],
+)
+def test_the_server_is_named_exactly(info: dict[str, str], name: str) -> None:
+    assert server_name(info) == name
+
+
+async def test_check_names_the_server_and_warns_about_misnamed_settings(
+    redis_server: RedisServer, backend: RecordingBackend
+) -> None:
+    cfg = attrs.evolve(config(redis_server, backend.url), notices=("a notice", "another"))
+    checks = await run_checks(cfg)
+    with redis_server.client() as client:
+        info = client.info("server")
+    redis = next(c for c in checks if c.name == "redis")
+    assert redis.detail.endswith(f"answers ({server_name(info)})")
+    assert [(c.state, c.detail) for c in checks if c.name == "setting names"] == [
+        ("warn", "a notice"),
+        ("warn", "another"),
+    ]
 
 
 def test_status_cli_json_and_exit_codes(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -229,6 +269,24 @@ def test_status_cli_json_and_exit_codes(redis_server: RedisServer, tmp_path: Pat
     down = run_cli(["status"], {**env, "REDIS_PORT": str(free_port())}, cwd=tmp_path)
     assert down.returncode == 1
     assert "REDIS_PORT" in down.stderr
+    with redis_server.client() as c:
+        c.config_set("requirepass", "right-pass")
+    try:
+        denied = run_cli(["status"], {**env, "REDIS_PASSWORD": "wrong-XYZ"}, cwd=tmp_path)
+    finally:
+        with redis_server.client(password="right-pass") as c:
+            c.config_set("requirepass", "")
+    assert denied.returncode == 2, denied.stderr  # a bad setting, as the README says
+    assert denied.stderr.count("\n") == 1
+    assert "REDIS_PASSWORD" in denied.stderr
+    assert "REDIS_HOST" not in denied.stderr  # no contradictory second hint
+    assert "wrong-XYZ" not in denied.stderr
+    (tmp_path / ".env").write_text("LEASE_TLL_MS=1000\n")
+    typo = run_cli(["check"], env, cwd=tmp_path)
+    assert (
+        "[warn] setting names  '.env' sets 'LEASE_TLL_MS', which is no setting (did you "
+        "mean LEASE_TTL_MS?); ignored" in typo.stdout
+    )
     check = run_cli(["check"], env, cwd=tmp_path)
     assert check.returncode == 1  # nothing listens on port 1
     assert "[FAIL] endpoint tcp" in check.stdout

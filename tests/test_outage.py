@@ -5,8 +5,13 @@ from __future__ import annotations
 import logging
 
 import pytest
+import trio
+import trio.testing
 
+from trio_counter_worker.config import Config
+from trio_counter_worker.errors import RedisUnavailable
 from trio_counter_worker.outage import OutageLog
+from trio_counter_worker.worker import _start_on_redis
 
 
 def test_one_line_down_a_summary_at_most_every_period_one_line_back(
@@ -46,3 +51,37 @@ def test_a_refusal_is_an_error(caplog: pytest.LogCaptureFixture) -> None:
         "campaign", RedisRefused("lack of permission", "permission"), 0.0
     )
     assert caplog.records[0].levelno == logging.ERROR
+
+
+class _DownThenUp:
+    """A bridge whose ping fails until ``up_at`` (trio time), then works."""
+
+    def __init__(self, up_at: float) -> None:
+        self.up_at = up_at
+        self.pings = 0
+
+    async def ping(self) -> None:
+        self.pings += 1
+        if trio.current_time() < self.up_at:
+            raise RedisUnavailable("Redis unavailable: Error 111 connecting: Connection refused")
+
+    async def preflight(self) -> None:
+        return None
+
+
+async def test_redis_unreachable_at_start_is_one_warning_and_a_summary_every_10_s(
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    caplog.set_level(logging.INFO, logger="trio_counter_worker")
+    bridge = _DownThenUp(up_at=35.0)
+    config = Config(reset_endpoint_url="https://backend.test/reset", reset_secret="s3cr3t")
+    await _start_on_redis(bridge, config)  # type: ignore[arg-type]
+    records = [r for r in caplog.records if r.name == "trio_counter_worker"]
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert warnings[0] == (
+        "Redis unavailable (redis://127.0.0.1:6379/0 unreachable: Error 111 connecting: "
+        "Connection refused) (check REDIS_HOST/REDIS_PORT or REDIS_URL); retrying with backoff"
+    )
+    assert all(w.startswith("Redis still unavailable after ") for w in warnings[1:])
+    assert 1 < len(warnings) <= 1 + 35 // 10 < bridge.pings - 1
+    assert records[-1].getMessage().startswith("Redis answers again after 3")

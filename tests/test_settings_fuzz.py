@@ -16,11 +16,14 @@ run_cli timeout would then fail the test rather than hang it).
 
 from __future__ import annotations
 
+import re
 import socket
 import string
 import subprocess
+import tempfile
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -189,6 +192,50 @@ def test_settings_in_combination(env: dict[str, str]) -> None:
 def test_secrets_never_shown(secrets: dict[str, str]) -> None:
     # A bad value elsewhere too, so some message is printed whatever the secrets are.
     check({**VALID, **secrets, "LEASE_TTL_MS": "x"})
+
+
+# -- names that are no setting --------------------------------------------------------
+
+VALUE = "value-XYZ-never-shown"  # the value each misnamed variable holds
+near_names = st.one_of(
+    st.text(any_char, min_size=1, max_size=30),
+    # one edit away from a setting: the names a typo gives
+    st.builds(
+        lambda name, i, c: name[:i] + c + name[i + 1 :],
+        st.sampled_from(NAMES),
+        st.integers(0, 20),
+        st.characters(codec="ascii"),
+    ),
+    st.sampled_from(NAMES).map(str.lower),
+)
+
+
+@given(st.lists(near_names, max_size=5), st.booleans())
+@FUZZ
+def test_any_name_gives_a_config_and_one_line_notices_without_the_value(
+    names: list[str], in_file: bool
+) -> None:
+    """Any variable name, in the environment or in a .env file: never a crash, and a
+    notice is one line that never shows the value it was set to."""
+    misnamed = {n: VALUE for n in names if n not in NAMES}
+    if in_file:
+        # what a .env file can hold: NAME=value lines, names of letters, digits, _ . -
+        misnamed = {n: v for n, v in misnamed.items() if _dotenv_name(n)}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / ".env"
+            path.write_text("".join(f"{n}={v}\n" for n, v in misnamed.items()))
+            config = Config.from_env(VALID, env_file=path)
+        assert len(config.notices) == len(misnamed)
+    else:
+        config = Config.from_env({**VALID, **misnamed}, env_file=None)
+    for notice in config.notices:
+        assert "\n" not in notice
+        assert VALUE not in notice
+        assert "no setting" in notice
+
+
+def _dotenv_name(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name))
 
 
 def test_the_leak_check_sees_a_leak() -> None:

@@ -14,7 +14,7 @@ import trio
 
 from . import __version__
 from .config import SETTINGS, Config
-from .errors import ConfigError, RedisUnavailable, first_error
+from .errors import ConfigError, RedisRefused, RedisUnavailable, first_error
 from .logs import configure_logging
 from .ops import print_checks, print_status, run_checks, run_redeliver, run_status
 from .worker import open_worker
@@ -174,12 +174,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = trio.run(run_status, config)
         except ConfigError as exc:
             return _fail(exc)
+        except RedisRefused as exc:  # its message says what to do
+            if isinstance(start_error := exc.at_start(), ConfigError):
+                return _fail(start_error)
+            sys.stderr.write(f"{PROG}: error: {exc}\n")
+            return 1
         except RedisUnavailable as exc:
             sys.stderr.write(f"{PROG}: error: {exc} (check REDIS_HOST/REDIS_PORT or REDIS_URL)\n")
             return 1
         print_status(status, args.json, sys.stdout)
         return 0
-    configure_logging(config.log_level, config.log_format)
+    summary = configure_logging(config.log_level, config.log_format, config.log_resets)
+    for notice in config.notices:
+        log.warning(notice)
     if config.overridden:
         log.warning(
             "REDIS_URL overrides %s: their values are ignored; unset them, or REDIS_URL",
@@ -193,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(_run, config)
     except* ConfigError as group:
         failure = first_error(group)  # type: ignore[assignment]
+    finally:
+        if summary is not None:
+            summary.flush()
     return 0 if failure is None else _fail(failure)
 
 

@@ -12,6 +12,7 @@ expected. Values of secret settings never appear in messages or reprs.
 
 from __future__ import annotations
 
+import difflib
 import io
 import ipaddress
 import os
@@ -19,7 +20,7 @@ import re
 import socket
 import ssl
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
@@ -37,6 +38,7 @@ __all__ = ["OWN_KEY_PREFIX", "SETTINGS", "Config", "Setting"]
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _LOG_FORMATS = ("text", "json")
+_LOG_RESETS = ("each", "summary")
 _MAX_DB = 1_000_000
 _SHOWN_MAX = 100  # longer values are cut short in messages
 _HIDDEN = "(value hidden)"
@@ -571,6 +573,16 @@ class Config:
             "LOG_FORMAT", "text (readable lines) or json (one JSON object a line)", parse=_lower
         ),
     )
+    log_resets: str = attrs.field(
+        default="each",
+        validator=_one_of(_LOG_RESETS),
+        metadata=_env(
+            "LOG_RESETS",
+            "each (one INFO line per reset sent) or summary (at most one INFO line per "
+            "10 s: how many were sent, how many after a retry, the slowest)",
+            parse=_lower,
+        ),
+    )
     reset_signing_secret: str | None = attrs.field(
         default=None,
         validator=_utf8,
@@ -617,6 +629,9 @@ class Config:
     # Where the settings came from, not what they are (so not part of equality): the
     # REDIS_* settings that were set but lost to REDIS_URL, for a warning at start.
     overridden: tuple[str, ...] = attrs.field(default=(), eq=False)
+    # Names in the .env file that are no setting, and environment variables a typo away
+    # from one: a warning each at start and in `check` (see ``misnamed``).
+    notices: tuple[str, ...] = attrs.field(default=(), eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.redis_cluster_nodes and self.redis_sentinels:
@@ -697,22 +712,28 @@ class Config:
         """
         values: dict[str, str] = {}
         hint = ""
+        environ = os.environ if environ is None else environ
+        notices: tuple[str, ...] = ()
         if env_file is not None:
             path = Path(env_file)
             if _exists(path):
                 values.update(_read_env_file(path))
+                notices = misnamed(values, str(path))
             elif required_file:
                 raise ConfigError(f"--env-file {_shown(str(path))}: no such file")
             else:
                 hint = _no_file_hint(path)
-        values.update(os.environ if environ is None else environ)
+        notices += misnamed(environ)
+        values.update(environ)
         if redis_only:
             values = {k: v for k, v in values.items() if k not in _DELIVERY_SETTINGS}
             values.update(RESET_ENDPOINT_URL=_UNUSED_URL, RESET_SECRET=_UNUSED_SECRET)
-        return cls._from_mapping(values, hint)
+        return cls._from_mapping(values, hint, notices)
 
     @classmethod
-    def _from_mapping(cls, env: Mapping[str, str], hint: str = "") -> Config:
+    def _from_mapping(
+        cls, env: Mapping[str, str], hint: str = "", notices: tuple[str, ...] = ()
+    ) -> Config:
         """Each field's variable through its parser; unset or blank leaves the default."""
         kwargs: dict[str, Any] = {}
         spread: dict[str, Any] = {}
@@ -736,13 +757,36 @@ class Config:
                 _setting(f).name for f in attrs.fields(cls) if f.name in lost
             )
             kwargs.update(spread)
-        return cls(**kwargs)
+        return cls(**kwargs, notices=notices)
 
 
 SETTINGS: tuple[Setting, ...] = tuple(
     _setting(field) for field in attrs.fields(Config) if _SETTING in field.metadata
 )
 _DELIVERY_SETTINGS = frozenset(s.name for s in SETTINGS if s.delivery)
+_NAMES = [s.name for s in SETTINGS]
+_CLOSE = 0.8  # difflib ratio: LEASE_TLL_MS, REDIS_PASS; not REDIS_SERVICE_HOST (Kubernetes)
+
+
+def misnamed(names: Iterable[str], env_file: str | None = None) -> tuple[str, ...]:
+    """A warning for each name that is no setting: every such name of ``env_file`` (all
+    its names are meant for the worker), and of the environment only those close to a
+    setting's name (it holds PATH, HOME and the like too). Names only: never a value."""
+    out = []
+    for name in names:
+        if name in _NAMES:
+            continue
+        shown = _shown(name)
+        close = difflib.get_close_matches(name.upper(), _NAMES, n=1, cutoff=_CLOSE)
+        if env_file is not None:
+            guess = close or difflib.get_close_matches(name.upper(), _NAMES, n=1)
+            advice = f"did you mean {guess[0]}?" if guess else "`--help` lists the settings"
+            out.append(f"{_shown(env_file)} sets {shown}, which is no setting ({advice}); ignored")
+        elif close:
+            out.append(
+                f"environment variable {shown} is no setting (did you mean {close[0]}?); ignored"
+            )
+    return tuple(out)
 
 
 def _read_env_file(path: Path) -> dict[str, str]:

@@ -21,6 +21,7 @@ from .config import Config
 from .delivery import Attempt
 from .election import Backoff
 from .errors import RedisUnavailable, WorkerError
+from .hints import with_hint
 from .keyspace import shown_key
 from .metrics import Metrics
 from .outage import OutageLog
@@ -190,7 +191,7 @@ class Deliveries:
             shown_key(reset.key),
             reset.reset_id,
             entry.attempts,
-            attempt.error,
+            with_hint(attempt.status, attempt.error),
             "giving up (RESET_GIVE_UP_AFTER): moving it to the dead letters"
             if verdict == "dead"
             else f"retrying in {delay:.2f} s",

@@ -88,6 +88,10 @@ def respond(worker: Worker, method: str, target: str) -> tuple[int, bytes, str]:
         return 200, b"ok\n", "text/plain"
     if path == "/readyz":
         state = worker.state()
+        # Whether this leader has looked at every counter key since it took the lease:
+        # before that, a key set while nobody led may not be watched yet.
+        reconciled = worker.metrics.registry.get_sample_value("tcw_reconciled") == 1
+        state["reconciled"] = state["role"] == "leader" and reconciled
         body = json.dumps(state).encode() + b"\n"
         return (200 if state["ready"] else 503), body, "application/json"
     if path == "/metrics":

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["JsonFormatter", "LineLogger", "configure_logging", "line_logger"]
+__all__ = ["JsonFormatter", "LineLogger", "ResetSummary", "configure_logging", "line_logger"]
 
 # Attributes every LogRecord has; anything else came from ``extra=``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -61,8 +61,68 @@ def line_logger(logger: logging.Logger, level: int) -> LineLogger | None:
     return emit
 
 
-def configure_logging(level: str, fmt: str = "text") -> None:
-    """Log to stderr at ``level`` in ``fmt`` ("text" or "json")."""
+Clock = Callable[[], float]
+
+
+class ResetSummary(logging.Filter):
+    """LOG_RESETS=summary: instead of one "reset sent" line per reset, at most one line
+    per ``every`` seconds, counting them. A filter on the log handler, matching the lines'
+    ``event`` field (whichever module logs them): the line carrying the summary is the
+    first reset sent after each interval (so a quiet worker writes nothing), and ``flush``
+    writes what is left, at exit."""
+
+    def __init__(self, logger: logging.Logger, every: float = 10.0, clock: Clock = time.monotonic):
+        super().__init__()
+        self._log, self._every, self._clock = logger, every, clock
+        self._since = clock()
+        self._sent = self._retried = 0
+        self._slowest = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "event", None) != "reset_sent":
+            return True
+        self._sent += 1
+        self._retried += getattr(record, "attempts", 1) > 1
+        self._slowest = max(self._slowest, getattr(record, "latency_ms", 0.0))
+        if self._clock() - self._since < self._every:
+            return False
+        record.msg, record.args = self._summary()
+        for name in ("key", "reset_id", "fencing_token", "attempts", "latency_ms"):
+            vars(record).pop(name, None)
+        vars(record).update(self._fields())
+        self._restart()
+        return True
+
+    def flush(self) -> None:
+        """Log what was counted since the last summary, if anything."""
+        if self._sent:
+            msg, args = self._summary()
+            self._log.info(msg, *args, extra=self._fields())
+        self._restart()
+
+    def _summary(self) -> tuple[str, tuple[object, ...]]:
+        return (
+            "resets sent in the last %.0f s: %d (%d after a retry), slowest %.1f ms",
+            (self._clock() - self._since, self._sent, self._retried, self._slowest),
+        )
+
+    def _fields(self) -> dict[str, object]:
+        return {
+            "event": "resets_sent",
+            "sent": self._sent,
+            "retried": self._retried,
+            "slowest_ms": self._slowest,
+        }
+
+    def _restart(self) -> None:
+        self._since = self._clock()
+        self._sent = self._retried = 0
+        self._slowest = 0.0
+
+
+def configure_logging(level: str, fmt: str = "text", resets: str = "each") -> ResetSummary | None:
+    """Log to stderr at ``level`` in ``fmt`` ("text" or "json"); with ``resets`` "summary"
+    (LOG_RESETS), returns the installed :class:`ResetSummary`, to flush at exit."""
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -73,3 +133,8 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     root.setLevel(level)
     # httpx logs every request at INFO; the worker logs each reset once, itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if resets != "summary":
+        return None
+    summary = ResetSummary(logging.getLogger("trio_counter_worker"))
+    handler.addFilter(summary)
+    return summary

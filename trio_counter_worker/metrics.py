@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .errors import RedisRefused
+from .keyspace import eviction_warning
+
 __all__ = ["Metrics"]
 
+_REFUSED_KINDS = ("oom", "auth", "permission", "db", "tls")  # RedisRefused.kind
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -95,10 +99,43 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.reconciled = Gauge(
+            "tcw_reconciled",
+            "1 once this replica, leading, has reconciled (looked at every counter key) "
+            "since it took the lease or last resynchronised; read it with tcw_leader",
+            registry=r,
+        )
+        self.eviction_unsafe = Gauge(
+            "tcw_eviction_policy_unsafe",
+            "1 if Redis's maxmemory-policy (allkeys-*) may evict the worker's own keys, "
+            "as the leader last read it",
+            registry=r,
+        )
+        self.redis_refused = Counter(
+            "tcw_redis_refused",
+            "Redis calls of the leader that Redis answered with a refusal, by kind: "
+            "oom (refusing writes), auth, permission, db, tls",
+            ["kind"],
+            registry=r,
+        )
+        for kind in _REFUSED_KINDS:
+            self.redis_refused.labels(kind)
         for outcome in ("delivered", "retried", "rejected", "redirect"):
             self.resets.labels(outcome)
         for source in ("touch", "notification"):
             self.activity.labels(source)
+
+    def redis_error(self, exc: BaseException) -> None:
+        """Count a failed Redis call, and a refusal by its kind too."""
+        self.redis_errors.inc()
+        if isinstance(exc, RedisRefused):
+            self.redis_refused.labels(exc.kind).inc()
+
+    def eviction(self, policy: str | None) -> str | None:
+        """Record whether ``policy`` may evict the worker's keys; the warning, if so."""
+        warning = eviction_warning(policy)
+        self.eviction_unsafe.set(warning is not None)
+        return warning
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

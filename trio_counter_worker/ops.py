@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import ssl
 import time
+from collections.abc import Mapping
 from typing import Any, Literal, TextIO
 from urllib.parse import urlsplit
 
@@ -22,7 +23,7 @@ from .config import Config
 from .delivery import build_request
 from .errors import RedisRefused, RedisUnavailable
 from .keyspace import NEEDED_FLAGS, enable_hint, eviction_warning, missing_flags
-from .redis_bridge import make_bridge
+from .redis_bridge import RedisBridge, make_bridge
 from .store import PendingReset
 
 __all__ = [
@@ -32,17 +33,10 @@ __all__ = [
     "run_checks",
     "run_redeliver",
     "run_status",
+    "server_name",
 ]
 
 State = Literal["ok", "warn", "fail"]
-
-_REFUSED_HINTS = {
-    "auth": "check REDIS_PASSWORD (and the user in REDIS_URL)",
-    "tls": "set REDIS_CA_FILE to the CA of the server's certificate",
-    "permission": "give the Redis user the ACL rule in the README ('Redis permissions')",
-    "db": "set REDIS_DB to a database the server has",
-    "oom": "free memory in Redis or raise maxmemory",
-}
 
 
 @attrs.frozen
@@ -60,6 +54,7 @@ async def run_checks(config: Config, *, dry_run_request: bool = False) -> list[C
     does not advertise it. Nothing here ever resets a counter or changes Redis state.
     """
     checks = [Check("configuration", "ok", "all settings valid")]
+    checks += [Check("setting names", "warn", notice) for notice in config.notices]
     checks += await _redis_checks(config)
     endpoint = await _endpoint_checks(config)
     checks += endpoint
@@ -72,15 +67,9 @@ async def _redis_checks(config: Config) -> list[Check]:
     bridge = make_bridge(config)
     try:
         probe = await redis_reads.probe(bridge)
-    except RedisRefused as exc:
-        return [
-            Check(
-                "redis",
-                "fail",
-                f"{config.redis_location}: {exc}",
-                _REFUSED_HINTS.get(exc.kind, "see the message"),
-            )
-        ]
+        server = await _server(bridge)
+    except RedisRefused as exc:  # its message says what to do: no second hint
+        return [Check("redis", "fail", f"{config.redis_location}: {exc}")]
     except RedisUnavailable as exc:
         return [
             Check(
@@ -92,7 +81,7 @@ async def _redis_checks(config: Config) -> list[Check]:
         ]
     finally:
         await bridge.aclose()
-    out = [Check("redis", "ok", f"{config.redis_location} answers (Redis {probe['version']})")]
+    out = [Check("redis", "ok", f"{config.redis_location} answers ({server})")]
     out.append(await _permission_check(config))
     policy = probe.get("policy")
     if (warning := eviction_warning(policy)) is not None:
@@ -319,9 +308,27 @@ def print_checks(checks: list[Check], out: TextIO) -> int:
 async def run_status(config: Config) -> dict[str, Any]:
     bridge = make_bridge(config)
     try:
-        return await redis_reads.status(bridge)
+        return await redis_reads.status(bridge) | {"server": await _server(bridge)}
     finally:
         await bridge.aclose()
+
+
+def server_name(info: Mapping[str, Any]) -> str:
+    """The server as INFO server names it: Valkey reports its own version beside the
+    Redis version it is compatible with (``redis_version``)."""
+    redis = info.get("redis_version", "?")
+    if (valkey := info.get("valkey_version")) is not None:
+        return f"Valkey {valkey} (Redis {redis} compatible)"
+    return f"Redis {redis}"
+
+
+async def _server(bridge: RedisBridge) -> str:
+    return server_name(await bridge.call(_info_server, bridge.client))
+
+
+def _info_server(client: Any) -> Mapping[str, Any]:
+    info: Mapping[str, Any] = client.info("server")
+    return info
 
 
 async def run_redeliver(config: Config, reset_ids: list[str]) -> int:
@@ -339,6 +346,7 @@ def print_status(status: dict[str, Any], as_json: bool, out: TextIO) -> None:
         return
     nxt = status["next_deadline"]
     lines = [
+        ("server", status["server"]),
         ("leader", status["leader"] or "none"),
         (
             "fencing token",

@@ -19,7 +19,7 @@ from .config import Config
 from .deciding import BATCH, Deciders, Deliver
 from .election import Backoff
 from .errors import FunctionsUnavailable, RedisRefused, RedisUnavailable, first_error
-from .keyspace import enable_hint, eviction_warning
+from .keyspace import enable_hint
 from .leader_state import WINDOW, LeaderState
 from .metrics import Metrics
 from .outage import OutageLog
@@ -69,7 +69,7 @@ class Watch:
             try:
                 await self._watch(backoff)
             except* RedisUnavailable as group:
-                self._metrics.redis_errors.inc()
+                self._metrics.redis_error(first_error(group))
                 await self._after_redis_error(first_error(group), backoff)
 
     def drain(self) -> None:
@@ -99,13 +99,14 @@ class Watch:
             await self._store.wait_until_reachable()
 
     async def _watch(self, backoff: Backoff) -> None:
+        self._metrics.reconciled.set(0)
         status = await self._store.ensure_notifications()
         if status.changed:
             log.info("enabled keyspace notifications: notify-keyspace-events=%r", status.flags)
         if not status.ok:
             missing = None if status.flags is None else status.missing
             log.error("%s (Redis said: %s)", enable_hint(missing), status.error)
-        if (warning := eviction_warning(await self._store.memory_policy())) is not None:
+        if (warning := self._metrics.eviction(await self._store.memory_policy())) is not None:
             log.warning(warning, extra={"event": "eviction_policy"})
         await self._install_functions()
         send, receive = trio.open_memory_channel[list[Message]](64)
@@ -224,6 +225,7 @@ class Watch:
             len(self._state.schedule),
             WINDOW,
         )
+        self._metrics.reconciled.set(1)
 
     async def _rescan(self) -> None:
         while True:

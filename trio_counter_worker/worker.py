@@ -296,29 +296,28 @@ async def open_worker(
 async def _start_on_redis(bridge: RedisBridge, config: Config) -> None:
     """Wait for Redis to answer, then check every permission the worker needs. A refusal
     that is a bad setting raises its ConfigError; Redis unreachable, or going away during
-    the checks, is waited out with backoff."""
+    the checks, is waited out with backoff: one WARNING, a summary at most every 10 s,
+    and a line when it answers (OutageLog), not a line per retry."""
     backoff = Backoff()
+    outage = OutageLog(log)
     while True:
         what = "unreachable"
         try:
             await bridge.ping()
             what = "failed during the start-up checks"
             await bridge.preflight()
+            outage.recovered(trio.current_time())
             return
         except RedisRefused as exc:
             start_error = exc.at_start()
             if start_error is not exc:
                 raise start_error from None
-            delay = backoff.next()
-            log.error("Redis at %s: %s; retrying in %.1f s", config.redis_location, exc, delay)
+            outage.failed(config.redis_location, exc, trio.current_time())
         except RedisUnavailable as exc:
-            delay = backoff.next()
-            log.warning(
-                "Redis at %s %s (%s); retrying in %.1f s (check REDIS_HOST/REDIS_PORT or "
-                "REDIS_URL)",
-                config.redis_location,
-                what,
+            outage.failed(
+                f"{config.redis_location} {what}",
                 exc,
-                delay,
+                trio.current_time(),
+                "check REDIS_HOST/REDIS_PORT or REDIS_URL",
             )
-        await trio.sleep(delay)
+        await trio.sleep(backoff.next())
