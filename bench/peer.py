@@ -20,10 +20,12 @@ so a drift of the machine's load weighs on both. On one rig per side:
   bench's own polls taken out); the drain (until every POST is in and nothing is left
   pending) gives CPU per reset (the worker processes' utime + stime / N), commands per
   reset, lateness and RSS;
-- **steady**: ``counters`` counters, each re-armed every ``counters / rate`` s (10 s) with
-  the TTLs the other app benches draw (5 % short: those expire), for ``--steady`` s;
-  lateness of the expiries, CPU per reset (re-arms included), missed and doubled
-  against the plan.
+- **steady**: ``counters`` counters, each armed every 10 s, for ``--steady`` s: 45 % of
+  the arms with a short TTL (they expire), the rest outlasting the period (re-armed in
+  time), the 1M steady run's mix; lateness of the expiries, missed and doubled against
+  the plan, CPU per reset of the worker processes (re-arms included: this worker tracks
+  each; a BullMQ worker never sees a re-arm, the producer's add script in Redis does that
+  work) and of Redis.
 
 Then **failover**, on a rig of its own per side: 2 processes (this worker also 3), 500
 counters due over 10 s; 3 s in, the process that sent the last POST is SIGKILLed
@@ -57,13 +59,14 @@ from typing import IO, Any
 import attrs
 
 from .common import (
+    LONG_TTL_MS,
     ROOT,
     SECRET,
+    SHORT_TTL_MS,
     PacedDriver,
     Rig,
     cpu_seconds,
     deadlines_key,
-    draw_ttl_ms,
     fmt_ms,
     info,
     lease_holder,
@@ -89,7 +92,10 @@ QUEUE_PREFIX = "bull:resets:"  # driver.cjs's queue, under BullMQ's default pref
 IDLE_KEYS, IDLE_GAP_MS = 20, 100
 LEAD_S = 4.0  # a burst's first due, after arming starts
 SPREAD_S = 1.0
-STEADY_PERIOD_S = 10.0  # a counter is re-armed this often (draw_ttl_ms's long TTLs outlast it)
+STEADY_PERIOD_S = 10.0  # a counter is re-armed this often: a long TTL outlasts it
+# The 1M steady run's mix (800 expiries and 1,000 re-arms a second): 45 % of the arms get
+# a short TTL and expire before their counter's next arm, the rest are re-armed in time.
+STEADY_SHORT_SHARE = 0.45
 FAILOVER_KEYS, FAILOVER_SPREAD_S, KILL_AFTER_S = 500, 10.0, 3.0
 FAILOVER_CAP_S = 8.0  # after the last due: a 3 s lease runs out well within it
 DRAIN_CAP_S = 60.0
@@ -178,6 +184,7 @@ def side_metrics(sc: Mapping[str, Any]) -> list[tuple[Metric, float | None]]:
         ("burst: lateness p99", "ms", ("burst", "lateness_ms", "p99")),
         ("burst: drain", "s", ("burst", "drain_s")),
         ("burst: CPU per reset", "ms", ("burst", "cpu_ms_per_reset")),
+        ("burst: Redis CPU per reset", "ms", ("burst", "redis_cpu_ms_per_reset")),
         ("burst: RSS after", "MiB", ("burst", "rss_mib")),
         ("Redis memory per armed counter", "B", ("burst", "redis_bytes_per_counter")),
         ("Redis commands per counter armed", "", ("burst", "commands_per_counter")),
@@ -185,6 +192,7 @@ def side_metrics(sc: Mapping[str, Any]) -> list[tuple[Metric, float | None]]:
         ("steady: lateness p50", "ms", ("steady", "lateness_ms", "p50")),
         ("steady: lateness p99", "ms", ("steady", "lateness_ms", "p99")),
         ("steady: CPU per reset", "ms", ("steady", "cpu_ms_per_reset")),
+        ("steady: Redis CPU per reset", "ms", ("steady", "redis_cpu_ms_per_reset")),
         ("steady: missed + doubled", "", ("steady", "missed_plus_doubled")),
     ]
     for n in (2, 3):
@@ -403,6 +411,10 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def redis_cpu_s(r: Rig) -> float:
+    return cpu_seconds(r.server.pid or 0)
+
+
 def posts(r: Rig, since: int = 0) -> list[tuple[float, dict[str, Any]]]:
     return [(q.received_at, q.json or {}) for q in r.backend.requests[since:]]
 
@@ -444,13 +456,14 @@ def burst_scenario(side: Side, n: int) -> dict[str, Any]:
     cmd1 = info(client, "commandstats")
     arm_cmds = command_deltas(cmd0, cmd1, side.polls)
     side.polls.clear()
-    cpu0, busy0 = side.cpu_s(), machine_busy_seconds()
+    cpu0, busy0, redis0 = side.cpu_s(), machine_busy_seconds(), redis_cpu_s(r)
     t0 = time.monotonic()
     wait_posts(r, due, LEAD_S + DRAIN_CAP_S)
     wait_until(side.idle, 30, "nothing pending after the burst", poll=0.01)
     wall = time.monotonic() - t0
     cpu = side.cpu_s() - cpu0
     busy = machine_busy_seconds() - busy0
+    redis_cpu = redis_cpu_s(r) - redis0
     drain_cmds = command_deltas(cmd1, info(client, "commandstats"), side.polls)
     got = posts(r)
     per_key = Counter(str(b.get("key")) for _, b in got)
@@ -465,6 +478,7 @@ def burst_scenario(side: Side, n: int) -> dict[str, Any]:
         "lateness_ms": summarize(lateness_ms(got, due)),
         "drain_s": round(received[-1] - first / 1000, 3) if received else None,
         "cpu_ms_per_reset": round(1000 * cpu / n, 3),
+        "redis_cpu_ms_per_reset": round(1000 * redis_cpu / n, 3),
         "cpu_pct": round(100 * cpu / wall, 1),
         "machine_busy_pct": round(100 * busy / wall, 1),
         "commands_per_reset": round(sum(drain_cmds.values()) / n, 2),
@@ -478,7 +492,8 @@ def burst_scenario(side: Side, n: int) -> dict[str, Any]:
 
 
 class Rearmer(PacedDriver):
-    """Counter ``j % counters`` armed at item j, with a TTL drawn as the app benches do."""
+    """Counter ``j % counters`` armed at item j: a short TTL (it expires) with
+    STEADY_SHORT_SHARE, else one outlasting the period (re-armed in time)."""
 
     def __init__(self, side: Side, counters: int, duration: float, seed: int) -> None:
         rate = counters / STEADY_PERIOD_S
@@ -491,15 +506,20 @@ class Rearmer(PacedDriver):
     def drive(self) -> None:
         for now, items in self.ticks():
             sent = int(now * 1000)
-            batch = [(f"c:s{j % self.counters}", sent + draw_ttl_ms(self._rng)) for j in items]
+            batch = [(f"c:s{j % self.counters}", sent + self._ttl_ms()) for j in items]
             self.side.arm(batch, wait=False)
             self.arms += [Arm(k, sent, d) for k, d in batch]
+
+    def _ttl_ms(self) -> int:
+        short = self._rng.random() < STEADY_SHORT_SHARE
+        return self._rng.randint(*(SHORT_TTL_MS if short else LONG_TTL_MS))
 
 
 def steady_scenario(side: Side, counters: int, duration: float, seed: int) -> dict[str, Any]:
     r = side.r
     driver = Rearmer(side, counters, duration, seed)
     cpu0, busy0, t0 = side.cpu_s(), machine_busy_seconds(), time.monotonic()
+    redis0 = redis_cpu_s(r)
     driver.start()
     driver.join(duration + 30)
     stop_ms = now_ms()
@@ -511,6 +531,7 @@ def steady_scenario(side: Side, counters: int, duration: float, seed: int) -> di
     wall = time.monotonic() - t0
     cpu = side.cpu_s() - cpu0
     busy = machine_busy_seconds() - busy0
+    redis_cpu = redis_cpu_s(r) - redis0
     got = [(at, b) for at, b in posts(r) if float(b.get("expired_at", 0)) * 1000 <= stop_ms]
     seen = Counter(episode(b) for _, b in got)
     lat = [at * 1000 - float(b["expired_at"]) * 1000 for at, b in got]
@@ -530,6 +551,7 @@ def steady_scenario(side: Side, counters: int, duration: float, seed: int) -> di
         "missed_plus_doubled": missed + doubled,
         "lateness_ms": summarize(lat),
         "cpu_ms_per_reset": round(1000 * cpu / len(got), 3) if got else None,
+        "redis_cpu_ms_per_reset": round(1000 * redis_cpu / len(got), 3) if got else None,
         "cpu_pct": round(100 * cpu / wall, 1),
         "machine_busy_pct": round(100 * busy / wall, 1),
         "rss_mib": side.rss(),
