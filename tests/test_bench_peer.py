@@ -7,7 +7,15 @@ from __future__ import annotations
 import math
 
 from bench.compare import SPECS
-from bench.peer import Arm, command_deltas, episode, expected_resets, lateness_ms, side_metrics
+from bench.peer import (
+    Arm,
+    command_deltas,
+    delivery_counts,
+    episode,
+    expected_resets,
+    lateness_ms,
+    side_metrics,
+)
 
 
 def test_an_arm_resets_unless_the_next_arm_of_its_key_comes_before_its_due() -> None:
@@ -62,3 +70,13 @@ def test_side_metrics_read_nested_figures_and_miss_absent_ones() -> None:
     got = dict((m.name, v) for m, v in side_metrics({"idle": {"lateness_ms": {"p50": 3}}}))
     assert got["idle: lateness p50"] == 3.0
     assert got["burst: drain"] is None
+
+
+def test_two_reset_ids_are_a_double_one_posted_twice_a_redelivery() -> None:
+    posts = [
+        (1.0, {"key": "a", "reset_id": "1"}),
+        (1.1, {"key": "a", "reset_id": "1"}),  # the same reset again: deduped downstream
+        (1.0, {"key": "b", "reset_id": "2"}),
+        (1.2, {"key": "b", "reset_id": "3"}),  # a second reset of the same episode
+    ]
+    assert delivery_counts(posts, {"a": 900, "b": 900, "c": 900}) == (1, 1, 1)
