@@ -56,6 +56,7 @@ from .common import (
     measured_code,
 )
 from .comparison import Metric, Row, compare_rows, render_table
+from .peer import side_metrics as peer_metrics
 from .run_all import BENCHMARKS
 
 # --- what each benchmark reports -----------------------------------------------------------
@@ -255,6 +256,11 @@ def _unrelated(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
     ]
 
 
+def _peer(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
+    medians = d.get("medians", {}).get("worker", {})
+    return [(m, medians.get(m.name)) for m, _ in peer_metrics({})]
+
+
 # poison and slowlink are left out: they run both commits themselves (--base).
 SPECS: dict[str, Spec] = {
     "latency": Spec((), ("--quick",), _latency),
@@ -272,6 +278,12 @@ SPECS: dict[str, Spec] = {
     "steady": Spec(("--counters", "200000", "--duration", "120"), ("--quick",), _steady),
     "gcpause": Spec((), ("--keys", "100"), _gcpause),
     "unrelated": Spec(("--window", "10"), ("--window", "5", "--rate", "5000"), _unrelated),
+    # This worker's side only (BullMQ's does not change with the commit).
+    "peer": Spec(
+        ("--sides", "worker", "--rounds", "1"),
+        ("--quick", "--sides", "worker", "--name", "peer"),
+        _peer,
+    ),
 }
 
 

@@ -36,6 +36,7 @@ BENCHMARKS = {
     "slowlink": 480,
     "touch": 420,
     "steady": 900,
+    "peer": 420,  # this worker beside BullMQ (node + npm): ~5 minutes, 3 rounds
 }
 
 
