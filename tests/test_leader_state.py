@@ -79,10 +79,12 @@ def test_a_claim_in_the_subscriptions_first_millisecond_may_echo_on_it() -> None
     assert s.take(10) is None
 
 
-def test_an_expiry_after_a_claim_marker_is_reported_after_that_claim() -> None:
+def test_a_marker_of_a_claim_this_leader_did_not_make_is_ignored() -> None:
+    """Only the leader's own claims publish markers; anything else on the channel is
+    someone else's message and changes nothing (issue #21)."""
     s = state(since=1_000)
     s.on_events([marker("c:1", 5_000), event("c:1", "expired")])
-    assert s.take(10) == Taken(True, ["c:1"], [5_000])
+    assert s.take(10) == Taken(True, ["c:1"], [999])
 
 
 def test_the_echo_of_our_own_claim_needs_no_call() -> None:

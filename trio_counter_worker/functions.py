@@ -16,10 +16,11 @@ Layout, per deployment (``ns`` = ``tcw:{<COUNTER_KEY>}``, see ``Config.namespace
 - ``tcw:{registry}`` (hash): ns -> COUNTER_KEY pattern; written by ``install`` (and by
   the leader at takeover). In the worker's own key prefix, so no COUNTER_KEY can match it;
 - ``<ns>:deadlines`` (zset, key -> absolute expiry), ``<ns>:pending`` (hash, reset_id ->
-  record), ``<ns>:claimed`` (zset, tombstones), ``<ns>:claims`` (channel, claim markers),
+  record), ``<ns>:claimed`` (zset, tombstones),
   ``<ns>:lease`` and ``<ns>:epoch`` (read for the fencing token): the worker's own;
 - ``<ns>:payloads`` (hash, key -> payload of its current episode; no entry: none);
-- ``<ns>:touched`` (channel): the key's name, after each ``tcw_touch`` and ``tcw_done``.
+- ``<ns>:touched`` (channel): the key's name, after each ``tcw_touch`` and ``tcw_done``:
+  the only channel an app publishes on (a hint to read the key's deadline, nothing more).
 
 The library reuses the claim script's Lua (``scripts._PRELUDE``, ``scripts._CLAIMING``)
 verbatim, so a claim made here is byte for byte the one the leader would make.
@@ -40,7 +41,6 @@ from .errors import FunctionsUnavailable, RedisRefused, RedisUnavailable
 from .glob import may_match_prefix
 from .keys import (
     CLAIMED,
-    CLAIMS,
     DEADLINES,
     EPOCH,
     LEASE,
@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 LIBRARY_NAME = "tcw"
-LIBRARY_VERSION = "3"  # raise it with every change to the library's behaviour
+LIBRARY_VERSION = "4"  # raise it with every change to the library's behaviour
 
 
 # What an app's Redis user calls: FCALL, and every command the functions call (Redis
@@ -104,7 +104,10 @@ def app_acl_rule(counter_key: str) -> str:
     activity on the keys of one deployment through the library."""
     ns = namespace_of(counter_key)
     commands = " ".join(f"+{c}" for c in APP_COMMANDS)
-    return f"resetkeys ~{counter_key} ~{REGISTRY} ~{ns}:* resetchannels &{ns}:* -@all {commands}"
+    return (
+        f"resetkeys ~{counter_key} ~{REGISTRY} ~{ns}:* resetchannels &{Keys(counter_key).touched} "
+        f"-@all {commands}"
+    )
 
 
 def _lua(text: str) -> str:
@@ -200,7 +203,6 @@ _CONSTANTS = "\n".join(
         "DEADLINES": _lua(DEADLINES),
         "PENDING": _lua(PENDING),
         "CLAIMED": _lua(CLAIMED),
-        "CLAIMS": _lua(CLAIMS),
         "LEASE": _lua(LEASE),
         "EPOCH": _lua(EPOCH),
         "PAYLOADS": _lua(PAYLOADS),
@@ -210,8 +212,9 @@ _CONSTANTS = "\n".join(
 
 # The functions. `refuse` answers an error before anything is written. Each matching
 # deployment first gets the claim script's own decision for the key with no reported
-# expiry (scripts._CLAIMING `decide`): a due deadline of a gone key is claimed, with the
-# marker on <ns>:claims that tells the leader the key's later `expired` events are new.
+# expiry (scripts._CLAIMING `decide`): a due deadline of a gone key is claimed. No claim
+# marker (the leader believes only its own claims' markers, and the app may not publish
+# on <ns>:claims): the new episode's deadline is recorded here, so it is claimed by that.
 _FUNCTIONS = """
 local function refuse(fmt, ...)
   return redis.error_reply('ERR ' .. string.format(fmt, ...))
@@ -246,7 +249,7 @@ local function claim_ended(key, namespaces, now)
   local claimed = 0
   for _, ns in ipairs(namespaces) do
     local k = {deadlines = ns .. DEADLINES, pending = ns .. PENDING, claimed = ns .. CLAIMED,
-               ns = ns, markers = ns .. CLAIMS, payloads = ns .. PAYLOADS}
+               ns = ns, markers = '', payloads = ns .. PAYLOADS}
     if decide(k, key, now, pttl, -1, fencing_token(ns), nil).claimed then
       claimed = claimed + 1
     end

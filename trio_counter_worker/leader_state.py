@@ -45,6 +45,11 @@ _BUSY_READ = 1_000
 # estimated from different calls).
 _SLACK = 5.0
 _QUARANTINE_MAX = 10_000  # keys set aside per process, at most
+_STAMP_DIGITS = 19  # a claim marker's time (Redis ms) fits an int64
+# Markers kept per key whose claim's reply has not come. Only the worker publishes on
+# the channel (the app's documented ACL does not allow it); past these, a marker is
+# dropped and later expiries are decided as if it never came (never a second reset).
+_EARLY_MAX = 8
 
 
 class Quarantine:
@@ -113,9 +118,18 @@ class LeaderState:
         # Pub/sub keeps publication order, so an `expired` event follows every claim
         # made before this subscription started, and every claim of its key whose marker
         # came before it. `after`: it follows every claim made at or before that time.
+        # A marker is believed only for a claim this leader made (its reply names the
+        # same time): anyone who may publish on the channel changes nothing by it.
         self._start_after = 0  # Redis ms: before the current subscription
-        self._marked: dict[str, int] = {}  # key -> last claim marker seen (Redis ms)
+        self._marked: dict[str, int] = {}  # key -> last own claim whose marker came
         self._claims: dict[str, int] = {}  # key -> this leader's last claim (Redis ms)
+        self._claiming: set[str] = set()  # keys in a claim call now
+        # Markers that came before their claim's reply: one is believed once the reply
+        # names its time. Expiries heard after one wait for that (their `after`
+        # otherwise). At most _EARLY_MAX per key in a claim call, whatever is published.
+        self._early: dict[str, set[int]] = {}
+        # key -> (its `after` otherwise, the markers heard before its latest expiry)
+        self._held: dict[str, tuple[int, frozenset[int]]] = {}
 
     @property
     def channels(self) -> list[str]:
@@ -128,6 +142,8 @@ class LeaderState:
         # A claim in the same millisecond may have been made after the subscription.
         self._start_after = since_ms - 1
         self._marked.clear()
+        self._early.clear()
+        self._held.clear()
         self.queue.clear()
         # What changed meanwhile is in the recorded deadlines (and the scan): read again.
         self.schedule = Schedule()
@@ -180,6 +196,9 @@ class LeaderState:
         if not self.counters([key]):
             return
         after = self._marked.get(key, self._start_after)
+        if key in self._early:
+            self._held[key] = (after, frozenset(self._early[key]))
+            return  # after the marker of a claim whose reply has not come: wait for it
         claimed = self._claims.get(key)
         if claimed is not None and claimed > after:
             return  # the echo of our own claim's touch: no call needed
@@ -189,13 +208,28 @@ class LeaderState:
 
     def _on_marker(self, data: str) -> None:
         """A claim's marker: "<claimed_ms> <key>"; later `expired` events of the key
-        follow that claim."""
+        follow that claim, if this leader made it (else ignored: nothing is kept)."""
         stamp, _, key = data.partition(" ")
-        try:
-            claimed_ms = int(stamp)
-        except ValueError:
-            return  # not ours: someone else published on the channel
-        _remember(self._marked, key, claimed_ms)
+        if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= _STAMP_DIGITS):
+            return  # not a claim's: someone else published on the channel
+        claimed_ms = int(stamp)
+        if self._claims.get(key) == claimed_ms:
+            _remember(self._marked, key, claimed_ms)
+        elif key in self._claiming:
+            early = self._early.setdefault(key, set())
+            if len(early) < _EARLY_MAX:
+                early.add(claimed_ms)
+
+    def _confirm(self, key: str, claimed_ms: int) -> None:
+        """This leader's claim of ``key`` at ``claimed_ms`` has been answered: a marker
+        that came first is believed if it names that time."""
+        if claimed_ms in self._early.pop(key, ()):
+            _remember(self._marked, key, claimed_ms)
+            held = self._held.pop(key, None)
+            if held is not None:
+                # After the claim's own marker: a new episode; else as it was.
+                after, heard = held
+                self.queue.want(key, "reported", claimed_ms if claimed_ms in heard else after)
 
     def due(self, now: float) -> None:
         """Queue a claim for every key whose deadline has come (trio time)."""
@@ -206,10 +240,21 @@ class LeaderState:
         if taken is None:
             return None
         wanted, keys, afters = taken
+        if wanted.claim:
+            self._claiming.update(keys)
         return Taken(wanted.claim, keys, afters)
 
     def done(self, taken: Taken, decided: bool) -> None:
         self.queue.done(taken.keys, decided)
+        if taken.claim:
+            self._claiming.difference_update(taken.keys)
+            for key in taken.keys:
+                # A marker its reply did not name: not believed. Expiries heard after it
+                # are decided by what was known before it (an echo is never a reset).
+                self._early.pop(key, None)
+                held = self._held.pop(key, None)
+                if held is not None:
+                    self.queue.want(key, "reported", held[0])
 
     def apply(self, outcomes: list[KeyOutcome], base: float) -> list[PendingReset]:
         """What Redis decided, as of ``base`` (trio time, the middle of the round trip:
@@ -225,6 +270,7 @@ class LeaderState:
             elif o.kind == "claimed" and o.reset is not None:
                 self.schedule.remove(o.key)
                 _remember(self._claims, o.key, o.claimed_ms)
+                self._confirm(o.key, o.claimed_ms)
                 claimed.append(o.reset)
             else:
                 self.schedule.remove(o.key)
