@@ -31,8 +31,9 @@ from .leader import LeaderDuties
 from .leader_state import Quarantine
 from .metrics import Metrics
 from .outage import OutageLog
-from .redis_bridge import RedisBridge, make_bridge
+from .redis_bridge import RedisBridge
 from .store import Message, Store
+from .topology import make_bridge
 
 __all__ = ["Worker", "open_worker"]
 
