@@ -66,11 +66,8 @@ def _dependencies(path: Path, modules: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = package.split(".")
-            if node.level:
-                base = base[: len(base) - node.level + 1]
-            else:
-                base = []
+            parts = package.split(".")
+            base = parts[: len(parts) - node.level + 1] if node.level else []
             module = ".".join(base + ([node.module] if node.module else []))
             # `from . import functions` names a module; `from .x import y`, names in x.
             targets = [f"{module}.{alias.name}" for alias in node.names] + [module]
@@ -128,7 +125,7 @@ def _a_cycle(graph: dict[str, set[str]], part: set[str]) -> list[str]:
     while True:
         nxt = min(m for m in graph[path[-1]] if m in part)
         if nxt in seen:
-            return path[path.index(nxt) :] + [nxt]
+            return [*path[path.index(nxt) :], nxt]
         path.append(nxt)
         seen.add(nxt)
 

@@ -23,7 +23,7 @@ import trio
 from . import logs
 from .config import Config
 from .delivery import Attempt, ResetSender
-from .election import Backoff, Lease
+from .election import Lease
 from .errors import (
     FunctionsUnavailable,
     RedisRefused,
@@ -36,7 +36,7 @@ from .leader_state import WINDOW, LeaderState, Quarantine, Taken
 from .metrics import Metrics
 from .outage import OutageLog
 from .outbox import Entry, Outbox
-from .retry import RetryPolicy
+from .retry import Backoff, RetryPolicy
 from .store import FailingNote, Message, PendingReset, Store
 
 __all__ = ["LeaderDuties"]

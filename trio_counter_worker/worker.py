@@ -22,7 +22,7 @@ import trio
 
 from .config import Config
 from .delivery import ResetSender, open_lanes, safe_url
-from .election import Backoff, Elector, Lease, LeaseTiming
+from .election import Elector, Lease, LeaseTiming
 from .errors import LeaseLost, RedisRefused, RedisUnavailable, first_error
 from .health import serve_health
 from .hooks import Hooks
@@ -32,6 +32,7 @@ from .leader_state import Quarantine
 from .metrics import Metrics
 from .outage import OutageLog
 from .redis_bridge import RedisBridge
+from .retry import Backoff
 from .store import Message, Store
 from .topology import make_bridge
 
