@@ -523,6 +523,46 @@ async def test_retry_after_and_hints(backend: RecordingBackend) -> None:
     assert ok.status == 200
 
 
+@pytest.mark.parametrize(
+    ("behaviour", "verdict", "error"),
+    [
+        (ApplyThenDrop(rst=True), "retry", "ReadError talking to "),
+        (ApplyThenDrop(rst=False), "retry", f"RemoteProtocolError talking to {{}}: {DISCONNECTED}"),
+        (Hang(30.0), "retry", "no answer within RESET_TIMEOUT_MS=300 from {}"),
+        (HeadersThenNothing(), "done", ""),
+        # Left at the cap, httpx's nested body generators are finalised by the GC,
+        # which trio warns of (encode/httpx#3686); the httpx path always did so.
+        pytest.param(
+            Endless(),
+            "done",
+            "",
+            marks=pytest.mark.filterwarnings(
+                "ignore:Exception ignored in. <async_generator object"
+                ":pytest.PytestUnraisableExceptionWarning"
+            ),
+        ),
+        (Huge(), "done", ""),
+        (Respond(308, {"location": "/elsewhere"}), "redirect", "HTTP 308 from {}"),
+    ],
+)
+async def test_with_a_proxy_httpx_judges_each_answer_as_the_lane_does(
+    backend: RecordingBackend, behaviour: Any, verdict: str, error: str
+) -> None:
+    """The HttpxLane, what the worker uses where a proxy is set, behind the same
+    ResetSender: the same verdicts and errors, and the next request goes through."""
+    config = make_config(backend.url, reset_timeout_ms=300)
+    async with (
+        lane_sender(backend.url, reset_timeout_ms=300) as (lane, _),
+        httpx_sender(config) as by_httpx,
+    ):
+        for sender in (lane, by_httpx):
+            backend.respond_with(behaviour)
+            attempt = await sender.attempt(make_reset(), 7)
+            assert attempt.verdict == verdict
+            assert attempt.error.startswith(error.format(backend.url))
+            assert (await sender.attempt(make_reset(1), 7)).done
+
+
 async def test_a_2xx_whose_body_is_cut_short_is_delivered() -> None:
     # The status is in; the connection breaks in the body. Both ways count it done.
     cut_short = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nab"

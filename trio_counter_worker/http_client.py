@@ -557,11 +557,15 @@ class HttpxLane:
         if response is None:
             return
         try:
+            announced = answer.header("content-length") or ""
+            if announced.isdigit() and int(announced) > self._cap:
+                return  # not worth reading (as a Lane): closing it drops the connection
             read = 0
+            # Left at the cap, httpx's body generators go to the GC (encode/httpx#3686).
             async for chunk in response.aiter_raw():
                 read += len(chunk)
                 if read > self._cap:
-                    return  # not worth reading: closing it drops the connection
+                    return
         except httpx.TransportError:
             pass  # the answer's status is in: a body cut short only costs the connection
         finally:
