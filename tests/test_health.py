@@ -1,7 +1,8 @@
 """The health endpoint over real HTTP on loopback: probes and Prometheus metrics.
 
-The worker runs in-process on the trio-native fake store (real clock) with a mock
-backend; the health endpoint itself is served on a real loopback port.
+The worker runs in-process on the trio-native fake store (real clock) with an in-memory
+backend behind its lanes; the health endpoint itself is served on a real loopback port.
+The routing (`respond`) is also tested alone, on a stand-in for what it reads.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ import httpx
 import trio
 
 from tests.fakes import FakeLease, FakeStore
+from tests.support.memory_http import memory_backend
 from trio_counter_worker import Config, Hooks, open_worker
+from trio_counter_worker.delivery import open_lanes
+from trio_counter_worker.health import respond
+from trio_counter_worker.metrics import Metrics
 
 
 def config() -> Config:
@@ -29,12 +34,11 @@ async def test_probes_and_metrics() -> None:
     store = FakeStore("c:*")
     elected = trio.Event()
     reset_done = trio.Event()
-    backend = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200)))
     hooks = Hooks(on_elected=lambda _e: elected.set(), on_reset=lambda _r, _a: reset_done.set())
     with trio.fail_after(10):
         async with (
-            backend,
-            open_worker(config(), store=store, http_client=backend, hooks=hooks) as worker,
+            open_lanes(config(), connect=memory_backend(lambda r: httpx.Response(200))) as lanes,
+            open_worker(config(), store=store, http_client=lanes, hooks=hooks) as worker,
             trio.open_nursery() as nursery,
         ):
             await nursery.start(worker.run)
@@ -89,11 +93,10 @@ async def test_probes_and_metrics() -> None:
 
 async def test_a_broken_client_does_not_disturb_the_worker() -> None:
     store = FakeStore("c:*")
-    backend = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200)))
     with trio.fail_after(10):
         async with (
-            backend,
-            open_worker(config(), store=store, http_client=backend) as worker,
+            open_lanes(config(), connect=memory_backend(lambda r: httpx.Response(200))) as lanes,
+            open_worker(config(), store=store, http_client=lanes) as worker,
             trio.open_nursery() as n,
         ):
             await n.start(worker.run)
@@ -106,3 +109,28 @@ async def test_a_broken_client_does_not_disturb_the_worker() -> None:
                 ok = await http.get(f"http://127.0.0.1:{worker.health_port}/healthz")
                 assert ok.status_code == 200
             n.cancel_scope.cancel()
+
+
+class Observed:
+    """What the endpoint reads of a worker (health.Observed), and nothing more."""
+
+    def __init__(self, ready: bool) -> None:
+        self.metrics = Metrics()
+        self.ready = ready
+
+    def state(self) -> dict[str, object]:
+        return {"ready": self.ready, "role": "standby"}
+
+
+def test_readiness_is_the_state_the_worker_reports() -> None:
+    assert respond(Observed(True), "GET", "/readyz") == (
+        200,
+        b'{"ready": true, "role": "standby", "reconciled": false}\n',
+        "application/json",
+    )
+    assert respond(Observed(False), "HEAD", "/readyz?verbose=1")[0] == 503
+    status, body, ctype = respond(Observed(True), "GET", "/metrics")
+    assert (status, ctype.split(";")[0]) == (200, "text/plain")
+    assert b"tcw_leader 0.0" in body
+    assert respond(Observed(True), "POST", "/healthz")[0] == 405
+    assert respond(Observed(True), "GET", "/nope")[0] == 404

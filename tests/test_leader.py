@@ -1,7 +1,8 @@
 """Leader duties under trio's autojump clock: when resets fire, what they carry.
 
-A trio-native fake store stands in for Redis and httpx.MockTransport for the backend, so
-no thread runs and every time is exact. Real-Redis behaviour is in test_redis_bridge.py.
+A trio-native fake store stands in for Redis and an in-memory backend behind the
+production lanes (tests/support/memory_http.py) for the HTTP one, so no thread runs and
+every time is exact. Real-Redis behaviour is in test_redis_bridge.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import trio
 import trio.testing
 
 from tests.fakes import FakeLease, FakeStore
+from tests.support.memory_http import memory_backend
 from trio_counter_worker import Config, Hooks, Worker, open_worker
+from trio_counter_worker.delivery import open_lanes
 from trio_counter_worker.leader_state import EARLY, WINDOW
 from trio_counter_worker.store import PendingReset
 
@@ -84,14 +87,13 @@ def harness() -> Harness:
 
 
 async def start_worker(nursery: trio.Nursery, h: Harness, **kw: object) -> Worker:
-    transport = httpx.MockTransport(h.backend)
-    client = httpx.AsyncClient(transport=transport)
+    cfg = config(**kw)
     worker_box: list[Worker] = []
 
     async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with (
-            client,
-            open_worker(config(**kw), store=h.store, http_client=client, hooks=h.hooks()) as worker,
+            open_lanes(cfg, connect=memory_backend(h.backend)) as lanes,
+            open_worker(cfg, store=h.store, http_client=lanes, hooks=h.hooks()) as worker,
         ):
             worker_box.append(worker)
             await worker.run(task_status=task_status)
@@ -368,11 +370,10 @@ async def test_a_failing_reset_does_not_hold_a_courier(
         harness.backend.seen.append((trio.current_time(), request))
         return httpx.Response(200)
 
-    transport = httpx.MockTransport(backend)
     cfg = config(max_in_flight=2, reset_timeout_ms=2000)
     async with (
-        httpx.AsyncClient(transport=transport) as client,
-        open_worker(cfg, store=harness.store, http_client=client, hooks=harness.hooks()) as worker,
+        open_lanes(cfg, connect=memory_backend(backend)) as lanes,
+        open_worker(cfg, store=harness.store, http_client=lanes, hooks=harness.hooks()) as worker,
         trio.open_nursery() as nursery,
     ):
         await nursery.start(worker.run)
@@ -431,10 +432,10 @@ async def test_leader_work_that_fails_gives_the_lease_back_and_campaigns_again(
     hooks = Hooks(
         on_elected=lambda e: harness.elected.append((trio.current_time(), e)), on_reset=on_reset
     )
-    transport = httpx.MockTransport(harness.backend)
+    cfg = config()
     async with (
-        httpx.AsyncClient(transport=transport) as client,
-        open_worker(config(), store=harness.store, http_client=client, hooks=hooks) as worker,
+        open_lanes(cfg, connect=memory_backend(harness.backend)) as lanes,
+        open_worker(cfg, store=harness.store, http_client=lanes, hooks=hooks) as worker,
         trio.open_nursery() as nursery,
     ):
         await nursery.start(worker.run)

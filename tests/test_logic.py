@@ -9,7 +9,6 @@ import pytest
 
 import trio_counter_worker
 from trio_counter_worker.delivery import build_request
-from trio_counter_worker.election import Backoff
 from trio_counter_worker.keys import keyspace_pattern
 from trio_counter_worker.keyspace import (
     enable_hint,
@@ -17,7 +16,7 @@ from trio_counter_worker.keyspace import (
     merged_flags,
     missing_flags,
 )
-from trio_counter_worker.retry import RetryPolicy, classify, parse_retry_after
+from trio_counter_worker.retry import Backoff, RetryPolicy, classify, parse_retry_after
 from trio_counter_worker.schedule import Schedule
 from trio_counter_worker.store import PendingReset
 

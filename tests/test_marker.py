@@ -1,7 +1,8 @@
 """The marker's account of delivered resets: one INFO line per reset, with its fields,
 logged many at a time (logs.line_logger), and the failing gauge kept right.
 
-A fake store and httpx.MockTransport, under trio's autojump clock (as test_leader.py).
+A fake store and an in-memory backend behind the production lanes, under trio's
+autojump clock (as test_leader.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import trio
 import trio.testing
 
 from tests.fakes import FakeStore
+from tests.support.memory_http import memory_backend
 from trio_counter_worker import Config, Hooks, Worker, open_worker
+from trio_counter_worker.delivery import open_lanes
 from trio_counter_worker.logs import JsonFormatter, line_logger
 from trio_counter_worker.store import PendingReset
 
@@ -41,10 +44,10 @@ async def run_until_reset(
         return httpx.Response(statuses.pop(0) if statuses else 200)
 
     hooks = Hooks(on_reset=lambda reset, attempts: resets.append((reset, attempts)))
-    client = httpx.AsyncClient(transport=httpx.MockTransport(backend))
+    cfg = config()
     async with (
-        client,
-        open_worker(config(), store=store, http_client=client, hooks=hooks) as worker,
+        open_lanes(cfg, connect=memory_backend(backend)) as lanes,
+        open_worker(cfg, store=store, http_client=lanes, hooks=hooks) as worker,
         trio.open_nursery() as nursery,
     ):
         await nursery.start(worker.run)

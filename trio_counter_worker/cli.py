@@ -16,7 +16,7 @@ from . import __version__
 from .config import SETTINGS, Config
 from .errors import ConfigError, RedisRefused, RedisUnavailable, first_error
 from .logs import configure_logging
-from .ops import print_checks, print_status, run_checks, run_redeliver, run_status
+from .ops import install_command, print_checks, print_status, run_checks, run_redeliver, run_status
 from .worker import open_worker
 
 __all__ = ["main"]
@@ -159,8 +159,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(exc)
     if args.command == "install-functions":
-        from .functions import install_command
-
         return install_command(config, args.counter_key)
     if args.command == "check":
         checks = trio.run(partial(run_checks, config, dry_run_request=args.dry_run_request))

@@ -19,14 +19,13 @@ import trio
 from . import logs
 from .config import Config
 from .delivery import Attempt
-from .election import Backoff
 from .errors import RedisUnavailable, WorkerError
 from .hints import with_hint
 from .keyspace import shown_key
 from .metrics import Metrics
 from .outage import OutageLog
 from .outbox import Entry, Outbox
-from .retry import RetryPolicy
+from .retry import Backoff, RetryPolicy
 from .store import FailingNote, PendingReset, Store
 
 __all__ = ["Deliveries", "Fencing", "Sender"]

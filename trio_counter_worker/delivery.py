@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from urllib.parse import urlsplit
 
@@ -16,10 +16,12 @@ import trio
 
 from .config import Config
 from .http_client import (
-    BODY_CAP,
+    Connection,
     Endpoint,
     HttpError,
+    HttpxLane,
     Lane,
+    Transport,
     header_value,
     tls_context,
     uses_proxy,
@@ -133,25 +135,18 @@ class ResetSender:
     with the URL. Retrying is the caller's business (see :mod:`.outbox`), so a reset that
     keeps failing never holds a connection while it waits.
 
-    One lane per courier, each a connection of its own: :class:`~.http_client.Lane`
-    (what :func:`open_lanes` makes unless a proxy is configured), or an httpx client
-    (a pool of one connection each; tests pass one with a mock transport).
+    One lane per courier, each a connection of its own and a
+    :class:`~.http_client.Transport`: what :func:`open_lanes` makes.
     """
 
     def __init__(
-        self,
-        config: Config,
-        client: httpx.AsyncClient | Sequence[httpx.AsyncClient] | Sequence[Lane],
-        metrics: Metrics | None = None,
+        self, config: Config, lanes: Sequence[Transport], metrics: Metrics | None = None
     ) -> None:
         self._config = config
         self._metrics = metrics or Metrics()
-        # One client per lane (courier): a pool of one connection each. httpcore scans
-        # every pooled connection, with a poll() each, on every request: one shared
-        # pool of 32 made that scan the worker's main cost under a burst.
-        self._lanes: list[httpx.AsyncClient | Lane] = (
-            [client] if isinstance(client, httpx.AsyncClient) else list(client)
-        )
+        # One connection per lane (courier): a shared pool of 32 cost httpcore a poll()
+        # of every pooled connection on every request, the worker's main cost in a burst.
+        self._lanes = list(lanes)
         self._where = safe_url(config.reset_endpoint_url)
         resets = self._metrics.resets
         self._outcomes = {
@@ -172,17 +167,15 @@ class ResetSender:
         Cancellation: the usual way this stops early, when leadership is lost; the reset
         stays pending in Redis and the next leader sends it under the same reset_id.
         """
-        use = self._lanes[lane % len(self._lanes)]
-        if isinstance(use, Lane):
-            attempt = await self._attempt_on(use, reset, fencing_token)
-        else:
-            attempt = await self._attempt_httpx(use, reset, fencing_token)
+        attempt = await self._attempt_on(self._lanes[lane % len(self._lanes)], reset, fencing_token)
         self._outcomes[attempt.verdict].inc()
         if attempt.done:
             self._metrics.reset_latency.observe(max(0.0, attempt.latency))
         return attempt
 
-    async def _attempt_on(self, lane: Lane, reset: PendingReset, fencing_token: int) -> Attempt:
+    async def _attempt_on(
+        self, lane: Transport, reset: PendingReset, fencing_token: int
+    ) -> Attempt:
         config = self._config
         # Built per attempt: a signature carries the time it was made.
         body = request_body(reset, replica_id=config.replica_id, fencing_token=fencing_token)
@@ -199,7 +192,7 @@ class ResetSender:
                         signing_secret=config.reset_signing_secret,
                     )
                 ]
-                answer = await lane.request(lane.endpoint.request(headers, body))
+                answer = await lane.post(headers, body)
         except trio.TooSlowError:
             return self._timed_out(timeout)
         except HttpError as exc:  # refused, reset, DNS, protocol errors
@@ -210,42 +203,6 @@ class ResetSender:
             # connection be reused; anything longer or slower closes it.
             with trio.move_on_at(deadline):
                 await lane.finish(answer)
-        return attempt
-
-    async def _attempt_httpx(
-        self, client: httpx.AsyncClient, reset: PendingReset, fencing_token: int
-    ) -> Attempt:
-        # Built per attempt: a signature carries the time it was made.
-        headers, body = build_request(
-            reset,
-            secret=self._config.reset_secret,
-            replica_id=self._config.replica_id,
-            fencing_token=fencing_token,
-            signing_secret=self._config.reset_signing_secret,
-        )
-        timeout = self._config.reset_timeout
-        deadline = trio.current_time() + timeout
-        request = client.build_request(
-            "POST", self._config.reset_endpoint_url, content=body, headers=headers
-        )
-        try:
-            with trio.fail_after(timeout):
-                response = await client.send(request, stream=True)
-        except trio.TooSlowError:
-            return self._timed_out(timeout)
-        except httpx.TransportError as exc:  # refused, reset, DNS, protocol errors
-            return self._no_answer(type(exc).__name__, str(exc))
-        attempt = self._judge(reset, response.status_code, response.headers.get)
-        try:
-            # Only the status matters. Reading a small answer to its end lets the
-            # connection be reused; anything longer, slower or broken closes it.
-            with trio.move_on_at(deadline):
-                await _drain(response)
-        except httpx.TransportError:
-            pass  # the answer's status is in: a body cut short only costs the connection
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
-                await response.aclose()
         return attempt
 
     def _timed_out(self, timeout: float) -> Attempt:
@@ -280,42 +237,36 @@ class ResetSender:
         return Attempt(verdict, status, what, retry_after)
 
 
-_CLOSE_TIMEOUT = 1.0  # closing an answer left unread drops its connection: quick
-
-
-async def _drain(response: httpx.Response) -> None:
-    if response.is_stream_consumed:  # an answer given whole (httpx.MockTransport)
-        return
-    read = 0
-    async for chunk in response.aiter_raw():
-        read += len(chunk)
-        if read > BODY_CAP:
-            return
-
-
 @asynccontextmanager
-async def open_lanes(config: Config) -> AsyncIterator[list[httpx.AsyncClient] | list[Lane]]:
+async def open_lanes(
+    config: Config, *, connect: Callable[[], Awaitable[Connection]] | None = None
+) -> AsyncIterator[list[Transport]]:
     """One lane per request in flight (MAX_IN_FLIGHT), closed on exit: a
     :class:`~.http_client.Lane` each, or, with a proxy configured in the environment
-    (which httpx honours), an httpx client each as before. One TLS context shared by
-    all, as httpx would build it (certifi's CAs)."""
+    (which httpx honours), an :class:`~.http_client.HttpxLane` each. One TLS context
+    shared by all, as httpx would build it (certifi's CAs). ``connect`` (tests): the
+    lanes' connections, instead of TCP to the endpoint."""
     tls = tls_context()
+    fixed = fixed_headers(config.reset_secret)
+    lanes: list[Transport]
+    if uses_proxy() and connect is None:
+        lanes = [
+            HttpxLane(
+                httpx.AsyncClient(
+                    timeout=httpx.Timeout(config.reset_timeout),
+                    limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                    verify=tls,
+                    follow_redirects=False,
+                ),
+                config.reset_endpoint_url,
+                fixed,
+            )
+            for _ in range(config.max_in_flight)
+        ]
+    else:
+        endpoint = Endpoint(config.reset_endpoint_url, fixed)
+        lanes = [Lane(endpoint, tls, connect=connect) for _ in range(config.max_in_flight)]
     async with AsyncExitStack() as stack:
-        if uses_proxy():
-            yield [
-                await stack.enter_async_context(
-                    httpx.AsyncClient(
-                        timeout=httpx.Timeout(config.reset_timeout),
-                        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-                        verify=tls,
-                        follow_redirects=False,
-                    )
-                )
-                for _ in range(config.max_in_flight)
-            ]
-            return
-        endpoint = Endpoint(config.reset_endpoint_url, fixed_headers(config.reset_secret))
-        lanes = [Lane(endpoint, tls) for _ in range(config.max_in_flight)]
         for lane in lanes:
             stack.push_async_callback(lane.aclose)
         yield lanes

@@ -22,10 +22,10 @@ import trio
 from .errors import LeaseLost, RedisUnavailable
 from .metrics import Metrics
 from .outage import OutageLog
-from .retry import backoff_delay
+from .retry import Backoff
 from .store import Store
 
-__all__ = ["Backoff", "Elector", "Lease", "LeaseTiming"]
+__all__ = ["Elector", "Lease", "LeaseTiming"]
 
 log = logging.getLogger("trio_counter_worker.election")
 
@@ -62,22 +62,6 @@ class Lease:
     epoch: int
     renewed_at: float  # when the last successful acquire/renew was sent
     step_down_at: float
-
-
-@attrs.define
-class Backoff:
-    """Capped exponential backoff with jitter for reconnecting; ``reset()`` on success."""
-
-    base: float = 0.1
-    cap: float = 5.0
-    attempt: int = 0
-
-    def next(self) -> float:
-        self.attempt += 1
-        return backoff_delay(self.attempt, self.base, self.cap)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class Elector:

@@ -29,15 +29,13 @@ Redis Cluster is not supported yet: the functions touch keys in several slots.
 
 from __future__ import annotations
 
-import sys
-from typing import Any, TextIO
+from typing import Any
 
 import attrs
 import redis.exceptions as rexc
 
 from . import scripts, touch_spec
-from .config import Config
-from .errors import FunctionsUnavailable, RedisRefused, RedisUnavailable
+from .errors import FunctionsUnavailable
 from .glob import may_match_prefix
 from .keys import (
     CLAIMED,
@@ -51,8 +49,6 @@ from .keys import (
     TOUCHED,
     Keys,
 )
-from .keyspace import shown_key
-from .redis_replies import translate
 
 __all__ = [
     "APP_COMMANDS",
@@ -63,7 +59,7 @@ __all__ = [
     "app_acl_rule",
     "ensure",
     "install",
-    "install_command",
+    "install_details",
     "namespace_of",
 ]
 
@@ -400,61 +396,3 @@ def _load_refused(exc: Exception, redis_version: str | None) -> str:
             f"with +function|load and ~{REGISTRY}, or as an admin"
         )
     return f"Redis refused the library ({text}): see the README, 'Touch'"
-
-
-def install_command(
-    config: Config, counter_key: str | None, out: TextIO = sys.stdout, err: TextIO = sys.stderr
-) -> int:
-    """``trio-counter-worker install-functions``: 0 done, 2 refused (one line on ``err``
-    saying what to do), 1 Redis unreachable."""
-    from .redis_bridge import make_client
-
-    def fail(message: str, code: int = 2) -> int:
-        err.write(f"trio-counter-worker: error: {message}\n")
-        return code
-
-    if config.redis_cluster_nodes:
-        return fail(
-            "the tcw library does not support Redis Cluster yet: mark activity "
-            "with SET <key> 1 EX <ttl> there"
-        )
-    client = make_client(config)
-    try:
-        done = install_details(client, counter_key)
-    except (FunctionsUnavailable, ValueError) as exc:
-        return fail(str(exc))
-    except Exception as exc:
-        translated = translate(exc)
-        if isinstance(translated, RedisRefused) and translated.kind != "oom":
-            return fail(str(translated))
-        if isinstance(translated, RedisUnavailable):
-            return fail(
-                f"{config.redis_location}: {translated} (check REDIS_HOST/REDIS_PORT or REDIS_URL)",
-                1,
-            )
-        raise
-    finally:
-        client.close()
-    was = f"replaced version {done.previous}" if done.previous else "new"
-    out.write(
-        f"loaded library {LIBRARY_NAME} version {done.version} ({was}) on "
-        f"{config.redis_location}, Redis {done.redis_version}\n"
-    )
-    if counter_key is not None:
-        out.write(
-            f"registered COUNTER_KEY {shown_key(counter_key)!r} "
-            f"({shown_key(namespace_of(counter_key))})\n"
-        )
-        out.write(
-            f"app's Redis user, with ACLs: ACL SETUSER <app> on ><password> "
-            f"{shown_key(app_acl_rule(counter_key))}\n"
-        )
-    if not done.registry:
-        out.write(
-            f"no deployment registered in {REGISTRY}: tcw_touch sets keys but "
-            "records no deadline until one is (--counter-key PATTERN)\n"
-        )
-    for ns, pattern in sorted(done.registry.items()):
-        out.write(f"deployment {shown_key(ns)}: COUNTER_KEY {shown_key(pattern)!r}\n")
-    out.write("apps call: " + touch_spec.USAGE["tcw_touch"] + "\n")
-    return 0

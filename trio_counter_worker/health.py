@@ -12,17 +12,15 @@ import json
 import logging
 import socket
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import h11
 import trio
 
 from .errors import ConfigError
+from .metrics import Metrics
 
-if TYPE_CHECKING:
-    from .worker import Worker
-
-__all__ = ["serve_health"]
+__all__ = ["Observed", "serve_health"]
 
 log = logging.getLogger("trio_counter_worker.health")
 
@@ -30,8 +28,20 @@ _CLIENT_TIMEOUT = 5.0
 _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
 
+class Observed(Protocol):
+    """What the endpoint reads of the worker (a :class:`~.worker.Worker`): its
+    readiness and its metrics, nothing else."""
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    def state(self) -> dict[str, object]:
+        """Readiness as JSON: ``ready`` says whether /readyz answers 200."""
+        ...
+
+
 async def serve_health(
-    worker: Worker,
+    worker: Observed,
     port: int,
     host: str = "0.0.0.0",  # noqa: S104 - probes reach the pod on its own address
     *,
@@ -79,7 +89,7 @@ def _listen_error(exc: OSError | UnicodeError, port: int, host: str) -> ConfigEr
     return ConfigError(f"HEALTH_HOST {host!r} / HEALTH_PORT {port}: cannot listen there ({reason})")
 
 
-def respond(worker: Worker, method: str, target: str) -> tuple[int, bytes, str]:
+def respond(worker: Observed, method: str, target: str) -> tuple[int, bytes, str]:
     """Status, body and content type for one request: the routing, without I/O."""
     path = target.split("?", 1)[0]
     if method not in ("GET", "HEAD"):
@@ -99,7 +109,7 @@ def respond(worker: Worker, method: str, target: str) -> tuple[int, bytes, str]:
     return 404, b"not found: try /healthz, /readyz or /metrics\n", "text/plain"
 
 
-async def _handle(worker: Worker, stream: trio.SocketStream) -> None:
+async def _handle(worker: Observed, stream: trio.SocketStream) -> None:
     conn = h11.Connection(h11.SERVER)
     try:
         with trio.move_on_after(_CLIENT_TIMEOUT):

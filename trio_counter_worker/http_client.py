@@ -18,7 +18,12 @@ connection; errors are named as httpx names them (``ConnectError``, ``ReadError`
 ``WriteError``, ``RemoteProtocolError``, ``LocalProtocolError``). Time is the caller's:
 it bounds each call with a trio cancel scope. With an HTTP proxy configured in the
 environment (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, which httpx honours) the
-worker keeps using httpx (:func:`uses_proxy`).
+worker keeps using httpx (:func:`uses_proxy`), through :class:`HttpxLane`.
+
+Both are a :class:`Transport`, the one interface the reset sender uses: ``post`` the
+request's own headers and body, read the answer's head (an :class:`Answer`), ``finish``
+its body. Tests give a :class:`Lane` an in-memory :class:`Connection` (its ``connect``)
+and so run the production code from the request bytes to the parsed answer.
 """
 
 from __future__ import annotations
@@ -28,14 +33,26 @@ import select
 import socket
 import ssl
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Protocol
 
 import certifi
 import h11
 import httpx
 import trio
 
-__all__ = ["Answer", "Endpoint", "HttpError", "Lane", "header_value", "tls_context", "uses_proxy"]
+__all__ = [
+    "Answer",
+    "Connection",
+    "Endpoint",
+    "HttpError",
+    "HttpxLane",
+    "Lane",
+    "Transport",
+    "header_value",
+    "tls_context",
+    "uses_proxy",
+]
 
 READ_SIZE = 64 * 1024  # bytes per read, as httpcore
 BODY_CAP = 64 * 1024  # bytes of an answer's body read at most: only its status matters
@@ -170,6 +187,41 @@ class Answer:
         return "iso-8859-1"
 
 
+class Transport(Protocol):
+    """One lane of reset requests to the endpoint, one request at a time: a
+    :class:`Lane`, or an :class:`HttpxLane` where a proxy is configured."""
+
+    async def post(self, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> Answer:
+        """Send the request (the endpoint's fixed headers, then ``headers``, already
+        checked with :func:`header_value`, and ``body``) and read the answer's head.
+        Raises :class:`HttpError` when there is no answer."""
+        ...
+
+    async def finish(self, answer: Answer) -> None:
+        """Read the rest of ``answer`` (at most ``BODY_CAP`` bytes), so the connection
+        can be reused, or close it. Errors reading it are not the request's: ignored."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Connection(Protocol):
+    """A connection a :class:`Lane` talks over: plain TCP, TLS, or, in tests, memory."""
+
+    async def send_all(self, data: bytes) -> None: ...
+
+    async def receive(self, wait_first: bool) -> bytes:
+        """Bytes of the answer, ``b""`` once the peer closed. ``wait_first``: right
+        after a request, when nothing can be there yet."""
+        ...
+
+    def readable(self) -> bool:
+        """Whether bytes (or the peer's close) arrived while idle."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
 class _Plain:
     """A TCP connection used directly with trio's I/O waits: a request is one ``send``
     and its answer usually one ``recv``, with no stream layers in between."""
@@ -247,14 +299,24 @@ class Lane:
     failing, leaves the connection closed, so the next request starts afresh."""
 
     def __init__(
-        self, endpoint: Endpoint, tls: ssl.SSLContext | None = None, cap: int = BODY_CAP
+        self,
+        endpoint: Endpoint,
+        tls: ssl.SSLContext | None = None,
+        cap: int = BODY_CAP,
+        *,
+        connect: Callable[[], Awaitable[Connection]] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._tls = tls
         self._cap = cap
-        self._conn: _Plain | _Tls | None = None
+        self._dial = connect  # None: TCP (and TLS) to the endpoint
+        self._conn: Connection | None = None
         self._reusable = False  # the last answer was read to its end, on a kept connection
         self._idle_since = 0.0
+
+    async def post(self, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> Answer:
+        """:meth:`request` of the whole request (see :meth:`Transport.post`)."""
+        return await self.request(self.endpoint.request(headers, body))
 
     async def request(self, data: bytes) -> Answer:
         """Send ``data`` (from :meth:`Endpoint.request`) and read the answer's head.
@@ -308,7 +370,9 @@ class Lane:
         self._reusable = True
         self._idle_since = trio.current_time()
 
-    async def _connect(self) -> _Plain | _Tls:
+    async def _connect(self) -> Connection:
+        if self._dial is not None:
+            return await self._dial()
         endpoint = self.endpoint
         try:
             stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
@@ -334,13 +398,13 @@ class Lane:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                 await conn.aclose()
 
-    async def _receive(self, conn: _Plain | _Tls, wait_first: bool) -> bytes:
+    async def _receive(self, conn: Connection, wait_first: bool) -> bytes:
         try:
             return await conn.receive(wait_first)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise HttpError("ReadError", _text(exc)) from exc
 
-    async def _read_head(self, conn: _Plain | _Tls, cap: int) -> Answer:
+    async def _read_head(self, conn: Connection, cap: int) -> Answer:
         data = await self._receive(conn, True)
         buf: bytes | bytearray = data  # a bytearray once a head comes in pieces
         searched = 0
@@ -394,7 +458,7 @@ class Lane:
             answer.complete = True
         return answer
 
-    async def _h11_head(self, conn: _Plain | _Tls, buf: bytes | bytearray) -> Answer:
+    async def _h11_head(self, conn: Connection, buf: bytes | bytearray) -> Answer:
         """Hand an answer the fast path does not read to h11, as httpcore would."""
         machine = h11.Connection(h11.CLIENT, max_incomplete_event_size=HEAD_LIMIT)
         # h11 must believe it sent the request; only the method matters for the answer.
@@ -457,6 +521,66 @@ class Lane:
                     return
         except h11.RemoteProtocolError:
             return
+
+
+class HttpxLane:
+    """The reset request through httpx, which honours a proxy configured in the
+    environment (a :class:`Lane` does not): ``client`` keeps one connection."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        fixed: Iterable[tuple[str, str]],
+        cap: int = BODY_CAP,
+    ) -> None:
+        self._client = client
+        self._url = url
+        self._fixed = [(k.encode("ascii"), v.encode("ascii")) for k, v in fixed]
+        self._cap = cap
+        self._response: httpx.Response | None = None  # the answer being read
+
+    async def post(self, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> Answer:
+        await self._close_response()
+        request = self._client.build_request(
+            "POST", self._url, content=body, headers=[*self._fixed, *headers]
+        )
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TransportError as exc:  # refused, reset, DNS, protocol errors
+            raise HttpError(type(exc).__name__, str(exc)) from exc
+        self._response = response
+        return Answer(response.status_code, list(response.headers.raw))
+
+    async def finish(self, answer: Answer) -> None:
+        response = self._response
+        if response is None:
+            return
+        try:
+            announced = answer.header("content-length") or ""
+            if announced.isdigit() and int(announced) > self._cap:
+                return  # not worth reading (as a Lane): closing it drops the connection
+            read = 0
+            # Left at the cap, httpx's body generators go to the GC (encode/httpx#3686).
+            async for chunk in response.aiter_raw():
+                read += len(chunk)
+                if read > self._cap:
+                    return
+        except httpx.TransportError:
+            pass  # the answer's status is in: a body cut short only costs the connection
+        finally:
+            await self._close_response()
+
+    async def aclose(self) -> None:
+        await self._close_response()
+        await self._client.aclose()
+
+    async def _close_response(self) -> None:
+        # Closing an answer read to its end keeps its connection; any other, drops it.
+        response, self._response = self._response, None
+        if response is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+                await response.aclose()
 
 
 def _text(exc: BaseException) -> str:

@@ -1,12 +1,14 @@
-"""Operator commands: ``check`` (can this replica work?) and ``status`` (what is going on?).
+"""Operator commands: ``check`` (can this replica work?), ``status`` (what is going on?),
+``redeliver`` and ``install-functions`` (load the touch library).
 
-Neither sends a reset or changes anything in Redis.
+``check`` and ``status`` send no reset and change nothing in Redis.
 """
 
 from __future__ import annotations
 
 import json
 import ssl
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any, Literal, TextIO
@@ -17,17 +19,21 @@ import certifi
 import httpx
 import trio
 
-from . import redis_reads
+from . import functions, redis_reads, touch_spec
 from .acl import acl_rule
 from .config import Config
 from .delivery import build_request
-from .errors import RedisRefused, RedisUnavailable
-from .keyspace import NEEDED_FLAGS, enable_hint, eviction_warning, missing_flags
-from .redis_bridge import RedisBridge, make_bridge
+from .errors import FunctionsUnavailable, RedisRefused, RedisUnavailable
+from .keys import REGISTRY
+from .keyspace import NEEDED_FLAGS, enable_hint, eviction_warning, missing_flags, shown_key
+from .redis_bridge import RedisBridge, make_client
+from .redis_replies import translate
 from .store import PendingReset
+from .topology import make_bridge
 
 __all__ = [
     "Check",
+    "install_command",
     "print_checks",
     "print_status",
     "run_checks",
@@ -393,3 +399,60 @@ def print_status(status: dict[str, Any], as_json: bool, out: TextIO) -> None:
             out.write(f"  ... and {rows['count'] - len(rows['oldest'])} more {title}\n")
     if dead["count"]:
         out.write("  (`trio-counter-worker redeliver` queues dead resets again)\n")
+
+
+def install_command(
+    config: Config, counter_key: str | None, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> int:
+    """``trio-counter-worker install-functions``: 0 done, 2 refused (one line on ``err``
+    saying what to do), 1 Redis unreachable."""
+
+    def fail(message: str, code: int = 2) -> int:
+        err.write(f"trio-counter-worker: error: {message}\n")
+        return code
+
+    if config.redis_cluster_nodes:
+        return fail(
+            "the tcw library does not support Redis Cluster yet: mark activity "
+            "with SET <key> 1 EX <ttl> there"
+        )
+    client = make_client(config)
+    try:
+        done = functions.install_details(client, counter_key)
+    except (FunctionsUnavailable, ValueError) as exc:
+        return fail(str(exc))
+    except Exception as exc:
+        translated = translate(exc)
+        if isinstance(translated, RedisRefused) and translated.kind != "oom":
+            return fail(str(translated))
+        if isinstance(translated, RedisUnavailable):
+            return fail(
+                f"{config.redis_location}: {translated} (check REDIS_HOST/REDIS_PORT or REDIS_URL)",
+                1,
+            )
+        raise
+    finally:
+        client.close()
+    was = f"replaced version {done.previous}" if done.previous else "new"
+    out.write(
+        f"loaded library {functions.LIBRARY_NAME} version {done.version} ({was}) on "
+        f"{config.redis_location}, Redis {done.redis_version}\n"
+    )
+    if counter_key is not None:
+        out.write(
+            f"registered COUNTER_KEY {shown_key(counter_key)!r} "
+            f"({shown_key(functions.namespace_of(counter_key))})\n"
+        )
+        out.write(
+            f"app's Redis user, with ACLs: ACL SETUSER <app> on ><password> "
+            f"{shown_key(functions.app_acl_rule(counter_key))}\n"
+        )
+    if not done.registry:
+        out.write(
+            f"no deployment registered in {REGISTRY}: tcw_touch sets keys but "
+            "records no deadline until one is (--counter-key PATTERN)\n"
+        )
+    for ns, pattern in sorted(done.registry.items()):
+        out.write(f"deployment {shown_key(ns)}: COUNTER_KEY {shown_key(pattern)!r}\n")
+    out.write("apps call: " + touch_spec.USAGE["tcw_touch"] + "\n")
+    return 0

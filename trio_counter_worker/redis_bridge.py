@@ -50,7 +50,7 @@ from .store import (
     PendingReset,
 )
 
-__all__ = ["RedisBridge", "client_kwargs", "ensure_on", "flags_of", "make_bridge", "make_client"]
+__all__ = ["RedisBridge", "client_kwargs", "ensure_on", "flags_of", "make_client"]
 
 T = TypeVar("T")
 
@@ -438,15 +438,6 @@ class RedisBridge:
             self._master,
             limiter=trio.CapacityLimiter(1),  # long-lived: keep it off the shared limiter
         )
-
-
-def make_bridge(config: Config) -> RedisBridge:
-    """The bridge for the configured topology: one Redis, Sentinel, or Cluster."""
-    if config.redis_cluster_nodes:
-        from .redis_cluster import ClusterBridge  # it builds on this module
-
-        return ClusterBridge(config)
-    return RedisBridge(config)
 
 
 def _listen_sync(

@@ -9,7 +9,7 @@ from typing import Literal
 
 import attrs
 
-__all__ = ["RetryPolicy", "Verdict", "backoff_delay", "classify", "parse_retry_after"]
+__all__ = ["Backoff", "RetryPolicy", "Verdict", "backoff_delay", "classify", "parse_retry_after"]
 
 Verdict = Literal["done", "retry", "redirect", "rejected"]
 
@@ -51,6 +51,22 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | No
     that failed together from retrying together."""
     ceiling = min(cap, base * 2 ** min(attempt - 1, 30))
     return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+@attrs.define
+class Backoff:
+    """Capped exponential backoff with jitter for reconnecting to Redis; ``reset()`` on success."""
+
+    base: float = 0.1
+    cap: float = 5.0
+    attempt: int = 0
+
+    def next(self) -> float:
+        self.attempt += 1
+        return backoff_delay(self.attempt, self.base, self.cap)
+
+    def reset(self) -> None:
+        self.attempt = 0
 
 
 @attrs.frozen

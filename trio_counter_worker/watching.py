@@ -17,12 +17,12 @@ import trio
 
 from .config import Config
 from .deciding import BATCH, Deciders, Deliver
-from .election import Backoff
 from .errors import FunctionsUnavailable, RedisRefused, RedisUnavailable, first_error
 from .keyspace import enable_hint
 from .leader_state import WINDOW, LeaderState
 from .metrics import Metrics
 from .outage import OutageLog
+from .retry import Backoff
 from .store import Message, Store
 
 __all__ = ["Watch"]

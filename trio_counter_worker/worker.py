@@ -17,22 +17,23 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import NoReturn
 
-import httpx
 import trio
 
 from .config import Config
 from .delivery import ResetSender, open_lanes, safe_url
-from .election import Backoff, Elector, Lease, LeaseTiming
+from .election import Elector, Lease, LeaseTiming
 from .errors import LeaseLost, RedisRefused, RedisUnavailable, first_error
 from .health import serve_health
 from .hooks import Hooks
-from .http_client import Lane
+from .http_client import Transport
 from .leader import LeaderDuties
 from .leader_state import Quarantine
 from .metrics import Metrics
 from .outage import OutageLog
-from .redis_bridge import RedisBridge, make_bridge
+from .redis_bridge import RedisBridge
+from .retry import Backoff
 from .store import Message, Store
+from .topology import make_bridge
 
 __all__ = ["Worker", "open_worker"]
 
@@ -50,7 +51,7 @@ class Worker:
         self,
         config: Config,
         store: Store,
-        http: httpx.AsyncClient | Sequence[httpx.AsyncClient] | Sequence[Lane],
+        http: Sequence[Transport],
         hooks: Hooks | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -265,7 +266,7 @@ async def open_worker(
     config: Config,
     *,
     store: Store | None = None,
-    http_client: httpx.AsyncClient | None = None,
+    http_client: Sequence[Transport] | None = None,
     hooks: Hooks | None = None,
 ) -> AsyncIterator[Worker]:
     """Connect to Redis and the HTTP client, yield a :class:`Worker`, close them after.

@@ -50,7 +50,7 @@ MAX_POISON_SECONDS = 30.0
 FLAGS_TTL_MS = 2000
 FLAGS_VALUES = ("", "Ex")  # what the flags fault rewrites them to, in turn
 MAX_PARTITION_SECONDS = 60.0
-RECONNECT_CAP = 5.0  # a standby's reconnect backoff grows to this (election.Backoff)
+RECONNECT_CAP = 5.0  # a standby's reconnect backoff grows to this (retry.Backoff)
 
 
 @attrs.frozen
