@@ -123,6 +123,7 @@ class Watch:
             await self._load_pending()
             await self._read_window()  # the recorded deadlines first: the due ones
             nursery.start_soon(self._keep_window)
+            nursery.start_soon(self._reconcile_after_overflow)
             await self._reconcile()
             backoff.reset()
             if status.ok:
@@ -224,6 +225,12 @@ class Watch:
             len(self._state.schedule),
             WINDOW,
         )
+
+    async def _reconcile_after_overflow(self) -> NoReturn:
+        """Keys let go while Redis refused writes (past the bound): find them again."""
+        while True:
+            await self._deciders.wait_for_overflow()
+            await self._reconcile()
 
     async def _rescan(self) -> None:
         while True:
