@@ -18,7 +18,13 @@ import trio
 from .config import Config
 from .deciding import BATCH, Deciders, Deliver
 from .election import Backoff
-from .errors import FunctionsUnavailable, RedisRefused, RedisUnavailable, first_error
+from .errors import (
+    FunctionsUnavailable,
+    RedisRefused,
+    RedisUnavailable,
+    SubscriptionOverflow,
+    first_error,
+)
 from .keyspace import enable_hint, eviction_warning
 from .leader_state import WINDOW, LeaderState
 from .metrics import Metrics
@@ -87,6 +93,10 @@ class Watch:
         permission: retrying at once would only hammer Redis); for a lost connection,
         only until Redis answers again, so the leader is not blind longer than Redis was
         away."""
+        if isinstance(exc, SubscriptionOverflow):
+            # Redis is up and the leader is blind until it resubscribes: at once.
+            log.warning("%s", exc, extra={"event": "subscription_overflow"})
+            return
         delay = backoff.next()
         if isinstance(exc, RedisRefused):
             log.error("leader: %s; resynchronising in %.1f s", exc, delay)
