@@ -20,10 +20,11 @@ from typing import NoReturn
 import trio
 
 from .decisions import CallLimits
-from .errors import WorkerError
+from .errors import RedisRefused, WorkerError
 from .keyspace import shown_key
 from .leader_state import LeaderState, Taken
 from .metrics import Metrics
+from .pressure import Pressure
 from .store import FailingNote, PendingReset, Store
 
 __all__ = ["BATCH", "Deciders", "Deliver"]
@@ -67,6 +68,7 @@ class Deciders:
         self._sleep: trio.CancelScope | None = None  # the timer's, while it waits
         self._queued = trio.lowlevel.ParkingLot()  # the dispatcher waits here for keys
         self._decided = trio.lowlevel.ParkingLot()  # a reconcile waits here for room
+        self._relieved = trio.lowlevel.ParkingLot()  # the watch waits here to reconcile
         self._poison_streak = 0
 
     async def run(self) -> NoReturn:
@@ -83,6 +85,15 @@ class Deciders:
 
     def queued(self) -> None:
         """The state queued keys: wake the dispatcher."""
+        if self._state.pressure.first_drop():
+            log.warning(
+                "Redis has refused the leader's writes so long that %d keys wait: more "
+                "are let go; every counter key is looked at again once Redis accepts "
+                "writes (keys that expire meanwhile are lost). Raise maxmemory or free "
+                "memory",
+                self._state.pressure.limit,
+                extra={"event": "redis_oom_overflow"},
+            )
         self._queued.unpark_all()
         self._metrics.decision_backlog.set(len(self._state.queue))
 
@@ -97,6 +108,12 @@ class Deciders:
         """Wait until at most ``most`` keys are queued."""
         while len(self._state.queue) > most:
             await self._decided.park()
+
+    async def wait_for_overflow(self) -> None:
+        """Wait until Redis accepts writes again after refusing them for so long that
+        keys were let go (:mod:`.pressure`): the caller reconciles."""
+        while not self._state.pressure.take_overflow():
+            await self._relieved.park()
 
     async def hand_over(self) -> None:
         """Decide the keys that only an `expired` event vouches for (see
@@ -123,12 +140,22 @@ class Deciders:
         self, batches: trio.MemorySendChannel[Taken], calls: CallLimits
     ) -> NoReturn:
         """Form the script calls ``calls`` allows; hand each to a free decider."""
+        pressure = self._state.pressure
         while True:
-            claims, looks = calls.allowed(len(self._state.queue))
-            taken = self._state.take(BATCH, claims=claims, looks=looks)
+            now = trio.current_time()
+            self._settle(pressure, now)
+            taken = None
+            held_until = pressure.call_at()
+            if held_until <= now:
+                held_until = math.inf
+                claims, looks = calls.allowed(len(self._state.queue))
+                taken = self._state.take(BATCH, claims=claims, looks=looks)
             if taken is None:
-                await self._queued.park()
+                # Woken by keys queued or a call returning, or when a call may go again.
+                with trio.move_on_at(min(held_until, pressure.settles_at())):
+                    await self._queued.park()
                 continue
+            pressure.sent()
             calls.started(taken.claim, len(taken.keys))
             await batches.send(taken)
 
@@ -162,6 +189,12 @@ class Deciders:
                 outcomes = await self._store.claim(self._holder, taken.keys, taken.expired_after)
             else:
                 outcomes = await self._store.track(self._holder, taken.keys)
+        except RedisRefused as exc:
+            if exc.kind != "oom":
+                raise
+            self._state.put_back(taken)
+            self._refused(exc)
+            return
         except WorkerError:
             raise
         except Exception as exc:
@@ -184,11 +217,47 @@ class Deciders:
             )
             return
         self._poison_streak = 0
+        self._state.pressure.accepted(
+            trio.current_time(), any(o.kind in ("alive", "claimed") for o in outcomes)
+        )
+        if not self._state.pressure.refusing:
+            self._relieved.unpark_all()
         try:
             for reset in self._state.apply(outcomes, (start + trio.current_time()) / 2):
                 self._deliver(reset, None)
         finally:
             self.rescheduled()
+
+    def _refused(self, exc: RedisRefused) -> None:
+        pressure = self._state.pressure
+        if pressure.refused(trio.current_time()):
+            log.warning(
+                "Redis refuses the leader's writes for lack of memory (%s): what the "
+                "leader has seen is held (up to %d keys) and tried again until Redis "
+                "accepts. Raise maxmemory (CONFIG SET maxmemory) or free memory; "
+                "maxmemory-policy noeviction refuses every write once maxmemory is reached",
+                exc,
+                pressure.limit,
+                extra={"event": "redis_oom"},
+            )
+
+    def _settle(self, pressure: Pressure, now: float) -> None:
+        if (relief := pressure.settle(now)) is None:
+            return
+        lost = ""
+        if relief.dropped:
+            lost = (
+                f"; {relief.dropped} key(s) past the bound of {pressure.limit} were let "
+                "go: every counter key is looked at again (keys that expired meanwhile "
+                "are lost)"
+            )
+        log.info(
+            "Redis accepts the leader's writes again after %.1f s (%d call(s) refused)%s",
+            relief.lasted,
+            relief.refused,
+            lost,
+            extra={"event": "redis_oom_over"},
+        )
 
     async def _run_timer(self) -> NoReturn:
         while True:

@@ -8,6 +8,8 @@ The hierarchy::
     │   └── RedisTLSError       the Redis server's TLS certificate did not verify (exit 2)
     ├── RedisUnavailable        Redis unreachable, timed out or dropped the connection;
     │   │                       the worker retries with backoff
+    │   ├── SubscriptionOverflow  Redis closed the leader's subscription for falling
+    │   │                       behind (client-output-buffer-limit pubsub); resynchronised
     │   └── RedisRefused        Redis answered but refused: out of memory, a missing ACL
     │                           permission, credentials or database changed; retried with
     │                           backoff and logged at ERROR, since someone must act; at
@@ -50,6 +52,11 @@ class RedisTLSError(ConfigError):
 
 class RedisUnavailable(WorkerError):
     """Redis could not be reached or dropped the connection; retry later."""
+
+
+class SubscriptionOverflow(RedisUnavailable):
+    """Redis closed the pub/sub connection because the worker read its messages more
+    slowly than they came, past ``client-output-buffer-limit pubsub``: Redis is up."""
 
 
 class RedisRefused(RedisUnavailable):

@@ -23,6 +23,7 @@ from .decisions import DecisionQueue, Op
 from .glob import matches
 from .keys import Keys
 from .keyspace import is_own_key, key_bytes, key_from_channel
+from .pressure import Pressure
 from .schedule import Schedule
 from .spec import TOMBSTONE_MS
 from .store import DeadlinePage, KeyOutcome, Message, PageStart, PendingReset
@@ -101,7 +102,9 @@ class LeaderState:
     """One leader's bookkeeping: the schedule, the decision queue, and what tells an
     `expired` event apart from the echo of a claim (:func:`spec.is_echo`)."""
 
-    def __init__(self, keys: Keys, quarantine: Quarantine | None = None) -> None:
+    def __init__(
+        self, keys: Keys, quarantine: Quarantine | None = None, pressure: Pressure | None = None
+    ) -> None:
         # The deadlines due within the window. Invariant: every key whose recorded
         # deadline is before `read_from` is here (or being decided), at or before it.
         self.schedule = Schedule()
@@ -110,6 +113,9 @@ class LeaderState:
         self._read = 0  # deadlines the last read brought (pages of it so far: _reading)
         self._reading = 0
         self.queue = DecisionQueue()
+        self._deciding = 0  # keys taken and not done: held as well
+        # While Redis refuses writes, what the queue holds is all the leader knows of it.
+        self.pressure = pressure or Pressure()
         self.quarantine = quarantine or Quarantine()
         self.redeliver_channel = keys.redeliver
         self.markers_channel = keys.claims  # a marker per claim (scripts.CLAIM)
@@ -144,7 +150,12 @@ class LeaderState:
         self._marked.clear()
         self._early.clear()
         self._held.clear()
+        # Keys only an `expired` event vouches for are in no scan and no recorded
+        # deadline: they stay, the rest is read again.
+        reported = self.queue.take_reported()
         self.queue.clear()
+        for key, after in reported:
+            self.queue.want(key, "reported", after)
         # What changed meanwhile is in the recorded deadlines (and the scan): read again.
         self.schedule = Schedule()
         self.read_from = PageStart()
@@ -165,7 +176,29 @@ class LeaderState:
 
     def want(self, keys: Iterable[str], op: Op) -> None:
         for key in self.counters(keys):
-            self.queue.want(key, op)
+            self._hold(key, op)
+
+    def _hold(self, key: str, op: Op, after: int | None = None) -> None:
+        """Queue ``key``, unless Redis refuses writes and the bound is reached."""
+        if key in self.queue or self.pressure.admits(self.held):
+            self.queue.want(key, op, after)
+
+    @property
+    def held(self) -> int:
+        """Keys queued or being decided: what the pressure bound counts."""
+        return len(self.queue) + self._deciding
+
+    def put_back(self, taken: Taken) -> None:
+        """Redis refused the call for ``taken`` (out of memory): its keys wait again,
+        as they were asked for, after :meth:`done`."""
+        if not taken.claim:
+            ops: list[tuple[Op, int | None]] = [("track", None)] * len(taken.keys)
+        elif taken.expired_after is None:
+            ops = [("claim", None)] * len(taken.keys)
+        else:
+            ops = [("reported", after) for after in taken.expired_after]
+        for key, (op, after) in zip(taken.keys, ops, strict=True):
+            self.queue.want(key, op, after)
 
     def on_events(self, batch: list[Message]) -> Heard:
         """Queue what a batch of pub/sub messages asks for, in order."""
@@ -204,7 +237,7 @@ class LeaderState:
             return  # the echo of our own claim's touch: no call needed
         # A key set and expired before we read its TTL (events backlogged, or across a
         # handoff) has only this to show for it; one we hold expired before our timer.
-        self.queue.want(key, "claim" if key in self.schedule else "reported", after)
+        self._hold(key, "claim" if key in self.schedule else "reported", after)
 
     def _on_marker(self, data: str) -> None:
         """A claim's marker: "<claimed_ms> <key>"; later `expired` events of the key
@@ -242,9 +275,11 @@ class LeaderState:
         wanted, keys, afters = taken
         if wanted.claim:
             self._claiming.update(keys)
+        self._deciding += len(keys)
         return Taken(wanted.claim, keys, afters)
 
     def done(self, taken: Taken, decided: bool) -> None:
+        self._deciding -= len(taken.keys)
         self.queue.done(taken.keys, decided)
         if taken.claim:
             self._claiming.difference_update(taken.keys)

@@ -27,7 +27,13 @@ from redis.sentinel import Sentinel
 from . import functions, scripts
 from .acl import sample_key
 from .config import Config
-from .errors import FunctionsUnavailable, LeaseLost, RedisRefused, RedisUnavailable
+from .errors import (
+    FunctionsUnavailable,
+    LeaseLost,
+    RedisRefused,
+    RedisUnavailable,
+    SubscriptionOverflow,
+)
 from .keyspace import merged_flags, missing_flags
 from .redis_replies import (
     deadline_page,
@@ -450,6 +456,7 @@ def _listen_sync(
 ) -> None:
     generation = master.generation
     pubsub = client.pubsub()
+    dropped = _overflow_count(client)
     try:
         try:
             seconds, micros = client.time()
@@ -487,12 +494,40 @@ def _listen_sync(
                 if batch:
                     trio.from_thread.run(send.send, batch)
         except Exception as exc:
+            if isinstance(exc, rexc.ConnectionError) and _overflowed(client, dropped):
+                raise SubscriptionOverflow(_OVERFLOW) from None
             translated = translate(exc)
             if translated is exc:
                 raise
             raise translated from None
     finally:
         pubsub.close()
+
+
+_OVERFLOW = (
+    "Redis closed the leader's subscription: it fell behind the keyspace events, past "
+    "Redis's client-output-buffer-limit for pubsub clients (Redis itself is up). Raise it "
+    '(CONFIG SET client-output-buffer-limit "pubsub 32mb 8mb 60", Redis\'s default, or '
+    "more), or arm fewer counters at once; resynchronising"
+)
+
+
+def _overflow_count(client: Any) -> int | None:
+    """Redis's count of clients it closed for their output buffer (7.2+), or None."""
+    try:
+        value = client.info("stats").get("client_output_buffer_limit_disconnections")
+    except Exception:  # only a hint: a Redis that cannot tell is not an error
+        return None
+    return None if value is None else int(value)
+
+
+def _overflowed(client: Any, before: int | None) -> bool:
+    """Whether a subscription that dropped was closed for its output buffer: the
+    connection is gone, so only the server-wide counter rising can tell."""
+    if before is None:
+        return False
+    after = _overflow_count(client)
+    return after is not None and after > before
 
 
 def flags_of(client: Any) -> str:

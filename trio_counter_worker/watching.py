@@ -17,7 +17,13 @@ import trio
 
 from .config import Config
 from .deciding import BATCH, Deciders, Deliver
-from .errors import FunctionsUnavailable, RedisRefused, RedisUnavailable, first_error
+from .errors import (
+    FunctionsUnavailable,
+    RedisRefused,
+    RedisUnavailable,
+    SubscriptionOverflow,
+    first_error,
+)
 from .keyspace import enable_hint
 from .leader_state import WINDOW, LeaderState
 from .metrics import Metrics
@@ -87,6 +93,10 @@ class Watch:
         permission: retrying at once would only hammer Redis); for a lost connection,
         only until Redis answers again, so the leader is not blind longer than Redis was
         away."""
+        if isinstance(exc, SubscriptionOverflow):
+            # Redis is up and the leader is blind until it resubscribes: at once.
+            log.warning("%s", exc, extra={"event": "subscription_overflow"})
+            return
         delay = backoff.next()
         if isinstance(exc, RedisRefused):
             log.error("leader: %s; resynchronising in %.1f s", exc, delay)
@@ -124,6 +134,7 @@ class Watch:
             await self._load_pending()
             await self._read_window()  # the recorded deadlines first: the due ones
             nursery.start_soon(self._keep_window)
+            nursery.start_soon(self._reconcile_after_overflow)
             await self._reconcile()
             backoff.reset()
             if status.ok:
@@ -226,6 +237,12 @@ class Watch:
             WINDOW,
         )
         self._metrics.reconciled.set(1)
+
+    async def _reconcile_after_overflow(self) -> NoReturn:
+        """Keys let go while Redis refused writes (past the bound): find them again."""
+        while True:
+            await self._deciders.wait_for_overflow()
+            await self._reconcile()
 
     async def _rescan(self) -> None:
         while True:
