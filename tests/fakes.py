@@ -15,7 +15,7 @@ import math
 import attrs
 import trio
 
-from trio_counter_worker import spec
+from trio_counter_worker import lease_spec, spec
 from trio_counter_worker.errors import FunctionsUnavailable, LeaseLost, RedisUnavailable
 from trio_counter_worker.keys import Keys
 from trio_counter_worker.keyspace import merged_flags, missing_flags
@@ -43,6 +43,10 @@ class FakeLease:
     replica: str
     epoch: int
     expires_ms: int
+    alive: str = ""
+
+    def record(self) -> lease_spec.LeaseRecord:
+        return lease_spec.LeaseRecord(self.holder, self.replica, self.epoch, self.alive)
 
 
 class FakeStore:
@@ -62,8 +66,10 @@ class FakeStore:
         self.page_size = 5_000  # recorded deadlines per `tracked` page
         self.down = False  # True: every call raises RedisUnavailable
         self.renew_hangs = False  # True: renew() never answers
+        self.pubsub_refused = False  # True: PUBSUB NUMSUB refused (an ACL): no liveness
         self.calls: list[tuple[float, str]] = []
         self._listeners: list[_Listener] = []
+        self._cuts: dict[int, trio.Event] = {}
 
     # -- helpers for tests ------------------------------------------------------------
 
@@ -119,28 +125,69 @@ class FakeStore:
     # -- Store protocol -----------------------------------------------------------------
 
     async def acquire(
-        self, holder: str, replica_id: str, ttl_ms: int, epoch_floor: int
+        self,
+        holder: str,
+        replica_id: str,
+        ttl_ms: int,
+        epoch_floor: int,
+        alive: str = "",
+        suspect: str = "",
     ) -> LeaseView:
         await self._op("acquire")
         lease = self._current_lease()
-        if lease is not None and lease.holder == holder:
-            lease.expires_ms = _ms() + ttl_ms
-            return LeaseView(True, lease.epoch, ttl_ms)
-        if lease is not None:
-            return LeaseView(False, lease.epoch, lease.expires_ms - _ms(), lease.replica)
-        self.epoch = max(self.epoch + 1, epoch_floor + 1)
-        self.lease = FakeLease(holder, replica_id, self.epoch, _ms() + ttl_ms)
-        return LeaseView(True, self.epoch, ttl_ms)
+        decided = lease_spec.acquire(
+            None if lease is None else lease.record(),
+            self.epoch,
+            holder=holder,
+            replica=replica_id,
+            epoch_floor=epoch_floor,
+            mine=alive,
+            suspect=suspect,
+            subscribers=self._subscribers(),
+        )
+        self.epoch = decided.epoch_counter
+        if decided.acquired:
+            assert decided.lease is not None
+            taken = decided.lease
+            self.lease = FakeLease(
+                taken.holder, taken.replica, taken.epoch, _ms() + ttl_ms, taken.alive
+            )
+            return LeaseView(True, decided.epoch, ttl_ms, decided.taken_from)
+        pttl = 0 if lease is None else lease.expires_ms - _ms()
+        return LeaseView(
+            False,
+            decided.epoch,
+            pttl,
+            "" if lease is None else lease.replica,
+            decided.liveness,
+            decided.alive,
+            decided.ready,
+        )
 
-    async def renew(self, holder: str, ttl_ms: int) -> bool:
+    async def renew(self, holder: str, ttl_ms: int) -> lease_spec.Renewal:
         await self._op("renew")
         if self.renew_hangs:
             await trio.sleep_forever()
-        if self._holds(holder):
-            assert self.lease is not None
-            self.lease.expires_ms = _ms() + ttl_ms
-            return True
-        return False
+        lease = self._current_lease()
+        renewal = lease_spec.renew(
+            None if lease is None else lease.record(),
+            holder=holder,
+            subscribers=self._subscribers(),
+        )
+        if renewal == "renewed":
+            assert lease is not None
+            lease.expires_ms = _ms() + ttl_ms
+        return renewal
+
+    def _subscribers(self) -> dict[str, int] | None:
+        """PUBSUB NUMSUB of every channel (None: refused, as by an ACL)."""
+        if self.pubsub_refused:
+            return None
+        counts: dict[str, int] = {}
+        for _patterns, channels, _send in self._listeners:
+            for channel in channels:
+                counts[channel] = counts.get(channel, 0) + 1
+        return counts
 
     async def release(self, holder: str, replica_id: str) -> bool:
         await self._op("release")
@@ -302,12 +349,27 @@ class FakeStore:
     ) -> None:
         await self._op("listen")
         entry = (patterns, channels, send)
+        cut = trio.Event()
         self._listeners.append(entry)
+        self._cuts[id(entry)] = cut
         try:
             task_status.started(_ms())
-            await trio.sleep_forever()
+            await cut.wait()
+            raise RedisUnavailable("fake Redis closed the subscription")
         finally:
             self._listeners.remove(entry)
+            del self._cuts[id(entry)]
+
+    def cut_subscriptions(self, channel_prefix: str = "") -> int:
+        """Close the subscriptions on a channel starting with ``channel_prefix`` (all, by
+        default), as Redis does to a dead process's or a killed connection: their
+        listeners raise RedisUnavailable. Returns how many were cut."""
+        cut = 0
+        for entry in list(self._listeners):
+            if any(c.startswith(channel_prefix) for c in entry[1]) or not channel_prefix:
+                self._cuts[id(entry)].set()
+                cut += 1
+        return cut
 
 
 def trio_glob(pattern: str, text: str) -> bool:

@@ -261,15 +261,15 @@ async def test_acquire_refuses_another_holder_and_lets_the_holder_reacquire(
 async def test_renew_only_for_the_holder(bridge: RedisBridge, client: redis.Redis) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         await bridge.acquire(HOLDER, REPLICA, LEASE_TTL_MS, 0)
-        assert await bridge.renew(HOLDER, LONG_LEASE_MS) is True
+        assert await bridge.renew(HOLDER, LONG_LEASE_MS) == "renewed"
         assert pttl(client, LEASE_KEY) > LEASE_TTL_MS
 
-        assert await bridge.renew(OTHER, 100) is False
+        assert await bridge.renew(OTHER, 100) == "lost"
         assert pttl(client, LEASE_KEY) > LEASE_TTL_MS
         assert hgetall(client, LEASE_KEY)["holder"] == HOLDER
 
         client.delete(LEASE_KEY)  # expired: a renewal cannot bring it back
-        assert await bridge.renew(HOLDER, LEASE_TTL_MS) is False
+        assert await bridge.renew(HOLDER, LEASE_TTL_MS) == "lost"
         assert client.exists(LEASE_KEY) == 0
 
 
@@ -546,7 +546,7 @@ async def test_scripts_refuse_a_replica_that_lost_the_lease(
         with pytest.raises(LeaseLost):
             await bridge.tracked(HOLDER, PageStart())
 
-        assert await bridge.renew(HOLDER, LEASE_TTL_MS) is False
+        assert await bridge.renew(HOLDER, LEASE_TTL_MS) == "lost"
         assert await bridge.release(HOLDER, REPLICA) is False
         assert hgetall(client, LEASE_KEY)["holder"] == OTHER
 

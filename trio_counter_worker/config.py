@@ -519,6 +519,17 @@ class Config:
             parse=_integer,
         ),
     )
+    takeover_check_ms: int = attrs.field(
+        default=25,
+        validator=_int_in(0, 1000, " ms (0: off)"),
+        metadata=_env(
+            "TAKEOVER_CHECK_MS",
+            "how often a standby asks Redis whether the leader's connection is gone, in ms "
+            "(0-1000): a leader that dies is replaced within about twice this; 0: only "
+            "when its lease expires",
+            parse=_integer,
+        ),
+    )
     replica_id: str = attrs.field(
         factory=default_replica_id,
         validator=_replica_id,
@@ -664,6 +675,11 @@ class Config:
     @property
     def lease_ttl(self) -> float:
         return self.lease_ttl_ms / 1000
+
+    @property
+    def takeover_check(self) -> float | None:
+        """Seconds between a standby's liveness checks; None: fast takeover off."""
+        return self.takeover_check_ms / 1000 or None
 
     @property
     def reset_timeout(self) -> float:

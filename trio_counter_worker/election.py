@@ -4,8 +4,12 @@ The timing rules are plain values (:class:`LeaseTiming`); :class:`Elector` carri
 out against a :class:`~trio_counter_worker.store.Store`:
 
 - a standby reads how long the current lease has left and sleeps that long, or until the
-  leader announces a release (pushed over pub/sub): one command per lease period, no busy
-  polling, and a graceful handoff in milliseconds;
+  leader announces a release (pushed over pub/sub): a graceful handoff in milliseconds;
+- with liveness on (TAKEOVER_CHECK_MS, :mod:`~trio_counter_worker.lease_spec`), a
+  standby also asks every TAKEOVER_CHECK_MS whether the leader's connection is still
+  there, and steals the lease from a leader that is gone (seen gone twice, a grace
+  apart): a leader that dies is replaced in tens of milliseconds, not at the end of its
+  lease. A leader whose own subscription drops steps down at once;
 - a leader renews every third of the TTL and steps down on its own monotonic deadline,
   before the lease can expire in Redis, if renewals keep failing; at once if a renewal
   shows another holder.
@@ -20,6 +24,7 @@ import attrs
 import trio
 
 from .errors import LeaseLost, RedisUnavailable
+from .liveness import Liveness
 from .metrics import Metrics
 from .outage import OutageLog
 from .retry import Backoff
@@ -62,6 +67,16 @@ class Lease:
     epoch: int
     renewed_at: float  # when the last successful acquire/renew was sent
     step_down_at: float
+    alive: str = ""  # the liveness channel recorded with it: its loss ends the lease
+    taken_from: str = ""  # the replica it was stolen from (gone), if it was
+
+
+@attrs.define
+class _Suspect:
+    """A holder's liveness channel seen gone, and when it was first seen so."""
+
+    channel: str
+    since: float
 
 
 class Elector:
@@ -79,8 +94,17 @@ class Elector:
         replica_id: str,
         metrics: Metrics | None = None,
         outage: OutageLog | None = None,
+        liveness: Liveness | None = None,
+        check_every: float | None = None,
+        settle: float = 0.0,
     ) -> None:
         self._store = store
+        self.liveness = liveness
+        # Fast takeover: how often a standby looks at the leader's liveness (None: off),
+        # and the least time a leader must have been seen gone before it is stolen from
+        # (Sentinel: time for a live leader to follow a moved master too).
+        self._check_every = check_every if liveness is not None else None
+        self._settle = settle
         self._metrics = metrics or Metrics()
         self._outage = outage or OutageLog(log)
         self.last_ok: float | None = None  # trio time of the last answered lease call
@@ -90,6 +114,7 @@ class Elector:
         self.epoch_seen = 0  # highest fencing token seen: new epochs never go below it
         self._released = trio.lowlevel.ParkingLot()
         self._release_count = 0
+        self._round_trip = 0.0  # of the last answered acquire
 
     @property
     def _ttl_ms(self) -> int:
@@ -107,12 +132,17 @@ class Elector:
         expires after one TTL (or is released by the caller's cleanup).
         """
         backoff = Backoff()
+        suspect: _Suspect | None = None
         while True:
+            mine = await self._own_channel()
             seen = self._release_count
             sent = trio.current_time()
+            steal = ""
+            if suspect is not None and sent - suspect.since >= self._grace(suspect):
+                steal = suspect.channel
             try:
                 view = await self._store.acquire(
-                    self.holder, self.replica_id, self._ttl_ms, self.epoch_seen
+                    self.holder, self.replica_id, self._ttl_ms, self.epoch_seen, mine, steal
                 )
             except RedisUnavailable as exc:
                 self._metrics.redis_errors.inc()
@@ -128,16 +158,60 @@ class Elector:
                 continue
             backoff.reset()
             self.last_ok = trio.current_time()
+            self._round_trip = self.last_ok - sent
             self._outage.recovered(self.last_ok)
             self.epoch_seen = max(self.epoch_seen, view.epoch)
             self._metrics.fencing_token.set(self.epoch_seen)
             if view.acquired:
-                return Lease(view.epoch, sent, self.timing.step_down_at(sent))
+                return Lease(
+                    view.epoch, sent, self.timing.step_down_at(sent), mine, view.holder_replica
+                )
             if seen != self._release_count:
                 continue  # a release was announced while we asked: try again now
             wait = view.pttl_ms / 1000 if view.pttl_ms > 0 else self.timing.retry_every
+            if self._check_every is not None and mine:
+                if view.liveness == "gone" and view.alive:
+                    if suspect is None or suspect.channel != view.alive:
+                        suspect = _Suspect(view.alive, sent)
+                    left = suspect.since + self._grace(suspect) - trio.current_time()
+                    wait = min(wait, max(left, 0.0))
+                else:
+                    suspect = None
+                    if view.liveness == "alive" or not view.ready:
+                        wait = min(wait, self._check_every)
             with trio.move_on_after(wait + 0.001):
                 await self._released.park()
+
+    async def _own_channel(self) -> str:
+        """Our liveness channel, once subscribed: a replica campaigns only when Redis can
+        see it alive, so after a Redis restart nobody takes a lease that the others would
+        steal at once. If the subscription does not come within a lease (SUBSCRIBE
+        failing), campaign without: failover then waits for the lease to expire."""
+        if self.liveness is None or self._check_every is None:
+            return ""
+        with trio.move_on_after(self.timing.ttl):
+            await self.liveness.wait_up()
+        return self.liveness.channel
+
+    def _grace(self, suspect: _Suspect) -> float:
+        """How long a holder must have been seen gone before its lease is stolen: time
+        for a live holder whose connection was cut to notice and stop (a few round
+        trips), at least one check interval."""
+        assert self._check_every is not None
+        return max(self._check_every, 4 * self._round_trip, self._settle)
+
+    async def guard(self, lease: Lease) -> None:
+        """Raise :class:`LeaseLost` the moment the liveness subscription recorded with
+        ``lease`` drops: a standby may then steal the lease within a grace, and a leader
+        that cannot know whether one did must not go on. Returns at once for a lease
+        recorded without liveness. Run it beside :meth:`hold`."""
+        if not lease.alive or self.liveness is None:
+            return
+        await self.liveness.wait_lost(lease.alive)
+        raise LeaseLost(
+            "this replica's liveness subscription to Redis dropped: stepping down at once "
+            "(a standby may take over within about 2 x TAKEOVER_CHECK_MS)"
+        )
 
     async def hold(self, lease: Lease) -> NoReturn:
         """Renew ``lease`` until it is lost, then raise :class:`LeaseLost`.
@@ -163,7 +237,12 @@ class Elector:
                     self._outage.failed("lease renewal", exc, trio.current_time())
                     next_renew = sent + timing.retry_every
                     continue
-                if not renewed:
+                if renewed == "unseen":
+                    raise LeaseLost(
+                        "lease renewal: Redis no longer sees this replica's liveness "
+                        "subscription: stepping down (a standby may take over)"
+                    )
+                if renewed != "renewed":
                     raise LeaseLost("lease renewal shows another holder or an expired lease")
                 self.last_ok = trio.current_time()
                 self._outage.recovered(self.last_ok)

@@ -24,6 +24,7 @@ REGISTRY = f"{OWN_KEY_PREFIX}registry}}"
 LEASE, EPOCH, DEADLINES, PENDING, CLAIMED = ":lease", ":epoch", ":deadlines", ":pending", ":claimed"
 FAILING, DEAD, SEEN, PREFLIGHT, PAYLOADS = ":failing", ":dead", ":seen", ":preflight", ":payloads"
 RELEASED, REDELIVER, CLAIMS, TOUCHED = ":released", ":redeliver", ":claims", ":touched"
+ALIVE = ":alive:"
 
 
 def keyspace_pattern(db: int, counter_key: str) -> str:
@@ -46,7 +47,7 @@ class Keys:
 
     @property
     def lease(self) -> str:
-        """Hash (holder, replica, epoch, since_ms) with a PEXPIRE: who leads."""
+        """Hash (holder, replica, epoch, since_ms, alive) with a PEXPIRE: who leads."""
         return self.namespace + LEASE
 
     @property
@@ -95,6 +96,12 @@ class Keys:
         return self.namespace + PAYLOADS
 
     # -- channels ---------------------------------------------------------------------
+
+    def alive(self, subscription: str) -> str:
+        """A replica's liveness channel: nothing is published there; Redis counts its one
+        subscriber (``PUBSUB NUMSUB``), and drops it within milliseconds of the
+        replica's death. ``subscription`` is unique per subscription, never reused."""
+        return self.namespace + ALIVE + subscription
 
     @property
     def released(self) -> str:

@@ -11,7 +11,6 @@ knows its deadlines, and a silent reconnect would hide lost pub/sub messages.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -35,8 +34,10 @@ from .errors import (
     SubscriptionOverflow,
 )
 from .keyspace import merged_flags, missing_flags
+from .lease_spec import Renewal
 from .redis_replies import (
     deadline_page,
+    lease_view,
     note,
     note_json,
     outcomes,
@@ -56,7 +57,14 @@ from .store import (
     PendingReset,
 )
 
-__all__ = ["RedisBridge", "client_kwargs", "ensure_on", "flags_of", "make_client"]
+__all__ = [
+    "MASTER_CHECK_EVERY",
+    "RedisBridge",
+    "client_kwargs",
+    "ensure_on",
+    "flags_of",
+    "make_client",
+]
 
 T = TypeVar("T")
 
@@ -64,7 +72,7 @@ _POLL_SECONDS = 0.1  # pub/sub poll: bounds how long a stop takes
 _MAX_BATCH = 1000
 _TOPOLOGY_EVERY = 2.0  # Cluster: how often the leader checks the set of primaries
 _REDIRECTS = 5  # Cluster: MOVED/ASK followed per probe before resynchronising instead
-_MASTER_CHECK_EVERY = 0.25  # Sentinel: how often to ask which node is the master
+MASTER_CHECK_EVERY = 0.25  # Sentinel: how often to ask which node is the master
 TRACKED_PAGE = 5_000  # recorded deadlines per call: a page is well inside any timeout
 REACHABLE_POLL = 0.1  # after a lost connection: how often to ask whether Redis is back
 _SUBSCRIBE_TIMEOUT = 2.0  # start-up check: how long Redis may take to confirm a subscription
@@ -72,7 +80,7 @@ _SUBSCRIBE_TIMEOUT = 2.0  # start-up check: how long Redis may take to confirm a
 
 class _MasterWatch:
     """Sentinel: which node is the master, asked of the sentinels at most every
-    ``_MASTER_CHECK_EVERY`` seconds by whichever command comes first.
+    ``MASTER_CHECK_EVERY`` seconds by whichever command comes first.
 
     After a manual failover the old master stays a master for ~10 s and accepts every
     command, so nothing fails on its own: redis-py asks the sentinels only when it opens
@@ -97,7 +105,7 @@ class _MasterWatch:
             now = time.monotonic()
             if now < self._next_check:
                 return
-            self._next_check = now + _MASTER_CHECK_EVERY
+            self._next_check = now + MASTER_CHECK_EVERY
             address = tuple(self._pool.get_master_address())
             old, self._address = self._address, (str(address[0]), int(address[1]))
             if old is None or old == self._address:
@@ -258,21 +266,24 @@ class RedisBridge:
     # -- lease ---------------------------------------------------------------------------
 
     async def acquire(
-        self, holder: str, replica_id: str, ttl_ms: int, epoch_floor: int
+        self,
+        holder: str,
+        replica_id: str,
+        ttl_ms: int,
+        epoch_floor: int,
+        alive: str = "",
+        suspect: str = "",
     ) -> LeaseView:
         raw = await self._script(
-            "ACQUIRE", [self.keys.lease, self.keys.epoch], [holder, replica_id, ttl_ms, epoch_floor]
+            "ACQUIRE",
+            [self.keys.lease, self.keys.epoch],
+            [holder, replica_id, ttl_ms, epoch_floor, alive, suspect],
         )
-        r = json.loads(raw)
-        return LeaseView(
-            acquired=bool(r["acquired"]),
-            epoch=int(r.get("epoch") or 0),
-            pttl_ms=int(r.get("pttl") or 0),
-            holder_replica=str(r.get("replica") or ""),
-        )
+        return lease_view(raw)
 
-    async def renew(self, holder: str, ttl_ms: int) -> bool:
-        return bool(await self._script("RENEW", [self.keys.lease], [holder, ttl_ms]))
+    async def renew(self, holder: str, ttl_ms: int) -> Renewal:
+        answer = int(await self._script("RENEW", [self.keys.lease], [holder, ttl_ms]))
+        return "renewed" if answer == 1 else "unseen" if answer == -1 else "lost"
 
     async def release(self, holder: str, replica_id: str) -> bool:
         return bool(

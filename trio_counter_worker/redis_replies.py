@@ -18,7 +18,8 @@ import redis.exceptions as rexc
 
 from .acl import is_permission_error
 from .errors import LeaseLost, RedisRefused, RedisUnavailable
-from .store import DeadlinePage, FailingNote, KeyOutcome, PageStart, PendingReset
+from .lease_spec import Liveness
+from .store import DeadlinePage, FailingNote, KeyOutcome, LeaseView, PageStart, PendingReset
 
 __all__ = [
     "deadline_page",
@@ -133,6 +134,27 @@ def translating(fn: Callable[..., T], *args: Any) -> T:
         if translated is exc:
             raise
         raise translated from None
+
+
+_LIVENESS: dict[object, Liveness] = {
+    "alive": "alive",
+    "gone": "gone",
+    "unknown": "unknown",
+}
+
+
+def lease_view(raw: str) -> LeaseView:
+    """ACQUIRE's answer. A liveness it does not know reads as "off": never a steal."""
+    r = json.loads(raw)
+    return LeaseView(
+        acquired=bool(r["acquired"]),
+        epoch=int(r.get("epoch") or 0),
+        pttl_ms=int(r.get("pttl") or 0),
+        holder_replica=str(r.get("replica") or ""),
+        liveness=_LIVENESS.get(r.get("liveness"), "off"),
+        alive=str(r.get("alive") or ""),
+        ready=r.get("ready", True) is not False,
+    )
 
 
 def pending_record(raw: str) -> PendingReset:

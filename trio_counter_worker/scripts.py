@@ -62,24 +62,60 @@ end
 """
 )
 
-# KEYS: lease, epoch   ARGV: holder, replica_id, ttl_ms, epoch_floor
-# The epoch only grows: INCR, raised above the highest epoch the caller has seen, so a
-# Redis that lost its data (restart without persistence) does not hand out old tokens.
+# Liveness (see lease_spec): subscribers of a channel, nil where PUBSUB is refused.
+_LIVENESS = """
+local function subscribers(channel)
+  local r = redis.pcall('PUBSUB', 'NUMSUB', channel)
+  if type(r) ~= 'table' or r.err then return nil end
+  return tonumber(r[2])
+end
+"""
+
+# KEYS: lease, epoch   ARGV: holder, replica_id, ttl_ms, epoch_floor, mine, suspect
+# lease_spec.acquire states the rules. The epoch only grows: INCR, raised above the
+# highest epoch the caller has seen, so a Redis that lost its data (restart without
+# persistence) does not hand out old tokens.
 ACQUIRE = (
     _PRELUDE
+    + _LIVENESS
     + """
 local lease, holder, ttl = KEYS[1], ARGV[1], tonumber(ARGV[3])
+local mine, suspect = ARGV[5], ARGV[6]
+local function ready()
+  if mine == '' then return true end
+  local n = subscribers(mine)
+  return n == nil or n > 0
+end
 local current = redis.call('HGET', lease, 'holder')
 if current == holder then
+  local epoch = tonumber(redis.call('HGET', lease, 'epoch'))
+  if not ready() then
+    return cjson.encode({acquired = false, ready = false, epoch = epoch,
+                         pttl = redis.call('PTTL', lease)})
+  end
+  if mine ~= '' then redis.call('HSET', lease, 'alive', mine) end
   redis.call('PEXPIRE', lease, ttl)
-  return cjson.encode({acquired = true, epoch = tonumber(redis.call('HGET', lease, 'epoch')),
-                       pttl = ttl})
+  return cjson.encode({acquired = true, epoch = epoch, pttl = ttl})
 end
 if current then
-  return cjson.encode({acquired = false, pttl = redis.call('PTTL', lease),
-                       epoch = tonumber(redis.call('HGET', lease, 'epoch')) or 0,
-                       replica = redis.call('HGET', lease, 'replica') or ''})
+  local theirs = redis.call('HGET', lease, 'alive') or ''
+  local liveness, ok = 'off', true
+  if theirs ~= '' and mine ~= '' then
+    local n = subscribers(theirs)
+    if n == nil then liveness = 'unknown' elseif n > 0 then liveness = 'alive'
+    else liveness = 'gone' ok = ready() end
+  end
+  if not (liveness == 'gone' and suspect == theirs and ok) then
+    return cjson.encode({acquired = false, pttl = redis.call('PTTL', lease),
+                         epoch = tonumber(redis.call('HGET', lease, 'epoch')) or 0,
+                         replica = redis.call('HGET', lease, 'replica') or '',
+                         liveness = liveness, alive = theirs, ready = ok})
+  end
+elseif not ready() then
+  return cjson.encode({acquired = false, ready = false, epoch = 0, pttl = 0})
 end
+local was = ''  -- the replica stolen from (gone), if any
+if current then was = redis.call('HGET', lease, 'replica') or '' end
 local epoch = redis.call('INCR', KEYS[2])
 local floor = tonumber(ARGV[4])
 if epoch <= floor then
@@ -88,21 +124,24 @@ if epoch <= floor then
 end
 redis.call('DEL', lease)
 redis.call('HSET', lease, 'holder', holder, 'replica', ARGV[2], 'epoch', epoch,
-           'since_ms', now_ms())
+           'since_ms', now_ms(), 'alive', mine)
 redis.call('PEXPIRE', lease, ttl)
-return cjson.encode({acquired = true, epoch = epoch, pttl = ttl})
+return cjson.encode({acquired = true, epoch = epoch, pttl = ttl, replica = was})
 """
 )
 
 # KEYS: lease   ARGV: holder, ttl_ms
+# 1 renewed; 0 not ours; -1 ours, but our liveness channel lost its subscriber: not
+# renewed (lease_spec.renew).
 RENEW = (
     _PRELUDE
+    + _LIVENESS
     + """
-if holds(KEYS[1], ARGV[1]) then
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-  return 1
-end
-return 0
+if not holds(KEYS[1], ARGV[1]) then return 0 end
+local alive = redis.call('HGET', KEYS[1], 'alive')
+if alive and alive ~= '' and subscribers(alive) == 0 then return -1 end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
 """
 )
 

@@ -12,6 +12,8 @@ from typing import Literal, Protocol
 import attrs
 import trio
 
+from .lease_spec import Liveness, Renewal
+
 __all__ = [
     "DeadlinePage",
     "FailingNote",
@@ -32,7 +34,10 @@ class LeaseView:
     acquired: bool
     epoch: int
     pttl_ms: int
-    holder_replica: str = ""
+    holder_replica: str = ""  # acquired: the replica it was stolen from, if it was
+    liveness: Liveness = "off"  # the holder's, when not acquired (lease_spec)
+    alive: str = ""  # the holder's liveness channel: name it as ``suspect`` to steal
+    ready: bool = True  # False: our own liveness channel has no subscriber at Redis
 
 
 @attrs.frozen
@@ -127,10 +132,20 @@ class Store(Protocol):
     """
 
     async def acquire(
-        self, holder: str, replica_id: str, ttl_ms: int, epoch_floor: int
-    ) -> LeaseView: ...
+        self,
+        holder: str,
+        replica_id: str,
+        ttl_ms: int,
+        epoch_floor: int,
+        alive: str = "",
+        suspect: str = "",
+    ) -> LeaseView:
+        """ACQUIRE (:func:`~trio_counter_worker.lease_spec.acquire`): ``alive`` is the
+        caller's liveness channel ('' without), ``suspect`` the holder's channel the
+        caller saw gone before."""
+        ...
 
-    async def renew(self, holder: str, ttl_ms: int) -> bool: ...
+    async def renew(self, holder: str, ttl_ms: int) -> Renewal: ...
 
     async def release(self, holder: str, replica_id: str) -> bool: ...
 

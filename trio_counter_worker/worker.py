@@ -28,9 +28,10 @@ from .hooks import Hooks
 from .http_client import Transport
 from .leader import LeaderDuties
 from .leader_state import Quarantine
+from .liveness import Liveness
 from .metrics import Metrics
 from .outage import OutageLog
-from .redis_bridge import RedisBridge
+from .redis_bridge import MASTER_CHECK_EVERY, RedisBridge
 from .retry import Backoff
 from .store import Message, Store
 from .topology import make_bridge
@@ -63,6 +64,7 @@ class Worker:
         # Unique per process: two processes started with the same REPLICA_ID still differ.
         self.holder = f"{config.replica_id}#{secrets.token_hex(4)}"
         self._outage = OutageLog(log)  # one account of an outage for all the loops
+        self.liveness = Liveness(config.keys, self.holder, enabled=bool(config.takeover_check))
         self._elector = Elector(
             store,
             LeaseTiming(config.lease_ttl),
@@ -70,6 +72,10 @@ class Worker:
             config.replica_id,
             self.metrics,
             self._outage,
+            self.liveness,
+            config.takeover_check,
+            # Sentinel: a live leader follows a moved master within two checks.
+            settle=2 * MASTER_CHECK_EVERY if config.redis_sentinels else 0.0,
         )
         self.lease: Lease | None = None
         self.health_port: int | None = None  # bound port of the health endpoint, once up
@@ -149,9 +155,12 @@ class Worker:
         self.metrics.leader.set(1)
         self.metrics.leader_changes.inc()
         log.info(
-            "leader acquired: replica=%s fencing_token=%d",
+            "leader acquired: replica=%s fencing_token=%d%s",
             self.config.replica_id,
             lease.epoch,
+            f" (taken over from {lease.taken_from}: its connection to Redis is gone)"
+            if lease.taken_from
+            else "",
             extra={"event": "leader_acquired", "fencing_token": lease.epoch},
         )
         duties = LeaderDuties(
@@ -169,6 +178,7 @@ class Worker:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._elector.hold, lease)
+                nursery.start_soon(self._elector.guard, lease)
                 nursery.start_soon(duties.run)
                 try:
                     await trio.sleep_forever()
@@ -219,46 +229,53 @@ class Worker:
     async def _watch_releases(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        """Wake the campaign when a leader announces a release. Polling the lease TTL
-        covers the times this subscription is down."""
+        """Wake the campaign when a leader announces a release, and keep this replica's
+        liveness subscription (same connection: it carries almost nothing). Polling the
+        lease covers the times this subscription is down."""
         send, receive = trio.open_memory_channel[list[Message]](16)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._on_releases, receive)
-            channel = self.config.keys.released
+            released = self.config.keys.released
             backoff = Backoff()
             first = True
             while True:
+                alive = self.liveness.next_channel()
                 try:
                     async with trio.open_nursery() as inner:
-                        await inner.start(self._listen, channel, send)
+                        await inner.start(self._listen, [released, alive], send)
+                        self.liveness.up(alive)
                         backoff.reset()
                         self._outage.recovered(trio.current_time())
                         if first:
                             first = False
                             task_status.started()
                 except* RedisUnavailable as group:
+                    self.liveness.down()
                     delay = backoff.next()
                     self._outage.failed("release watch", first_error(group), trio.current_time())
                     if first:
                         first = False
                         task_status.started()
                     await trio.sleep(delay)
+                finally:
+                    self.liveness.down()
         raise AssertionError("unreachable")
 
     async def _listen(
         self,
-        channel: str,
+        channels: list[str],
         send: trio.MemorySendChannel[list[Message]],
         *,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        await self._store.listen(
-            patterns=[], channels=[channel], send=send, task_status=task_status
-        )
+        await self._store.listen(patterns=[], channels=channels, send=send, task_status=task_status)
 
     async def _on_releases(self, receive: trio.MemoryReceiveChannel[list[Message]]) -> None:
-        async for _batch in receive:
-            self._elector.notify_released()
+        released = self.config.keys.released
+        async for batch in receive:
+            # Nothing is published on the liveness channel; whatever is, is no release.
+            if any(message.channel == released for message in batch):
+                self._elector.notify_released()
 
 
 @asynccontextmanager
