@@ -34,6 +34,11 @@ __all__ = ["Elector", "Lease", "LeaseTiming"]
 
 log = logging.getLogger("trio_counter_worker.election")
 
+# The least time a holder must have been seen gone before a standby steals its lease. A
+# live holder whose connection was cut learns it from the RST within a round trip (the
+# grace also takes 4 round trips), then stops at once (Elector.guard).
+_MIN_GRACE = 0.010
+
 
 @attrs.frozen
 class LeaseTiming:
@@ -196,9 +201,8 @@ class Elector:
     def _grace(self, suspect: _Suspect) -> float:
         """How long a holder must have been seen gone before its lease is stolen: time
         for a live holder whose connection was cut to notice and stop (a few round
-        trips), at least one check interval."""
-        assert self._check_every is not None
-        return max(self._check_every, 4 * self._round_trip, self._settle)
+        trips), at least _MIN_GRACE."""
+        return max(_MIN_GRACE, 4 * self._round_trip, self._settle)
 
     async def guard(self, lease: Lease) -> None:
         """Raise :class:`LeaseLost` the moment the liveness subscription recorded with
