@@ -120,6 +120,7 @@ class Elector:
         self._released = trio.lowlevel.ParkingLot()
         self._release_count = 0
         self._round_trip = 0.0  # of the last answered acquire
+        self._unseen_noted = False
 
     @property
     def _ttl_ms(self) -> int:
@@ -138,8 +139,18 @@ class Elector:
         """
         backoff = Backoff()
         suspect: _Suspect | None = None
+        unseen_since: float | None = None  # our subscription not seen by Redis since
         while True:
             mine = await self._own_channel()
+            # Subscribed, but not seen where the scripts run for a lease (a moved
+            # master?): campaign without liveness rather than not at all.
+            if (
+                mine
+                and unseen_since is not None
+                and trio.current_time() - unseen_since >= self.timing.ttl
+            ):
+                self._note_unseen()
+                mine = ""
             seen = self._release_count
             sent = trio.current_time()
             steal = ""
@@ -167,13 +178,18 @@ class Elector:
             self._outage.recovered(self.last_ok)
             self.epoch_seen = max(self.epoch_seen, view.epoch)
             self._metrics.fencing_token.set(self.epoch_seen)
+            if view.ready:
+                unseen_since = None
+            elif unseen_since is None:
+                unseen_since = sent
             if view.acquired:
                 return Lease(
                     view.epoch, sent, self.timing.step_down_at(sent), mine, view.holder_replica
                 )
             if seen != self._release_count:
                 continue  # a release was announced while we asked: try again now
-            wait = view.pttl_ms / 1000 if view.pttl_ms > 0 else self.timing.retry_every
+            # Just past the lease's end (PTTL is whole ms).
+            wait = view.pttl_ms / 1000 + 0.001 if view.pttl_ms > 0 else self.timing.retry_every
             if self._check_every is not None and mine:
                 if view.liveness == "gone" and view.alive:
                     if suspect is None or suspect.channel != view.alive:
@@ -184,8 +200,17 @@ class Elector:
                     suspect = None
                     if view.liveness == "alive" or not view.ready:
                         wait = min(wait, self._check_every)
-            with trio.move_on_after(wait + 0.001):
+            with trio.move_on_after(wait):
                 await self._released.park()
+
+    def _note_unseen(self) -> None:
+        if not self._unseen_noted:
+            self._unseen_noted = True
+            log.warning(
+                "Redis does not see this replica's liveness subscription although it is "
+                "subscribed (a moved master?): campaigning without it, so a failover "
+                "waits for the lease (LEASE_TTL_MS)"
+            )
 
     async def _own_channel(self) -> str:
         """Our liveness channel, once subscribed: a replica campaigns only when Redis can

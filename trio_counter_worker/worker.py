@@ -64,7 +64,11 @@ class Worker:
         # Unique per process: two processes started with the same REPLICA_ID still differ.
         self.holder = f"{config.replica_id}#{secrets.token_hex(4)}"
         self._outage = OutageLog(log)  # one account of an outage for all the loops
-        self.liveness = Liveness(config.keys, self.holder, enabled=bool(config.takeover_check))
+        # Liveness rides on one subscription that Redis counts where the lease scripts
+        # run; on a Cluster, channels are subscribed on any node: failover waits for the
+        # lease there.
+        fast = config.takeover_check is not None and not config.redis_cluster_nodes
+        self.liveness = Liveness(config.keys, self.holder, enabled=fast)
         self._elector = Elector(
             store,
             LeaseTiming(config.lease_ttl),
@@ -73,7 +77,7 @@ class Worker:
             self.metrics,
             self._outage,
             self.liveness,
-            config.takeover_check,
+            config.takeover_check if fast else None,
             # Sentinel: a live leader follows a moved master within two checks.
             settle=2 * MASTER_CHECK_EVERY if config.redis_sentinels else 0.0,
         )
