@@ -10,6 +10,7 @@ processes are killed in test_replicas.py.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import attrs
 import pytest
@@ -19,6 +20,7 @@ import trio.testing
 from tests.fakes import FakeLease, FakeStore
 from tests.test_leader import Backend, Harness, start_worker, wait_until
 from trio_counter_worker import Hooks, lease_spec
+from trio_counter_worker.store import Message
 
 pytestmark = pytest.mark.fail_after(600)
 
@@ -135,12 +137,10 @@ async def test_a_live_leader_is_left_alone_until_its_lease_expires(
 ) -> None:
     store = harness.store
     dead_leader(store)
-    send, _receive = trio.open_memory_channel[list[object]](1)
+    send, _receive = trio.open_memory_channel[list[Message]](1)
     async with trio.open_nursery() as nursery:
         # The holder's subscription is there: it is alive, however quiet.
-        await nursery.start(lambda task_status: store.listen(  # type: ignore[misc]
-            patterns=[], channels=[DEAD_CHANNEL], send=send, task_status=task_status
-        ))  # fmt: skip
+        await nursery.start(partial(store.listen, patterns=[], channels=[DEAD_CHANNEL], send=send))
         await start_worker(nursery, harness)
         await wait_until(lambda: bool(harness.elected))
         nursery.cancel_scope.cancel()
