@@ -97,6 +97,8 @@ def acquire(
         if lease.alive and mine:
             theirs = _count(subscribers, lease.alive)
             liveness = "unknown" if theirs is None else "alive" if theirs > 0 else "gone"
+        # Whether Redis sees the caller matters (and is asked) only to steal.
+        seen = ready or liveness != "gone"
         if not (liveness == "gone" and suspect == lease.alive and ready):
             return AcquireOutcome(
                 False,
@@ -105,7 +107,7 @@ def acquire(
                 epoch_counter,
                 liveness=liveness,
                 alive=lease.alive,
-                ready=ready,
+                ready=seen,
             )
     elif not ready:
         return AcquireOutcome(False, 0, None, epoch_counter, ready=False)
