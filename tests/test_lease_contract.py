@@ -71,7 +71,7 @@ def arrange(r: redis.Redis, lease: lease_spec.LeaseRecord | None) -> None:
 
 
 def left(r: redis.Redis) -> tuple[lease_spec.LeaseRecord | None, int]:
-    raw = r.hgetall(KEYS.lease)
+    raw: dict[str, str] = r.hgetall(KEYS.lease)  # type: ignore[assignment]
     counter = int(r.get(KEYS.epoch) or 0)
     if not raw:
         return None, counter

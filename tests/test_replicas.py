@@ -291,6 +291,11 @@ def _failover(harness: Harness, cluster: Cluster, key_ttl_ms: int, key_before: b
         assert new in survivors
         survivors[new].wait_for_output(f"leader acquired: replica={new} ", 5.0)
         t_log = time.monotonic() - t_kill
+        # Taken over because Redis dropped the dead leader's connection, not because its
+        # lease ran out.
+        assert f"(taken over from {killed}: its connection to Redis is gone)" in (
+            survivors[new].output()
+        )
         assert _times(cluster)[new] == acquired_before[new] + 1
 
         print(
@@ -323,6 +328,80 @@ def test_sigkill_leader_key_outliving_failover(harness: Harness) -> None:
     leader's reconcile and reset on time."""
     cluster = harness.start(["r0", "r1", "r2"])
     _failover(harness, cluster, key_ttl_ms=LEASE_TTL_MS + 500, key_before=False)
+
+
+def liveness_connection(client: redis.Redis, replica_id: str) -> int:
+    """CLIENT ID of ``replica_id``'s liveness subscription (the lease records its channel;
+    that connection holds it and the release channel, nothing else)."""
+    for row in client.client_list():
+        if row["name"] == f"tcw:{replica_id}" and row["sub"] == "2" and row["psub"] == "0":
+            return int(row["id"])
+    raise AssertionError(f"no liveness connection for {replica_id}")
+
+
+def stream(client: redis.Redis, prefix: str, count: int, spread_ms: int) -> set[str]:
+    """``count`` counters expiring over ``spread_ms`` from now."""
+    names = {f"ctr:{prefix}{i}" for i in range(count)}
+    for i, name in enumerate(sorted(names)):
+        client.set(name, "1", px=200 + spread_ms * i // count)
+    return names
+
+
+def exactly_once(backend: RecordingBackend, names: set[str], timeout: float) -> None:
+    """Every counter reset, each under one reset id, and the fencing tokens the backend
+    saw never went down."""
+    backend.wait_for(
+        lambda requests: {(q.json or {}).get("key") for q in requests} >= names, timeout=timeout
+    )
+    ids: dict[str, set[str]] = {}
+    top = 0
+    for q in backend.requests:
+        body = q.json or {}
+        ids.setdefault(str(body["key"]), set()).add(str(body["reset_id"]))
+        assert int(body["fencing_token"]) >= top, "a fencing token went down"
+        top = int(body["fencing_token"])
+    assert {k for k, v in ids.items() if len(v) > 1} == set(), "two reset ids for a counter"
+
+
+def test_a_leader_whose_connection_is_killed_steps_down_and_nothing_doubles(
+    harness: Harness,
+) -> None:
+    """The process lives, but Redis closed its liveness connection (CLIENT KILL): a
+    standby may steal the lease within milliseconds, so the leader must stop at once."""
+    cluster = harness.start(["r0", "r1", "r2"])
+    with harness.redis_server.client() as client:
+        names = stream(client, "k", 60, 2000)
+        time.sleep(0.5)  # a third of the counters are reset by the first leader
+        client.client_kill_filter(_id=liveness_connection(client, cluster.leader_id))
+        cluster.leader.wait_for_output("liveness subscription to Redis dropped", 5.0)
+        exactly_once(harness.backend, names, RESET_TIMEOUT + 2.0)
+        assert lease(client).get("replica")
+    for rid, worker in cluster.workers.items():
+        assert worker.alive, f"{rid} died"
+
+
+def test_a_frozen_standby_does_not_hold_up_the_takeover(harness: Harness) -> None:
+    """SIGSTOP one standby, SIGKILL the leader: the other standby takes over through
+    liveness; the frozen one, thawed, finds a live leader and stays a standby."""
+    cluster = harness.start(["r0", "r1", "r2"])
+    frozen_id, other_id = sorted(cluster.others(cluster.leader_id))
+    frozen = cluster.workers[frozen_id]
+    frozen.signal(signal.SIGSTOP)
+    try:
+        with harness.redis_server.client() as client:
+            assert cluster.leader.kill() == -signal.SIGKILL
+            names = stream(client, "f", 20, 500)
+            cluster.workers[other_id].wait_for_output(
+                f"(taken over from {cluster.leader_id}: its connection to Redis is gone)", 5.0
+            )
+            exactly_once(harness.backend, names, RESET_TIMEOUT + 2.0)
+    finally:
+        frozen.signal(signal.SIGCONT)
+    with harness.redis_server.client() as client:
+        names = stream(client, "g", 10, 200)
+        exactly_once(harness.backend, names, RESET_TIMEOUT)
+        assert lease(client)["replica"] == other_id
+    assert "leader acquired" not in frozen.output()
 
 
 # --- 3. SIGTERM the leader: graceful handoff ------------------------------------------------
