@@ -54,6 +54,7 @@ async def test_check_passes_with_redis_and_backend_up(
         "configuration": "ok",
         "redis": "ok",
         "permissions": "ok",
+        "takeover": "ok",
         "eviction": "ok",
         "notifications": "ok",
         "endpoint dns": "ok",
@@ -125,6 +126,36 @@ async def test_check_names_a_missing_redis_permission(
     assert print_checks(checks, out) == 1
     assert "+scan" in out.getvalue()
     assert "ACL SETUSER" in out.getvalue()
+
+
+async def test_without_pubsub_numsub_fast_takeover_is_off_and_said_so(
+    redis_server: RedisServer, backend: RecordingBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PUBSUB NUMSUB is optional: `check` warns, the worker runs and says once at start
+    that a dying leader is replaced only when its lease expires."""
+    with redis_server.client() as c:
+        major = int(str(c.info("server")["redis_version"]).split(".")[0])
+        rule = acl_rule("c:*", Keys("c:*").namespace, 0, major).replace(" +pubsub|numsub", "")
+        c.execute_command("ACL", "SETUSER", "nonumsub", "on", ">pw", *rule.split())
+    cfg = config(redis_server, backend.url, redis_username="nonumsub", redis_password="pw")
+    checks = await run_checks(cfg)
+    assert states(checks)["permissions"] == "ok"
+    assert states(checks)["takeover"] == "warn"
+    out = io.StringIO()
+    assert print_checks(checks, out) == 0
+    assert "+pubsub|numsub" in out.getvalue()
+    elected = trio.Event()
+    with trio.fail_after(15):
+        hooks = Hooks(on_elected=lambda e: elected.set())
+        async with open_worker(cfg, hooks=hooks) as worker, trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            await elected.wait()
+            status = await run_status(config(redis_server, backend.url))
+            nursery.cancel_scope.cancel()
+    [line] = [r.getMessage() for r in caplog.records if "fast takeover off" in r.getMessage()]
+    assert "+pubsub|numsub" in line
+    assert "LEASE_TTL_MS=1000" in line
+    assert status["takeover"].startswith("at the lease's end (the leader runs without liveness")
 
 
 async def test_an_eviction_policy_that_can_take_the_workers_keys_is_a_warning(
@@ -213,6 +244,7 @@ async def test_status_shows_the_leader_and_its_work(
     out = io.StringIO()
     print_status(status, False, out)
     assert "leader:            ops-1" in out.getvalue()
+    assert "takeover:          fast: the leader's connection is watched" in out.getvalue()
     assert out.getvalue().startswith(f"server:            {status['server']}\n")
     assert status["server"].startswith(("Redis ", "Valkey "))
 

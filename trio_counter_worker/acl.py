@@ -1,14 +1,22 @@
 """The Redis permissions a worker needs, as an ACL rule, and what a refusal means: no I/O.
 
-One list (``SCRIPT_COMMANDS``, ``CLIENT_COMMANDS``) feeds the rule shown in the README
-and by ``check``, the start-up check, and the hint in every permission error.
+One list (``SCRIPT_COMMANDS``, ``CLIENT_COMMANDS``, ``TAKEOVER_COMMANDS``) feeds the rule
+shown in the README and by ``check``, the start-up check, and the hint in every
+permission error.
 """
 
 from __future__ import annotations
 
 from .keys import keyspace_pattern
 
-__all__ = ["CLIENT_COMMANDS", "SCRIPT_COMMANDS", "acl_rule", "is_permission_error", "sample_key"]
+__all__ = [
+    "CLIENT_COMMANDS",
+    "SCRIPT_COMMANDS",
+    "TAKEOVER_COMMANDS",
+    "acl_rule",
+    "is_permission_error",
+    "sample_key",
+]
 
 # Called from inside the worker's Lua scripts (ACLs apply there too).
 SCRIPT_COMMANDS = (
@@ -51,12 +59,15 @@ CLIENT_COMMANDS = (
     "config|set",
     "client|setname",
 )
+# Optional, from inside the lease scripts: without it a leader that dies is replaced only
+# when its lease expires (fast takeover off), and the worker says so.
+TAKEOVER_COMMANDS = ("pubsub|numsub",)
 _SINCE_7 = ("pexpiretime",)  # an ACL naming a command the server lacks is refused
 
 
 def acl_rule(counter_key: str, namespace: str, db: int, redis_major: int = 7) -> str:
     """``ACL SETUSER`` arguments (after the user name and password) for one deployment."""
-    needed: tuple[str, ...] = (*CLIENT_COMMANDS, *SCRIPT_COMMANDS)
+    needed: tuple[str, ...] = (*CLIENT_COMMANDS, *SCRIPT_COMMANDS, *TAKEOVER_COMMANDS)
     if redis_major < 7:
         needed = tuple(c for c in needed if c not in _SINCE_7)
     commands = " ".join(f"+{c}" for c in needed)

@@ -89,6 +89,7 @@ async def _redis_checks(config: Config) -> list[Check]:
         await bridge.aclose()
     out = [Check("redis", "ok", f"{config.redis_location} answers ({server})")]
     out.append(await _permission_check(config))
+    out.append(await _takeover_check(config))
     policy = probe.get("policy")
     if (warning := eviction_warning(policy)) is not None:
         out.append(Check("eviction", "warn", f"maxmemory-policy={policy}", warning))
@@ -204,6 +205,32 @@ async def _permission_check(config: Config) -> Check:
 
 
 DRY_RUN_HEADER = "x-reset-dry-run"  # a backend that supports it answers without resetting
+
+
+async def _takeover_check(config: Config) -> Check:
+    """Whether a leader that dies is replaced within milliseconds or at its lease's end."""
+    lease_only = (
+        f"a leader that dies is replaced only when its lease expires ({config.lease_ttl_ms} ms)"
+    )
+    if config.takeover_check is None:
+        return Check("takeover", "ok", f"TAKEOVER_CHECK_MS=0: {lease_only}")
+    if config.redis_cluster_nodes:
+        return Check("takeover", "ok", f"Redis Cluster: {lease_only}")
+    bridge = make_bridge(config)
+    try:
+        allowed = await bridge.takeover_allowed()
+    finally:
+        await bridge.aclose()
+    if not allowed:
+        return Check(
+            "takeover", "warn", f"PUBSUB NUMSUB refused: {lease_only}", "add +pubsub|numsub"
+        )
+    return Check(
+        "takeover",
+        "ok",
+        "a leader that dies is replaced within about 2 x TAKEOVER_CHECK_MS "
+        f"({config.takeover_check_ms} ms)",
+    )
 
 
 async def _request_checks(config: Config, dry_run_request: bool) -> list[Check]:
@@ -364,6 +391,7 @@ def print_status(status: dict[str, Any], as_json: bool, out: TextIO) -> None:
             "lease left",
             f"{status['lease_ms_left']} ms" if status["lease_ms_left"] is not None else "-",
         ),
+        ("takeover", status["takeover"]),
         ("pending resets", status["pending_resets"]),
         ("watched counters", status["watched_counters"]),
         ("next deadline", f"{nxt['key']} in {nxt['in_ms'] / 1000:.1f} s" if nxt else "-"),

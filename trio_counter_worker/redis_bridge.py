@@ -237,6 +237,16 @@ class RedisBridge:
     def _pubsub_client(self) -> Any:
         return self._client
 
+    async def takeover_allowed(self) -> bool:
+        """Whether the ACL lets the lease scripts ask PUBSUB NUMSUB (fast takeover)."""
+        try:
+            await self._run(self._client.pubsub_numsub, self.keys.released)
+        except RedisRefused as exc:
+            if exc.kind != "permission":
+                raise
+            return False
+        return True
+
     def _subscribe_check(self) -> list[str]:
         """Subscribe to what the leader and standbys listen to, and unsubscribe."""
         pattern = self.keys.keyspace(self._config.redis_db)

@@ -51,6 +51,7 @@ def _status_sync(bridge: RedisBridge) -> dict[str, Any]:
     except rexc.ResponseError:
         flags = None
     return {
+        "takeover": _takeover(c, lease.get("alive")) if lease else "-",
         "leader": lease.get("replica") or None,
         "fencing_token": int(lease["epoch"]) if lease.get("epoch") else None,
         "last_fencing_token": int(epoch) if epoch else 0,
@@ -63,6 +64,22 @@ def _status_sync(bridge: RedisBridge) -> dict[str, Any]:
         "dead_resets": _dead_listing(dead),
         "touch": {**_touch_library(c, keys.namespace), "payloads": int(payloads)},
     }
+
+
+def _takeover(c: Any, alive: str | None) -> str:
+    """How a standby would learn that the current leader died."""
+    if not alive:
+        return (
+            "at the lease's end (the leader runs without liveness: TAKEOVER_CHECK_MS=0, "
+            "Redis Cluster, or PUBSUB NUMSUB refused)"
+        )
+    try:
+        rows: Any = c.pubsub_numsub(alive)
+    except rexc.ResponseError:
+        return "at the lease's end (PUBSUB NUMSUB refused: add +pubsub|numsub)"
+    if rows and int(rows[0][1]) > 0:
+        return "fast: the leader's connection is watched (TAKEOVER_CHECK_MS)"
+    return "now: the leader's connection is gone, a standby is taking over"
 
 
 async def probe(bridge: RedisBridge) -> dict[str, Any]:

@@ -55,7 +55,11 @@ class Worker:
         http: Sequence[Transport],
         hooks: Hooks | None = None,
         metrics: Metrics | None = None,
+        *,
+        takeover: bool = True,
     ) -> None:
+        """``takeover`` False: no liveness (Redis refuses PUBSUB NUMSUB): a leader that
+        dies is replaced when its lease expires."""
         self.config = config
         self.hooks = hooks or Hooks()
         self.metrics = metrics or Metrics()
@@ -67,7 +71,7 @@ class Worker:
         # Liveness rides on one subscription that Redis counts where the lease scripts
         # run; on a Cluster, channels are subscribed on any node: failover waits for the
         # lease there.
-        fast = config.takeover_check is not None and not config.redis_cluster_nodes
+        fast = takeover and config.takeover_check is not None and not config.redis_cluster_nodes
         self.liveness = Liveness(config.keys, self.holder, enabled=fast)
         self._elector = Elector(
             store,
@@ -297,25 +301,26 @@ async def open_worker(
     :class:`~trio_counter_worker.RedisAuthError` if Redis rejects the credentials.
     """
     bridge: RedisBridge | None = None
+    takeover = True
     if store is None:
         bridge = make_bridge(config)
         store = bridge
     try:
         if bridge is not None:
-            await _start_on_redis(bridge, config)
+            takeover = await _start_on_redis(bridge, config)
         if http_client is not None:
-            yield Worker(config, store, http_client, hooks)
+            yield Worker(config, store, http_client, hooks, takeover=takeover)
         else:
             # One lane (one kept-alive connection) per request in flight.
             async with open_lanes(config) as lanes:
-                yield Worker(config, store, lanes, hooks)
+                yield Worker(config, store, lanes, hooks, takeover=takeover)
     finally:
         if bridge is not None:
             with trio.CancelScope(shield=True):
                 await bridge.aclose()
 
 
-async def _start_on_redis(bridge: RedisBridge, config: Config) -> None:
+async def _start_on_redis(bridge: RedisBridge, config: Config) -> bool:
     """Wait for Redis to answer, then check every permission the worker needs. A refusal
     that is a bad setting raises its ConfigError; Redis unreachable, or going away during
     the checks, is waited out with backoff: one WARNING, a summary at most every 10 s,
@@ -328,8 +333,9 @@ async def _start_on_redis(bridge: RedisBridge, config: Config) -> None:
             await bridge.ping()
             what = "failed during the start-up checks"
             await bridge.preflight()
+            takeover = await _check_takeover(bridge, config)
             outage.recovered(trio.current_time())
-            return
+            return takeover
         except RedisRefused as exc:
             start_error = exc.at_start()
             if start_error is not exc:
@@ -343,3 +349,24 @@ async def _start_on_redis(bridge: RedisBridge, config: Config) -> None:
                 "check REDIS_HOST/REDIS_PORT or REDIS_URL",
             )
         await trio.sleep(backoff.next())
+
+
+async def _check_takeover(bridge: RedisBridge, config: Config) -> bool:
+    """Whether the ACL allows fast takeover; say once, at start, when a leader that dies
+    will be replaced only at the end of its lease, and why."""
+    if config.takeover_check is None:
+        why = "TAKEOVER_CHECK_MS=0"
+    elif config.redis_cluster_nodes:
+        why = "not on Redis Cluster"
+    elif not await bridge.takeover_allowed():
+        why = "the Redis user may not run PUBSUB NUMSUB: add +pubsub|numsub to its ACL"
+    else:
+        return True
+    log.warning(
+        "fast takeover off (%s): a leader that dies is replaced only when its lease "
+        "expires (LEASE_TTL_MS=%d)",
+        why,
+        config.lease_ttl_ms,
+        extra={"event": "takeover_off"},
+    )
+    return False
