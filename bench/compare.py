@@ -261,6 +261,18 @@ def _peer(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
     return [(m, medians.get(m.name)) for m, _ in peer_metrics({})]
 
 
+def _killgap(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
+    return [
+        *(
+            (Metric(f"kill -> next reset {p}", "ms", True), _get(d, "gap_ms", p))
+            for p in ("p50", "p99", "max")
+        ),
+        (Metric("due in the gap: late p99", "ms", True), _get(d, "gap_late_ms", "p99")),
+        (Metric("doubled", "", True), d.get("doubled")),
+        (Metric("fencing tokens down", "", True), d.get("tokens_down")),
+    ]
+
+
 # poison and slowlink are left out: they run both commits themselves (--base).
 SPECS: dict[str, Spec] = {
     "latency": Spec((), ("--quick",), _latency),
@@ -272,6 +284,7 @@ SPECS: dict[str, Spec] = {
         _burst,
     ),
     "idle": Spec(("--window", "20"), ("--window", "5"), _idle),
+    "killgap": Spec(("--rounds", "10"), ("--quick",), _killgap),
     "scale": Spec((), ("--sizes", "1000", "10000", "--idle", "2"), _scale),
     "million": Spec(("--sizes", "100000"), ("--sizes", "20000"), _million),
     # 200k counters at the full rates for 2 minutes (the 1M / 5 min run: --args).
