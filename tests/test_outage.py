@@ -68,6 +68,9 @@ class _DownThenUp:
     async def preflight(self) -> None:
         return None
 
+    async def takeover_allowed(self) -> bool:
+        return True
+
 
 async def test_redis_unreachable_at_start_is_one_warning_and_a_summary_every_10_s(
     caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
