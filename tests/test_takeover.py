@@ -174,7 +174,7 @@ async def test_a_leader_whose_subscription_drops_steps_down_at_once(
     async with trio.open_nursery() as nursery:
         worker = await start_worker(nursery, harness)
         await wait_until(lambda: bool(harness.elected))
-        await trio.sleep(1.0)
+        await trio.sleep(1.5)  # between two renewals (every 1.0 s)
         assert worker.liveness.channel
         cut_at = trio.current_time()
         assert store.cut_subscriptions(worker.liveness.channel) == 1
