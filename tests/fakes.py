@@ -68,6 +68,11 @@ class FakeStore:
         self.renew_hangs = False  # True: renew() never answers
         self.pubsub_refused = False  # True: PUBSUB NUMSUB refused (an ACL): no liveness
         self.calls: list[tuple[float, str]] = []
+        # DEBUG SLEEP: until this trio time Redis answers nothing; a call that would
+        # wait past the client's socket timeout fails after it (see debug_sleep).
+        self.asleep_until = -math.inf
+        self.socket_timeout = 0.75  # the bridge's min(2 s, lease / 4) at LEASE_TTL_MS=3000
+        self._woken = True
         self._listeners: list[_Listener] = []
         self._cuts: dict[int, trio.Event] = {}
 
@@ -78,6 +83,30 @@ class FakeStore:
         self.calls.append((trio.current_time(), name))
         if self.down:
             raise RedisUnavailable("fake Redis is down")
+        left = self.asleep_until - trio.current_time()
+        if left > self.socket_timeout:
+            await trio.sleep(self.socket_timeout)
+            raise RedisUnavailable("fake Redis: Timeout reading from socket")
+        if left > 0:
+            await trio.sleep(left)
+        self._wake()
+
+    def debug_sleep(self, seconds: float) -> None:
+        """DEBUG SLEEP: Redis stops for ``seconds``. It runs no expiry meanwhile; on
+        waking, before any queued command, its expiry cycle expires every key past its
+        TTL and publishes `expired` to whoever is subscribed then. Subscriptions stay
+        connected; a call fails once it has waited ``socket_timeout`` (what it would have
+        done on waking is not carried out)."""
+        self.asleep_until = trio.current_time() + seconds
+        self._woken = False
+
+    def _wake(self) -> None:
+        if self._woken or trio.current_time() < self.asleep_until:
+            return
+        self._woken = True
+        for key, exp in list(self.keys.items()):
+            if exp is not None and exp <= _ms():
+                self._pttl(key)
 
     def _current_lease(self) -> FakeLease | None:
         if self.lease is not None and self.lease.expires_ms <= _ms():
@@ -336,8 +365,9 @@ class FakeStore:
         return self.maxmemory_policy
 
     async def wait_until_reachable(self) -> None:
-        while self.down:
+        while self.down or trio.current_time() < self.asleep_until:
             await trio.sleep(0.1)
+        self._wake()
 
     async def listen(
         self,

@@ -51,6 +51,8 @@ _STAMP_DIGITS = 19  # a claim marker's time (Redis ms) fits an int64
 # the channel (the app's documented ACL does not allow it); past these, a marker is
 # dropped and later expiries are decided as if it never came (never a second reset).
 _EARLY_MAX = 8
+# Keyspace events of a key removed by a command (not expired): no episode ends by them.
+_REMOVED = frozenset({"del", "rename_from", "move_from", "evicted"})
 
 
 class Quarantine:
@@ -136,6 +138,14 @@ class LeaderState:
         self._early: dict[str, set[int]] = {}
         # key -> (its `after` otherwise, the markers heard before its latest expiry)
         self._held: dict[str, tuple[int, frozenset[int]]] = {}
+        # Keys seen (an event, a scan) and not yet looked at, with the `after` of when
+        # they were seen: queued (`_unlooked`) or in a call (`_looking`). Their deadline is
+        # not recorded yet; if they expire before a look, only the `expired` event shows
+        # it. A resynchronisation may lose that event (Redis stalled past the socket
+        # timeout: the key expires during the stall, and Redis publishes it on waking, to
+        # the subscription being replaced), so these are carried over as reported.
+        self._unlooked: dict[str, int] = {}
+        self._looking: dict[str, int] = {}
 
     @property
     def channels(self) -> list[str]:
@@ -152,7 +162,7 @@ class LeaderState:
         self._held.clear()
         # Keys only an `expired` event vouches for are in no scan and no recorded
         # deadline: they stay, the rest is read again.
-        reported = self.queue.take_reported()
+        reported = self.take_reported()
         self.queue.clear()
         for key, after in reported:
             self.queue.want(key, "reported", after)
@@ -177,6 +187,9 @@ class LeaderState:
     def want(self, keys: Iterable[str], op: Op) -> None:
         for key in self.counters(keys):
             self._hold(key, op)
+            if op == "track" and key in self.queue:
+                # The latest sighting: a claim after it may be of the episode it began.
+                self._unlooked[key] = self._marked.get(key, self._start_after)
 
     def _hold(self, key: str, op: Op, after: int | None = None) -> None:
         """Queue ``key``, unless Redis refuses writes and the bound is reached."""
@@ -203,6 +216,7 @@ class LeaderState:
     def on_events(self, batch: list[Message]) -> Heard:
         """Queue what a batch of pub/sub messages asks for, in order."""
         changed: list[str] = []
+        removed: dict[str, bool] = {}  # key -> whether its last event removed it
         redeliver = False
         notified = touched = 0
         for msg in batch:
@@ -217,12 +231,17 @@ class LeaderState:
             elif msg.channel == self.redeliver_channel:
                 redeliver = True
             elif msg.data != "expired":
-                changed.append(key_from_channel(msg.channel))
+                changed.append(key := key_from_channel(msg.channel))
+                removed[key] = msg.data in _REMOVED
                 notified += 1
             else:
                 self._on_expired(key_from_channel(msg.channel))
                 notified += 1
         self.want(changed, "track")
+        for key in [k for k, gone in removed.items() if gone]:
+            # Seen removed: its look only forgets it (one in a call now as well).
+            self._unlooked.pop(key, None)
+            self._looking.pop(key, None)
         return Heard(notified, touched, redeliver)
 
     def _on_expired(self, key: str) -> None:
@@ -275,12 +294,21 @@ class LeaderState:
         wanted, keys, afters = taken
         if wanted.claim:
             self._claiming.update(keys)
+        for key in keys:
+            if (seen := self._unlooked.pop(key, None)) is not None:
+                self._looking[key] = seen
         self._deciding += len(keys)
         return Taken(wanted.claim, keys, afters)
 
     def done(self, taken: Taken, decided: bool) -> None:
         self._deciding -= len(taken.keys)
         self.queue.done(taken.keys, decided)
+        for key in taken.keys:
+            seen = self._looking.pop(key, None)
+            if seen is not None and not decided:
+                # Not looked at after all: still only the subscription would show its
+                # expiry (a later sighting, if any, is the one that counts).
+                self._unlooked.setdefault(key, seen)
         if taken.claim:
             self._claiming.difference_update(taken.keys)
             for key in taken.keys:
@@ -329,10 +357,24 @@ class LeaderState:
         """A key whose decision fails unexpectedly: no more looks at it."""
         self.quarantine.add(key, error)
         self.schedule.remove(key)
+        self._unlooked.pop(key, None)
+        self._looking.pop(key, None)
 
     def take_reported(self) -> list[tuple[str, int]]:
-        """For a graceful handoff: :meth:`DecisionQueue.take_reported`."""
-        return self.queue.take_reported()
+        """What only this leader can vouch for, to decide as reported expiries before it
+        lets go of the subscription (a graceful handoff, a resynchronisation): the keys
+        reported expired (:meth:`DecisionQueue.take_reported`), and the keys seen but
+        not yet looked at. Redis has no trace of one of the latter that expires before a
+        look (no recorded deadline, and it is in no scan): its `expired` event, published
+        while no subscription is there to hear it, would be all. Deciding a live one as
+        reported only records its deadline (spec.claim); a claim made after it was seen
+        makes its expiry an echo, never a second reset."""
+        taken = dict(self.queue.take_reported())
+        for seen in (self._unlooked, self._looking):
+            for key, after in seen.items():
+                taken[key] = max(after, taken.get(key, after))
+            seen.clear()
+        return list(taken.items())
 
 
 def _remember(claims: dict[str, int], key: str, claimed_ms: int) -> None:

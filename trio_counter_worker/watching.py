@@ -119,6 +119,7 @@ class Watch:
         if (warning := self._metrics.eviction(await self._store.memory_policy())) is not None:
             log.warning(warning, extra={"event": "eviction_policy"})
         await self._install_functions()
+        self.drain()  # what the last subscription heard is kept over the resync
         send, receive = trio.open_memory_channel[list[Message]](64)
         self._events = receive
         pattern = self._config.keys.keyspace(self._config.redis_db)

@@ -1,0 +1,66 @@
+"""A Redis stall (DEBUG SLEEP) past the socket timeout, in exact time.
+
+A key set the instant a stall begins has no recorded deadline yet: the leader's look
+(TRACK) waits behind the stall and fails at the socket timeout, so the leader
+resynchronises. The key expires during the stall; Redis publishes `expired` on waking,
+before the new subscription exists. Redis then has no trace of it (not in a scan, no
+recorded deadline): only the leader's memory of having seen it set can reset it.
+
+The fake store's ``debug_sleep`` orders this exactly (tests/fakes.py); bench/stall.py
+shows it on a real Redis.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from tests.fakes import FakeStore
+from tests.test_leader import Backend, Harness, start_worker, wait_until
+
+pytestmark = pytest.mark.fail_after(600)
+
+
+@pytest.fixture
+def harness() -> Harness:
+    return Harness(FakeStore("c:*"), Backend())
+
+
+async def test_a_key_set_as_a_stall_begins_and_expiring_during_it_is_reset(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = harness.store
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        await trio.sleep(1.5)  # half a renewal after the last: the lease outlives the stall
+        store.set_key("c:unseen", 1.7)
+        store.debug_sleep(2.0)
+        await wait_until(lambda: bool(harness.resets))
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert [e for _, e in harness.elected] == [1]  # one leadership: resynchronised only
+    (reset,) = [r for _, r, _ in harness.resets]
+    assert reset.key == "c:unseen"
+    assert reset.deadline_ms == 3_500  # seen expired on waking: its true end is unknown
+    assert not store.deadlines
+    assert not store.pending_resets
+
+
+async def test_a_key_deleted_before_the_stall_is_not_reset(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Only what may have expired unheard is carried over: a key whose `del` came last
+    before the stall is not, though its look waited behind the stall as well."""
+    store = harness.store
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        await trio.sleep(1.5)
+        store.set_key("c:gone", 1.7)
+        store.delete_key("c:gone")
+        store.set_key("c:kept", 0.5)
+        store.debug_sleep(2.0)
+        await wait_until(lambda: bool(harness.resets))
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert [r.key for _, r, _ in harness.resets] == ["c:kept"]
