@@ -26,12 +26,15 @@ def sent(log: logging.Logger, attempts: int, latency_ms: float) -> None:
 
 
 def test_resets_are_counted_and_summed_up_once_per_interval(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
 ) -> None:
     clock = Clock()
     log = logging.getLogger("test.resets")
     summary = ResetSummary(logging.getLogger("test.summary"), every=10.0, clock=clock)
+    # pytest keeps one caplog handler for the whole session: the filter must not outlive
+    # this test, or it swallows the next tests' "reset sent" lines.
     caplog.handler.addFilter(summary)
+    request.addfinalizer(lambda: caplog.handler.removeFilter(summary))
     caplog.set_level(logging.INFO)
     for i in range(800):  # 800 a second for 10 s
         clock.now = 100.0 + i / 80
