@@ -26,6 +26,7 @@ from .http_client import (
 )
 from .keyspace import wire_text
 from .metrics import Metrics
+from .outbox import requests_at_once
 from .retry import Verdict, classify, parse_retry_after
 from .store import PendingReset
 
@@ -295,7 +296,7 @@ async def _drain(response: httpx.Response) -> None:
 
 @asynccontextmanager
 async def open_lanes(config: Config) -> AsyncIterator[list[httpx.AsyncClient] | list[Lane]]:
-    """One lane per request in flight (MAX_IN_FLIGHT), closed on exit: a
+    """One lane per request in flight (:func:`~.outbox.requests_at_once`), closed on exit: a
     :class:`~.http_client.Lane` each, or, with a proxy configured in the environment
     (which httpx honours), an httpx client each as before. One TLS context shared by
     all, as httpx would build it (certifi's CAs)."""
@@ -311,11 +312,11 @@ async def open_lanes(config: Config) -> AsyncIterator[list[httpx.AsyncClient] | 
                         follow_redirects=False,
                     )
                 )
-                for _ in range(config.max_in_flight)
+                for _ in range(requests_at_once(config.max_in_flight))
             ]
             return
         endpoint = Endpoint(config.reset_endpoint_url, fixed_headers(config.reset_secret))
-        lanes = [Lane(endpoint, tls) for _ in range(config.max_in_flight)]
+        lanes = [Lane(endpoint, tls) for _ in range(requests_at_once(config.max_in_flight))]
         for lane in lanes:
             stack.push_async_callback(lane.aclose)
         yield lanes
