@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 import pytest
 import redis
 
+from bench.common import wait_until
 from tests.support.backend import Hang, Received, RecordingBackend, by_key
 from tests.support.procs import SpawnWorker, WorkerProcess
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
-
-T = TypeVar("T")
 
 START = 15.0  # interpreter start + connect + first election, on a loaded machine
 RESET_TIMEOUT_MS = 3000
@@ -31,17 +29,6 @@ RESET_TIMEOUT_MS = 3000
 # plus a margin generous for a loaded 2-core machine; well under the 1 s+ it was.
 LATE = 0.5
 HANGING = [f"c:hang-{n}" for n in range(3)]
-
-
-def wait_until(check: Callable[[], T | None], what: str, timeout: float) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
-        time.sleep(0.005)
 
 
 @pytest.fixture
@@ -91,7 +78,7 @@ def lateness(backend: RecordingBackend, deadlines: dict[str, float]) -> dict[str
         got = {key: requests_for(backend, key) for key in deadlines}
         return got if all(got.values()) else None
 
-    got = wait_until(arrived, "every healthy reset", 10.0)
+    got = wait_until(arrived, 10.0, "every healthy reset")
     return {key: got[key][0].received_at - due for key, due in deadlines.items()}
 
 
@@ -103,8 +90,8 @@ def test_healthy_resets_are_not_held_behind_requests_that_hang(
             client.set(key, 1, px=100)
         wait_until(
             lambda: {r.key for r in backend.requests} >= set(HANGING),
-            "a first (hanging) request for every hanging counter",
             10.0,
+            "a first (hanging) request for every hanging counter",
         )
         # Due while all three hang (RESET_TIMEOUT_MS 3 s): on 68e5110 they waited.
         first = lateness(backend, set_healthy(client, [f"c:ok-{n}" for n in range(6)], 0.3))
@@ -112,8 +99,8 @@ def test_healthy_resets_are_not_held_behind_requests_that_hang(
         # Then due while the hanging counters' retries are in the air or waiting.
         wait_until(
             lambda: all(len(requests_for(backend, key)) >= 2 for key in HANGING),
-            "a retry of every hanging counter",
             RESET_TIMEOUT_MS / 1000 + 10.0,
+            "a retry of every hanging counter",
         )
         second = lateness(backend, set_healthy(client, [f"c:again-{n}" for n in range(6)], 0.1))
         assert_prompt(second)
