@@ -12,6 +12,12 @@ and the RecordingBackend. Three scenarios:
   due at once halfway through it: their first attempts are fresh resets like the
   healthy ones, so this shows what a burst of new failing resets costs before they are
   known to fail.
+- **D, hanging at 2** and **E, hanging at 32** (issue 21 item 4): MAX_IN_FLIGHT 2 with 3
+  counters ``c:hang:i`` whose requests the backend never answers, or MAX_IN_FLIGHT 32
+  with 40 of them, all due at once; the healthy schedule of A starts 0.3 s later, so
+  healthy resets fall due while the hanging first attempts are in the air, then while
+  their retries are (they hang too, every 2 s timeout and backoff). On 68e5110 the
+  hanging attempts held the couriers until their timeout.
 
 Healthy latency = POST received at the backend - the key's deadline (``SET PXAT``, so the
 deadline is exact). A healthy reset not received ``--cap`` s after the last deadline
@@ -23,6 +29,8 @@ invocation: A new, A old, B new, B old, C new, C old (the next round starts with
 a fresh Redis and backend for every run.
 
     .venv/bin/python -m bench.poison [--quick] [--rounds 1] [--scenarios A-clean ...]
+    .venv/bin/python -m bench.poison --scenarios D-hang-at-2 E-hang-at-32 --rounds 2
+        # against 68e5110; writes bench/results/poison-hanging.json
 """
 
 from __future__ import annotations
@@ -60,12 +68,21 @@ HEALTHY_AFTER_S = 6.0  # healthy keys are set this long after the poison deadlin
 HEALTHY_LEAD_S = 1.0  # first healthy deadline this far after they are set
 TARGET_EXTRA_P99_MS = 5.0  # B's p99 within this of the same code's p99 in A
 IN_AIR_S = RESET_TIMEOUT_MS / 1000 - 0.1
-SCENARIOS = ("A-clean", "B-poisoned", "C-poison-burst")
+SCENARIOS = ("A-clean", "B-poisoned", "C-poison-burst", "D-hang-at-2", "E-hang-at-32")
+# Hanging scenarios: (MAX_IN_FLIGHT, hanging counters).
+HANGING = {"D-hang-at-2": (2, 3), "E-hang-at-32": (32, 40)}
+HANG_LEAD_S = 0.3  # first healthy deadline this far after the hanging ones
+BASE_HANGING = "68e5110"  # before slow attempts gave their couriers back
 
 
 def poison_behaviours() -> dict[str, Behaviour]:
     """Even poison keys get 404, odd ones a hang until the worker gives up on the request."""
     return {f"c:p:{i}": Respond(404) if i % 2 == 0 else Hang(float("inf")) for i in range(POISON)}
+
+
+def hanging_behaviours(n: int) -> dict[str, Behaviour]:
+    """Keys whose every request hangs until the worker gives up on it."""
+    return {f"c:hang:{i}": Hang(float("inf")) for i in range(n)}
 
 
 def run_once(
@@ -74,12 +91,13 @@ def run_once(
     log(f"poison: {scenario}, {code.label} worker ({code.commit})")
     with rig(f"poison-{scenario}-{code.label}") as r:
         client, backend = r.client, r.backend
-        behaviours = poison_behaviours()
+        max_in_flight, hanging = HANGING.get(scenario, (MAX_IN_FLIGHT, 0))
+        behaviours = hanging_behaviours(hanging) if hanging else poison_behaviours()
         backend.behave(by_key(behaviours))
         worker = r.spawn(
             "leader",
             code=code,
-            max_in_flight=MAX_IN_FLIGHT,
+            max_in_flight=max_in_flight,
             extra_env={"RESET_TIMEOUT_MS": str(RESET_TIMEOUT_MS)},
         )
         wait_leader_ready(r)
@@ -99,6 +117,9 @@ def run_once(
         first_ms = int((time.time() + HEALTHY_LEAD_S) * 1000)
         deadlines = {f"c:h:{i}": first_ms + int(i * 1000 / rate) for i in range(n)}
         pipe = client.pipeline(transaction=False)
+        if hanging:
+            for key in behaviours:
+                pipe.set(key, "1", pxat=first_ms - int(HANG_LEAD_S * 1000))
         for key, dl in deadlines.items():
             pipe.set(key, "1", pxat=dl)
         if scenario == "C-poison-burst":
@@ -130,7 +151,7 @@ def run_once(
         )
         hangs_in_window = [t for t in hangs if window[0] <= t <= window[1]]
         problems = log_problems(worker, limit=100_000)
-        poison_lines = [ln for ln in problems if re.search(r"'c:p:\d+'", ln)]
+        poison_lines = [ln for ln in problems if re.search(r"'c:(p|hang):\d+'", ln)]
         other_lines = [ln for ln in problems if ln not in poison_lines]
         result: dict[str, Any] = {
             "scenario": scenario,
@@ -140,8 +161,11 @@ def run_once(
             "healthy_arrived": len(first),
             "healthy_latency_ms": summarize(lat, 1000),
             "healthy_over_100ms": sum(1 for x in lat if x > 0.1),
+            "healthy_over_500ms": sum(1 for x in lat if x > 0.5),
+            "healthy_over_1s": sum(1 for x in lat if x > 1.0),
+            "max_in_flight": max_in_flight,
             "healthy_duplicate_posts": sum(c - 1 for c in per_key.values()),
-            "poison_keys": 0 if scenario == "A-clean" else POISON,
+            "poison_keys": 0 if scenario == "A-clean" else len(behaviours),
             "poison_attempted_before_healthy": len(poison_seen),
             "poison_posts": len(poison_posts),
             "poison_posts_per_s_in_window": round(len(in_window) / (window[1] - window[0]), 2),
@@ -157,7 +181,8 @@ def run_once(
         s = result["healthy_latency_ms"]
         log(
             f"  healthy {len(first)}/{n}: p50 {fmt_ms(s.get('p50'))} p99 {fmt_ms(s.get('p99'))} "
-            f"max {fmt_ms(s.get('max'))}; poison attempted before the healthy ones: "
+            f"max {fmt_ms(s.get('max'))}, over 100 ms {result['healthy_over_100ms']}, over "
+            f"1 s {result['healthy_over_1s']}; poison attempted before the healthy ones: "
             f"{len(poison_seen)}; poison POSTs/s meanwhile "
             f"{result['poison_posts_per_s_in_window']}; hangs in the air at most "
             f"{result['poison_hangs_in_air_max']} (while healthy ones fell due: "
@@ -189,12 +214,18 @@ def main() -> None:
         help="seconds after the last deadline to wait for healthy resets",
     )
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--base", default=BASE_COMMIT, help="the commit to compare with")
+    parser.add_argument(
+        "--base",
+        help=f"the commit to compare with (default {BASE_COMMIT}; {BASE_HANGING} when only "
+        "hanging scenarios run)",
+    )
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 s, 5 s cap")
     args = parser.parse_args()
     if args.quick:
         args.duration, args.cap = 8.0, 5.0
+    if args.base is None:
+        args.base = BASE_HANGING if set(args.scenarios) <= set(HANGING) else BASE_COMMIT
     runs: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         new = measured_code()
@@ -219,6 +250,12 @@ def main() -> None:
         for stat in ("p50", "p99", "max"):
             pairs = zip(p("new", scenario, stat), p("old", scenario, stat), strict=True)
             comparison[f"{scenario} {stat} new/old"] = [ratio(a, b) for a, b in pairs]
+        for side in ("new", "old"):
+            comparison[f"{scenario} {side}: healthy over 100 ms / 1 s"] = [
+                (run["healthy_over_100ms"], run["healthy_over_1s"])
+                for run in runs
+                if run["code"] == side and run["scenario"] == scenario
+            ]
     problems = []
     for run in runs:
         tag = f"{run['scenario']} {run['code']} round {run['round']}"
@@ -232,6 +269,8 @@ def main() -> None:
             problems.append(f"{tag}: {run['healthy_duplicate_posts']} duplicate healthy POSTs")
         if run["log_problems_other"]:
             problems.append(f"{tag}: worker logged warnings not about poison keys")
+        if run["scenario"] in HANGING and run["healthy_over_500ms"]:
+            problems.append(f"{tag}: {run['healthy_over_500ms']} healthy resets over 500 ms late")
     for rnd in range(args.rounds if {"A-clean", "B-poisoned"} <= set(args.scenarios) else 0):
         clean_run, poisoned_run = (
             next(x for x in runs if x["code"] == "new" and x["round"] == rnd and x["scenario"] == s)
@@ -242,10 +281,12 @@ def main() -> None:
         if a is None or b is None or b > a + TARGET_EXTRA_P99_MS:
             problems.append(f"round {rnd}: new code's poisoned p99 {b} ms vs clean {a} ms")
     write_result(
-        "poison",
+        # A run of the hanging scenarios alone keeps the other scenarios' results.
+        "poison-hanging" if set(args.scenarios) <= set(HANGING) else "poison",
         {
             "params": {
                 "max_in_flight": MAX_IN_FLIGHT,
+                "hanging_max_in_flight_and_counters": HANGING,
                 "reset_timeout_ms": RESET_TIMEOUT_MS,
                 "poison": POISON,
                 "poison_404": POISON // 2,

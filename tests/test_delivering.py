@@ -7,6 +7,7 @@ Trio's autojump clock, every time asserted exactly (the fake store answers at on
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from trio_counter_worker.delivering import Deliveries
 from trio_counter_worker.delivery import Attempt
 from trio_counter_worker.metrics import Metrics
 from trio_counter_worker.outage import OutageLog
+from trio_counter_worker.outbox import requests_at_once
 from trio_counter_worker.retry import RetryPolicy
 from trio_counter_worker.store import FailingNote, PendingReset
 
@@ -30,6 +32,8 @@ pytestmark = pytest.mark.fail_after(600)
 HOLDER = "h1"
 OK = Attempt("done", 200)
 BUSY = Attempt("retry", 503, "HTTP 503", retry_after=1.0)  # retry_after: no jitter
+TIMEOUT = 5.0  # RESET_TIMEOUT_MS's default
+TIMED_OUT = Attempt("retry", None, "no answer within RESET_TIMEOUT_MS=5000")
 
 
 @attrs.define
@@ -46,9 +50,36 @@ class ScriptedSender:
 
 
 @attrs.define
+class TimedSender:
+    """A backend taking ``takes[reset_id]`` s to answer each reset (0 unless listed):
+    OK, or a timeout once that reaches TIMEOUT. Checks that no lane carries two requests
+    at once (a lane is one connection) and counts the requests in the air."""
+
+    takes: dict[str, float]
+    sent: list[tuple[float, str, int, int]] = attrs.Factory(list)  # time, id, token, lane
+    busy_lanes: set[int] = attrs.Factory(set)
+    most_in_air: int = 0
+
+    async def attempt(self, reset: PendingReset, fencing_token: int, lane: int = 0) -> Attempt:
+        assert lane not in self.busy_lanes, f"two requests at once on lane {lane}"
+        self.busy_lanes.add(lane)
+        self.most_in_air = max(self.most_in_air, len(self.busy_lanes))
+        self.sent.append((trio.current_time(), reset.reset_id, fencing_token, lane))
+        takes = self.takes.get(reset.reset_id, 0.0)
+        try:
+            await trio.sleep(min(takes, TIMEOUT))
+        finally:
+            self.busy_lanes.discard(lane)
+        return OK if takes < TIMEOUT else TIMED_OUT
+
+    def times(self, reset_id: str) -> list[float]:
+        return [t for t, sent_id, *_ in self.sent if sent_id == reset_id]
+
+
+@attrs.define
 class Rig:
     store: FakeStore
-    sender: ScriptedSender
+    sender: ScriptedSender | TimedSender
     deliveries: Deliveries
     metrics: Metrics
     resets: list[tuple[PendingReset, int]]  # what on_reset heard
@@ -59,7 +90,9 @@ class Rig:
 
 @asynccontextmanager
 async def delivering(
-    answers: list[Attempt], give_up_after: float | None = None, max_in_flight: int = 4
+    answers: list[Attempt] | TimedSender,
+    give_up_after: float | None = None,
+    max_in_flight: int = 4,
 ) -> AsyncIterator[Rig]:
     store = FakeStore("c:*")
     view = await store.acquire(HOLDER, "r1", 3_600_000, 0)
@@ -71,7 +104,7 @@ async def delivering(
         max_in_flight=max_in_flight,
         reset_give_up_after=give_up_after,
     )
-    sender = ScriptedSender(answers)
+    sender = answers if isinstance(answers, TimedSender) else ScriptedSender(answers)
     metrics = Metrics()
     resets: list[tuple[PendingReset, int]] = []
     deliveries = Deliveries(
@@ -160,3 +193,74 @@ async def test_a_reset_failing_past_the_limit_is_buried_in_the_dead_letters(
         assert rig.resets == []
         assert rig.gauge("tcw_dead_resets_total") == 1.0
         assert rig.gauge("tcw_pending_resets") == 0.0
+
+
+# --- attempts that hang give their courier back ----------------------------------------
+
+
+@pytest.mark.parametrize("hanging", [1, 3])
+async def test_a_healthy_reset_is_not_held_behind_hanging_ones(
+    autojump_clock: trio.testing.MockClock, hanging: int
+) -> None:
+    """MAX_IN_FLIGHT 1: each hanging request gives the one courier back 0.1 s after it
+    began (each went at 0.0, 0.1, 0.2), and goes on in the slow pool. Before, the
+    healthy reset waited for the first timeout (5 s)."""
+    hangs = [f"id-c:h{n}" for n in range(hanging)]
+    sender = TimedSender(dict.fromkeys(hangs, math.inf))
+    async with delivering(sender, max_in_flight=1) as rig:
+        for n in range(hanging):
+            rig.deliveries.deliver(pending(rig.store, f"c:h{n}"))
+        due = 0.1 * hanging - 0.05  # while the last hanging request holds the courier
+        await trio.sleep(due)
+        healthy = pending(rig.store, "c:ok")
+        rig.deliveries.deliver(healthy)
+        await wait_for(lambda: rig.resets)
+        assert [sender.times(h)[0] for h in hangs] == pytest.approx(
+            [0.1 * n for n in range(hanging)]
+        )
+        (sent_at,) = sender.times(healthy.reset_id)
+        assert sent_at - due <= 0.1
+        assert sent_at == pytest.approx(0.1 * hanging)
+        assert rig.resets == [(healthy, 1)]
+        # The hanging requests time out in the slow pool and are retried, as before.
+        await wait_for(lambda: all(len(sender.times(h)) >= 2 for h in hangs))
+        assert all(sender.times(h)[1] >= TIMEOUT for h in hangs)
+        assert sender.most_in_air <= requests_at_once(1)
+        await wait_for(lambda: set(rig.store.failing_notes) == set(hangs))
+
+
+async def test_a_slow_attempt_that_succeeds_is_marked_sent_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sender = TimedSender({"id-c:slow": 2.0})
+    async with delivering(sender, max_in_flight=1) as rig:
+        slow = pending(rig.store, "c:slow")
+        rig.deliveries.deliver(slow)
+        await trio.sleep(0.5)
+        rig.deliveries.deliver(slow)  # heard again while it is slow: still one request
+        other = pending(rig.store, "c:other")
+        rig.deliveries.deliver(other)
+        await wait_for(lambda: len(rig.resets) == 2)
+        assert rig.resets == [(other, 1), (slow, 1)]
+        assert [(t, r) for t, r, *_ in sender.sent] == [(0.0, slow.reset_id), (0.5, other.reset_id)]
+        assert rig.store.pending_resets == {}
+        assert rig.store.failing_notes == {}
+
+
+async def test_past_the_slow_pool_a_hanging_attempt_keeps_its_courier(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """MAX_IN_FLIGHT 1, a slow pool of 4: the fifth hanging reset holds the courier
+    until the first times out (the stated bound on requests at once: 5)."""
+    hangs = [f"id-c:h{n}" for n in range(5)]
+    sender = TimedSender(dict.fromkeys(hangs, math.inf))
+    async with delivering(sender, max_in_flight=1) as rig:
+        for n in range(5):
+            rig.deliveries.deliver(pending(rig.store, f"c:h{n}"))
+        await trio.sleep(1.0)
+        healthy = pending(rig.store, "c:ok")
+        rig.deliveries.deliver(healthy)
+        await wait_for(lambda: rig.resets)
+        assert sender.most_in_air == requests_at_once(1) == 5
+        # id-c:h0 (sent at 0) times out at 5: h4 moves to the slow pool, the courier is free.
+        assert sender.times(healthy.reset_id) == [TIMEOUT]

@@ -42,6 +42,7 @@ from tests.support.backend import (
 from trio_counter_worker import Config, http_client
 from trio_counter_worker.delivery import Attempt, ResetSender, fixed_headers, open_lanes
 from trio_counter_worker.http_client import Answer, Endpoint, HttpError, HttpxLane, Lane
+from trio_counter_worker.outbox import requests_at_once
 from trio_counter_worker.store import PendingReset
 
 pytestmark = pytest.mark.fail_after(60)
@@ -587,13 +588,13 @@ async def test_a_proxy_in_the_environment_keeps_httpx(monkeypatch: pytest.Monkey
         monkeypatch.delenv(name.upper(), raising=False)
     config = make_config("http://127.0.0.1:9/reset", max_in_flight=2)
     async with open_lanes(config) as lanes:
-        assert [type(lane) for lane in lanes] == [Lane, Lane]
+        assert [type(lane) for lane in lanes] == [Lane] * requests_at_once(2)
     monkeypatch.setenv("NO_PROXY", "localhost")
     assert not http_client.uses_proxy()
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     assert http_client.uses_proxy()
     async with open_lanes(config) as lanes:
-        assert [type(lane) for lane in lanes] == [HttpxLane, HttpxLane]
+        assert [type(lane) for lane in lanes] == [HttpxLane] * requests_at_once(2)
 
 
 # -- TLS ----------------------------------------------------------------------------------

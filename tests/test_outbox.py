@@ -1,13 +1,21 @@
-"""The outbox as plain logic: which reset goes next, retries kept off the couriers."""
+"""The outbox as plain logic: which reset goes next, retries kept off the couriers, slow
+attempts moved off them."""
 
 from __future__ import annotations
 
+import heapq
 import math
+from typing import Literal
 
+import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from trio_counter_worker.outbox import Outbox
+from trio_counter_worker.outbox import SLOW_AFTER, Entry, Outbox, requests_at_once
 from trio_counter_worker.store import PendingReset
+
+COURIERS = 100  # more than these tests take at once: only retry slots limit them
 
 
 def reset(n: int, deadline_ms: int | None = None) -> PendingReset:
@@ -15,42 +23,42 @@ def reset(n: int, deadline_ms: int | None = None) -> PendingReset:
 
 
 def test_fresh_resets_go_oldest_deadline_first_and_once() -> None:
-    box = Outbox(retry_slots=1)
+    box = Outbox(COURIERS, retry_slots=1)
     for n in (3, 1, 2):
         assert box.add(reset(n))
     assert not box.add(reset(1)), "a reset already here is not queued twice"
-    taken = [box.take() for _ in range(4)]
+    taken = [box.take(0.0) for _ in range(4)]
     assert [e.reset.reset_id if e else None for e in taken] == ["id1", "id2", "id3", None]
     assert len(box) == 3  # still here until marked sent
 
 
 def test_a_failed_reset_waits_outside_the_couriers_until_its_retry_time() -> None:
-    box = Outbox(retry_slots=1)
+    box = Outbox(COURIERS, retry_slots=1)
     box.add(reset(1))
-    entry = box.take()
+    entry = box.take(0.0)
     assert entry is not None
     assert box.failed("id1", now=10.0, wall=1000.0, delay=2.0, error="HTTP 500") == "retry"
     assert entry.attempts == 1
     assert entry.last_error == "HTTP 500"
     assert entry.failing_since == 1000.0
-    assert box.take() is None
+    assert box.take(0.0) is None
     assert box.next_retry_at() == 12.0
     assert box.promote(11.9) == 0
     assert box.promote(12.0) == 1
     assert box.next_retry_at() == math.inf
-    again = box.take()
+    again = box.take(0.0)
     assert again is entry
     assert again.retry
 
 
 def test_fresh_resets_go_before_due_retries() -> None:
-    box = Outbox(retry_slots=4)
+    box = Outbox(COURIERS, retry_slots=4)
     box.add(reset(1))
-    assert box.take() is not None
+    assert box.take(0.0) is not None
     box.failed("id1", now=0.0, wall=0.0, delay=1.0, error="x")
     box.promote(5.0)
     box.add(reset(9))
-    first, second = box.take(), box.take()
+    first, second = box.take(0.0), box.take(0.0)
     assert first is not None
     assert first.reset.reset_id == "id9"
     assert second is not None
@@ -58,29 +66,29 @@ def test_fresh_resets_go_before_due_retries() -> None:
 
 
 def test_retries_never_take_more_than_their_slots() -> None:
-    box = Outbox(retry_slots=2)
+    box = Outbox(COURIERS, retry_slots=2)
     for n in range(5):
         box.add(reset(n))
-        assert box.take() is not None
+        assert box.take(0.0) is not None
         box.failed(f"id{n}", now=0.0, wall=0.0, delay=1.0, error="hang")
     box.promote(1.0)
-    taken = [box.take() for _ in range(3)]
+    taken = [box.take(0.0) for _ in range(3)]
     assert [e is not None for e in taken] == [True, True, False]
     # A fresh reset still gets a courier while both retry slots are busy.
     box.add(reset(99))
-    fresh = box.take()
+    fresh = box.take(0.0)
     assert fresh is not None
     assert fresh.reset.reset_id == "id99"
     # A retry that ends frees its slot.
     assert taken[0] is not None
     box.failed(taken[0].reset.reset_id, now=1.0, wall=1.0, delay=5.0, error="hang")
-    assert box.take() is not None
+    assert box.take(0.0) is not None
 
 
 def test_succeeded_then_removed() -> None:
-    box = Outbox(retry_slots=1)
+    box = Outbox(COURIERS, retry_slots=1)
     box.add(reset(1))
-    assert box.take() is not None
+    assert box.take(0.0) is not None
     entry = box.succeeded("id1")
     assert entry.state == "sent"
     assert box.failing() == []
@@ -90,26 +98,26 @@ def test_succeeded_then_removed() -> None:
 
 
 def test_give_up_after_declares_a_reset_dead() -> None:
-    box = Outbox(retry_slots=1, give_up_after=60.0)
+    box = Outbox(COURIERS, retry_slots=1, give_up_after=60.0)
     box.add(reset(1), attempts=4, failing_since=1000.0, last_error="HTTP 404")
-    entry = box.take()
+    entry = box.take(0.0)
     assert entry is not None
     assert box.failed("id1", now=0.0, wall=1059.0, delay=1.0, error="HTTP 404") == "retry"
     box.promote(1.0)
-    assert box.take() is entry
+    assert box.take(0.0) is entry
     assert box.failed("id1", now=2.0, wall=1060.0, delay=1.0, error="HTTP 404") == "dead"
     assert entry.attempts == 6, "the history of an earlier leader carries over"
     box.remove("id1")
     assert len(box) == 0
-    assert box.take() is None
+    assert box.take(0.0) is None
 
 
 def test_failing_lists_failed_resets_oldest_deadline_first() -> None:
-    box = Outbox(retry_slots=1)
+    box = Outbox(COURIERS, retry_slots=1)
     for n in (5, 2, 7):
         box.add(reset(n))
     for _ in range(3):
-        entry = box.take()
+        entry = box.take(0.0)
         assert entry is not None
         if entry.reset.reset_id != "id7":
             box.failed(entry.reset.reset_id, now=0.0, wall=0.0, delay=1.0, error="e")
@@ -117,9 +125,232 @@ def test_failing_lists_failed_resets_oldest_deadline_first() -> None:
 
 
 def test_a_reset_not_being_sent_cannot_be_reported() -> None:
-    box = Outbox(retry_slots=1)
+    box = Outbox(COURIERS, retry_slots=1)
     box.add(reset(1))
     with pytest.raises(RuntimeError, match="not being sent"):
         box.succeeded("id1")
     with pytest.raises(ValueError, match="retry_slots"):
-        Outbox(retry_slots=0)
+        Outbox(1, retry_slots=0)
+    with pytest.raises(ValueError, match="couriers"):
+        Outbox(0)
+
+
+# --- slow attempts give their couriers back -------------------------------------------
+
+
+def taken_id(entry: Entry | None) -> str | None:
+    return entry.reset.reset_id if entry is not None else None
+
+
+def test_an_attempt_in_the_air_past_slow_after_gives_its_courier_back() -> None:
+    box = Outbox(1, slow_slots=2)
+    box.add(reset(1))
+    hanging = box.take(0.0)
+    assert hanging is not None
+    box.add(reset(2))
+    assert box.take(0.05) is None, "the one courier is busy"
+    assert box.next_slow_at() == SLOW_AFTER
+    assert box.slowdown(0.09) == 0
+    assert box.slowdown(0.1) == 1
+    assert hanging.slow
+    assert box.in_air == (0, 1)
+    assert taken_id(box.take(0.1)) == "id2"
+    assert box.in_air == (1, 1)
+    # The slow attempt still ends as any other: here with a 2xx, once.
+    assert box.succeeded("id1") is hanging
+    assert not hanging.slow
+    assert box.in_air == (1, 0)
+    assert box.take(0.2) is None
+
+
+def test_a_full_slow_pool_leaves_the_next_slow_attempt_on_its_courier_until_room() -> None:
+    box = Outbox(1, slow_slots=1)
+    for n in (1, 2, 3):
+        box.add(reset(n))
+    assert taken_id(box.take(0.0)) == "id1"
+    assert box.slowdown(0.1) == 1
+    assert taken_id(box.take(0.1)) == "id2"
+    assert box.next_slow_at() == math.inf, "the slow pool is full"
+    assert box.slowdown(5.0) == 0
+    assert box.take(5.0) is None
+    # id1's request times out: its slow slot goes to id2, whose courier takes id3.
+    assert box.failed("id1", now=5.0, wall=5.0, delay=1.0, error="timeout") == "retry"
+    assert box.next_slow_at() == pytest.approx(0.2)
+    assert box.slowdown(5.0) == 1
+    assert taken_id(box.take(5.0)) == "id3"
+    assert box.in_air == (1, 1)
+
+
+def test_a_slow_retry_frees_its_retry_slot() -> None:
+    box = Outbox(2, retry_slots=1, slow_slots=2)
+    for n in (1, 2):
+        box.add(reset(n))
+        assert box.take(0.0) is not None
+        box.failed(f"id{n}", now=0.0, wall=0.0, delay=1.0, error="timeout")
+    assert box.promote(1.0) == 2
+    first = box.take(1.0)
+    assert first is not None
+    assert first.retry
+    assert box.take(1.0) is None, "one retry slot, taken"
+    assert box.slowdown(1.1) == 1
+    assert not first.retry
+    second = box.take(1.1)
+    assert second is not None
+    assert second.retry
+    assert box.in_air == (1, 1)
+
+
+def test_a_reset_in_the_air_is_never_taken_again() -> None:
+    box = Outbox(1, slow_slots=4)
+    box.add(reset(1))
+    entry = box.take(0.0)
+    assert entry is not None
+    assert box.slowdown(0.1) == 1
+    assert not box.add(reset(1)), "already here"
+    assert box.take(0.2) is None
+    box.failed("id1", now=3.0, wall=3.0, delay=1.0, error="timeout")
+    assert box.take(3.0) is None, "it waits for its retry"
+    box.promote(4.0)
+    assert box.take(4.0) is entry
+
+
+def test_requests_at_once_counts_the_slow_pool() -> None:
+    assert [requests_at_once(m) for m in (1, 2, 4, 32, 1000)] == [5, 6, 8, 64, 2000]
+    assert Outbox(32).slow_slots == 32
+    assert Outbox(1).slow_slots == 4
+
+
+# --- any mix of healthy, failing and hanging resets ------------------------------------
+
+Kind = Literal["healthy", "failing", "hanging"]
+HANG = 1.0  # a hanging attempt's request times out after this
+QUICK = 0.05  # healthy and failing backends answer within this: never slow
+
+
+@attrs.frozen
+class Job:
+    arrive: float
+    kind: Kind
+    answer_in: float  # healthy, failing: how long the backend takes
+    retry_delay: float
+
+
+@attrs.frozen
+class Workload:
+    couriers: int
+    slow_slots: int
+    jobs: list[Job]
+
+
+def workloads(*, hanging_at_most_slow_slots: bool) -> st.SearchStrategy[Workload]:
+    @st.composite
+    def build(draw: st.DrawFn) -> Workload:
+        couriers = draw(st.integers(1, 4))
+        slow_slots = draw(st.integers(1, 6))
+        jobs = draw(
+            st.lists(
+                st.builds(
+                    Job,
+                    arrive=st.floats(0.0, 2.0),
+                    kind=st.sampled_from(["healthy", "failing", "hanging"]),
+                    answer_in=st.floats(0.0, QUICK),
+                    retry_delay=st.floats(0.1, 1.0),
+                ),
+                max_size=30,
+            )
+        )
+        if hanging_at_most_slow_slots:
+            hanging = [n for n, job in enumerate(jobs) if job.kind == "hanging"]
+            for n in hanging[slow_slots:]:
+                jobs[n] = attrs.evolve(jobs[n], kind="healthy")
+        return Workload(couriers, slow_slots, jobs)
+
+    return build()
+
+
+@attrs.define
+class Run:
+    added: dict[str, float] = attrs.Factory(dict)
+    first_taken: dict[str, float] = attrs.Factory(dict)
+    takes: list[tuple[float, str]] = attrs.Factory(list)
+    sent: set[str] = attrs.Factory(set)
+
+
+def simulate(w: Workload, horizon: float = 60.0) -> Run:
+    """Drive an outbox as the couriers and the timer do, event by event, checking at
+    each moment the invariants any workload must keep."""
+    box = Outbox(w.couriers, slow_slots=w.slow_slots)
+    run = Run()
+    arrivals = sorted((job.arrive, n) for n, job in enumerate(w.jobs))
+    ends: list[tuple[float, str]] = []  # (when the attempt in the air ends, reset_id)
+    started: dict[str, float] = {}  # attempts in the air
+    failures: dict[str, int] = {}
+    now = 0.0
+    while now <= horizon:
+        while arrivals and arrivals[0][0] <= now:
+            _, n = arrivals.pop(0)
+            assert box.add(PendingReset(f"id{n}", f"c:{n}", int(w.jobs[n].arrive * 1000), 1))
+            run.added[f"id{n}"] = now
+        while ends and ends[0][0] <= now:
+            _, reset_id = heapq.heappop(ends)
+            del started[reset_id]
+            job = w.jobs[int(reset_id[2:])]
+            # Failing resets fail twice, then are taken; hanging ones hang every time.
+            if job.kind == "healthy" or (job.kind == "failing" and failures[reset_id] >= 2):
+                box.succeeded(reset_id)
+                box.remove(reset_id)
+                run.sent.add(reset_id)
+            else:
+                failures[reset_id] += 1
+                delay = job.retry_delay * 2 ** failures[reset_id]  # backing off, as RetryPolicy
+                box.failed(reset_id, now=now, wall=now, delay=delay, error="e")
+        box.promote(now)
+        box.slowdown(now)
+        while (entry := box.take(now)) is not None:
+            reset_id = entry.reset.reset_id
+            assert reset_id not in started, "a reset sent twice at once"
+            assert reset_id not in run.sent, "a reset sent again after the backend took it"
+            started[reset_id] = now
+            failures.setdefault(reset_id, 0)
+            run.first_taken.setdefault(reset_id, now)
+            run.takes.append((now, reset_id))
+            job = w.jobs[int(reset_id[2:])]
+            answer_in = HANG if job.kind == "hanging" else job.answer_in
+            heapq.heappush(ends, (now + answer_in, reset_id))
+        on_couriers, slow = box.in_air
+        assert on_couriers <= w.couriers
+        assert slow <= w.slow_slots
+        assert on_couriers + slow == len(started)
+        if on_couriers == w.couriers and slow < w.slow_slots:
+            # Every courier is busy, but only with attempts too young to be slow.
+            assert box.next_slow_at() > now
+        moments = [box.next_slow_at(), box.next_retry_at()]
+        moments += [arrivals[0][0]] if arrivals else []
+        moments += [ends[0][0]] if ends else []
+        now = min(moments)
+    return run
+
+
+@settings(max_examples=300, deadline=None)
+@given(workloads(hanging_at_most_slow_slots=False))
+def test_any_mix_keeps_every_bound_and_sends_every_healthy_reset(w: Workload) -> None:
+    run = simulate(w)
+    expected = {f"id{n}" for n, job in enumerate(w.jobs) if job.kind != "hanging"}
+    assert run.sent == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(workloads(hanging_at_most_slow_slots=True))
+def test_hanging_resets_never_hold_a_fresh_one_past_slow_after(w: Workload) -> None:
+    """While no more resets hang than the slow pool holds, a fresh reset waits at most
+    SLOW_AFTER, plus SLOW_AFTER for each MAX_IN_FLIGHT (couriers) resets taken before
+    it (fresh ones due earlier): never for a hanging request to time out."""
+    run = simulate(w)
+    for reset_id, added in run.added.items():
+        taken = run.first_taken[reset_id]
+        ahead = sum(1 for t, other in run.takes if added <= t <= taken and other != reset_id)
+        assert taken - added <= (ahead // w.couriers + 1) * SLOW_AFTER + 1e-9, (
+            reset_id,
+            taken - added,
+            ahead,
+        )

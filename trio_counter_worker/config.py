@@ -554,8 +554,11 @@ class Config:
         validator=_int_in(1, 1000),
         metadata=_env(
             "MAX_IN_FLIGHT",
-            "most reset requests sent at once (1-1000); at most "
-            "half of them are retries of failing resets",
+            "most reset requests in the air that began under 0.1 s ago "
+            "(1-1000); at most half of them retries. A request still unanswered "
+            "after 0.1 s frees its place and goes on among at most max(MAX_IN_FLIGHT, "
+            "4) slow ones: the backend sees at most MAX_IN_FLIGHT + max(MAX_IN_FLIGHT, "
+            "4) requests at once",
             parse=_integer,
             delivery=True,
         ),

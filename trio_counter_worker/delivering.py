@@ -24,7 +24,7 @@ from .hints import with_hint
 from .keyspace import shown_key
 from .metrics import Metrics
 from .outage import OutageLog
-from .outbox import Entry, Outbox
+from .outbox import Entry, Outbox, requests_at_once
 from .retry import Backoff, RetryPolicy
 from .store import FailingNote, PendingReset, Store
 
@@ -70,7 +70,9 @@ class Deliveries:
         policy: RetryPolicy,
         outage: OutageLog,
     ) -> None:
-        self._couriers = config.max_in_flight
+        # One courier per connection (lane): MAX_IN_FLIGHT carry attempts under 0.1 s
+        # old, the others slow ones (see .outbox).
+        self._couriers = requests_at_once(config.max_in_flight)
         self._store = store
         self._sender = sender
         self._holder = holder
@@ -79,10 +81,9 @@ class Deliveries:
         self._metrics = metrics
         self._policy = policy
         self._outage = outage
-        # Retries use at most half the couriers: failing resets never starve fresh ones.
-        self._outbox = Outbox(max(1, config.max_in_flight // 2), config.reset_give_up_after)
+        self._outbox = Outbox(config.max_in_flight, give_up_after=config.reset_give_up_after)
         self._work = trio.lowlevel.ParkingLot()  # couriers wait here for a reset to send
-        self._retry_timer: trio.CancelScope | None = None
+        self._timer: trio.CancelScope | None = None  # for retries due and attempts gone slow
         self._delivered: list[tuple[Entry, Attempt]] = []  # awaiting mark_sent
         self._delivered_lot = trio.lowlevel.ParkingLot()
         self._notes: dict[str, FailingNote] = {}  # to write to Redis, newest per reset
@@ -90,18 +91,18 @@ class Deliveries:
         self._notes_lot = trio.lowlevel.ParkingLot()
 
     async def run(self) -> NoReturn:
-        """The couriers, the retry timer, the noter and the marker, until cancelled.
+        """The couriers, the timer, the noter and the marker, until cancelled.
 
         Cancellation: in-flight requests are abandoned; their resets stay pending in
         Redis and the next leader sends them under the same reset_id.
         """
         async with trio.open_nursery() as nursery:
-            # MAX_IN_FLIGHT couriers: at most that many requests at once, and no task
-            # per reset however large a burst is.
+            # A fixed set of couriers, one per lane: a bounded number of requests at
+            # once, and no task per reset however large a burst is.
             for lane in range(self._couriers):
                 nursery.start_soon(self._courier, lane)
             nursery.start_soon(self._marker)
-            nursery.start_soon(self._run_retry_timer)
+            nursery.start_soon(self._run_timer)
             await self._noter()
 
     def deliver(self, reset: PendingReset, history: FailingNote | None = None) -> None:
@@ -121,12 +122,13 @@ class Deliveries:
             self._work.unpark()
 
     async def _courier(self, lane: int) -> NoReturn:
+        outbox = self._outbox
         while True:
-            entry = self._outbox.take()
+            entry = outbox.take(trio.current_time())
             if entry is None:
                 await self._work.park()
                 continue
-            was_retry = entry.retry
+            self._wind_timer(outbox.next_slow_at())
             try:
                 attempt = await self._sender.attempt(entry.reset, self._lease.epoch, lane)
             except WorkerError:
@@ -134,18 +136,24 @@ class Deliveries:
             except Exception as exc:  # a bug, or a reset it cannot even build: set it aside
                 self._set_aside(entry, exc)
                 continue
+            # Read before the outbox forgets: a retry still on its courier frees a retry
+            # slot; a slow attempt, a slow slot (another attempt may turn slow now).
+            was_retry, was_slow = entry.retry, entry.slow
             if attempt.done:
-                self._outbox.succeeded(entry.reset.reset_id)
+                outbox.succeeded(entry.reset.reset_id)
                 self._delivered.append((entry, attempt))
                 self._delivered_lot.unpark()
             else:
                 self._failed(entry, attempt)
             if was_retry:
                 self._work.unpark()  # a retry slot is free again
+            if was_slow:
+                self._wind_timer(outbox.next_slow_at())
 
     def _set_aside(self, entry: Entry, exc: Exception) -> None:
         reset = entry.reset
         self._outbox.remove(reset.reset_id)
+        self._wind_timer(self._outbox.next_slow_at())  # its slow slot, if any, is free
         self._metrics.quarantined.inc()
         self._metrics.pending.set(len(self._outbox))
         log.error(
@@ -179,8 +187,7 @@ class Deliveries:
             self._burials.append(note)
         else:
             self._notes[reset.reset_id] = note
-            if self._retry_timer is not None and entry.retry_at < self._retry_timer.deadline:
-                self._retry_timer.deadline = entry.retry_at
+            self._wind_timer(entry.retry_at)
         self._notes_lot.unpark()
         self._metrics.failing.set(len(self._outbox.failing()))
         level = logging.WARNING if attempt.verdict == "retry" else logging.ERROR
@@ -196,14 +203,25 @@ class Deliveries:
             else f"retrying in {delay:.2f} s",
         )
 
-    async def _run_retry_timer(self) -> NoReturn:
-        """Wake couriers when failed resets come due: no courier waits on a retry."""
+    def _wind_timer(self, at: float) -> None:
+        """Have the timer go off by ``at`` (trio time)."""
+        timer = self._timer
+        if timer is not None and at < timer.deadline:
+            timer.deadline = at
+
+    async def _run_timer(self) -> NoReturn:
+        """Wake couriers when failed resets come due (no courier waits on a retry), and
+        when attempts turn slow and give their couriers back."""
+        outbox = self._outbox
         while True:
-            with trio.CancelScope(deadline=self._outbox.next_retry_at()) as self._retry_timer:
+            at = min(outbox.next_retry_at(), outbox.next_slow_at())
+            with trio.CancelScope(deadline=at) as self._timer:
                 await trio.sleep_forever()
-            self._retry_timer = None
-            for _ in range(self._outbox.promote(trio.current_time())):
-                self._work.unpark()
+            self._timer = None
+            now = trio.current_time()
+            woken = outbox.promote(now) + outbox.slowdown(now)
+            if woken:
+                self._work.unpark(count=woken)
 
     async def _noter(self) -> NoReturn:
         """Write why resets are failing, and bury those given up on, in batches."""

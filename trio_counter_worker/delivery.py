@@ -28,6 +28,7 @@ from .http_client import (
 )
 from .keyspace import wire_text
 from .metrics import Metrics
+from .outbox import requests_at_once
 from .retry import Verdict, classify, parse_retry_after
 from .store import PendingReset
 
@@ -241,7 +242,7 @@ class ResetSender:
 async def open_lanes(
     config: Config, *, connect: Callable[[], Awaitable[Connection]] | None = None
 ) -> AsyncIterator[list[Transport]]:
-    """One lane per request in flight (MAX_IN_FLIGHT), closed on exit: a
+    """One lane per request in flight (:func:`~.outbox.requests_at_once`), closed on exit: a
     :class:`~.http_client.Lane` each, or, with a proxy configured in the environment
     (which httpx honours), an :class:`~.http_client.HttpxLane` each. One TLS context
     shared by all, as httpx would build it (certifi's CAs). ``connect`` (tests): the
@@ -261,11 +262,14 @@ async def open_lanes(
                 config.reset_endpoint_url,
                 fixed,
             )
-            for _ in range(config.max_in_flight)
+            for _ in range(requests_at_once(config.max_in_flight))
         ]
     else:
         endpoint = Endpoint(config.reset_endpoint_url, fixed)
-        lanes = [Lane(endpoint, tls, connect=connect) for _ in range(config.max_in_flight)]
+        lanes = [
+            Lane(endpoint, tls, connect=connect)
+            for _ in range(requests_at_once(config.max_in_flight))
+        ]
     async with AsyncExitStack() as stack:
         for lane in lanes:
             stack.push_async_callback(lane.aclose)
