@@ -18,6 +18,7 @@ out against a :class:`~trio_counter_worker.store.Store`:
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import NoReturn
 
 import attrs
@@ -119,7 +120,9 @@ class Elector:
         self.epoch_seen = 0  # highest fencing token seen: new epochs never go below it
         self._released = trio.lowlevel.ParkingLot()
         self._release_count = 0
-        self._round_trip = 0.0  # of the last answered acquire
+        # The last answered acquires' round trips: the least of them is the link's, not
+        # a moment when this process was slow to run (which would stretch the grace).
+        self._round_trips: deque[float] = deque(maxlen=8)
         self._unseen_noted = False
 
     @property
@@ -174,7 +177,7 @@ class Elector:
                 continue
             backoff.reset()
             self.last_ok = trio.current_time()
-            self._round_trip = self.last_ok - sent
+            self._round_trips.append(self.last_ok - sent)
             self._outage.recovered(self.last_ok)
             self.epoch_seen = max(self.epoch_seen, view.epoch)
             self._metrics.fencing_token.set(self.epoch_seen)
@@ -227,7 +230,8 @@ class Elector:
         """How long a holder must have been seen gone before its lease is stolen: time
         for a live holder whose connection was cut to notice and stop (a few round
         trips), at least _MIN_GRACE."""
-        return max(_MIN_GRACE, 4 * self._round_trip, self._settle)
+        link = min(self._round_trips, default=0.0)
+        return max(_MIN_GRACE, 4 * link, self._settle)
 
     async def guard(self, lease: Lease) -> None:
         """Raise :class:`LeaseLost` the moment the liveness subscription recorded with
