@@ -29,7 +29,7 @@ from .leader_state import WINDOW, LeaderState
 from .metrics import Metrics
 from .outage import OutageLog
 from .retry import Backoff
-from .store import Message, Store
+from .store import Message, NotificationStatus, Store
 
 __all__ = ["Watch"]
 
@@ -110,15 +110,6 @@ class Watch:
 
     async def _watch(self, backoff: Backoff) -> None:
         self._metrics.reconciled.set(0)
-        status = await self._store.ensure_notifications()
-        if status.changed:
-            log.info("enabled keyspace notifications: notify-keyspace-events=%r", status.flags)
-        if not status.ok:
-            missing = None if status.flags is None else status.missing
-            log.error("%s (Redis said: %s)", enable_hint(missing), status.error)
-        if (warning := self._metrics.eviction(await self._store.memory_policy())) is not None:
-            log.warning(warning, extra={"event": "eviction_policy"})
-        await self._install_functions()
         self.drain()  # what the last subscription heard is kept over the resync
         send, receive = trio.open_memory_channel[list[Message]](64)
         self._events = receive
@@ -132,9 +123,15 @@ class Watch:
             self._state.resubscribed(since)
             nursery.start_soon(self._deciders.run)
             nursery.start_soon(self._consume, receive)
+            # A takeover's first resets before anything that gates none of them: what
+            # the last leader left pending, then the recorded deadlines, the due first.
             await self._load_pending()
-            await self._read_window()  # the recorded deadlines first: the due ones
+            await self._read_window()
             nursery.start_soon(self._keep_window)
+            # The flags are checked after subscribing: a key set while they were off
+            # publishes nothing, and the reconcile below finds it.
+            status = await self._notifications()
+            nursery.start_soon(self._memory_and_functions)
             nursery.start_soon(self._reconcile_after_overflow)
             await self._reconcile()
             backoff.reset()
@@ -142,6 +139,20 @@ class Watch:
                 nursery.start_soon(self._verify_flags, nursery)
             else:
                 nursery.start_soon(self._rescan)
+
+    async def _notifications(self) -> NotificationStatus:
+        status = await self._store.ensure_notifications()
+        if status.changed:
+            log.info("enabled keyspace notifications: notify-keyspace-events=%r", status.flags)
+        if not status.ok:
+            missing = None if status.flags is None else status.missing
+            log.error("%s (Redis said: %s)", enable_hint(missing), status.error)
+        return status
+
+    async def _memory_and_functions(self) -> None:
+        if (warning := self._metrics.eviction(await self._store.memory_policy())) is not None:
+            log.warning(warning, extra={"event": "eviction_policy"})
+        await self._install_functions()
 
     async def _install_functions(self) -> None:
         """The touch library, for apps that mark activity with FCALL tcw_touch. Optional:
