@@ -124,8 +124,9 @@ class Watch:
             nursery.start_soon(self._deciders.run)
             nursery.start_soon(self._consume, receive)
             # A takeover's first resets before anything that gates none of them: what
-            # the last leader left pending, then the recorded deadlines, the due first.
-            await self._load_pending()
+            # the last leader left pending (thousands, after a crash mid-burst), beside
+            # the recorded deadlines, the due first.
+            nursery.start_soon(self._load_pending)
             await self._read_window()
             nursery.start_soon(self._keep_window)
             # The flags are checked after subscribing: a key set while they were off
