@@ -117,6 +117,9 @@ def test_chaos_injects_every_fault_without_missed_or_doubled_resets(tmp_path: Pa
         else:
             assert stats["timeouts"] == 0, shown
             assert stats["failover_ms"]["n"] == stats["count"], shown
+            # The takeover is the behaviour, not a benchmark: a standby holds the lease
+            # (1000 ms) once the old leader's ran out, not at the next fault or restart.
+            # 2.6x the slowest seen (SIGSTOP, 1885 ms; 680 ms typical; load 15, 2 cores).
             assert stats["failover_ms"]["max"] < 5000, shown
     redis = report["faults"]["redis"]
     assert redis["resync_ms"] is not None, shown  # the leader reconnected and reconciled
@@ -169,7 +172,9 @@ def test_chaos_flags_are_rewritten_restored_and_rescanned(tmp_path: Path) -> Non
     assert flags["restored"] == flags["count"], shown  # the leader put every rewrite back
     assert flags["rescan_ms"]["n"] == flags["count"], shown
     assert flags["rewritten_to"][:2] == ["", "Ex"][: flags["count"]], shown
-    assert flags["restore_ms"]["max"] < 2000, shown  # checked every second
+    # Put back by the leader's check, every second, not by anything later (a restart):
+    # three checks' worth, 3x the slowest measured (988 ms, load 15 on 2 cores).
+    assert flags["restore_ms"]["max"] < 3000, shown
     assert flags["sets_while_off"] >= 1, shown  # counters set blind: found by the rescan
 
 
@@ -189,13 +194,15 @@ def test_chaos_slow_redis_adds_the_round_trip(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_chaos_partition_makes_a_standby_take_over(tmp_path: Path) -> None:
     report, cut, shown = _short_run(
-        tmp_path, "partition", "--fault-every", "1", "--partition-seconds", "2"
+        tmp_path, "partition", "--fault-every", "1", "--partition-seconds", "3"
     )
     assert cut["timeouts"] == 0, shown
     assert cut["failover_ms"]["n"] == cut["count"], shown  # a new lease every time ...
     assert cut["standby_took_over"] == cut["count"], shown  # ... taken by another replica
     assert cut["stepped_down"] == cut["count"], shown  # the cut-off leader let go
-    assert cut["failover_ms"]["max"] < 2000, shown  # within the partition: not after it
+    # Taken over within the partition (3 s), not after it healed: that is the behaviour.
+    # 3x the slowest measured (928 ms, load 15 on 2 cores).
+    assert cut["failover_ms"]["max"] < 3000, shown
     assert report["unexpected_exits"] == [], shown
 
 

@@ -48,6 +48,11 @@ from trio_counter_worker.store import PendingReset
 pytestmark = pytest.mark.fail_after(60)
 
 CAP = 64 * 1024
+# Generous (10x): an attempt the lane cuts at its own deadline (0.3-0.5 s below) returns
+# within this even on a loaded machine, while one that waited for the backend's hang or
+# drip (8 s for the slowest, a dripped head; most never end) would not. It catches the
+# waiting; it does not time the lane (bench/ does).
+CUT_SHORT = 5.0
 DISCONNECTED = "Server disconnected without sending a response."
 
 
@@ -460,9 +465,8 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
 async def test_no_answer_is_a_retry(backend: RecordingBackend, behaviour: Any, error: str) -> None:
     backend.respond_with(behaviour)
     async with lane_sender(backend.url, reset_timeout_ms=300) as (sender, lanes):
-        started = trio.current_time()
-        attempt = await sender.attempt(make_reset(), 7)
-        assert trio.current_time() - started < 2.0
+        with trio.fail_after(CUT_SHORT):
+            attempt = await sender.attempt(make_reset(), 7)
         assert lanes[0]._conn is None
         assert (await sender.attempt(make_reset(1), 7)).done  # a fresh connection
     assert (attempt.verdict, attempt.status) == ("retry", None)
@@ -481,7 +485,7 @@ async def test_connection_refused_is_a_connect_error() -> None:
 @pytest.mark.parametrize(
     "behaviour",
     [
-        Drip(0.1, length=64),  # a body that drips: cut at the deadline
+        Drip(0.1, length=200),  # a body that drips (20 s): cut at the deadline
         HeadersThenNothing(),  # a body that never comes
         Endless(),  # a body that never ends: cut at 64 KiB
         Huge(),  # 10 MB announced: not read
@@ -492,9 +496,8 @@ async def test_only_the_status_matters_and_a_long_body_costs_the_connection(
 ) -> None:
     backend.respond_with(behaviour)
     async with lane_sender(backend.url, reset_timeout_ms=500) as (sender, lanes):
-        started = trio.current_time()
-        attempt = await sender.attempt(make_reset(), 7)
-        assert trio.current_time() - started < 2.0
+        with trio.fail_after(CUT_SHORT):
+            attempt = await sender.attempt(make_reset(), 7)
         assert attempt.done
         assert lanes[0]._conn is None
         assert (await sender.attempt(make_reset(1), 7)).done

