@@ -884,6 +884,8 @@ async def test_standby_takes_over_promptly_when_the_leader_stops(
             since_ms = int(hgetall(client, LEASE_KEY)["since_ms"])
             assert since_ms < old_expiry_ms, "the standby slept out the lease: no release seen"
             assert standby.epochs == [epoch + 1]
+            while not leader.deposed:  # its hook may run after the standby is elected
+                await trio.sleep(0.01)
             assert leader.deposed == [epoch]
             assert hgetall(client, LEASE_KEY)["holder"] == workers[standby_id].holder
 
