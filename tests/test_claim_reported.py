@@ -123,13 +123,14 @@ async def test_a_payload_goes_with_its_episode_and_no_further(redis_server: Redi
             assert (await bridge.acquire(HOLDER, "me", 5000, 0)).acquired
             with redis_server.client() as c:
                 c.hset(payloads, mapping={"c:p": b"room \xff7", "c:del": "x", "c:t": "y"})
-                c.set("c:p", 1, px=50)
+                c.set("c:p", 1, px=1000)  # alive when tracked, however loaded the machine
                 c.set("c:del", 1, ex=60)
                 c.set("c:t", 1, ex=60)
             await bridge.track(HOLDER, ["c:p", "c:del", "c:t"])
             with redis_server.client() as c:
                 c.delete("c:del", "c:t")
-            await trio.sleep(0.1)
+                while c.exists("c:p"):  # until it expires
+                    await trio.sleep(0.02)
             (gone_t,) = await bridge.track(HOLDER, ["c:t"])
             claimed, gone = await bridge.claim(HOLDER, ["c:p", "c:del"])
             assert gone_t.kind == "gone"

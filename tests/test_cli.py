@@ -40,7 +40,7 @@ from trio_counter_worker.config import SETTINGS
 
 PREFIX = "trio-counter-worker: error:"
 CLI_TIMEOUT = 15.0  # a run that should fail at once; generous for a loaded machine
-WAIT = 10.0
+WAIT = 30.0  # a worker start on a loaded machine (10 s ran out with 8 test processes)
 AUTH_MESSAGE = "authentication failed"
 RIGHT_PASSWORD = "right-pass"
 WRONG_PASSWORD = "wrong-pass-XYZ-321"

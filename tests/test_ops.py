@@ -288,7 +288,7 @@ def test_status_cli_json_and_exit_codes(redis_server: RedisServer, tmp_path: Pat
     }
     with redis_server.client() as c:
         c.hset(Keys("c:*").lease, mapping={"holder": "x#1", "replica": "web-7", "epoch": 12})
-        c.pexpire(Keys("c:*").lease, 5000)
+        c.pexpire(Keys("c:*").lease, 60_000)  # outlives a CLI start on a loaded machine
     result = run_cli(["status", "--json"], env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()

