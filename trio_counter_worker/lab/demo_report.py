@@ -58,6 +58,9 @@ class Tally:
     latencies: list[float] = attrs.field(factory=list)  # seconds from expiry to reset
     failovers: dict[str, list[float]] = attrs.field(factory=lambda: {"SIGKILL": [], "SIGTERM": []})
     unexpected_exits: int = 0
+    # Resets of touched counters' episodes: whether each carried the payload it was
+    # touched with. None: no counter was touched (no Functions).
+    touch_resets: list[bool] | None = None
 
     def summary(
         self, episodes: Sequence[Episode], faults: Sequence[Fault], rejected: int, t0_wall: float
@@ -94,6 +97,11 @@ class Tally:
             ("handoff after SIGTERM", times("SIGTERM")),
             ("reset latency after expiry p50 / max", lat),
         ]
+        if self.touch_resets is None:
+            carried = "(not run: no Functions)"
+        else:
+            carried = f"{sum(self.touch_resets)} of {len(self.touch_resets)}"
+        rows.insert(5, ("touch resets with their payload", carried))
         if self.unexpected_exits:
             rows.append(("replicas that exited unexpectedly", str(self.unexpected_exits)))
         width = max(len(name) for name, _ in rows)
@@ -108,7 +116,8 @@ class Tally:
             lines.append(
                 f"  doubled: episode {e.number}, {e.key}: {', '.join(self.reset_ids[e.number])}"
             )
-        failed = bool(missed or doubled or self.unexpected or not episodes)
+        lost_payloads = self.touch_resets is not None and not all(self.touch_resets)
+        failed = bool(missed or doubled or self.unexpected or lost_payloads or not episodes)
         if failed:
             lines.append("result: FAILED — see the rows above")
         else:

@@ -2,7 +2,9 @@
 
 Each counter key is set with ``SET key 1 PX <ttl>`` (its deadline read back exactly),
 sometimes re-armed before it expires (activity), then left to expire: an *episode* is
-(key, final deadline). After an idle pause the key starts its next episode.
+(key, final deadline). After an idle pause the key starts its next episode. A key
+given a payload in ``touch`` is marked with ``FCALL tcw_touch`` instead (the ``tcw``
+library must be loaded), so its resets carry that payload.
 :func:`match_posts` says which episode each reset request belongs to, and
 :class:`Settle` when to stop waiting for the last ones.
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -103,6 +105,7 @@ class Step:
     ttl_ms: int = 0  # set, rearm
     left: float = 0.0  # rearm: seconds the key had left
     episode: Episode | None = None  # expired
+    payload: str | None = None  # set, rearm: marked with FCALL tcw_touch and this payload
 
     @property
     def is_set(self) -> bool:
@@ -119,14 +122,21 @@ def clock_offset(client: redis.Redis) -> float:
 
 
 class AppSimulator:
-    """The app on ``keys``, through ``client`` (``decode_responses=True``)."""
+    """The app on ``keys``, through ``client`` (``decode_responses=True``); the keys in
+    ``touch`` are marked with ``FCALL tcw_touch`` and their payload, the others with SET."""
 
     def __init__(
-        self, client: redis.Redis, keys: Sequence[str], plan: AppPlan, rng: random.Random
+        self,
+        client: redis.Redis,
+        keys: Sequence[str],
+        plan: AppPlan,
+        rng: random.Random,
+        touch: Mapping[str, str] | None = None,
     ) -> None:
         self.client = client
         self.plan = plan
         self.rng = rng
+        self.touch = dict(touch or {})  # key -> payload
         self.counters = [Counter(key) for key in keys]
         self.episodes: list[Episode] = []
         self.by_key: dict[str, list[Episode]] = defaultdict(list)
@@ -151,9 +161,18 @@ class AppSimulator:
             c.next_at = mono + first + spacing * i
 
     def set_key(self, key: str, ttl_ms: int, min_left_ms: int) -> int:
-        """Run the SET script; the key's deadline (ms, Redis's clock) or 0 if not set."""
+        """Run the SET script (or ``tcw_touch``); the key's deadline (ms, Redis's clock)
+        or 0 if not set."""
         ttl_ms = max(ttl_ms, self.min_ttl_ms)
-        return int(self._script(keys=[key], args=[ttl_ms, min_left_ms]))
+        payload = self.touch.get(key)
+        if payload is None:
+            return int(self._script(keys=[key], args=[ttl_ms, min_left_ms]))
+        # FCALL may not run inside a script, so a re-arm checks the time left first: the
+        # margin (hundreds of ms) dwarfs the round trip between the two commands.
+        if min_left_ms > 0 and int(self.client.pttl(key)) < min_left_ms:
+            return 0
+        answer: Any = self.client.fcall("tcw_touch", 1, key, ttl_ms, payload)
+        return int(answer[0])  # [deadline_ms, deployments matched, earlier claimed]
 
     def step(self, mono: float) -> list[Step]:
         """Take every counter's step that is due by ``mono`` (monotonic)."""
@@ -175,7 +194,7 @@ class AppSimulator:
                 c.began = time.time()
                 c.rearms = 0
                 c.earlier = []
-                steps.append(Step("set", c.key, ttl))
+                steps.append(Step("set", c.key, ttl, payload=self.touch.get(c.key)))
                 self.plan_next(c, ttl)
             elif c.state == "rearm":
                 ttl = self.rng.randint(*self.plan.ttl_ms)
@@ -188,7 +207,7 @@ class AppSimulator:
                 c.earlier.append(c.deadline_ms)
                 c.deadline_ms = deadline
                 c.rearms += 1
-                steps.append(Step("rearm", c.key, ttl, left))
+                steps.append(Step("rearm", c.key, ttl, left, payload=self.touch.get(c.key)))
                 self.plan_next(c, ttl)
         return steps
 
