@@ -36,6 +36,7 @@ import redis
 from ..errors import FunctionsUnavailable
 from ..functions import install as install_functions
 from ..keys import Keys
+from ..ops import server_name
 from .demo_faults import Faults
 from .demo_report import Tally
 from .demo_report import ms as _ms
@@ -161,7 +162,7 @@ class _Demo:
         self.client = stage.start_redis()
         info: Any = self.client.info("server")
         self.say(
-            f"redis-server {info.get('redis_version', '?')} on {HOST}:"
+            f"{server_name(info)} on {HOST}:"
             f"{stage.redis_server.port} ({stage.binary})"
         )
         self.touch = touch_plan(self.client, self.say)
