@@ -613,7 +613,7 @@ def _listen_sync(
             trio.from_thread.run_sync(task_status.started, since)
             if early:
                 trio.from_thread.run(send.send, early)
-            read = _batch_reader(pubsub.connection)
+            read = _batch_reader(pubsub)
             while True:
                 trio.from_thread.check_cancelled()
                 master.follow()
@@ -634,19 +634,19 @@ def _listen_sync(
         pubsub.close()
 
 
-def _batch_reader(conn: Any) -> Callable[[float], list[Message]]:
-    """A reader of the messages that arrived on a subscribed connection, up to
+def _batch_reader(pubsub: Any) -> Callable[[float], list[Message]]:
+    """A reader of the messages that arrived on a subscription, up to
     ``_MAX_BATCH`` at a time, waiting at most ``timeout`` for the first.
 
     PubSub.get_message costs ~4 us a message in redis-py's layers (~10 without hiredis);
     a 200k re-arm is 400k events, and a listener that falls that far behind is closed by
     Redis (client-output-buffer-limit pubsub 32mb 8mb 60). With hiredis the replies are
     taken from its reader directly, every whole reply of one recv in a row (~0.25 us
-    each); without it, from the connection's parser (~2 us each).
+    each); without it (or should redis-py's internals change), by get_message.
     """
-    parser: Any = getattr(conn, "_parser", None)
+    parser: Any = getattr(pubsub.connection, "_parser", None)
     if getattr(parser, "_reader", None) is None or not hasattr(parser, "read_from_socket"):
-        return partial(_read_replies, conn)
+        return partial(_get_messages, pubsub)
     from redis._parsers.hiredis import NOT_ENOUGH_DATA
 
     def read(timeout: float) -> list[Message]:
@@ -668,14 +668,14 @@ def _batch_reader(conn: Any) -> Callable[[float], list[Message]]:
     return read
 
 
-def _read_replies(conn: Any, timeout: float) -> list[Message]:
+def _get_messages(pubsub: Any, timeout: float) -> list[Message]:
     batch: list[Message] = []
-    if not conn.can_read(timeout):
-        return batch
-    while len(batch) < _MAX_BATCH:
-        _add_message(batch, conn.read_response())
-        if not conn.can_read(0):
-            break
+    msg = pubsub.get_message(timeout=timeout)
+    while msg is not None and len(batch) < _MAX_BATCH:
+        if msg["type"] in ("message", "pmessage"):
+            batch.append(Message(channel=msg["channel"], data=msg["data"]))
+        if len(batch) < _MAX_BATCH:
+            msg = pubsub.get_message(timeout=0)
     return batch
 
 
