@@ -156,7 +156,7 @@ def _function(frame: str) -> str:
     return f"{name} ({where.rsplit(':', 1)[0]})" if where else name
 
 
-def start_profile(pid: int, out: Path) -> subprocess.Popen[bytes]:
+def start_profile(pid: int, out: Path, gil: bool = False) -> subprocess.Popen[bytes]:
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
         raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
@@ -173,6 +173,9 @@ def start_profile(pid: int, out: Path) -> subprocess.Popen[bytes]:
             "raw",
             "--threads",
             "--nonblocking",
+            # Only the thread holding the GIL: on a busy machine a thread waiting for a
+            # core (after a send woke the backend, say) otherwise counts as working.
+            *(["--gil"] if gil else []),
             "--output",
             str(out),
         ],
@@ -193,7 +196,11 @@ def stop_profile(proc: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
 
 
 def run_burst(
-    n_keys: int, max_in_flight: int, profile_dir: Path | None = None, backend_s: float = 0.0
+    n_keys: int,
+    max_in_flight: int,
+    profile_dir: Path | None = None,
+    backend_s: float = 0.0,
+    gil: bool = False,
 ) -> dict[str, Any]:
     slow = f", backend answering in {backend_s * 1000:.0f} ms" if backend_s else ""
     log(f"burst: {n_keys} keys within {SPREAD_S:.0f} s, MAX_IN_FLIGHT={max_in_flight}{slow}")
@@ -205,7 +212,7 @@ def run_burst(
         wait_leader_ready(r)
         rss_before = rss_mib(worker.pid)
         profile_out = profile_dir / f"burst-{max_in_flight}.txt" if profile_dir else None
-        spy = start_profile(worker.pid, profile_out) if profile_out else None
+        spy = start_profile(worker.pid, profile_out, gil) if profile_out else None
 
         first_ms = int((time.time() + LEAD_S) * 1000)
         deadlines = {
@@ -368,6 +375,11 @@ def main() -> None:
         help="sample the leader with py-spy into DIR (see above)",
     )
     parser.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="with --profile: sample only the thread holding the GIL (Python's own CPU)",
+    )
+    parser.add_argument(
         "--backend-ms",
         type=float,
         default=0.0,
@@ -396,7 +408,10 @@ def main() -> None:
             f"client {cal['client_cpu_ms_per_request']} ms CPU/request"
         )
         calibration.append(cal)
-    runs = [run_burst(args.keys, m, args.profile, args.backend_ms / 1000) for m in args.in_flight]
+    runs = [
+        run_burst(args.keys, m, args.profile, args.backend_ms / 1000, args.profile_gil)
+        for m in args.in_flight
+    ]
     problems = []
     for run in runs:
         tag = f"MAX_IN_FLIGHT {run['max_in_flight']}"
