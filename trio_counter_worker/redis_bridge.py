@@ -1,9 +1,11 @@
 """The one module that talks to redis-py: its sync client, run from trio in threads.
 
 redis-py's asyncio client does not run under trio, so each command runs in a worker
-thread (``trio.to_thread.run_sync``) with a socket timeout shorter than the lease, and
-each pub/sub connection is owned by one thread from creation to close, polling with a
-short timeout and forwarding messages into a trio channel.
+thread (``trio.to_thread.run_sync``) with a socket timeout shorter than the lease; the
+leader's counter scripts go as pipelines, one thread hop for all the calls made meanwhile
+(:class:`_Pipelines`). Each pub/sub connection is owned by one thread from creation to
+close, reading whole batches of messages with a short timeout and forwarding them into a
+trio channel.
 
 redis-py's own retries are turned off: the worker retries at the trio level, where it
 knows its deadlines, and a silent reconnect would hide lost pub/sub messages.
