@@ -801,6 +801,36 @@ async def test_cancelled_pipelined_call_returns_at_once_and_the_next_one_works(
         await wait_until(lambda: pipelines._running == 0 or None, "the paused pipeline ends")
 
 
+def test_pipelines_start_afresh_in_another_trio_run(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """Pipelines a finished trio.run left in flight cannot report back: another run on
+    the same bridge must not wait for their slots."""
+    bridge = RedisBridge(config(redis_server))
+
+    async def abandon_both_slots() -> None:
+        await lead(bridge)
+        set_key(client, "c:1", 60_000)
+        client.client_pause(150)
+        with trio.move_on_after(0.05):
+            async with trio.open_nursery() as nursery:
+                for _ in range(redis_bridge._PIPELINES):
+                    nursery.start_soon(bridge.track, HOLDER, ["c:1"])
+                    await trio.sleep(0.01)  # each in its own pipeline
+
+    async def track_again() -> KeyOutcome:
+        with trio.fail_after(TEST_TIMEOUT):
+            return one(await bridge.track(HOLDER, ["c:1"]))
+
+    try:
+        trio.run(abandon_both_slots)
+        assert bridge._pipelines is not None
+        assert bridge._pipelines._running == redis_bridge._PIPELINES
+        assert trio.run(track_again).kind == "alive"
+    finally:
+        bridge._client.close()
+
+
 @pytest.mark.parametrize("how", ["kill", "restart"])
 async def test_listen_raises_when_the_connection_drops(
     redis_server: RedisServer, bridge: RedisBridge, how: str

@@ -155,12 +155,18 @@ class _Pipelines:
         self._master = master
         self._queue: list[_Call] = []
         self._running = 0
+        self._token: trio.lowlevel.TrioToken | None = None
 
     async def call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        token = trio.lowlevel.current_trio_token()
+        if token is not self._token:
+            # Another trio.run (a test, a command): pipelines left running by the last one
+            # can never report back to it, so they must not hold the slots.
+            self._token, self._queue, self._running = token, [], 0
         call = _Call(script, keys, args)
         self._queue.append(call)
         if self._running < _PIPELINES:
-            self._start(trio.lowlevel.current_trio_token())
+            self._start(token)
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             call.task = None
