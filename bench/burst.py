@@ -42,6 +42,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from trio_counter_worker.lab.backend import Hang
+
 from .common import (
     ROOT,
     STOCK_BACKEND,
@@ -154,7 +156,7 @@ def _function(frame: str) -> str:
     return f"{name} ({where.rsplit(':', 1)[0]})" if where else name
 
 
-def start_profile(pid: int, out: Path) -> subprocess.Popen[bytes]:
+def start_profile(pid: int, out: Path, gil: bool = False) -> subprocess.Popen[bytes]:
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
         raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
@@ -171,6 +173,9 @@ def start_profile(pid: int, out: Path) -> subprocess.Popen[bytes]:
             "raw",
             "--threads",
             "--nonblocking",
+            # Only the thread holding the GIL: on a busy machine a thread waiting for a
+            # core (after a send woke the backend, say) otherwise counts as working.
+            *(["--gil"] if gil else []),
             "--output",
             str(out),
         ],
@@ -190,15 +195,24 @@ def stop_profile(proc: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
     return {"file": str(out), "rate_per_s": PROFILE_RATE, **top}
 
 
-def run_burst(n_keys: int, max_in_flight: int, profile_dir: Path | None = None) -> dict[str, Any]:
-    log(f"burst: {n_keys} keys within {SPREAD_S:.0f} s, MAX_IN_FLIGHT={max_in_flight}")
+def run_burst(
+    n_keys: int,
+    max_in_flight: int,
+    profile_dir: Path | None = None,
+    backend_s: float = 0.0,
+    gil: bool = False,
+) -> dict[str, Any]:
+    slow = f", backend answering in {backend_s * 1000:.0f} ms" if backend_s else ""
+    log(f"burst: {n_keys} keys within {SPREAD_S:.0f} s, MAX_IN_FLIGHT={max_in_flight}{slow}")
     with rig(f"burst-{max_in_flight}") as r:
         client = r.client
+        if backend_s:
+            r.backend.behave(lambda _: Hang(backend_s))
         worker = r.spawn("leader", max_in_flight=max_in_flight)
         wait_leader_ready(r)
         rss_before = rss_mib(worker.pid)
         profile_out = profile_dir / f"burst-{max_in_flight}.txt" if profile_dir else None
-        spy = start_profile(worker.pid, profile_out) if profile_out else None
+        spy = start_profile(worker.pid, profile_out, gil) if profile_out else None
 
         first_ms = int((time.time() + LEAD_S) * 1000)
         deadlines = {
@@ -295,6 +309,7 @@ def run_burst(n_keys: int, max_in_flight: int, profile_dir: Path | None = None) 
         result: dict[str, Any] = {
             "keys": n_keys,
             "max_in_flight": max_in_flight,
+            "backend_ms": backend_s * 1000,
             "pipeline_set_ms": round(set_s * 1000, 1),
             "all_tracked_after_ms": round((tracked_at - t_set) * 1000, 1) if tracked_at else None,
             "posts": len(reqs),
@@ -359,6 +374,18 @@ def main() -> None:
         metavar="DIR",
         help="sample the leader with py-spy into DIR (see above)",
     )
+    parser.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="with --profile: sample only the thread holding the GIL (Python's own CPU)",
+    )
+    parser.add_argument(
+        "--backend-ms",
+        type=float,
+        default=0.0,
+        help="the backend answers each POST this long after it came (a slow backend: "
+        "resets/s should then reach MAX_IN_FLIGHT / this, by Little's law)",
+    )
     parser.add_argument("--name", default="burst", help="results file bench/results/NAME.json")
     args = parser.parse_args()
     calibration = []
@@ -381,7 +408,10 @@ def main() -> None:
             f"client {cal['client_cpu_ms_per_request']} ms CPU/request"
         )
         calibration.append(cal)
-    runs = [run_burst(args.keys, m, args.profile) for m in args.in_flight]
+    runs = [
+        run_burst(args.keys, m, args.profile, args.backend_ms / 1000, args.profile_gil)
+        for m in args.in_flight
+    ]
     problems = []
     for run in runs:
         tag = f"MAX_IN_FLIGHT {run['max_in_flight']}"

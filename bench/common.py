@@ -360,6 +360,11 @@ class Rig:
         if not launch.exists():
             launch.mkdir()
             (launch / PACKAGE).symlink_to(checkout.resolve() / PACKAGE)
+            if not _declares_hiredis(checkout):
+                # Each side runs with the dependencies its own pyproject asks for: redis-py
+                # uses hiredis whenever it imports, so a commit that did not install it
+                # must not get it from this venv (the comparison would hide the change).
+                (launch / "hiredis.py").write_text(_NO_HIREDIS)
             imported = subprocess.run(
                 [sys.executable, "-c", f"import {PACKAGE} as m; print(m.__file__)"],
                 cwd=launch,
@@ -373,6 +378,15 @@ class Rig:
                     f"a worker started in {launch} imports {imported}, not {checkout}'s package"
                 )
         return launch
+
+
+_NO_HIREDIS = 'raise ImportError("hiredis hidden: this commit\'s pyproject does not install it")\n'
+
+
+def _declares_hiredis(checkout: Path) -> bool:
+    """Whether ``checkout``'s pyproject makes hiredis a dependency (``redis[hiredis]``)."""
+    pyproject = checkout / "pyproject.toml"
+    return pyproject.exists() and "hiredis" in pyproject.read_text()
 
 
 # The lab's RecordingBackend keeps two socketserver defaults that a real backend

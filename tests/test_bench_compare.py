@@ -1,8 +1,13 @@
 """bench/comparison.py, the pure logic of bench/compare.py: medians, ratios new/old,
-verdicts, the table. No processes, no Redis."""
+verdicts, the table; and which parser a side's redis-py gets. No Redis."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import common
 from bench.comparison import Metric, compare_rows, median, ratio_of, render_table, verdict
 
 LATENCY = Metric("latency p99", "ms", lower_is_better=True)
@@ -60,3 +65,19 @@ def test_table_has_a_row_per_metric() -> None:
     assert table[0].startswith("| benchmark | metric | new abc | old def |")
     assert table[2] == "| burst | latency p99 (ms) ↓ | 5 | 10 | 0.500 | better |"
     assert table[3] == "| burst | keys | - | 3 | - |  |"
+
+
+def test_a_side_without_hiredis_in_its_pyproject_runs_without_it(tmp_path: Path) -> None:
+    """bench/common: the stub put in a launch directory hides hiredis from redis-py."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for tree, dep in ((old, '"redis>=5.0"'), (new, '"redis[hiredis]>=5.0"')):
+        tree.mkdir()
+        (tree / "pyproject.toml").write_text(f"[project]\ndependencies = [{dep}]\n")
+    assert not common._declares_hiredis(old)
+    assert common._declares_hiredis(new)
+    (old / "hiredis.py").write_text(common._NO_HIREDIS)
+    probe = "import redis.utils as u; print(u.HIREDIS_AVAILABLE)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=old, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"

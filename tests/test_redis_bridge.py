@@ -700,6 +700,137 @@ async def test_listen_forwards_pmessages_in_batches(
             nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("parser", ["hiredis", "python"])
+def test_batch_reader_takes_whole_replies_in_order_whatever_the_parser(
+    redis_server: RedisServer, parser: str
+) -> None:
+    """The listener's reader: messages in publication order, at most a batch at a time,
+    confirmations left out, and a message longer than one socket read (several recvs,
+    the partial reply kept in hiredis's reader) whole."""
+    from redis._parsers import _HiredisParser, _RESP2Parser
+
+    parser_class = _HiredisParser if parser == "hiredis" else _RESP2Parser
+    pool = redis.ConnectionPool(
+        port=redis_server.port, decode_responses=True, parser_class=parser_class
+    )
+    c = redis.Redis(connection_pool=pool)
+    pubsub = c.pubsub()
+    try:
+        pubsub.subscribe("ch")
+        read = redis_bridge._batch_reader(pubsub)
+        big = "x" * 300_000  # redis-py reads 64 KiB at a time
+        with c.pipeline(transaction=False) as pipe:
+            for i in range(2500):
+                pipe.publish("ch", big if i == 1234 else str(i))
+            pipe.execute()
+        got: list[Message] = []
+        deadline = time.monotonic() + TEST_TIMEOUT
+        while len(got) < 2500 and time.monotonic() < deadline:
+            batch = read(0.1)
+            assert len(batch) <= redis_bridge._MAX_BATCH
+            got += batch
+        assert [m.data for m in got] == [big if i == 1234 else str(i) for i in range(2500)]
+        assert {m.channel for m in got} == {"ch"}
+        assert read(0.01) == []  # nothing more: an empty batch after the wait
+    finally:
+        pubsub.close()
+        c.close()
+
+
+async def test_concurrent_counter_calls_share_pipelines(
+    bridge: RedisBridge, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many deciders at once: each gets its own reply, in fewer pipelines than calls."""
+    sent: list[int] = []
+    pipelines = bridge._pipelines
+    assert pipelines is not None
+    send = pipelines._send
+
+    def counted(batch: list[Any]) -> list[Any]:
+        sent.append(len(batch))
+        return send(batch)
+
+    monkeypatch.setattr(pipelines, "_send", counted)
+    with trio.fail_after(TEST_TIMEOUT):
+        await bridge.ensure_notifications()  # loads the scripts: no NOSCRIPT round
+        await lead(bridge)
+        for i in range(40):
+            set_key(client, f"c:{i}", 60_000 + i)
+        outcomes: dict[str, KeyOutcome] = {}
+
+        async def track(key: str) -> None:
+            outcomes[key] = one(await bridge.track(HOLDER, [key]))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(40):
+                nursery.start_soon(track, f"c:{i}")
+    assert sorted(outcomes) == sorted(f"c:{i}" for i in range(40))
+    assert all(o.key == k and o.kind == "alive" for k, o in outcomes.items())
+    assert sum(sent) == 40
+    assert len(sent) < 40
+
+
+async def test_pipelined_call_reloads_scripts_a_restarted_redis_lost(
+    bridge: RedisBridge, client: redis.Redis
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        await lead(bridge)
+        set_key(client, "c:1", 60_000)
+        client.script_flush()
+        assert one(await bridge.track(HOLDER, ["c:1"])).kind == "alive"
+        # A script error is that call's alone, and translated as any call's.
+        with pytest.raises(LeaseLost):
+            await bridge.mark_sent(OTHER, "no-such-reset")
+
+
+async def test_cancelled_pipelined_call_returns_at_once_and_the_next_one_works(
+    bridge: RedisBridge, client: redis.Redis
+) -> None:
+    """A step-down must not wait for a stuck Redis: the waiting task is cancelled at
+    once; its reply, when it comes, is dropped; the bridge goes on."""
+    with trio.fail_after(TEST_TIMEOUT):
+        await lead(bridge)
+        set_key(client, "c:1", 60_000)
+        client.client_pause(150)  # every command waits (inside the 250 ms socket timeout)
+        with trio.move_on_after(0.05) as scope:
+            await bridge.track(HOLDER, ["c:1"])
+        assert scope.cancelled_caught
+        assert one(await bridge.track(HOLDER, ["c:1"])).kind == "alive"
+        pipelines = bridge._pipelines
+        assert pipelines is not None
+        await wait_until(lambda: pipelines._running == 0 or None, "the paused pipeline ends")
+
+
+def test_pipelines_start_afresh_in_another_trio_run(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """Pipelines a finished trio.run left in flight cannot report back: another run on
+    the same bridge must not wait for their slots."""
+    bridge = RedisBridge(config(redis_server))
+
+    async def abandon_both_slots() -> None:
+        await lead(bridge)
+        set_key(client, "c:1", 60_000)
+        client.client_pause(150)
+        with trio.move_on_after(0.05):
+            async with trio.open_nursery() as nursery:
+                for _ in range(redis_bridge._PIPELINES):
+                    nursery.start_soon(bridge.track, HOLDER, ["c:1"])
+                    await trio.sleep(0.01)  # each in its own pipeline
+
+    async def track_again() -> KeyOutcome:
+        with trio.fail_after(TEST_TIMEOUT):
+            return one(await bridge.track(HOLDER, ["c:1"]))
+
+    try:
+        trio.run(abandon_both_slots)
+        assert bridge._pipelines is not None
+        assert bridge._pipelines._running == redis_bridge._PIPELINES
+        assert trio.run(track_again).kind == "alive"
+    finally:
+        bridge._client.close()
+
+
 @pytest.mark.parametrize("how", ["kill", "restart"])
 async def test_listen_raises_when_the_connection_drops(
     redis_server: RedisServer, bridge: RedisBridge, how: str

@@ -1,9 +1,11 @@
 """The one module that talks to redis-py: its sync client, run from trio in threads.
 
 redis-py's asyncio client does not run under trio, so each command runs in a worker
-thread (``trio.to_thread.run_sync``) with a socket timeout shorter than the lease, and
-each pub/sub connection is owned by one thread from creation to close, polling with a
-short timeout and forwarding messages into a trio channel.
+thread (``trio.to_thread.run_sync``) with a socket timeout shorter than the lease; the
+leader's counter scripts go as pipelines, one thread hop for all the calls made meanwhile
+(:class:`_Pipelines`). Each pub/sub connection is owned by one thread from creation to
+close, reading whole batches of messages with a short timeout and forwarding them into a
+trio channel.
 
 redis-py's own retries are turned off: the worker retries at the trio level, where it
 knows its deadlines, and a silent reconnect would hide lost pub/sub messages.
@@ -11,9 +13,12 @@ knows its deadlines, and a silent reconnect would hide lost pub/sub messages.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import redis
@@ -70,6 +75,7 @@ T = TypeVar("T")
 
 _POLL_SECONDS = 0.1  # pub/sub poll: bounds how long a stop takes
 _MAX_BATCH = 1000
+_PIPELINES = 2  # script pipelines in flight at once (see _Pipelines)
 _TOPOLOGY_EVERY = 2.0  # Cluster: how often the leader checks the set of primaries
 _REDIRECTS = 5  # Cluster: MOVED/ASK followed per probe before resynchronising instead
 MASTER_CHECK_EVERY = 0.25  # Sentinel: how often to ask which node is the master
@@ -119,6 +125,112 @@ class _MasterWatch:
         )
 
 
+class _Call:
+    """One script call waiting for its pipeline: the task to wake, and what it gets."""
+
+    __slots__ = ("args", "error", "keys", "reply", "script", "task")
+
+    def __init__(self, script: Any, keys: list[str], args: list[Any]) -> None:
+        self.script = script
+        self.keys = keys
+        self.args = args
+        self.task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+        self.reply: Any = None
+        self.error: BaseException | None = None
+
+
+class _Pipelines:
+    """The leader's script calls, sent as pipelines: every call queued while the Redis
+    threads are busy goes in the next one, in one thread hop, one write and one wake-up
+    of trio for all of them (a hop per call cost more CPU than the script itself under a
+    burst). At most ``_PIPELINES`` are in flight, each on its own connection, so a call
+    made while one is out goes at once rather than a round trip later.
+
+    Cancellation: a waiting task is woken at once with Cancelled; its call still runs
+    (like ``abandon_on_cancel``) and its reply is dropped.
+    """
+
+    def __init__(self, client: Any, master: _MasterWatch) -> None:
+        self._client = client
+        self._master = master
+        self._queue: list[_Call] = []
+        self._running = 0
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    async def call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        token = trio.lowlevel.current_trio_token()
+        if token is not self._token:
+            # Another trio.run (a test, a command): pipelines left running by the last one
+            # can never report back to it, so they must not hold the slots.
+            self._token, self._queue, self._running = token, [], 0
+        call = _Call(script, keys, args)
+        self._queue.append(call)
+        if self._running < _PIPELINES:
+            self._start(token)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            call.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        if call.error is not None:
+            raise call.error
+        return call.reply
+
+    def _start(self, token: trio.lowlevel.TrioToken) -> None:
+        batch, self._queue = self._queue, []
+        self._running += 1
+
+        def deliver(result: Any) -> None:  # in the thread: hand the replies back to trio
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._finished, batch, result, token)
+
+        trio.lowlevel.start_thread_soon(partial(self._execute, batch), deliver)
+
+    def _finished(self, batch: list[_Call], result: Any, token: trio.lowlevel.TrioToken) -> None:
+        self._running -= 1
+        failed: BaseException | None = getattr(result, "error", None)  # outcome.Error
+        for call in batch:
+            if call.task is None:  # cancelled: nobody waits for it
+                continue
+            if failed is not None:  # each task raises its own copy, with its own traceback
+                call.error = copy.copy(failed)
+            trio.lowlevel.reschedule(call.task)
+        if self._queue and self._running < _PIPELINES:
+            self._start(token)
+
+    def _execute(self, batch: list[_Call]) -> None:
+        """In a thread: run ``batch`` as one pipeline; each call gets its reply or its
+        error (translated); an error of the whole pipeline is raised for all."""
+        try:
+            self._master.follow()
+            replies = self._send(batch)
+            missing = [i for i, r in enumerate(replies) if isinstance(r, rexc.NoScriptError)]
+            if missing:  # a restarted or promoted Redis has no scripts: load, run again
+                again = [batch[i] for i in missing]
+                for script in {id(c.script): c.script for c in again}.values():
+                    self._client.script_load(script.script)
+                for i, reply in zip(missing, self._send(again), strict=True):
+                    replies[i] = reply
+        except Exception as exc:
+            translated = translate(exc)
+            if translated is exc:
+                raise
+            raise translated from None
+        for call, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, Exception):
+                call.error = translate(reply)
+            else:
+                call.reply = reply
+
+    def _send(self, batch: list[_Call]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for c in batch:
+            pipe.execute_command("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args)
+        replies: list[Any] = pipe.execute(raise_on_error=False)
+        return replies
+
+
 class RedisBridge:
     """Implements :class:`trio_counter_worker.store.Store` on a real Redis."""
 
@@ -143,6 +255,10 @@ class RedisBridge:
                 "PREFLIGHT",
             )
         }
+        # Cluster routes each call by its keys: there, one call per thread hop.
+        self._pipelines = (
+            None if config.redis_cluster_nodes else _Pipelines(self._client, self._master)
+        )
 
     @property
     def client(self) -> Any:
@@ -176,6 +292,13 @@ class RedisBridge:
 
     async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return await self._run(self._scripts[name], keys, args)
+
+    async def _pipelined(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """A counter script: in the next pipeline where there is one (the lease's own calls
+        keep a thread hop each, never waiting behind a pipeline of claims)."""
+        if self._pipelines is None:
+            return await self._script(name, keys, args)
+        return await self._pipelines.call(self._scripts[name], keys, args)
 
     async def ping(self) -> None:
         await self._run(self._client.ping)
@@ -305,7 +428,7 @@ class RedisBridge:
     # -- counters --------------------------------------------------------------------------
 
     async def track(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
-        raw = await self._script(
+        raw = await self._pipelined(
             "TRACK", [self.keys.lease, self.keys.deadlines, self.keys.payloads, *keys], [holder]
         )
         return outcomes(raw, keys)
@@ -313,7 +436,7 @@ class RedisBridge:
     async def claim(
         self, holder: str, keys: list[str], expired_after: list[int] | None = None
     ) -> list[KeyOutcome]:
-        raw = await self._script(
+        raw = await self._pipelined(
             "CLAIM",
             [
                 self.keys.lease,
@@ -330,7 +453,7 @@ class RedisBridge:
     async def mark_sent(self, holder: str, *reset_ids: str) -> None:
         if not reset_ids:
             return
-        r = await self._script(
+        r = await self._pipelined(
             "MARK_SENT",
             [self.keys.lease, self.keys.pending, self.keys.failing],
             [holder, *reset_ids],
@@ -344,7 +467,7 @@ class RedisBridge:
         args: list[str] = [holder]
         for failing in notes:
             args += [failing.reset_id, note_json(failing)]
-        r = await self._script(
+        r = await self._pipelined(
             "NOTE_FAILING", [self.keys.lease, self.keys.pending, self.keys.failing], args
         )
         if int(r) < 0:
@@ -355,7 +478,7 @@ class RedisBridge:
         return {reset_id: note(reset_id, raw) for reset_id, raw in rows.items()}
 
     async def bury(self, holder: str, note: FailingNote) -> bool:
-        r = await self._script(
+        r = await self._pipelined(
             "BURY",
             [self.keys.lease, self.keys.pending, self.keys.failing, self.keys.dead],
             [holder, note.reset_id, note_json(note)],
@@ -379,7 +502,7 @@ class RedisBridge:
         lowest = "-inf" if start.after is None else f"({start.after}"
         within = "" if within_ms is None else str(int(within_ms))
         args = [holder, lowest, TRACKED_PAGE, within]
-        return deadline_page(await self._script("TRACKED", keys, args))
+        return deadline_page(await self._pipelined("TRACKED", keys, args))
 
     async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]:
         next_cursor, keys = await self._run(self._client.scan, cursor, pattern, 1000)
@@ -498,20 +621,14 @@ def _listen_sync(
             trio.from_thread.run_sync(task_status.started, since)
             if early:
                 trio.from_thread.run(send.send, early)
+            read = _batch_reader(pubsub)
             while True:
                 trio.from_thread.check_cancelled()
                 master.follow()
                 if master.generation != generation:
                     raise RedisUnavailable("Sentinel moved the master: resubscribing there")
                 # Forward in batches: one thread hop for a burst, not one per message.
-                batch: list[Message] = []
-                msg = pubsub.get_message(timeout=_POLL_SECONDS)
-                while msg is not None and len(batch) < _MAX_BATCH:
-                    if msg["type"] in ("message", "pmessage"):
-                        batch.append(Message(channel=msg["channel"], data=msg["data"]))
-                    msg = pubsub.get_message(timeout=0)
-                if msg is not None and msg["type"] in ("message", "pmessage"):
-                    batch.append(Message(channel=msg["channel"], data=msg["data"]))
+                batch = read(_POLL_SECONDS)
                 if batch:
                     trio.from_thread.run(send.send, batch)
         except Exception as exc:
@@ -523,6 +640,65 @@ def _listen_sync(
             raise translated from None
     finally:
         pubsub.close()
+
+
+def _batch_reader(pubsub: Any) -> Callable[[float], list[Message]]:
+    """A reader of the messages that arrived on a subscription, up to
+    ``_MAX_BATCH`` at a time, waiting at most ``timeout`` for the first.
+
+    PubSub.get_message costs ~4 us a message in redis-py's layers (~10 without hiredis);
+    a 200k re-arm is 400k events, and a listener that falls that far behind is closed by
+    Redis (client-output-buffer-limit pubsub 32mb 8mb 60). With hiredis the replies are
+    taken from its reader directly, every whole reply of one recv in a row (~0.25 us
+    each); without it (or should redis-py's internals change), by get_message.
+    """
+    parser: Any = getattr(pubsub.connection, "_parser", None)
+    if getattr(parser, "_reader", None) is None or not hasattr(parser, "read_from_socket"):
+        return partial(_get_messages, pubsub)
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA
+
+    def read(timeout: float) -> list[Message]:
+        batch: list[Message] = []
+        reader = parser._reader  # a new one after each reconnect: read it each time
+        if reader is None:
+            raise rexc.ConnectionError("the subscription's connection is closed")
+        while len(batch) < _MAX_BATCH:
+            reply = reader.gets()
+            if reply is NOT_ENOUGH_DATA:
+                # Wait for the first message only; then take what has already come.
+                wait = 0 if batch else timeout
+                if not parser.read_from_socket(timeout=wait, raise_on_timeout=False):
+                    break
+                continue
+            _add_message(batch, reply)
+        return batch
+
+    return read
+
+
+def _get_messages(pubsub: Any, timeout: float) -> list[Message]:
+    batch: list[Message] = []
+    msg = pubsub.get_message(timeout=timeout)
+    while msg is not None and len(batch) < _MAX_BATCH:
+        if msg["type"] in ("message", "pmessage"):
+            batch.append(Message(channel=msg["channel"], data=msg["data"]))
+        if len(batch) < _MAX_BATCH:
+            msg = pubsub.get_message(timeout=0)
+    return batch
+
+
+def _add_message(batch: list[Message], reply: Any) -> None:
+    """Keep ``reply`` if it is a message: ["message", channel, data] or ["pmessage",
+    pattern, channel, data]; not confirmations. An error reply is raised."""
+    if not isinstance(reply, list):
+        if isinstance(reply, Exception):
+            raise reply
+        return
+    kind = reply[0]
+    if kind == "pmessage":
+        batch.append(Message(channel=reply[2], data=reply[3]))
+    elif kind == "message":
+        batch.append(Message(channel=reply[1], data=reply[2]))
 
 
 _OVERFLOW = (

@@ -161,10 +161,7 @@ class _Demo:
         )
         self.client = stage.start_redis()
         info: Any = self.client.info("server")
-        self.say(
-            f"{server_name(info)} on {HOST}:"
-            f"{stage.redis_server.port} ({stage.binary})"
-        )
+        self.say(f"{server_name(info)} on {HOST}:{stage.redis_server.port} ({stage.binary})")
         self.touch = touch_plan(self.client, self.say)
         self.tally.touch_resets = [] if self.touch else None
         self.app = AppSimulator(self.client, COUNTERS, APP, self.rng, self.touch)
