@@ -10,7 +10,14 @@ from pathlib import Path
 import trio_counter_worker
 
 PACKAGE = Path(trio_counter_worker.__file__).parent
-REDIS_MODULES = {"functions", "redis_bridge", "redis_cluster", "redis_reads", "redis_replies"}
+REDIS_MODULES = {
+    "functions",
+    "redis_bridge",
+    "redis_cluster",
+    "redis_preflight",
+    "redis_reads",
+    "redis_replies",
+}
 
 
 def _imports(path: Path) -> set[str]:

@@ -28,8 +28,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from . import functions, scripts
-from .acl import sample_key
+from . import functions, redis_preflight, scripts
 from .config import Config
 from .errors import (
     FunctionsUnavailable,
@@ -81,7 +80,6 @@ _REDIRECTS = 5  # Cluster: MOVED/ASK followed per probe before resynchronising i
 MASTER_CHECK_EVERY = 0.25  # Sentinel: how often to ask which node is the master
 TRACKED_PAGE = 5_000  # recorded deadlines per call: a page is well inside any timeout
 REACHABLE_POLL = 0.1  # after a lost connection: how often to ask whether Redis is back
-_SUBSCRIBE_TIMEOUT = 2.0  # start-up check: how long Redis may take to confirm a subscription
 
 
 class _MasterWatch:
@@ -315,47 +313,14 @@ class RedisBridge:
     async def preflight(self) -> None:
         """Check at start-up that Redis lets the worker do everything it will need; raise
         :class:`RedisRefused` ("permission") naming each missing permission at once."""
-        await self._run(self._preflight_sync)
-
-    def _preflight_sync(self) -> None:
-        missing: list[str] = []
-
-        def check(rule: str, fn: Callable[[], object]) -> None:
-            try:
-                fn()
-            except rexc.RedisError as exc:
-                translated = translate(exc)
-                if isinstance(translated, RedisRefused) and translated.kind == "permission":
-                    missing.append(rule)
-                    return
-                raise translated from None
-
-        check("+script|load", self._load_scripts_sync)
-        if not missing:
-            refused: list[str] = []
-            check(
-                f"+evalsha and ~{self._config.namespace}:* (the worker's own keys)",
-                lambda: refused.extend(
-                    self._scripts["PREFLIGHT"]([self.keys.preflight], [self.keys.released])
-                ),
-            )
-            missing += [f"+{name}" for name in refused]
-        check(
-            f"+hgetall on ~{self._config.namespace}:*",
-            lambda: self._client.hgetall(self.keys.pending),
+        await self._run(
+            redis_preflight.check_all,
+            self._client,
+            self._pubsub_client,
+            self._config,
+            self._load_scripts_sync,
+            self._scripts["PREFLIGHT"],
         )
-        check(
-            f"~{self._config.counter_key} (the counter keys) with +pttl",
-            lambda: self._client.pttl(sample_key(self._config.counter_key)),
-        )
-        check("+scan", lambda: self._client.scan(0, self._config.counter_key, 10))
-        missing += self._subscribe_check()
-        if missing:
-            raise RedisRefused(
-                f"the Redis user may not do what the worker needs: add {', '.join(missing)} "
-                "to its ACL (the full rule is in the README, section 'Redis permissions')",
-                "permission",
-            )
 
     def _pubsub_client(self) -> Any:
         return self._client
@@ -369,32 +334,6 @@ class RedisBridge:
                 raise
             return False
         return True
-
-    def _subscribe_check(self) -> list[str]:
-        """Subscribe to what the leader and standbys listen to, and unsubscribe."""
-        pattern = self.keys.keyspace(self._config.redis_db)
-        wanted = [
-            ("psubscribe", pattern, f"+psubscribe and &{pattern}"),
-            ("subscribe", self.keys.released, f"+subscribe and &{self._config.namespace}:*"),
-        ]
-        missing: list[str] = []
-        for kind, name, rule in wanted:
-            pubsub = self._pubsub_client().pubsub()
-            try:
-                getattr(pubsub, kind)(name)
-                deadline = time.monotonic() + _SUBSCRIBE_TIMEOUT
-                while time.monotonic() < deadline:
-                    msg = pubsub.get_message(timeout=0.1)
-                    if msg and msg["type"] == kind:
-                        break
-            except rexc.RedisError as exc:
-                translated = translate(exc)
-                if not (isinstance(translated, RedisRefused) and translated.kind == "permission"):
-                    raise translated from None
-                missing.append(rule)
-            finally:
-                pubsub.close()
-        return missing
 
     # -- lease ---------------------------------------------------------------------------
 

@@ -268,15 +268,21 @@ class ClusterSetup:
                     out.append(n)
         return out
 
-    def replica_of(self, primary: RedisServer) -> RedisServer:
-        for n in self.nodes:
-            if not n.running:
-                continue
-            with n.client() as c:
-                role: Any = c.execute_command("ROLE")
-                if role[0] == "slave" and int(role[2]) == primary.port:
-                    return n
-        raise RuntimeError("no replica")
+    def replica_of(self, primary: RedisServer, timeout: float = 15.0) -> RedisServer:
+        """The node replicating ``primary``; waits for one (a replica may still be
+        attaching to it, or be moved to it by the cluster's replica migration)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for n in self.nodes:
+                if not n.running:
+                    continue
+                with n.client() as c:
+                    role: Any = c.execute_command("ROLE")
+                    if role[0] == "slave" and int(role[2]) == primary.port:
+                        return n
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica of {primary.port} within {timeout} s")
+            time.sleep(0.05)
 
     def failover(self, primary: RedisServer) -> RedisServer:
         """Promote the replica of ``primary`` (CLUSTER FAILOVER on it); return it."""
