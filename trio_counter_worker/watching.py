@@ -110,6 +110,9 @@ class Watch:
 
     async def _watch(self, backoff: Backoff) -> None:
         self._metrics.reconciled.set(0)
+        # First, always: on a Cluster this also refreshes the topology and loads the
+        # scripts on every primary (one promoted since, say); on one Redis, one round trip.
+        status = await self._notifications()
         self.drain()  # what the last subscription heard is kept over the resync
         send, receive = trio.open_memory_channel[list[Message]](64)
         self._events = receive
@@ -129,9 +132,6 @@ class Watch:
             nursery.start_soon(self._load_pending)
             await self._read_window()
             nursery.start_soon(self._keep_window)
-            # The flags are checked after subscribing: a key set while they were off
-            # publishes nothing, and the reconcile below finds it.
-            status = await self._notifications()
             nursery.start_soon(self._memory_and_functions)
             nursery.start_soon(self._reconcile_after_overflow)
             await self._reconcile()
