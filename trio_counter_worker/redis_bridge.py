@@ -427,7 +427,12 @@ class RedisBridge:
         return int(r) == 1
 
     async def pending(self) -> list[PendingReset]:
-        rows: dict[str, str] = await self._run(self._hgetall, self.keys.pending)
+        # Parsed in the thread: thousands of records (a leader that died mid-burst) must
+        # not hold up the trio loop, and with it the new leader's first resets.
+        return await self._run(self._pending_sync)
+
+    def _pending_sync(self) -> list[PendingReset]:
+        rows = self._hgetall(self.keys.pending)
         return sorted((pending_record(v) for v in rows.values()), key=lambda p: p.deadline_ms)
 
     def _hgetall(self, key: str) -> dict[str, str]:

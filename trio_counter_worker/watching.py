@@ -38,6 +38,7 @@ log = logging.getLogger("trio_counter_worker.leader")
 
 _RECONCILE_AHEAD = 8 * BATCH  # keys a reconcile queues ahead of the deciders, at most
 _WINDOW_MS = round(WINDOW * 1000)
+_HANDOVER_CHUNK = 200  # pending resets queued between two checkpoints at a takeover
 _RESCAN_EVERY = 5.0  # without notifications, how often to look for new keys
 _VERIFY_FLAGS_EVERY = 1.0  # how often the leader checks that notifications are still on
 
@@ -126,11 +127,11 @@ class Watch:
             self._state.resubscribed(since)
             nursery.start_soon(self._deciders.run)
             nursery.start_soon(self._consume, receive)
-            # A takeover's first resets before anything that gates none of them: what
-            # the last leader left pending (thousands, after a crash mid-burst), beside
-            # the recorded deadlines, the due first.
-            nursery.start_soon(self._load_pending)
+            # A takeover's first resets before anything that gates none of them: the
+            # recorded deadlines, the due first, then what the last leader left pending
+            # (thousands, after a crash mid-burst), queued while the first are sent.
             await self._read_window()
+            nursery.start_soon(self._load_pending)
             nursery.start_soon(self._keep_window)
             nursery.start_soon(self._memory_and_functions)
             nursery.start_soon(self._reconcile_after_overflow)
@@ -172,8 +173,10 @@ class Watch:
     async def _load_pending(self) -> None:
         """Every pending reset, with what earlier leaders learnt of its failures."""
         history = await self._store.failing()
-        for reset in await self._store.pending():
+        for i, reset in enumerate(await self._store.pending()):
             self._deliver(reset, history.get(reset.reset_id))
+            if i % _HANDOVER_CHUNK == _HANDOVER_CHUNK - 1:
+                await trio.lowlevel.checkpoint()  # the couriers start on the first ones
 
     async def _consume(self, receive: trio.MemoryReceiveChannel[list[Message]]) -> None:
         async for batch in receive:
