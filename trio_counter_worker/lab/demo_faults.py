@@ -1,6 +1,7 @@
-"""The demo's faults on the leader: a SIGKILL (a crash: the lease must expire) and a
-SIGTERM (a graceful handoff), each at its time, each followed by a replacement replica;
-and, after the SIGKILL, how long until another replica sent a reset.
+"""The demo's faults on the leader: a SIGKILL (a crash: a standby takes over once Redis
+has dropped the dead leader's connection) and a SIGTERM (a graceful handoff), each at
+its time, each followed by a replacement replica; and, after the SIGKILL, how long until
+another replica sent a reset.
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ class Faults:
             target.proc.wait()
             fault.fired_wall = time.time()  # the gap to the next reset counts from here
             self.say(
-                f"SIGKILL {target.name} (leader, fencing token {epoch}): a crash, "
-                f"the lease must expire ({self.lease_ttl_ms} ms)"
+                f"SIGKILL {target.name} (leader, fencing token {epoch}): a crash; a standby "
+                "takes over once Redis drops its connection (without liveness: when its "
+                f"{self.lease_ttl_ms} ms lease expires)"
             )
         else:
             target.proc.terminate()
