@@ -101,15 +101,15 @@ class Elector:
         metrics: Metrics | None = None,
         outage: OutageLog | None = None,
         liveness: Liveness | None = None,
-        check_every: float | None = None,
+        check_every: float = 0.025,
         settle: float = 0.0,
     ) -> None:
         self._store = store
+        # Fast takeover (None: off, the lease decides); how often a standby looks at the
+        # leader's liveness; the least time a leader must have been seen gone before it
+        # is stolen from (Sentinel: time for a live leader to follow a moved master too).
         self.liveness = liveness
-        # Fast takeover: how often a standby looks at the leader's liveness (None: off),
-        # and the least time a leader must have been seen gone before it is stolen from
-        # (Sentinel: time for a live leader to follow a moved master too).
-        self._check_every = check_every if liveness is not None else None
+        self._check_every = check_every
         self._settle = settle
         self._metrics = metrics or Metrics()
         self._outage = outage or OutageLog(log)
@@ -193,7 +193,7 @@ class Elector:
                 continue  # a release was announced while we asked: try again now
             # Just past the lease's end (PTTL is whole ms).
             wait = view.pttl_ms / 1000 + 0.001 if view.pttl_ms > 0 else self.timing.retry_every
-            if self._check_every is not None and mine:
+            if mine:
                 if view.liveness == "gone" and view.alive:
                     if suspect is None or suspect.channel != view.alive:
                         suspect = _Suspect(view.alive, sent)
@@ -220,7 +220,7 @@ class Elector:
         see it alive, so after a Redis restart nobody takes a lease that the others would
         steal at once. If the subscription does not come within a lease (SUBSCRIBE
         failing), campaign without: failover then waits for the lease to expire."""
-        if self.liveness is None or self._check_every is None:
+        if self.liveness is None:
             return ""
         with trio.move_on_after(self.timing.ttl):
             await self.liveness.wait_up()

@@ -11,11 +11,36 @@ back.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import trio
 
+from .config import Config
 from .keys import Keys
 
-__all__ = ["Liveness"]
+__all__ = ["ACL_REFUSED", "Liveness", "off_by_setting", "off_reason"]
+
+ACL_REFUSED = "the Redis user may not run PUBSUB NUMSUB: add +pubsub|numsub to its ACL"
+
+
+class _Asks(Protocol):
+    async def takeover_allowed(self) -> bool: ...
+
+
+def off_by_setting(config: Config) -> str | None:
+    """Why the settings leave fast takeover off (a leader that dies is then replaced when
+    its lease expires), or None."""
+    if config.takeover_check is None:
+        return "TAKEOVER_CHECK_MS=0"
+    if config.redis_cluster_nodes:
+        # Channels are subscribed on any node there, and counted per node.
+        return "not on Redis Cluster"
+    return None
+
+
+async def off_reason(bridge: _Asks, config: Config) -> str | None:
+    """Why fast takeover is off here, settings and Redis's ACL both asked, or None."""
+    return off_by_setting(config) or (None if await bridge.takeover_allowed() else ACL_REFUSED)
 
 
 class Liveness:
@@ -23,12 +48,10 @@ class Liveness:
 
     The worker's release watch calls :meth:`next_channel`, then :meth:`up` once Redis
     confirmed the subscription and :meth:`down` when it ends; the campaign and the
-    leader wait on it. ``enabled`` False (TAKEOVER_CHECK_MS=0): no channel is ever
-    recorded in the lease, and failover waits for the lease to expire.
+    leader wait on it.
     """
 
-    def __init__(self, keys: Keys, holder: str, *, enabled: bool = True) -> None:
-        self.enabled = enabled
+    def __init__(self, keys: Keys, holder: str) -> None:
         self.channel = ""
         self._keys = keys
         self._holder = holder
@@ -41,7 +64,7 @@ class Liveness:
         return self._keys.alive(f"{self._holder}:{self._count}")
 
     def up(self, channel: str) -> None:
-        self._set(channel if self.enabled else "")
+        self._set(channel)
 
     def down(self) -> None:
         self._set("")
@@ -53,8 +76,8 @@ class Liveness:
             self._changed = trio.Event()
 
     async def wait_up(self) -> None:
-        """Until a subscription is up (at once if one is, or if liveness is off)."""
-        while self.enabled and not self.channel:
+        """Until a subscription is up (at once if one is)."""
+        while not self.channel:
             await self._changed.wait()
 
     async def wait_lost(self, channel: str) -> None:

@@ -26,6 +26,7 @@ from .delivery import build_request
 from .errors import FunctionsUnavailable, RedisRefused, RedisUnavailable
 from .keys import REGISTRY
 from .keyspace import NEEDED_FLAGS, enable_hint, eviction_warning, missing_flags, shown_key
+from .liveness import ACL_REFUSED, off_reason
 from .redis_bridge import RedisBridge, make_client
 from .redis_replies import translate
 from .store import PendingReset
@@ -74,6 +75,7 @@ async def _redis_checks(config: Config) -> list[Check]:
     try:
         probe = await redis_reads.probe(bridge)
         server = await _server(bridge)
+        takeover = _takeover_check(config, await off_reason(bridge, config))
     except RedisRefused as exc:  # its message says what to do: no second hint
         return [Check("redis", "fail", f"{config.redis_location}: {exc}")]
     except RedisUnavailable as exc:
@@ -89,7 +91,7 @@ async def _redis_checks(config: Config) -> list[Check]:
         await bridge.aclose()
     out = [Check("redis", "ok", f"{config.redis_location} answers ({server})")]
     out.append(await _permission_check(config))
-    out.append(await _takeover_check(config))
+    out.append(takeover)
     policy = probe.get("policy")
     if (warning := eviction_warning(policy)) is not None:
         out.append(Check("eviction", "warn", f"maxmemory-policy={policy}", warning))
@@ -207,30 +209,23 @@ async def _permission_check(config: Config) -> Check:
 DRY_RUN_HEADER = "x-reset-dry-run"  # a backend that supports it answers without resetting
 
 
-async def _takeover_check(config: Config) -> Check:
+def _takeover_check(config: Config, why_off: str | None) -> Check:
     """Whether a leader that dies is replaced within milliseconds or at its lease's end."""
+    if why_off is None:
+        return Check(
+            "takeover",
+            "ok",
+            "a leader that dies is replaced within about 2 x TAKEOVER_CHECK_MS "
+            f"({config.takeover_check_ms} ms)",
+        )
     lease_only = (
         f"a leader that dies is replaced only when its lease expires ({config.lease_ttl_ms} ms)"
     )
-    if config.takeover_check is None:
-        return Check("takeover", "ok", f"TAKEOVER_CHECK_MS=0: {lease_only}")
-    if config.redis_cluster_nodes:
-        return Check("takeover", "ok", f"Redis Cluster: {lease_only}")
-    bridge = make_bridge(config)
-    try:
-        allowed = await bridge.takeover_allowed()
-    finally:
-        await bridge.aclose()
-    if not allowed:
+    if why_off == ACL_REFUSED:
         return Check(
             "takeover", "warn", f"PUBSUB NUMSUB refused: {lease_only}", "add +pubsub|numsub"
         )
-    return Check(
-        "takeover",
-        "ok",
-        "a leader that dies is replaced within about 2 x TAKEOVER_CHECK_MS "
-        f"({config.takeover_check_ms} ms)",
-    )
+    return Check("takeover", "ok", f"{why_off}: {lease_only}")
 
 
 async def _request_checks(config: Config, dry_run_request: bool) -> list[Check]:

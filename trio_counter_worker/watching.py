@@ -38,7 +38,7 @@ log = logging.getLogger("trio_counter_worker.leader")
 
 _RECONCILE_AHEAD = 8 * BATCH  # keys a reconcile queues ahead of the deciders, at most
 _WINDOW_MS = round(WINDOW * 1000)
-_HANDOVER_CHUNK = 200  # pending resets queued between two checkpoints at a takeover
+_PENDING_CHUNK = 200  # pending resets queued between two checkpoints (thousands at a takeover)
 _RESCAN_EVERY = 5.0  # without notifications, how often to look for new keys
 _VERIFY_FLAGS_EVERY = 1.0  # how often the leader checks that notifications are still on
 
@@ -175,7 +175,7 @@ class Watch:
         history = await self._store.failing()
         for i, reset in enumerate(await self._store.pending()):
             self._deliver(reset, history.get(reset.reset_id))
-            if i % _HANDOVER_CHUNK == _HANDOVER_CHUNK - 1:
+            if i % _PENDING_CHUNK == _PENDING_CHUNK - 1:
                 await trio.lowlevel.checkpoint()  # the couriers start on the first ones
 
     async def _consume(self, receive: trio.MemoryReceiveChannel[list[Message]]) -> None:

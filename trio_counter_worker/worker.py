@@ -28,7 +28,7 @@ from .hooks import Hooks
 from .http_client import Transport
 from .leader import LeaderDuties
 from .leader_state import Quarantine
-from .liveness import Liveness
+from .liveness import Liveness, off_by_setting, off_reason
 from .metrics import Metrics
 from .outage import OutageLog
 from .redis_bridge import MASTER_CHECK_EVERY, RedisBridge
@@ -68,11 +68,8 @@ class Worker:
         # Unique per process: two processes started with the same REPLICA_ID still differ.
         self.holder = f"{config.replica_id}#{secrets.token_hex(4)}"
         self._outage = OutageLog(log)  # one account of an outage for all the loops
-        # Liveness rides on one subscription that Redis counts where the lease scripts
-        # run; on a Cluster, channels are subscribed on any node: failover waits for the
-        # lease there.
-        fast = takeover and config.takeover_check is not None and not config.redis_cluster_nodes
-        self.liveness = Liveness(config.keys, self.holder, enabled=fast)
+        self.liveness = Liveness(config.keys, self.holder)
+        fast = takeover and off_by_setting(config) is None
         self._elector = Elector(
             store,
             LeaseTiming(config.lease_ttl),
@@ -80,8 +77,8 @@ class Worker:
             config.replica_id,
             self.metrics,
             self._outage,
-            self.liveness,
-            config.takeover_check if fast else None,
+            self.liveness if fast else None,
+            config.takeover_check or 0.0,
             # Sentinel: a live leader follows a moved master within two checks.
             settle=2 * MASTER_CHECK_EVERY if config.redis_sentinels else 0.0,
         )
@@ -352,15 +349,10 @@ async def _start_on_redis(bridge: RedisBridge, config: Config) -> bool:
 
 
 async def _check_takeover(bridge: RedisBridge, config: Config) -> bool:
-    """Whether the ACL allows fast takeover; say once, at start, when a leader that dies
-    will be replaced only at the end of its lease, and why."""
-    if config.takeover_check is None:
-        why = "TAKEOVER_CHECK_MS=0"
-    elif config.redis_cluster_nodes:
-        why = "not on Redis Cluster"
-    elif not await bridge.takeover_allowed():
-        why = "the Redis user may not run PUBSUB NUMSUB: add +pubsub|numsub to its ACL"
-    else:
+    """Whether fast takeover works here; say once, at start, when a leader that dies will
+    be replaced only at the end of its lease, and why."""
+    why = await off_reason(bridge, config)
+    if why is None:
         return True
     log.warning(
         "fast takeover off (%s): a leader that dies is replaced only when its lease "
