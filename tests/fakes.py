@@ -17,7 +17,7 @@ import trio
 
 from trio_counter_worker import lease_spec, spec
 from trio_counter_worker.errors import FunctionsUnavailable, LeaseLost, RedisUnavailable
-from trio_counter_worker.keys import Keys
+from trio_counter_worker.keys import HANDED_HINT, Keys
 from trio_counter_worker.keyspace import merged_flags, missing_flags
 from trio_counter_worker.store import (
     DeadlinePage,
@@ -61,6 +61,7 @@ class FakeStore:
         self.claimed: dict[str, int] = {}  # tombstones: key -> when last claimed
         self.failing_notes: dict[str, FailingNote] = {}
         self.dead: dict[str, tuple[PendingReset, FailingNote]] = {}
+        self.handed: dict[str, int] = {}  # entry -> when handed over (spec.take_handed)
         self.flags = "Kg$x"  # notify-keyspace-events; a test may change it
         self.maxmemory_policy: str | None = "noeviction"
         self.page_size = 5_000  # recorded deadlines per `tracked` page
@@ -313,6 +314,17 @@ class FakeStore:
     async def pending(self) -> list[PendingReset]:
         await self._op("pending")
         return sorted(self.pending_resets.values(), key=lambda p: p.deadline_ms)
+
+    async def hand_over(self, entries: list[str]) -> None:
+        await self._op("hand_over")
+        if entries:
+            self.handed.update(dict.fromkeys(entries, _ms()))
+            self._publish_to(self.own.redeliver, HANDED_HINT)
+
+    async def take_handed(self, holder: str, most: int) -> tuple[int, list[str]]:
+        await self._op("take_handed")
+        self._check(holder)
+        return spec.take_handed(self.handed, _ms(), most)
 
     async def tracked(
         self, holder: str, start: PageStart, within_ms: int | None = None

@@ -64,3 +64,29 @@ async def test_a_key_deleted_before_the_stall_is_not_reset(
         await trio.sleep(10)
         nursery.cancel_scope.cancel()
     assert [r.key for _, r, _ in harness.resets] == ["c:kept"]
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+async def test_a_key_seen_before_a_stall_that_outlasts_the_lease_is_reset_once(
+    harness: Harness, autojump_clock: trio.testing.MockClock, replicas: int
+) -> None:
+    """The stall outlasts the lease: the leader steps down with the key seen but not
+    looked at, and cannot decide it (Redis is asleep). What it saw outlives its
+    leadership: written to Redis once Redis answers, decided by whoever leads next."""
+    store = harness.store
+    async with trio.open_nursery() as nursery:
+        for n in range(replicas):
+            await start_worker(nursery, harness, replica_id=f"r{n}")
+        await trio.sleep(1.5)
+        store.set_key("c:unseen", 1.7)
+        store.set_key("c:later", 9.0)  # set before the stall, expires well after it
+        store.debug_sleep(5.0)
+        with trio.fail_after(60):
+            await wait_until(lambda: len(harness.resets) >= 2)
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert len(harness.elected) >= 2  # the lease was lost to the stall
+    keys = sorted(r.key for _, r, _ in harness.resets)
+    assert keys == ["c:later", "c:unseen"]
+    assert not store.pending_resets
+    assert not store.handed

@@ -21,6 +21,7 @@ import trio
 
 from .decisions import CallLimits
 from .errors import RedisRefused, WorkerError
+from .handover import Handover
 from .keyspace import shown_key
 from .leader_state import LeaderState, Taken
 from .metrics import Metrics
@@ -115,21 +116,25 @@ class Deciders:
         while not self._state.pressure.take_overflow():
             await self._relieved.park()
 
-    async def hand_over(self) -> None:
-        """Decide the keys that only an `expired` event vouches for (see
-        :meth:`.LeaderDuties.hand_over`); gives up quietly, with a warning."""
+    async def hand_over(self, handover: Handover) -> None:
+        """Decide the keys that only this leader can vouch for (see
+        :meth:`.LeaderDuties.hand_over`). What it cannot decide (the lease or Redis gone,
+        or cancelled at the caller's deadline) stays in ``handover``, for the next
+        leader."""
         reported = self._state.take_reported()
+        handover.keep(reported, trio.current_time())
         try:
             for i in range(0, len(reported), BATCH):
-                batch = reported[i : i + BATCH]
+                keys = [k for k, _ in reported[i : i + BATCH]]
                 await self._store.claim(
-                    self._holder, [k for k, _ in batch], [after for _, after in batch]
+                    self._holder, keys, [after for _, after in reported[i : i + BATCH]]
                 )
+                handover.decided(keys)
         except Exception as exc:  # the release must go on, whatever this does
             log.warning(
-                "handing over: %d key(s) reported expired could not be decided "
-                "(%s); the next leader may not see them",
-                len(reported),
+                "handing over: %d key(s) seen or reported expired could not be decided "
+                "(%s): handed to the next leader once Redis answers",
+                len(handover),
                 exc,
             )
             return

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import attrs
 
-__all__ = ["OWN_KEY_PREFIX", "REGISTRY", "Keys", "keyspace_pattern"]
+__all__ = ["HANDED_HINT", "OWN_KEY_PREFIX", "REGISTRY", "Keys", "keyspace_pattern"]
 
 OWN_KEY_PREFIX = "tcw:{"
 
@@ -23,8 +23,13 @@ REGISTRY = f"{OWN_KEY_PREFIX}registry}}"
 # Suffixes after the namespace, each one key or channel (see the properties below).
 LEASE, EPOCH, DEADLINES, PENDING, CLAIMED = ":lease", ":epoch", ":deadlines", ":pending", ":claimed"
 FAILING, DEAD, SEEN, PREFLIGHT, PAYLOADS = ":failing", ":dead", ":seen", ":preflight", ":payloads"
+HANDED = ":handed"
 RELEASED, REDELIVER, CLAIMS, TOUCHED = ":released", ":redeliver", ":claims", ":touched"
 ALIVE = ":alive:"
+
+# Published on the redeliver channel when a former leader hands keys over (HAND_OVER);
+# anything else published there asks for the pending resets to be read again.
+HANDED_HINT = "handed"
 
 
 def keyspace_pattern(db: int, counter_key: str) -> str:
@@ -86,6 +91,12 @@ class Keys:
         return self.namespace + SEEN
 
     @property
+    def handed(self) -> str:
+        """Zset counter key -> Redis ms: keys a former leader saw, that may have expired
+        unheard and that it could not decide (handover.py); the next leader decides them."""
+        return self.namespace + HANDED
+
+    @property
     def preflight(self) -> str:
         """Scratch key of the start-up permission check (deleted again)."""
         return self.namespace + PREFLIGHT
@@ -110,7 +121,8 @@ class Keys:
 
     @property
     def redeliver(self) -> str:
-        """`redeliver` asks the leader to read dead resets put back in the queue."""
+        """`redeliver` asks the leader to read dead resets put back in the queue, and keys
+        handed over by a former leader."""
         return self.namespace + REDELIVER
 
     @property

@@ -31,6 +31,7 @@ from .deciding import Deciders
 from .delivering import Deliveries
 from .delivery import ResetSender
 from .election import Lease
+from .handover import Handover
 from .leader_state import LeaderState, Quarantine
 from .metrics import Metrics
 from .outage import OutageLog
@@ -88,14 +89,15 @@ class LeaderDuties:
             await self._watch.run()
         raise AssertionError("unreachable")
 
-    async def hand_over(self) -> None:
-        """Before a graceful release: decide the keys that only an `expired` event vouches
-        for (queued, or received and not yet read). The next leader finds every other key
-        by itself (a scan, the recorded deadlines), but not these: they would be lost.
-        Their resets stay pending in Redis for the next leader to send.
+    async def hand_over(self, handover: Handover) -> None:
+        """As leading ends: decide the keys that only this leader vouches for (seen and
+        not looked at, or reported expired; queued, or received and not yet read). The
+        next leader finds every other key by itself (a scan, the recorded deadlines),
+        but not these. Their resets stay pending in Redis for the next leader to send.
 
-        Call it shielded, with a deadline; it gives up quietly if the lease or Redis is
-        gone (the scripts check the lease: nothing is claimed without it).
+        Call it shielded, with a deadline. Where the lease or Redis is gone (the scripts
+        check the lease: nothing is claimed without it), what is left stays in
+        ``handover``, which the worker writes to Redis for the next leader.
         """
         self._watch.drain()
-        await self._deciders.hand_over()
+        await self._deciders.hand_over(handover)

@@ -21,11 +21,11 @@ import attrs
 
 from .decisions import DecisionQueue, Op
 from .glob import matches
-from .keys import Keys
+from .keys import HANDED_HINT, Keys
 from .keyspace import is_own_key, key_bytes, key_from_channel
 from .pressure import Pressure
 from .schedule import Schedule
-from .spec import TOMBSTONE_MS
+from .spec import TOMBSTONE_MS, parse_handed
 from .store import DeadlinePage, KeyOutcome, Message, PageStart, PendingReset
 
 __all__ = ["EARLY", "REFILL_EVERY", "WINDOW", "Heard", "LeaderState", "Quarantine", "Taken"]
@@ -73,12 +73,14 @@ class Quarantine:
 
 @attrs.frozen
 class Heard:
-    """What a batch of pub/sub messages held: activity by source, and whether a
-    redelivery of dead resets was asked for (read the pending resets again)."""
+    """What a batch of pub/sub messages held: activity by source, whether a redelivery
+    of dead resets was asked for (read the pending resets again), and whether a former
+    leader handed keys over (take them)."""
 
     notified: int = 0  # keyspace events of counter keys
     touched: int = 0  # tcw_touch / tcw_done announcements
     redeliver: bool = False
+    handed: bool = False
 
 
 @attrs.frozen
@@ -217,7 +219,7 @@ class LeaderState:
         """Queue what a batch of pub/sub messages asks for, in order."""
         changed: list[str] = []
         removed: dict[str, bool] = {}  # key -> whether its last event removed it
-        redeliver = False
+        redeliver = handed = False
         notified = touched = 0
         for msg in batch:
             if msg.channel == self.markers_channel:
@@ -229,7 +231,10 @@ class LeaderState:
                     changed.append(msg.data)
                     touched += 1
             elif msg.channel == self.redeliver_channel:
-                redeliver = True
+                if msg.data == HANDED_HINT:
+                    handed = True
+                else:
+                    redeliver = True
             elif msg.data != "expired":
                 changed.append(key := key_from_channel(msg.channel))
                 removed[key] = msg.data in _REMOVED
@@ -242,7 +247,21 @@ class LeaderState:
             # Seen removed: its look only forgets it (one in a call now as well).
             self._unlooked.pop(key, None)
             self._looking.pop(key, None)
-        return Heard(notified, touched, redeliver)
+        return Heard(notified, touched, redeliver, handed)
+
+    def adopt(self, entries: list[str]) -> int:
+        """Queue keys a former leader handed over (:mod:`.handover`) as reported expiries;
+        anything but a counter key's entry is dropped. Returns how many were queued."""
+        queued = 0
+        for entry in entries:
+            parsed = parse_handed(entry)
+            if parsed is None or not matches(self._pattern, key_bytes(parsed[0])):
+                continue
+            key, after = parsed
+            if self.counters([key]):
+                self._hold(key, "reported", after)
+                queued += 1
+        return queued
 
     def _on_expired(self, key: str) -> None:
         if not self.counters([key]):

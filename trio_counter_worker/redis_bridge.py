@@ -250,6 +250,8 @@ class RedisBridge:
                 "NOTE_FAILING",
                 "BURY",
                 "REDELIVER",
+                "HAND_OVER",
+                "TAKE_HANDED",
                 "PREFLIGHT",
             )
         }
@@ -438,6 +440,17 @@ class RedisBridge:
     def _hgetall(self, key: str) -> dict[str, str]:
         rows: dict[str, str] = self._client.hgetall(key)
         return rows
+
+    async def hand_over(self, entries: list[str]) -> None:
+        if entries:
+            await self._script("HAND_OVER", [self.keys.handed], [self.keys.redeliver, *entries])
+
+    async def take_handed(self, holder: str, most: int) -> tuple[int, list[str]]:
+        r = await self._script("TAKE_HANDED", [self.keys.lease, self.keys.handed], [holder, most])
+        if not isinstance(r, list):
+            raise LeaseLost("lease lost while taking keys handed over")
+        dropped, taken = r
+        return int(dropped), [str(e) for e in taken]
 
     async def tracked(
         self, holder: str, start: PageStart, within_ms: int | None = None

@@ -13,7 +13,8 @@ on Redis 7; on 6.2 it is an unknown command and ``TIME + PTTL`` is used instead.
 
 from __future__ import annotations
 
-from .spec import DUE_SLACK_MS, TOMBSTONE_MS
+from .keys import HANDED_HINT
+from .spec import DUE_SLACK_MS, HANDED_FOR_MS, TOMBSTONE_MS
 
 # Shared prelude: current Redis time in ms and a key's absolute expiry.
 _PRELUDE = (
@@ -337,6 +338,38 @@ end
 if n > 0 then redis.call('PUBLISH', ARGV[1], n) end
 return n
 """
+
+# KEYS: handed   ARGV: redeliver channel, then entries (spec.handed_entry)
+# A former leader hands over what it saw and could not decide (handover.py). No lease
+# check: these are facts for whoever leads, who decides them with CLAIM. Timed by
+# Redis's clock (TAKE_HANDED drops the stale); the set goes with its last entry.
+HAND_OVER = (
+    _PRELUDE
+    + f"local HANDED_FOR_MS, HANDED_HINT = {HANDED_FOR_MS}, '{HANDED_HINT}'\n"
+    + """
+local now = now_ms()
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], HANDED_FOR_MS)
+redis.call('PUBLISH', ARGV[1], HANDED_HINT)
+return #ARGV - 1
+"""
+)
+
+# KEYS: lease, handed   ARGV: holder, most
+# The leader takes what former leaders handed over: {dropped, entries}, or -1 if not
+# the holder. spec.take_handed is this in Python.
+TAKE_HANDED = (
+    _PRELUDE
+    + f"local HANDED_FOR_MS = {HANDED_FOR_MS}\n"
+    + """
+if not holds(KEYS[1], ARGV[1]) then return -1 end
+local now = now_ms()
+local dropped = redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - HANDED_FOR_MS))
+local taken = redis.call('ZRANGE', KEYS[2], 0, tonumber(ARGV[2]) - 1)
+if #taken > 0 then redis.call('ZREM', KEYS[2], unpack(taken)) end
+return {dropped, taken}
+"""
+)
 
 # KEYS: lease, deadlines   ARGV: holder, after ('-inf', or '(' .. ms: past it), most rows
 # One page of recorded deadlines, earliest first, up to ARGV[4] ms past Redis's clock

@@ -19,12 +19,16 @@ import attrs
 
 __all__ = [
     "DUE_SLACK_MS",
+    "HANDED_FOR_MS",
     "TOMBSTONE_MS",
     "Seen",
     "Verdict",
     "claim",
+    "handed_entry",
     "is_echo",
+    "parse_handed",
     "reset_id",
+    "take_handed",
     "track",
 ]
 
@@ -32,6 +36,13 @@ __all__ = [
 # before a claim of the same key (so, possibly that claim's own echo) is recognised for
 # this long. See :func:`is_echo`.
 TOMBSTONE_MS = 60_000
+
+# How long a key handed over by a former leader may wait to be decided, at most: once
+# in the former leader's memory (until Redis takes it), once in Redis (until a leader
+# takes it). A claim of the key made after it was seen keeps its tombstone for
+# TOMBSTONE_MS, so both waits together must stay well within it: decided later, the
+# handed key could be taken for a new episode and reset twice.
+HANDED_FOR_MS = TOMBSTONE_MS // 3
 
 # A recorded deadline this close to now counts as passed: Redis's expiry and TIME differ
 # by clock granularity.
@@ -116,3 +127,35 @@ def claim(seen: Seen, now: int, expired_after: int | None = None) -> Verdict:
     if dl is None or seen.pttl == -1 or not is_due(dl, now):
         return Verdict("gone")
     return Verdict("claimed", dl)
+
+
+def handed_entry(key: str, after: int) -> str:
+    """A key handed over (HAND_OVER), with the `after` it is to be decided as reported
+    with: ``"<after> <key>"``. The same key handed twice is two entries; deciding it twice
+    is harmless (the first claim's tombstone makes the second an echo)."""
+    return f"{after:d} {key}"
+
+
+def parse_handed(entry: str) -> tuple[str, int] | None:
+    """The ``(key, after)`` of :func:`handed_entry`; None for anything else (whoever may
+    write the deployment's keys may write there: such an entry is dropped)."""
+    stamp, sep, key = entry.partition(" ")
+    digits = stamp.removeprefix("-")
+    if not (sep and digits.isascii() and digits.isdigit() and len(digits) <= 19):
+        return None
+    return key, int(stamp)
+
+
+def take_handed(handed: dict[str, int], now: int, most: int) -> tuple[int, list[str]]:
+    """TAKE_HANDED on ``handed`` (entry -> when it was written, Redis ms): drop the
+    entries written over HANDED_FOR_MS ago, then take (remove and return) at most
+    ``most``, oldest first (ZRANGE's order: time, then the entry's bytes). Returns how
+    many were dropped, and the entries taken."""
+    old = [e for e, at in handed.items() if at < now - HANDED_FOR_MS]
+    for entry in old:
+        del handed[entry]
+    order = sorted(handed.items(), key=lambda kv: (kv[1], kv[0].encode("utf-8", "surrogateescape")))
+    taken = [entry for entry, _ in order[:most]]
+    for entry in taken:
+        del handed[entry]
+    return len(old), taken

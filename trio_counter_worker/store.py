@@ -176,6 +176,16 @@ class Store(Protocol):
         False if it was no longer pending."""
         ...
 
+    async def hand_over(self, entries: list[str]) -> None:
+        """Hand keys a former leadership could not decide to whoever leads
+        (:func:`trio_counter_worker.spec.handed_entry`; no lease check)."""
+        ...
+
+    async def take_handed(self, holder: str, most: int) -> tuple[int, list[str]]:
+        """Take (lease-checked) at most ``most`` handed-over entries: how many were
+        dropped as stale, and those taken (:func:`trio_counter_worker.spec.take_handed`)."""
+        ...
+
     async def tracked(
         self, holder: str, start: PageStart, within_ms: int | None = None
     ) -> DeadlinePage:

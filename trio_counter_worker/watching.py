@@ -39,6 +39,7 @@ log = logging.getLogger("trio_counter_worker.leader")
 _RECONCILE_AHEAD = 8 * BATCH  # keys a reconcile queues ahead of the deciders, at most
 _WINDOW_MS = round(WINDOW * 1000)
 _PENDING_CHUNK = 200  # pending resets queued between two checkpoints (thousands at a takeover)
+_HANDED_PAGE = 1_000  # handed-over keys taken per call
 _RESCAN_EVERY = 5.0  # without notifications, how often to look for new keys
 _VERIFY_FLAGS_EVERY = 1.0  # how often the leader checks that notifications are still on
 
@@ -132,6 +133,7 @@ class Watch:
             # (thousands, after a crash mid-burst), queued while the first are sent.
             await self._read_window()
             nursery.start_soon(self._load_pending)
+            nursery.start_soon(self._take_handed)
             nursery.start_soon(self._keep_window)
             nursery.start_soon(self._memory_and_functions)
             nursery.start_soon(self._reconcile_after_overflow)
@@ -178,6 +180,25 @@ class Watch:
             if i % _PENDING_CHUNK == _PENDING_CHUNK - 1:
                 await trio.lowlevel.checkpoint()  # the couriers start on the first ones
 
+    async def _take_handed(self) -> None:
+        """Keys a former leader saw and could not decide (:mod:`.handover`): decided here
+        as reported expiries."""
+        while True:
+            dropped, entries = await self._store.take_handed(self._holder, _HANDED_PAGE)
+            if dropped:
+                log.warning(
+                    "%d key(s) handed over by a former leader waited too long to be "
+                    "decided and were let go: if they expired unheard, they are not reset",
+                    dropped,
+                    extra={"event": "handover_dropped", "keys": dropped},
+                )
+            if entries:
+                queued = self._state.adopt(entries)
+                self._deciders.queued()
+                log.info("took %d key(s) handed over by a former leader", queued)
+            if len(entries) < _HANDED_PAGE:
+                return
+
     async def _consume(self, receive: trio.MemoryReceiveChannel[list[Message]]) -> None:
         async for batch in receive:
             heard = self._state.on_events(batch)
@@ -187,6 +208,8 @@ class Watch:
             if heard.redeliver:
                 log.info("redeliver requested: reading pending resets")
                 await self._load_pending()
+            if heard.handed:
+                await self._take_handed()
 
     async def _verify_flags(self, nursery: trio.Nursery) -> None:
         """Notifications are the leader's eyes: an app or operator may rewrite the flags

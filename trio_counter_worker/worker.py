@@ -23,6 +23,7 @@ from .config import Config
 from .delivery import ResetSender, open_lanes, safe_url
 from .election import Elector, Lease, LeaseTiming
 from .errors import LeaseLost, RedisRefused, RedisUnavailable, first_error
+from .handover import Handover
 from .health import serve_health
 from .hooks import Hooks
 from .http_client import Transport
@@ -85,6 +86,7 @@ class Worker:
         self.lease: Lease | None = None
         self.health_port: int | None = None  # bound port of the health endpoint, once up
         self._quarantine = Quarantine()  # outlives each leadership: a bad key stays aside
+        self._handover = Handover()  # outlives it too: what it could not decide
         self._crash_backoff = Backoff(base=1.0, cap=30.0)
 
     @property
@@ -118,6 +120,7 @@ class Worker:
                     serve_health, self, self.config.health_port, self.config.health_host
                 )
             await nursery.start(self._watch_releases)
+            nursery.start_soon(self._handover.run, self._store, self._outage)
             task_status.started()
             log.info(
                 "replica %s started (standby); lease %s ms, counter key %r, Redis %s, endpoint %s",
@@ -196,7 +199,7 @@ class Worker:
                     self.metrics.pending.set(0)
                     self.metrics.watched.set(0)
                     with trio.CancelScope(shield=True), trio.move_on_after(_HAND_OVER_TIMEOUT):
-                        await duties.hand_over()
+                        await duties.hand_over(self._handover)
                     await self._release(lease)
                     self.hooks.on_deposed(lease.epoch)
         except* LeaseLost as group:
