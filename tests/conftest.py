@@ -13,7 +13,7 @@ import trio
 
 from tests.support.backend import RecordingBackend
 from tests.support.procs import SpawnWorker, WorkerProcess
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, debug_args, find_redis_server
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -44,7 +44,8 @@ def _failing_after(
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A started, empty redis-server on a free loopback port, stopped after the test."""
-    server = RedisServer(tmp_path / "redis")
+    # DEBUG allowed: a test may stall Redis (DEBUG SLEEP).
+    server = RedisServer(tmp_path / "redis", extra_args=debug_args(find_redis_server()))
     server.start()
     try:
         yield server

@@ -81,7 +81,8 @@ def test_the_leader_takes_only_counter_keys_entries() -> None:
     entries = ["900 c:a", "-1 c:b", "x c:c", "900 other", "900", "900 tcw:{c:*}:lease", "9 c:a"]
     assert s.adopt(entries) == 3  # c:a (twice: one queued key), c:b
     taken = s.take(10, looks=False)
-    assert taken is not None and taken.claim
+    assert taken is not None
+    assert taken.claim
     afters = dict(zip(taken.keys, taken.expired_after or [], strict=True))
     assert afters == {"c:a": 900, "c:b": -1}  # the later time of the two
 
@@ -89,9 +90,11 @@ def test_the_leader_takes_only_counter_keys_entries() -> None:
 def test_the_hint_is_told_from_a_redelivery() -> None:
     s = LeaderState(KEYS)
     heard = s.on_events([Message(KEYS.redeliver, HANDED_HINT)])
-    assert heard.handed and not heard.redeliver
+    assert heard.handed
+    assert not heard.redeliver
     heard = s.on_events([Message(KEYS.redeliver, "3")])
-    assert heard.redeliver and not heard.handed
+    assert heard.redeliver
+    assert not heard.handed
 
 
 @given(key=st.text(max_size=30), after=st.integers(-(10**18), 10**18))
@@ -129,7 +132,8 @@ def test_take_handed_is_spec_take_handed(r: redis.Redis) -> None:
     for most in (3, 100):
         dropped, taken = take(keys=[KEYS.lease, KEYS.handed], args=[HOLDER, most])
         assert (dropped, taken) == spec.take_handed(model, now, most)
-    assert r.zcard(KEYS.handed) == 0 and not model
+    assert r.zcard(KEYS.handed) == 0
+    assert not model
 
 
 def test_take_handed_needs_the_lease(r: redis.Redis) -> None:
@@ -149,7 +153,7 @@ def test_hand_over_writes_at_redis_time_and_says_so(
         hand_over = r.register_script(scripts.HAND_OVER)
         entries = [spec.handed_entry("c:a", 5), spec.handed_entry("c:\x00b", -1)]
         assert hand_over(keys=[KEYS.handed], args=[KEYS.redeliver, *entries]) == 2
-        rows = r.zrange(KEYS.handed, 0, -1, withscores=True)
+        rows: list[tuple[str, float]] = r.zrange(KEYS.handed, 0, -1, withscores=True)  # type: ignore[assignment]
         assert sorted(e for e, _ in rows) == sorted(entries)
         assert all(before <= at <= _now(r) for _, at in rows)
         assert 0 < r.pttl(KEYS.handed) <= spec.HANDED_FOR_MS
@@ -157,7 +161,8 @@ def test_hand_over_writes_at_redis_time_and_says_so(
         message = None
         while message is None and time.monotonic() < deadline:
             message = sub.get_message(timeout=0.1)
-        assert message is not None and message["data"] == HANDED_HINT
+        assert message is not None
+        assert message["data"] == HANDED_HINT
         sub.close()
 
 
@@ -177,4 +182,4 @@ def test_any_key_bytes_survive_the_round_trip(redis_server: RedisServer, keys: l
             hand_over(keys=[KEYS.handed], args=[KEYS.redeliver, *entries])
         _, taken = take(keys=[KEYS.lease, KEYS.handed], args=[HOLDER, 100])
     back = [spec.parse_handed(e.decode("utf-8", "surrogateescape")) for e in taken]
-    assert sorted(k for k, _ in back if k is not None) == sorted(names)
+    assert sorted(pair[0] for pair in back if pair is not None) == sorted(names)

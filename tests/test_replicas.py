@@ -386,6 +386,27 @@ def test_a_leader_whose_connection_is_killed_steps_down_and_nothing_doubles(
         assert worker.alive, f"{rid} died"
 
 
+def test_keys_set_as_a_stall_past_the_lease_begins_are_reset_once(harness: Harness) -> None:
+    """DEBUG SLEEP outlasting the lease, sent the moment the app's SETs are acknowledged:
+    the leader steps down with keys it saw set and could not look at, which expire
+    during the stall (Redis has no trace of them after). Handed over, each is reset once."""
+    cluster = harness.start(["r0", "r1"])
+    with (
+        harness.redis_server.client() as client,
+        harness.redis_server.client(socket_timeout=10) as staller,
+    ):
+        names = stream(client, "s", 20, 600)
+        edge = {f"ctr:edge{i}" for i in range(5)}
+        pipe = client.pipeline(transaction=False)
+        for name in sorted(edge):
+            pipe.set(name, "1", px=300)
+        pipe.execute()
+        staller.execute_command("DEBUG", "SLEEP", str(2 * LEASE_TTL))
+        exactly_once(harness.backend, names | edge, RESET_TIMEOUT + 2 * LEASE_TTL)
+    for rid, worker in cluster.workers.items():
+        assert worker.alive, f"{rid} died"
+
+
 def test_a_frozen_standby_does_not_hold_up_the_takeover(harness: Harness) -> None:
     """SIGSTOP one standby, SIGKILL the leader: the other standby takes over through
     liveness; the frozen one, thawed, finds a live leader and stays a standby."""

@@ -11,9 +11,9 @@ from typing import Any
 
 from redis.cluster import ClusterNode, RedisCluster
 
-from tests.support.redis_server import RedisServer, find_redis_server, free_port
+from tests.support.redis_server import RedisServer, debug_args, find_redis_server, free_port
 from trio_counter_worker.lab.errors import LabError
-from trio_counter_worker.lab.servers import redis_cli, server_version
+from trio_counter_worker.lab.servers import redis_cli
 
 
 def _free_port_with_bus() -> int:
@@ -43,10 +43,7 @@ class ClusterSetup:
     def __init__(self, tmp_dir: Path, size: int = 6) -> None:
         self.dir = tmp_dir
         self.binary = find_redis_server()
-        # DEBUG SLEEP (a replica falls behind) needs enabling from Redis 7 on; 6.2 allows
-        # it and refuses the directive ("Bad directive").
-        enabled = " v=6." in server_version(self.binary)
-        self._debug_args = [] if enabled else ["--enable-debug-command", "local"]
+        self._debug_args = list(debug_args(self.binary))  # DEBUG SLEEP: a replica falls behind
         self.nodes = [self._node(i) for i in range(size)]
 
     def _node(self, i: int) -> RedisServer:

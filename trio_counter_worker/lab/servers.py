@@ -19,6 +19,7 @@ Plain subprocesses and blocking sockets, no trio: tools around the worker.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import random
@@ -204,6 +205,15 @@ def server_version(binary: str) -> str:
         [binary, "--version"], capture_output=True, text=True, timeout=30, check=True
     )
     return done.stdout.strip()
+
+
+@functools.cache
+def debug_args(binary: str) -> tuple[str, ...]:
+    """The arguments that allow DEBUG (SLEEP: a stalled Redis) from loopback clients:
+    needed from Redis 7 on; 6.2 allows it and refuses the directive ("Bad directive")."""
+    if " v=6." in server_version(binary):
+        return ()
+    return ("--enable-debug-command", "local")
 
 
 def _port_bindable(port: int) -> bool:
