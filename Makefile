@@ -18,7 +18,7 @@ RERUN_WORKERS ?= 2
 # Cluster and Sentinel included) and on Redis 6.2 (the scripts' path without
 # PEXPIRETIME, and without Functions).
 SERVER_TESTS := tests/test_redis_bridge.py tests/test_hostile.py tests/test_replicas.py \
-	tests/test_spec_contract.py tests/test_handover.py \
+	tests/test_spec_contract.py tests/test_handover.py tests/test_overflow.py \
 	tests/test_resync.py tests/test_claim_reported.py tests/test_cluster_scripts.py \
 	tests/test_glob.py tests/test_ops.py tests/test_functions.py
 VALKEY_TESTS := $(SERVER_TESTS) tests/test_cluster.py tests/test_sentinel.py

@@ -27,8 +27,8 @@ async def test_a_subscription_closed_for_its_output_buffer_is_named_and_costs_no
     )
     elected = trio.Event()
     with trio.fail_after(20), redis_server.client() as c:
-        if "client_output_buffer_limit_disconnections" not in c.info("stats"):
-            pytest.skip("Redis before 7.2 does not count output-buffer disconnections (INFO stats)")
+        # 7.2+ counts output-buffer disconnections (named for sure); before, the
+        # subscription closed by a server that stays up is named as most likely that.
         hooks = Hooks(on_elected=lambda e: elected.set())
         async with open_worker(cfg, hooks=hooks) as worker, trio.open_nursery() as nursery:
             await nursery.start(worker.run)

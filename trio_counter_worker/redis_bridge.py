@@ -558,6 +558,7 @@ def _listen_sync(
     generation = master.generation
     pubsub = client.pubsub()
     dropped = _overflow_count(client)
+    run_id = _run_id(client) if dropped is None else None  # before 7.2: see _closed_while_up
     try:
         try:
             seconds, micros = client.time()
@@ -591,6 +592,8 @@ def _listen_sync(
         except Exception as exc:
             if isinstance(exc, rexc.ConnectionError) and _overflowed(client, dropped):
                 raise SubscriptionOverflow(_OVERFLOW) from None
+            if isinstance(exc, rexc.ConnectionError) and _closed_while_up(client, run_id):
+                raise SubscriptionOverflow(_CLOSED_WHILE_UP) from None
             translated = translate(exc)
             if translated is exc:
                 raise
@@ -664,6 +667,32 @@ _OVERFLOW = (
     '(CONFIG SET client-output-buffer-limit "pubsub 32mb 8mb 60", Redis\'s default, or '
     "more), or arm fewer counters at once; resynchronising"
 )
+
+
+_CLOSED_WHILE_UP = (
+    "Redis closed a subscription while it stayed up (the same server answers at once; "
+    "Redis before 7.2 does not count why): most likely the leader fell behind the "
+    "keyspace events, past Redis's client-output-buffer-limit for pubsub clients — "
+    'raise it (CONFIG SET client-output-buffer-limit "pubsub 32mb 8mb 60", Redis\'s '
+    "default, or more) or arm fewer counters at once — or someone killed the connection "
+    "(CLIENT KILL); resubscribing"
+)
+
+
+def _run_id(client: Any) -> str | None:
+    """The server's run_id (a new one after a restart), or None if it cannot be read."""
+    try:
+        value = client.info("server").get("run_id")
+    except Exception:  # only a hint
+        return None
+    return None if value is None else str(value)
+
+
+def _closed_while_up(client: Any, run_id: str | None) -> bool:
+    """Where Redis cannot count output-buffer disconnections (before 7.2): whether the
+    subscription was closed by a server that is still up, the same one (not a restart,
+    not a failover to another)."""
+    return run_id is not None and _run_id(client) == run_id
 
 
 def _overflow_count(client: Any) -> int | None:
