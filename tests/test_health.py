@@ -80,7 +80,9 @@ async def test_probes_and_metrics() -> None:
                 assert ready.json()["role"] == "standby"
                 assert ready.json()["reconciled"] is False
                 assert ready.status_code == 200
-                assert "tcw_leader 0.0" in (await http.get("/metrics")).text
+                deposed = (await http.get("/metrics")).text
+                assert "tcw_leader 0.0" in deposed
+                assert "tcw_reconciled 0.0" in deposed  # what it reconciled is the leader's now
 
                 # Redis gone for longer than 3 lease periods: not ready.
                 store.down = True

