@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from .backend import ResetPost
-from .demo_report import Fault, took
+from .demo_report import Fault, kill_gap
 from .demo_stage import DemoStage
 from .replicas import Replica
 
@@ -96,7 +96,8 @@ class Faults:
                 and post.replica_id != fault.victim
             ):
                 fault.next_reset = post.received_at - fault.fired_wall
+                fault.next_due = post.expired_at - fault.fired_wall
                 self.say(
-                    f"first reset sent since the SIGKILL: {took(fault.next_reset)} after "
-                    f"the kill (by {post.replica_id})"
+                    f"first reset sent since the SIGKILL: {kill_gap(fault)} "
+                    f"(by {post.replica_id})"
                 )

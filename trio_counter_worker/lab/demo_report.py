@@ -30,6 +30,7 @@ class Fault:
     victim: str = ""  # "-": skipped, no leader to hit
     waited: bool = False
     next_reset: float | None = None  # SIGKILL: seconds from the kill to the next reset sent
+    next_due: float = 0.0  # ... and from the kill to when that reset's counter fell due
 
     @property
     def hit(self) -> bool:
@@ -44,6 +45,16 @@ def ms(seconds: float) -> str:
 def took(seconds: float) -> str:
     """A failover time: seconds, or ms when that would read 0.0x s."""
     return f"{seconds * 1000:.0f} ms" if seconds < 0.1 else f"{seconds:.2f} s"
+
+
+def kill_gap(fault: Fault) -> str:
+    """The kill -> next reset gap, and when that counter fell due: a gap that only
+    waited for the next counter to fall due says nothing of the takeover."""
+    if fault.next_reset is None:
+        return "none came"
+    if fault.next_due <= 0:
+        return f"{took(fault.next_reset)} (due before the kill)"
+    return f"{took(fault.next_reset)} (due {took(fault.next_due)} after it)"
 
 
 @attrs.define
@@ -77,9 +88,7 @@ class Tally:
             return ", ".join(took(v) for v in values) if values else "(not run)"
 
         killed = [f for f in faults if f.kind == "SIGKILL" and f.hit]
-        gaps = ", ".join(
-            "none came" if f.next_reset is None else took(f.next_reset) for f in killed
-        )
+        gaps = ", ".join(kill_gap(f) for f in killed)
         if self.latencies:
             lat = f"{ms(statistics.median(self.latencies))} / {ms(max(self.latencies))}"
         else:
