@@ -1,8 +1,7 @@
 """The settings of sending resets: the endpoint, its secrets, and how requests are paced.
 
-Part of :class:`~trio_counter_worker.config.Config`, which takes these fields over and
-places them in the order of ``SETTINGS``. Each is marked ``delivery``: the commands that
-only read Redis ignore them.
+One group of :class:`~trio_counter_worker.config.Config`'s fields (see there). Each is
+marked ``delivery``: the commands that only read Redis ignore them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """The settings of the election: the lease, fast takeover, and this replica's name.
 
-Part of :class:`~trio_counter_worker.config.Config`, which takes these fields over and
-places them in the order of ``SETTINGS``.
+One group of :class:`~trio_counter_worker.config.Config`'s fields (see there).
 """
 
 from __future__ import annotations
