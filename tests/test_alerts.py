@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.support.backend import RecordingBackend
-from tests.support.procs import SpawnWorker, WorkerProcess
+from tests.support.procs import SpawnWorker, WorkerProcess, worker_env
 from tests.support.redis_server import RedisServer, free_port
 from trio_counter_worker.metrics import Metrics
 
@@ -217,17 +217,15 @@ def test_no_leader_alert_fires_when_replicas_stop_and_clears_when_one_returns(
     ports = [free_port() for _ in range(3)]
 
     def replica(n: int) -> WorkerProcess:
-        env = {
-            "REDIS_HOST": redis_server.host,
-            "REDIS_PORT": str(redis_server.port),
-            "RESET_ENDPOINT_URL": backend.url,
-            "RESET_SECRET": "alert-test-secret",
-            "COUNTER_KEY": "c:*",
-            "LEASE_TTL_MS": "500",
-            "REPLICA_ID": f"r{n}",
-            "HEALTH_PORT": str(ports[n]),
-            "HEALTH_HOST": "127.0.0.1",
-        }
+        env = worker_env(
+            redis_server,
+            backend,
+            RESET_SECRET="alert-test-secret",
+            LEASE_TTL_MS="500",
+            REPLICA_ID=f"r{n}",
+            HEALTH_PORT=str(ports[n]),
+            HEALTH_HOST="127.0.0.1",
+        )
         return spawn_worker(env, f"r{n}")
 
     workers = [replica(n) for n in range(3)]

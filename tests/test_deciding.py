@@ -10,16 +10,13 @@ import trio
 import trio.testing
 
 from tests.fakes import FakeStore
-from trio_counter_worker.deciding import Deciders
+from tests.support.deciders import deciding
 from trio_counter_worker.decisions import CallLimits
 from trio_counter_worker.errors import LeaseLost
-from trio_counter_worker.leader_state import EARLY, LeaderState
-from trio_counter_worker.metrics import Metrics
-from trio_counter_worker.store import FailingNote, KeyOutcome, PendingReset
+from trio_counter_worker.leader_state import EARLY
+from trio_counter_worker.store import KeyOutcome
 
 pytestmark = pytest.mark.fail_after(600)
-
-HOLDER = "h1"
 
 
 def test_small_calls_of_a_kind_are_limited_but_a_full_batch_always_goes() -> None:
@@ -50,19 +47,6 @@ class PoisonStore(FakeStore):
             await trio.lowlevel.checkpoint()
             raise ValueError("cannot decode")
         return await super().track(holder, keys)
-
-
-Delivered = list[tuple[PendingReset, FailingNote | None]]
-
-
-async def deciding(store: FakeStore) -> tuple[LeaderState, Deciders, Delivered, Metrics]:
-    await store.acquire(HOLDER, "r1", 3_600_000, 0)
-    state = LeaderState(store.own)
-    state.resubscribed(0)
-    delivered: Delivered = []
-    metrics = Metrics()
-    deciders = Deciders(store, HOLDER, state, lambda r, h: delivered.append((r, h)), metrics)
-    return state, deciders, delivered, metrics
 
 
 async def test_a_tracked_key_is_claimed_at_its_deadline_and_handed_to_deliver(

@@ -10,11 +10,10 @@ polls the observable state with a deadline.
 
 from __future__ import annotations
 
-import faulthandler
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -25,21 +24,20 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.support.backend import RecordingBackend
+from tests.support.polling import wait_until
 from tests.support.proxy import FaultProxy
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.watchdog import watchdog
 
 TEST_TIMEOUT = 60.0
 IO_TIMEOUT = 5.0
 
 
 @pytest.fixture(autouse=True)
-def watchdog() -> Iterator[None]:
+def bounded() -> Iterator[None]:
     """Bound every test: dump all threads' stacks and exit if one hangs."""
-    faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=True)
-    try:
+    with watchdog(TEST_TIMEOUT):
         yield
-    finally:
-        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture
@@ -73,14 +71,6 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
             raise AssertionError(f"EOF after {data!r}, expected {n} bytes")
         data += chunk
     return data
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = IO_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s: {what}")
-        time.sleep(0.01)
 
 
 def client_count(server: RedisServer) -> int:
@@ -126,7 +116,12 @@ def test_half_close_passes_on_after_the_answer(
         sock.shutdown(socket.SHUT_WR)  # our FIN reaches Redis after the PING
         assert recv_exactly(sock, 7) == b"+PONG\r\n"
         assert sock.recv(1) == b""  # Redis closed in turn, and its FIN came through
-    wait_until(lambda: proxy.active == 0, "the proxy forgets a connection closed both ways")
+    wait_until(
+        lambda: proxy.active == 0,
+        "the proxy forgets a connection closed both ways",
+        IO_TIMEOUT,
+        interval=0.01,
+    )
 
 
 def test_hundreds_of_connections(proxy: FaultProxy) -> None:
@@ -311,7 +306,12 @@ def test_forward_after_blackhole_recovers_for_new_connections(
         assert client.ping()
         assert client.set("k", "v")
     # The FIN held back while blackholed now reaches Redis.
-    wait_until(lambda: client_count(redis_server) < clients_during, "Redis sees the held FIN")
+    wait_until(
+        lambda: client_count(redis_server) < clients_during,
+        "Redis sees the held FIN",
+        IO_TIMEOUT,
+        interval=0.01,
+    )
 
 
 # --- reset / drop_connections ----------------------------------------------------------

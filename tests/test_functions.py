@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support.backend import RecordingBackend
-from tests.support.procs import SpawnWorker, run_cli
+from tests.support.procs import SpawnWorker, run_cli, worker_env
 from tests.support.redis_server import SERVER_ENV, RedisServer
 from trio_counter_worker import scripts, spec, touch_spec
 from trio_counter_worker.acl import acl_rule
@@ -442,7 +442,7 @@ def test_the_app_acl_rule_is_enough(r: redis.Redis, redis_server: RedisServer) -
 
 
 def test_what_no_leader_saw_is_reset_by_the_next(
-    r: redis.Redis, backend: RecordingBackend, spawn_worker: SpawnWorker
+    r: redis.Redis, redis_server: RedisServer, backend: RecordingBackend, spawn_worker: SpawnWorker
 ) -> None:
     """The README's promise, with today's leader: touched and expired while no replica
     ran, and re-armed after an unseen deadline: each episode reset once; ended by
@@ -454,16 +454,7 @@ def test_what_no_leader_saw_is_reset_by_the_next(
     r.fcall("tcw_done", 1, "c:done")
     time.sleep(0.2)
     assert r.fcall("tcw_touch", 1, "c:rearm", 60_000, "second")[2] == 1  # claimed there
-    port = r.connection_pool.connection_kwargs["port"]
-    worker = spawn_worker(
-        {
-            "REDIS_PORT": str(port),
-            "RESET_ENDPOINT_URL": backend.url,
-            "RESET_SECRET": "s",
-            "COUNTER_KEY": "c:*",
-        },
-        "leader",
-    )
+    worker = spawn_worker(worker_env(redis_server, backend), "leader")
     worker.wait_for_output("reconciled:", 10.0)
     bodies = sorted((q.json for q in backend.wait_for_count(2, 10.0)), key=lambda b: b["key"])
     assert [(b["key"], b["reset_id"], b["expired_at"], b["payload"]) for b in bodies] == [
@@ -488,17 +479,8 @@ def test_touched_counters_are_reset_on_time_without_notifications(
     r.execute_command(  # type: ignore[no-untyped-call, unused-ignore]
         "ACL", "SETUSER", "worker", "on", ">pw", *rule.split()
     )
-    port = r.connection_pool.connection_kwargs["port"]
-    worker = spawn_worker(
-        {
-            "REDIS_PORT": str(port),
-            "REDIS_URL": f"redis://worker:pw@127.0.0.1:{port}/0",
-            "RESET_ENDPOINT_URL": backend.url,
-            "RESET_SECRET": "s",
-            "COUNTER_KEY": "c:*",
-        },
-        "leader",
-    )
+    url = f"redis://worker:pw@127.0.0.1:{redis_server.port}/0"
+    worker = spawn_worker(worker_env(redis_server, backend, REDIS_URL=url), "leader")
     worker.wait_for_output("reconciled:", 10.0)
     deadlines = {
         f"c:{n}": r.fcall("tcw_touch", 1, f"c:{n}", 300 + 100 * n, f"p{n}")[0] for n in range(6)

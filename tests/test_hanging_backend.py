@@ -18,7 +18,7 @@ import redis
 
 from bench.common import wait_until
 from tests.support.backend import Hang, Received, RecordingBackend, by_key
-from tests.support.procs import SpawnWorker, WorkerProcess
+from tests.support.procs import SpawnWorker, WorkerProcess, worker_env
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -40,16 +40,14 @@ def leader(
     backend.behave(by_key(dict.fromkeys(HANGING, Hang(float("inf")))))
     secret = f"s3cr3t-{secrets.token_hex(8)}"
     worker = spawn_worker(
-        {
-            "REDIS_HOST": redis_server.host,
-            "REDIS_PORT": str(redis_server.port),
-            "RESET_ENDPOINT_URL": backend.url,
-            "RESET_SECRET": secret,
-            "COUNTER_KEY": "c:*",
-            "REPLICA_ID": "r1",
-            "MAX_IN_FLIGHT": "2",
-            "RESET_TIMEOUT_MS": str(RESET_TIMEOUT_MS),
-        },
+        worker_env(
+            redis_server,
+            backend,
+            RESET_SECRET=secret,
+            REPLICA_ID="r1",
+            MAX_IN_FLIGHT="2",
+            RESET_TIMEOUT_MS=str(RESET_TIMEOUT_MS),
+        ),
         "r1",
     )
     worker.wait_for_output("reconciled:", START)

@@ -11,9 +11,9 @@ import base64
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import pytest
@@ -32,14 +32,14 @@ from tests.support.backend import (
     Respond,
     by_key,
 )
-from tests.support.procs import SpawnWorker, WorkerProcess, clean_env, run_cli
+from tests.support.polling import wait_until
+from tests.support.procs import SpawnWorker, WorkerProcess, clean_env, run_cli, worker_env
 from tests.support.redis_server import RedisServer
 from trio_counter_worker.acl import acl_rule
 from trio_counter_worker.keys import Keys
 
 pytestmark = pytest.mark.slow
 
-T = TypeVar("T")
 
 COUNTER_KEY = "c:*"
 NAMESPACE = Keys(COUNTER_KEY).namespace
@@ -47,17 +47,6 @@ LEASE_KEY = Keys(COUNTER_KEY).lease
 LEASE_TTL_MS = 1000
 START = 15.0  # interpreter start + connect + first election, on a loaded machine
 WAIT = 10.0
-
-
-def wait_until(check: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
-        time.sleep(0.005)
 
 
 def raw_key(request: Received) -> bytes | None:
@@ -87,15 +76,17 @@ class Hostile:
     spawned: list[WorkerProcess] = attrs.field(factory=list)
 
     def env(self, replica_id: str, **extra: str) -> dict[str, str]:
-        return {
-            "REDIS_HOST": self.redis_server.host,
-            "REDIS_PORT": str(self.redis_server.port),
-            "RESET_ENDPOINT_URL": self.backend.url,
-            "RESET_SECRET": self.secret,
-            "COUNTER_KEY": COUNTER_KEY,
-            "LEASE_TTL_MS": str(LEASE_TTL_MS),
-            "REPLICA_ID": replica_id,
-        } | extra
+        return (
+            worker_env(
+                self.redis_server,
+                self.backend,
+                RESET_SECRET=self.secret,
+                COUNTER_KEY=COUNTER_KEY,
+                LEASE_TTL_MS=str(LEASE_TTL_MS),
+                REPLICA_ID=replica_id,
+            )
+            | extra
+        )
 
     def client(self) -> redis.Redis:
         return redis.Redis(host=self.redis_server.host, port=self.redis_server.port, protocol=2)

@@ -8,7 +8,6 @@ bound is close()'s promptness, which is the property under test, with a wide mar
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import socket
 import threading
@@ -31,19 +30,17 @@ from tests.support.backend import (
     Respond,
     by_key,
 )
+from tests.support.watchdog import watchdog
 
 TEST_TIMEOUT = 30.0
 CLIENT_TIMEOUT = 5.0
 
 
 @pytest.fixture(autouse=True)
-def watchdog() -> Iterator[None]:
+def bounded() -> Iterator[None]:
     """Bound every test: dump all threads' stacks and exit if one hangs."""
-    faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=True)
-    try:
+    with watchdog(TEST_TIMEOUT):
         yield
-    finally:
-        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ import pytest
 import trio
 
 from tests.support.backend import Behaviour, Received, RecordingBackend, Respond
+from tests.support.in_process import leading
 from tests.support.procs import run_cli
 from tests.support.redis_server import RedisServer, free_port
-from trio_counter_worker import Config, Hooks, open_worker
+from trio_counter_worker import Config
 from trio_counter_worker.acl import acl_rule
 from trio_counter_worker.keys import Keys
 from trio_counter_worker.ops import (
@@ -144,14 +145,9 @@ async def test_without_pubsub_numsub_fast_takeover_is_off_and_said_so(
     out = io.StringIO()
     assert print_checks(checks, out) == 0
     assert "+pubsub|numsub" in out.getvalue()
-    elected = trio.Event()
     with trio.fail_after(15):
-        hooks = Hooks(on_elected=lambda e: elected.set())
-        async with open_worker(cfg, hooks=hooks) as worker, trio.open_nursery() as nursery:
-            await nursery.start(worker.run)
-            await elected.wait()
+        async with leading(cfg):
             status = await run_status(config(redis_server, backend.url))
-            nursery.cancel_scope.cancel()
     [line] = [r.getMessage() for r in caplog.records if "fast takeover off" in r.getMessage()]
     assert "+pubsub|numsub" in line
     assert "LEASE_TTL_MS=1000" in line
@@ -171,20 +167,12 @@ async def test_an_eviction_policy_that_can_take_the_workers_keys_is_a_warning(
     assert "volatile-*" in out.getvalue()
     # ... and a WARNING at every takeover.
     caplog.set_level(logging.WARNING, logger="trio_counter_worker")
-    elected = trio.Event()
-    hooks = Hooks(on_elected=lambda _epoch: elected.set())
     with trio.fail_after(10):
-        async with (
-            open_worker(config(redis_server, backend.url), hooks=hooks) as worker,
-            trio.open_nursery() as nursery,
-        ):
-            await nursery.start(worker.run)
-            await elected.wait()
+        async with leading(config(redis_server, backend.url)):
             while not any(
                 "maxmemory-policy is allkeys-lru" in r.getMessage() for r in caplog.records
             ):
                 await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
 
 
 async def test_check_reports_each_failure_with_a_hint(redis_server: RedisServer) -> None:
@@ -222,17 +210,12 @@ async def test_status_shows_the_leader_and_its_work(
     redis_server: RedisServer, backend: RecordingBackend
 ) -> None:
     cfg = config(redis_server, backend.url)
-    elected = trio.Event()
     with trio.fail_after(15):
-        hooks = Hooks(on_elected=lambda e: elected.set())
-        async with open_worker(cfg, hooks=hooks) as worker, trio.open_nursery() as nursery:
-            await nursery.start(worker.run)
-            await elected.wait()
+        async with leading(cfg):
             with redis_server.client() as c:
                 c.set("c:later", 1, ex=600)
             while (status := await run_status(cfg))["watched_counters"] < 1:
                 await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
     assert status["leader"] == "ops-1"
     assert isinstance(status["fencing_token"], int)
     assert status["fencing_token"] >= 1

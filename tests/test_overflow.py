@@ -9,32 +9,20 @@ import pytest
 import trio
 
 from tests.support.backend import RecordingBackend
+from tests.support.in_process import leading, lone_replica, reconciled
 from tests.support.redis_server import RedisServer
-from trio_counter_worker import Config, Hooks, open_worker
 
 
 async def test_a_subscription_closed_for_its_output_buffer_is_named_and_costs_no_reset(
     redis_server: RedisServer, backend: RecordingBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="trio_counter_worker")
-    cfg = Config(
-        reset_endpoint_url=backend.url,
-        reset_secret="overflow-secret",
-        counter_key="c:*",
-        redis_port=redis_server.port,
-        lease_ttl_ms=2000,
-        replica_id="r1",
-    )
-    elected = trio.Event()
+    cfg = lone_replica(redis_server, backend, lease_ttl_ms=2000)
     with trio.fail_after(20), redis_server.client() as c:
         # 7.2+ counts output-buffer disconnections (named for sure); before, the
         # subscription closed by a server that stays up is named as most likely that.
-        hooks = Hooks(on_elected=lambda e: elected.set())
-        async with open_worker(cfg, hooks=hooks) as worker, trio.open_nursery() as nursery:
-            await nursery.start(worker.run)
-            await elected.wait()
-            while "reconciled" not in caplog.text:
-                await trio.sleep(0.01)
+        async with leading(cfg):
+            await reconciled(caplog)
             c.config_set("client-output-buffer-limit", "pubsub 64kb 32kb 1")
             # 8 MB of keyspace events at once (4 KiB key names): more than the socket
             # and the limit hold before the leader can read them.
@@ -47,7 +35,6 @@ async def test_a_subscription_closed_for_its_output_buffer_is_named_and_costs_no
                 await trio.sleep(0.01)
             c.config_set("client-output-buffer-limit", "pubsub 32mb 8mb 60")
             await backend.wait_for_count_async(1, timeout=10)
-            nursery.cancel_scope.cancel()
     assert [r.json["key"] for r in backend.requests if r.json is not None] == ["c:short"]
     assert "Redis unavailable (" not in caplog.text  # Redis was up: not an outage
     (line,) = [r for r in caplog.records if "client-output-buffer-limit" in r.getMessage()]

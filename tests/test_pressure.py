@@ -18,15 +18,14 @@ from hypothesis import given, settings
 
 from tests.fakes import FakeStore
 from tests.support.backend import RecordingBackend
+from tests.support.deciders import deciding
+from tests.support.in_process import leading, lone_replica, reconciled
 from tests.support.redis_server import RedisServer
-from trio_counter_worker import Config, Hooks, open_worker
-from trio_counter_worker.deciding import Deciders
 from trio_counter_worker.errors import RedisRefused
 from trio_counter_worker.keys import Keys
 from trio_counter_worker.leader_state import LeaderState
-from trio_counter_worker.metrics import Metrics
 from trio_counter_worker.pressure import Pressure
-from trio_counter_worker.store import FailingNote, KeyOutcome, Message, PendingReset
+from trio_counter_worker.store import KeyOutcome, Message
 
 KEYS = Keys("c:*")
 OOM = RedisRefused("Redis is out of memory", "oom")
@@ -177,11 +176,7 @@ async def test_a_key_seen_while_redis_refuses_is_reset_once_it_accepts(
 ) -> None:
     caplog.set_level(logging.INFO, logger="trio_counter_worker")
     store = RefusingStore("c:*")
-    await store.acquire("h1", "r1", 3_600_000, 0)
-    state = LeaderState(store.own)
-    state.resubscribed(0)
-    delivered: list[tuple[PendingReset, FailingNote | None]] = []
-    deciders = Deciders(store, "h1", state, lambda r, h: delivered.append((r, h)), Metrics())
+    state, deciders, delivered, _ = await deciding(store)
     store.full = True
     store.set_key("c:1", 2.0)  # the app's SET went through; the leader's TRACK will not
     async with trio.open_nursery() as nursery:
@@ -214,25 +209,13 @@ async def test_counters_set_while_redis_is_full_are_all_reset_once(
     second throughout (each SET let through, the leader's writes refused around it),
     then memory freed: every counter is reset, once."""
     caplog.set_level(logging.INFO, logger="trio_counter_worker")
-    cfg = Config(
-        reset_endpoint_url=backend.url,
-        reset_secret="pressure-secret",
-        counter_key="c:*",
-        redis_port=redis_server.port,
-        lease_ttl_ms=2000,
-        replica_id="r1",
-    )
-    elected = trio.Event()
+    cfg = lone_replica(redis_server, backend, lease_ttl_ms=2000)
     rng = random.Random(21)
     set_during: list[str] = []
     with trio.fail_after(20), redis_server.client() as c:
         c.config_set("maxmemory-policy", "noeviction")
-        hooks = Hooks(on_elected=lambda e: elected.set())
-        async with open_worker(cfg, hooks=hooks) as worker, trio.open_nursery() as nursery:
-            await nursery.start(worker.run)
-            await elected.wait()
-            while "reconciled" not in caplog.text:
-                await trio.sleep(0.01)
+        async with leading(cfg):
+            await reconciled(caplog)
             c.config_set("maxmemory", 1)  # full: every write that may grow memory refused
             for i in range(50):
                 # The app's SET gets in while memory dips (keys expiring elsewhere).
@@ -248,7 +231,6 @@ async def test_counters_set_while_redis_is_full_are_all_reset_once(
             while "accepts the leader's writes again" not in caplog.text:
                 await trio.sleep(0.01)
             await trio.sleep(0.5)  # a second reset of any counter would come by now
-            nursery.cancel_scope.cancel()
     reset = [r.json["key"] for r in backend.requests if r.json is not None]
     assert sorted(reset) == sorted(set_during)  # each once: 0 missed, none twice
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

@@ -12,21 +12,21 @@ from __future__ import annotations
 import secrets
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import attrs
 import pytest
 import redis
 
 from tests.support.backend import Received, RecordingBackend
-from tests.support.procs import SpawnWorker, WorkerProcess
+from tests.support.polling import wait_until
+from tests.support.procs import SpawnWorker, WorkerProcess, worker_env
 from tests.support.redis_server import RedisServer
 from trio_counter_worker.keys import Keys
 
 pytestmark = pytest.mark.slow
 
-T = TypeVar("T")
 
 LEASE_TTL_MS = 1000
 LEASE_TTL = LEASE_TTL_MS / 1000
@@ -46,18 +46,6 @@ POLL = 0.002
 
 
 # --- helpers -------------------------------------------------------------------------
-
-
-def wait_until(check: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll ``check`` every few ms until it returns something truthy; return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(POLL)
 
 
 def lease(client: redis.Redis) -> dict[str, str]:
@@ -157,16 +145,15 @@ class Harness:
     spawned: list[WorkerProcess] = attrs.field(factory=list)
 
     def env(self, replica_id: str) -> dict[str, str]:
-        return {
-            "REDIS_HOST": self.redis_server.host,
-            "REDIS_PORT": str(self.redis_server.port),
-            "RESET_ENDPOINT_URL": self.backend.url,
-            "RESET_SECRET": self.secret,
-            "COUNTER_KEY": COUNTER_KEY,
-            "LEASE_TTL_MS": str(LEASE_TTL_MS),
-            "REPLICA_ID": replica_id,
-            "LOG_LEVEL": "INFO",
-        }
+        return worker_env(
+            self.redis_server,
+            self.backend,
+            RESET_SECRET=self.secret,
+            COUNTER_KEY=COUNTER_KEY,
+            LEASE_TTL_MS=str(LEASE_TTL_MS),
+            REPLICA_ID=replica_id,
+            LOG_LEVEL="INFO",
+        )
 
     def start(self, replica_ids: Sequence[str]) -> Cluster:
         """Spawn the replicas; return once all are started and exactly one leads, ready
@@ -179,7 +166,9 @@ class Harness:
         for rid, worker in workers.items():
             worker.wait_for_output(f"replica {rid} started (standby)", START_TIMEOUT)
         with self.redis_server.client() as client:
-            held = wait_until(lambda: lease(client).get("replica"), START_TIMEOUT, "a lease")
+            held = wait_until(
+                lambda: lease(client).get("replica"), "a lease", START_TIMEOUT, interval=POLL
+            )
             leader = workers[held]
             leader.wait_for_output(f"leader acquired: replica={held} ", START_TIMEOUT)
             leader.wait_for_output("reconciled:", START_TIMEOUT)
@@ -225,8 +214,9 @@ def test_three_replicas_one_post_per_episode(harness: Harness) -> None:
                 # Re-arm just before the TTL would run out (activity keeps it alive).
                 wait_until(
                     lambda: 0 <= client.pttl(KEY) <= KEY_TTL_MS // 3,
-                    RESET_TIMEOUT,
                     "the key's TTL to run low before re-arming",
+                    RESET_TIMEOUT,
+                    interval=POLL,
                 )
                 due = set_key(client)
                 assert len(backend.requests) == episode, "reset sent for a key kept alive"
@@ -273,8 +263,9 @@ def _failover(harness: Harness, cluster: Cluster, key_ttl_ms: int, key_before: b
             # The old leader has recorded the deadline before it dies.
             wait_until(
                 lambda: client.zscore(KEYS.deadlines, KEY),
-                RESET_TIMEOUT,
                 "the leader to record the key's deadline",
+                RESET_TIMEOUT,
+                interval=POLL,
             )
         wall_kill, t_kill = time.time(), time.monotonic()
         assert cluster.leader.kill() == -signal.SIGKILL
@@ -283,8 +274,9 @@ def _failover(harness: Harness, cluster: Cluster, key_ttl_ms: int, key_before: b
 
         new = wait_until(
             lambda: holder_other_than(client, killed),
-            LEASE_TTL + 5.0,
             "another replica to hold the lease",
+            LEASE_TTL + 5.0,
+            interval=POLL,
         )
         t_lease = time.monotonic() - t_kill
         current = lease(client)
@@ -443,7 +435,10 @@ def test_sigterm_leader_hands_over(harness: Harness) -> None:
         t_term = time.monotonic()
         cluster.leader.signal(signal.SIGTERM)
         new = wait_until(
-            lambda: holder_other_than(client, old), LEASE_TTL, "another replica to hold the lease"
+            lambda: holder_other_than(client, old),
+            "another replica to hold the lease",
+            LEASE_TTL,
+            interval=POLL,
         )
         t_handoff = time.monotonic() - t_term
         print(f"\nSIGTERM handoff: lease held by {new} {t_handoff * 1000:.1f} ms after SIGTERM")
@@ -493,13 +488,16 @@ def test_single_replica_survives_redis_restart(harness: Harness) -> None:
     with server.client() as client:
         wait_until(
             lambda: all(f in flags(client) for f in NEEDED_FLAGS),
-            10.0,
             "the worker to re-enable keyspace notifications "
             "(notify-keyspace-events is '' on a fresh server)",
+            10.0,
+            interval=POLL,
         )
         t_flags = time.monotonic() - t_restart
         # The lease went with the data: the replica must win it again on the new server.
-        wait_until(lambda: lease(client).get("replica") == "r0", 10.0, "r0 to lead again")
+        wait_until(
+            lambda: lease(client).get("replica") == "r0", "r0 to lead again", 10.0, interval=POLL
+        )
         t_lease = time.monotonic() - t_restart
         print(
             f"\nRedis restart (server up again after {t_up * 1000:.0f} ms): flags "
@@ -530,8 +528,9 @@ def test_backend_500_twice_then_200_is_delivered_with_one_idempotency_key(
         assert "attempts=3" in worker.output()
         wait_until(
             lambda: not client.exists(KEYS.pending),
-            RESET_TIMEOUT,
             "the pending record to be cleared after the 2xx",
+            RESET_TIMEOUT,
+            interval=POLL,
         )
     assert len(requests) == 3
     bodies = [check_reset(q, secret=harness.secret, key=KEY, due=due) for q in requests]

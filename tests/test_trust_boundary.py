@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from tests.support.backend import RecordingBackend
-from tests.support.procs import SpawnWorker
+from tests.support.procs import SpawnWorker, worker_env
 from tests.support.redis_server import RedisServer
 from trio_counter_worker.functions import LIBRARY_VERSION, app_acl_rule, install
 from trio_counter_worker.keys import Keys
@@ -58,23 +58,17 @@ def test_the_app_may_publish_only_where_tcw_touch_does(
 
 
 def test_forged_markers_do_not_reset_a_counter_twice(
-    admin: redis.Redis, backend: RecordingBackend, spawn_worker: SpawnWorker
+    admin: redis.Redis,
+    redis_server: RedisServer,
+    backend: RecordingBackend,
+    spawn_worker: SpawnWorker,
 ) -> None:
     """Issue #21's attack, by a user the ACL does not limit: a forged marker
     `9999999999999 <key>` per counter, and garbage, around 30 counters' resets (half
     touched through the library, half SET), and touched-channel hints for keys that are
     not counters: every counter reset once. (A marker naming the exact millisecond of a
     claim, published before it, is not caught: see the README's trust boundary.)"""
-    port = admin.connection_pool.connection_kwargs["port"]
-    worker = spawn_worker(
-        {
-            "REDIS_PORT": str(port),
-            "RESET_ENDPOINT_URL": backend.url,
-            "RESET_SECRET": "s",
-            "COUNTER_KEY": "c:*",
-        },
-        "leader",
-    )
+    worker = spawn_worker(worker_env(redis_server, backend), "leader")
     worker.wait_for_output("reconciled:", 10.0)
     keys = [f"c:{n}" for n in range(30)]
     with admin.pipeline(transaction=False) as pipe:

@@ -15,7 +15,7 @@ from tests.support.backend import (
     Respond,
     by_key,
 )
-from tests.support.procs import SpawnWorker, WorkerProcess, clean_env, run_cli
+from tests.support.procs import SpawnWorker, WorkerProcess, clean_env, run_cli, worker_env
 from tests.support.proxy import FaultProxy
 from tests.support.redis_server import RedisServer, find_redis_server, free_port
 
@@ -40,4 +40,5 @@ __all__ = [
     "find_redis_server",
     "free_port",
     "run_cli",
+    "worker_env",
 ]

@@ -10,9 +10,13 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
+
+if TYPE_CHECKING:
+    from tests.support.backend import RecordingBackend
+    from tests.support.redis_server import RedisServer
 
 MODULE = "trio_counter_worker"
 # The app's configuration namespaces: never inherited from the developer's shell.
@@ -37,6 +41,21 @@ def clean_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
         pythonpath.append(merged["PYTHONPATH"])
     merged["PYTHONPATH"] = os.pathsep.join(pythonpath)
     return merged
+
+
+def worker_env(
+    redis_server: RedisServer, backend: RecordingBackend, **settings: str
+) -> dict[str, str]:
+    """A worker's settings: ``redis_server``, ``backend``, counters ``c:*``, and
+    ``settings`` (by variable name) added or overriding."""
+    return {
+        "REDIS_HOST": redis_server.host,
+        "REDIS_PORT": str(redis_server.port),
+        "RESET_ENDPOINT_URL": backend.url,
+        "RESET_SECRET": "s",
+        "COUNTER_KEY": "c:*",
+        **settings,
+    }
 
 
 def run_cli(
