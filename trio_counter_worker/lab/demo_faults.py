@@ -98,6 +98,5 @@ class Faults:
                 fault.next_reset = post.received_at - fault.fired_wall
                 fault.next_due = post.expired_at - fault.fired_wall
                 self.say(
-                    f"first reset sent since the SIGKILL: {kill_gap(fault)} "
-                    f"(by {post.replica_id})"
+                    f"first reset sent since the SIGKILL: {kill_gap(fault)} (by {post.replica_id})"
                 )
