@@ -39,7 +39,7 @@ from .common import (
 PIPELINE = 1_000
 SHORT_TTL_MS = (500, 2000)
 DEFAULT_LIMIT = "pubsub 32mb 8mb 60"
-_CLOSED = ("client-output-buffer-limit", "closed a subscription")
+_CLOSED = ("client-output-buffer-limit", "Connection closed by server")  # new, old log
 
 
 class _Shorts(PacedDriver):
