@@ -215,15 +215,7 @@ def _flags_on_every_primary(cluster: ClusterSetup) -> None:
             assert set("Kg$x") <= set(flags["notify-keyspace-events"]), node.port
 
 
-_VALKEY_KILLED_PRIMARY = pytest.mark.skipif(
-    server_version(find_redis_server()).startswith("Valkey"),
-    reason="on Valkey 9.1 a reconcile right after a killed primary's failover can miss the "
-    "counters on the other primaries (1 run in 3-5; 68e5110's code too): under investigation",
-)
-
-
 @pytest.mark.parametrize("victim", ["worker_slot", "counters_only"])
-@_VALKEY_KILLED_PRIMARY
 def test_killed_primary_every_episode_reset_once(
     cluster: ClusterSetup, backend: RecordingBackend, spawn_worker: SpawnWorker, victim: str
 ) -> None:
@@ -354,7 +346,6 @@ def test_redis_cli_reshard_while_counters_expire(
     _assert_on_time(first, deadlines, "redis-cli reshard] all slots of one primary", t_moved - t0)
 
 
-@_VALKEY_KILLED_PRIMARY
 def test_killed_primary_lost_writes_are_reconciled_from_the_keys(
     cluster: ClusterSetup, backend: RecordingBackend, spawn_worker: SpawnWorker
 ) -> None:
