@@ -34,7 +34,7 @@ from .store import PendingReset
 
 __all__ = ["Attempt", "ResetSender", "build_request", "open_lanes", "safe_url", "sign"]
 
-_JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps(..., separators=) makes one a call
+_quoted = json.encoder.encode_basestring_ascii  # a JSON string, as json.dumps writes it
 
 _HINTS = {
     401: "check RESET_SECRET: the backend rejected it",
@@ -98,22 +98,25 @@ def reset_headers(
 
 
 def request_body(reset: PendingReset, *, replica_id: str, fencing_token: int) -> bytes:
-    """The JSON body of the reset request (see :func:`build_request`)."""
+    """The JSON body of the reset request (see :func:`build_request`): what
+    ``json.dumps(..., separators=(",", ":"))`` writes of its fields, in this order, written
+    field by field (no dict, no encoder object: a reset costs less than half the time).
+    ``tests/test_logic.py`` holds the two to the same bytes."""
     key, key_base64 = wire_text(reset.key)
-    body: dict[str, object] = {
-        "key": key,
-        "reset_id": reset.reset_id,
-        "expired_at": reset.expired_at,
-        "fencing_token": fencing_token,
-        "replica_id": replica_id,
-    }
-    if key_base64 is not None:
-        body["key_base64"] = key_base64  # the exact bytes of a name that is not UTF-8
+    # float and int as json writes them (repr); strings by json's own escaping.
+    text = (
+        f'{{"key":{_quoted(key)},"reset_id":{_quoted(reset.reset_id)},'
+        f'"expired_at":{reset.expired_at!r},"fencing_token":{fencing_token:d},'
+        f'"replica_id":{_quoted(replica_id)}'
+    )
+    if key_base64 is not None:  # the exact bytes of a name that is not UTF-8
+        text += ',"key_base64":' + _quoted(key_base64)
     if reset.payload is not None:  # the episode's tcw_touch payload, the same way
-        body["payload"], payload_base64 = wire_text(reset.payload)
+        payload, payload_base64 = wire_text(reset.payload)
+        text += ',"payload":' + _quoted(payload)
         if payload_base64 is not None:
-            body["payload_base64"] = payload_base64
-    return _JSON.encode(body).encode()
+            text += ',"payload_base64":' + _quoted(payload_base64)
+    return (text + "}").encode("ascii")
 
 
 @attrs.frozen
@@ -182,8 +185,10 @@ class ResetSender:
         body = request_body(reset, replica_id=config.replica_id, fencing_token=fencing_token)
         timeout = config.reset_timeout
         deadline = trio.current_time() + timeout
-        try:
-            with trio.fail_after(timeout):
+        # A cancel scope of its own rather than trio.fail_after, whose generator-based
+        # context manager costs a few microseconds a reset more.
+        with trio.CancelScope(deadline=deadline) as bounded:
+            try:
                 headers = [
                     (name.encode("ascii"), header_value(value))
                     for name, value in reset_headers(
@@ -194,10 +199,10 @@ class ResetSender:
                     )
                 ]
                 answer = await lane.post(headers, body)
-        except trio.TooSlowError:
+            except HttpError as exc:  # refused, reset, DNS, protocol errors
+                return self._no_answer(exc.kind, str(exc))
+        if bounded.cancelled_caught:
             return self._timed_out(timeout)
-        except HttpError as exc:  # refused, reset, DNS, protocol errors
-            return self._no_answer(exc.kind, str(exc))
         attempt = self._judge(reset, answer.status, answer.header)
         if not answer.complete:
             # Only the status matters. Reading a small answer to its end lets the
