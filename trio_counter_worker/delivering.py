@@ -9,6 +9,7 @@ the watch (pending in Redis, with what earlier leaders learnt of their failures)
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -40,8 +41,19 @@ _NOTE_EVERY = 0.5  # failing-reset notes are written to Redis at most this often
 class Sender(Protocol):
     """What the couriers send with (:class:`~.delivery.ResetSender`)."""
 
-    async def attempt(self, reset: PendingReset, fencing_token: int, lane: int = 0) -> Attempt:
-        """POST ``reset`` once, on courier ``lane``'s connection."""
+    async def attempt(
+        self,
+        reset: PendingReset,
+        fencing_token: int,
+        lane: int = 0,
+        limit: trio.CancelScope | None = None,
+    ) -> Attempt:
+        """POST ``reset`` once, on courier ``lane``'s connection, bounded by ``limit``'s
+        deadline (moved to the attempt's): if that passes, ``limit`` is cancelled."""
+        ...
+
+    def timed_out(self) -> Attempt:
+        """An attempt whose ``limit`` was cancelled: no answer in time."""
         ...
 
 
@@ -83,6 +95,7 @@ class Deliveries:
         self._outage = outage
         self._outbox = Outbox(config.max_in_flight, give_up_after=config.reset_give_up_after)
         self._work = trio.lowlevel.ParkingLot()  # couriers wait here for a reset to send
+        self._in_air: list[Entry | None] = [None] * self._couriers  # each courier's attempt
         self._timer: trio.CancelScope | None = None  # for retries due and attempts gone slow
         self._delivered: list[tuple[Entry, Attempt]] = []  # awaiting mark_sent
         self._delivered_lot = trio.lowlevel.ParkingLot()
@@ -123,34 +136,55 @@ class Deliveries:
                 self._work.unpark()
 
     async def _courier(self, lane: int) -> NoReturn:
-        outbox = self._outbox
         while True:
+            # One cancel scope for a lane's attempts, its deadline moved to each one's:
+            # cheaper than a scope per attempt. Once its deadline has passed it is spent:
+            # the attempt it cut short timed out, and the next attempts get a new one.
+            with trio.CancelScope() as limit:
+                await self._carry(lane, limit)
+            entry, self._in_air[lane] = self._in_air[lane], None
+            if limit.cancelled_caught and entry is not None:
+                self._after(entry, self._sender.timed_out())
+
+    async def _carry(self, lane: int, limit: trio.CancelScope) -> None:
+        """Send resets on ``lane`` until ``limit`` is spent."""
+        outbox = self._outbox
+        while not limit.cancel_called:
             entry = outbox.take(trio.current_time())
             if entry is None:
+                limit.deadline = math.inf  # no attempt to bound while it waits
                 await self._work.park()
                 continue
             self._wind_timer(outbox.next_slow_at())
+            self._in_air[lane] = entry
             try:
-                attempt = await self._sender.attempt(entry.reset, self._lease.epoch, lane)
+                attempt = await self._sender.attempt(entry.reset, self._lease.epoch, lane, limit)
             except WorkerError:
                 raise
             except Exception as exc:  # a bug, or a reset it cannot even build: set it aside
+                self._in_air[lane] = None
                 self._set_aside(entry, exc)
                 continue
-            # Read before the outbox forgets: a retry still on its courier frees a retry
-            # slot; a slow attempt, a slow slot (another attempt may turn slow now).
-            was_retry, was_slow = entry.retry, entry.slow
-            if attempt.done:
-                outbox.succeeded(entry.reset.reset_id)
-                self._delivered.append((entry, attempt))
-                if self._delivered_lot:  # else the marker is busy: it takes this one next
-                    self._delivered_lot.unpark()
-            else:
-                self._failed(entry, attempt)
-            if was_retry:
-                self._work.unpark()  # a retry slot is free again
-            if was_slow:
-                self._wind_timer(outbox.next_slow_at())
+            self._in_air[lane] = None
+            self._after(entry, attempt)
+
+    def _after(self, entry: Entry, attempt: Attempt) -> None:
+        """Carry out how ``entry``'s attempt went."""
+        outbox = self._outbox
+        # Read before the outbox forgets: a retry still on its courier frees a retry
+        # slot; a slow attempt, a slow slot (another attempt may turn slow now).
+        was_retry, was_slow = entry.retry, entry.slow
+        if attempt.done:
+            outbox.succeeded(entry.reset.reset_id)
+            self._delivered.append((entry, attempt))
+            if self._delivered_lot:  # else the marker is busy: it takes this one next
+                self._delivered_lot.unpark()
+        else:
+            self._failed(entry, attempt)
+        if was_retry:
+            self._work.unpark()  # a retry slot is free again
+        if was_slow:
+            self._wind_timer(outbox.next_slow_at())
 
     def _set_aside(self, entry: Entry, exc: Exception) -> None:
         reset = entry.reset

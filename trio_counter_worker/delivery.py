@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -163,61 +164,82 @@ class ResetSender:
             )
         }
 
-    async def attempt(self, reset: PendingReset, fencing_token: int, lane: int = 0) -> Attempt:
+    async def attempt(
+        self,
+        reset: PendingReset,
+        fencing_token: int,
+        lane: int = 0,
+        limit: trio.CancelScope | None = None,
+    ) -> Attempt:
         """POST ``reset`` once. RESET_TIMEOUT_MS bounds the whole attempt (connect, send,
         status line and headers), and at most ``BODY_CAP`` bytes of the answer are read:
         a slow, dripping or endless answer costs one timeout and constant memory.
 
+        ``limit``: a cancel scope the caller is in, to bound the attempt with instead of a
+        scope of its own (one per attempt costs a courier more than moving a deadline).
+        Its deadline is moved to this attempt's; if that passes first, ``limit`` is
+        cancelled (Cancelled is raised) and the caller counts the attempt
+        :meth:`timed_out`. A ``limit`` cancelled once is spent: use a new one.
+
         Cancellation: the usual way this stops early, when leadership is lost; the reset
         stays pending in Redis and the next leader sends it under the same reset_id.
         """
-        attempt = await self._attempt_on(self._lanes[lane % len(self._lanes)], reset, fencing_token)
+        on = self._lanes[lane % len(self._lanes)]
+        if limit is None:
+            with trio.CancelScope() as own:
+                attempt = await self._attempt_on(on, reset, fencing_token, own)
+            if own.cancelled_caught:
+                return self.timed_out()
+        else:
+            attempt = await self._attempt_on(on, reset, fencing_token, limit)
         self._outcomes[attempt.verdict].inc()
         if attempt.done:
             self._metrics.reset_latency.observe(max(0.0, attempt.latency))
         return attempt
 
+    def timed_out(self) -> Attempt:
+        """An attempt that got no answer within RESET_TIMEOUT_MS, counted."""
+        self._outcomes["retry"].inc()
+        return Attempt(
+            "retry",
+            None,
+            f"no answer within RESET_TIMEOUT_MS={round(self._config.reset_timeout * 1000)} "
+            f"from {self._where} (it may still have applied the reset)",
+        )
+
     async def _attempt_on(
-        self, lane: Transport, reset: PendingReset, fencing_token: int
+        self, lane: Transport, reset: PendingReset, fencing_token: int, limit: trio.CancelScope
     ) -> Attempt:
         config = self._config
         # Built per attempt: a signature carries the time it was made.
         body = request_body(reset, replica_id=config.replica_id, fencing_token=fencing_token)
-        timeout = config.reset_timeout
-        deadline = trio.current_time() + timeout
-        # A cancel scope of its own rather than trio.fail_after, whose generator-based
-        # context manager costs a few microseconds a reset more.
-        with trio.CancelScope(deadline=deadline) as bounded:
-            try:
-                headers = [
-                    (name.encode("ascii"), header_value(value))
-                    for name, value in reset_headers(
-                        reset,
-                        body,
-                        fencing_token=fencing_token,
-                        signing_secret=config.reset_signing_secret,
-                    )
-                ]
-                answer = await lane.post(headers, body)
-            except HttpError as exc:  # refused, reset, DNS, protocol errors
-                return self._no_answer(exc.kind, str(exc))
-        if bounded.cancelled_caught:
-            return self._timed_out(timeout)
+        deadline = limit.deadline = trio.current_time() + config.reset_timeout
+        try:
+            headers = [
+                (name.encode("ascii"), header_value(value))
+                for name, value in reset_headers(
+                    reset,
+                    body,
+                    fencing_token=fencing_token,
+                    signing_secret=config.reset_signing_secret,
+                )
+            ]
+            answer = await lane.post(headers, body)
+        except HttpError as exc:  # refused, reset, DNS, protocol errors
+            return self._no_answer(exc.kind, str(exc))
         attempt = self._judge(reset, answer.status, answer.header)
         if not answer.complete:
             # Only the status matters. Reading a small answer to its end lets the
-            # connection be reused; anything longer or slower closes it.
-            with trio.move_on_at(deadline):
-                await lane.finish(answer)
+            # connection be reused; anything longer or slower closes it, by the same
+            # deadline, but as the rest of an answer, not as an attempt timing out.
+            if limit.cancel_called:  # the deadline passed as the answer came: close it
+                with trio.CancelScope(shield=True), trio.move_on_at(deadline):
+                    await lane.finish(answer)
+            else:
+                limit.deadline = math.inf
+                with trio.move_on_at(deadline):
+                    await lane.finish(answer)
         return attempt
-
-    def _timed_out(self, timeout: float) -> Attempt:
-        return Attempt(
-            "retry",
-            None,
-            f"no answer within RESET_TIMEOUT_MS={round(timeout * 1000)} from {self._where} "
-            "(it may still have applied the reset)",
-        )
 
     def _no_answer(self, kind: str, message: str) -> Attempt:
         return Attempt(
