@@ -71,9 +71,10 @@ def build_request(
     still applies it, and dedupes it by ``reset_id``.
     """
     raw = request_body(reset, replica_id=replica_id, fencing_token=fencing_token)
-    headers = fixed_headers(secret) + reset_headers(
+    sent = reset_headers(
         reset, raw, fencing_token=fencing_token, signing_secret=signing_secret, now=now
     )
+    headers = fixed_headers(secret) + [(k.decode("ascii"), v.decode("ascii")) for k, v in sent]
     return dict(headers), raw
 
 
@@ -89,12 +90,16 @@ def reset_headers(
     fencing_token: int,
     signing_secret: str | None,
     now: float | None = None,
-) -> list[tuple[str, str]]:
-    """The headers of one reset request, after :func:`fixed_headers`."""
-    headers = [("idempotency-key", reset.reset_id), ("x-fencing-token", str(fencing_token))]
+) -> list[tuple[bytes, bytes]]:
+    """The headers of one reset request, after :func:`fixed_headers`, as sent: a value
+    httpx could not send raises as httpx would (:func:`~.http_client.header_value`)."""
+    headers = [
+        (b"idempotency-key", header_value(reset.reset_id)),
+        (b"x-fencing-token", b"%d" % fencing_token),
+    ]
     if signing_secret is not None:
         timestamp = int(time.time() if now is None else now)
-        headers.append(("x-signature", sign(signing_secret, body, timestamp)))
+        headers.append((b"x-signature", sign(signing_secret, body, timestamp).encode("ascii")))
     return headers
 
 
@@ -215,15 +220,9 @@ class ResetSender:
         body = request_body(reset, replica_id=config.replica_id, fencing_token=fencing_token)
         deadline = limit.deadline = trio.current_time() + config.reset_timeout
         try:
-            headers = [
-                (name.encode("ascii"), header_value(value))
-                for name, value in reset_headers(
-                    reset,
-                    body,
-                    fencing_token=fencing_token,
-                    signing_secret=config.reset_signing_secret,
-                )
-            ]
+            headers = reset_headers(
+                reset, body, fencing_token=fencing_token, signing_secret=config.reset_signing_secret
+            )
             answer = await lane.post(headers, body)
         except HttpError as exc:  # refused, reset, DNS, protocol errors
             return self._no_answer(exc.kind, str(exc))

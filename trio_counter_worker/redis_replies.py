@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import redis.exceptions as rexc
 
@@ -228,31 +228,28 @@ def outcomes(raw: str, keys: list[str]) -> list[KeyOutcome]:
     if not r["leader"]:
         raise LeaseLost("lease lost: Redis shows another holder")
     rows = r["keys"] if isinstance(r["keys"], list) else []
-    kinds = [_row_kind(row) for row in rows]
-    # A claimed row carries its pending record as JSON text: all of them decoded in one
-    # call, not one each (the call costs more than the parsing).
-    claimed = [row["claimed"] for row, kind in zip(rows, kinds, strict=True) if kind == "claimed"]
-    records = iter(_json_list(claimed))
     out: list[KeyOutcome] = []
-    for key, row, kind in zip(keys, rows, kinds, strict=True):
-        if kind == "alive":
+    claimed: list[tuple[int, str]] = []  # where, and the pending record as JSON text
+    for key, row in zip(keys, rows, strict=True):
+        if "p" in row:
             out.append(KeyOutcome(key, "alive", pttl_ms=int(row["p"])))
-        elif kind == "claimed":
-            rec = next(records)
-            out.append(
-                KeyOutcome(key, "claimed", reset=record(rec), claimed_ms=int(rec["claimed_ms"]))
-            )
+        elif row.get("due"):
+            out.append(KeyOutcome(key, "due"))
+        elif "claimed" in row:
+            claimed.append((len(out), row["claimed"]))
+            out.append(_UNDECODED)
         else:
-            out.append(KeyOutcome(key, kind))
+            out.append(KeyOutcome(key, "gone"))
+    # The records, JSON inside the JSON, decoded in one call, not one each (the call
+    # costs more than the parsing).
+    records = _json_list([text for _, text in claimed])
+    for (i, _), rec in zip(claimed, records, strict=True):
+        reset = record(rec)
+        out[i] = KeyOutcome(keys[i], "claimed", reset=reset, claimed_ms=int(rec["claimed_ms"]))
     return out
 
 
-def _row_kind(row: dict[str, Any]) -> Literal["alive", "due", "claimed", "gone"]:
-    if "p" in row:
-        return "alive"
-    if row.get("due"):
-        return "due"
-    return "claimed" if "claimed" in row else "gone"
+_UNDECODED = KeyOutcome("", "gone")  # a claimed row's place until its record is decoded
 
 
 def _json_list(texts: list[str]) -> list[dict[str, Any]]:
