@@ -20,7 +20,7 @@ import trio.testing
 from tests.fakes import FakeLease, FakeStore
 from trio_counter_worker import Config
 from trio_counter_worker.delivering import Deliveries
-from trio_counter_worker.delivery import Attempt
+from trio_counter_worker.delivery import Attempt, Limit
 from trio_counter_worker.metrics import Metrics
 from trio_counter_worker.outage import OutageLog
 from trio_counter_worker.outbox import requests_at_once
@@ -48,7 +48,7 @@ class ScriptedSender:
         reset: PendingReset,
         fencing_token: int,
         lane: int = 0,
-        limit: trio.CancelScope | None = None,
+        limit: Limit | None = None,
     ) -> Attempt:
         await trio.lowlevel.checkpoint()
         self.sent.append((trio.current_time(), reset.reset_id, fencing_token, lane))
@@ -75,16 +75,16 @@ class TimedSender:
         reset: PendingReset,
         fencing_token: int,
         lane: int = 0,
-        limit: trio.CancelScope | None = None,
+        limit: Limit | None = None,
     ) -> Attempt:
         assert lane not in self.busy_lanes, f"two requests at once on lane {lane}"
         self.busy_lanes.add(lane)
         self.most_in_air = max(self.most_in_air, len(self.busy_lanes))
         self.sent.append((trio.current_time(), reset.reset_id, fencing_token, lane))
         assert limit is not None, "couriers bound their attempts"
-        limit.deadline = trio.current_time() + TIMEOUT
         try:
-            await trio.sleep(self.takes.get(reset.reset_id, 0.0))
+            with limit.until(trio.current_time() + TIMEOUT):
+                await trio.sleep(self.takes.get(reset.reset_id, 0.0))
         finally:
             self.busy_lanes.discard(lane)
         return OK

@@ -41,7 +41,7 @@ from tests.support.backend import (
     Respond,
 )
 from trio_counter_worker import Config, http_client
-from trio_counter_worker.delivery import Attempt, ResetSender, fixed_headers, open_lanes
+from trio_counter_worker.delivery import Attempt, Limit, ResetSender, fixed_headers, open_lanes
 from trio_counter_worker.http_client import Answer, Endpoint, HttpError, HttpxLane, Lane
 from trio_counter_worker.outbox import requests_at_once
 from trio_counter_worker.store import PendingReset
@@ -82,11 +82,22 @@ async def httpx_sender(config: Config) -> AsyncIterator[ResetSender]:
 
 
 async def as_a_courier(sender: ResetSender, reset: PendingReset) -> Attempt:
-    """An attempt as a courier makes it: bounded by a cancel scope the caller is in
-    (Deliveries._courier), counted timed out when that scope caught its deadline."""
-    with trio.CancelScope() as limit:
-        return await sender.attempt(reset, 7, 0, limit)
-    return sender.timed_out()
+    """An attempt as a courier makes it (Deliveries._courier): bounded by a Limit whose
+    scope a watch cancels once its time has passed, counted timed out when that scope
+    caught the cancellation."""
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as scope:
+            limit = Limit(scope, lambda due: nursery.start_soon(watch, limit, due))
+            attempt = await sender.attempt(reset, 7, 0, limit)
+        nursery.cancel_scope.cancel()
+    return sender.timed_out() if scope.cancelled_caught else attempt
+
+
+async def watch(limit: Limit, due: float) -> None:
+    """As Deliveries._run_timer watches a courier's limit."""
+    await trio.sleep_until(due)
+    if limit.due <= trio.current_time():
+        limit.scope.cancel()
 
 
 async def on_its_own(sender: ResetSender, reset: PendingReset) -> Attempt:

@@ -19,7 +19,7 @@ import trio
 
 from . import logs
 from .config import Config
-from .delivery import Attempt
+from .delivery import Attempt, Limit
 from .errors import RedisUnavailable, WorkerError
 from .hints import with_hint
 from .keyspace import shown_key
@@ -42,18 +42,13 @@ class Sender(Protocol):
     """What the couriers send with (:class:`~.delivery.ResetSender`)."""
 
     async def attempt(
-        self,
-        reset: PendingReset,
-        fencing_token: int,
-        lane: int = 0,
-        limit: trio.CancelScope | None = None,
+        self, reset: PendingReset, fencing_token: int, lane: int = 0, limit: Limit | None = None
     ) -> Attempt:
-        """POST ``reset`` once, on courier ``lane``'s connection, bounded by ``limit``'s
-        deadline (moved to the attempt's): if that passes, ``limit`` is cancelled."""
+        """POST ``reset`` once, on courier ``lane``'s connection, bounded by ``limit``."""
         ...
 
     def timed_out(self) -> Attempt:
-        """An attempt whose ``limit`` was cancelled: no answer in time."""
+        """An attempt whose ``limit`` ran out: no answer in time."""
         ...
 
 
@@ -96,6 +91,7 @@ class Deliveries:
         self._outbox = Outbox(config.max_in_flight, give_up_after=config.reset_give_up_after)
         self._work = trio.lowlevel.ParkingLot()  # couriers wait here for a reset to send
         self._in_air: list[Entry | None] = [None] * self._couriers  # each courier's attempt
+        self._limits: list[Limit | None] = [None] * self._couriers  # and what bounds it
         self._timer: trio.CancelScope | None = None  # for retries due and attempts gone slow
         self._delivered: list[tuple[Entry, Attempt]] = []  # awaiting mark_sent
         self._delivered_lot = trio.lowlevel.ParkingLot()
@@ -137,22 +133,22 @@ class Deliveries:
 
     async def _courier(self, lane: int) -> NoReturn:
         while True:
-            # One cancel scope for a lane's attempts, its deadline moved to each one's:
-            # cheaper than a scope per attempt. Once its deadline has passed it is spent:
-            # the attempt it cut short timed out, and the next attempts get a new one.
-            with trio.CancelScope() as limit:
+            # One cancel scope for a lane's attempts, which the timer cancels when the
+            # attempt in the air has run out of time: no scope, no deadline per attempt.
+            # Once cancelled it is spent: the next attempts get a new one.
+            with trio.CancelScope() as scope:
+                limit = self._limits[lane] = Limit(scope, self._wind_timer)
                 await self._carry(lane, limit)
             entry, self._in_air[lane] = self._in_air[lane], None
-            if limit.cancelled_caught and entry is not None:
+            if scope.cancelled_caught and entry is not None:
                 self._after(entry, self._sender.timed_out())
 
-    async def _carry(self, lane: int, limit: trio.CancelScope) -> None:
+    async def _carry(self, lane: int, limit: Limit) -> None:
         """Send resets on ``lane`` until ``limit`` is spent."""
         outbox = self._outbox
-        while not limit.cancel_called:
+        while not limit.scope.cancel_called:
             entry = outbox.take(trio.current_time())
             if entry is None:
-                limit.deadline = math.inf  # no attempt to bound while it waits
                 await self._work.park()
                 continue
             self._wind_timer(outbox.next_slow_at())
@@ -247,14 +243,20 @@ class Deliveries:
 
     async def _run_timer(self) -> NoReturn:
         """Wake couriers when failed resets come due (no courier waits on a retry), and
-        when attempts turn slow and give their couriers back."""
+        when attempts turn slow and give their couriers back; cut attempts that ran out
+        of time (their couriers' limits)."""
         outbox = self._outbox
         while True:
-            at = min(outbox.next_retry_at(), outbox.next_slow_at())
+            due = min((limit.due for limit in self._limits if limit is not None), default=math.inf)
+            at = min(outbox.next_retry_at(), outbox.next_slow_at(), due)
             with trio.CancelScope(deadline=at) as self._timer:
                 await trio.sleep_forever()
             self._timer = None
             now = trio.current_time()
+            for limit in self._limits:
+                if limit is not None and limit.due <= now:
+                    limit.due = math.inf
+                    limit.scope.cancel()
             woken = outbox.promote(now) + outbox.slowdown(now)
             if woken:
                 self._work.unpark(count=woken)

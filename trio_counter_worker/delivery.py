@@ -17,6 +17,7 @@ import trio
 
 from .config import Config
 from .http_client import (
+    Answer,
     Connection,
     Endpoint,
     HttpError,
@@ -33,7 +34,7 @@ from .outbox import requests_at_once
 from .retry import Verdict, classify, parse_retry_after
 from .store import PendingReset
 
-__all__ = ["Attempt", "ResetSender", "build_request", "open_lanes", "safe_url", "sign"]
+__all__ = ["Attempt", "Limit", "ResetSender", "build_request", "open_lanes", "safe_url", "sign"]
 
 _quoted = json.encoder.encode_basestring_ascii  # a JSON string, as json.dumps writes it
 
@@ -140,6 +141,33 @@ class Attempt:
         return self.verdict == "done"
 
 
+class Limit:
+    """How a courier bounds its attempts without a cancel scope (and a deadline) each:
+    ``scope`` is a cancel scope the courier is in, which the courier's watch cancels once
+    ``due`` (trio time) has passed. :meth:`ResetSender.attempt` sets ``due`` to its
+    attempt's deadline while it waits for the answer's head (:meth:`until`), telling
+    ``watch`` each time. A scope once cancelled is spent: a new Limit for a new one."""
+
+    __slots__ = ("_watch", "due", "scope")
+
+    def __init__(self, scope: trio.CancelScope, watch: Callable[[float], None]) -> None:
+        self.scope = scope
+        self.due = math.inf
+        self._watch = watch
+
+    def until(self, due: float) -> Limit:
+        """``with limit.until(due):`` bounds the block by ``due``."""
+        self.due = due
+        self._watch(due)
+        return self
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.due = math.inf
+
+
 class ResetSender:
     """Sends one attempt of a reset at a time. Never follows redirects: the secret stays
     with the URL. Retrying is the caller's business (see :mod:`.outbox`), so a reset that
@@ -170,33 +198,38 @@ class ResetSender:
         }
 
     async def attempt(
-        self,
-        reset: PendingReset,
-        fencing_token: int,
-        lane: int = 0,
-        limit: trio.CancelScope | None = None,
+        self, reset: PendingReset, fencing_token: int, lane: int = 0, limit: Limit | None = None
     ) -> Attempt:
         """POST ``reset`` once. RESET_TIMEOUT_MS bounds the whole attempt (connect, send,
         status line and headers), and at most ``BODY_CAP`` bytes of the answer are read:
         a slow, dripping or endless answer costs one timeout and constant memory.
 
-        ``limit``: a cancel scope the caller is in, to bound the attempt with instead of a
-        scope of its own (one per attempt costs a courier more than moving a deadline).
-        Its deadline is moved to this attempt's; if that passes first, ``limit`` is
-        cancelled (Cancelled is raised) and the caller counts the attempt
-        :meth:`timed_out`. A ``limit`` cancelled once is spent: use a new one.
+        ``limit`` (a courier's): the attempt is bounded by it instead of a cancel scope
+        of its own; if its time passes first, ``limit.scope`` is cancelled (Cancelled is
+        raised) and the caller counts the attempt :meth:`timed_out`.
 
         Cancellation: the usual way this stops early, when leadership is lost; the reset
         stays pending in Redis and the next leader sends it under the same reset_id.
         """
         on = self._lanes[lane % len(self._lanes)]
+        deadline = trio.current_time() + self._config.reset_timeout
         if limit is None:
-            with trio.CancelScope() as own:
-                attempt = await self._attempt_on(on, reset, fencing_token, own)
+            with trio.CancelScope(deadline=deadline) as own:
+                answer = await self._ask(on, reset, fencing_token)
             if own.cancelled_caught:
                 return self.timed_out()
+            cut = False
         else:
-            attempt = await self._attempt_on(on, reset, fencing_token, limit)
+            with limit.until(deadline):
+                answer = await self._ask(on, reset, fencing_token)
+            # Its time passed as the answer came: the courier's scope is spent.
+            cut = limit.scope.cancel_called
+        if isinstance(answer, Attempt):
+            attempt = answer
+        else:
+            attempt = self._judge(reset, answer.status, answer.header)
+            if not answer.complete:
+                await self._finish(on, answer, deadline, cut)
         self._outcomes[attempt.verdict].inc()
         if attempt.done:
             self._metrics.reset_latency.observe(max(0.0, attempt.latency))
@@ -212,33 +245,28 @@ class ResetSender:
             f"from {self._where} (it may still have applied the reset)",
         )
 
-    async def _attempt_on(
-        self, lane: Transport, reset: PendingReset, fencing_token: int, limit: trio.CancelScope
-    ) -> Attempt:
+    async def _ask(
+        self, lane: Transport, reset: PendingReset, fencing_token: int
+    ) -> Answer | Attempt:
+        """Send the request and read the answer's head; an Attempt if there is none."""
         config = self._config
         # Built per attempt: a signature carries the time it was made.
         body = request_body(reset, replica_id=config.replica_id, fencing_token=fencing_token)
-        deadline = limit.deadline = trio.current_time() + config.reset_timeout
         try:
             headers = reset_headers(
                 reset, body, fencing_token=fencing_token, signing_secret=config.reset_signing_secret
             )
-            answer = await lane.post(headers, body)
+            return await lane.post(headers, body)
         except HttpError as exc:  # refused, reset, DNS, protocol errors
             return self._no_answer(exc.kind, str(exc))
-        attempt = self._judge(reset, answer.status, answer.header)
-        if not answer.complete:
-            # Only the status matters. Reading a small answer to its end lets the
-            # connection be reused; anything longer or slower closes it, by the same
-            # deadline, but as the rest of an answer, not as an attempt timing out.
-            if limit.cancel_called:  # the deadline passed as the answer came: close it
-                with trio.CancelScope(shield=True), trio.move_on_at(deadline):
-                    await lane.finish(answer)
-            else:
-                limit.deadline = math.inf
-                with trio.move_on_at(deadline):
-                    await lane.finish(answer)
-        return attempt
+
+    async def _finish(self, lane: Transport, answer: Answer, deadline: float, cut: bool) -> None:
+        """Only the status matters. Reading a small answer to its end lets the connection
+        be reused; anything longer or slower closes it, by the attempt's deadline, but as
+        the rest of an answer, not as an attempt timing out. ``cut``: the caller's scope
+        is cancelled (the deadline has passed): the connection is closed at once."""
+        with trio.CancelScope(shield=cut), trio.move_on_at(deadline):
+            await lane.finish(answer)
 
     def _no_answer(self, kind: str, message: str) -> Attempt:
         return Attempt(
