@@ -97,7 +97,7 @@ async def watch(limit: Limit, due: float) -> None:
     """As Deliveries._run_timer watches a courier's limit."""
     await trio.sleep_until(due)
     if limit.due <= trio.current_time():
-        limit.scope.cancel()
+        limit.expire()
 
 
 async def on_its_own(sender: ResetSender, reset: PendingReset) -> Attempt:

@@ -146,7 +146,7 @@ class Deliveries:
     async def _carry(self, lane: int, limit: Limit) -> None:
         """Send resets on ``lane`` until ``limit`` is spent."""
         outbox = self._outbox
-        while not limit.scope.cancel_called:
+        while not limit.spent:
             entry = outbox.take(trio.current_time())
             if entry is None:
                 await self._work.park()
@@ -255,8 +255,7 @@ class Deliveries:
             now = trio.current_time()
             for limit in self._limits:
                 if limit is not None and limit.due <= now:
-                    limit.due = math.inf
-                    limit.scope.cancel()
+                    limit.expire()
             woken = outbox.promote(now) + outbox.slowdown(now)
             if woken:
                 self._work.unpark(count=woken)

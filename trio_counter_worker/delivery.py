@@ -143,16 +143,18 @@ class Attempt:
 
 class Limit:
     """How a courier bounds its attempts without a cancel scope (and a deadline) each:
-    ``scope`` is a cancel scope the courier is in, which the courier's watch cancels once
-    ``due`` (trio time) has passed. :meth:`ResetSender.attempt` sets ``due`` to its
-    attempt's deadline while it waits for the answer's head (:meth:`until`), telling
-    ``watch`` each time. A scope once cancelled is spent: a new Limit for a new one."""
+    ``scope`` is a cancel scope the courier is in, which the courier's watch cancels
+    (:meth:`expire`) once ``due`` (trio time) has passed. :meth:`ResetSender.attempt`
+    sets ``due`` to its attempt's deadline while it waits for the answer's head
+    (:meth:`until`), telling ``watch`` each time. Once expired the limit is ``spent``:
+    a new one (and scope) for the next attempts."""
 
-    __slots__ = ("_watch", "due", "scope")
+    __slots__ = ("_watch", "due", "scope", "spent")
 
     def __init__(self, scope: trio.CancelScope, watch: Callable[[float], None]) -> None:
         self.scope = scope
         self.due = math.inf
+        self.spent = False  # scope.cancel_called, without asking trio for the time
         self._watch = watch
 
     def until(self, due: float) -> Limit:
@@ -166,6 +168,12 @@ class Limit:
 
     def __exit__(self, *exc_info: object) -> None:
         self.due = math.inf
+
+    def expire(self) -> None:
+        """Cut the attempt in the air: its time has passed."""
+        self.due = math.inf
+        self.spent = True
+        self.scope.cancel()
 
 
 class ResetSender:
@@ -223,7 +231,7 @@ class ResetSender:
             with limit.until(deadline):
                 answer = await self._ask(on, reset, fencing_token)
             # Its time passed as the answer came: the courier's scope is spent.
-            cut = limit.scope.cancel_called
+            cut = limit.spent
         if isinstance(answer, Attempt):
             attempt = answer
         else:
