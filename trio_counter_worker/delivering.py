@@ -92,7 +92,7 @@ class Deliveries:
         self._work = trio.lowlevel.ParkingLot()  # couriers wait here for a reset to send
         self._in_air: list[Entry | None] = [None] * self._couriers  # each courier's attempt
         self._limits: list[Limit | None] = [None] * self._couriers  # and what bounds it
-        self._timer: trio.CancelScope | None = None  # for retries due and attempts gone slow
+        self._timer: trio.CancelScope | None = None  # retries due, attempts slow or out of time
         self._delivered: list[tuple[Entry, Attempt]] = []  # awaiting mark_sent
         self._delivered_lot = trio.lowlevel.ParkingLot()
         self._notes: dict[str, FailingNote] = {}  # to write to Redis, newest per reset
