@@ -20,7 +20,7 @@ import trio.testing
 from tests.fakes import FakeLease, FakeStore
 from trio_counter_worker import Config
 from trio_counter_worker.delivering import Deliveries
-from trio_counter_worker.delivery import Attempt
+from trio_counter_worker.delivery import Attempt, Limit
 from trio_counter_worker.metrics import Metrics
 from trio_counter_worker.outage import OutageLog
 from trio_counter_worker.outbox import requests_at_once
@@ -43,34 +43,54 @@ class ScriptedSender:
     answers: list[Attempt] = attrs.Factory(list)
     sent: list[tuple[float, str, int, int]] = attrs.Factory(list)  # time, id, token, lane
 
-    async def attempt(self, reset: PendingReset, fencing_token: int, lane: int = 0) -> Attempt:
+    async def attempt(
+        self,
+        reset: PendingReset,
+        fencing_token: int,
+        lane: int = 0,
+        limit: Limit | None = None,
+    ) -> Attempt:
         await trio.lowlevel.checkpoint()
         self.sent.append((trio.current_time(), reset.reset_id, fencing_token, lane))
         return self.answers.pop(0) if self.answers else OK
+
+    def timed_out(self) -> Attempt:  # pragma: no cover - its attempts never set a deadline
+        return TIMED_OUT
 
 
 @attrs.define
 class TimedSender:
     """A backend taking ``takes[reset_id]`` s to answer each reset (0 unless listed):
-    OK, or a timeout once that reaches TIMEOUT. Checks that no lane carries two requests
-    at once (a lane is one connection) and counts the requests in the air."""
+    OK, or a timeout once that reaches TIMEOUT (the courier's ``limit``, as ResetSender
+    sets it). Checks that no lane carries two requests at once (a lane is one
+    connection) and counts the requests in the air."""
 
     takes: dict[str, float]
     sent: list[tuple[float, str, int, int]] = attrs.Factory(list)  # time, id, token, lane
     busy_lanes: set[int] = attrs.Factory(set)
     most_in_air: int = 0
 
-    async def attempt(self, reset: PendingReset, fencing_token: int, lane: int = 0) -> Attempt:
+    async def attempt(
+        self,
+        reset: PendingReset,
+        fencing_token: int,
+        lane: int = 0,
+        limit: Limit | None = None,
+    ) -> Attempt:
         assert lane not in self.busy_lanes, f"two requests at once on lane {lane}"
         self.busy_lanes.add(lane)
         self.most_in_air = max(self.most_in_air, len(self.busy_lanes))
         self.sent.append((trio.current_time(), reset.reset_id, fencing_token, lane))
-        takes = self.takes.get(reset.reset_id, 0.0)
+        assert limit is not None, "couriers bound their attempts"
         try:
-            await trio.sleep(min(takes, TIMEOUT))
+            with limit.until(trio.current_time() + TIMEOUT):
+                await trio.sleep(self.takes.get(reset.reset_id, 0.0))
         finally:
             self.busy_lanes.discard(lane)
-        return OK if takes < TIMEOUT else TIMED_OUT
+        return OK
+
+    def timed_out(self) -> Attempt:
+        return TIMED_OUT
 
     def times(self, reset_id: str) -> list[float]:
         return [t for t, sent_id, *_ in self.sent if sent_id == reset_id]

@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any
 
 import h11
 import httpx
+import outcome
 import pytest
 import trio
 from hypothesis import given, settings
@@ -40,7 +41,7 @@ from tests.support.backend import (
     Respond,
 )
 from trio_counter_worker import Config, http_client
-from trio_counter_worker.delivery import Attempt, ResetSender, fixed_headers, open_lanes
+from trio_counter_worker.delivery import Attempt, Limit, ResetSender, fixed_headers, open_lanes
 from trio_counter_worker.http_client import Answer, Endpoint, HttpError, HttpxLane, Lane
 from trio_counter_worker.outbox import requests_at_once
 from trio_counter_worker.store import PendingReset
@@ -54,6 +55,8 @@ CAP = 64 * 1024
 # waiting; it does not time the lane (bench/ does).
 CUT_SHORT = 5.0
 DISCONNECTED = "Server disconnected without sending a response."
+
+Send = Callable[[ResetSender, PendingReset], Awaitable[Attempt]]
 
 
 def make_config(url: str, **kw: Any) -> Config:
@@ -76,6 +79,29 @@ async def httpx_sender(config: Config) -> AsyncIterator[ResetSender]:
         yield ResetSender(config, [lane])
     finally:
         await lane.aclose()
+
+
+async def as_a_courier(sender: ResetSender, reset: PendingReset) -> Attempt:
+    """An attempt as a courier makes it (Deliveries._courier): bounded by a Limit whose
+    scope a watch cancels once its time has passed, counted timed out when that scope
+    caught the cancellation."""
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as scope:
+            limit = Limit(scope, lambda due: nursery.start_soon(watch, limit, due))
+            attempt = await sender.attempt(reset, 7, 0, limit)
+        nursery.cancel_scope.cancel()
+    return sender.timed_out() if scope.cancelled_caught else attempt
+
+
+async def watch(limit: Limit, due: float) -> None:
+    """As Deliveries._run_timer watches a courier's limit."""
+    await trio.sleep_until(due)
+    if limit.due <= trio.current_time():
+        limit.expire()
+
+
+async def on_its_own(sender: ResetSender, reset: PendingReset) -> Attempt:
+    return await sender.attempt(reset, 7)
 
 
 @asynccontextmanager
@@ -462,15 +488,22 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
         (Drip(0.2, head_too=True), "no answer within RESET_TIMEOUT_MS=300 from {}"),
     ],
 )
-async def test_no_answer_is_a_retry(backend: RecordingBackend, behaviour: Any, error: str) -> None:
+@pytest.mark.parametrize("send", [on_its_own, as_a_courier])
+async def test_no_answer_is_a_retry(
+    backend: RecordingBackend, behaviour: Any, error: str, send: Send
+) -> None:
     backend.respond_with(behaviour)
     async with lane_sender(backend.url, reset_timeout_ms=300) as (sender, lanes):
         with trio.fail_after(CUT_SHORT):
-            attempt = await sender.attempt(make_reset(), 7)
+            attempt = await send(sender, make_reset())
         assert lanes[0]._conn is None
-        assert (await sender.attempt(make_reset(1), 7)).done  # a fresh connection
+        assert (await send(sender, make_reset(1))).done  # a fresh connection
+        retried = sender._metrics.registry.get_sample_value(
+            "tcw_reset_attempts_total", {"outcome": "retried"}
+        )
     assert (attempt.verdict, attempt.status) == ("retry", None)
     assert attempt.error.startswith(error.format(backend.url))
+    assert retried == 1
 
 
 async def test_connection_refused_is_a_connect_error() -> None:
@@ -491,16 +524,17 @@ async def test_connection_refused_is_a_connect_error() -> None:
         Huge(),  # 10 MB announced: not read
     ],
 )
+@pytest.mark.parametrize("send", [on_its_own, as_a_courier])
 async def test_only_the_status_matters_and_a_long_body_costs_the_connection(
-    backend: RecordingBackend, behaviour: Any
+    backend: RecordingBackend, behaviour: Any, send: Send
 ) -> None:
     backend.respond_with(behaviour)
     async with lane_sender(backend.url, reset_timeout_ms=500) as (sender, lanes):
         with trio.fail_after(CUT_SHORT):
-            attempt = await sender.attempt(make_reset(), 7)
+            attempt = await send(sender, make_reset())
         assert attempt.done
         assert lanes[0]._conn is None
-        assert (await sender.attempt(make_reset(1), 7)).done
+        assert (await send(sender, make_reset(1))).done
         assert lanes[0]._conn is not None
 
 
@@ -574,6 +608,57 @@ async def test_a_2xx_whose_body_is_cut_short_is_delivered() -> None:
         async with lane_sender(url) as (sender, _), httpx_sender(make_config(url)) as by_httpx:
             assert (await sender.attempt(make_reset(), 7)).done
             assert (await by_httpx.attempt(make_reset(), 7)).done
+
+
+class AnswerAsTheDeadlinePasses:
+    """A lane whose answer (its head; the body still to come, slowly) arrives in the
+    same instant the attempt's deadline passes, after the deadline cancelled the wait
+    for it: the task gets the answer, and a cancellation pending."""
+
+    def __init__(self, nursery: trio.Nursery, timeout: float) -> None:
+        self._nursery = nursery
+        self._timeout = timeout
+        self.bodies: list[str] = []
+
+    async def post(self, headers: Any, body: bytes) -> Answer:
+        task = trio.lowlevel.current_task()
+        at = trio.current_time() + self._timeout
+
+        async def answer() -> None:
+            await trio.sleep_until(at)
+            trio.lowlevel.reschedule(task, outcome.Value(Answer(200, [])))
+
+        self._nursery.start_soon(answer)
+        # Abort.FAILED: cancelled, the wait goes on until answer() wakes it.
+        return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)  # type: ignore[no-any-return]
+
+    async def finish(self, answer: Answer) -> None:
+        try:
+            await trio.sleep(1.0)
+        except trio.Cancelled:
+            self.bodies.append("cut at the deadline")
+            raise
+        self.bodies.append("read")  # pragma: no cover - the deadline has passed
+
+    async def aclose(self) -> None:  # pragma: no cover - not called
+        pass
+
+
+@pytest.mark.parametrize("send", [on_its_own, as_a_courier])
+async def test_an_answer_in_the_instant_the_deadline_passes_counts(
+    autojump_clock: trio.testing.MockClock, send: Send
+) -> None:
+    # As with trio.fail_after: the status came in time, so the attempt is judged by it;
+    # the rest of the answer is not waited for.
+    async with trio.open_nursery() as nursery:
+        lane = AnswerAsTheDeadlinePasses(nursery, 1.0)
+        sender = ResetSender(
+            make_config("https://backend.test/reset", reset_timeout_ms=1000), [lane]
+        )
+        attempt = await send(sender, make_reset())
+    assert attempt.done
+    assert lane.bodies == ["cut at the deadline"]
+    assert trio.current_time() == 1.0
 
 
 async def test_cancelled_mid_request_the_connection_is_dropped(backend: RecordingBackend) -> None:

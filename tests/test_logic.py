@@ -6,15 +6,18 @@ import json
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import trio_counter_worker
-from trio_counter_worker.delivery import build_request
+from trio_counter_worker.delivery import build_request, request_body
 from trio_counter_worker.keys import keyspace_pattern
 from trio_counter_worker.keyspace import (
     enable_hint,
     key_from_channel,
     merged_flags,
     missing_flags,
+    wire_text,
 )
 from trio_counter_worker.retry import Backoff, RetryPolicy, classify, parse_retry_after
 from trio_counter_worker.schedule import Schedule
@@ -165,6 +168,55 @@ def test_request_format() -> None:
         "fencing_token": 5,
         "replica_id": "w1",
     }
+
+
+def dumped_body(reset: PendingReset, replica_id: str, fencing_token: int) -> bytes:
+    """The reset body as json.dumps writes it: the reference for :func:`request_body`."""
+    key, key_base64 = wire_text(reset.key)
+    body: dict[str, object] = {
+        "key": key,
+        "reset_id": reset.reset_id,
+        "expired_at": reset.expired_at,
+        "fencing_token": fencing_token,
+        "replica_id": replica_id,
+    }
+    if key_base64 is not None:
+        body["key_base64"] = key_base64
+    if reset.payload is not None:
+        body["payload"], payload_base64 = wire_text(reset.payload)
+        if payload_base64 is not None:
+            body["payload_base64"] = payload_base64
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+# Names as Redis hands them over: any text, bytes that are not UTF-8 as lone surrogates.
+names = st.lists(
+    st.one_of(
+        st.characters(exclude_categories=["Cs"]),
+        st.sampled_from(["\udcff", "\udc80", "\udce9", '"', "\\", "\n", "\x00", "\u2028"]),
+    )
+).map("".join)
+
+
+@given(
+    key=names,
+    reset_id=names,
+    deadline_ms=st.integers(0, 2**62),
+    fencing_token=st.integers(0, 2**64),
+    replica_id=names,
+    payload=st.none() | names,
+)
+def test_the_body_is_what_json_dumps_writes(
+    key: str,
+    reset_id: str,
+    deadline_ms: int,
+    fencing_token: int,
+    replica_id: str,
+    payload: str | None,
+) -> None:
+    reset = PendingReset(reset_id, key, deadline_ms, 1, payload)
+    expected = dumped_body(reset, replica_id, fencing_token)
+    assert request_body(reset, replica_id=replica_id, fencing_token=fencing_token) == expected
 
 
 # -- public API -------------------------------------------------------------------------

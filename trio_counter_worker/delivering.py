@@ -9,6 +9,7 @@ the watch (pending in Redis, with what earlier leaders learnt of their failures)
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -18,7 +19,7 @@ import trio
 
 from . import logs
 from .config import Config
-from .delivery import Attempt
+from .delivery import Attempt, Limit
 from .errors import RedisUnavailable, WorkerError
 from .hints import with_hint
 from .keyspace import shown_key
@@ -40,8 +41,14 @@ _NOTE_EVERY = 0.5  # failing-reset notes are written to Redis at most this often
 class Sender(Protocol):
     """What the couriers send with (:class:`~.delivery.ResetSender`)."""
 
-    async def attempt(self, reset: PendingReset, fencing_token: int, lane: int = 0) -> Attempt:
-        """POST ``reset`` once, on courier ``lane``'s connection."""
+    async def attempt(
+        self, reset: PendingReset, fencing_token: int, lane: int = 0, limit: Limit | None = None
+    ) -> Attempt:
+        """POST ``reset`` once, on courier ``lane``'s connection, bounded by ``limit``."""
+        ...
+
+    def timed_out(self) -> Attempt:
+        """An attempt whose ``limit`` ran out: no answer in time."""
         ...
 
 
@@ -83,7 +90,9 @@ class Deliveries:
         self._outage = outage
         self._outbox = Outbox(config.max_in_flight, give_up_after=config.reset_give_up_after)
         self._work = trio.lowlevel.ParkingLot()  # couriers wait here for a reset to send
-        self._timer: trio.CancelScope | None = None  # for retries due and attempts gone slow
+        self._in_air: list[Entry | None] = [None] * self._couriers  # each courier's attempt
+        self._limits: list[Limit | None] = [None] * self._couriers  # and what bounds it
+        self._timer: trio.CancelScope | None = None  # retries due, attempts slow or out of time
         self._delivered: list[tuple[Entry, Attempt]] = []  # awaiting mark_sent
         self._delivered_lot = trio.lowlevel.ParkingLot()
         self._notes: dict[str, FailingNote] = {}  # to write to Redis, newest per reset
@@ -119,36 +128,59 @@ class Deliveries:
             )
         if added:
             self._metrics.pending.set(len(self._outbox))
-            self._work.unpark()
+            if self._work:  # unpark() costs ~1 us with nobody parked: in a burst, none is
+                self._work.unpark()
 
     async def _courier(self, lane: int) -> NoReturn:
-        outbox = self._outbox
         while True:
+            # One cancel scope for a lane's attempts, which the timer cancels when the
+            # attempt in the air has run out of time: no scope, no deadline per attempt.
+            # Once cancelled it is spent: the next attempts get a new one.
+            with trio.CancelScope() as scope:
+                limit = self._limits[lane] = Limit(scope, self._wind_timer)
+                await self._carry(lane, limit)
+            entry, self._in_air[lane] = self._in_air[lane], None
+            if scope.cancelled_caught and entry is not None:
+                self._after(entry, self._sender.timed_out())
+
+    async def _carry(self, lane: int, limit: Limit) -> None:
+        """Send resets on ``lane`` until ``limit`` is spent."""
+        outbox = self._outbox
+        while not limit.spent:
             entry = outbox.take(trio.current_time())
             if entry is None:
                 await self._work.park()
                 continue
             self._wind_timer(outbox.next_slow_at())
+            self._in_air[lane] = entry
             try:
-                attempt = await self._sender.attempt(entry.reset, self._lease.epoch, lane)
+                attempt = await self._sender.attempt(entry.reset, self._lease.epoch, lane, limit)
             except WorkerError:
                 raise
             except Exception as exc:  # a bug, or a reset it cannot even build: set it aside
+                self._in_air[lane] = None
                 self._set_aside(entry, exc)
                 continue
-            # Read before the outbox forgets: a retry still on its courier frees a retry
-            # slot; a slow attempt, a slow slot (another attempt may turn slow now).
-            was_retry, was_slow = entry.retry, entry.slow
-            if attempt.done:
-                outbox.succeeded(entry.reset.reset_id)
-                self._delivered.append((entry, attempt))
+            self._in_air[lane] = None
+            self._after(entry, attempt)
+
+    def _after(self, entry: Entry, attempt: Attempt) -> None:
+        """Carry out how ``entry``'s attempt went."""
+        outbox = self._outbox
+        # Read before the outbox forgets: a retry still on its courier frees a retry
+        # slot; a slow attempt, a slow slot (another attempt may turn slow now).
+        was_retry, was_slow = entry.retry, entry.slow
+        if attempt.done:
+            outbox.succeeded(entry.reset.reset_id)
+            self._delivered.append((entry, attempt))
+            if self._delivered_lot:  # else the marker is busy: it takes this one next
                 self._delivered_lot.unpark()
-            else:
-                self._failed(entry, attempt)
-            if was_retry:
-                self._work.unpark()  # a retry slot is free again
-            if was_slow:
-                self._wind_timer(outbox.next_slow_at())
+        else:
+            self._failed(entry, attempt)
+        if was_retry:
+            self._work.unpark()  # a retry slot is free again
+        if was_slow:
+            self._wind_timer(outbox.next_slow_at())
 
     def _set_aside(self, entry: Entry, exc: Exception) -> None:
         reset = entry.reset
@@ -211,14 +243,19 @@ class Deliveries:
 
     async def _run_timer(self) -> NoReturn:
         """Wake couriers when failed resets come due (no courier waits on a retry), and
-        when attempts turn slow and give their couriers back."""
+        when attempts turn slow and give their couriers back; cut attempts that ran out
+        of time (their couriers' limits)."""
         outbox = self._outbox
         while True:
-            at = min(outbox.next_retry_at(), outbox.next_slow_at())
+            due = min((limit.due for limit in self._limits if limit is not None), default=math.inf)
+            at = min(outbox.next_retry_at(), outbox.next_slow_at(), due)
             with trio.CancelScope(deadline=at) as self._timer:
                 await trio.sleep_forever()
             self._timer = None
             now = trio.current_time()
+            for limit in self._limits:
+                if limit is not None and limit.due <= now:
+                    limit.expire()
             woken = outbox.promote(now) + outbox.slowdown(now)
             if woken:
                 self._work.unpark(count=woken)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -16,6 +17,7 @@ import trio
 
 from .config import Config
 from .http_client import (
+    Answer,
     Connection,
     Endpoint,
     HttpError,
@@ -32,9 +34,9 @@ from .outbox import requests_at_once
 from .retry import Verdict, classify, parse_retry_after
 from .store import PendingReset
 
-__all__ = ["Attempt", "ResetSender", "build_request", "open_lanes", "safe_url", "sign"]
+__all__ = ["Attempt", "Limit", "ResetSender", "build_request", "open_lanes", "safe_url", "sign"]
 
-_JSON = json.JSONEncoder(separators=(",", ":"))  # json.dumps(..., separators=) makes one a call
+_quoted = json.encoder.encode_basestring_ascii  # a JSON string, as json.dumps writes it
 
 _HINTS = {
     401: "check RESET_SECRET: the backend rejected it",
@@ -70,9 +72,10 @@ def build_request(
     still applies it, and dedupes it by ``reset_id``.
     """
     raw = request_body(reset, replica_id=replica_id, fencing_token=fencing_token)
-    headers = fixed_headers(secret) + reset_headers(
+    sent = reset_headers(
         reset, raw, fencing_token=fencing_token, signing_secret=signing_secret, now=now
     )
+    headers = fixed_headers(secret) + [(k.decode("ascii"), v.decode("ascii")) for k, v in sent]
     return dict(headers), raw
 
 
@@ -88,32 +91,39 @@ def reset_headers(
     fencing_token: int,
     signing_secret: str | None,
     now: float | None = None,
-) -> list[tuple[str, str]]:
-    """The headers of one reset request, after :func:`fixed_headers`."""
-    headers = [("idempotency-key", reset.reset_id), ("x-fencing-token", str(fencing_token))]
+) -> list[tuple[bytes, bytes]]:
+    """The headers of one reset request, after :func:`fixed_headers`, as sent: a value
+    httpx could not send raises as httpx would (:func:`~.http_client.header_value`)."""
+    headers = [
+        (b"idempotency-key", header_value(reset.reset_id)),
+        (b"x-fencing-token", b"%d" % fencing_token),
+    ]
     if signing_secret is not None:
         timestamp = int(time.time() if now is None else now)
-        headers.append(("x-signature", sign(signing_secret, body, timestamp)))
+        headers.append((b"x-signature", sign(signing_secret, body, timestamp).encode("ascii")))
     return headers
 
 
 def request_body(reset: PendingReset, *, replica_id: str, fencing_token: int) -> bytes:
-    """The JSON body of the reset request (see :func:`build_request`)."""
+    """The JSON body of the reset request (see :func:`build_request`): what
+    ``json.dumps(..., separators=(",", ":"))`` writes of its fields, in this order, written
+    field by field (no dict, no encoder object: a reset costs less than half the time).
+    ``tests/test_logic.py`` holds the two to the same bytes."""
     key, key_base64 = wire_text(reset.key)
-    body: dict[str, object] = {
-        "key": key,
-        "reset_id": reset.reset_id,
-        "expired_at": reset.expired_at,
-        "fencing_token": fencing_token,
-        "replica_id": replica_id,
-    }
-    if key_base64 is not None:
-        body["key_base64"] = key_base64  # the exact bytes of a name that is not UTF-8
+    # float and int as json writes them (repr); strings by json's own escaping.
+    text = (
+        f'{{"key":{_quoted(key)},"reset_id":{_quoted(reset.reset_id)},'
+        f'"expired_at":{reset.expired_at!r},"fencing_token":{fencing_token:d},'
+        f'"replica_id":{_quoted(replica_id)}'
+    )
+    if key_base64 is not None:  # the exact bytes of a name that is not UTF-8
+        text += ',"key_base64":' + _quoted(key_base64)
     if reset.payload is not None:  # the episode's tcw_touch payload, the same way
-        body["payload"], payload_base64 = wire_text(reset.payload)
+        payload, payload_base64 = wire_text(reset.payload)
+        text += ',"payload":' + _quoted(payload)
         if payload_base64 is not None:
-            body["payload_base64"] = payload_base64
-    return _JSON.encode(body).encode()
+            text += ',"payload_base64":' + _quoted(payload_base64)
+    return (text + "}").encode("ascii")
 
 
 @attrs.frozen
@@ -129,6 +139,41 @@ class Attempt:
     @property
     def done(self) -> bool:
         return self.verdict == "done"
+
+
+class Limit:
+    """How a courier bounds its attempts without a cancel scope (and a deadline) each:
+    ``scope`` is a cancel scope the courier is in, which the courier's watch cancels
+    (:meth:`expire`) once ``due`` (trio time) has passed. :meth:`ResetSender.attempt`
+    sets ``due`` to its attempt's deadline while it waits for the answer's head
+    (:meth:`until`), telling ``watch`` each time. Once expired the limit is ``spent``:
+    a new one (and scope) for the next attempts."""
+
+    __slots__ = ("_watch", "due", "scope", "spent")
+
+    def __init__(self, scope: trio.CancelScope, watch: Callable[[float], None]) -> None:
+        self.scope = scope
+        self.due = math.inf
+        self.spent = False  # scope.cancel_called, without asking trio for the time
+        self._watch = watch
+
+    def until(self, due: float) -> Limit:
+        """``with limit.until(due):`` bounds the block by ``due``."""
+        self.due = due
+        self._watch(due)
+        return self
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.due = math.inf
+
+    def expire(self) -> None:
+        """Cut the attempt in the air: its time has passed."""
+        self.due = math.inf
+        self.spent = True
+        self.scope.cancel()
 
 
 class ResetSender:
@@ -160,59 +205,76 @@ class ResetSender:
             )
         }
 
-    async def attempt(self, reset: PendingReset, fencing_token: int, lane: int = 0) -> Attempt:
+    async def attempt(
+        self, reset: PendingReset, fencing_token: int, lane: int = 0, limit: Limit | None = None
+    ) -> Attempt:
         """POST ``reset`` once. RESET_TIMEOUT_MS bounds the whole attempt (connect, send,
         status line and headers), and at most ``BODY_CAP`` bytes of the answer are read:
         a slow, dripping or endless answer costs one timeout and constant memory.
 
+        ``limit`` (a courier's): the attempt is bounded by it instead of a cancel scope
+        of its own; if its time passes first, ``limit.scope`` is cancelled (Cancelled is
+        raised) and the caller counts the attempt :meth:`timed_out`.
+
         Cancellation: the usual way this stops early, when leadership is lost; the reset
         stays pending in Redis and the next leader sends it under the same reset_id.
         """
-        attempt = await self._attempt_on(self._lanes[lane % len(self._lanes)], reset, fencing_token)
+        on = self._lanes[lane % len(self._lanes)]
+        deadline = trio.current_time() + self._config.reset_timeout
+        if limit is None:
+            with trio.CancelScope(deadline=deadline) as own:
+                answer = await self._ask(on, reset, fencing_token)
+            if own.cancelled_caught:
+                return self.timed_out()
+            cut = False
+        else:
+            with limit.until(deadline):
+                answer = await self._ask(on, reset, fencing_token)
+            # Its time passed as the answer came: the courier's scope is spent.
+            cut = limit.spent
+        if isinstance(answer, Attempt):
+            attempt = answer
+        else:
+            attempt = self._judge(reset, answer.status, answer.header)
+            if not answer.complete:
+                await self._finish(on, answer, deadline, cut)
         self._outcomes[attempt.verdict].inc()
         if attempt.done:
             self._metrics.reset_latency.observe(max(0.0, attempt.latency))
         return attempt
 
-    async def _attempt_on(
-        self, lane: Transport, reset: PendingReset, fencing_token: int
-    ) -> Attempt:
-        config = self._config
-        # Built per attempt: a signature carries the time it was made.
-        body = request_body(reset, replica_id=config.replica_id, fencing_token=fencing_token)
-        timeout = config.reset_timeout
-        deadline = trio.current_time() + timeout
-        try:
-            with trio.fail_after(timeout):
-                headers = [
-                    (name.encode("ascii"), header_value(value))
-                    for name, value in reset_headers(
-                        reset,
-                        body,
-                        fencing_token=fencing_token,
-                        signing_secret=config.reset_signing_secret,
-                    )
-                ]
-                answer = await lane.post(headers, body)
-        except trio.TooSlowError:
-            return self._timed_out(timeout)
-        except HttpError as exc:  # refused, reset, DNS, protocol errors
-            return self._no_answer(exc.kind, str(exc))
-        attempt = self._judge(reset, answer.status, answer.header)
-        if not answer.complete:
-            # Only the status matters. Reading a small answer to its end lets the
-            # connection be reused; anything longer or slower closes it.
-            with trio.move_on_at(deadline):
-                await lane.finish(answer)
-        return attempt
-
-    def _timed_out(self, timeout: float) -> Attempt:
+    def timed_out(self) -> Attempt:
+        """An attempt that got no answer within RESET_TIMEOUT_MS, counted."""
+        self._outcomes["retry"].inc()
         return Attempt(
             "retry",
             None,
-            f"no answer within RESET_TIMEOUT_MS={round(timeout * 1000)} from {self._where} "
-            "(it may still have applied the reset)",
+            f"no answer within RESET_TIMEOUT_MS={round(self._config.reset_timeout * 1000)} "
+            f"from {self._where} (it may still have applied the reset)",
         )
+
+    async def _ask(
+        self, lane: Transport, reset: PendingReset, fencing_token: int
+    ) -> Answer | Attempt:
+        """Send the request and read the answer's head; an Attempt if there is none."""
+        config = self._config
+        # Built per attempt: a signature carries the time it was made.
+        body = request_body(reset, replica_id=config.replica_id, fencing_token=fencing_token)
+        try:
+            headers = reset_headers(
+                reset, body, fencing_token=fencing_token, signing_secret=config.reset_signing_secret
+            )
+            return await lane.post(headers, body)
+        except HttpError as exc:  # refused, reset, DNS, protocol errors
+            return self._no_answer(exc.kind, str(exc))
+
+    async def _finish(self, lane: Transport, answer: Answer, deadline: float, cut: bool) -> None:
+        """Only the status matters. Reading a small answer to its end lets the connection
+        be reused; anything longer or slower closes it, by the attempt's deadline, but as
+        the rest of an answer, not as an attempt timing out. ``cut``: the caller's scope
+        is cancelled (the deadline has passed): the connection is closed at once."""
+        with trio.CancelScope(shield=cut), trio.move_on_at(deadline):
+            await lane.finish(answer)
 
     def _no_answer(self, kind: str, message: str) -> Attempt:
         return Attempt(

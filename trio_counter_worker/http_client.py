@@ -290,6 +290,52 @@ class _Tls:
         await self._stream.aclose()
 
 
+class _PlainHead:
+    """A plain answer's head (see :func:`_plain_head`), parsed: what an answer needs."""
+
+    __slots__ = ("close", "head", "headers", "length", "status")
+
+    def __init__(
+        self, head: bytes, status: int, headers: list[tuple[bytes, bytes]], length: int, close: bool
+    ) -> None:
+        self.head = head
+        self.status = status
+        self.headers = headers  # shared by every Answer with this head: never changed
+        self.length = length  # of the body: 0 for 204 and 304
+        self.close = close  # Connection: close
+
+
+def _plain_head(head: bytes) -> _PlainHead | None:
+    """``head`` (through its blank line) parsed, if it is plain: HTTP/1.1, headers h11
+    would accept, one Content-Length (or a 204/304), no Transfer-Encoding; else None
+    (h11 reads it)."""
+    if _PLAIN_HEAD.fullmatch(head) is None:
+        return None
+    lines = head[:-4].split(b"\r\n")
+    status = int(lines[0][9:12])
+    headers: list[tuple[bytes, bytes]] = []
+    length = -1
+    close = False
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        value = value.strip(b" \t")
+        headers.append((name, value))
+        lower = name.lower()
+        if lower == b"content-length":
+            if length >= 0 or not value.isdigit() or len(value) > 20:
+                return None
+            length = int(value)
+        elif lower == b"transfer-encoding":
+            return None
+        elif lower == b"connection":
+            close = close or b"close" in [v.strip() for v in value.lower().split(b",")]
+    if status in (204, 304):
+        length = 0
+    elif length < 0:  # read until closed: h11 knows how
+        return None
+    return _PlainHead(head, status, headers, length, close)
+
+
 _CLOSE_TIMEOUT = 1.0  # a TLS close sends close_notify: never wait long for it
 
 
@@ -313,6 +359,7 @@ class Lane:
         self._conn: Connection | None = None
         self._reusable = False  # the last answer was read to its end, on a kept connection
         self._idle_since = 0.0
+        self._last_plain: _PlainHead | None = None  # the last plain head read, parsed
 
     async def post(self, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> Answer:
         """:meth:`request` of the whole request (see :meth:`Transport.post`)."""
@@ -423,34 +470,16 @@ class Lane:
             buf += data
         head_end = end.end()
         head = bytes(buf[:head_end])
-        if _PLAIN_HEAD.fullmatch(head) is None:
-            return await self._h11_head(conn, buf)
-        lines = head[:-4].split(b"\r\n")
-        status = int(lines[0][9:12])
-        headers: list[tuple[bytes, bytes]] = []
-        length = -1
-        close = False
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            value = value.strip(b" \t")
-            headers.append((name, value))
-            lower = name.lower()
-            if lower == b"content-length":
-                if length >= 0 or not value.isdigit() or len(value) > 20:
-                    return await self._h11_head(conn, buf)
-                length = int(value)
-            elif lower == b"transfer-encoding":
+        plain = self._last_plain
+        if plain is None or plain.head != head:  # a backend's heads differ by their Date
+            plain = _plain_head(head)
+            if plain is None:
                 return await self._h11_head(conn, buf)
-            elif lower == b"connection":
-                close = close or b"close" in [v.strip() for v in value.lower().split(b",")]
-        if status in (204, 304):
-            length = 0
-        elif length < 0:  # read until closed: h11 knows how
-            return await self._h11_head(conn, buf)
-        answer = Answer(status, headers)
+            self._last_plain = plain
+        answer = Answer(plain.status, plain.headers)
+        length = plain.length
         after = len(buf) - head_end  # body bytes already here
-        if after > length:
-            close = True  # bytes beyond the answer: the connection is not trusted again
+        close = plain.close or after > length  # bytes beyond the answer: not trusted again
         answer._body = length - min(after, length)
         if close or length > cap:
             answer._body = -1  # not worth reading: the connection is closed
