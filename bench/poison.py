@@ -18,6 +18,8 @@ and the RecordingBackend. Three scenarios:
   healthy resets fall due while the hanging first attempts are in the air, then while
   their retries are (they hang too, every 2 s timeout and backoff). On 68e5110 the
   hanging attempts held the couriers until their timeout.
+- **F** and **G**: the same with 20 hanging at MAX_IN_FLIGHT 2, 200 at 32: more than the
+  couriers and the slow pool hold together (the oldest slow attempt is then abandoned).
 
 Healthy latency = POST received at the backend - the key's deadline (``SET PXAT``, so the
 deadline is exact). A healthy reset not received ``--cap`` s after the last deadline
@@ -68,9 +70,23 @@ HEALTHY_AFTER_S = 6.0  # healthy keys are set this long after the poison deadlin
 HEALTHY_LEAD_S = 1.0  # first healthy deadline this far after they are set
 TARGET_EXTRA_P99_MS = 5.0  # B's p99 within this of the same code's p99 in A
 IN_AIR_S = RESET_TIMEOUT_MS / 1000 - 0.1
-SCENARIOS = ("A-clean", "B-poisoned", "C-poison-burst", "D-hang-at-2", "E-hang-at-32")
-# Hanging scenarios: (MAX_IN_FLIGHT, hanging counters).
-HANGING = {"D-hang-at-2": (2, 3), "E-hang-at-32": (32, 40)}
+SCENARIOS = (
+    "A-clean",
+    "B-poisoned",
+    "C-poison-burst",
+    "D-hang-at-2",
+    "E-hang-at-32",
+    "F-hang-20-at-2",
+    "G-hang-200-at-32",
+)
+# Hanging scenarios: (MAX_IN_FLIGHT, hanging counters). F and G hang more requests than
+# the couriers and the slow pool hold together.
+HANGING = {
+    "D-hang-at-2": (2, 3),
+    "E-hang-at-32": (32, 40),
+    "F-hang-20-at-2": (2, 20),
+    "G-hang-200-at-32": (32, 200),
+}
 HANG_LEAD_S = 0.3  # first healthy deadline this far after the hanging ones
 BASE_HANGING = "68e5110"  # before slow attempts gave their couriers back
 

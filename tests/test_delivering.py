@@ -36,6 +36,10 @@ TIMEOUT = 5.0  # RESET_TIMEOUT_MS's default
 TIMED_OUT = Attempt("retry", None, "no answer within RESET_TIMEOUT_MS=5000")
 
 
+def abandoned(after: float) -> Attempt:
+    return Attempt("retry", None, f"abandoned after {after:.2f} s")
+
+
 @attrs.define
 class ScriptedSender:
     """Answers each attempt with the next scripted one, then OK; records what it sent."""
@@ -56,6 +60,9 @@ class ScriptedSender:
 
     def timed_out(self) -> Attempt:  # pragma: no cover - its attempts never set a deadline
         return TIMED_OUT
+
+    def abandoned(self, after: float) -> Attempt:  # pragma: no cover - none hangs
+        return abandoned(after)
 
 
 @attrs.define
@@ -91,6 +98,9 @@ class TimedSender:
 
     def timed_out(self) -> Attempt:
         return TIMED_OUT
+
+    def abandoned(self, after: float) -> Attempt:
+        return abandoned(after)
 
     def times(self, reset_id: str) -> list[float]:
         return [t for t, sent_id, *_ in self.sent if sent_id == reset_id]
@@ -267,20 +277,26 @@ async def test_a_slow_attempt_that_succeeds_is_marked_sent_once(
         assert rig.store.failing_notes == {}
 
 
-async def test_past_the_slow_pool_a_hanging_attempt_keeps_its_courier(
+async def test_past_the_slow_pool_the_oldest_hanging_attempt_is_abandoned(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """MAX_IN_FLIGHT 1, a slow pool of 4: the fifth hanging reset holds the courier
-    until the first times out (the stated bound on requests at once: 5)."""
+    """MAX_IN_FLIGHT 1, a slow pool of 4, 5 hanging resets: the fifth holds the courier
+    until the oldest slow one has been out 1 s (nothing has succeeded yet to tell the
+    backend's usual time); that one is cut short and retried like a timeout, and the
+    healthy reset goes then, not at RESET_TIMEOUT_MS. Never more than 5 requests at once."""
     hangs = [f"id-c:h{n}" for n in range(5)]
     sender = TimedSender(dict.fromkeys(hangs, math.inf))
     async with delivering(sender, max_in_flight=1) as rig:
         for n in range(5):
             rig.deliveries.deliver(pending(rig.store, f"c:h{n}"))
-        await trio.sleep(1.0)
+        await trio.sleep(0.5)
         healthy = pending(rig.store, "c:ok")
         rig.deliveries.deliver(healthy)
         await wait_for(lambda: rig.resets)
         assert sender.most_in_air == requests_at_once(1) == 5
-        # id-c:h0 (sent at 0) times out at 5: h4 moves to the slow pool, the courier is free.
-        assert sender.times(healthy.reset_id) == [TIMEOUT]
+        assert sender.times(healthy.reset_id) == [pytest.approx(1.0)]
+        await wait_for(lambda: "id-c:h0" in rig.store.failing_notes)
+        assert rig.store.failing_notes["id-c:h0"].last_error == "abandoned after 1.00 s"
+        # Retried at the retry policy's pace, as after a timeout.
+        await wait_for(lambda: len(sender.times("id-c:h0")) >= 2)
+        assert sender.times("id-c:h0")[1] > 1.0

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_counter_worker.outbox import SLOW_AFTER, Entry, Outbox, requests_at_once
+from trio_counter_worker.outbox import ABANDON_MIN, SLOW_AFTER, Entry, Outbox, requests_at_once
 from trio_counter_worker.store import PendingReset
 
 COURIERS = 100  # more than these tests take at once: only retry slots limit them
@@ -163,22 +163,63 @@ def test_an_attempt_in_the_air_past_slow_after_gives_its_courier_back() -> None:
     assert box.take(0.2) is None
 
 
-def test_a_full_slow_pool_leaves_the_next_slow_attempt_on_its_courier_until_room() -> None:
+def test_a_full_slow_pool_makes_room_when_a_slow_attempt_ends() -> None:
     box = Outbox(1, slow_slots=1)
     for n in (1, 2, 3):
         box.add(reset(n))
     assert taken_id(box.take(0.0)) == "id1"
     assert box.slowdown(0.1) == 1
     assert taken_id(box.take(0.1)) == "id2"
-    assert box.next_slow_at() == math.inf, "the slow pool is full"
-    assert box.slowdown(5.0) == 0
-    assert box.take(5.0) is None
-    # id1's request times out: its slow slot goes to id2, whose courier takes id3.
-    assert box.failed("id1", now=5.0, wall=5.0, delay=1.0, error="timeout") == "retry"
+    # Full: id1 may be abandoned only once it has been out ABANDON_UNKNOWN (1 s: nothing
+    # has succeeded yet to tell the backend's usual time).
+    assert box.next_slow_at() == pytest.approx(1.0)
+    assert box.slowdown(0.5) == 0
+    assert box.take(0.5) is None
+    # id1's request times out first: its slow slot goes to id2, whose courier takes id3.
+    assert box.failed("id1", now=0.6, wall=0.6, delay=1.0, error="timeout") == "retry"
     assert box.next_slow_at() == pytest.approx(0.2)
-    assert box.slowdown(5.0) == 1
-    assert taken_id(box.take(5.0)) == "id3"
+    assert box.slowdown(0.6) == 1
+    assert box.take_abandoned() == []
+    assert taken_id(box.take(0.6)) == "id3"
     assert box.in_air == (1, 1)
+
+
+def test_a_full_slow_pool_abandons_its_oldest_attempt_for_room() -> None:
+    """However many hang, a courier is free again within about abandon_after: the
+    oldest slow attempt is cut short (the caller cancels it; it fails and is retried)."""
+    box = Outbox(1, slow_slots=2)
+    box.add(reset(0))
+    assert box.take(0.0) is not None
+    box.succeeded("id0", now=0.01)  # the backend answers in 10 ms: abandon after 0.25 s
+    assert box.abandon_after() == ABANDON_MIN
+    for n in (1, 2, 3, 4):
+        box.add(reset(n))
+    assert taken_id(box.take(1.0)) == "id1"
+    assert box.slowdown(1.125) == 1
+    assert taken_id(box.take(1.125)) == "id2"
+    assert box.slowdown(1.25) == 1
+    assert taken_id(box.take(1.25)) == "id3"  # the pool is full: id3 keeps its courier
+    assert box.next_slow_at() == pytest.approx(1.35)  # id3 slow; id1 out >= 0.25 s
+    assert box.slowdown(1.3) == 0
+    assert box.slowdown(1.375) == 1
+    assert box.take_abandoned() == ["id1"]
+    assert box.take_abandoned() == []
+    assert box.in_air == (0, 2)
+    assert taken_id(box.take(1.375)) == "id4"
+    # The abandoned attempt, cancelled, fails like one that timed out.
+    assert box.failed("id1", now=1.4, wall=1.4, delay=1.0, error="abandoned") == "retry"
+    assert box.in_air == (1, 2)
+
+
+def test_a_backend_slow_for_everyone_is_never_cut_short() -> None:
+    """Abandoning is for outliers: with every answer taking 2 s, a slow attempt is kept
+    until it is 8 s old (4 x the p90), past any RESET_TIMEOUT_MS it can have."""
+    box = Outbox(1, slow_slots=1)
+    for n in range(20):
+        box.add(reset(n))
+        assert box.take(float(n)) is not None
+        box.succeeded(f"id{n}", now=n + 2.0)
+    assert box.abandon_after() == pytest.approx(8.0, rel=0.01)
 
 
 def test_a_slow_retry_frees_its_retry_slot() -> None:
@@ -274,38 +315,50 @@ class Run:
     first_taken: dict[str, float] = attrs.Factory(dict)
     takes: list[tuple[float, str]] = attrs.Factory(list)
     sent: set[str] = attrs.Factory(set)
+    abandoned: int = 0
 
 
-def simulate(w: Workload, horizon: float = 60.0) -> Run:
+def simulate(w: Workload, horizon: float = 60.0, hang: float = HANG) -> Run:
     """Drive an outbox as the couriers and the timer do, event by event, checking at
     each moment the invariants any workload must keep."""
     box = Outbox(w.couriers, slow_slots=w.slow_slots)
     run = Run()
     arrivals = sorted((job.arrive, n) for n, job in enumerate(w.jobs))
-    ends: list[tuple[float, str]] = []  # (when the attempt in the air ends, reset_id)
+    ends: list[tuple[float, str, float]] = []  # (when the attempt ends, reset_id, began)
     started: dict[str, float] = {}  # attempts in the air
     failures: dict[str, int] = {}
     now = 0.0
+
+    def fail(reset_id: str) -> None:
+        failures[reset_id] += 1
+        delay = w.jobs[int(reset_id[2:])].retry_delay * 2 ** failures[reset_id]  # as RetryPolicy
+        box.failed(reset_id, now=now, wall=now, delay=delay, error="e")
+
     while now <= horizon:
         while arrivals and arrivals[0][0] <= now:
             _, n = arrivals.pop(0)
             assert box.add(PendingReset(f"id{n}", f"c:{n}", int(w.jobs[n].arrive * 1000), 1))
             run.added[f"id{n}"] = now
         while ends and ends[0][0] <= now:
-            _, reset_id = heapq.heappop(ends)
+            _, reset_id, began = heapq.heappop(ends)
+            if started.get(reset_id) != began:
+                continue  # abandoned: it ended then
             del started[reset_id]
             job = w.jobs[int(reset_id[2:])]
             # Failing resets fail twice, then are taken; hanging ones hang every time.
             if job.kind == "healthy" or (job.kind == "failing" and failures[reset_id] >= 2):
-                box.succeeded(reset_id)
+                box.succeeded(reset_id, now)
                 box.remove(reset_id)
                 run.sent.add(reset_id)
             else:
-                failures[reset_id] += 1
-                delay = job.retry_delay * 2 ** failures[reset_id]  # backing off, as RetryPolicy
-                box.failed(reset_id, now=now, wall=now, delay=delay, error="e")
+                fail(reset_id)
         box.promote(now)
         box.slowdown(now)
+        for reset_id in box.take_abandoned():  # cancelled: it fails now, no answer
+            assert w.jobs[int(reset_id[2:])].kind == "hanging", "only outliers are cut short"
+            del started[reset_id]
+            run.abandoned += 1
+            fail(reset_id)
         while (entry := box.take(now)) is not None:
             reset_id = entry.reset.reset_id
             assert reset_id not in started, "a reset sent twice at once"
@@ -315,8 +368,8 @@ def simulate(w: Workload, horizon: float = 60.0) -> Run:
             run.first_taken.setdefault(reset_id, now)
             run.takes.append((now, reset_id))
             job = w.jobs[int(reset_id[2:])]
-            answer_in = HANG if job.kind == "hanging" else job.answer_in
-            heapq.heappush(ends, (now + answer_in, reset_id))
+            answer_in = hang if job.kind == "hanging" else job.answer_in
+            heapq.heappush(ends, (now + answer_in, reset_id, now))
         on_couriers, slow = box.in_air
         assert on_couriers <= w.couriers
         assert slow <= w.slow_slots
@@ -325,6 +378,7 @@ def simulate(w: Workload, horizon: float = 60.0) -> Run:
             # Every courier is busy, but only with attempts too young to be slow.
             assert box.next_slow_at() > now
         moments = [box.next_slow_at(), box.next_retry_at()]
+        assert min(moments) > now, "the outbox would have work now: it must be done"
         moments += [arrivals[0][0]] if arrivals else []
         moments += [ends[0][0]] if ends else []
         now = min(moments)
@@ -354,3 +408,20 @@ def test_hanging_resets_never_hold_a_fresh_one_past_slow_after(w: Workload) -> N
             taken - added,
             ahead,
         )
+
+
+@settings(max_examples=300, deadline=None)
+@given(workloads(hanging_at_most_slow_slots=False))
+def test_however_many_hang_a_fresh_reset_waits_at_most_the_abandon_time(w: Workload) -> None:
+    """Any number of hanging resets: a fresh one never waits for a hanging request to time
+    out, only for hanging ones taken before it to be abandoned, slow_slots at a time (1 s
+    before any success, 0.25 s once the backend's time is known), plus SLOW_AFTER per
+    round of MAX_IN_FLIGHT resets taken before it. Hanging requests time out after 30 s."""
+    run = simulate(w, hang=30.0)
+    for reset_id, added in run.added.items():
+        taken = run.first_taken[reset_id]
+        ahead = [other for t, other in run.takes if added <= t <= taken and other != reset_id]
+        hanging = sum(1 for other in ahead if w.jobs[int(other[2:])].kind == "hanging")
+        rounds = -(-hanging // w.slow_slots)
+        bound = 1.0 * (rounds + 1) + (len(ahead) // w.couriers + 2) * SLOW_AFTER
+        assert taken - added <= bound + 1e-9, (reset_id, taken - added, len(ahead), hanging)

@@ -151,8 +151,8 @@ class DeliverySettings:
             "most reset requests in the air that began under 0.1 s ago "
             "(1-1000); at most half of them retries. A request still unanswered "
             "after 0.1 s frees its place and goes on among at most max(MAX_IN_FLIGHT, "
-            "4) slow ones: the backend sees at most MAX_IN_FLIGHT + max(MAX_IN_FLIGHT, "
-            "4) requests at once",
+            "4) slow ones (past that, the oldest is abandoned and retried): the worker "
+            "holds at most MAX_IN_FLIGHT + max(MAX_IN_FLIGHT, 4) requests at once",
             parse=integer,
             delivery=True,
         ),

@@ -51,6 +51,10 @@ class Sender(Protocol):
         """An attempt whose ``limit`` ran out: no answer in time."""
         ...
 
+    def abandoned(self, after: float) -> Attempt:
+        """An attempt cut short after ``after`` s to free its place (see .outbox)."""
+        ...
+
 
 class Fencing(Protocol):
     """The lease the resets go out under (:class:`~.election.Lease`)."""
@@ -92,6 +96,7 @@ class Deliveries:
         self._work = trio.lowlevel.ParkingLot()  # couriers wait here for a reset to send
         self._in_air: list[Entry | None] = [None] * self._couriers  # each courier's attempt
         self._limits: list[Limit | None] = [None] * self._couriers  # and what bounds it
+        self._abandoning: set[str] = set()  # reset_ids whose attempts are being cut short
         self._timer: trio.CancelScope | None = None  # retries due, attempts slow or out of time
         self._delivered: list[tuple[Entry, Attempt]] = []  # awaiting mark_sent
         self._delivered_lot = trio.lowlevel.ParkingLot()
@@ -130,17 +135,25 @@ class Deliveries:
             self._metrics.pending.set(len(self._outbox))
             if self._work:  # unpark() costs ~1 us with nobody parked: in a burst, none is
                 self._work.unpark()
+            else:  # every courier busy: a hanging one may have to make room (see .outbox)
+                self._wind_timer(self._outbox.next_slow_at())
 
     async def _courier(self, lane: int) -> NoReturn:
         while True:
             # One cancel scope for a lane's attempts, which the timer cancels when the
-            # attempt in the air has run out of time: no scope, no deadline per attempt.
-            # Once cancelled it is spent: the next attempts get a new one.
+            # attempt in the air has run out of time or is abandoned for room: no scope,
+            # no deadline per attempt. Once cancelled it is spent: the next attempts get
+            # a new one.
             with trio.CancelScope() as scope:
                 limit = self._limits[lane] = Limit(scope, self._wind_timer)
                 await self._carry(lane, limit)
             entry, self._in_air[lane] = self._in_air[lane], None
-            if scope.cancelled_caught and entry is not None:
+            if entry is None or not scope.cancelled_caught:
+                continue
+            if entry.reset.reset_id in self._abandoning:
+                self._abandoning.discard(entry.reset.reset_id)
+                self._after(entry, self._sender.abandoned(trio.current_time() - entry.started))
+            else:
                 self._after(entry, self._sender.timed_out())
 
     async def _carry(self, lane: int, limit: Limit) -> None:
@@ -159,9 +172,11 @@ class Deliveries:
                 raise
             except Exception as exc:  # a bug, or a reset it cannot even build: set it aside
                 self._in_air[lane] = None
+                self._abandoning.discard(entry.reset.reset_id)
                 self._set_aside(entry, exc)
                 continue
             self._in_air[lane] = None
+            self._abandoning.discard(entry.reset.reset_id)  # it ended first
             self._after(entry, attempt)
 
     def _after(self, entry: Entry, attempt: Attempt) -> None:
@@ -171,7 +186,7 @@ class Deliveries:
         # slot; a slow attempt, a slow slot (another attempt may turn slow now).
         was_retry, was_slow = entry.retry, entry.slow
         if attempt.done:
-            outbox.succeeded(entry.reset.reset_id)
+            outbox.succeeded(entry.reset.reset_id, trio.current_time())
             self._delivered.append((entry, attempt))
             if self._delivered_lot:  # else the marker is busy: it takes this one next
                 self._delivered_lot.unpark()
@@ -244,7 +259,7 @@ class Deliveries:
     async def _run_timer(self) -> NoReturn:
         """Wake couriers when failed resets come due (no courier waits on a retry), and
         when attempts turn slow and give their couriers back; cut attempts that ran out
-        of time (their couriers' limits)."""
+        of time, or that the outbox abandons for room (their couriers' limits)."""
         outbox = self._outbox
         while True:
             due = min((limit.due for limit in self._limits if limit is not None), default=math.inf)
@@ -257,8 +272,20 @@ class Deliveries:
                 if limit is not None and limit.due <= now:
                     limit.expire()
             woken = outbox.promote(now) + outbox.slowdown(now)
+            self._cut_short(outbox.take_abandoned())
             if woken:
                 self._work.unpark(count=woken)
+
+    def _cut_short(self, reset_ids: list[str]) -> None:
+        """Cancel the attempts the outbox abandoned for room; each then fails, and is
+        retried, like one that got no answer (see :mod:`.outbox`)."""
+        for reset_id in reset_ids:
+            for lane, entry in enumerate(self._in_air):
+                limit = self._limits[lane]
+                if entry is not None and entry.reset.reset_id == reset_id and limit is not None:
+                    self._abandoning.add(reset_id)
+                    limit.expire()
+                    break
 
     async def _noter(self) -> NoReturn:
         """Write why resets are failing, and bury those given up on, in batches."""

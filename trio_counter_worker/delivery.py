@@ -243,6 +243,18 @@ class ResetSender:
             self._metrics.reset_latency.observe(max(0.0, attempt.latency))
         return attempt
 
+    def abandoned(self, after: float) -> Attempt:
+        """An attempt cut short after ``after`` s without an answer, to free a place for
+        others (:mod:`.outbox`: more requests hung than the slow pool holds), counted."""
+        self._outcomes["retry"].inc()
+        return Attempt(
+            "retry",
+            None,
+            f"no answer from {self._where} after {after:.2f} s, abandoned to free its place: "
+            "more requests hung at once than the slow pool holds (max(MAX_IN_FLIGHT, 4)); "
+            "it may still have applied the reset",
+        )
+
     def timed_out(self) -> Attempt:
         """An attempt that got no answer within RESET_TIMEOUT_MS, counted."""
         self._outcomes["retry"].inc()

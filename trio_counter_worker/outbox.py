@@ -9,12 +9,18 @@ clock, ``wall`` in Unix seconds for what other replicas and operators read):
   in the air ``slow_after`` (0.1 s) after it began is *slow*: it moves to a pool of at
   most ``slow_slots`` slow attempts and its courier takes the next reset, while the
   request goes on to its answer or its timeout. So attempts the backend hangs on hold a
-  courier 0.1 s, not RESET_TIMEOUT_MS, and a healthy reset is never held behind them
-  while at most ``slow_slots`` of them hang at once; past that, the oldest slow
-  candidate moves as soon as a slow attempt ends, and the others keep their couriers
-  (nothing is abandoned: an attempt cut short could have been one about to succeed).
-  Requests at once: at most ``couriers + slow_slots``, of which at most ``couriers``
-  are younger than ``slow_after`` (:func:`requests_at_once`);
+  courier 0.1 s, not RESET_TIMEOUT_MS, and a healthy reset is not held behind them.
+  When the slow pool is full and a fresh reset waits for a courier, the oldest slow attempt
+  is *abandoned* to make room (the caller cancels it; it fails and is retried like a
+  timeout, under the same reset_id) once it has been in the air :meth:`abandon_after`:
+  at least ``ABANDON_MIN`` and ``_ABANDON_FACTOR`` times the p90 of the recent
+  successful attempts. However many resets hang, a healthy one then waits for a courier
+  about that long per pool's worth of hanging resets due before it (0.25 s while the
+  backend answers the others within 60 ms); a backend slow for everyone (its p90 long)
+  is never cut short. The worker holds at most ``couriers + slow_slots`` requests at
+  once, at most ``couriers`` of them younger than ``slow_after``
+  (:func:`requests_at_once`); a backend that does not notice a closed connection may
+  still be working on abandoned ones;
 - a failed reset waits for its retry *outside* the couriers, and at most
   ``retry_slots`` couriers carry retries at once, so resets the backend keeps refusing
   never take every courier from the healthy ones;
@@ -26,19 +32,26 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import OrderedDict
+import statistics
+from collections import OrderedDict, deque
 from typing import Literal
 
 import attrs
 
 from .store import PendingReset
 
-__all__ = ["SLOW_AFTER", "Entry", "Outbox", "requests_at_once", "slow_pool"]
+__all__ = ["ABANDON_MIN", "SLOW_AFTER", "Entry", "Outbox", "requests_at_once", "slow_pool"]
 
 State = Literal["queued", "sending", "waiting", "sent"]
 
 SLOW_AFTER = 0.1  # s in the air after which an attempt gives its courier back
 _MIN_SLOW_SLOTS = 4  # so that MAX_IN_FLIGHT 1 still outlasts a few hanging resets
+# A slow attempt is abandoned for room only past ABANDON_MIN and _ABANDON_FACTOR times
+# the p90 of the last _RECENT successful attempts (ABANDON_UNKNOWN before any succeeded).
+ABANDON_MIN = 0.25
+_ABANDON_FACTOR = 4
+_ABANDON_UNKNOWN = 1.0
+_RECENT = 64
 
 
 def slow_pool(max_in_flight: int) -> int:
@@ -94,8 +107,11 @@ class Outbox:
         self._waiting: list[tuple[float, str]] = []  # (retry_at, reset_id)
         # Attempts on a courier, oldest first (``now`` never goes back): reset_id → entry.
         self._on_couriers: OrderedDict[str, Entry] = OrderedDict()
-        self._slow = 0
+        self._slow: OrderedDict[str, Entry] = OrderedDict()  # slow attempts, oldest first
         self._retries_sending = 0  # retries on a courier
+        self._abandoned: list[str] = []  # slow attempts to cut short (take_abandoned)
+        self._recent: deque[float] = deque(maxlen=_RECENT)  # successful attempts' times
+        self._abandon_after: float | None = None  # abandon_after(), until _recent changes
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -106,7 +122,7 @@ class Outbox:
     @property
     def in_air(self) -> tuple[int, int]:
         """Attempts in the air: (on couriers, slow)."""
-        return len(self._on_couriers), self._slow
+        return len(self._on_couriers), len(self._slow)
 
     def add(
         self,
@@ -152,14 +168,19 @@ class Outbox:
 
     def slowdown(self, now: float) -> int:
         """Move attempts in the air ``slow_after`` or longer from their couriers to the
-        slow pool, oldest first, while it has room; how many couriers that freed."""
+        slow pool, oldest first, abandoning the oldest slow attempt for room where it may
+        be (:meth:`take_abandoned` names them); how many couriers that freed."""
         moved = 0
-        while self._on_couriers and self._slow < self.slow_slots:
+        while self._on_couriers:
             reset_id, entry = next(iter(self._on_couriers.items()))
             if entry.started + self.slow_after > now:  # as next_slow_at: no float gap
                 break
+            if len(self._slow) >= self.slow_slots and not (
+                self._fresh_waits() and self._abandon_oldest(now)
+            ):
+                break
             del self._on_couriers[reset_id]
-            self._slow += 1
+            self._slow[reset_id] = entry
             entry.slow = True
             if entry.retry:
                 self._retries_sending -= 1
@@ -167,14 +188,60 @@ class Outbox:
             moved += 1
         return moved
 
+    def _abandon_oldest(self, now: float) -> bool:
+        """Free a slow slot by abandoning the oldest slow attempt, if it may be."""
+        if not self._slow:
+            return False
+        reset_id, entry = next(iter(self._slow.items()))
+        if entry.started + self.abandon_after() > now:
+            return False
+        del self._slow[reset_id]
+        entry.slow = False
+        self._abandoned.append(reset_id)
+        return True
+
+    def _fresh_waits(self) -> bool:
+        """Whether a fresh reset waits for a courier. Only then is an attempt abandoned
+        for room: not for retries, so the attempts cut short are at most as many as the
+        fresh resets (hanging ones retry at their timeout's and backoff's pace)."""
+        while self._fresh:
+            entry = self._entries.get(self._fresh[0][1])
+            if entry is not None and entry.state == "queued":
+                return True
+            heapq.heappop(self._fresh)
+        return False
+
+    def abandon_after(self) -> float:
+        """How long a slow attempt must have been in the air before it may be abandoned
+        for room: far longer than the backend takes to answer the others."""
+        if self._abandon_after is None:  # computed again after new successes only
+            recent = self._recent
+            if not recent:
+                return _ABANDON_UNKNOWN
+            p90 = statistics.quantiles(recent, n=10)[-1] if len(recent) > 1 else recent[0]
+            self._abandon_after = max(ABANDON_MIN, _ABANDON_FACTOR * p90)
+        return self._abandon_after
+
+    def take_abandoned(self) -> list[str]:
+        """The reset_ids of attempts :meth:`slowdown` abandoned, once: cancel them (they
+        then fail as any attempt that got no answer)."""
+        abandoned, self._abandoned = self._abandoned, []
+        return abandoned
+
     def next_slow_at(self) -> float:
         """When :meth:`slowdown` next has work (trio time): the oldest attempt on a
-        courier turns slow then. inf if none is on a courier or the slow pool is full
-        (a slow attempt ending makes room: ask again then)."""
-        if not self._on_couriers or self._slow >= self.slow_slots:
+        courier turns slow then, or, the slow pool being full, when the oldest slow
+        attempt may be abandoned; inf if none is on a courier."""
+        if not self._on_couriers:
             return math.inf
         entry = next(iter(self._on_couriers.values()))
-        return entry.started + self.slow_after
+        at = entry.started + self.slow_after
+        if len(self._slow) >= self.slow_slots:
+            if not self._slow or not self._fresh_waits():
+                return math.inf  # ask again when a slow attempt ends or a reset comes
+            oldest = next(iter(self._slow.values()))
+            at = max(at, oldest.started + self.abandon_after())
+        return at
 
     def promote(self, now: float) -> int:
         """Move failed resets whose retry time has come to the due queue; how many."""
@@ -198,10 +265,14 @@ class Outbox:
             heapq.heappop(self._waiting)
         return math.inf
 
-    def succeeded(self, reset_id: str) -> Entry:
-        """The backend took it: it waits to be marked sent."""
+    def succeeded(self, reset_id: str, now: float | None = None) -> Entry:
+        """The backend took it: it waits to be marked sent. ``now``: its attempt's time
+        counts towards :meth:`abandon_after`."""
         entry = self._finish(reset_id)
         entry.state = "sent"
+        if now is not None:
+            self._recent.append(now - entry.started)
+            self._abandon_after = None
         return entry
 
     def failed(
@@ -243,9 +314,9 @@ class Outbox:
         """The attempt in the air ended: free its courier or slow slot, and retry slot.
         Nothing if that was done (a reset declared dead is then removed)."""
         if entry.slow:
-            self._slow -= 1
+            del self._slow[entry.reset.reset_id]
             entry.slow = False
-        else:
+        else:  # on a courier, or abandoned (in neither)
             self._on_couriers.pop(entry.reset.reset_id, None)
         if entry.retry:
             self._retries_sending -= 1
