@@ -238,22 +238,7 @@ class RedisBridge:
         self._client = make_client(config)
         self._master = _MasterWatch(self._client)
         self._scripts = {
-            name: self._client.register_script(getattr(scripts, name))
-            for name in (
-                "ACQUIRE",
-                "RENEW",
-                "RELEASE",
-                "TRACK",
-                "CLAIM",
-                "MARK_SENT",
-                "TRACKED",
-                "NOTE_FAILING",
-                "BURY",
-                "REDELIVER",
-                "HAND_OVER",
-                "TAKE_HANDED",
-                "PREFLIGHT",
-            )
+            name: self._client.register_script(getattr(scripts, name)) for name in scripts.ON_ONE
         }
         # Cluster routes each call by its keys: there, one call per thread hop.
         self._pipelines = (

@@ -518,3 +518,21 @@ try('ZREM', s, 'm') try('ZREMRANGEBYSCORE', s, '-inf', 0) try('DEL', s)
 try('PUBLISH', ARGV[1], 'preflight')
 return refused
 """
+
+# The scripts a worker runs on one Redis (or a Cluster's worker slot), by name; the
+# Cluster's apply scripts come on top (redis_cluster.py).
+ON_ONE = (
+    "ACQUIRE",
+    "RENEW",
+    "RELEASE",
+    "TRACK",
+    "CLAIM",
+    "MARK_SENT",
+    "TRACKED",
+    "NOTE_FAILING",
+    "BURY",
+    "REDELIVER",
+    "HAND_OVER",
+    "TAKE_HANDED",
+    "PREFLIGHT",
+)
