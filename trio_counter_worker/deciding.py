@@ -125,10 +125,9 @@ class Deciders:
         handover.keep(reported, trio.current_time())
         try:
             for i in range(0, len(reported), BATCH):
-                keys = [k for k, _ in reported[i : i + BATCH]]
-                await self._store.claim(
-                    self._holder, keys, [after for _, after in reported[i : i + BATCH]]
-                )
+                batch = reported[i : i + BATCH]
+                keys = [k for k, _ in batch]
+                await self._store.claim(self._holder, keys, [after for _, after in batch])
                 handover.decided(keys)
         except Exception as exc:  # the release must go on, whatever this does
             log.warning(

@@ -25,7 +25,7 @@ from .keys import HANDED_HINT, Keys
 from .keyspace import is_own_key, key_bytes, key_from_channel
 from .pressure import Pressure
 from .schedule import Schedule
-from .spec import TOMBSTONE_MS, parse_handed
+from .spec import STAMP_DIGITS, TOMBSTONE_MS, parse_handed
 from .store import DeadlinePage, KeyOutcome, Message, PageStart, PendingReset
 
 __all__ = ["EARLY", "REFILL_EVERY", "WINDOW", "Heard", "LeaderState", "Quarantine", "Taken"]
@@ -46,7 +46,6 @@ _BUSY_READ = 1_000
 # estimated from different calls).
 _SLACK = 5.0
 _QUARANTINE_MAX = 10_000  # keys set aside per process, at most
-_STAMP_DIGITS = 19  # a claim marker's time (Redis ms) fits an int64
 # Markers kept per key whose claim's reply has not come. Only the worker publishes on
 # the channel (the app's documented ACL does not allow it); past these, a marker is
 # dropped and later expiries are decided as if it never came (never a second reset).
@@ -281,7 +280,7 @@ class LeaderState:
         """A claim's marker: "<claimed_ms> <key>"; later `expired` events of the key
         follow that claim, if this leader made it (else ignored: nothing is kept)."""
         stamp, _, key = data.partition(" ")
-        if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= _STAMP_DIGITS):
+        if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= STAMP_DIGITS):
             return  # not a claim's: someone else published on the channel
         claimed_ms = int(stamp)
         if self._claims.get(key) == claimed_ms:

@@ -148,17 +148,26 @@ class Outbox:
         :meth:`promote` first to move retries that came due."""
         if len(self._on_couriers) >= self.couriers:
             return None
-        while self._fresh:
-            _, reset_id = heapq.heappop(self._fresh)
-            entry = self._entries.get(reset_id)
+        if (entry := self._queued_top(self._fresh)) is not None:
+            heapq.heappop(self._fresh)
+            return self._start(entry, now, retry=False)
+        if (
+            self._retries_sending < self.retry_slots
+            and (entry := self._queued_top(self._due)) is not None
+        ):
+            heapq.heappop(self._due)
+            self._retries_sending += 1
+            return self._start(entry, now, retry=True)
+        return None
+
+    def _queued_top(self, heap: list[tuple[int, str]]) -> Entry | None:
+        """The queued entry at the top of ``heap`` (left there), dropping the stale ones
+        above it (sent, removed or taken since)."""
+        while heap:
+            entry = self._entries.get(heap[0][1])
             if entry is not None and entry.state == "queued":
-                return self._start(entry, now, retry=False)
-        while self._due and self._retries_sending < self.retry_slots:
-            _, reset_id = heapq.heappop(self._due)
-            entry = self._entries.get(reset_id)
-            if entry is not None and entry.state == "queued":
-                self._retries_sending += 1
-                return self._start(entry, now, retry=True)
+                return entry
+            heapq.heappop(heap)
         return None
 
     def _start(self, entry: Entry, now: float, *, retry: bool) -> Entry:
@@ -204,12 +213,7 @@ class Outbox:
         """Whether a fresh reset waits for a courier. Only then is an attempt abandoned
         for room: not for retries, so the attempts cut short are at most as many as the
         fresh resets (hanging ones retry at their timeout's and backoff's pace)."""
-        while self._fresh:
-            entry = self._entries.get(self._fresh[0][1])
-            if entry is not None and entry.state == "queued":
-                return True
-            heapq.heappop(self._fresh)
-        return False
+        return self._queued_top(self._fresh) is not None
 
     def abandon_after(self) -> float:
         """How long a slow attempt must have been in the air before it may be abandoned

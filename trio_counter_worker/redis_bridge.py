@@ -666,11 +666,7 @@ _CLOSED_WHILE_UP = (
 
 def _run_id(client: Any) -> str | None:
     """The server's run_id (a new one after a restart), or None if it cannot be read."""
-    try:
-        value = client.info("server").get("run_id")
-    except Exception:  # only a hint
-        return None
-    return None if value is None else str(value)
+    return _info_field(client, "server", "run_id")
 
 
 def _closed_while_up(client: Any, run_id: str | None) -> bool:
@@ -682,11 +678,18 @@ def _closed_while_up(client: Any, run_id: str | None) -> bool:
 
 def _overflow_count(client: Any) -> int | None:
     """Redis's count of clients it closed for their output buffer (7.2+), or None."""
-    try:
-        value = client.info("stats").get("client_output_buffer_limit_disconnections")
-    except Exception:  # only a hint: a Redis that cannot tell is not an error
-        return None
+    value = _info_field(client, "stats", "client_output_buffer_limit_disconnections")
     return None if value is None else int(value)
+
+
+def _info_field(client: Any, section: str, name: str) -> str | None:
+    """One INFO field, or None where Redis does not report it or INFO fails: these are
+    hints, and a Redis that cannot give one is not an error."""
+    try:
+        value = client.info(section).get(name)
+    except Exception:
+        return None
+    return None if value is None else str(value)
 
 
 def _overflowed(client: Any, before: int | None) -> bool:

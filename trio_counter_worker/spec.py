@@ -20,6 +20,7 @@ import attrs
 __all__ = [
     "DUE_SLACK_MS",
     "HANDED_FOR_MS",
+    "STAMP_DIGITS",
     "TOMBSTONE_MS",
     "Seen",
     "Verdict",
@@ -36,6 +37,9 @@ __all__ = [
 # before a claim of the same key (so, possibly that claim's own echo) is recognised for
 # this long. See :func:`is_echo`.
 TOMBSTONE_MS = 60_000
+
+# Digits of a Redis-ms time that messages and entries may carry: an int64 fits in 19.
+STAMP_DIGITS = 19
 
 # How long a key handed over by a former leader may wait to be decided, at most: once
 # in the former leader's memory (until Redis takes it), once in Redis (until a leader
@@ -141,7 +145,7 @@ def parse_handed(entry: str) -> tuple[str, int] | None:
     write the deployment's keys may write there: such an entry is dropped)."""
     stamp, sep, key = entry.partition(" ")
     digits = stamp.removeprefix("-")
-    if not (sep and digits.isascii() and digits.isdigit() and len(digits) <= 19):
+    if not (sep and digits.isascii() and digits.isdigit() and len(digits) <= STAMP_DIGITS):
         return None
     return key, int(stamp)
 
