@@ -4,7 +4,9 @@ worker process, a real redis-server and a real HTTP backend on loopback.
 On 68e5110, with MAX_IN_FLIGHT=2 and three counters whose backend never answers, 4 of 6
 healthy counters were reset more than 1 s late (up to RESET_TIMEOUT_MS). Now each
 hanging request gives its courier back 0.1 s after it began and goes on in the slow
-pool, so a healthy reset waits at most that 0.1 s behind them.
+pool, so a healthy reset waits at most that 0.1 s behind them; and past the slow pool
+the oldest hanging attempt is abandoned for room (cut short, retried like a timeout)
+instead of holding the courier until RESET_TIMEOUT_MS.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from bench.common import wait_until
 from tests.support.backend import Hang, Received, RecordingBackend, by_key
+from tests.support.polling import wait_until
 from tests.support.procs import SpawnWorker, WorkerProcess, worker_env
 from tests.support.redis_server import RedisServer
 
@@ -31,29 +33,38 @@ LATE = 0.5
 HANGING = [f"c:hang-{n}" for n in range(3)]
 
 
-@pytest.fixture
-def leader(
-    redis_server: RedisServer, backend: RecordingBackend, spawn_worker: SpawnWorker
+def start_leader(
+    spawn_worker: SpawnWorker,
+    redis_server: RedisServer,
+    backend: RecordingBackend,
+    hanging: list[str],
+    **settings: str,
 ) -> Iterator[WorkerProcess]:
-    """One worker, leading, MAX_IN_FLIGHT=2, against a backend that never answers for
-    the HANGING counters and answers every other at once."""
-    backend.behave(by_key(dict.fromkeys(HANGING, Hang(float("inf")))))
+    """One worker, leading, against a backend that never answers for the ``hanging``
+    counters and answers every other at once."""
+    backend.behave(by_key(dict.fromkeys(hanging, Hang(float("inf")))))
     secret = f"s3cr3t-{secrets.token_hex(8)}"
-    worker = spawn_worker(
-        worker_env(
-            redis_server,
-            backend,
-            RESET_SECRET=secret,
-            REPLICA_ID="r1",
-            MAX_IN_FLIGHT="2",
-            RESET_TIMEOUT_MS=str(RESET_TIMEOUT_MS),
-        ),
-        "r1",
-    )
+    env = worker_env(redis_server, backend, RESET_SECRET=secret, REPLICA_ID="r1", **settings)
+    worker = spawn_worker(env, "r1")
     worker.wait_for_output("reconciled:", START)
     yield worker
     assert secret not in worker.output(), "RESET_SECRET leaked into a log"
     assert "Traceback" not in worker.output()
+
+
+@pytest.fixture
+def leader(
+    redis_server: RedisServer, backend: RecordingBackend, spawn_worker: SpawnWorker
+) -> Iterator[WorkerProcess]:
+    """MAX_IN_FLIGHT=2, three counters that hang."""
+    yield from start_leader(
+        spawn_worker,
+        redis_server,
+        backend,
+        HANGING,
+        MAX_IN_FLIGHT="2",
+        RESET_TIMEOUT_MS=str(RESET_TIMEOUT_MS),
+    )
 
 
 def requests_for(backend: RecordingBackend, key: str) -> list[Received]:
@@ -76,7 +87,7 @@ def lateness(backend: RecordingBackend, deadlines: dict[str, float]) -> dict[str
         got = {key: requests_for(backend, key) for key in deadlines}
         return got if all(got.values()) else None
 
-    got = wait_until(arrived, 10.0, "every healthy reset")
+    got = wait_until(arrived, "every healthy reset", 10.0)
     return {key: got[key][0].received_at - due for key, due in deadlines.items()}
 
 
@@ -88,8 +99,8 @@ def test_healthy_resets_are_not_held_behind_requests_that_hang(
             client.set(key, 1, px=100)
         wait_until(
             lambda: {r.key for r in backend.requests} >= set(HANGING),
-            10.0,
             "a first (hanging) request for every hanging counter",
+            10.0,
         )
         # Due while all three hang (RESET_TIMEOUT_MS 3 s): on 68e5110 they waited.
         first = lateness(backend, set_healthy(client, [f"c:ok-{n}" for n in range(6)], 0.3))
@@ -97,8 +108,8 @@ def test_healthy_resets_are_not_held_behind_requests_that_hang(
         # Then due while the hanging counters' retries are in the air or waiting.
         wait_until(
             lambda: all(len(requests_for(backend, key)) >= 2 for key in HANGING),
-            RESET_TIMEOUT_MS / 1000 + 10.0,
             "a retry of every hanging counter",
+            RESET_TIMEOUT_MS / 1000 + 10.0,
         )
         second = lateness(backend, set_healthy(client, [f"c:again-{n}" for n in range(6)], 0.1))
         assert_prompt(second)
@@ -110,3 +121,49 @@ def test_healthy_resets_are_not_held_behind_requests_that_hang(
 def assert_prompt(lateness: dict[str, float]) -> None:
     late = {key: round(x, 3) for key, x in lateness.items() if x > LATE}
     assert late == {}, f"healthy resets more than {LATE} s late: {late}"
+
+
+# MAX_IN_FLIGHT 1 holds requests_at_once(1) = 5 requests: the courier and a slow pool of 4.
+PAST_THE_POOL = [f"c:stuck-{n}" for n in range(5)]
+LONG_TIMEOUT_MS = 14_000  # what a healthy reset would wait for without abandoning
+# Lateness allowed: the 0.25 s an attempt must be out before it is abandoned (the
+# backend's usual time known), the 0.1 s steps, and a loaded machine's margin.
+LATE_PAST_THE_POOL = 2.0
+
+
+@pytest.fixture
+def lone_courier(
+    redis_server: RedisServer, backend: RecordingBackend, spawn_worker: SpawnWorker
+) -> Iterator[WorkerProcess]:
+    """MAX_IN_FLIGHT=1, five counters that hang: as many as it may have in the air."""
+    yield from start_leader(
+        spawn_worker,
+        redis_server,
+        backend,
+        PAST_THE_POOL,
+        MAX_IN_FLIGHT="1",
+        RESET_TIMEOUT_MS=str(LONG_TIMEOUT_MS),
+    )
+
+
+def test_past_the_slow_pool_the_oldest_hanging_attempt_is_abandoned(
+    lone_courier: WorkerProcess, redis_server: RedisServer, backend: RecordingBackend
+) -> None:
+    with redis.Redis(host=redis_server.host, port=redis_server.port, protocol=2) as client:
+        # One healthy reset first, so the backend's usual time is known (abandon at 0.25 s).
+        assert_prompt(lateness(backend, set_healthy(client, ["c:warm"], 0.1)))
+        for key in PAST_THE_POOL:
+            client.set(key, 1, px=100)
+        wait_until(
+            lambda: {r.key for r in backend.requests} >= set(PAST_THE_POOL),
+            "a first (hanging) request for every hanging counter",
+            10.0,
+        )
+        # The courier and the whole slow pool now hang, for RESET_TIMEOUT_MS (14 s).
+        late = lateness(backend, set_healthy(client, [f"c:ok-{n}" for n in range(3)], 0.1))
+    slow = {key: round(x, 3) for key, x in late.items() if x > LATE_PAST_THE_POOL}
+    assert slow == {}, f"healthy resets more than {LATE_PAST_THE_POOL} s late: {slow}"
+    lone_courier.wait_for_output("abandoned to free its place", 10.0)
+    for key in late:
+        assert len(requests_for(backend, key)) == 1, f"{key} was sent more than once"
+    assert lone_courier.alive
