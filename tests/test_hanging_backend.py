@@ -18,7 +18,14 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.support.backend import Hang, Received, RecordingBackend, by_key
+from tests.support.backend import (
+    Behaviour,
+    Hang,
+    HeadersThenNothing,
+    Received,
+    RecordingBackend,
+    by_key,
+)
 from tests.support.polling import wait_until
 from tests.support.procs import SpawnWorker, WorkerProcess, worker_env
 from tests.support.redis_server import RedisServer
@@ -31,6 +38,7 @@ RESET_TIMEOUT_MS = 3000
 # plus a margin generous for a loaded 2-core machine; well under the 1 s+ it was.
 LATE = 0.5
 HANGING = [f"c:hang-{n}" for n in range(3)]
+NEVER = Hang(float("inf"))  # no answer at all
 
 
 def start_leader(
@@ -38,11 +46,12 @@ def start_leader(
     redis_server: RedisServer,
     backend: RecordingBackend,
     hanging: list[str],
+    behaviour: Behaviour = NEVER,
     **settings: str,
 ) -> Iterator[WorkerProcess]:
-    """One worker, leading, against a backend that never answers for the ``hanging``
-    counters and answers every other at once."""
-    backend.behave(by_key(dict.fromkeys(hanging, Hang(float("inf")))))
+    """One worker, leading, against a backend that never answers (``behaviour``) for the
+    ``hanging`` counters and answers every other at once."""
+    backend.behave(by_key(dict.fromkeys(hanging, behaviour)))
     secret = f"s3cr3t-{secrets.token_hex(8)}"
     env = worker_env(redis_server, backend, RESET_SECRET=secret, REPLICA_ID="r1", **settings)
     worker = spawn_worker(env, "r1")
@@ -133,22 +142,28 @@ LATE_PAST_THE_POOL = 2.0
 
 @pytest.fixture
 def lone_courier(
-    redis_server: RedisServer, backend: RecordingBackend, spawn_worker: SpawnWorker
+    request: pytest.FixtureRequest,
+    redis_server: RedisServer,
+    backend: RecordingBackend,
+    spawn_worker: SpawnWorker,
 ) -> Iterator[WorkerProcess]:
-    """MAX_IN_FLIGHT=1, five counters that hang: as many as it may have in the air."""
+    """MAX_IN_FLIGHT=1, five counters whose backend never ends its answer (the
+    parameter): as many requests as the worker may have in the air."""
     yield from start_leader(
         spawn_worker,
         redis_server,
         backend,
         PAST_THE_POOL,
+        request.param,
         MAX_IN_FLIGHT="1",
         RESET_TIMEOUT_MS=str(LONG_TIMEOUT_MS),
     )
 
 
-def test_past_the_slow_pool_the_oldest_hanging_attempt_is_abandoned(
-    lone_courier: WorkerProcess, redis_server: RedisServer, backend: RecordingBackend
-) -> None:
+def fill_the_pool_then_time_healthy(
+    redis_server: RedisServer, backend: RecordingBackend
+) -> dict[str, float]:
+    """Warm up, let the PAST_THE_POOL counters take every place, then time healthy ones."""
     with redis.Redis(host=redis_server.host, port=redis_server.port, protocol=2) as client:
         # One healthy reset first, so the backend's usual time is known (abandon at 0.25 s).
         assert_prompt(lateness(backend, set_healthy(client, ["c:warm"], 0.1)))
@@ -163,7 +178,29 @@ def test_past_the_slow_pool_the_oldest_hanging_attempt_is_abandoned(
         late = lateness(backend, set_healthy(client, [f"c:ok-{n}" for n in range(3)], 0.1))
     slow = {key: round(x, 3) for key, x in late.items() if x > LATE_PAST_THE_POOL}
     assert slow == {}, f"healthy resets more than {LATE_PAST_THE_POOL} s late: {slow}"
-    lone_courier.wait_for_output("abandoned to free its place", 10.0)
     for key in late:
+        assert len(requests_for(backend, key)) == 1, f"{key} was sent more than once"
+    return late
+
+
+@pytest.mark.parametrize("lone_courier", [NEVER], indirect=True)
+def test_past_the_slow_pool_the_oldest_hanging_attempt_is_abandoned(
+    lone_courier: WorkerProcess, redis_server: RedisServer, backend: RecordingBackend
+) -> None:
+    fill_the_pool_then_time_healthy(redis_server, backend)
+    lone_courier.wait_for_output("abandoned to free its place", 10.0)
+    assert lone_courier.alive
+
+
+@pytest.mark.parametrize("lone_courier", [HeadersThenNothing(status=200)], indirect=True)
+def test_an_answer_judged_2xx_stands_when_its_body_is_cut_for_room(
+    lone_courier: WorkerProcess, redis_server: RedisServer, backend: RecordingBackend
+) -> None:
+    """The stalled answers said 200 before their bodies stalled: the one cut for room is
+    delivered (its reset logged sent), not abandoned and sent again."""
+    fill_the_pool_then_time_healthy(redis_server, backend)
+    lone_courier.wait_for_output("reset sent: key='c:stuck-", 10.0)
+    assert "abandoned to free its place" not in lone_courier.output()
+    for key in PAST_THE_POOL:
         assert len(requests_for(backend, key)) == 1, f"{key} was sent more than once"
     assert lone_courier.alive

@@ -147,14 +147,16 @@ class Limit:
     (:meth:`expire`) once ``due`` (trio time) has passed. :meth:`ResetSender.attempt`
     sets ``due`` to its attempt's deadline while it waits for the answer's head
     (:meth:`until`), telling ``watch`` each time. Once expired the limit is ``spent``:
-    a new one (and scope) for the next attempts."""
+    a new one (and scope) for the next attempts. While only the rest of a judged answer is
+    read (``rest``), expiring cuts that read, not the attempt: its verdict stands."""
 
-    __slots__ = ("_watch", "due", "scope", "spent")
+    __slots__ = ("_watch", "due", "rest", "scope", "spent")
 
     def __init__(self, scope: trio.CancelScope, watch: Callable[[float], None]) -> None:
         self.scope = scope
         self.due = math.inf
         self.spent = False  # scope.cancel_called, without asking trio for the time
+        self.rest: trio.CancelScope | None = None
         self._watch = watch
 
     def until(self, due: float) -> Limit:
@@ -170,7 +172,12 @@ class Limit:
         self.due = math.inf
 
     def expire(self) -> None:
-        """Cut the attempt in the air: its time has passed."""
+        """Cut the attempt in the air: its time has passed, or it is abandoned for room.
+        If its answer is already judged, only the read of the rest is cut: a 2xx whose
+        body drips is delivered, not sent again."""
+        if self.rest is not None:
+            self.rest.cancel()
+            return
         self.due = math.inf
         self.spent = True
         self.scope.cancel()
@@ -237,7 +244,7 @@ class ResetSender:
         else:
             attempt = self._judge(reset, answer.status, answer.header)
             if not answer.complete:
-                await self._finish(on, answer, deadline, cut)
+                await self._finish(on, answer, deadline, cut, limit)
         self._outcomes[attempt.verdict].inc()
         if attempt.done:
             self._metrics.reset_latency.observe(max(0.0, attempt.latency))
@@ -280,13 +287,23 @@ class ResetSender:
         except HttpError as exc:  # refused, reset, DNS, protocol errors
             return self._no_answer(exc.kind, str(exc))
 
-    async def _finish(self, lane: Transport, answer: Answer, deadline: float, cut: bool) -> None:
+    async def _finish(
+        self, lane: Transport, answer: Answer, deadline: float, cut: bool, limit: Limit | None
+    ) -> None:
         """Only the status matters. Reading a small answer to its end lets the connection
         be reused; anything longer or slower closes it, by the attempt's deadline, but as
         the rest of an answer, not as an attempt timing out. ``cut``: the caller's scope
-        is cancelled (the deadline has passed): the connection is closed at once."""
-        with trio.CancelScope(shield=cut), trio.move_on_at(deadline):
-            await lane.finish(answer)
+        is cancelled (the deadline has passed): the connection is closed at once.
+        ``limit``: expiring it meanwhile (abandoned for room) closes it too."""
+        with trio.CancelScope(shield=cut), trio.move_on_at(deadline) as rest:
+            if limit is None:
+                await lane.finish(answer)
+                return
+            limit.rest = rest
+            try:
+                await lane.finish(answer)
+            finally:
+                limit.rest = None
 
     def _no_answer(self, kind: str, message: str) -> Attempt:
         return Attempt(
