@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import SpawnWorker, WorkerProcess, run_cli
+from tests.support.procs import SpawnWorker, WorkerProcess, clean_env, run_cli
 from tests.support.redis_server import RedisServer, free_port
 from tests.test_config import (
     BAD_CASES,
@@ -100,6 +101,24 @@ def test_bad_config_exits_2_with_one_line(
 def test_bad_config_without_command_runs_by_default() -> None:
     env = cli_env({"RESET_ENDPOINT_URL": ENDPOINT, "REDIS_PASSWORD": REDIS_SECRET})
     assert_config_failure(run_cli([], env, CLI_TIMEOUT), "RESET_SECRET")
+
+
+def test_a_bad_setting_exits_before_trio_redis_and_httpx_are_imported(tmp_path: Path) -> None:
+    """A typo costs ~0.1 s, not the ~0.5 s of loading the worker (and the suite runs
+    this path a hundred times)."""
+    probe = (
+        "import sys\n"
+        "from trio_counter_worker.cli import main\n"
+        "code = main(['run'])\n"
+        "loaded = sorted({'trio', 'redis', 'httpx'} & set(sys.modules))\n"
+        "print(code, loaded)\n"
+    )
+    env = clean_env({"RESET_ENDPOINT_URL": ENDPOINT})  # no RESET_SECRET: exit 2
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.stdout.strip() == "2 []", (done.stdout, done.stderr)
+    assert "RESET_SECRET" in done.stderr
 
 
 # --- help and version --------------------------------------------------------------

@@ -264,7 +264,9 @@ def test_killed_primary_every_episode_reset_once(
         f"the promotion (those on live primaries up to {healthy:.2f} s late); due "
         f"later: lateness max {max(late) * 1000:.0f} ms"
     )
-    assert caught_up < 2.0, "resets should resume within a lease of the promotion"
+    # Three leases (1 s): a loaded 2-core machine took 2.2 s once; without the topology
+    # refresh they never resume.
+    assert caught_up < 3.0, "resets should resume within a few leases of the promotion"
     _flags_on_every_primary(cluster)
 
 

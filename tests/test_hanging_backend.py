@@ -11,7 +11,6 @@ instead of holding the courier until RESET_TIMEOUT_MS.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterator
 
@@ -27,8 +26,9 @@ from tests.support.backend import (
     by_key,
 )
 from tests.support.polling import wait_until
-from tests.support.procs import SpawnWorker, WorkerProcess, worker_env
+from tests.support.procs import SpawnWorker, WorkerProcess
 from tests.support.redis_server import RedisServer
+from tests.support.replicas import Replicas
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +52,11 @@ def start_leader(
     """One worker, leading, against a backend that never answers (``behaviour``) for the
     ``hanging`` counters and answers every other at once."""
     backend.behave(by_key(dict.fromkeys(hanging, behaviour)))
-    secret = f"s3cr3t-{secrets.token_hex(8)}"
-    env = worker_env(redis_server, backend, RESET_SECRET=secret, REPLICA_ID="r1", **settings)
-    worker = spawn_worker(env, "r1")
+    replicas = Replicas(redis_server, backend, spawn_worker, lease_ttl_ms=3000)
+    worker = replicas.spawn("r1", **settings)
     worker.wait_for_output("reconciled:", START)
     yield worker
-    assert secret not in worker.output(), "RESET_SECRET leaked into a log"
+    replicas.assert_secret_kept()
     assert "Traceback" not in worker.output()
 
 

@@ -33,8 +33,9 @@ from tests.support.backend import (
     by_key,
 )
 from tests.support.polling import wait_until
-from tests.support.procs import SpawnWorker, WorkerProcess, clean_env, run_cli, worker_env
+from tests.support.procs import SpawnWorker, WorkerProcess, clean_env, run_cli
 from tests.support.redis_server import RedisServer
+from tests.support.replicas import Replicas
 from trio_counter_worker.acl import acl_rule
 from trio_counter_worker.keys import Keys
 
@@ -68,45 +69,20 @@ def rss_mib(pid: int) -> float:
 
 
 @attrs.define
-class Hostile:
-    redis_server: RedisServer
-    backend: RecordingBackend
-    spawn_worker: SpawnWorker
-    secret: str = attrs.field(factory=lambda: f"s3cr3t-{secrets.token_hex(8)}")
-    spawned: list[WorkerProcess] = attrs.field(factory=list)
-
-    def env(self, replica_id: str, **extra: str) -> dict[str, str]:
-        return (
-            worker_env(
-                self.redis_server,
-                self.backend,
-                RESET_SECRET=self.secret,
-                COUNTER_KEY=COUNTER_KEY,
-                LEASE_TTL_MS=str(LEASE_TTL_MS),
-                REPLICA_ID=replica_id,
-            )
-            | extra
-        )
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host=self.redis_server.host, port=self.redis_server.port, protocol=2)
+class Hostile(Replicas):
+    counter_key: str = COUNTER_KEY
+    lease_ttl_ms: int = LEASE_TTL_MS
 
     def start(self, replica_ids: Sequence[str], **extra: str) -> dict[str, WorkerProcess]:
         """Start replicas; return once one of them leads and has reconciled."""
-        workers = {rid: self.spawn_worker(self.env(rid, **extra), rid) for rid in replica_ids}
-        self.spawned += workers.values()
-        with self.client() as c:
-            held = wait_until(lambda: c.hget(LEASE_KEY, "replica"), "a leader", START)
-        workers[held.decode()].wait_for_output("reconciled:", START)
+        workers = {rid: self.spawn(rid, **extra) for rid in replica_ids}
+        self.leader(workers).wait_for_output("reconciled:", START)
         return workers
 
     def leader(self, workers: dict[str, WorkerProcess]) -> WorkerProcess:
         with self.client() as c:
             held = wait_until(lambda: c.hget(LEASE_KEY, "replica"), "a leader", START)
         return workers[held.decode()]
-
-    def requests_for(self, key: str) -> list[Received]:
-        return [r for r in self.backend.requests if r.key == key]
 
     def resets_for(self, key: bytes) -> list[Received]:
         return [r for r in self.backend.requests if raw_key(r) == key]
@@ -118,8 +94,8 @@ def hostile(
 ) -> Iterator[Hostile]:
     h = Hostile(redis_server, backend, spawn_worker)
     yield h
+    h.assert_secret_kept()
     for worker in h.spawned:
-        assert h.secret not in worker.output(), "RESET_SECRET leaked into a log"
         assert "Traceback" not in worker.output() or "set aside" in worker.output(), (
             f"{worker!r} printed a traceback"
         )
@@ -270,8 +246,7 @@ def start_with_minimal_acl(hostile: Hostile) -> WorkerProcess:
     with hostile.client() as c:
         acl_user(c, "worker", minimal_rule(c))
         c.config_set("notify-keyspace-events", "Kg$x")
-    worker = hostile.spawn_worker(user_env(hostile, "worker"), "acl")
-    hostile.spawned.append(worker)
+    worker = hostile.adopt(hostile.spawn_worker(user_env(hostile, "worker"), "acl"))
     worker.wait_for_output("reconciled:", START)
     return worker
 

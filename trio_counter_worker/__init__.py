@@ -6,6 +6,8 @@ Embed it in a trio program::
         await worker.run()
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
 from .config import Config
 from .errors import (
@@ -16,8 +18,23 @@ from .errors import (
     RedisUnavailable,
     WorkerError,
 )
-from .hooks import Hooks
-from .worker import Worker, open_worker
+
+if TYPE_CHECKING:
+    from .hooks import Hooks
+    from .worker import Worker, open_worker
+
+# Imported when first asked for: trio, redis-py and the leader's modules take ~0.4 s, which
+# a command that stops at a bad setting (exit 2) or only prints need not pay.
+_LAZY = {"Hooks": "hooks", "Worker": "worker", "open_worker": "worker"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Config",
