@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 LEASE_TTL_MS = 1000
 COUNTER_KEY = "c:*"
 LEASE_KEY = Keys(COUNTER_KEY).lease
-DRIVE_SECONDS = 30.0
+DRIVE_SECONDS = 20.0
 FAULT_EVERY = 2.5
 FREEZE_FOR = 1.6  # past the 1 s lease
 KEYS_PER_TICK = 2
@@ -158,7 +158,7 @@ def test_no_reset_missed_or_doubled_under_leader_faults(chaos: Chaos) -> None:
         f"doubled {len(doubled)}, duplicate POSTs {duplicates}, latency p50 "
         f"{statistics.median(latency) * 1000:.1f} ms, max {latency[-1] * 1000:.0f} ms"
     )
-    assert len(faults) >= 9
+    assert len(faults) >= 6  # each kind twice, at least
     assert {"kill", "stop", "term"} <= set(faults)
     assert not missed
     assert not doubled
