@@ -137,7 +137,12 @@ def test_no_reset_missed_or_doubled_under_leader_faults(chaos: Chaos) -> None:
     def all_reset(requests: list[Any]) -> bool:
         return expected <= {q.json["key"] for q in requests if q.json}
 
-    chaos.backend.wait_for(all_reset, timeout=max(0.0, last_due - time.time()) + 20)
+    try:
+        chaos.backend.wait_for(all_reset, timeout=max(0.0, last_due - time.time()) + 20)
+    except AssertionError:
+        got = {q.json["key"] for q in chaos.backend.requests if q.json}
+        never = {key: round(deadlines[key], 3) for key in sorted(expected - got)}
+        raise AssertionError(f"never reset (key: deadline): {never}; faults {faults}") from None
 
     ids: dict[str, set[str]] = defaultdict(set)
     posts: dict[str, int] = defaultdict(int)

@@ -12,9 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fakes import FakeStore
 from tests.support.redis_server import RedisServer
 from trio_counter_worker import scripts, spec
 from trio_counter_worker.handover import Handover
@@ -35,6 +37,30 @@ def test_kept_keys_are_written_once_and_forgotten() -> None:
     assert h.due(1.0) == [("c:a", 5), ("c:b", 7)]
     h.written([("c:a", 5), ("c:b", 7)])
     assert len(h) == 0
+
+
+async def test_flush_writes_what_is_kept_and_forgets_it() -> None:
+    store = FakeStore("c:*")
+    h = Handover()
+    h.keep([("c:a", 5), ("c:b", -1)], now=trio.current_time())
+    await h.flush(store)
+    assert sorted(spec.parse_handed(e) for e in store.handed) == [("c:a", 5), ("c:b", -1)]
+    assert len(h) == 0
+
+
+async def test_flush_lets_go_and_says_so_when_redis_does_not_take_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = FakeStore("c:*")
+    store.down = True
+    h = Handover()
+    h.keep([("c:a", 5)], now=trio.current_time())
+    await h.flush(store)
+    assert len(h) == 0
+    assert store.handed == {}
+    assert "1 key(s) seen by this replica's last leadership could not be handed over" in (
+        caplog.text
+    )
 
 
 def test_a_key_decided_by_the_leader_is_not_handed_over() -> None:

@@ -18,6 +18,7 @@ import trio.testing
 
 from tests.fakes import FakeStore
 from tests.test_leader import Backend, Harness, start_worker, wait_until
+from trio_counter_worker import spec
 
 pytestmark = pytest.mark.fail_after(600)
 
@@ -90,3 +91,21 @@ async def test_a_key_seen_before_a_stall_that_outlasts_the_lease_is_reset_once(
     assert keys == ["c:later", "c:unseen"]
     assert not store.pending_resets
     assert not store.handed
+
+
+async def test_a_worker_stopped_after_its_leadership_ends_still_hands_over(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The stall outlasts the lease, and the replica is stopped (SIGTERM) just before
+    Redis answers again: what it kept is written to Redis as it stops (Redis answering
+    within the half second it tries), not lost with the process."""
+    store = harness.store
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        await trio.sleep(1.5)
+        store.set_key("c:unseen", 1.7)
+        store.debug_sleep(5.0)
+        await trio.sleep(4.8)  # Redis wakes 0.2 s after the stop
+        nursery.cancel_scope.cancel()
+    assert [r.key for _, r, _ in harness.resets] == []
+    assert [spec.parse_handed(entry) for entry in store.handed] == [("c:unseen", -1)]

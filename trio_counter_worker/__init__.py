@@ -6,7 +6,7 @@ Embed it in a trio program::
         await worker.run()
 """
 
-from typing import TYPE_CHECKING, Any
+import typing
 
 from ._version import __version__
 from .config import Config
@@ -19,7 +19,7 @@ from .errors import (
     WorkerError,
 )
 
-if TYPE_CHECKING:
+if typing.TYPE_CHECKING:
     from .hooks import Hooks
     from .worker import Worker, open_worker
 
@@ -28,12 +28,16 @@ if TYPE_CHECKING:
 _LAZY = {"Hooks": "hooks", "Worker": "worker", "open_worker": "worker"}
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> typing.Any:
     if name in _LAZY:
         import importlib
 
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [

@@ -96,24 +96,45 @@ class Handover:
             if not batch:
                 continue
             try:
-                await store.hand_over([handed_entry(key, after) for key, after in batch])
+                await self._write(store, batch)
             except (RedisUnavailable, RedisRefused) as exc:
                 outage.failed("handing over", exc, trio.current_time())
                 await trio.sleep(backoff.next())
                 continue
-            except Exception:  # a bug here must not end the replica: say it, let go
-                log.exception("handing over %d key(s) failed: they are let go", len(batch))
-                self.written(batch)
-                continue
             backoff.reset()
             outage.recovered(trio.current_time())
+
+    async def flush(self, store: Store) -> None:
+        """The worker is stopping: write what is kept now, once (the caller bounds the
+        time); what Redis does not take is let go, and said. Without this a leadership
+        that ended just before the stop would take its undecided keys with the process."""
+        try:
+            while batch := self.due(trio.current_time())[:_WRITE_BATCH]:
+                await self._write(store, batch)
+        except (RedisUnavailable, RedisRefused):
+            pass
+        finally:
+            self.dropped += len(self._keys)
+            self._keys.clear()
+            self._say_dropped()
+
+    async def _write(self, store: Store, batch: list[tuple[str, int]]) -> None:
+        """HAND_OVER ``batch``; forget it once Redis has it."""
+        try:
+            await store.hand_over([handed_entry(key, after) for key, after in batch])
+        except (RedisUnavailable, RedisRefused):
+            raise  # run() retries; flush() lets go
+        except Exception:  # a bug here must not end the replica: say it, let go
+            log.exception("handing over %d key(s) failed: they are let go", len(batch))
             self.written(batch)
-            log.info(
-                "handed over %d key(s) seen by this replica's last leadership and not "
-                "decided: the leader decides them",
-                len(batch),
-                extra={"event": "handed_over", "keys": len(batch)},
-            )
+            return
+        self.written(batch)
+        log.info(
+            "handed over %d key(s) seen by this replica's last leadership and not "
+            "decided: the leader decides them",
+            len(batch),
+            extra={"event": "handed_over", "keys": len(batch)},
+        )
 
     def _say_dropped(self) -> None:
         if self.dropped:

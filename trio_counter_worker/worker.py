@@ -130,9 +130,15 @@ class Worker:
                 self.config.redis_location,
                 safe_url(self.config.reset_endpoint_url),
             )
-            while True:
-                lease = await self._elector.acquire()
-                await self._lead(lease)
+            try:
+                while True:
+                    lease = await self._elector.acquire()
+                    await self._lead(lease)
+            finally:
+                # Stopping: what the last leadership could not decide goes to Redis now,
+                # not with the process (the writer above is being cancelled).
+                with trio.CancelScope(shield=True), trio.move_on_after(_HAND_OVER_TIMEOUT):
+                    await self._handover.flush(self._store)
         raise AssertionError("unreachable")
 
     async def _lead(self, lease: Lease) -> None:
