@@ -887,6 +887,14 @@ def worker_config(server: RedisServer, backend: RecordingBackend, replica_id: st
     )
 
 
+async def until_ready(worker: Worker) -> None:
+    """Until ``worker`` leads, subscribed and reconciled: a key living and dying wholly
+    before that is reset at its heard expiry, not at its deadline (which check_reset
+    holds exactly)."""
+    while worker.metrics.registry.get_sample_value("tcw_reconciled") != 1:
+        await trio.sleep(0.01)
+
+
 def check_reset(
     request: Received,
     *,
@@ -949,6 +957,7 @@ async def test_worker_resets_once_then_releases_the_lease_on_cancel(
                 assert worker.is_leader
                 (epoch,) = watch.epochs
                 assert hgetall(client, LEASE_KEY)["holder"] == worker.holder
+                await until_ready(worker)
 
                 deadline = set_key(client, "c:1", 300)
                 await watch.reset_done.wait()  # POSTed, 2xx, marked sent
@@ -1019,6 +1028,7 @@ async def test_standby_takes_over_promptly_when_the_leader_stops(
                 await trio.sleep(0.01)
             assert leader.deposed == [epoch]
             assert hgetall(client, LEASE_KEY)["holder"] == workers[standby_id].holder
+            await until_ready(workers[standby_id])
 
             deadline = set_key(client, "c:2", 300)
             await standby.reset_done.wait()
