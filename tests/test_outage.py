@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import redis
 import trio
 import trio.testing
 
@@ -78,7 +79,7 @@ async def test_redis_unreachable_at_start_is_one_warning_and_a_summary_every_10_
     caplog.set_level(logging.INFO, logger="trio_counter_worker")
     bridge = _DownThenUp(up_at=35.0)
     config = Config(reset_endpoint_url="https://backend.test/reset", reset_secret="s3cr3t")
-    await _start_on_redis(bridge, config)  # type: ignore[arg-type]
+    await _start_on_redis(config, lambda _: bridge)  # type: ignore[arg-type, return-value]
     records = [r for r in caplog.records if r.name == "trio_counter_worker"]
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert warnings[0] == (
@@ -88,3 +89,31 @@ async def test_redis_unreachable_at_start_is_one_warning_and_a_summary_every_10_
     assert all(w.startswith("Redis still unavailable after ") for w in warnings[1:])
     assert 1 < len(warnings) <= 1 + 35 // 10 < bridge.pings - 1
     assert records[-1].getMessage().startswith("Redis answers again after 3")
+
+
+async def test_a_client_that_cannot_even_be_made_is_waited_for_like_an_unreachable_redis(
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Redis Cluster's client connects as it is made: made while a startup node it picks
+    is down, it raises. That is Redis unavailable at start, waited out, not a crash."""
+    caplog.set_level(logging.INFO, logger="trio_counter_worker")
+    bridge = _DownThenUp(up_at=0.0)
+    attempts: list[Config] = []
+
+    def connect(config: Config) -> _DownThenUp:  # in a thread, as redis-py would block
+        attempts.append(config)
+        if len(attempts) < 3:
+            raise redis.ConnectionError(
+                "Error 111 connecting to 127.0.0.1:7000. Connection refused."
+            )
+        return bridge
+
+    config = Config(reset_endpoint_url="https://backend.test/reset", reset_secret="s3cr3t")
+    made, takeover = await _start_on_redis(config, connect)  # type: ignore[arg-type]
+    made_as: object = made
+    assert made_as is bridge
+    assert takeover
+    assert len(attempts) == 3
+    messages = [r.getMessage() for r in caplog.records if r.name == "trio_counter_worker"]
+    assert "Error 111 connecting to 127.0.0.1:7000" in messages[0]
+    assert messages[-1].startswith("Redis answers again after ")

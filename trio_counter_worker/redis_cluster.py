@@ -47,6 +47,7 @@ class ClusterBridge(RedisBridge):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self._flagged: set[str] = set()  # nodes whose flags were verified, by name
+        self._shard_order: tuple[object, list[Any]] = (None, [])  # (slot map, _shards())
         for name in ("APPLY_TRACK", "APPLY_CLAIM"):
             self._scripts[name] = self._client.register_script(getattr(scripts, name))
 
@@ -177,9 +178,29 @@ class ClusterBridge(RedisBridge):
         for node in self._fresh_primaries():
             self._client.get_redis_connection(node).ping()
 
+    def _shards(self, fresh: bool) -> list[Any]:
+        """The primaries in the order of the slots they serve (each by its lowest): a
+        replica promoted in a failover takes its old primary's place, where an order by
+        name would move every node after it. Computed again when the slot map changes;
+        ``fresh``: the map is read from the cluster first (redis-py refreshes it only after
+        its own commands fail)."""
+        if fresh:
+            self._client.nodes_manager.initialize()
+        slots = self._client.nodes_manager.slots_cache
+        if self._shard_order[0] is not slots:
+            first: dict[str, tuple[int, Any]] = {}
+            for slot, nodes in slots.items():
+                if nodes and (nodes[0].name not in first or slot < first[nodes[0].name][0]):
+                    first[nodes[0].name] = (slot, nodes[0])
+            self._shard_order = (slots, [node for _, node in sorted(first.values())])
+        return self._shard_order[1]
+
     async def scan(self, pattern: str, cursor: int) -> tuple[int, list[str]]:
-        """SCAN every primary in turn; the low byte of the cursor is the node's index."""
-        nodes = await self._run(self._primaries)
+        """SCAN every primary in turn; the low byte of the cursor is the node's place in
+        :meth:`_shards`, so a failover mid-scan neither skips nor repeats a primary."""
+        nodes = await self._run(self._shards, cursor == 0)  # a new scan: a fresh map
+        if not nodes:  # not "no keys": redis-py empties its map while refreshing it
+            raise RedisUnavailable("the cluster's slot map is empty (being refreshed)")
         index, node_cursor = cursor & 0xFF, cursor >> 8
         if index >= len(nodes):
             return 0, []

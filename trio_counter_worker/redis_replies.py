@@ -97,7 +97,7 @@ def translate(exc: BaseException) -> BaseException:
         return RedisUnavailable("Redis is read-only (a replica?): waiting for a primary")
     if isinstance(exc, _CLUSTER_TRANSIENT) or (
         isinstance(exc, rexc.RedisClusterException)
-        and str(exc).startswith("All slots are not covered")
+        and str(exc).startswith(("All slots are not covered", "Redis Cluster cannot be connected"))
     ):
         # A cluster failing over or resharding: redis-py strips the error code from
         # these (a ClusterDownError reads "The cluster is down"), so tell them by type.

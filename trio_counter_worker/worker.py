@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import NoReturn
 
@@ -33,6 +33,7 @@ from .liveness import Liveness, off_by_setting, off_reason
 from .metrics import Metrics
 from .outage import OutageLog
 from .redis_bridge import MASTER_CHECK_EVERY, RedisBridge
+from .redis_replies import translating
 from .retry import Backoff
 from .store import Message, Store
 from .topology import make_bridge
@@ -310,11 +311,9 @@ async def open_worker(
     bridge: RedisBridge | None = None
     takeover = True
     if store is None:
-        bridge = make_bridge(config)
+        bridge, takeover = await _start_on_redis(config)
         store = bridge
     try:
-        if bridge is not None:
-            takeover = await _start_on_redis(bridge, config)
         if http_client is not None:
             yield Worker(config, store, http_client, hooks, takeover=takeover)
         else:
@@ -327,35 +326,51 @@ async def open_worker(
                 await bridge.aclose()
 
 
-async def _start_on_redis(bridge: RedisBridge, config: Config) -> bool:
-    """Wait for Redis to answer, then check every permission the worker needs. A refusal
-    that is a bad setting raises its ConfigError; Redis unreachable, or going away during
-    the checks, is waited out with backoff: one WARNING, a summary at most every 10 s,
-    and a line when it answers (OutageLog), not a line per retry."""
+async def _start_on_redis(
+    config: Config, connect: Callable[[Config], RedisBridge] = make_bridge
+) -> tuple[RedisBridge, bool]:
+    """Connect, wait for Redis to answer, then check every permission the worker needs;
+    the bridge, and whether fast takeover works. A refusal that is a bad setting raises
+    its ConfigError; Redis unreachable, or going away during the checks, is waited out
+    with backoff: one WARNING, a summary at most every 10 s, and a line when it answers
+    (OutageLog), not a line per retry."""
     backoff = Backoff()
     outage = OutageLog(log)
-    while True:
-        what = "unreachable"
-        try:
-            await bridge.ping()
-            what = "failed during the start-up checks"
-            await bridge.preflight()
-            takeover = await _check_takeover(bridge, config)
-            outage.recovered(trio.current_time())
-            return takeover
-        except RedisRefused as exc:
-            start_error = exc.at_start()
-            if start_error is not exc:
-                raise start_error from None
-            outage.failed(config.redis_location, exc, trio.current_time())
-        except RedisUnavailable as exc:
-            outage.failed(
-                f"{config.redis_location} {what}",
-                exc,
-                trio.current_time(),
-                "check REDIS_HOST/REDIS_PORT or REDIS_URL",
-            )
-        await trio.sleep(backoff.next())
+    bridge: RedisBridge | None = None
+    try:
+        while True:
+            what = "unreachable"
+            try:
+                if bridge is None:
+                    # In a thread: Redis Cluster's client connects as it is made, and
+                    # fails while a startup node it picks is down.
+                    bridge = await trio.to_thread.run_sync(
+                        translating, connect, config, abandon_on_cancel=True
+                    )
+                await bridge.ping()
+                what = "failed during the start-up checks"
+                await bridge.preflight()
+                takeover = await _check_takeover(bridge, config)
+                outage.recovered(trio.current_time())
+                return bridge, takeover
+            except RedisRefused as exc:
+                start_error = exc.at_start()
+                if start_error is not exc:
+                    raise start_error from None
+                outage.failed(config.redis_location, exc, trio.current_time())
+            except RedisUnavailable as exc:
+                outage.failed(
+                    f"{config.redis_location} {what}",
+                    exc,
+                    trio.current_time(),
+                    "check REDIS_HOST/REDIS_PORT or REDIS_URL",
+                )
+            await trio.sleep(backoff.next())
+    except BaseException:
+        if bridge is not None:
+            with trio.CancelScope(shield=True):
+                await bridge.aclose()
+        raise
 
 
 async def _check_takeover(bridge: RedisBridge, config: Config) -> bool:
