@@ -373,7 +373,7 @@ def test_a_reset_refused_past_give_up_goes_to_the_dead_letters_and_back(
         parsed: dict[str, Any] = json.loads(run_cli(["status", "--json"], env).stdout)
         return parsed
 
-    (dead,) = wait_until(lambda: status()["dead_resets"]["oldest"], "a dead letter")
+    (dead,) = wait_until(lambda: status()["dead_resets"]["oldest"], "a dead letter", interval=0.2)
     assert dead["key"] == "c:dead"
     assert "HTTP 404" in dead["last_error"]
     assert status()["pending_resets"] == 0
