@@ -346,12 +346,12 @@ def test_a_leader_whose_connection_is_killed_steps_down_and_nothing_doubles(
         names = stream(client, "k", 60, 2000)
         time.sleep(0.5)  # a third of the counters are reset by the first leader
         client.client_kill_filter(_id=liveness_connection(client, cluster.leader_id))
-        # The guard (the subscription dropped) or a renewal in flight (Redis no longer
-        # counts it) may be first to say so: either way at once, not at the lease's end.
+        # The guard (the subscription dropped), a renewal in flight (Redis no longer counts
+        # it) or, on a loaded machine, the next renewal after a standby stole the lease may
+        # be first to say so: each at once, not at the lease's end (no timeout).
         said = cluster.leader.wait_for_output("leader lost: fencing_token=1", 5.0)
-        assert (
-            "liveness subscription" in said.split("leader lost: fencing_token=1")[1].splitlines()[0]
-        )
+        why = said.split("leader lost: fencing_token=1")[1].splitlines()[0]
+        assert "liveness subscription" in why or "another holder" in why, why
         exactly_once(harness.backend, names, RESET_TIMEOUT + 2.0)
         assert lease(client).get("replica")
     for rid, worker in cluster.workers.items():
