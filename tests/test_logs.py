@@ -61,6 +61,30 @@ def test_resets_are_counted_and_summed_up_once_per_interval(
     assert "key" not in vars(first)
 
 
+def test_a_finished_interval_no_reset_carried_is_written_by_the_tick(
+    caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
+) -> None:
+    """A burst's tail: counted, then quiet. The tick writes it once its interval is over,
+    not before, and a quiet worker's tick writes nothing."""
+    clock = Clock()
+    log = logging.getLogger("test.resets")
+    summary = ResetSummary(logging.getLogger("test.summary"), every=10.0, clock=clock)
+    caplog.handler.addFilter(summary)
+    request.addfinalizer(lambda: caplog.handler.removeFilter(summary))
+    caplog.set_level(logging.INFO)
+    summary.tick()  # nothing counted: nothing written
+    sent(log, attempts=1, latency_ms=3.0)
+    clock.now = 105.0
+    summary.tick()  # the interval is not over
+    assert caplog.records == []
+    clock.now = 110.0
+    summary.tick()
+    summary.tick()  # written once
+    assert [r.getMessage() for r in caplog.records] == [
+        "resets sent in the last 10 s: 1 (0 after a retry), slowest 3.0 ms"
+    ]
+
+
 def test_configure_logging_installs_the_summary_only_when_asked() -> None:
     root = logging.getLogger()
     saved, level = root.handlers[:], root.level

@@ -9,13 +9,14 @@ import logging
 import signal
 import sys
 from functools import partial
+from typing import NoReturn
 
 import trio
 
 from ._version import PROG
 from .config import Config
 from .errors import ConfigError, RedisRefused, RedisUnavailable, first_error
-from .logs import configure_logging
+from .logs import ResetSummary, configure_logging
 from .ops import install_command, print_checks, print_status, run_checks, run_redeliver, run_status
 from .worker import open_worker
 
@@ -69,7 +70,7 @@ def _run_replica(config: Config) -> int:
     gc.freeze()
     failure: ConfigError | None = None
     try:
-        trio.run(_run, config)
+        trio.run(_run, config, summary)
     except* ConfigError as group:
         failure = first_error(group)  # type: ignore[assignment]
     finally:
@@ -80,11 +81,19 @@ def _run_replica(config: Config) -> int:
     return 0
 
 
-async def _run(config: Config) -> None:
+async def _run(config: Config, summary: ResetSummary | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
+        if summary is not None:
+            nursery.start_soon(_tick, summary)
         async with open_worker(config) as worker:
             await worker.run()
+
+
+async def _tick(summary: ResetSummary) -> NoReturn:
+    while True:
+        await trio.sleep(summary.every)
+        summary.tick()
 
 
 async def _watch_signals(cancel_scope: trio.CancelScope) -> None:

@@ -68,8 +68,10 @@ class ResetSummary(logging.Filter):
     """LOG_RESETS=summary: instead of one "reset sent" line per reset, at most one line
     per ``every`` seconds, counting them. A filter on the log handler, matching the lines'
     ``event`` field (whichever module logs them): the line carrying the summary is the
-    first reset sent after each interval (so a quiet worker writes nothing), and ``flush``
-    writes what is left, at exit."""
+    first reset sent after each interval (so a quiet worker writes nothing); ``tick``,
+    called every ``every`` seconds, writes a finished interval's count that no reset
+    carried (a burst's tail is not held until the next reset, hours later), and
+    ``flush`` writes what is left, at exit."""
 
     def __init__(self, logger: logging.Logger, every: float = 10.0, clock: Clock = time.monotonic):
         super().__init__()
@@ -92,6 +94,15 @@ class ResetSummary(logging.Filter):
         vars(record).update(self._fields())
         self._restart()
         return True
+
+    @property
+    def every(self) -> float:
+        return self._every
+
+    def tick(self) -> None:
+        """Log the count if the interval is over and something was counted."""
+        if self._sent and self._clock() - self._since >= self._every:
+            self.flush()
 
     def flush(self) -> None:
         """Log what was counted since the last summary, if anything."""
