@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import pytest
 
@@ -25,17 +26,27 @@ def sent(log: logging.Logger, attempts: int, latency_ms: float) -> None:
     )
 
 
-def test_resets_are_counted_and_summed_up_once_per_interval(
-    caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
-) -> None:
-    clock = Clock()
-    log = logging.getLogger("test.resets")
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def summary(caplog: pytest.LogCaptureFixture, clock: Clock) -> Iterator[ResetSummary]:
+    """A 10 s summary on caplog's handler, for this test only: pytest keeps one caplog
+    handler for the whole session, and a filter left on it would swallow the next tests'
+    "reset sent" lines."""
     summary = ResetSummary(logging.getLogger("test.summary"), every=10.0, clock=clock)
-    # pytest keeps one caplog handler for the whole session: the filter must not outlive
-    # this test, or it swallows the next tests' "reset sent" lines.
     caplog.handler.addFilter(summary)
-    request.addfinalizer(lambda: caplog.handler.removeFilter(summary))
     caplog.set_level(logging.INFO)
+    yield summary
+    caplog.handler.removeFilter(summary)
+
+
+def test_resets_are_counted_and_summed_up_once_per_interval(
+    caplog: pytest.LogCaptureFixture, clock: Clock, summary: ResetSummary
+) -> None:
+    log = logging.getLogger("test.resets")
     for i in range(800):  # 800 a second for 10 s
         clock.now = 100.0 + i / 80
         sent(log, attempts=2 if i % 100 == 0 else 1, latency_ms=float(i % 50))
@@ -62,16 +73,11 @@ def test_resets_are_counted_and_summed_up_once_per_interval(
 
 
 def test_a_finished_interval_no_reset_carried_is_written_by_the_tick(
-    caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
+    caplog: pytest.LogCaptureFixture, clock: Clock, summary: ResetSummary
 ) -> None:
     """A burst's tail: counted, then quiet. The tick writes it once its interval is over,
     not before, and a quiet worker's tick writes nothing."""
-    clock = Clock()
     log = logging.getLogger("test.resets")
-    summary = ResetSummary(logging.getLogger("test.summary"), every=10.0, clock=clock)
-    caplog.handler.addFilter(summary)
-    request.addfinalizer(lambda: caplog.handler.removeFilter(summary))
-    caplog.set_level(logging.INFO)
     summary.tick()  # nothing counted: nothing written
     sent(log, attempts=1, latency_ms=3.0)
     clock.now = 105.0
