@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_counter_worker.outbox import ABANDON_MIN, SLOW_AFTER, Entry, Outbox, requests_at_once
+from trio_counter_worker.outbox import (
+    ABANDON_MIN,
+    SLOW_AFTER,
+    SLOW_MIN,
+    Entry,
+    Outbox,
+    requests_at_once,
+)
 from trio_counter_worker.store import PendingReset
 
 COURIERS = 100  # more than these tests take at once: only retry slots limit them
@@ -187,7 +194,7 @@ def test_a_full_slow_pool_makes_room_when_a_slow_attempt_ends() -> None:
 def test_a_full_slow_pool_abandons_its_oldest_attempt_for_room() -> None:
     """However many hang, a courier is free again within about abandon_after: the
     oldest slow attempt is cut short (the caller cancels it; it fails and is retried)."""
-    box = Outbox(1, slow_slots=2)
+    box = Outbox(1, slow_slots=2, slow_after=SLOW_AFTER)
     box.add(reset(0))
     assert box.take(0.0) is not None
     box.succeeded("id0", now=0.01)  # the backend answers in 10 ms: abandon after 0.25 s
@@ -209,6 +216,28 @@ def test_a_full_slow_pool_abandons_its_oldest_attempt_for_room() -> None:
     # The abandoned attempt, cancelled, fails like one that timed out.
     assert box.failed("id1", now=1.4, wall=1.4, delay=1.0, error="abandoned") == "retry"
     assert box.in_air == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("answers_in", "slow_after"),
+    [(None, SLOW_AFTER), (0.001, SLOW_MIN), (0.01, 0.04), (0.02, 0.08), (0.5, SLOW_AFTER)],
+)
+def test_an_attempt_turns_slow_sooner_against_a_backend_that_answers_fast(
+    answers_in: float | None, slow_after: float
+) -> None:
+    """4 x the p90 of its recent answers, between SLOW_MIN and SLOW_AFTER (SLOW_AFTER
+    before any answer): a hanging request holds a courier 20 ms, not 100, against a
+    backend that answers in a few ms."""
+    box = Outbox(1)
+    if answers_in is not None:
+        box.add(reset(0))
+        assert box.take(0.0) is not None
+        box.succeeded("id0", now=answers_in)
+    box.add(reset(1))
+    assert box.take(1.0) is not None
+    assert box.slow_after() == pytest.approx(slow_after)
+    assert box.next_slow_at() == pytest.approx(1.0 + slow_after)
+    assert box.slowdown(1.0 + slow_after) == 1
 
 
 def test_a_backend_slow_for_everyone_is_never_cut_short() -> None:

@@ -149,11 +149,12 @@ class DeliverySettings:
         validator=int_in(1, 1000),
         metadata=env_var(
             "MAX_IN_FLIGHT",
-            "most reset requests in the air that began under 0.1 s ago "
-            "(1-1000); at most half of them retries. A request still unanswered "
-            "after 0.1 s frees its place and goes on among at most max(MAX_IN_FLIGHT, "
-            "4) slow ones (past that, the oldest is abandoned and retried): the worker "
-            "holds at most MAX_IN_FLIGHT + max(MAX_IN_FLIGHT, 4) requests at once",
+            "most reset requests in the air that are not yet slow (1-1000); at most "
+            "half of them retries. A request still unanswered after 0.1 s (20-100 ms: "
+            "4 x the p90 of the backend's recent answers) frees its place and goes on "
+            "among at most max(MAX_IN_FLIGHT, 4) slow ones (past that, the oldest is "
+            "abandoned and retried): the worker holds at most MAX_IN_FLIGHT + "
+            "max(MAX_IN_FLIGHT, 4) requests at once",
             parse=integer,
             delivery=True,
         ),

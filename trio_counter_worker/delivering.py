@@ -194,7 +194,7 @@ class Deliveries:
             self._failed(entry, attempt)
         if was_retry:
             self._work.unpark()  # a retry slot is free again
-        if was_slow:
+        if was_slow or attempt.done:  # a success may shorten slow_after() too
             self._wind_timer(outbox.next_slow_at())
 
     def _set_aside(self, entry: Entry, exc: Exception) -> None:

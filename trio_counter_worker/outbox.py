@@ -6,10 +6,12 @@ clock, ``wall`` in Unix seconds for what other replicas and operators read):
 
 - fresh resets (never attempted by this leader) go first, oldest deadline first;
 - every attempt starts on one of ``couriers`` (MAX_IN_FLIGHT) couriers. An attempt still
-  in the air ``slow_after`` (0.1 s) after it began is *slow*: it moves to a pool of at
-  most ``slow_slots`` slow attempts and its courier takes the next reset, while the
-  request goes on to its answer or its timeout. So attempts the backend hangs on hold a
-  courier 0.1 s, not RESET_TIMEOUT_MS, and a healthy reset is not held behind them.
+  in the air :meth:`slow_after` after it began is *slow*: it moves to a pool of at most
+  ``slow_slots`` slow attempts and its courier takes the next reset, while the request
+  goes on to its answer or its timeout. So attempts the backend hangs on hold a courier
+  ``SLOW_AFTER`` (0.1 s) at most — less against a backend that answers fast:
+  ``_SLOW_FACTOR`` times the p90 of its recent answers, at least ``SLOW_MIN`` — not
+  RESET_TIMEOUT_MS, and a healthy reset is not held behind them.
   When the slow pool is full and a fresh reset waits for a courier, the oldest slow attempt
   is *abandoned* to make room (the caller cancels it; it fails and is retried like a
   timeout, under the same reset_id) once it has been in the air :meth:`abandon_after`:
@@ -40,11 +42,21 @@ import attrs
 
 from .store import PendingReset
 
-__all__ = ["ABANDON_MIN", "SLOW_AFTER", "Entry", "Outbox", "requests_at_once", "slow_pool"]
+__all__ = [
+    "ABANDON_MIN",
+    "SLOW_AFTER",
+    "SLOW_MIN",
+    "Entry",
+    "Outbox",
+    "requests_at_once",
+    "slow_pool",
+]
 
 State = Literal["queued", "sending", "waiting", "sent"]
 
-SLOW_AFTER = 0.1  # s in the air after which an attempt gives its courier back
+SLOW_AFTER = 0.1  # s in the air after which an attempt gives its courier back, at most
+SLOW_MIN = 0.02  # and at least: against a backend that answers in a few ms
+_SLOW_FACTOR = 4  # times the p90 of recent successful attempts, between the two
 _MIN_SLOW_SLOTS = 4  # so that MAX_IN_FLIGHT 1 still outlasts a few hanging resets
 # A slow attempt is abandoned for room only past ABANDON_MIN and _ABANDON_FACTOR times
 # the p90 of the last _RECENT successful attempts (ABANDON_UNKNOWN before any succeeded).
@@ -88,7 +100,7 @@ class Outbox:
         *,
         retry_slots: int | None = None,
         slow_slots: int | None = None,
-        slow_after: float = SLOW_AFTER,
+        slow_after: float | None = None,
         give_up_after: float | None = None,
     ) -> None:
         if couriers < 1:
@@ -99,7 +111,7 @@ class Outbox:
         if self.retry_slots < 1:
             raise ValueError("retry_slots must be at least 1")
         self.slow_slots = slow_pool(couriers) if slow_slots is None else slow_slots
-        self.slow_after = slow_after
+        self._slow_after_fixed = slow_after  # None: from the backend's recent answers
         self.give_up_after = give_up_after
         self._entries: dict[str, Entry] = {}
         self._fresh: list[tuple[int, str]] = []  # (deadline_ms, reset_id)
@@ -111,7 +123,8 @@ class Outbox:
         self._retries_sending = 0  # retries on a courier
         self._abandoned: list[str] = []  # slow attempts to cut short (take_abandoned)
         self._recent: deque[float] = deque(maxlen=_RECENT)  # successful attempts' times
-        self._abandon_after: float | None = None  # abandon_after(), until _recent changes
+        # slow_after() and abandon_after(), until _recent changes: (slow, abandon).
+        self._times: tuple[float, float] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -182,7 +195,7 @@ class Outbox:
         moved = 0
         while self._on_couriers:
             reset_id, entry = next(iter(self._on_couriers.items()))
-            if entry.started + self.slow_after > now:  # as next_slow_at: no float gap
+            if entry.started + self.slow_after() > now:  # as next_slow_at: no float gap
                 break
             if len(self._slow) >= self.slow_slots and not (
                 self._fresh_waits() and self._abandon_oldest(now)
@@ -215,16 +228,30 @@ class Outbox:
         fresh resets (hanging ones retry at their timeout's and backoff's pace)."""
         return self._queued_top(self._fresh) is not None
 
+    def slow_after(self) -> float:
+        """How long an attempt holds its courier before it turns slow (see the module)."""
+        if self._slow_after_fixed is not None:
+            return self._slow_after_fixed
+        return self._backend_times()[0]
+
     def abandon_after(self) -> float:
         """How long a slow attempt must have been in the air before it may be abandoned
         for room: far longer than the backend takes to answer the others."""
-        if self._abandon_after is None:  # computed again after new successes only
+        return self._backend_times()[1]
+
+    def _backend_times(self) -> tuple[float, float]:
+        """(slow after, abandon after), from the p90 of the recent successful attempts;
+        computed again after new successes only."""
+        if self._times is None:
             recent = self._recent
             if not recent:
-                return _ABANDON_UNKNOWN
+                return SLOW_AFTER, _ABANDON_UNKNOWN
             p90 = statistics.quantiles(recent, n=10)[-1] if len(recent) > 1 else recent[0]
-            self._abandon_after = max(ABANDON_MIN, _ABANDON_FACTOR * p90)
-        return self._abandon_after
+            self._times = (
+                min(SLOW_AFTER, max(SLOW_MIN, _SLOW_FACTOR * p90)),
+                max(ABANDON_MIN, _ABANDON_FACTOR * p90),
+            )
+        return self._times
 
     def take_abandoned(self) -> list[str]:
         """The reset_ids of attempts :meth:`slowdown` abandoned, once: cancel them (they
@@ -239,7 +266,7 @@ class Outbox:
         if not self._on_couriers:
             return math.inf
         entry = next(iter(self._on_couriers.values()))
-        at = entry.started + self.slow_after
+        at = entry.started + self.slow_after()
         if len(self._slow) >= self.slow_slots:
             if not self._slow or not self._fresh_waits():
                 return math.inf  # ask again when a slow attempt ends or a reset comes
@@ -276,7 +303,7 @@ class Outbox:
         entry.state = "sent"
         if now is not None:
             self._recent.append(now - entry.started)
-            self._abandon_after = None
+            self._times = None
         return entry
 
     def failed(
