@@ -81,7 +81,8 @@ def test_resets_survive_a_sentinel_failover(
             durable_set(key, 1500 + 300 * i)
             keys.append(key)
         old_master = sentinels.master_port()
-        time.sleep(1.0)  # let a few expire first: resets before the failover too
+        # Resets before the failover too: it starts once the first is reset.
+        backend.wait_for(lambda requests: len(requests) >= 1, timeout=10)
         sentinels.failover()
         deadline = time.monotonic() + 15
         while sentinels.master_port() == old_master:
