@@ -186,11 +186,19 @@ class LeaderState:
         return [k for k in dict.fromkeys(keys) if not is_own_key(k) and k not in self.quarantine]
 
     def want(self, keys: Iterable[str], op: Op) -> None:
+        if op == "track":
+            self._seen({key: self._marked.get(key, self._start_after) for key in keys})
+            return
         for key in self.counters(keys):
             self._hold(key, op)
-            if op == "track" and key in self.queue:
-                # The latest sighting: a claim after it may be of the episode it began.
-                self._unlooked[key] = self._marked.get(key, self._start_after)
+
+    def _seen(self, sightings: dict[str, int]) -> None:
+        """Queue a look at each key seen, with the `after` of its latest sighting: a
+        claim after that may be of the episode it began."""
+        for key in self.counters(sightings):
+            self._hold(key, "track")
+            if key in self.queue:
+                self._unlooked[key] = sightings[key]
 
     def _hold(self, key: str, op: Op, after: int | None = None) -> None:
         """Queue ``key``, unless Redis refuses writes and the bound is reached."""
@@ -216,8 +224,11 @@ class LeaderState:
 
     def on_events(self, batch: list[Message]) -> Heard:
         """Queue what a batch of pub/sub messages asks for, in order."""
-        changed: list[str] = []
+        # key -> the `after` of its latest sighting, as of that message (a marker later
+        # in the batch must not count), in the order first seen
+        changed: dict[str, int] = {}
         removed: dict[str, bool] = {}  # key -> whether its last event removed it
+        marked, start_after = self._marked, self._start_after
         redeliver = handed = False
         notified = touched = 0
         for msg in batch:
@@ -227,7 +238,8 @@ class LeaderState:
                 # Its deadline is recorded: read it. Only for a counter key: anyone who
                 # may publish there must not make the leader watch, and reset, other keys.
                 if matches(self._pattern, key_bytes(msg.data)):
-                    changed.append(msg.data)
+                    changed[msg.data] = marked.get(msg.data, start_after)
+                    removed.pop(msg.data, None)  # seen alive after any removal before it
                     touched += 1
             elif msg.channel == self.redeliver_channel:
                 if msg.data == HANDED_HINT:
@@ -235,13 +247,14 @@ class LeaderState:
                 else:
                     redeliver = True
             elif msg.data != "expired":
-                changed.append(key := key_from_channel(msg.channel))
+                key = key_from_channel(msg.channel)
+                changed[key] = marked.get(key, start_after)
                 removed[key] = msg.data in _REMOVED
                 notified += 1
             else:
                 self._on_expired(key_from_channel(msg.channel))
                 notified += 1
-        self.want(changed, "track")
+        self._seen(changed)
         for key in [k for k, gone in removed.items() if gone]:
             # Seen removed: its look only forgets it (one in a call now as well).
             self._unlooked.pop(key, None)
