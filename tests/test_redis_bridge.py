@@ -758,6 +758,16 @@ def test_batch_reader_gathers_what_comes_shortly_after_the_first_message(
             assert [m.data for m in read(TEST_TIMEOUT)] == ["first", "second"]
         finally:
             later.join()
+        # What comes in plenty is forwarded as it comes: a burst is not held up.
+        many = [str(i) for i in range(2 * redis_bridge._GATHER_BELOW)]
+        with c.pipeline(transaction=False) as pipe:
+            for data in many:
+                pipe.publish("ch", data)
+            pipe.execute()
+        start = time.monotonic()
+        got = [m.data for m in read(TEST_TIMEOUT)]
+        assert got == many
+        assert time.monotonic() - start < 0.5
     finally:
         pubsub.close()
         c.close()
