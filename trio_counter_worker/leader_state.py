@@ -66,21 +66,25 @@ class _Claims(dict[str, int]):
 
     def __init__(self) -> None:
         super().__init__()
-        self._order: deque[tuple[int, str]] = deque()  # (claimed_ms, key), oldest first
+        # Oldest first, side by side (no tuple per claim: the times are the dict's own ints).
+        self._times: deque[int] = deque()
+        self._keys: deque[str] = deque()
 
     def remember(self, key: str, claimed_ms: int) -> None:
         self[key] = claimed_ms
-        order = self._order
-        order.append((claimed_ms, key))
+        times, keys = self._times, self._keys
+        times.append(claimed_ms)
+        keys.append(key)
         horizon = claimed_ms - TOMBSTONE_MS
-        while order and order[0][0] <= horizon:
-            ms, old = order.popleft()
+        while times and times[0] <= horizon:
+            ms, old = times.popleft(), keys.popleft()
             if self.get(old) == ms:  # else claimed again since: a later entry has it
                 del self[old]
 
     def clear(self) -> None:
         super().clear()
-        self._order.clear()
+        self._times.clear()
+        self._keys.clear()
 
 
 class Quarantine:
