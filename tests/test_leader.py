@@ -20,6 +20,7 @@ import trio.testing
 from tests.fakes import FakeLease, FakeStore
 from tests.support.memory_http import memory_backend
 from trio_counter_worker import Config, Hooks, Worker, open_worker
+from trio_counter_worker.deciding import CLAIM_EVERY
 from trio_counter_worker.delivery import open_lanes
 from trio_counter_worker.leader_state import EARLY, WINDOW
 from trio_counter_worker.store import PendingReset
@@ -552,6 +553,33 @@ async def test_our_own_claims_echo_costs_no_script_call(
             await trio.sleep(5)
             nursery.cancel_scope.cancel()
     assert [op for _, op in harness.store.calls].count("claim") == 1
+
+
+async def test_deadlines_close_behind_one_another_share_a_claim(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The deadline timer fires at most every CLAIM_EVERY: a deadline after a quiet
+    spell is claimed at once, those close behind it together at the next firing."""
+    ttls = {"c:1": 10.0, "c:2": 10.002, "c:3": 10.003, "c:4": 10.5}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await start_worker(nursery, harness)
+            await trio.sleep(1)
+            for key, ttl in ttls.items():
+                harness.store.set_key(key, ttl)
+            await harness.backend.wait(4)
+            nursery.cancel_scope.cancel()
+    at = {
+        str(b["key"]): t for t, b in zip(harness.backend.times, harness.backend.bodies, strict=True)
+    }
+    first = 11 + EARLY
+    assert at == {
+        "c:1": first,
+        "c:2": round(first + CLAIM_EVERY, 6),
+        "c:3": round(first + CLAIM_EVERY, 6),
+        "c:4": 11.5 + EARLY,
+    }
+    assert [op for _, op in harness.store.calls].count("claim") == 3
 
 
 class SlowOnce(FakeStore):

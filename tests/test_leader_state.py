@@ -324,6 +324,29 @@ def test_claims_remembered_are_bounded_by_the_tombstone_window() -> None:
     assert len(s._claims) <= 61
 
 
+def test_a_key_claimed_again_is_remembered_a_minute_after_its_latest_claim() -> None:
+    s = state(since=0)
+    s.apply([claimed("c:1", 1_000)], base=0.0)
+    s.apply([claimed("c:1", 50_000)], base=0.0)  # again, within the minute
+    for n in range(2, 200):
+        s.apply([claimed(f"c:{n}", n * 1_000)], base=0.0)  # one claim a second
+    # 199 s: c:1's first claim is long past its minute, its latest one too; c:140 is not.
+    assert "c:1" not in s._claims
+    assert s._claims.get("c:140") == 140_000
+    assert len(s._claims) <= 61
+    s._claims.clear()
+    s.apply([claimed("c:2", 300_000)], base=0.0)
+    assert dict(s._claims) == {"c:2": 300_000}
+
+
+def test_a_claim_renewed_within_the_minute_outlives_its_first() -> None:
+    s = state(since=0)
+    s.apply([claimed("c:1", 1_000)], base=0.0)
+    s.apply([claimed("c:1", 30_000)], base=0.0)
+    s.apply([claimed("c:2", 70_000)], base=0.0)  # past c:1's first minute, within its second
+    assert s._claims.get("c:1") == 30_000
+
+
 def test_a_batch_is_halved_with_its_reported_times() -> None:
     reported = Taken(True, ["c:1", "c:2", "c:3"], [10, 20, 30])
     assert reported.halves() == [

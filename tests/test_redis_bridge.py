@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -732,6 +733,41 @@ def test_batch_reader_takes_whole_replies_in_order_whatever_the_parser(
         assert [m.data for m in got] == [big if i == 1234 else str(i) for i in range(2500)]
         assert {m.channel for m in got} == {"ch"}
         assert read(0.01) == []  # nothing more: an empty batch after the wait
+    finally:
+        pubsub.close()
+        c.close()
+
+
+def test_batch_reader_gathers_what_comes_shortly_after_the_first_message(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a message has come, the reader waits _GATHER_SECONDS for more before it hands
+    the batch on: a trickle of events goes to the leader as one batch (stretched here so
+    that a loaded machine cannot make the second message miss it)."""
+    monkeypatch.setattr(redis_bridge, "_GATHER_SECONDS", 1.0)
+    c = redis.Redis(port=redis_server.port, decode_responses=True)
+    pubsub = c.pubsub()
+    try:
+        pubsub.subscribe("ch")
+        read = redis_bridge._batch_reader(pubsub)
+        assert read(0.01) == []  # the confirmation only: nothing gathered, nothing waited
+        c.publish("ch", "first")
+        later = threading.Timer(0.2, c.publish, ("ch", "second"))
+        later.start()
+        try:
+            assert [m.data for m in read(TEST_TIMEOUT)] == ["first", "second"]
+        finally:
+            later.join()
+        # What comes in plenty is forwarded as it comes: a burst is not held up.
+        many = [str(i) for i in range(2 * redis_bridge._GATHER_BELOW)]
+        with c.pipeline(transaction=False) as pipe:
+            for data in many:
+                pipe.publish("ch", data)
+            pipe.execute()
+        start = time.monotonic()
+        got = [m.data for m in read(TEST_TIMEOUT)]
+        assert got == many
+        assert time.monotonic() - start < 0.5
     finally:
         pubsub.close()
         c.close()

@@ -74,6 +74,14 @@ T = TypeVar("T")
 
 _POLL_SECONDS = 0.1  # pub/sub poll: bounds how long a stop takes
 _MAX_BATCH = 1000
+# When the first read brings fewer than _GATHER_BELOW messages, the listener waits this
+# long for more before it forwards the batch: a steady trickle (a re-arm's `set` and
+# `expire`, a claim's marker and echo, a few a millisecond) then reaches the leader as one
+# batch, one wake-up and one TRACK per few milliseconds, not per message. Events are only
+# hints to look (the scripts read Redis's state), so holding one this long delays a look
+# by as much, nothing more. A burst fills batches by itself: it is not held up.
+_GATHER_SECONDS = 0.005
+_GATHER_BELOW = 100
 _PIPELINES = 2  # script pipelines in flight at once (see _Pipelines)
 _TOPOLOGY_EVERY = 2.0  # Cluster: how often the leader checks the set of primaries
 _REDIRECTS = 5  # Cluster: MOVED/ASK followed per probe before resynchronising instead
@@ -607,9 +615,14 @@ def _batch_reader(pubsub: Any) -> Callable[[float], list[Message]]:
         reader = parser._reader  # a new one after each reconnect: read it each time
         if reader is None:
             raise rexc.ConnectionError("the subscription's connection is closed")
+        gathered = False
         while len(batch) < _MAX_BATCH:
             reply = reader.gets()
             if reply is NOT_ENOUGH_DATA:
+                if batch and not gathered:
+                    gathered = True
+                    if len(batch) < _GATHER_BELOW:
+                        time.sleep(_GATHER_SECONDS)
                 # Wait for the first message only; then take what has already come.
                 wait = 0 if batch else timeout
                 if not parser.read_from_socket(timeout=wait, raise_on_timeout=False):
