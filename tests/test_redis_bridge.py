@@ -718,7 +718,7 @@ def test_batch_reader_takes_whole_replies_in_order_whatever_the_parser(
     pubsub = c.pubsub()
     try:
         pubsub.subscribe("ch")
-        read = redis_bridge._batch_reader(pubsub)
+        read = redis_bridge._batch_reader(pubsub, redis_bridge._GATHER_SECONDS)
         big = "x" * 300_000  # redis-py reads 64 KiB at a time
         with c.pipeline(transaction=False) as pipe:
             for i in range(2500):
@@ -739,17 +739,17 @@ def test_batch_reader_takes_whole_replies_in_order_whatever_the_parser(
 
 
 def test_batch_reader_gathers_what_comes_shortly_after_the_first_message(
-    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    redis_server: RedisServer,
 ) -> None:
-    """Once a message has come, the reader waits _GATHER_SECONDS for more before it hands
-    the batch on: a trickle of events goes to the leader as one batch (stretched here so
-    that a loaded machine cannot make the second message miss it)."""
-    monkeypatch.setattr(redis_bridge, "_GATHER_SECONDS", 1.0)
+    """Once a message has come, the reader waits ``gather`` (the keyspace watch's
+    _GATHER_SECONDS) for more before it hands the batch on: a trickle of events goes to
+    the leader as one batch (stretched here so that a loaded machine cannot make the
+    second message miss it)."""
     c = redis.Redis(port=redis_server.port, decode_responses=True)
     pubsub = c.pubsub()
     try:
         pubsub.subscribe("ch")
-        read = redis_bridge._batch_reader(pubsub)
+        read = redis_bridge._batch_reader(pubsub, 1.0)
         assert read(0.01) == []  # the confirmation only: nothing gathered, nothing waited
         c.publish("ch", "first")
         later = threading.Timer(0.2, c.publish, ("ch", "second"))
@@ -768,6 +768,15 @@ def test_batch_reader_gathers_what_comes_shortly_after_the_first_message(
         got = [m.data for m in read(TEST_TIMEOUT)]
         assert got == many
         assert time.monotonic() - start < 0.5
+        # The release watch gathers nothing: a release is handed on as it comes.
+        at_once = redis_bridge._batch_reader(pubsub, 0.0)
+        c.publish("ch", "released")
+        later = threading.Timer(0.5, c.publish, ("ch", "later"))
+        later.start()
+        try:
+            assert [m.data for m in at_once(TEST_TIMEOUT)] == ["released"]
+        finally:
+            later.join()
     finally:
         pubsub.close()
         c.close()

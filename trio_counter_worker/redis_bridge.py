@@ -572,7 +572,9 @@ def _listen_sync(
             trio.from_thread.run_sync(task_status.started, since)
             if early:
                 trio.from_thread.run(send.send, early)
-            read = _batch_reader(pubsub)
+            # The keyspace watch gathers a trickle; the release watch (no patterns) does
+            # not: a release or a liveness change is acted on at once.
+            read = _batch_reader(pubsub, _GATHER_SECONDS if patterns else 0.0)
             while True:
                 trio.from_thread.check_cancelled()
                 master.follow()
@@ -595,9 +597,10 @@ def _listen_sync(
         pubsub.close()
 
 
-def _batch_reader(pubsub: Any) -> Callable[[float], list[Message]]:
+def _batch_reader(pubsub: Any, gather: float) -> Callable[[float], list[Message]]:
     """A reader of the messages that arrived on a subscription, up to
-    ``_MAX_BATCH`` at a time, waiting at most ``timeout`` for the first.
+    ``_MAX_BATCH`` at a time, waiting at most ``timeout`` for the first, then ``gather``
+    seconds for more when fewer than ``_GATHER_BELOW`` came with it.
 
     PubSub.get_message costs ~4 us a message in redis-py's layers (~10 without hiredis);
     a 200k re-arm is 400k events, and a listener that falls that far behind is closed by
@@ -621,8 +624,8 @@ def _batch_reader(pubsub: Any) -> Callable[[float], list[Message]]:
             if reply is NOT_ENOUGH_DATA:
                 if batch and not gathered:
                     gathered = True
-                    if len(batch) < _GATHER_BELOW:
-                        time.sleep(_GATHER_SECONDS)
+                    if gather and len(batch) < _GATHER_BELOW:
+                        time.sleep(gather)
                 # Wait for the first message only; then take what has already come.
                 wait = 0 if batch else timeout
                 if not parser.read_from_socket(timeout=wait, raise_on_timeout=False):
