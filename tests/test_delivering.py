@@ -166,6 +166,32 @@ async def wait_for(predicate: Callable[[], object]) -> None:
         await trio.sleep(0.01)
 
 
+async def test_a_stored_reset_marked_sent_while_it_is_read_is_not_sent_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A takeover claims a due counter and reads the pending resets at once: the claimed
+    one can be sent, marked and gone from the outbox between the read and its handing
+    over. Read before it was marked, it is not sent a second time; the others are."""
+    async with delivering([]) as rig:
+        claimed = pending(rig.store, "c:due")
+        left = pending(rig.store, "c:left")  # an earlier leader's
+
+        async def read() -> list[tuple[PendingReset, FailingNote | None]]:
+            # Both pending when read.
+            snapshot: list[tuple[PendingReset, FailingNote | None]] = [
+                (claimed, None),
+                (left, None),
+            ]
+            rig.deliveries.deliver(claimed)
+            await wait_for(lambda: claimed.reset_id not in rig.store.pending_resets)
+            return snapshot
+
+        await rig.deliveries.deliver_stored(read)
+        await wait_for(lambda: not rig.store.pending_resets)
+        await trio.sleep(1)
+        assert rig.resets == [(claimed, 1), (left, 1)]
+
+
 async def test_a_reset_is_sent_under_the_lease_then_marked_sent(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

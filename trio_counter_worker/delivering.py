@@ -34,6 +34,10 @@ __all__ = ["Deliveries", "Fencing", "Sender"]
 # The leader's log, whichever of its parts speaks: operators filter on this name.
 log = logging.getLogger("trio_counter_worker.leader")
 
+_STORED_CHUNK = 200  # stored resets queued between two checkpoints (thousands at a takeover)
+# Reads the pending resets stored in Redis, each with what earlier leaders learnt of its
+# failures (see Deliveries.deliver_stored).
+ReadStored = Callable[[], Awaitable[list[tuple[PendingReset, FailingNote | None]]]]
 _MARK_BATCH = 500  # resets marked sent per script call: bounds the time Redis spends in one
 _NOTE_EVERY = 0.5  # failing-reset notes are written to Redis at most this often
 
@@ -103,6 +107,8 @@ class Deliveries:
         self._notes: dict[str, FailingNote] = {}  # to write to Redis, newest per reset
         self._burials: list[FailingNote] = []  # given up on: to move to the dead letters
         self._notes_lot = trio.lowlevel.ParkingLot()
+        # One set per deliver_stored in progress: the resets marked sent meanwhile.
+        self._marked_while_read: list[set[str]] = []
 
     async def run(self) -> NoReturn:
         """The couriers, the timer, the noter and the marker, until cancelled.
@@ -118,6 +124,22 @@ class Deliveries:
             nursery.start_soon(self._marker)
             nursery.start_soon(self._run_timer)
             await self._noter()
+
+    async def deliver_stored(self, read: ReadStored) -> None:
+        """Send the pending resets ``read`` returns from Redis (a takeover, a resync, a
+        redelivery). One this leader marks sent while they are read and handed over was
+        read before it was marked, and is not sent again: it has left the outbox, which
+        alone would let it in again."""
+        marked: set[str] = set()
+        self._marked_while_read.append(marked)
+        try:
+            for i, (reset, history) in enumerate(await read()):
+                if reset.reset_id not in marked:
+                    self.deliver(reset, history)
+                if i % _STORED_CHUNK == _STORED_CHUNK - 1:
+                    await trio.lowlevel.checkpoint()  # the couriers start on the first ones
+        finally:
+            self._marked_while_read.remove(marked)
 
     def deliver(self, reset: PendingReset, history: FailingNote | None = None) -> None:
         """Send ``reset`` (unless it is already on its way), carrying over ``history``:
@@ -340,6 +362,8 @@ class Deliveries:
                 f"mark {len(batch)} reset(s) sent",
                 partial(self._store.mark_sent, self._holder, *ids),
             )
+            for marked in self._marked_while_read:
+                marked.update(ids)
             emit = logs.line_logger(log, logging.INFO)
             failed_before = False
             epoch = self._lease.epoch

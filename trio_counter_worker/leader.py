@@ -76,7 +76,16 @@ class LeaderDuties:
         )
         deliver = self._deliveries.deliver
         self._deciders = Deciders(store, holder, state, deliver, metrics)
-        self._watch = Watch(config, store, holder, state, self._deciders, deliver, metrics, outage)
+        self._watch = Watch(
+            config,
+            store,
+            holder,
+            state,
+            self._deciders,
+            self._deliveries.deliver_stored,
+            metrics,
+            outage,
+        )
 
     async def run(self) -> NoReturn:
         """Lead until cancelled. Redis connection loss: resynchronise, with backoff.

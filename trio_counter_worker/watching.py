@@ -11,12 +11,14 @@ subscription, the state read again), with backoff.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
 import trio
 
 from .config import Config
-from .deciding import BATCH, Deciders, Deliver
+from .deciding import BATCH, Deciders
+from .delivering import ReadStored
 from .errors import (
     FunctionsUnavailable,
     RedisRefused,
@@ -29,7 +31,7 @@ from .leader_state import WINDOW, LeaderState
 from .metrics import Metrics
 from .outage import OutageLog
 from .retry import Backoff
-from .store import Message, NotificationStatus, Store
+from .store import FailingNote, Message, NotificationStatus, PendingReset, Store
 
 __all__ = ["Watch"]
 
@@ -38,7 +40,6 @@ log = logging.getLogger("trio_counter_worker.leader")
 
 _RECONCILE_AHEAD = 8 * BATCH  # keys a reconcile queues ahead of the deciders, at most
 _WINDOW_MS = round(WINDOW * 1000)
-_PENDING_CHUNK = 200  # pending resets queued between two checkpoints (thousands at a takeover)
 _HANDED_PAGE = 1_000  # handed-over keys taken per call
 _RESCAN_EVERY = 5.0  # without notifications, how often to look for new keys
 _VERIFY_FLAGS_EVERY = 1.0  # how often the leader checks that notifications are still on
@@ -54,7 +55,7 @@ class Watch:
         holder: str,
         state: LeaderState,
         deciders: Deciders,
-        deliver: Deliver,
+        deliver_stored: Callable[[ReadStored], Awaitable[None]],
         metrics: Metrics,
         outage: OutageLog,
     ) -> None:
@@ -63,7 +64,7 @@ class Watch:
         self._holder = holder
         self._state = state
         self._deciders = deciders
-        self._deliver = deliver
+        self._deliver_stored = deliver_stored
         self._metrics = metrics
         self._outage = outage
         self._events: trio.MemoryReceiveChannel[list[Message]] | None = None
@@ -174,11 +175,11 @@ class Watch:
 
     async def _load_pending(self) -> None:
         """Every pending reset, with what earlier leaders learnt of its failures."""
+        await self._deliver_stored(self._read_pending)
+
+    async def _read_pending(self) -> list[tuple[PendingReset, FailingNote | None]]:
         history = await self._store.failing()
-        for i, reset in enumerate(await self._store.pending()):
-            self._deliver(reset, history.get(reset.reset_id))
-            if i % _PENDING_CHUNK == _PENDING_CHUNK - 1:
-                await trio.lowlevel.checkpoint()  # the couriers start on the first ones
+        return [(reset, history.get(reset.reset_id)) for reset in await self._store.pending()]
 
     async def _take_handed(self) -> None:
         """Keys a former leader saw and could not decide (:mod:`.handover`): decided here
