@@ -373,22 +373,28 @@ class Deliveries:
                 failed_before = failed_before or entry.attempts > 0
                 attempts = entry.attempts + 1
                 if emit is not None:
-                    key = shown_key(reset.key)
-                    latency_ms = done.latency * 1000
-                    emit(
-                        "reset sent: key=%r reset_id=%s fencing_token=%d status=%d "
-                        "attempts=%d latency_ms=%.1f",
-                        (key, reset.reset_id, epoch, done.status, attempts, latency_ms),
-                        {
-                            "event": "reset_sent",
-                            "key": key,
-                            "reset_id": reset.reset_id,
-                            "fencing_token": epoch,
-                            "attempts": attempts,
-                            "latency_ms": round(latency_ms, 1),
-                        },
-                    )
+                    _log_sent(emit, reset, done, epoch, attempts)
                 self._on_reset(reset, attempts)
             self._metrics.pending.set(len(self._outbox))
             if failed_before:  # only a reset that had failed was counted as failing
                 self._metrics.failing.set(len(self._outbox.failing()))
+
+
+def _log_sent(
+    emit: logs.LineLogger, reset: PendingReset, done: Attempt, epoch: int, attempts: int
+) -> None:
+    """The "reset sent" line (or its share of a LOG_RESETS=summary line)."""
+    key = shown_key(reset.key)
+    latency_ms = done.latency * 1000
+    emit(
+        "reset sent: key=%r reset_id=%s fencing_token=%d status=%d attempts=%d latency_ms=%.1f",
+        (key, reset.reset_id, epoch, done.status, attempts, latency_ms),
+        {
+            "event": "reset_sent",
+            "key": key,
+            "reset_id": reset.reset_id,
+            "fencing_token": epoch,
+            "attempts": attempts,
+            "latency_ms": round(latency_ms, 1),
+        },
+    )
