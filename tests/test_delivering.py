@@ -41,11 +41,30 @@ def abandoned(after: float) -> Attempt:
 
 
 @attrs.define
-class ScriptedSender:
+class FakeSender:
+    """What the fake senders share: what they sent, and how a cut attempt reads."""
+
+    # time, id, token, lane
+    sent: list[tuple[float, str, int, int]] = attrs.field(factory=list, kw_only=True)
+
+    def record(self, reset: PendingReset, fencing_token: int, lane: int) -> None:
+        self.sent.append((trio.current_time(), reset.reset_id, fencing_token, lane))
+
+    def times(self, reset_id: str) -> list[float]:
+        return [t for t, sent_id, *_ in self.sent if sent_id == reset_id]
+
+    def timed_out(self) -> Attempt:
+        return TIMED_OUT
+
+    def abandoned(self, after: float) -> Attempt:
+        return abandoned(after)
+
+
+@attrs.define
+class ScriptedSender(FakeSender):
     """Answers each attempt with the next scripted one, then OK; records what it sent."""
 
     answers: list[Attempt] = attrs.Factory(list)
-    sent: list[tuple[float, str, int, int]] = attrs.Factory(list)  # time, id, token, lane
 
     async def attempt(
         self,
@@ -55,25 +74,18 @@ class ScriptedSender:
         limit: Limit | None = None,
     ) -> Attempt:
         await trio.lowlevel.checkpoint()
-        self.sent.append((trio.current_time(), reset.reset_id, fencing_token, lane))
+        self.record(reset, fencing_token, lane)
         return self.answers.pop(0) if self.answers else OK
-
-    def timed_out(self) -> Attempt:  # pragma: no cover - its attempts never set a deadline
-        return TIMED_OUT
-
-    def abandoned(self, after: float) -> Attempt:  # pragma: no cover - none hangs
-        return abandoned(after)
 
 
 @attrs.define
-class TimedSender:
+class TimedSender(FakeSender):
     """A backend taking ``takes[reset_id]`` s to answer each reset (0 unless listed):
     OK, or a timeout once that reaches TIMEOUT (the courier's ``limit``, as ResetSender
     sets it). Checks that no lane carries two requests at once (a lane is one
     connection) and counts the requests in the air."""
 
     takes: dict[str, float]
-    sent: list[tuple[float, str, int, int]] = attrs.Factory(list)  # time, id, token, lane
     busy_lanes: set[int] = attrs.Factory(set)
     most_in_air: int = 0
 
@@ -87,7 +99,7 @@ class TimedSender:
         assert lane not in self.busy_lanes, f"two requests at once on lane {lane}"
         self.busy_lanes.add(lane)
         self.most_in_air = max(self.most_in_air, len(self.busy_lanes))
-        self.sent.append((trio.current_time(), reset.reset_id, fencing_token, lane))
+        self.record(reset, fencing_token, lane)
         assert limit is not None, "couriers bound their attempts"
         try:
             with limit.until(trio.current_time() + TIMEOUT):
@@ -95,15 +107,6 @@ class TimedSender:
         finally:
             self.busy_lanes.discard(lane)
         return OK
-
-    def timed_out(self) -> Attempt:
-        return TIMED_OUT
-
-    def abandoned(self, after: float) -> Attempt:
-        return abandoned(after)
-
-    def times(self, reset_id: str) -> list[float]:
-        return [t for t, sent_id, *_ in self.sent if sent_id == reset_id]
 
 
 @attrs.define

@@ -99,17 +99,22 @@ def lateness(backend: RecordingBackend, deadlines: dict[str, float]) -> dict[str
     return {key: got[key][0].received_at - due for key, due in deadlines.items()}
 
 
+def hang(client: redis.Redis, backend: RecordingBackend, keys: list[str]) -> None:
+    """Let ``keys`` fall due; return once the backend holds a first request for each."""
+    for key in keys:
+        client.set(key, 1, px=100)
+    wait_until(
+        lambda: {r.key for r in backend.requests} >= set(keys),
+        "a first (hanging) request for every hanging counter",
+        10.0,
+    )
+
+
 def test_healthy_resets_are_not_held_behind_requests_that_hang(
     leader: WorkerProcess, redis_server: RedisServer, backend: RecordingBackend
 ) -> None:
-    with redis.Redis(host=redis_server.host, port=redis_server.port, protocol=2) as client:
-        for key in HANGING:
-            client.set(key, 1, px=100)
-        wait_until(
-            lambda: {r.key for r in backend.requests} >= set(HANGING),
-            "a first (hanging) request for every hanging counter",
-            10.0,
-        )
+    with redis_server.client() as client:
+        hang(client, backend, HANGING)
         # Due while all three hang (RESET_TIMEOUT_MS 3 s): on 68e5110 they waited.
         first = lateness(backend, set_healthy(client, [f"c:ok-{n}" for n in range(6)], 0.3))
         assert_prompt(first)
@@ -126,9 +131,9 @@ def test_healthy_resets_are_not_held_behind_requests_that_hang(
     assert leader.alive
 
 
-def assert_prompt(lateness: dict[str, float]) -> None:
-    late = {key: round(x, 3) for key, x in lateness.items() if x > LATE}
-    assert late == {}, f"healthy resets more than {LATE} s late: {late}"
+def assert_prompt(lateness: dict[str, float], within: float = LATE) -> None:
+    late = {key: round(x, 3) for key, x in lateness.items() if x > within}
+    assert late == {}, f"healthy resets more than {within} s late: {late}"
 
 
 # MAX_IN_FLIGHT 1 holds requests_at_once(1) = 5 requests: the courier and a slow pool of 4.
@@ -163,20 +168,13 @@ def fill_the_pool_then_time_healthy(
     redis_server: RedisServer, backend: RecordingBackend
 ) -> dict[str, float]:
     """Warm up, let the PAST_THE_POOL counters take every place, then time healthy ones."""
-    with redis.Redis(host=redis_server.host, port=redis_server.port, protocol=2) as client:
+    with redis_server.client() as client:
         # One healthy reset first, so the backend's usual time is known (abandon at 0.25 s).
         assert_prompt(lateness(backend, set_healthy(client, ["c:warm"], 0.1)))
-        for key in PAST_THE_POOL:
-            client.set(key, 1, px=100)
-        wait_until(
-            lambda: {r.key for r in backend.requests} >= set(PAST_THE_POOL),
-            "a first (hanging) request for every hanging counter",
-            10.0,
-        )
+        hang(client, backend, PAST_THE_POOL)
         # The courier and the whole slow pool now hang, for RESET_TIMEOUT_MS (14 s).
         late = lateness(backend, set_healthy(client, [f"c:ok-{n}" for n in range(3)], 0.1))
-    slow = {key: round(x, 3) for key, x in late.items() if x > LATE_PAST_THE_POOL}
-    assert slow == {}, f"healthy resets more than {LATE_PAST_THE_POOL} s late: {slow}"
+    assert_prompt(late, within=LATE_PAST_THE_POOL)
     for key in late:
         assert len(requests_for(backend, key)) == 1, f"{key} was sent more than once"
     return late

@@ -52,7 +52,8 @@ class Replicas:
         return worker
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host=self.redis_server.host, port=self.redis_server.port, protocol=2)
+        """Bytes in, bytes out: the tests' keys need not be UTF-8."""
+        return self.redis_server.client(decode_responses=False, protocol=2)
 
     def requests_for(self, key: str) -> list[Received]:
         return [r for r in self.backend.requests if r.key == key]
