@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import statistics
 from typing import Literal
 
 import attrs
@@ -18,6 +19,7 @@ from trio_counter_worker.outbox import (
     SLOW_MIN,
     Entry,
     Outbox,
+    p90_of_sorted,
     requests_at_once,
 )
 from trio_counter_worker.store import PendingReset
@@ -238,6 +240,22 @@ def test_an_attempt_turns_slow_sooner_against_a_backend_that_answers_fast(
     assert box.slow_after() == pytest.approx(slow_after)
     assert box.next_slow_at() == pytest.approx(1.0 + slow_after)
     assert box.slowdown(1.0 + slow_after) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(0.0, 60.0), min_size=1, max_size=200))
+def test_the_p90_is_statistics_own_over_the_last_answers(times: list[float]) -> None:
+    """The outbox keeps its window sorted as answers come and go (no sort per success);
+    the p90, and so slow_after(), is what ``statistics.quantiles`` gives for the window."""
+    box = Outbox(1)
+    for n, took in enumerate(times):
+        box.add(reset(n))
+        assert box.take(0.0) is not None
+        box.succeeded(f"id{n}", now=took)
+    window = times[-64:]
+    p90 = statistics.quantiles(window, n=10)[-1] if len(window) > 1 else window[0]
+    assert p90_of_sorted(sorted(window)) == p90
+    assert box.slow_after() == min(SLOW_AFTER, max(SLOW_MIN, 4 * p90))
 
 
 def test_a_backend_slow_for_everyone_is_never_cut_short() -> None:

@@ -32,9 +32,9 @@ clock, ``wall`` in Unix seconds for what other replicas and operators read):
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
-import statistics
 from collections import OrderedDict, deque
 from typing import Literal
 
@@ -64,6 +64,20 @@ ABANDON_MIN = 0.25
 _ABANDON_FACTOR = 4
 _ABANDON_UNKNOWN = 1.0
 _RECENT = 64
+
+
+def p90_of_sorted(data: list[float]) -> float:
+    """The 90th percentile of ``data`` (sorted, not empty), as
+    ``statistics.quantiles(data, n=10)[-1]`` gives it (its "exclusive" method, the same
+    arithmetic), or its one value."""
+    size = len(data)
+    if size == 1:
+        return data[0]
+    # statistics.quantiles, exclusive method, for i = 9 of n = 10.
+    m = size + 1
+    j = min(max(9 * m // 10, 1), size - 1)
+    delta = 9 * m - j * 10
+    return (data[j - 1] * (10 - delta) + data[j] * delta) / 10
 
 
 def slow_pool(max_in_flight: int) -> int:
@@ -123,6 +137,7 @@ class Outbox:
         self._retries_sending = 0  # retries on a courier
         self._abandoned: list[str] = []  # slow attempts to cut short (take_abandoned)
         self._recent: deque[float] = deque(maxlen=_RECENT)  # successful attempts' times
+        self._ranked: list[float] = []  # the same, sorted: p90 without a sort per success
         # slow_after() and abandon_after(), until _recent changes: (slow, abandon).
         self._times: tuple[float, float] | None = None
 
@@ -243,10 +258,9 @@ class Outbox:
         """(slow after, abandon after), from the p90 of the recent successful attempts;
         computed again after new successes only."""
         if self._times is None:
-            recent = self._recent
-            if not recent:
+            if not self._ranked:
                 return SLOW_AFTER, _ABANDON_UNKNOWN
-            p90 = statistics.quantiles(recent, n=10)[-1] if len(recent) > 1 else recent[0]
+            p90 = p90_of_sorted(self._ranked)
             self._times = (
                 min(SLOW_AFTER, max(SLOW_MIN, _SLOW_FACTOR * p90)),
                 max(ABANDON_MIN, _ABANDON_FACTOR * p90),
@@ -302,7 +316,12 @@ class Outbox:
         entry = self._finish(reset_id)
         entry.state = "sent"
         if now is not None:
-            self._recent.append(now - entry.started)
+            took = now - entry.started
+            recent, ranked = self._recent, self._ranked
+            if len(recent) == _RECENT:  # the oldest leaves the window
+                del ranked[bisect.bisect_left(ranked, recent[0])]
+            recent.append(took)
+            bisect.insort(ranked, took)
             self._times = None
         return entry
 
