@@ -235,9 +235,8 @@ async def test_a_reset_id_httpx_could_not_send_fails_the_same_way(capture: Captu
 class Script:
     """A connection that hands out ``chunks`` (then EOF) and records what is sent."""
 
-    def __init__(self, chunks: list[bytes], here: int = 0) -> None:
+    def __init__(self, chunks: list[bytes]) -> None:
         self.chunks = deque(chunks)
-        self.here = here  # how many chunks receive_now() finds already there
         self.sent: list[bytes] = []
         self.closed = False
 
@@ -250,12 +249,6 @@ class Script:
 
     def readable(self) -> bool:
         return False
-
-    def receive_now(self) -> bytes | None:
-        if self.here <= 0:
-            return None
-        self.here -= 1
-        return self.chunks.popleft() if self.chunks else b""
 
     async def aclose(self) -> None:
         self.closed = True
@@ -284,8 +277,7 @@ def lane_reads(lane: Lane, script: Script) -> Outcome:
         except HttpError as exc:
             return ("error", exc.kind, str(exc) if str(exc) == DISCONNECTED else None)
         head = (answer.status, answer.header("location"), answer.header("retry-after"))
-        if not lane.finish_now(answer):
-            await lane.finish(answer)
+        await lane.finish(answer)
         return ("answer", *head, lane._reusable, script.closed)
 
     return trio.run(go)
@@ -383,12 +375,10 @@ def answers(draw: st.DrawFn) -> list[bytes]:
 
 
 @settings(max_examples=400, deadline=None)
-@given(answers(), st.integers(0, 3))
-def test_any_answer_in_any_pieces_is_read_as_h11_reads_it(chunks: list[bytes], here: int) -> None:
-    """``here``: pieces already there after the head, which finish_now() reads, then
-    finish() the rest."""
+@given(answers())
+def test_any_answer_in_any_pieces_is_read_as_h11_reads_it(chunks: list[bytes]) -> None:
     with pytest.MonkeyPatch.context() as monkeypatch:
-        script = Script(chunks, here)
+        script = Script(chunks)
         got = lane_reads(scripted_lane(monkeypatch, script, SMALL_CAP), script)
     assert got == h11_reads(chunks, SMALL_CAP)
 
@@ -414,23 +404,6 @@ def test_an_answer_a_byte_at_a_time(monkeypatch: pytest.MonkeyPatch, answer: byt
     got = lane_reads(scripted_lane(monkeypatch, script), script)
     assert got == h11_reads(chunks)
     assert got[-2:] == (True, False)  # read to its end: kept
-
-
-def test_a_body_already_there_behind_its_head_is_read_without_waiting(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A server that writes the head and the body apart: the body, there by the time the
-    head is judged, is read at once, and the connection kept."""
-    script = Script([b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", b"abc"], here=1)
-    lane = scripted_lane(monkeypatch, script)
-
-    async def go() -> None:
-        answer = await lane.request(b"x")
-        assert not answer.complete
-        assert lane.finish_now(answer)
-        assert (answer.complete, lane._reusable, script.chunks) == (True, True, deque())
-
-    trio.run(go)
 
 
 async def test_an_answer_left_unfinished_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -666,9 +639,6 @@ class AnswerAsTheDeadlinePasses:
             self.bodies.append("cut at the deadline")
             raise
         self.bodies.append("read")  # pragma: no cover - the deadline has passed
-
-    def finish_now(self, answer: Answer) -> bool:
-        return False
 
     async def aclose(self) -> None:  # pragma: no cover - not called
         pass

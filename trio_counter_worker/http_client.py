@@ -202,11 +202,6 @@ class Transport(Protocol):
         can be reused, or close it. Errors reading it are not the request's: ignored."""
         ...
 
-    def finish_now(self, answer: Answer) -> bool:
-        """:meth:`finish` without waiting, where the rest of ``answer`` is already here:
-        whether it is complete (else :meth:`finish` reads on)."""
-        ...
-
     async def aclose(self) -> None: ...
 
 
@@ -222,11 +217,6 @@ class Connection(Protocol):
 
     def readable(self) -> bool:
         """Whether bytes (or the peer's close) arrived while idle."""
-        ...
-
-    def receive_now(self) -> bytes | None:
-        """What :meth:`receive` would give, if it is already here; None if not (or not
-        known without waiting). Never waits."""
         ...
 
     async def aclose(self) -> None: ...
@@ -273,12 +263,6 @@ class _Plain:
         # Bytes nobody asked for, the server's end of the connection, or an error.
         return bool(self._poll.poll(0))
 
-    def receive_now(self) -> bytes | None:
-        try:
-            return self._sock.recv(READ_SIZE)
-        except BlockingIOError:
-            return None
-
     async def aclose(self) -> None:
         trio.lowlevel.notify_closing(self._sock)
         self._sock.close()
@@ -301,9 +285,6 @@ class _Tls:
 
     def readable(self) -> bool:
         return self._raw.socket.is_readable()  # httpcore looks at the socket too
-
-    def receive_now(self) -> bytes | None:
-        return None  # bytes on the socket may not make a whole TLS record: not known
 
     async def aclose(self) -> None:
         await self._stream.aclose()
@@ -427,24 +408,6 @@ class Lane:
             else:
                 await self._drop()
 
-    def finish_now(self, answer: Answer) -> bool:
-        """See :meth:`Transport.finish_now`: a body that came just behind its head (a
-        server writing them apart) is read without a wait, so without a cancel scope."""
-        if answer.complete:
-            return True
-        conn = self._conn
-        if conn is None or answer._h11 is not None or not 0 < answer._body <= self._cap:
-            return False
-        try:
-            data = conn.receive_now()
-        except OSError:
-            return False  # finish() meets it again, and drops the connection
-        if data is not None:
-            _take_body(answer, data)
-            if answer.complete:
-                self._kept()
-        return answer.complete
-
     async def aclose(self) -> None:
         await self._drop()
 
@@ -556,10 +519,15 @@ class Lane:
             return
         machine = answer._h11
         if machine is None:
-            if answer._body > cap:
+            if answer._body < 0 or answer._body > cap:
                 return  # not worth reading: the connection closes
-            while answer._body > 0:  # -1 once it cannot be read to its end
-                _take_body(answer, await self._receive(conn, False))
+            read = 0
+            while read < answer._body:
+                data = await self._receive(conn, False)
+                if not data:
+                    return
+                read += len(data)
+            answer.complete = read == answer._body
             return
         read = 0
         try:
@@ -582,16 +550,6 @@ class Lane:
                     return
         except h11.RemoteProtocolError:
             return
-
-
-def _take_body(answer: Answer, data: bytes) -> None:
-    """Count ``data`` as the plain ``answer``'s body, which is complete once all of it
-    came; closed before that, or with bytes beyond it (not trusted), it never is."""
-    if not data or len(data) > answer._body:
-        answer._body = -1
-    else:
-        answer._body -= len(data)
-        answer.complete = answer._body == 0
 
 
 class HttpxLane:
@@ -641,9 +599,6 @@ class HttpxLane:
             pass  # the answer's status is in: a body cut short only costs the connection
         finally:
             await self._close_response()
-
-    def finish_now(self, answer: Answer) -> bool:
-        return answer.complete  # httpx reads the body: finish()
 
     async def aclose(self) -> None:
         await self._close_response()
