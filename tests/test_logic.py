@@ -6,7 +6,7 @@ import json
 import random
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import trio_counter_worker
@@ -61,6 +61,59 @@ def test_schedule_limit_and_compaction() -> None:
         s.set(f"x{i}", 0.5)
     assert len(s.pop_due(1.0, limit=4)) == 4
     assert len(s.pop_due(1.0)) == 6
+
+
+def test_re_arming_later_adds_nothing_to_the_heap() -> None:
+    """A re-arm (the deadline moved later) leaves the key's one entry; it is put back at
+    the new deadline when it comes up. An entry per re-arm grew the leader ~1 MiB/min."""
+    s = Schedule()
+    keys = [f"k{n}" for n in range(10)]
+    for i in range(50):  # 500 re-arms: fewer than compacting takes
+        for key in keys:
+            s.set(key, 10.0 + i)
+    assert len(s._heap) == 10
+    assert s.pop_due(58.0) == []
+    assert s.next_deadline() == 59.0
+    assert len(s._heap) == 10
+    assert s.pop_due(59.0) == keys
+
+
+_SCHEDULE_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["set", "set", "remove", "pop", "next"]),
+        st.sampled_from([f"k{n}" for n in range(6)]),
+        st.integers(0, 40).map(float),
+        st.none() | st.integers(1, 3),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_SCHEDULE_OPS)
+def test_schedule_is_a_dict_of_deadlines(ops: list[tuple[str, str, float, int | None]]) -> None:
+    """Against a plain dict: the earliest live deadline, and pop_due gives due keys
+    earliest first, each once, ``limit`` at most, the earliest ones."""
+    s, model = Schedule(), {}
+    for op, key, at, limit in ops:
+        if op == "set":
+            s.set(key, at)
+            model[key] = at
+        elif op == "remove":
+            s.remove(key)
+            model.pop(key, None)
+        elif op == "next":
+            assert s.next_deadline() == (min(model.values()) if model else None)
+        else:
+            got = s.pop_due(at, limit)
+            due = sorted((d, k) for k, d in model.items() if d <= at)
+            want = due if limit is None else due[:limit]
+            assert sorted(got) == sorted(k for _, k in want)
+            assert [model[k] for k in got] == sorted(d for d, _ in want)
+            for k in got:
+                del model[k]
+        assert len(s) == len(model)
+        assert len(s._heap) <= 2 * len(model) + 1024 + 1
 
 
 # -- retry ------------------------------------------------------------------------------
