@@ -235,9 +235,8 @@ async def test_a_reset_id_httpx_could_not_send_fails_the_same_way(capture: Captu
 class Script:
     """A connection that hands out ``chunks`` (then EOF) and records what is sent."""
 
-    def __init__(self, chunks: list[bytes], here: int = 0) -> None:
+    def __init__(self, chunks: list[bytes]) -> None:
         self.chunks = deque(chunks)
-        self.here = here  # how many more chunks receive_now() finds already there
         self.sent: list[bytes] = []
         self.closed = False
 
@@ -250,12 +249,6 @@ class Script:
 
     def readable(self) -> bool:
         return False
-
-    def receive_now(self) -> bytes | None:
-        if self.here <= 0:
-            return None
-        self.here -= 1
-        return self.chunks.popleft() if self.chunks else b""
 
     async def aclose(self) -> None:
         self.closed = True
@@ -284,10 +277,7 @@ def lane_reads(lane: Lane, script: Script) -> Outcome:
         except HttpError as exc:
             return ("error", exc.kind, str(exc) if str(exc) == DISCONNECTED else None)
         head = (answer.status, answer.header("location"), answer.header("retry-after"))
-        if not lane.defer(answer):
-            await lane.finish(answer)
-        if lane._rest is not None:  # as the next request begins
-            await lane._read_rest()
+        await lane.finish(answer)
         return ("answer", *head, lane._reusable, script.closed)
 
     return trio.run(go)
@@ -387,53 +377,10 @@ def answers(draw: st.DrawFn) -> list[bytes]:
 @settings(max_examples=400, deadline=None)
 @given(answers())
 def test_any_answer_in_any_pieces_is_read_as_h11_reads_it(chunks: list[bytes]) -> None:
-    """A body left for the next request (Lane.defer) has come by then, here."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        script = Script(chunks, here=len(chunks))
+        script = Script(chunks)
         got = lane_reads(scripted_lane(monkeypatch, script, SMALL_CAP), script)
     assert got == h11_reads(chunks, SMALL_CAP)
-
-
-@settings(max_examples=300, deadline=None)
-@given(answers(), st.integers(0, 3))
-def test_a_connection_is_never_reused_where_h11_would_not(chunks: list[bytes], here: int) -> None:
-    """``here``: pieces of a deferred body come by the next request; the rest not yet.
-    The answer is the same, and the connection is kept only if h11 would keep it, once
-    all of the answer has come (else dropped, never read into the next answer)."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        script = Script(chunks, here)
-        got = lane_reads(scripted_lane(monkeypatch, script, SMALL_CAP), script)
-    want = h11_reads(chunks, SMALL_CAP)
-    assert got[:4] == want[:4]
-    if got[0] == "answer":
-        assert got[4] <= want[4]
-        assert got[5] == (not got[4])
-
-
-def test_a_body_written_apart_is_read_as_the_lane_is_next_used(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The answer is judged on its head; its body, written apart, is read when the next
-    request begins (it has come by then), and the connection kept; one still coming
-    then costs the connection."""
-    script = Script([b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", b"abc"])
-    lane = scripted_lane(monkeypatch, script)
-
-    async def go() -> None:
-        answer = await lane.request(b"x")
-        assert (answer.status, answer.complete) == (200, False)
-        assert lane.defer(answer)
-        script.here = 1
-        await lane._read_rest()
-        assert (answer.complete, lane._reusable, script.closed) == (True, True, False)
-        script.chunks.extend([b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", b"ab"])
-        answer = await lane.request(b"y")
-        assert lane.defer(answer)
-        script.here = 0  # nothing more has come by the next request: dropped
-        await lane._read_rest()
-        assert (answer.complete, lane._conn, script.closed) == (False, None, True)
-
-    trio.run(go)
 
 
 def test_a_plain_answer_is_read_in_one_piece(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -453,7 +400,7 @@ def test_a_plain_answer_is_read_in_one_piece(monkeypatch: pytest.MonkeyPatch) ->
 )
 def test_an_answer_a_byte_at_a_time(monkeypatch: pytest.MonkeyPatch, answer: bytes) -> None:
     chunks = [answer[i : i + 1] for i in range(len(answer))]
-    script = Script(chunks, here=len(chunks))  # a deferred body: come by the next request
+    script = Script(chunks)
     got = lane_reads(scripted_lane(monkeypatch, script), script)
     assert got == h11_reads(chunks)
     assert got[-2:] == (True, False)  # read to its end: kept
@@ -586,9 +533,9 @@ async def test_only_the_status_matters_and_a_long_body_costs_the_connection(
         with trio.fail_after(CUT_SHORT):
             attempt = await send(sender, make_reset())
         assert attempt.done
-        first = lanes[0]._conn  # dropped now, or (a body left for later) as it is next used
+        assert lanes[0]._conn is None
         assert (await send(sender, make_reset(1))).done
-        assert lanes[0]._conn not in (None, first)
+        assert lanes[0]._conn is not None
 
 
 async def test_redirects_are_not_followed(backend: RecordingBackend) -> None:
@@ -692,9 +639,6 @@ class AnswerAsTheDeadlinePasses:
             self.bodies.append("cut at the deadline")
             raise
         self.bodies.append("read")  # pragma: no cover - the deadline has passed
-
-    def defer(self, answer: Answer) -> bool:
-        return False
 
     async def aclose(self) -> None:  # pragma: no cover - not called
         pass

@@ -243,7 +243,7 @@ class ResetSender:
             attempt = answer
         else:
             attempt = self._judge(reset, answer.status, answer.header)
-            if not on.defer(answer):  # else its rest is read as the lane is next used
+            if not answer.complete:
                 await self._finish(on, answer, deadline, cut, limit)
         self._outcomes[attempt.verdict].inc()
         if attempt.done:

@@ -202,11 +202,6 @@ class Transport(Protocol):
         can be reused, or close it. Errors reading it are not the request's: ignored."""
         ...
 
-    def defer(self, answer: Answer) -> bool:
-        """Instead of :meth:`finish`, leave the rest of ``answer`` to be read as the next
-        request begins, if it may: whether it was left (else call :meth:`finish`)."""
-        ...
-
     async def aclose(self) -> None: ...
 
 
@@ -222,11 +217,6 @@ class Connection(Protocol):
 
     def readable(self) -> bool:
         """Whether bytes (or the peer's close) arrived while idle."""
-        ...
-
-    def receive_now(self) -> bytes | None:
-        """What :meth:`receive` would give, if it is already here; None if not. Never
-        waits. Only for a connection whose reads need no protocol of their own."""
         ...
 
     async def aclose(self) -> None: ...
@@ -273,12 +263,6 @@ class _Plain:
         # Bytes nobody asked for, the server's end of the connection, or an error.
         return bool(self._poll.poll(0))
 
-    def receive_now(self) -> bytes | None:
-        try:
-            return self._sock.recv(READ_SIZE)
-        except BlockingIOError:
-            return None
-
     async def aclose(self) -> None:
         trio.lowlevel.notify_closing(self._sock)
         self._sock.close()
@@ -301,9 +285,6 @@ class _Tls:
 
     def readable(self) -> bool:
         return self._raw.socket.is_readable()  # httpcore looks at the socket too
-
-    def receive_now(self) -> bytes | None:  # pragma: no cover - Lane.defer never asks TLS
-        return None
 
     async def aclose(self) -> None:
         await self._stream.aclose()
@@ -379,7 +360,6 @@ class Lane:
         self._reusable = False  # the last answer was read to its end, on a kept connection
         self._idle_since = 0.0
         self._last_plain: _PlainHead | None = None  # the last plain head read, parsed
-        self._rest: Answer | None = None  # a judged answer whose body is read later
 
     async def post(self, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> Answer:
         """:meth:`request` of the whole request (see :meth:`Transport.post`)."""
@@ -388,8 +368,6 @@ class Lane:
     async def request(self, data: bytes) -> Answer:
         """Send ``data`` (from :meth:`Endpoint.request`) and read the answer's head.
         Raises :class:`HttpError` when there is no answer."""
-        if self._rest is not None:
-            await self._read_rest()
         conn = self._conn
         if conn is not None and (
             not self._reusable
@@ -430,22 +408,6 @@ class Lane:
             else:
                 await self._drop()
 
-    def defer(self, answer: Answer) -> bool:
-        """See :meth:`Transport.defer`. A plain answer's body, when a server writes it
-        apart from the head, has seldom come by the time the head is judged, and waiting
-        for it costs a wait and a cancel scope per request; when the lane is next used
-        it is there (:meth:`_read_rest`). Not over TLS (no peeking into records)."""
-        if (
-            answer.complete
-            or answer._h11 is not None
-            or not 0 < answer._body <= self._cap
-            or isinstance(self._conn, _Tls | None)
-        ):
-            return answer.complete
-        self._rest = answer
-        self._idle_since = trio.current_time()
-        return True
-
     async def aclose(self) -> None:
         await self._drop()
 
@@ -454,23 +416,6 @@ class Lane:
     def _kept(self) -> None:
         self._reusable = True
         self._idle_since = trio.current_time()
-
-    async def _read_rest(self) -> None:
-        """Read the deferred answer's body, as far as it has come: all of it, and the
-        connection may be reused; else (still coming, broken, too long) it is dropped."""
-        answer, self._rest = self._rest, None
-        conn = self._conn
-        if answer is None or conn is None:
-            return
-        try:
-            while answer._body > 0 and (data := conn.receive_now()) is not None:
-                _take_body(answer, data)
-        except OSError:
-            pass
-        if answer.complete:
-            self._reusable = True  # idle since the head came (defer)
-        else:
-            await self._drop()
 
     async def _connect(self) -> Connection:
         if self._dial is not None:
@@ -496,7 +441,6 @@ class Lane:
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
-        self._rest = None
         if conn is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                 await conn.aclose()
@@ -575,10 +519,15 @@ class Lane:
             return
         machine = answer._h11
         if machine is None:
-            if answer._body > cap:
+            if answer._body < 0 or answer._body > cap:
                 return  # not worth reading: the connection closes
-            while answer._body > 0:  # -1 once it cannot be read to its end
-                _take_body(answer, await self._receive(conn, False))
+            read = 0
+            while read < answer._body:
+                data = await self._receive(conn, False)
+                if not data:
+                    return
+                read += len(data)
+            answer.complete = read == answer._body
             return
         read = 0
         try:
@@ -601,16 +550,6 @@ class Lane:
                     return
         except h11.RemoteProtocolError:
             return
-
-
-def _take_body(answer: Answer, data: bytes) -> None:
-    """Count ``data`` as the plain ``answer``'s body, which is complete once all of it
-    came; closed before that, or with bytes beyond it (not trusted), it never is."""
-    if not data or len(data) > answer._body:
-        answer._body = -1
-    else:
-        answer._body -= len(data)
-        answer.complete = answer._body == 0
 
 
 class HttpxLane:
@@ -660,9 +599,6 @@ class HttpxLane:
             pass  # the answer's status is in: a body cut short only costs the connection
         finally:
             await self._close_response()
-
-    def defer(self, answer: Answer) -> bool:
-        return answer.complete  # httpx reads it: finish()
 
     async def aclose(self) -> None:
         await self._close_response()

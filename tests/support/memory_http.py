@@ -63,10 +63,6 @@ class MemoryConnection:
     def readable(self) -> bool:
         return self.closed
 
-    def receive_now(self) -> bytes | None:
-        data, self._out = self._out, b""
-        return data or None
-
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
         self.closed = True
