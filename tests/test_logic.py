@@ -89,7 +89,7 @@ _SCHEDULE_OPS = st.lists(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(_SCHEDULE_OPS)
 def test_schedule_is_a_dict_of_deadlines(ops: list[tuple[str, str, float, int | None]]) -> None:
     """Against a plain dict: the earliest live deadline, and pop_due gives due keys

@@ -242,7 +242,7 @@ def test_an_attempt_turns_slow_sooner_against_a_backend_that_answers_fast(
     assert box.slowdown(1.0 + slow_after) == 1
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(st.floats(0.0, 60.0), min_size=1, max_size=200))
 def test_the_p90_is_statistics_own_over_the_last_answers(times: list[float]) -> None:
     """The outbox keeps its window sorted as answers come and go (no sort per success);

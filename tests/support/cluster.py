@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,13 @@ from trio_counter_worker.lab.errors import LabError
 from trio_counter_worker.lab.servers import redis_cli
 
 
-def _free_port_with_bus() -> int:
-    """A port whose +10000 (the cluster bus) is free too."""
+def _free_port_with_bus(taken: Collection[int]) -> int:
+    """A port whose +10000 (the cluster bus) is free too, and not in ``taken``: another
+    node's, chosen but maybe not yet bound (two nodes on one port made a cluster of
+    five, with one node's start seen as ready through the other)."""
     while True:
         port = free_port()
-        if port + 10000 < 65536:
+        if port not in taken and port + 10000 < 65536:
             try:
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", port + 10000))
@@ -44,13 +46,16 @@ class ClusterSetup:
         self.dir = tmp_dir
         self.binary = find_redis_server()
         self._debug_args = list(debug_args(self.binary))  # DEBUG SLEEP: a replica falls behind
-        self.nodes = [self._node(i) for i in range(size)]
+        self.nodes: list[RedisServer] = []
+        for i in range(size):
+            self.nodes.append(self._node(i))
 
     def _node(self, i: int) -> RedisServer:
-        """Node ``i``, on a port (and bus port) free now."""
+        """Node ``i``, on a port (and bus port) free now and no other node's."""
+        others = {n.port for j, n in enumerate(self.nodes) if j != i}
         return RedisServer(
             self.dir / f"node{i}",
-            port=_free_port_with_bus(),
+            port=_free_port_with_bus(others),
             extra_args=[
                 "--cluster-enabled",
                 "yes",
