@@ -75,6 +75,7 @@ def test_no_reset_missed_or_doubled_under_leader_faults(chaos: Chaos) -> None:
     for _ in range(3):
         chaos.spawn()
     deadlines: dict[str, float] = {}  # key -> final TTL deadline (wall clock)
+    bounds: dict[str, tuple[float, float]] = {}  # key -> the earliest and latest it can be
     rearm_at: dict[str, float] = {}
     thaw: list[tuple[float, WorkerProcess]] = []
     faults: list[str] = []
@@ -90,7 +91,11 @@ def test_no_reset_missed_or_doubled_under_leader_faults(chaos: Chaos) -> None:
             ttl_ms = rng.randint(1500, 3000)
             before = time.time()
             r.set(key, "1", px=ttl_ms)
-            deadlines[key] = (before + time.time()) / 2 + ttl_ms / 1000
+            after = time.time()
+            deadlines[key] = (before + after) / 2 + ttl_ms / 1000
+            # Redis ran the SET within the round trip: a slow one on a loaded machine
+            # widens where its deadline can be.
+            bounds[key] = (before + ttl_ms / 1000, after + ttl_ms / 1000)
 
         n = 0
         begin = time.monotonic()
@@ -154,7 +159,8 @@ def test_no_reset_missed_or_doubled_under_leader_faults(chaos: Chaos) -> None:
         assert body is not None
         ids[body["key"]].add(body["reset_id"])
         posts[body["reset_id"]] += 1
-        assert abs(body["expired_at"] - deadlines[body["key"]]) < 0.05, body
+        low, high = bounds[body["key"]]
+        assert low - 0.05 < body["expired_at"] < high + 0.05, body
         latency.append(q.received_at - body["expired_at"])
     missed = expected - set(ids)
     doubled = {k: v for k, v in ids.items() if len(v) > 1}
