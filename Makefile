@@ -22,7 +22,8 @@ SERVER_TESTS := tests/test_redis_bridge.py tests/test_hostile.py tests/test_repl
 	tests/test_resync.py tests/test_claim_reported.py tests/test_cluster_scripts.py \
 	tests/test_glob.py tests/test_ops.py tests/test_functions.py
 # The reruns leave out the multi-replica processes (7.0 runs them): they exercise
-# election and failover, not the server's version, and cost the most time. Valkey's
+# election and failover, not the server's version, and cost the most time; and the
+# tests marked backend_only. Valkey's
 # failovers are tried where they differ: Cluster and Sentinel.
 RERUN_TESTS := $(filter-out tests/test_replicas.py,$(SERVER_TESTS))
 VALKEY_TESTS := $(RERUN_TESTS) tests/test_cluster.py tests/test_sentinel.py
@@ -55,7 +56,7 @@ version="$$("$$bin" --version)"; \
 	case "$$version" in "$(1)"*) ;; *) echo "$@: $$bin is not $(1)*: $$version" >&2; exit 1;; esac; \
 	echo "$@: $$version ($$bin)"; \
 	set -x; TCW_TEST_REDIS_SERVER="$$bin" TCW_TEST_PORTS=$(2) \
-	$(BIN)/python -m pytest -n $(RERUN_WORKERS) $(XDIST) $(3)
+	$(BIN)/python -m pytest -n $(RERUN_WORKERS) $(XDIST) -m "not backend_only" $(3)
 endef
 
 install: $(VENV)/.installed

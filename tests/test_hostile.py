@@ -133,6 +133,7 @@ def test_key_names_that_are_not_utf8_take_no_replica_down(hostile: Hostile) -> N
     assert hostile.resets_for(no_ttl) == []
 
 
+@pytest.mark.backend_only
 def test_resets_the_backend_keeps_refusing_do_not_block_the_others(hostile: Hostile) -> None:
     poison = [f"c:poison-{n}" for n in range(10)]
     hostile.backend.behave(
@@ -169,6 +170,7 @@ def test_resets_the_backend_keeps_refusing_do_not_block_the_others(hostile: Host
     assert workers["r1"].alive
 
 
+@pytest.mark.backend_only
 def test_a_slow_or_endless_answer_costs_one_timeout_and_no_memory(hostile: Hostile) -> None:
     hostile.backend.behave(
         by_key(
@@ -359,6 +361,7 @@ def test_any_byte_string_as_a_counter_name_is_reset_exactly_once(
     assert worker.alive
 
 
+@pytest.mark.backend_only
 def test_a_reset_refused_past_give_up_goes_to_the_dead_letters_and_back(
     hostile: Hostile,
 ) -> None:
