@@ -18,7 +18,7 @@ async def test_a_subscription_closed_for_its_output_buffer_is_named_and_costs_no
 ) -> None:
     caplog.set_level(logging.INFO, logger="trio_counter_worker")
     cfg = lone_replica(redis_server, backend, lease_ttl_ms=2000)
-    with trio.fail_after(20), redis_server.client() as c:
+    with trio.fail_after(45), redis_server.client() as c:  # a loaded machine: ~25 s seen
         # 7.2+ counts output-buffer disconnections (named for sure); before, the
         # subscription closed by a server that stays up is named as most likely that.
         async with leading(cfg):
