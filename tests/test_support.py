@@ -206,6 +206,8 @@ def test_a_cluster_node_whose_port_was_taken_starts_on_another(tmp_path: Path) -
     setup = ClusterSetup(tmp_path / "cluster")
     taken = setup.nodes[2].port
     with socket.socket() as squatter:
+        # A connection of an earlier test may hold the port in TIME_WAIT: bind anyway.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", taken))
         squatter.listen()
         setup.start()
