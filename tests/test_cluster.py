@@ -277,7 +277,11 @@ def test_resharding_while_counters_expire(
     first = _assert_each_once(cluster, backend, deadlines, workers, env)
     _assert_on_time(first, deadlines, f"reshard] {len(slots)} slots ({moved} keys)", t_moved - t0)
     for w in workers:
-        assert "resynchronis" not in w.output(), "resharding alone should not resync"
+        # A node too slow to answer (a loaded machine) is an outage, and resyncs; MOVED and ASK
+        # alone must not.
+        out = w.output()
+        outage = "retrying with backoff" in out
+        assert "resynchronis" not in out or outage, "resharding alone should not resync"
 
 
 @pytest.mark.skipif(
