@@ -445,7 +445,11 @@ def test_sigterm_leader_hands_over(harness: Harness) -> None:
         assert cluster.leader.wait(5.0) == 0
         out = cluster.leader.output()
         assert "received SIGTERM: stopping" in out
-        assert f"lease released: fencing_token={cluster.epoch}" in out
+        # Released, or (a loaded machine: the stop took a while) taken over just before.
+        assert (
+            f"lease released: fencing_token={cluster.epoch}" in out
+            or f"lease already taken over: fencing_token={cluster.epoch}" in out
+        ), out
         assert lease(client).get("replica") != old
 
         survivors[new].wait_for_output(f"leader acquired: replica={new} ", 5.0)

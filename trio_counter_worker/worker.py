@@ -228,6 +228,12 @@ class Worker:
                             lease.epoch,
                             extra={"event": "lease_released", "fencing_token": lease.epoch},
                         )
+                    else:  # a standby took it over first (its check saw this one stop)
+                        log.info(
+                            "lease already taken over: fencing_token=%d",
+                            lease.epoch,
+                            extra={"event": "lease_taken_over", "fencing_token": lease.epoch},
+                        )
                 except RedisUnavailable as exc:
                     log.warning(
                         "could not release the lease (%s): it expires by itself within %s ms",
