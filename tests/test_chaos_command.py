@@ -89,10 +89,32 @@ def _run_chaos(tmp: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+# What a failure shows first (CI keeps the head and tail of a long message): the verdict.
+VERDICT = ("ok", "episodes", "delivered", "missed", "doubled", "unexplained", "stale_expired_at")
+CASES = ("missed_episodes", "doubled_episodes", "unexplained_resets", "unexpected_exits")
+
+
+def _shown(result: subprocess.CompletedProcess[str]) -> str:
+    """The exit code and the report's verdict and cases, then everything printed."""
+    head = f"exit {result.returncode}"
+    try:
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        head += "".join(f" {k}={report[k]}" for k in VERDICT)
+        suspicious = [s for s in report["stale_episodes"] if s["why"].startswith("not explained")]
+        for name, cases in [*((k, report[k]) for k in CASES), ("suspicious", suspicious)]:
+            if cases:
+                head += f"\n{name}: {cases[:3]}"
+        if report["replica_errors"]:
+            head += f"\nreplica_errors: {report['replica_errors'][:3]}"
+    except (IndexError, ValueError, KeyError, TypeError):
+        head += " (no report)"
+    return f"{head}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
 @pytest.mark.slow
 def test_chaos_injects_every_fault_without_missed_or_doubled_resets(tmp_path: Path) -> None:
     result = _run_chaos(tmp_path, ARGS)
-    shown = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    shown = _shown(result)
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, shown  # --json: one object, nothing else on stdout
     report = json.loads(lines[-1])
@@ -133,7 +155,7 @@ def _short_run(tmp: Path, kind: str, *extra: str) -> tuple[dict[str, Any], dict[
     printed (for assertion messages)."""
     result = _run_chaos(tmp, [*SHORT, "--faults", kind, *extra])
     kind = kind.split(",")[0]
-    shown = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    shown = _shown(result)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert result.returncode == 0, shown
     assert report["ok"] is True, shown

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import Counter
 
 import attrs
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -42,6 +43,10 @@ class Model:
     resets: dict[str, set[str]] = attrs.Factory(dict)  # key -> reset ids
     claims: Counter[str] = attrs.Factory(Counter)
     state: LeaderState = attrs.Factory(lambda: LeaderState(KEYS))
+    # A reported expiry decided while the key is set again: the reported episode and the
+    # key's new life are one to the claim (README, "Not covered"), so an interleaving
+    # that delays or hastens the decision may change how many are claimed.
+    set_again: bool = False
 
     def __attrs_post_init__(self) -> None:
         self.state.resubscribed(self.now)
@@ -70,6 +75,8 @@ class Model:
         )
         out = []
         for key, after in zip(taken.keys, afters, strict=True):
+            if taken.claim and after is not None and key in self.keys:
+                self.set_again = True  # the known gap (see set_again)
             pttl = self.touch(key)
             seen = spec.Seen(
                 pttl,
@@ -184,12 +191,30 @@ def test_forged_messages_neither_double_nor_suppress_a_reset(script: list[Op]) -
         for key, ids in model.resets.items():
             assert model.claims[key] == len(ids)  # a reset id is claimed once
             assert len(ids) <= model.ended[key]  # never two for one episode
+    if not runs[False].set_again:
+        assert runs[False].claims == runs[False].ended  # every episode, once
+    if runs[False].set_again or runs[True].set_again:
+        return  # the known gap: see test_a_reported_expiry_of_a_key_set_again_is_lost
     # Past _EARLY_MAX forged markers for a key in one claim call, a real marker may be
     # dropped: an expiry heard then is decided as an echo (fewer, never more).
     if sum(op[0] in ("forge_marker", "forge_any") for op in script) <= _EARLY_MAX:
         assert runs[True].claims == runs[False].claims
     else:
         assert runs[True].claims <= runs[False].claims
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: README, 'Not covered'")
+def test_a_reported_expiry_of_a_key_set_again_is_lost() -> None:
+    """Found by the property above: a key set, expired and set again before the leader
+    heard the first `expired`. The claim of that report finds the key back (here due
+    again: the claim's touch ends its second life too) and claims one episode of two."""
+    model = Model(forge=False)
+    for op in [("set", "c:1", 0, None), ("tick", "", 1, None), ("expire", "c:1", 0, None)]:
+        model.step(op)
+    model.step(("set", "c:1", 0, None))  # before the leader heard the expiry
+    model.drain()
+    assert model.ended["c:1"] == 2
+    assert model.claims["c:1"] == 2
 
 
 def test_a_forged_marker_ahead_of_an_echo_does_not_make_it_a_new_episode() -> None:
