@@ -88,10 +88,14 @@ def test_resets_survive_a_sentinel_failover(
         while sentinels.master_port() == old_master:
             assert time.monotonic() < deadline, "failover did not happen"
             time.sleep(0.05)
-        for i in range(10, 15):  # set on the new master after the failover
-            key = f"s:{i}"
-            durable_set(key, 1500)
-            keys.append(key)
+        # Set on the new master after the failover, straight to it: the old one takes
+        # ~10 s to become its replica (a WAIT for one would stall until then), and may
+        # accept a write meanwhile through a connection it keeps.
+        with redis.Redis(port=sentinels.master_port(), socket_timeout=1.0) as new:
+            for i in range(10, 15):
+                key = f"s:{i}"
+                new.set(key, 1, px=1500)
+                keys.append(key)
 
         def all_reset(requests: list[Any]) -> bool:
             return set(keys) <= {q.json["key"] for q in requests if q.json}

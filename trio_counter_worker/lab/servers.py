@@ -23,6 +23,7 @@ import functools
 import importlib.util
 import os
 import random
+import secrets
 import shutil
 import socket
 import subprocess
@@ -445,7 +446,13 @@ class SentinelSetup:
         self.dir = directory
         self.binary = binary or redis_server_binary()
         self.appendonly = appendonly
-        self.master = RedisServer(directory / "master", binary=self.binary, appendonly=appendonly)
+        # The replica's first full sync starts at once (a diskless one waits 5 s for more).
+        self.master = RedisServer(
+            directory / "master",
+            extra_args=["--repl-diskless-sync-delay", "0"],
+            binary=self.binary,
+            appendonly=appendonly,
+        )
         # the master's port is known once it runs: start() makes the real one
         self.replica = RedisServer(directory / "replica", binary=self.binary)
         self.sentinels: list[RedisServer] = []
@@ -468,20 +475,49 @@ class SentinelSetup:
             appendonly=self.appendonly,
         )
         self.replica.start()
-        for i in range(3):
+        for attempt in range(_START_ATTEMPTS):
+            try:
+                self._start_sentinels()
+                break
+            except LabError:  # a port taken meanwhile: all three on new ones
+                for sentinel in self.sentinels:
+                    sentinel.stop()
+                self.sentinels = []
+                if attempt == _START_ATTEMPTS - 1:
+                    raise
+        self.wait_ready()
+
+    def _start_sentinels(self) -> None:
+        # Each sentinel is told the replica and the others (their ids and ports), as
+        # Sentinel writes into its own config once it has found them: found by itself,
+        # through INFO and hello messages, that takes seconds.
+        ports: list[int] = []
+        while len(ports) < 3:
+            if (port := free_port()) not in ports:
+                ports.append(port)
+        ids = [secrets.token_hex(20) for _ in ports]
+        for i, port in enumerate(ports):
             d = self.dir / f"sentinel{i}"
             d.mkdir(parents=True, exist_ok=True)
             conf = d / "sentinel.conf"
+            known = "".join(
+                f"sentinel known-sentinel {MASTER_NAME} {HOST} {p} {id_}\n"
+                for p, id_ in zip(ports, ids, strict=True)
+                if p != port
+            )
             conf.write_text(
+                f"sentinel myid {ids[i]}\n"
                 f"sentinel monitor {MASTER_NAME} {HOST} {self.master.port} 2\n"
                 f"sentinel down-after-milliseconds {MASTER_NAME} 1000\n"
                 f"sentinel failover-timeout {MASTER_NAME} 3000\n"
                 f"sentinel parallel-syncs {MASTER_NAME} 1\n"
+                f"sentinel known-replica {MASTER_NAME} {HOST} {self.replica.port}\n" + known
             )
-            s = RedisServer(d, conf_file=conf, extra_args=["--sentinel"], binary=self.binary)
-            s.start()
-            self.sentinels.append(s)
-        self.wait_ready()
+            sentinel = RedisServer(
+                d, port=port, conf_file=conf, extra_args=["--sentinel"], binary=self.binary
+            )
+            self.sentinels.append(sentinel)
+            sentinel.start()
 
     def sentinel_client(self, i: int = 0, **kwargs: Any) -> redis.Redis:
         kwargs.setdefault("decode_responses", True)
