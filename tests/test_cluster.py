@@ -352,7 +352,10 @@ def test_killed_primary_lost_writes_are_reconciled_from_the_keys(
             # The primary sees the link cut once the replica runs the MULTI, asleep.
             _poll(lambda: c.info("replication")["connected_slaves"] == 0, "link cut")
             # Outliving the failover (~6 s on Valkey 9 here): the takeover's SCAN finds them.
-            deadlines = {k: _set_retrying(app, k, TTL_PAST_FAILOVER) + 5 for k in elsewhere}
+            deadlines = {
+                k: _set_retrying(app, k, TTL_PAST_FAILOVER) + TTL_PAST_FAILOVER / 1000
+                for k in elsewhere
+            }
             app.set(on_victim, 1, px=TTL_PAST_FAILOVER)
             _poll(  # the leader records the deadlines, on the primary only
                 lambda: set(elsewhere) <= set(c.zrange(DEADLINES_KEY, 0, -1)),
@@ -370,7 +373,15 @@ def test_killed_primary_lost_writes_are_reconciled_from_the_keys(
         assert not set(elsewhere) & kept, "the promoted replica should lack those deadlines"
         app.nodes_manager.initialize()
         assert app.exists(on_victim) == 0, "Redis lost the app's SET with the primary"
-    # Due after the takeover, which decides a handed-over key at once.
+        with promoted.client() as c:
+            _poll(  # the takeover's SCAN of every primary recorded them again ...
+                lambda: set(elsewhere) <= set(c.zrange(DEADLINES_KEY, 0, -1)),
+                "deadlines recorded by the takeover",
+                20,
+            )
+        for k in elsewhere:  # ... so they need not wait out their TTL
+            app.pexpire(k, 300)
+            deadlines[k] = time.time() + 0.3
     backend.wait_for(lambda qs: set(elsewhere) <= {q.json["key"] for q in qs if q.json}, 25)
     handed = [q for q in backend.requests if q.json and q.json["key"] == on_victim]
     deadlines |= {on_victim: handed[0].json["expired_at"]} if handed else {}
