@@ -17,9 +17,11 @@ from tests.support.redis_server import RedisServer, debug_args, find_redis_serve
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """``@pytest.mark.fail_after(seconds)`` (or a module's ``pytestmark``): a trio test
-    that runs longer fails with TooSlowError instead of hanging. Under the autojump clock
-    a hang reaches the deadline at once."""
+    """The tests marked slow first (they mostly wait: the rest runs beside them, and no
+    long one is left for the end). ``@pytest.mark.fail_after(seconds)`` (or a module's
+    ``pytestmark``): a trio test that runs longer fails with TooSlowError instead of
+    hanging. Under the autojump clock a hang reaches the deadline at once."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     for item in items:
         marker = item.get_closest_marker("fail_after")
         if (

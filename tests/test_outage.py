@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import redis
@@ -88,7 +89,13 @@ async def test_redis_unreachable_at_start_is_one_warning_and_a_summary_every_10_
     )
     assert all(w.startswith("Redis still unavailable after ") for w in warnings[1:])
     assert 1 < len(warnings) <= 1 + 35 // 10 < bridge.pings - 1
-    assert records[-1].getMessage().startswith("Redis answers again after 3")
+    # Back at the first ping after 35 s: the clock may jump on while a thread runs the
+    # client's connect (autojump sees no task to run), so no upper bound is exact.
+    back = re.fullmatch(
+        r"Redis answers again after ([\d.]+) s \(\d+ failed calls\)", records[-1].getMessage()
+    )
+    assert back is not None
+    assert float(back.group(1)) >= 35.0
 
 
 async def test_a_client_that_cannot_even_be_made_is_waited_for_like_an_unreachable_redis(
