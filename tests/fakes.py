@@ -37,6 +37,24 @@ def _ms() -> int:
     return round(trio.current_time() * 1000)
 
 
+def claimed_outcome(
+    reset: PendingReset, verdict: spec.Verdict, deadlines: dict[str, int], now: int
+) -> KeyOutcome:
+    """A claim's answer, as the script gives it (the claim itself is the caller's): a key
+    set again since the episode ended has its new life recorded in ``deadlines``."""
+    lives = verdict.lives_until
+    if lives is not None:
+        deadlines[reset.key] = lives
+    return KeyOutcome(
+        reset.key,
+        "claimed",
+        pttl_ms=0 if lives is None else lives - now,
+        reset=reset,
+        claimed_ms=now,
+        lives_again=lives is not None,
+    )
+
+
 @attrs.define
 class FakeLease:
     holder: str
@@ -238,13 +256,17 @@ class FakeStore:
         return [self._carry_out(key, spec.track(self._seen(key), _ms())) for key in keys]
 
     async def claim(
-        self, holder: str, keys: list[str], expired_after: list[int] | None = None
+        self,
+        holder: str,
+        keys: list[str],
+        expired_after: list[int] | None = None,
+        heard: bool = False,
     ) -> list[KeyOutcome]:
         await self._op("claim")
         self._check(holder)
         afters: list[int | None] = [*expired_after] if expired_after else [None] * len(keys)
         out = [
-            self._carry_out(key, spec.claim(self._seen(key), _ms(), after))
+            self._carry_out(key, spec.claim(self._seen(key), _ms(), after, heard))
             for key, after in zip(keys, afters, strict=True)
         ]
         self.claimed = {k: t for k, t in self.claimed.items() if t >= _ms() - spec.TOMBSTONE_MS}
@@ -278,7 +300,7 @@ class FakeStore:
         self.pending_resets.setdefault(reset.reset_id, reset)
         self.claimed[key] = _ms()
         self._publish_to(self.own.claims, f"{_ms()} {key}")
-        return KeyOutcome(key, "claimed", reset=reset, claimed_ms=_ms())
+        return claimed_outcome(reset, verdict, self.deadlines, _ms())
 
     async def mark_sent(self, holder: str, *reset_ids: str) -> None:
         await self._op("mark_sent")

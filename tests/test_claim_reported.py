@@ -59,12 +59,28 @@ async def test_reported_expiry_is_claimed_once_and_echoes_are_not(
             assert due.kind == "claimed"
             (echo2,) = await bridge.claim(HOLDER, ["c:tracked"], [due.claimed_ms - 1])
             assert echo2.kind == "gone"
-            # A key alive again when the report is read: tracked, not reset.
+            # A key alive again when a report of a possible expiry is read: tracked, not
+            # reset (it may only have been re-armed) ...
             with redis_server.client() as c:
                 c.set("c:back", 1, ex=60)
             (alive,) = await bridge.claim(HOLDER, ["c:back"], [0])
             assert alive.kind == "alive"
             assert len(await bridge.pending()) == 2
+            # ... but an `expired` event heard ended an episode: the app set it again.
+            (again,) = await bridge.claim(HOLDER, ["c:back"], [0], heard=True)
+            assert again.kind == "claimed"
+            assert again.lives_again
+            assert 59_000 < again.pttl_ms <= 60_000
+            assert again.reset is not None
+            assert again.reset.deadline_ms == again.claimed_ms  # no deadline had passed
+            with redis_server.client() as c:
+                recorded = c.zscore(bridge.keys.deadlines, "c:back")
+                assert recorded is not None
+                assert recorded > again.claimed_ms + 59_000  # its new life, tracked
+            assert len(await bridge.pending()) == 3
+            # The same event heard again is that claim's: no second reset.
+            (echo3,) = await bridge.claim(HOLDER, ["c:back"], [0], heard=True)
+            assert echo3.kind == "alive"
     finally:
         await bridge.aclose()
 

@@ -394,11 +394,15 @@ class PoisonStore(FakeStore):
     """A store whose decision raises for one key: a stand-in for an item no code expects."""
 
     async def claim(
-        self, holder: str, keys: list[str], expired_after: list[int] | None = None
+        self,
+        holder: str,
+        keys: list[str],
+        expired_after: list[int] | None = None,
+        heard: bool = False,
     ) -> list[Any]:
         if "c:poison" in keys:
             raise ValueError("cannot decide c:poison")
-        return await super().claim(holder, keys, expired_after)
+        return await super().claim(holder, keys, expired_after, heard)
 
 
 async def test_a_key_whose_decision_fails_is_set_aside_and_the_others_go_on(
@@ -589,13 +593,17 @@ class SlowOnce(FakeStore):
     slow = True
 
     async def claim(
-        self, holder: str, keys: list[str], expired_after: list[int] | None = None
+        self,
+        holder: str,
+        keys: list[str],
+        expired_after: list[int] | None = None,
+        heard: bool = False,
     ) -> list[Any]:
         if expired_after is not None and self.slow:
             self.slow = False
             self.calls.append((trio.current_time(), "slow claim"))
             await trio.sleep(5)
-        return await super().claim(holder, keys, expired_after)
+        return await super().claim(holder, keys, expired_after, heard)
 
 
 async def test_a_graceful_stop_hands_over_what_only_it_has_seen(

@@ -76,7 +76,7 @@ def test_an_unscheduled_expiry_is_reported_after_the_subscription_start() -> Non
     that same millisecond may have come after it."""
     s = state(since=1_000)
     s.on_events([event("c:late", "expired")])
-    assert s.take(10) == Taken(True, ["c:late"], [999])
+    assert s.take(10) == Taken(True, ["c:late"], [999], heard=True)
 
 
 def test_a_claim_in_the_subscriptions_first_millisecond_may_echo_on_it() -> None:
@@ -91,7 +91,7 @@ def test_a_marker_of_a_claim_this_leader_did_not_make_is_ignored() -> None:
     someone else's message and changes nothing (issue #21)."""
     s = state(since=1_000)
     s.on_events([marker("c:1", 5_000), event("c:1", "expired")])
-    assert s.take(10) == Taken(True, ["c:1"], [999])
+    assert s.take(10) == Taken(True, ["c:1"], [999], heard=True)
 
 
 def test_the_echo_of_our_own_claim_needs_no_call() -> None:
@@ -100,7 +100,7 @@ def test_the_echo_of_our_own_claim_needs_no_call() -> None:
     s.on_events([event("c:1", "expired")])  # published before the claim's marker
     assert s.take(10) is None
     s.on_events([marker("c:1", 5_000), event("c:1", "expired")])  # and after it: new
-    assert s.take(10) == Taken(True, ["c:1"], [5_000])
+    assert s.take(10) == Taken(True, ["c:1"], [5_000], heard=True)
 
 
 def test_a_claim_before_this_subscription_has_no_echo_on_it() -> None:
@@ -109,14 +109,14 @@ def test_a_claim_before_this_subscription_has_no_echo_on_it() -> None:
     s = state(since=1_000)
     s.apply([claimed("c:1", 999)], base=10.0)
     s.on_events([event("c:1", "expired")])
-    assert s.take(10) == Taken(True, ["c:1"], [999])
+    assert s.take(10) == Taken(True, ["c:1"], [999], heard=True)
 
 
 def test_a_scheduled_key_reported_expired_is_claimed_first() -> None:
     s = state()
     s.apply([KeyOutcome("c:held", "alive", pttl_ms=30_000)], base=1.0)
     s.on_events([event("c:other", "set"), event("c:held", "expired")])
-    assert s.take(10) == Taken(True, ["c:held"], [999])  # due queue: before the track
+    assert s.take(10) == Taken(True, ["c:held"], [999], heard=True)  # due queue: before the track
     assert s.take(10) == Taken(False, ["c:other"], None)
 
 
@@ -255,7 +255,7 @@ def test_a_resubscription_forgets_markers_and_the_queue() -> None:
     s.resubscribed(9_000)
     assert s.take(10) is None
     s.on_events([event("c:1", "expired")])
-    assert s.take(10) == Taken(True, ["c:1"], [8_999])
+    assert s.take(10) == Taken(True, ["c:1"], [8_999], heard=True)
 
 
 def test_a_key_seen_and_not_looked_at_is_carried_over_as_reported() -> None:
@@ -315,7 +315,7 @@ def test_handing_over_takes_reported_keys_also_those_in_a_call() -> None:
     s = state(since=1_000)
     s.on_events([event("c:1", "expired"), event("c:2", "expired"), event("c:3", "set")])
     in_call = s.take(1)
-    assert in_call == Taken(True, ["c:1"], [999])
+    assert in_call == Taken(True, ["c:1"], [999], heard=True)
     assert in_call is not None
     s.done(in_call, decided=False)  # cancelled by the stop
     # c:3: set and not looked at, so the next leader may find no trace of it either.
@@ -353,7 +353,7 @@ def test_claims_remembered_are_bounded_by_the_tombstone_window() -> None:
     for n in range(1_000):
         s.apply([claimed(f"c:{n}", n * 1_000)], base=0.0)  # one claim a second
     s.on_events([event("c:0", "expired")])  # 999 s later: its tombstone is long gone
-    assert s.take(10) == Taken(True, ["c:0"], [-1])
+    assert s.take(10) == Taken(True, ["c:0"], [-1], heard=True)
     assert len(s._claims) <= 61
 
 
@@ -388,3 +388,38 @@ def test_a_batch_is_halved_with_its_reported_times() -> None:
     ]
     looks = Taken(False, ["c:1", "c:2"], None)
     assert looks.halves() == [Taken(False, ["c:1"], None), Taken(False, ["c:2"], None)]
+
+
+def test_an_expiry_heard_is_claimed_as_heard_and_carried_over_as_only_reported() -> None:
+    """Heard, it ends an episode even if the key is set again by the claim; carried into
+    a new subscription it is one a key may have had (an expiry or a re-arm, as the keys
+    seen and not looked at)."""
+    s = state(since=1_000)
+    s.on_events([event("c:1", "expired"), event("c:1", "set")])
+    taken = s.take(10)
+    assert taken == Taken(True, ["c:1"], [999], heard=True)
+    assert taken.halves()[1].heard
+    s.done(taken, decided=False)
+    s.resubscribed(5_000)
+    assert s.take(10) == Taken(True, ["c:1"], [999], heard=False)
+
+
+def test_a_claim_of_a_key_set_again_schedules_its_new_life() -> None:
+    s = state()
+    s.want(["c:1", "c:2"], "claim")
+    taken = s.take(10)
+    assert taken is not None
+    again = KeyOutcome(
+        "c:1",
+        "claimed",
+        pttl_ms=2_000,
+        reset=PendingReset("id-c:1", "c:1", 1, 1),
+        claimed_ms=5_000,
+        lives_again=True,
+    )
+    assert s.apply([again, claimed("c:2", 5_000)], base=10.0) == [
+        again.reset,
+        claimed("c:2", 5_000).reset,
+    ]
+    s.done(taken, decided=True)
+    assert s.schedule.pop_due(10.0 + 2.0 + EARLY) == ["c:1"]  # c:2's life is over

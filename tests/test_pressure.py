@@ -163,13 +163,17 @@ class RefusingStore(FakeStore):
         return await super().track(holder, keys)
 
     async def claim(
-        self, holder: str, keys: list[str], expired_after: list[int] | None = None
+        self,
+        holder: str,
+        keys: list[str],
+        expired_after: list[int] | None = None,
+        heard: bool = False,
     ) -> list[KeyOutcome]:
         await trio.lowlevel.checkpoint()
         if self.full:
             self.refused += 1
             raise OOM
-        return await super().claim(holder, keys, expired_after)
+        return await super().claim(holder, keys, expired_after, heard)
 
 
 async def test_a_key_seen_while_redis_refuses_is_reset_once_it_accepts(

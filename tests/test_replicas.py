@@ -242,6 +242,35 @@ def test_three_replicas_one_post_per_episode(harness: Harness) -> None:
             assert "reset sent" not in worker.output(), f"standby {rid} sent a reset"
 
 
+def test_a_key_set_again_just_after_it_expired_is_reset_for_the_ended_episode(
+    harness: Harness,
+) -> None:
+    """The app sets a key again a moment after it expired, before the leader has claimed
+    it (here the leader is frozen over the deadline; in life it is the leader's few
+    milliseconds, or a backlog). The `expired` event it then hears ended that episode:
+    it is reset, and the key's new life is tracked and reset in its turn."""
+    cluster = harness.start(["r0"])
+    leader, backend = cluster.leader, harness.backend
+    with harness.redis_server.client() as client:
+        due = set_key(client, KEY, 400)
+        wait_until(lambda: client.zscore(KEYS.deadlines, KEY), "the deadline recorded", 5.0)
+        leader.signal(signal.SIGSTOP)  # within its 1 s lease: it keeps leading
+        try:
+            # Read past its deadline, Redis expires the key and publishes `expired`.
+            wait_until(lambda: not client.exists(KEY), "the key expired", 5.0, interval=POLL)
+            again = set_key(client, KEY, 1500)
+        finally:
+            leader.signal(signal.SIGCONT)
+        backend.wait_for(lambda requests: len(requests) >= 1, timeout=RESET_TIMEOUT)
+        first = backend.requests[0]
+        assert first.received_at < again, "the ended episode waited for the next one"
+        check_reset(first, secret=harness.secret, key=KEY, due=due)
+        backend.wait_for(lambda requests: len(requests) >= 2, timeout=RESET_TIMEOUT + 1.5)
+        second = check_reset(backend.requests[1], secret=harness.secret, key=KEY, due=again)
+        assert second["reset_id"] != first.json["reset_id"]
+        assert_no_more(backend, 2, 0.3)
+
+
 # --- 2. SIGKILL the leader: another replica takes over -------------------------------------
 
 

@@ -52,6 +52,17 @@ class Case:
     deadline: int | None
     claimed: int | None
     after: int | None
+    heard: bool = False  # the report is an `expired` event heard
+
+    def reported(self, now: int) -> str:
+        """The script's argument for the report."""
+        if self.after is None:
+            return ""
+        return ("h" if self.heard else "") + str(now + self.after)
+
+    def decide(self, seen_at: int, now: int) -> spec.Verdict:
+        after = None if self.after is None else seen_at + self.after
+        return spec.claim(self.seen(seen_at), now, after, self.heard)
 
     def seen(self, now: int) -> spec.Seen:
         return spec.Seen(
@@ -67,13 +78,15 @@ def cases(slack: bool) -> list[Case]:
     if slack:  # exact time only: at, and just inside and outside the due slack
         deadlines += [0, spec.DUE_SLACK_MS, spec.DUE_SLACK_MS + 1]
     return [
-        Case(pttl, deadline, claimed, after)
-        for pttl, deadline, claimed, after in itertools.product(
+        Case(pttl, deadline, claimed, after, heard)
+        for pttl, deadline, claimed, after, heard in itertools.product(
             [-2, -1, 5_000],
             deadlines,
             [None, -1_000, -spec.TOMBSTONE_MS - 1_000],
             [None, -2_000, -500, -1_000],  # -1_000: after the claim's own marker
+            [False, True],
         )
+        if not (heard and after is None)
     ]
 
 
@@ -95,7 +108,7 @@ def expected(verdict: spec.Verdict, key: str, now: int) -> dict[str, Any]:
             "reset_id": spec.reset_id(NS, key, verdict.deadline),
             "claimed_ms": now,
             "fencing_token": EPOCH,
-            "recorded": None,
+            "recorded": verdict.lives_until,  # set again: its new life recorded
             "tombstone": now,
         }
     return {
@@ -120,6 +133,7 @@ def actual(
     if "claimed" in row:
         rec = json.loads(row["claimed"])
         assert r.hexists(PENDING, rec["reset_id"])
+        assert ("p" in row) == (recorded is not None), "set again: answered and recorded"
         return {
             "kind": "claimed",
             "deadline_ms": rec["deadline_ms"],
@@ -151,13 +165,12 @@ def test_apply_claim_is_spec_claim(r: redis.Redis) -> None:
         key = f"k:{n}"
         before, tombstone = _arrange(r, key, case, NOW)
         seen = case.seen(NOW)
-        after = "" if case.after is None else NOW + case.after
         raw = apply_claim(
             keys=[LEASE, DEADLINES, PENDING, SEEN, CLAIMED],
-            args=[HOLDER, NS, key, NOW, seen.pttl, seen.expire_at, after],
+            args=[HOLDER, NS, key, NOW, seen.pttl, seen.expire_at, case.reported(NOW)],
         )
         (row,) = json.loads(raw)["keys"]
-        want = spec.claim(seen, NOW, None if case.after is None else NOW + case.after)
+        want = case.decide(NOW, NOW)
         got = actual(r, row, key, before, tombstone, NOW - spec.TOMBSTONE_MS)
         assert got == expected(want, key, NOW), case
 
@@ -197,25 +210,27 @@ def test_claim_is_spec_claim(r: redis.Redis) -> None:
         _set_key(r, key, case.pttl)
         before, tombstone = _arrange(r, key, case, now)
         r.hset(PAYLOADS, key, PAYLOAD)
-        after = "" if case.after is None else now + case.after
         raw = json.loads(
             claim(
                 keys=[LEASE, DEADLINES, PENDING, CLAIMED, PAYLOADS, key],
-                args=[HOLDER, NS, "", after],
+                args=[HOLDER, NS, "", case.reported(now)],
             )
         )
         at = int(raw["now"])  # the script's own now: the spec decides at the same time
         (row,) = raw["keys"]
-        want = spec.claim(case.seen(now), at, None if case.after is None else now + case.after)
+        want = case.decide(now, at)
         got = actual(r, row, key, before, tombstone, at - spec.TOMBSTONE_MS)
         # The payload goes with a claimed episode, is dropped with a gone one.
         assert r.hget(PAYLOADS, key) == (PAYLOAD if want.kind in ("alive", "due") else None)
         if want.kind == "claimed":
             assert json.loads(row["claimed"])["payload"] == PAYLOAD, case
-        if want.kind == "alive":  # the expiry Redis holds: set between now and the claim
-            assert got["kind"] == "alive", case
+        if want.kind == "alive" or want.lives_until is not None:
+            # the expiry Redis holds: set between now and the claim
             assert now + case.pttl - 2 <= got["recorded"] <= at + case.pttl, case
-            continue
+            if want.kind == "alive":
+                assert got["kind"] == "alive", case
+                continue
+            want = attrs.evolve(want, lives_until=got["recorded"])
         assert got == expected(want, key, at), case
 
 

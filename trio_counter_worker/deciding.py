@@ -197,7 +197,9 @@ class Deciders:
         start = trio.current_time()
         try:
             if taken.claim:
-                outcomes = await self._store.claim(self._holder, taken.keys, taken.expired_after)
+                outcomes = await self._store.claim(
+                    self._holder, taken.keys, taken.expired_after, taken.heard
+                )
             else:
                 outcomes = await self._store.track(self._holder, taken.keys)
         except RedisRefused as exc:

@@ -16,28 +16,36 @@ import attrs
 
 __all__ = ["CallLimits", "DecisionQueue", "Op", "Want"]
 
-Op = Literal["track", "claim", "reported"]
+Op = Literal["track", "claim", "reported", "expired"]
 
 
 @attrs.frozen
 class Want:
     """What to ask Redis about a key. ``claim``: decide it as due (else only record its
     TTL); ``reported``: Redis said it expired (after a known time), so it ended an episode
-    unless that is the echo of a later claim (:func:`trio_counter_worker.spec.claim`).
+    unless that is the echo of a later claim (:func:`trio_counter_worker.spec.claim`);
+    ``heard``: that report is an `expired` event heard (op "expired"), not a key that may
+    have expired unheard: it ends an episode even if the key is set again by then.
     Asking more never gives a wrong answer: CLAIM on a live key records its TTL as TRACK
     does."""
 
     claim: bool = False
     reported: bool = False
+    heard: bool = False
 
     def __or__(self, other: Want) -> Want:
-        return Want(self.claim or other.claim, self.reported or other.reported)
+        return Want(
+            self.claim or other.claim,
+            self.reported or other.reported,
+            self.heard or other.heard,
+        )
 
 
 _WANTS: dict[Op, Want] = {
     "track": Want(),
     "claim": Want(claim=True),
     "reported": Want(claim=True, reported=True),
+    "expired": Want(claim=True, reported=True, heard=True),
 }
 
 
@@ -69,7 +77,7 @@ class DecisionQueue:
         if after is not None:
             wanted = wanted | _WANTS["reported"]
             self._after[key] = max(after, self._after.get(key, after))
-        elif op == "reported":
+        elif wanted.reported:
             raise ValueError("want: a reported key needs `after`")
         queue = self._due if wanted.claim else self._other
         if key in self._due and queue is self._other:

@@ -168,19 +168,21 @@ class Heard:
 @attrs.frozen
 class Taken:
     """A batch of keys for one script call: ``claim`` (CLAIM) or not (TRACK), with the
-    times Redis reported them expired after when they were reported."""
+    times Redis reported them expired after when they were reported; ``heard``: those
+    reports are `expired` events heard (:class:`.decisions.Want`)."""
 
     claim: bool
     keys: list[str]
     expired_after: list[int] | None
+    heard: bool = False
 
     def halves(self) -> list[Taken]:
         """The batch cut in two, to find a key whose decision fails (bisecting)."""
         half = len(self.keys) // 2
         after = self.expired_after
         return [
-            Taken(self.claim, self.keys[:half], after and after[:half]),
-            Taken(self.claim, self.keys[half:], after and after[half:]),
+            Taken(self.claim, self.keys[:half], after and after[:half], self.heard),
+            Taken(self.claim, self.keys[half:], after and after[half:], self.heard),
         ]
 
 
@@ -301,7 +303,8 @@ class LeaderState:
         elif taken.expired_after is None:
             ops = [("claim", None)] * len(taken.keys)
         else:
-            ops = [("reported", after) for after in taken.expired_after]
+            op: Op = "expired" if taken.heard else "reported"
+            ops = [(op, after) for after in taken.expired_after]
         for key, (op, after) in zip(taken.keys, ops, strict=True):
             self.queue.want(key, op, after)
 
@@ -370,7 +373,7 @@ class LeaderState:
             return  # the echo of our own claim's touch: no call needed
         # A key set and expired before we read its TTL (events backlogged, or across a
         # handoff) has only this to show for it; one we hold expired before our timer.
-        self._hold(key, "claim" if key in self.schedule else "reported", after)
+        self._hold(key, "expired", after)
 
     def _on_marker(self, data: str) -> None:
         """A claim's marker: "<claimed_ms> <key>"; later `expired` events of the key
@@ -395,7 +398,7 @@ class LeaderState:
             if held is not None:
                 # After the claim's own marker: a new episode; else as it was.
                 after, heard = held
-                self.queue.want(key, "reported", claimed_ms if claimed_ms in heard else after)
+                self.queue.want(key, "expired", claimed_ms if claimed_ms in heard else after)
 
     def due(self, now: float) -> None:
         """Queue a claim for every key whose deadline has come (trio time)."""
@@ -412,7 +415,7 @@ class LeaderState:
             if (seen := self._unlooked.pop(key, None)) is not None:
                 self._looking[key] = seen
         self._deciding += len(keys)
-        return Taken(wanted.claim, keys, afters)
+        return Taken(wanted.claim, keys, afters, wanted.heard)
 
     def done(self, taken: Taken, decided: bool) -> None:
         self._deciding -= len(taken.keys)
@@ -431,26 +434,30 @@ class LeaderState:
                 self._early.pop(key, None)
                 held = self._held.pop(key, None)
                 if held is not None:
-                    self.queue.want(key, "reported", held[0])
+                    self.queue.want(key, "expired", held[0])
 
     def apply(self, outcomes: list[KeyOutcome], base: float) -> list[PendingReset]:
         """What Redis decided, as of ``base`` (trio time, the middle of the round trip:
         the best estimate of when Redis read the keys). Returns the resets to deliver."""
         claimed: list[PendingReset] = []
         for o in outcomes:
-            if o.kind == "alive" and o.pttl_ms / 1000 <= WINDOW + _SLACK:
-                self.schedule.set(o.key, base + o.pttl_ms / 1000 + EARLY)
-            elif o.kind == "alive":
-                self.schedule.remove(o.key)  # recorded: a later read brings it in
-            elif o.kind == "due":
-                self.schedule.set(o.key, base)
-            elif o.kind == "claimed" and o.reset is not None:
-                self.schedule.remove(o.key)
+            if o.kind == "claimed" and o.reset is not None:
                 self._claims.remember(o.key, o.claimed_ms)
                 self._confirm(o.key, o.claimed_ms)
                 claimed.append(o.reset)
-            else:
+                if not o.lives_again:  # (else set again since: scheduled as alive)
+                    self.schedule.remove(o.key)
+                    continue
+            elif o.kind == "due":
+                self.schedule.set(o.key, base)
+                continue
+            elif o.kind != "alive":
                 self.schedule.remove(o.key)
+                continue
+            if o.pttl_ms / 1000 <= WINDOW + _SLACK:
+                self.schedule.set(o.key, base + o.pttl_ms / 1000 + EARLY)
+            else:
+                self.schedule.remove(o.key)  # recorded: a later read brings it in
         return claimed
 
     def tracked(self, page: DeadlinePage, base: float) -> None:

@@ -368,7 +368,11 @@ class RedisBridge:
         return outcomes(raw, keys)
 
     async def claim(
-        self, holder: str, keys: list[str], expired_after: list[int] | None = None
+        self,
+        holder: str,
+        keys: list[str],
+        expired_after: list[int] | None = None,
+        heard: bool = False,
     ) -> list[KeyOutcome]:
         raw = await self._pipelined(
             "CLAIM",
@@ -380,7 +384,12 @@ class RedisBridge:
                 self.keys.payloads,
                 *keys,
             ],
-            [holder, self._config.namespace, self.keys.claims, *reported_args(keys, expired_after)],
+            [
+                holder,
+                self._config.namespace,
+                self.keys.claims,
+                *reported_args(keys, expired_after, heard),
+            ],
         )
         return outcomes(raw, keys)
 

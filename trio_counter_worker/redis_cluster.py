@@ -133,12 +133,16 @@ class ClusterBridge(RedisBridge):
         return outcomes(raw, keys)
 
     async def claim(
-        self, holder: str, keys: list[str], expired_after: list[int] | None = None
+        self,
+        holder: str,
+        keys: list[str],
+        expired_after: list[int] | None = None,
+        heard: bool = False,
     ) -> list[KeyOutcome]:
         if not keys:
             return []
         facts = await self._run(self._key_facts_sync, keys)
-        reported = reported_args(keys, expired_after)
+        reported = reported_args(keys, expired_after, heard)
         args = [v for i in range(len(keys)) for v in (*facts[4 * i : 4 * i + 4], reported[i])]
         raw = await self._script(
             "APPLY_CLAIM",

@@ -193,13 +193,17 @@ def note(reset_id: str, raw: str) -> FailingNote:
         return FailingNote(reset_id, 0, 0.0, "(unreadable note)")
 
 
-def reported_args(keys: list[str], expired_after: list[int] | None) -> list[str]:
-    """Per key: '' (not reported) or the time Redis reported it expired after."""
+def reported_args(
+    keys: list[str], expired_after: list[int] | None, heard: bool = False
+) -> list[str]:
+    """Per key: '' (not reported) or the time Redis reported it expired after, after an
+    'h' if the report is an `expired` event heard (scripts.CLAIM)."""
     if expired_after is None:
         return [""] * len(keys)
     if len(expired_after) != len(keys):
         raise ValueError("claim: one expired_after per key")
-    return [str(int(t)) for t in expired_after]
+    mark = "h" if heard else ""
+    return [f"{mark}{int(t)}" for t in expired_after]
 
 
 def deadline_page(raw: str) -> DeadlinePage:
@@ -231,21 +235,28 @@ def outcomes(raw: str, keys: list[str]) -> list[KeyOutcome]:
     out: list[KeyOutcome] = []
     claimed: list[tuple[int, str]] = []  # where, and the pending record as JSON text
     for key, row in zip(keys, rows, strict=True):
-        if "p" in row:
+        if "claimed" in row:
+            claimed.append((len(out), row["claimed"]))
+            out.append(_UNDECODED)
+        elif "p" in row:
             out.append(KeyOutcome(key, "alive", pttl_ms=int(row["p"])))
         elif row.get("due"):
             out.append(KeyOutcome(key, "due"))
-        elif "claimed" in row:
-            claimed.append((len(out), row["claimed"]))
-            out.append(_UNDECODED)
         else:
             out.append(KeyOutcome(key, "gone"))
     # The records, JSON inside the JSON, decoded in one call, not one each (the call
     # costs more than the parsing).
     records = _json_list([text for _, text in claimed])
     for (i, _), rec in zip(claimed, records, strict=True):
-        reset = record(rec)
-        out[i] = KeyOutcome(keys[i], "claimed", reset=reset, claimed_ms=int(rec["claimed_ms"]))
+        reset, row = record(rec), rows[i]
+        out[i] = KeyOutcome(
+            keys[i],
+            "claimed",
+            pttl_ms=int(row.get("p", 0)),
+            reset=reset,
+            claimed_ms=int(rec["claimed_ms"]),
+            lives_again="p" in row,
+        )
     return out
 
 

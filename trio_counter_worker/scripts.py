@@ -212,31 +212,40 @@ local function is_echo(claimed, key, now, after)
   return t ~= nil and t >= now - TOMBSTONE_MS and t > after
 end
 -- The decision for one key, given its state at `now` (pttl, absolute expiry `at`);
--- `after`: nil, or Redis reported it expired after that time (spec.claim).
+-- `after`: nil, or Redis reported it expired after that time; `heard`: as an `expired`
+-- event, which ends an episode even if the key is set again by now (spec.claim).
 -- k: {deadlines, pending, claimed, ns, markers, payloads (or nil)}; returns the row for
 -- the caller's answer.
-local function decide(k, key, now, pttl, at, epoch, after)
+local function decide(k, key, now, pttl, at, epoch, after, heard)
   local dl = tonumber(redis.call('ZSCORE', k.deadlines, key))
+  local due = dl ~= nil and dl <= now + DUE_SLACK_MS
+  if after and (pttl == -2 or heard) and not is_echo(k.claimed, key, now, after) then
+    local ended = due and dl or now
+    if pttl >= 0 then  -- set again: its new life is recorded
+      redis.call('ZADD', k.deadlines, at, key)
+      return {p = pttl, claimed = claim_episode(k, key, ended, epoch, now)}
+    end
+    if dl then redis.call('ZREM', k.deadlines, key) end
+    return {claimed = claim_episode(k, key, ended, epoch, now)}
+  end
   if pttl >= 0 then
     redis.call('ZADD', k.deadlines, at, key)
     return {p = pttl}
   end
   if dl then redis.call('ZREM', k.deadlines, key) end
-  local due = dl ~= nil and dl <= now + DUE_SLACK_MS
-  if after and pttl == -2 and not is_echo(k.claimed, key, now, after) then
-    if not due then dl = now end
-    return {claimed = claim_episode(k, key, dl, epoch, now)}
-  end
   if pttl == -1 or not due then
     drop_payload(k.payloads, key)
     return {gone = true}
   end
   return {claimed = claim_episode(k, key, dl, epoch, now)}
 end
--- ARGV[i]: '' (not reported) or the time Redis reported the key expired after.
+-- ARGV[i]: '' (not reported) or the time Redis reported the key expired after, with
+-- 'h' before it if that report is an `expired` event heard. Returns after, heard.
 local function reported_after(i)
-  if ARGV[i] == '' then return nil end
-  return tonumber(ARGV[i])
+  local v = ARGV[i]
+  if v == '' then return nil, false end
+  if string.sub(v, 1, 1) == 'h' then return tonumber(string.sub(v, 2)), true end
+  return tonumber(v), false
 end
 """
 )

@@ -78,11 +78,13 @@ class Verdict:
     ``alive``: record ``deadline`` (the key's expiry); ``due``: it expired, claim it now
     (a look only: nothing changes); ``gone``: forget the recorded deadline, no reset;
     ``claimed``: forget it and create the pending reset of the episode that ended at
-    ``deadline``, with a tombstone at now.
+    ``deadline``, with a tombstone at now; unless ``lives_until`` is set: the key was set
+    again after that episode ended, and its new expiry is recorded instead.
     """
 
     kind: Literal["alive", "due", "gone", "claimed"]
     deadline: int | None = None
+    lives_until: int | None = None
 
 
 def is_due(deadline: int, now: int) -> bool:
@@ -109,7 +111,7 @@ def is_echo(claimed_at: int | None, now: int, expired_after: int) -> bool:
     )
 
 
-def claim(seen: Seen, now: int, expired_after: int | None = None) -> Verdict:
+def claim(seen: Seen, now: int, expired_after: int | None = None, heard: bool = False) -> Verdict:
     """A key at its recorded deadline, or reported expired (CLAIM).
 
     ``expired_after``: Redis published `expired` for this key after every claim of it
@@ -117,17 +119,20 @@ def claim(seen: Seen, now: int, expired_after: int | None = None) -> Verdict:
     echo ends an episode even with no recorded deadline (set and expired before the
     leader read its TTL) or a stale one still in the future (re-armed with a shorter TTL
     unseen, across a handoff): it ends at the recorded deadline if that has passed, else
-    when it was seen (now).
+    when it was seen (now). ``heard``: the report is an `expired` event the leader heard
+    (not a key that may have expired unheard): it ends an episode even if the key is
+    set again by now, the app's next activity; the key's new life is recorded.
     """
-    if seen.pttl >= 0:
-        return Verdict("alive", seen.expire_at)
     dl = seen.deadline
     if (
         expired_after is not None
-        and seen.pttl == -2
+        and (seen.pttl == -2 or heard)
         and not is_echo(seen.claimed_at, now, expired_after)
     ):
-        return Verdict("claimed", dl if dl is not None and is_due(dl, now) else now)
+        ended = dl if dl is not None and is_due(dl, now) else now
+        return Verdict("claimed", ended, seen.expire_at if seen.pttl >= 0 else None)
+    if seen.pttl >= 0:
+        return Verdict("alive", seen.expire_at)
     if dl is None or seen.pttl == -1 or not is_due(dl, now):
         return Verdict("gone")
     return Verdict("claimed", dl)

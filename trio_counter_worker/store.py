@@ -95,7 +95,8 @@ class KeyOutcome:
 
     ``alive``: it has a TTL, due in ``pttl_ms``; ``due``: it expired, claim it now;
     ``gone``: nothing to do (no TTL, deleted early, or not tracked); ``claimed``: the
-    episode ended and ``reset`` is now pending, claimed at ``claimed_ms`` (Redis time).
+    episode ended and ``reset`` is now pending, claimed at ``claimed_ms`` (Redis time);
+    ``lives_again``: and the key was set again since, due in ``pttl_ms``.
     """
 
     key: str
@@ -103,6 +104,7 @@ class KeyOutcome:
     pttl_ms: int = 0
     reset: PendingReset | None = None
     claimed_ms: int = 0
+    lives_again: bool = False
 
 
 @attrs.frozen
@@ -152,12 +154,17 @@ class Store(Protocol):
     async def track(self, holder: str, keys: list[str]) -> list[KeyOutcome]: ...
 
     async def claim(
-        self, holder: str, keys: list[str], expired_after: list[int] | None = None
+        self,
+        holder: str,
+        keys: list[str],
+        expired_after: list[int] | None = None,
+        heard: bool = False,
     ) -> list[KeyOutcome]:
         """Decide each key at its deadline (:func:`trio_counter_worker.spec.claim`).
         ``expired_after``: Redis published `expired` for these keys, after these times
         (Redis ms, one per key), so each is an episode that ended unless it is the echo
-        of a later claim."""
+        of a later claim. ``heard``: each report is an `expired` event the leader heard
+        (it ends an episode even if the key is set again by now)."""
         ...
 
     async def mark_sent(self, holder: str, *reset_ids: str) -> None: ...
