@@ -57,6 +57,17 @@ def test_a_reported_key_keeps_its_latest_report() -> None:
     assert q.take(10) == (Want(claim=True, reported=True), ["c:1", "c:2"], [9, 3])
 
 
+def test_an_expiry_heard_stays_heard_whatever_is_asked_of_its_key_besides() -> None:
+    q = DecisionQueue()
+    q.want("c:1", "expired", 5)
+    q.want("c:1", "track")
+    q.want("c:1", "reported", 7)
+    q.want("c:2", "reported", 3)  # not heard: another call
+    heard = Want(claim=True, reported=True, heard=True)
+    assert q.take(10) == (heard, ["c:1"], [7])
+    assert q.take(10) == (Want(claim=True, reported=True), ["c:2"], [3])
+
+
 def test_handing_over_takes_every_reported_key() -> None:
     q = DecisionQueue()
     q.want("c:t", "track")
