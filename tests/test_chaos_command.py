@@ -45,7 +45,7 @@ ARGS = [
 # The short runs: ~10 s each (start, a few seconds of faults, the last expiries).
 SHORT = [
     "--replicas",
-    "3",
+    "2",
     "--duration",
     "4",
     "--ttl-ms",
