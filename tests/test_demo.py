@@ -20,7 +20,7 @@ from trio_counter_worker.lab import demo
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Long enough for both faults (SIGKILL at a third, SIGTERM at two thirds), short enough
 # for the suite: the demo then lets every counter expire, so it runs ~4 s longer.
-DURATION = 10
+DURATION = 7
 TIMEOUT = 60.0
 TOOK = r"\d+(\.\d\d s| ms)"  # a failover time: "0.91 s" or "4 ms"
 # The kill -> next reset gap, with when that counter fell due.
