@@ -145,6 +145,20 @@ class Model:
             self.publish(KEYS.claims, f"{stamp} {key}")
         elif kind == "forge_any" and self.forge and text is not None:
             self.publish(KEYS.claims if n % 2 else KEYS.touched, text)
+        elif kind == "resubscribe":
+            self.resubscribe()
+
+    def resubscribe(self) -> None:
+        """The subscription is lost and made again (a resynchronisation): what it had not
+        delivered is lost, calls in flight go unanswered (their scripts ran), and the
+        leader looks again at every key Redis holds or has a deadline recorded for (the
+        scan and the recorded deadlines)."""
+        self.stream.clear()
+        for taken, _ in self.replies:
+            self.state.done(taken, decided=False)
+        self.replies.clear()
+        self.state.resubscribed(self.now)
+        self.state.want([*self.keys, *self.deadlines], "track")
 
     def drain(self) -> None:
         """Let every key fall due and the leader decide everything it heard."""
@@ -171,6 +185,17 @@ ops = st.lists(
         st.sampled_from(NAMES),
         st.integers(0, 10**13),
         st.none() | st.text(),
+    ),
+    max_size=120,
+)
+# The same, with subscriptions lost: fewer resets may follow (a key's whole life inside a
+# gap is not seen), never more.
+ops_resubscribing = st.lists(
+    st.tuples(
+        st.sampled_from(["set", "tick", "expire", "deliver", "take", "reply", "resubscribe"]),
+        st.sampled_from(NAMES),
+        st.integers(0, 10**13),
+        st.none(),
     ),
     max_size=120,
 )
@@ -231,6 +256,18 @@ def test_an_expiry_heard_when_the_key_is_due_again_is_one_of_two_episodes() -> N
     model = _set_expired_and_set_again(ttl_ms=1)  # due again when the claim comes
     assert model.set_again
     assert model.claims["c:1"] == 2
+
+
+@settings(max_examples=400, deadline=None)
+@given(ops_resubscribing)
+def test_a_lost_subscription_never_makes_two_resets_of_one_episode(script: list[Op]) -> None:
+    model = Model(forge=False)
+    for op in script:
+        model.step(op)
+    model.drain()
+    for key, ids in model.resets.items():
+        assert model.claims[key] == len(ids)  # a reset id is claimed once
+        assert len(ids) <= model.ended[key]  # never two for one episode
 
 
 def test_a_forged_marker_ahead_of_an_echo_does_not_make_it_a_new_episode() -> None:
