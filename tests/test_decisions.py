@@ -57,15 +57,20 @@ def test_a_reported_key_keeps_its_latest_report() -> None:
     assert q.take(10) == (Want(claim=True, reported=True), ["c:1", "c:2"], [9, 3])
 
 
-def test_an_expiry_heard_stays_heard_whatever_is_asked_of_its_key_besides() -> None:
+def test_a_key_is_decided_as_heard_if_its_latest_report_was_heard() -> None:
+    """An `expired` heard after an earlier time does not vouch for a later one: the claim
+    between them may be what it echoes (spec.claim)."""
     q = DecisionQueue()
     q.want("c:1", "expired", 5)
     q.want("c:1", "track")
-    q.want("c:1", "reported", 7)
-    q.want("c:2", "reported", 3)  # not heard: another call
-    heard = Want(claim=True, reported=True, heard=True)
-    assert q.take(10) == (heard, ["c:1"], [7])
-    assert q.take(10) == (Want(claim=True, reported=True), ["c:2"], [3])
+    q.want("c:1", "reported", 3)  # older: the event heard still holds
+    q.want("c:2", "expired", 5)
+    q.want("c:2", "reported", 7)  # a later sighting: only reported
+    q.want("c:3", "reported", 7)
+    q.want("c:3", "expired", 9)
+    heard, reported = Want(claim=True, reported=True, heard=True), Want(claim=True, reported=True)
+    assert q.take(10) == (heard, ["c:1", "c:3"], [5, 9])
+    assert q.take(10) == (reported, ["c:2"], [7])
 
 
 def test_handing_over_takes_every_reported_key() -> None:
@@ -73,7 +78,7 @@ def test_handing_over_takes_every_reported_key() -> None:
     q.want("c:t", "track")
     q.want("c:r", "reported", 4)
     q.want("c:d", "claim", 6)
-    assert sorted(q.take_reported()) == [("c:d", 6), ("c:r", 4)]
+    assert sorted(q.take_reported()) == [("c:d", 6, False), ("c:r", 4, False)]
     assert q.take(10) == (Want(), ["c:t"], None)
     assert q.take(10) is None
 

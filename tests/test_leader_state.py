@@ -287,7 +287,7 @@ def test_a_key_seen_again_while_its_look_fails_keeps_the_latest_sighting() -> No
     assert taken is not None
     s.on_events([event("c:1", "set")])
     s.done(taken, decided=False)
-    assert s.take_reported() == [("c:1", 3_000)]
+    assert s.take_reported() == [("c:1", 3_000, False)]
 
 
 def test_a_key_removed_after_it_was_seen_is_not_carried_over() -> None:
@@ -319,7 +319,11 @@ def test_handing_over_takes_reported_keys_also_those_in_a_call() -> None:
     assert in_call is not None
     s.done(in_call, decided=False)  # cancelled by the stop
     # c:3: set and not looked at, so the next leader may find no trace of it either.
-    assert sorted(s.take_reported()) == [("c:1", 999), ("c:2", 999), ("c:3", 999)]
+    assert sorted(s.take_reported()) == [
+        ("c:1", 999, True),
+        ("c:2", 999, True),
+        ("c:3", 999, False),
+    ]
 
 
 @given(
@@ -390,18 +394,18 @@ def test_a_batch_is_halved_with_its_reported_times() -> None:
     assert looks.halves() == [Taken(False, ["c:1"], None), Taken(False, ["c:2"], None)]
 
 
-def test_an_expiry_heard_is_claimed_as_heard_and_carried_over_as_only_reported() -> None:
-    """Heard, it ends an episode even if the key is set again by the claim; carried into
-    a new subscription it is one a key may have had (an expiry or a re-arm, as the keys
-    seen and not looked at)."""
+def test_an_expiry_heard_is_claimed_as_heard_also_after_a_resubscription() -> None:
+    """Heard, it ends an episode even if the key is set again by the claim; its event
+    says what Redis did, whichever subscription carried it. A key only seen is not."""
     s = state(since=1_000)
-    s.on_events([event("c:1", "expired"), event("c:1", "set")])
+    s.on_events([event("c:1", "expired"), event("c:1", "set"), event("c:2", "set")])
     taken = s.take(10)
     assert taken == Taken(True, ["c:1"], [999], heard=True)
     assert taken.halves()[1].heard
     s.done(taken, decided=False)
     s.resubscribed(5_000)
-    assert s.take(10) == Taken(True, ["c:1"], [999], heard=False)
+    assert s.take(10) == Taken(True, ["c:1"], [999], heard=True)
+    assert s.take(10) == Taken(True, ["c:2"], [999], heard=False)
 
 
 def test_a_claim_of_a_key_set_again_schedules_its_new_life() -> None:

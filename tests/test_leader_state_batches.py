@@ -92,10 +92,10 @@ def test_a_sighting_counts_from_before_a_marker_later_in_its_batch() -> None:
     reset)."""
     s = _state()
     s.on_events([Message("__keyspace@0__:c:2", "set"), Message(KEYS.claims, "2000 c:2")])
-    assert s.take_reported() == [("c:2", 999)]
+    assert s.take_reported() == [("c:2", 999, False)]
 
 
 def test_a_touch_after_a_del_in_one_batch_is_a_sighting() -> None:
     s = _state()
     s.on_events([Message("__keyspace@0__:c:3", "del"), Message(KEYS.touched, "c:3")])
-    assert s.take_reported() == [("c:3", 999)]
+    assert s.take_reported() == [("c:3", 999, False)]

@@ -129,13 +129,18 @@ class Deciders:
         or cancelled at the caller's deadline) stays in ``handover``, for the next
         leader."""
         reported = self._state.take_reported()
-        handover.keep(reported, trio.current_time())
+        # Handed to another replica, a report is one of a possible expiry only (the
+        # entries' format says no more).
+        handover.keep([(key, after) for key, after, _ in reported], trio.current_time())
         try:
-            for i in range(0, len(reported), BATCH):
-                batch = reported[i : i + BATCH]
-                keys = [k for k, _ in batch]
-                await self._store.claim(self._holder, keys, [after for _, after in batch])
-                handover.decided(keys)
+            for heard in (True, False):
+                alike = [(key, after) for key, after, h in reported if h == heard]
+                for i in range(0, len(alike), BATCH):
+                    batch = alike[i : i + BATCH]
+                    keys = [k for k, _ in batch]
+                    afters = [after for _, after in batch]
+                    await self._store.claim(self._holder, keys, afters, heard)
+                    handover.decided(keys)
         except Exception as exc:  # the release must go on, whatever this does
             log.warning(
                 "handing over: %d key(s) seen or reported expired could not be decided "

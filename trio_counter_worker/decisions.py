@@ -14,7 +14,7 @@ from typing import Literal
 
 import attrs
 
-__all__ = ["CallLimits", "DecisionQueue", "Op", "Want"]
+__all__ = ["CallLimits", "DecisionQueue", "Op", "Report", "Want", "latest_report"]
 
 Op = Literal["track", "claim", "reported", "expired"]
 
@@ -41,6 +41,19 @@ class Want:
         )
 
 
+# A key reported expired: (key, after, heard), as :class:`Want` and ``after`` say.
+Report = tuple[str, int, bool]
+
+
+def latest_report(a: tuple[int, bool], b: tuple[int, bool]) -> tuple[int, bool]:
+    """Two reports of one key, (after, heard), merged: the later time, heard if the report
+    of that time was. An event heard after an earlier time does not vouch for a later
+    one (a claim between them may be what it echoes), nor the other way round."""
+    if a[0] != b[0]:
+        return max(a, b)
+    return a[0], a[1] or b[1]
+
+
 _WANTS: dict[Op, Want] = {
     "track": Want(),
     "claim": Want(claim=True),
@@ -61,7 +74,8 @@ class DecisionQueue:
         # the latest: an expiry after a claim is a new episode, one before it its echo,
         # and only the latest report can be the former.
         self._after: dict[str, int] = {}
-        self._reporting: dict[str, int] = {}  # reported keys in a call now
+        # Reported keys in a call now: (after, heard).
+        self._reporting: dict[str, tuple[int, bool]] = {}
 
     def __len__(self) -> int:
         return len(self._due) + len(self._other)
@@ -74,9 +88,15 @@ class DecisionQueue:
         "reported", or "claim" for a key the timer holds): Redis reported it expired,
         after that time; it makes the claim a reported one."""
         wanted = _WANTS[op]
+        heard: bool | None = None  # two reports merged: whether the latest was heard
         if after is not None:
             wanted = wanted | _WANTS["reported"]
-            self._after[key] = max(after, self._after.get(key, after))
+            latest = self._after.get(key)
+            if latest is not None:
+                queued = self._due.get(key)  # (reported: a claim)
+                was_heard = queued is not None and queued.heard
+                after, heard = latest_report((after, wanted.heard), (latest, was_heard))
+            self._after[key] = after
         elif wanted.reported:
             raise ValueError("want: a reported key needs `after`")
         queue = self._due if wanted.claim else self._other
@@ -87,7 +107,10 @@ class DecisionQueue:
             wanted = wanted | other.pop(key)
         held = queue.get(key)
         # (Merged only when asked twice: a reconcile asks this once per key, a million times.)
-        queue[key] = wanted if held is None or held == wanted else held | wanted
+        merged = wanted if held is None or held == wanted else held | wanted
+        if heard is not None and merged.heard != heard:
+            merged = Want(merged.claim, merged.reported, heard)
+        queue[key] = merged
 
     def take(
         self, limit: int, claims: bool = True, looks: bool = True
@@ -118,22 +141,23 @@ class DecisionQueue:
         if not kind.reported:
             return None
         afters = [self._after.pop(k) for k in keys]
-        self._reporting.update(zip(keys, afters, strict=True))
+        self._reporting.update((k, (a, kind.heard)) for k, a in zip(keys, afters, strict=True))
         return afters
 
-    def take_reported(self) -> list[tuple[str, int]]:
+    def take_reported(self) -> list[Report]:
         """Every key that only a reported expiry may vouch for, queued or in a call, with
-        its time: what a leader handing over decides before it lets go (the next leader
-        finds the others by itself, from a scan and the recorded deadlines). Deciding a
-        key again is harmless: the script reads what the first call did."""
+        its time and whether it was heard: what a leader handing over decides before it
+        lets go (the next leader finds the others by itself, from a scan and the recorded
+        deadlines). Deciding a key again is harmless: the script reads what the first
+        call did."""
         taken = dict(self._reporting)
         for queue in (self._due, self._other):
-            for key in [k for k, w in queue.items() if w.reported]:
+            for key, heard in [(k, w.heard) for k, w in queue.items() if w.reported]:
                 del queue[key]
-                after = self._after.pop(key)
-                taken[key] = max(after, taken.get(key, after))
+                report = (self._after.pop(key), heard)
+                taken[key] = latest_report(report, taken.get(key, report))
         self._reporting.clear()
-        return list(taken.items())
+        return [(key, after, heard) for key, (after, heard) in taken.items()]
 
     def done(self, keys: list[str], decided: bool = True) -> None:
         """The call for ``keys`` has returned; ``decided``: with an answer (else it was

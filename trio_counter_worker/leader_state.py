@@ -21,7 +21,7 @@ from typing import overload
 
 import attrs
 
-from .decisions import DecisionQueue, Op
+from .decisions import DecisionQueue, Op, Report, latest_report
 from .glob import matches
 from .keys import HANDED_HINT, Keys
 from .keyspace import is_own_key, key_bytes, key_from_channel
@@ -250,8 +250,8 @@ class LeaderState:
         # deadline: they stay, the rest is read again.
         reported = self.take_reported()
         self.queue.clear()
-        for key, after in reported:
-            self.queue.want(key, "reported", after)
+        for key, after, heard in reported:
+            self.queue.want(key, "expired" if heard else "reported", after)
         # What changed meanwhile is in the recorded deadlines (and the scan): read again.
         self.schedule = Schedule()
         self.read_from = PageStart()
@@ -481,7 +481,7 @@ class LeaderState:
         self._unlooked.pop(key, None)
         self._looking.pop(key, None)
 
-    def take_reported(self) -> list[tuple[str, int]]:
+    def take_reported(self) -> list[Report]:
         """What only this leader can vouch for, to decide as reported expiries before it
         lets go of the subscription (a graceful handoff, a resynchronisation): the keys
         reported expired (:meth:`DecisionQueue.take_reported`), and the keys seen but
@@ -489,10 +489,11 @@ class LeaderState:
         look (no recorded deadline, and it is in no scan): its `expired` event, published
         while no subscription is there to hear it, would be all. Deciding a live one as
         reported only records its deadline (spec.claim); a claim made after it was seen
-        makes its expiry an echo, never a second reset."""
-        taken = dict(self.queue.take_reported())
+        makes its expiry an echo, never a second reset. An expiry heard stays heard (its
+        event says what Redis did, whichever subscription carried it)."""
+        taken = {key: (after, heard) for key, after, heard in self.queue.take_reported()}
         for seen in (self._unlooked, self._looking):
-            for key, after in seen.items():
-                taken[key] = max(after, taken.get(key, after))
+            for key, after in seen.items():  # seen, not heard expiring
+                taken[key] = latest_report((after, False), taken.get(key, (after, False)))
             seen.clear()
-        return list(taken.items())
+        return [(key, after, heard) for key, (after, heard) in taken.items()]
