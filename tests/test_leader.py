@@ -631,6 +631,26 @@ async def test_a_graceful_stop_hands_over_what_only_it_has_seen(
     assert harness.backend.bodies[0]["expired_at"] == 1.001  # decided as the leader stopped
 
 
+async def test_a_graceful_stop_decides_an_expiry_it_heard_though_the_key_is_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """As above, and the app sets c:x again before the stop: the expiry the leader heard
+    ended an episode all the same; decided as it stops, the reset stays pending."""
+    store = SlowOnce("c:*")
+    harness = Harness(store, Backend())
+    with trio.fail_after(60):
+        async with trio.open_nursery() as first:
+            await start_worker(first, harness, replica_id="a")
+            await trio.sleep(1)
+            store.expire_unseen("c:x")
+            await wait_until(lambda: "slow claim" in [op for _, op in store.calls])
+            store.set_key("c:x", 60)  # active again, its next episode begins
+            first.cancel_scope.cancel()
+        assert store.lease is None
+    assert [(r.key, r.deadline_ms) for r in store.pending_resets.values()] == [("c:x", 1_001)]
+    assert store.deadlines["c:x"] == 61_001  # and the new life recorded
+
+
 async def test_a_takeover_reads_recorded_deadlines_page_by_page(
     harness: Harness, autojump_clock: trio.testing.MockClock
 ) -> None:
