@@ -606,6 +606,21 @@ class SlowOnce(FakeStore):
         return await super().claim(holder, keys, expired_after, heard)
 
 
+async def _stopped_while_deciding_an_unseen_expiry(
+    harness: Harness, store: SlowOnce, then: Callable[[], None] = lambda: None
+) -> None:
+    """Replica "a" leads; c:x expires before its TTL was read; the leader is stopped
+    while its claim of it is slow (``then`` runs just before the stop)."""
+    async with trio.open_nursery() as first:
+        await start_worker(first, harness, replica_id="a")
+        await trio.sleep(1)
+        store.expire_unseen("c:x")
+        await wait_until(lambda: "slow claim" in [op for _, op in store.calls])
+        then()
+        first.cancel_scope.cancel()
+    assert store.lease is None
+
+
 async def test_a_graceful_stop_hands_over_what_only_it_has_seen(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -615,13 +630,7 @@ async def test_a_graceful_stop_hands_over_what_only_it_has_seen(
     store = SlowOnce("c:*")
     harness = Harness(store, Backend())
     with trio.fail_after(60):
-        async with trio.open_nursery() as first:
-            await start_worker(first, harness, replica_id="a")
-            await trio.sleep(1)
-            store.expire_unseen("c:x")
-            await wait_until(lambda: "slow claim" in [op for _, op in store.calls])
-            first.cancel_scope.cancel()
-        assert store.lease is None
+        await _stopped_while_deciding_an_unseen_expiry(harness, store)
         assert [r.key for r in store.pending_resets.values()] == ["c:x"]
         async with trio.open_nursery() as second:
             await start_worker(second, harness, replica_id="b")
@@ -637,16 +646,11 @@ async def test_a_graceful_stop_decides_an_expiry_it_heard_though_the_key_is_back
     """As above, and the app sets c:x again before the stop: the expiry the leader heard
     ended an episode all the same; decided as it stops, the reset stays pending."""
     store = SlowOnce("c:*")
-    harness = Harness(store, Backend())
     with trio.fail_after(60):
-        async with trio.open_nursery() as first:
-            await start_worker(first, harness, replica_id="a")
-            await trio.sleep(1)
-            store.expire_unseen("c:x")
-            await wait_until(lambda: "slow claim" in [op for _, op in store.calls])
-            store.set_key("c:x", 60)  # active again, its next episode begins
-            first.cancel_scope.cancel()
-        assert store.lease is None
+        # Active again, its next episode begins.
+        await _stopped_while_deciding_an_unseen_expiry(
+            Harness(store, Backend()), store, then=lambda: store.set_key("c:x", 60)
+        )
     assert [(r.key, r.deadline_ms) for r in store.pending_resets.values()] == [("c:x", 1_001)]
     assert store.deadlines["c:x"] == 61_001  # and the new life recorded
 

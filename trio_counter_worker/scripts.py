@@ -219,20 +219,17 @@ end
 local function decide(k, key, now, pttl, at, epoch, after, heard)
   local dl = tonumber(redis.call('ZSCORE', k.deadlines, key))
   local due = dl ~= nil and dl <= now + DUE_SLACK_MS
-  if after and (pttl == -2 or heard) and not is_echo(k.claimed, key, now, after) then
-    local ended = due and dl or now
-    if pttl >= 0 then  -- set again: its new life is recorded
-      redis.call('ZADD', k.deadlines, at, key)
-      return {p = pttl, claimed = claim_episode(k, key, ended, epoch, now)}
-    end
-    if dl then redis.call('ZREM', k.deadlines, key) end
-    return {claimed = claim_episode(k, key, ended, epoch, now)}
-  end
   if pttl >= 0 then
     redis.call('ZADD', k.deadlines, at, key)
-    return {p = pttl}
+  elseif dl then
+    redis.call('ZREM', k.deadlines, key)
   end
-  if dl then redis.call('ZREM', k.deadlines, key) end
+  if after and (pttl == -2 or heard) and not is_echo(k.claimed, key, now, after) then
+    local rec = claim_episode(k, key, due and dl or now, epoch, now)
+    if pttl >= 0 then return {p = pttl, claimed = rec} end  -- set again since
+    return {claimed = rec}
+  end
+  if pttl >= 0 then return {p = pttl} end
   if pttl == -1 or not due then
     drop_payload(k.payloads, key)
     return {gone = true}
