@@ -926,9 +926,11 @@ class Watch:
         )
 
 
-def worker_config(server: RedisServer, backend: RecordingBackend, replica_id: str) -> Config:
+def worker_config(
+    server: RedisServer, backend: RecordingBackend, replica_id: str, **kw: Any
+) -> Config:
     return config(
-        server, reset_endpoint_url=backend.url, reset_secret=SECRET, replica_id=replica_id
+        server, reset_endpoint_url=backend.url, reset_secret=SECRET, replica_id=replica_id, **kw
     )
 
 
@@ -1031,13 +1033,16 @@ async def test_standby_takes_over_promptly_when_the_leader_stops(
     with trio.fail_after(TEST_TIMEOUT):
         any_elected = trio.Event()
         watches = {rid: Watch(any_elected) for rid in ("a", "b")}
+        # A 2 s lease: a renewal may then take over 1.1 s (0.9 x TTL - TTL / 3) before the
+        # leader steps down, which a loaded CI host needs (with 1 s, 0.57 s was too short).
+        lease_ms = 2 * LEASE_TTL_MS
+
+        def cfg(rid: str) -> Config:
+            return worker_config(redis_server, backend, rid, lease_ttl_ms=lease_ms)
+
         async with (
-            open_worker(
-                worker_config(redis_server, backend, "a"), hooks=watches["a"].hooks()
-            ) as worker_a,
-            open_worker(
-                worker_config(redis_server, backend, "b"), hooks=watches["b"].hooks()
-            ) as worker_b,
+            open_worker(cfg("a"), hooks=watches["a"].hooks()) as worker_a,
+            open_worker(cfg("b"), hooks=watches["b"].hooks()) as worker_b,
             trio.open_nursery() as nursery,
         ):
             workers = {"a": worker_a, "b": worker_b}
@@ -1051,7 +1056,7 @@ async def test_standby_takes_over_promptly_when_the_leader_stops(
             (epoch,) = leader.epochs
             assert hgetall(client, LEASE_KEY)["holder"] == workers[leader_id].holder
             # Over more than a lease TTL the leader keeps renewing; the standby waits.
-            with trio.move_on_after(1.5 * LEASE_TTL_MS / 1000):
+            with trio.move_on_after(1.25 * lease_ms / 1000):
                 await standby.elected.wait()
             assert not standby.elected.is_set()
             assert not workers[standby_id].is_leader
