@@ -188,13 +188,19 @@ def fmt_ms(x: float | int | None) -> str:
 # --- processes -------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid`` (all its threads), from /proc/<pid>/stat."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of process ``pid`` (all its threads), from
+    /proc/<pid>/stat."""
     raw = Path(f"/proc/{pid}/stat").read_text()
     # The command name (field 2) may contain spaces: split after its closing paren.
     fields = raw[raw.rindex(")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of stat(5)
-    return (utime + stime) / CLK_TCK
+    return utime / CLK_TCK, stime / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads)."""
+    return sum(cpu_split(pid))
 
 
 def machine_busy_seconds() -> float:
@@ -250,19 +256,24 @@ class CpuWindow:
 
     pid: int
     cpu0: float = 0.0
+    sys0: float = 0.0
     wall0: float = 0.0
     cpu_s: float = 0.0
     wall_s: float = 0.0
 
     def start(self) -> CpuWindow:
-        self.cpu0, self.wall0 = cpu_seconds(self.pid), time.monotonic()
+        user, system = cpu_split(self.pid)
+        self.cpu0, self.sys0, self.wall0 = user + system, system, time.monotonic()
         return self
 
     def stop(self) -> dict[str, float]:
-        self.cpu_s = cpu_seconds(self.pid) - self.cpu0
+        user, system = cpu_split(self.pid)
+        self.cpu_s = user + system - self.cpu0
         self.wall_s = time.monotonic() - self.wall0
         return {
             "cpu_s": round(self.cpu_s, 3),
+            # In the kernel: syscalls, and loopback TCP's delivery to the peer.
+            "sys_s": round(system - self.sys0, 3),
             "wall_s": round(self.wall_s, 3),
             "cpu_pct": round(100 * self.cpu_s / self.wall_s, 2) if self.wall_s else math.nan,
         }

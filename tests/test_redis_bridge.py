@@ -29,6 +29,7 @@ import trio.testing
 
 from tests.support.backend import Received, RecordingBackend
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.tracking import armed_and_tracked
 from trio_counter_worker import (
     Config,
     Hooks,
@@ -145,6 +146,10 @@ def set_key(c: redis.Redis, key: str, ttl_ms: int) -> int:
     deadline = redis_now_ms(c) + ttl_ms
     assert c.set(key, "1", pxat=deadline)
     return deadline
+
+
+async def track_one(bridge: RedisBridge, key: str) -> KeyOutcome:
+    return one(await bridge.track(HOLDER, [key]))
 
 
 async def sleep_past(c: redis.Redis, deadline_ms: int, margin_ms: int = 10) -> None:
@@ -391,8 +396,11 @@ async def test_key_is_claimed_at_its_deadline_under_a_deterministic_reset_id(
 async def test_rearmed_key_is_alive_not_claimed(bridge: RedisBridge, client: redis.Redis) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         await lead(bridge)
-        first = set_key(client, "c:1", 150)
-        assert one(await bridge.track(HOLDER, ["c:1"])).kind == "alive"
+        first, _ = await armed_and_tracked(
+            functools.partial(set_key, client, "c:1"),
+            functools.partial(track_one, bridge, "c:1"),
+            ttl_ms=150,
+        )
         rearmed = set_key(client, "c:1", 5000)  # activity; no track: the event was missed
         await sleep_past(client, first)
 
@@ -513,14 +521,18 @@ async def test_scripts_refuse_a_replica_that_lost_the_lease(
     with trio.fail_after(TEST_TIMEOUT):
         await lead(bridge)
         # A reset claimed while we led, not yet marked sent.
-        done = set_key(client, "c:done", 50)
-        await bridge.track(HOLDER, ["c:done"])
+        done, _ = await armed_and_tracked(
+            functools.partial(set_key, client, "c:done"),
+            functools.partial(track_one, bridge, "c:done"),
+        )
         await sleep_past(client, done)
         claimed = one(await bridge.claim(HOLDER, ["c:done"]))
         assert claimed.reset is not None
         # A key that is due, tracked while we led.
-        due = set_key(client, "c:due", 50)
-        await bridge.track(HOLDER, ["c:due"])
+        due, _ = await armed_and_tracked(
+            functools.partial(set_key, client, "c:due"),
+            functools.partial(track_one, bridge, "c:due"),
+        )
         assert_recorded(client, "c:due", due)
         recorded = deadline_of(client, "c:due")
         # A key we never tracked.
