@@ -332,6 +332,7 @@ def run_burst(
             "track_cpu": track_cpu,
             "burst_cpu": cpu_stats,
             "burst_cpu_ms_per_reset": round(1000 * cpu_stats["cpu_s"] / n_keys, 3),
+            "burst_sys_ms_per_reset": round(1000 * cpu_stats["sys_s"] / n_keys, 3),
             "pending_cleared_after_last_post_s": pending_clear_s,
             # CPU used by everything else on the machine meanwhile (noise indicator).
             "other_processes_cpu_pct": round(100 * others_cpu / cpu_stats["wall_s"], 1),

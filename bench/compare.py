@@ -90,6 +90,7 @@ def _burst(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
             (Metric(tag + "resets/s", "", False), _get(run, "resets_per_s")),
             (Metric(tag + "drain", "s", True), _get(run, "drain_s")),
             (Metric(tag + "CPU per reset", "ms", True), _get(run, "burst_cpu_ms_per_reset")),
+            (Metric(tag + "of it in the kernel", "ms", True), _get(run, "burst_sys_ms_per_reset")),
             (Metric(tag + "latency p50", "ms", True), _get(run, "latency_ms", "p50")),
             (Metric(tag + "latency p99", "ms", True), _get(run, "latency_ms", "p99")),
             (
