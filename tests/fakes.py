@@ -16,7 +16,12 @@ import attrs
 import trio
 
 from trio_counter_worker import lease_spec, spec
-from trio_counter_worker.errors import FunctionsUnavailable, LeaseLost, RedisUnavailable
+from trio_counter_worker.errors import (
+    FunctionsUnavailable,
+    LeaseLost,
+    RedisRefused,
+    RedisUnavailable,
+)
 from trio_counter_worker.keys import HANDED_HINT, Keys
 from trio_counter_worker.keyspace import merged_flags, missing_flags
 from trio_counter_worker.store import (
@@ -28,6 +33,7 @@ from trio_counter_worker.store import (
     NotificationStatus,
     PageStart,
     PendingReset,
+    Watched,
 )
 
 _Listener = tuple[list[str], list[str], trio.MemorySendChannel[list[Message]]]
@@ -226,6 +232,18 @@ class FakeStore:
             assert lease is not None
             lease.expires_ms = _ms() + ttl_ms
         return renewal
+
+    async def wait_leader_gone(self, channel: str, every: float) -> Watched:
+        while True:
+            await self._op("watch")
+            subscribers = self._subscribers()
+            if subscribers is None:
+                raise RedisRefused("fake Redis: PUBSUB NUMSUB refused", kind="permission")
+            if subscribers.get(channel, 0) == 0:
+                return "gone"
+            if self._current_lease() is None:
+                return "free"
+            await trio.sleep(every)
 
     def _subscribers(self) -> dict[str, int] | None:
         """PUBSUB NUMSUB of every channel (None: refused, as by an ACL)."""

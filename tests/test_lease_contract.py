@@ -5,6 +5,8 @@ channel), which channels have a real subscriber on the real redis-server, what t
 suspects, and whether the caller runs with liveness goes through both; the outcome and
 the lease and epoch counter left behind must match. A Redis user without ``+pubsub``
 stands for an ACL that refuses PUBSUB: the scripts then fall back to the lease's TTL.
+A standby's watch between two ACQUIREs (``wait_leader_gone``) wakes exactly when ACQUIRE
+would see the holder gone.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
+import trio
 
 from tests.support.redis_server import RedisServer
-from trio_counter_worker import lease_spec, scripts
+from trio_counter_worker import Config, lease_spec, scripts
+from trio_counter_worker.errors import RedisRefused
 from trio_counter_worker.keys import Keys
+from trio_counter_worker.redis_bridge import RedisBridge
 
 KEYS = Keys("k:*")
 ME, OTHER = "me#1", "other#1"
@@ -131,3 +137,68 @@ def test_acquire_and_renew_decide_as_the_spec(
         finally:
             pubsub.close()
     assert checked == len(SUBSCRIBED) * len(LEASES) * 2 * 3
+
+
+def _bridge(redis_server: RedisServer, **kw: Any) -> RedisBridge:
+    return RedisBridge(
+        Config(
+            reset_endpoint_url="http://127.0.0.1:1/r",
+            reset_secret="x",
+            counter_key="k:*",
+            redis_port=redis_server.port,
+            **kw,
+        )
+    )
+
+
+async def test_a_standby_watch_wakes_exactly_when_acquire_sees_the_holder_gone(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    """A standby that watches (wait_leader_gone) instead of calling ACQUIRE every
+    TAKEOVER_CHECK_MS must wake whenever ACQUIRE would see the holder gone or the lease
+    free, and only then (else it would look for nothing, or miss a dead leader)."""
+    bridge = _bridge(redis_server)
+    checked = 0
+    try:
+        for channels in SUBSCRIBED:
+            pubsub = subscribed(r, channels)
+            try:
+                for name, lease in LEASES.items():
+                    if lease is not None and not lease.alive:
+                        continue  # a holder without liveness is not watched
+                    arrange(r, lease)
+                    # The standby watching is subscribed to its own channel (ready).
+                    third = KEYS.alive("third#1:1")
+                    want = lease_spec.acquire(
+                        lease, EPOCH, holder="third#1", replica="third", epoch_floor=0,
+                        mine=third, suspect="", subscribers={third: 1, **{c: 1 for c in channels}},
+                    )  # fmt: skip
+                    watched = THEIRS if lease is None else lease.alive
+                    if watched not in channels:
+                        assert lease is None or want.liveness == "gone"
+                        wakes: str | None = "gone"
+                    else:
+                        assert lease is None or want.liveness == "alive"
+                        wakes = "free" if lease is None else None
+                    woke = None
+                    with trio.move_on_after(0.1):
+                        woke = await bridge.wait_leader_gone(watched, 0.005)
+                    assert woke == wakes, f"{name} subscribed={channels}"
+                    checked += 1
+            finally:
+                pubsub.close()
+    finally:
+        await bridge.aclose()
+    assert checked == len(SUBSCRIBED) * 4
+
+
+async def test_a_standby_watch_refused_by_the_acl_says_so(
+    redis_server: RedisServer, no_pubsub: redis.Redis
+) -> None:
+    bridge = _bridge(redis_server, redis_username="nopubsub", redis_password="pw")
+    try:
+        with pytest.raises(RedisRefused) as refused:
+            await bridge.wait_leader_gone(THEIRS, 0.005)
+        assert refused.value.kind == "permission"
+    finally:
+        await bridge.aclose()

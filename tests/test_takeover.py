@@ -52,6 +52,10 @@ def acquires(store: FakeStore) -> int:
     return sum(op == "acquire" for _, op in store.calls)
 
 
+def watches(store: FakeStore) -> int:
+    return sum(op == "watch" for _, op in store.calls)
+
+
 # -- the rules, synchronously --------------------------------------------------------
 
 
@@ -145,8 +149,47 @@ async def test_a_live_leader_is_left_alone_until_its_lease_expires(
         await wait_until(lambda: bool(harness.elected))
         nursery.cancel_scope.cancel()
     assert [(round(t, 6), e) for t, e in harness.elected] == [(3.0, 6)]
-    # A standby's cost: one look per TAKEOVER_CHECK_MS (25 ms) while a leader lives.
-    assert acquires(store) == 3.0 / 0.025 + 1
+    # A standby's cost while a leader lives: one look (PUBSUB NUMSUB and EXISTS, no
+    # script) per TAKEOVER_CHECK_MS (25 ms); ACQUIRE at the start and at the lease's end.
+    assert acquires(store) == 2
+    assert watches(store) == 3.0 / 0.025 + 1
+
+
+@pytest.mark.parametrize("how", ["connection dropped", "lease deleted"])
+async def test_a_leader_that_dies_while_watched_is_replaced_within_a_check_and_a_grace(
+    harness: Harness, autojump_clock: trio.testing.MockClock, how: str
+) -> None:
+    """The watch wakes the campaign: its subscription gone (a SIGKILL), or the lease key
+    gone with no release announced (one the standby missed): not at the lease's end."""
+    store = harness.store
+    dead_leader(store)
+    send, _receive = trio.open_memory_channel[list[Message]](1)
+
+    async def subscribed(*, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as inner:
+                await inner.start(
+                    partial(store.listen, patterns=[], channels=[DEAD_CHANNEL], send=send)
+                )
+                task_status.started(scope)
+
+    async with trio.open_nursery() as nursery:
+        holder = await nursery.start(subscribed)
+        await start_worker(nursery, harness)
+        await trio.sleep(1.0)
+        assert not harness.elected
+        if how == "connection dropped":
+            holder.cancel()
+        else:
+            store.lease = None
+        await wait_until(lambda: bool(harness.elected))
+        nursery.cancel_scope.cancel()
+    ((at, epoch),) = harness.elected
+    assert epoch == 6
+    # Seen at the next look (within 25 ms), then stolen after the 10 ms grace (a lease
+    # deleted is taken at once).
+    assert 1.0 < at <= 1.0 + 0.025 + (0.01 if how == "connection dropped" else 0.0) + 1e-9
+    assert acquires(store) <= 3
 
 
 @pytest.mark.parametrize("why", ["pubsub refused", "takeover off", "holder without liveness"])

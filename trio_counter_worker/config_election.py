@@ -48,8 +48,8 @@ class ElectionSettings:
         metadata=env_var(
             "TAKEOVER_CHECK_MS",
             "how often a standby asks Redis whether the leader's connection is gone, in ms "
-            "(0-1000): a leader that dies is replaced within about twice this; 0: only "
-            "when its lease expires",
+            "(0-1000): a leader that dies is replaced within about this and a short grace; "
+            "0: only when its lease expires",
             parse=integer,
         ),
     )

@@ -6,10 +6,11 @@ out against a :class:`~trio_counter_worker.store.Store`:
 - a standby reads how long the current lease has left and sleeps that long, or until the
   leader announces a release (pushed over pub/sub): a graceful handoff in milliseconds;
 - with liveness on (TAKEOVER_CHECK_MS, :mod:`~trio_counter_worker.lease_spec`), a
-  standby also asks every TAKEOVER_CHECK_MS whether the leader's connection is still
-  there, and steals the lease from a leader that is gone (seen gone twice, a grace
-  apart): a leader that dies is replaced in tens of milliseconds, not at the end of its
-  lease. A leader whose own subscription drops steps down at once;
+  standby also watches every TAKEOVER_CHECK_MS whether the leader's connection is still
+  there (:meth:`~.store.Store.wait_leader_gone`: one thread, no script), and steals the
+  lease from a leader that is gone (seen gone twice, a grace apart, the second time by
+  the acquire script): a leader that dies is replaced in tens of milliseconds, not at
+  the end of its lease. A leader whose own subscription drops steps down at once;
 - a leader renews every third of the TTL and steps down on its own monotonic deadline,
   before the lease can expire in Redis, if renewals keep failing; at once if a renewal
   shows another holder.
@@ -24,12 +25,12 @@ from typing import NoReturn
 import attrs
 import trio
 
-from .errors import LeaseLost, RedisUnavailable
+from .errors import LeaseLost, RedisRefused, RedisUnavailable
 from .liveness import Liveness
 from .metrics import Metrics
 from .outage import OutageLog
 from .retry import Backoff
-from .store import Store
+from .store import Store, Watched
 
 __all__ = ["Elector", "Lease", "LeaseTiming"]
 
@@ -124,6 +125,7 @@ class Elector:
         # a moment when this process was slow to run (which would stretch the grace).
         self._round_trips: deque[float] = deque(maxlen=8)
         self._unseen_noted = False
+        self._watch_failed = False
 
     @property
     def _ttl_ms(self) -> int:
@@ -193,6 +195,7 @@ class Elector:
                 continue  # a release was announced while we asked: try again now
             # Just past the lease's end (PTTL is whole ms).
             wait = view.pttl_ms / 1000 + 0.001 if view.pttl_ms > 0 else self.timing.retry_every
+            watch = ""  # the leader's liveness channel, watched until it has no subscriber
             if mine:
                 if view.liveness == "gone" and view.alive:
                     if suspect is None or suspect.channel != view.alive:
@@ -201,10 +204,49 @@ class Elector:
                     wait = min(wait, max(left, 0.0))
                 else:
                     suspect = None
-                    if view.liveness == "alive" or not view.ready:
+                    if view.liveness == "alive" and view.ready and view.alive:
+                        watch = view.alive
+                    elif view.liveness == "alive" or not view.ready:
                         wait = min(wait, self._check_every)
+            woke: Watched | None = None
             with trio.move_on_after(wait):
-                await self._released.park()
+                woke = await self._until_woken(watch)
+            if woke == "gone":  # a first sighting, as ACQUIRE's: steal after the grace
+                suspect = _Suspect(watch, trio.current_time())
+                with trio.move_on_after(self._grace(suspect)):
+                    await self._released.park()
+
+    async def _until_woken(self, watch: str) -> Watched | None:
+        """Until a release is announced (None) or, with ``watch``, the leader's liveness
+        channel has no subscriber or the lease is gone (what the store saw): ACQUIRE
+        then looks. If Redis cannot be asked, after TAKEOVER_CHECK_MS (None), as
+        without ``watch``."""
+        woke: list[Watched | None] = [None]
+        async with trio.open_nursery() as nursery:
+            if watch:
+                nursery.start_soon(self._watch_leader, watch, woke, nursery.cancel_scope)
+            await self._released.park()
+            nursery.cancel_scope.cancel()
+        return woke[0]
+
+    async def _watch_leader(
+        self, channel: str, woke: list[Watched | None], done: trio.CancelScope
+    ) -> None:
+        try:
+            woke[0] = await self._store.wait_leader_gone(channel, self._check_every)
+        except (RedisUnavailable, RedisRefused):  # ACQUIRE meets it too, and says so
+            await trio.sleep(self._check_every)
+        except Exception as exc:  # an odd answer: ACQUIRE looks as often as before
+            if not self._watch_failed:
+                self._watch_failed = True
+                log.warning(
+                    "watching the leader's liveness failed (%s: %s): asking Redis with the "
+                    "lease script every TAKEOVER_CHECK_MS instead",
+                    type(exc).__name__,
+                    exc,
+                )
+            await trio.sleep(self._check_every)
+        done.cancel()
 
     def _note_unseen(self) -> None:
         if not self._unseen_noted:
@@ -243,7 +285,7 @@ class Elector:
         await self.liveness.wait_lost(lease.alive)
         raise LeaseLost(
             "this replica's liveness subscription to Redis dropped: stepping down at once "
-            "(a standby may take over within about 2 x TAKEOVER_CHECK_MS)"
+            "(a standby may take over within about TAKEOVER_CHECK_MS and a short grace)"
         )
 
     async def hold(self, lease: Lease) -> NoReturn:

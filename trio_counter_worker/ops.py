@@ -215,7 +215,7 @@ def _takeover_check(config: Config, why_off: str | None) -> Check:
         return Check(
             "takeover",
             "ok",
-            "a leader that dies is replaced within about 2 x TAKEOVER_CHECK_MS "
+            "a leader that dies is replaced within about TAKEOVER_CHECK_MS and a short grace "
             f"({config.takeover_check_ms} ms)",
         )
     lease_only = (

@@ -44,6 +44,7 @@ from .redis_replies import (
     lease_view,
     note,
     note_json,
+    numsub_count,
     outcomes,
     pending_record,
     reported_args,
@@ -59,6 +60,7 @@ from .store import (
     NotificationStatus,
     PageStart,
     PendingReset,
+    Watched,
 )
 
 __all__ = [
@@ -347,6 +349,44 @@ class RedisBridge:
             [holder, replica_id, ttl_ms, epoch_floor, alive, suspect],
         )
         return lease_view(raw)
+
+    async def wait_leader_gone(self, channel: str, every: float) -> Watched:
+        # One thread asks, on a connection of its own, and wakes trio once: a hop and a
+        # script every TAKEOVER_CHECK_MS cost a standby ~4 % of a core (BENCHMARKS §24).
+        stop = threading.Event()
+        try:
+            return await trio.to_thread.run_sync(
+                translating,
+                self._poll_leader,
+                channel,
+                every,
+                stop,
+                abandon_on_cancel=True,  # the thread sees ``stop`` within ``every``
+                limiter=trio.CapacityLimiter(1),  # long-lived: off the shared limiter
+            )
+        finally:
+            stop.set()
+
+    def _poll_leader(self, channel: str, every: float, stop: threading.Event) -> Watched:
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+        asks = conn.pack_commands([("PUBSUB", "NUMSUB", channel), ("EXISTS", self.keys.lease)])
+        try:
+            while not stop.is_set():
+                self._master.follow()
+                conn.send_packed_command(asks)
+                subscribers, lease = conn.read_response(), conn.read_response()
+                if numsub_count(subscribers) == 0:
+                    return "gone"
+                if int(lease) == 0:
+                    return "free"
+                stop.wait(every)
+            return "free"  # stopped: the caller has gone (cancelled), nobody reads this
+        except BaseException:
+            conn.disconnect()  # an answer may still be on its way: never reuse it
+            raise
+        finally:
+            pool.release(conn)
 
     async def renew(self, holder: str, ttl_ms: int) -> Renewal:
         answer = int(await self._script("RENEW", [self.keys.lease], [holder, ttl_ms]))

@@ -26,6 +26,7 @@ __all__ = [
     "error_code",
     "note",
     "note_json",
+    "numsub_count",
     "outcomes",
     "pending_record",
     "record",
@@ -124,6 +125,11 @@ def error_code(exc: BaseException) -> str | None:
         return None
     _, sep, rest = str(exc).rpartition(": -")
     return rest.split(" ", 1)[0] if sep else None
+
+
+def numsub_count(reply: Any) -> int:
+    """PUBSUB NUMSUB's answer for one channel, ``[channel, count]``: the count."""
+    return int(reply[1])
 
 
 def translating(fn: Callable[..., T], *args: Any) -> T:

@@ -126,6 +126,10 @@ class Message:
     data: str
 
 
+# What a standby's watch of the leader saw (Store.wait_leader_gone).
+Watched = Literal["gone", "free"]
+
+
 class Store(Protocol):
     """Redis operations, each atomic and (where it matters) checked against the lease.
 
@@ -150,6 +154,13 @@ class Store(Protocol):
     async def renew(self, holder: str, ttl_ms: int) -> Renewal: ...
 
     async def release(self, holder: str, replica_id: str) -> bool: ...
+
+    async def wait_leader_gone(self, channel: str, every: float) -> Watched:
+        """Return once Redis counts no subscriber of ``channel``, the holder's liveness
+        channel ("gone": PUBSUB NUMSUB, as ACQUIRE counts them), or the lease key is gone
+        ("free"), asking every ``every`` s: a standby's campaign wakes only then (or at a
+        release announced). It decides nothing: ACQUIRE does."""
+        ...
 
     async def track(self, holder: str, keys: list[str]) -> list[KeyOutcome]: ...
 
