@@ -23,7 +23,8 @@ NICE ?= nice -n 10
 SERVER_TESTS := tests/test_redis_bridge.py tests/test_hostile.py tests/test_replicas.py \
 	tests/test_spec_contract.py tests/test_handover.py tests/test_overflow.py \
 	tests/test_resync.py tests/test_claim_reported.py tests/test_cluster_scripts.py \
-	tests/test_glob.py tests/test_ops.py tests/test_functions.py
+	tests/test_glob.py tests/test_ops.py tests/test_functions.py \
+	tests/test_lease_contract.py
 # The reruns leave out the multi-replica processes (7.0 runs them): they exercise
 # election and failover, not the server's version, and cost the most time; and the
 # tests marked backend_only. Valkey's
