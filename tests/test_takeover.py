@@ -48,6 +48,42 @@ class Deposable(Harness):
         )
 
 
+async def holder_subscribed(
+    store: FakeStore, *, task_status: trio.TaskStatus[trio.CancelScope]
+) -> None:
+    """The dead leader's holder, alive until the scope it reports is cancelled (its
+    connection dropped)."""
+    send, _receive = trio.open_memory_channel[list[Message]](1)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as inner:
+            await inner.start(
+                partial(store.listen, patterns=[], channels=[DEAD_CHANNEL], send=send)
+            )
+            task_status.started(scope)
+
+
+async def elected_after_a_death_at_one_second(
+    harness: Harness, lease_deleted: bool = False
+) -> float:
+    """A worker beside a live leader that dies at 1.0 s (its connection dropped, or its
+    lease key deleted): when the worker was elected."""
+    store = harness.store
+    dead_leader(store)
+    async with trio.open_nursery() as nursery:
+        holder = await nursery.start(holder_subscribed, store)
+        await start_worker(nursery, harness)
+        await trio.sleep(1.0)
+        assert not harness.elected
+        if lease_deleted:
+            store.lease = None
+        else:
+            holder.cancel()
+        await wait_until(lambda: bool(harness.elected))
+        nursery.cancel_scope.cancel()
+    ((at, _),) = harness.elected
+    return at
+
+
 def acquires(store: FakeStore) -> int:
     return sum(op == "acquire" for _, op in store.calls)
 
@@ -162,30 +198,8 @@ async def test_a_leader_that_dies_while_watched_is_replaced_within_a_check_and_a
     """The watch wakes the campaign: its subscription gone (a SIGKILL), or the lease key
     gone with no release announced (one the standby missed): not at the lease's end."""
     store = harness.store
-    dead_leader(store)
-    send, _receive = trio.open_memory_channel[list[Message]](1)
-
-    async def subscribed(*, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as inner:
-                await inner.start(
-                    partial(store.listen, patterns=[], channels=[DEAD_CHANNEL], send=send)
-                )
-                task_status.started(scope)
-
-    async with trio.open_nursery() as nursery:
-        holder = await nursery.start(subscribed)
-        await start_worker(nursery, harness)
-        await trio.sleep(1.0)
-        assert not harness.elected
-        if how == "connection dropped":
-            holder.cancel()
-        else:
-            store.lease = None
-        await wait_until(lambda: bool(harness.elected))
-        nursery.cancel_scope.cancel()
-    ((at, epoch),) = harness.elected
-    assert epoch == 6
+    at = await elected_after_a_death_at_one_second(harness, how == "lease deleted")
+    assert [e for _, e in harness.elected] == [6]
     # Seen at the next look (within 25 ms), then stolen after the 10 ms grace (a lease
     # deleted is taken at once).
     assert 1.0 < at <= 1.0 + 0.025 + (0.01 if how == "connection dropped" else 0.0) + 1e-9
@@ -239,3 +253,26 @@ async def test_renewal_fails_when_redis_no_longer_sees_the_leader(
     store.lease = FakeLease("me#1", "me", 1, 3000, "tcw:{c:*}:alive:me#1:1")
     assert await store.renew("me#1", 3000) == "unseen"
     assert store.lease.expires_ms == 3000  # not extended
+
+
+async def test_a_watch_that_fails_oddly_falls_back_to_the_acquire_script(
+    harness: Harness,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An answer the watch cannot read: one WARNING, and the acquire script looks every
+    TAKEOVER_CHECK_MS as before the watch existed, so a dead leader is still replaced
+    within a check and a grace."""
+    store = harness.store
+
+    async def odd(channel: str, every: float) -> str:
+        await trio.lowlevel.checkpoint()
+        raise ValueError("invalid literal for int() with base 10: b'?'")
+
+    monkeypatch.setattr(store, "wait_leader_gone", odd)
+    at = await elected_after_a_death_at_one_second(harness)
+    assert 1.0 < at <= 1.0 + 0.025 + 0.025 + 0.01 + 1e-9
+    assert acquires(store) >= 1.0 / 0.025  # a look every check, as before the watch
+    warned = [r for r in caplog.records if "watching the leader's liveness failed" in r.message]
+    assert len(warned) == 1

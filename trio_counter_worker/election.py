@@ -25,7 +25,7 @@ from typing import NoReturn
 import attrs
 import trio
 
-from .errors import LeaseLost, RedisRefused, RedisUnavailable
+from .errors import LeaseLost, RedisUnavailable
 from .liveness import Liveness
 from .metrics import Metrics
 from .outage import OutageLog
@@ -234,14 +234,14 @@ class Elector:
     ) -> None:
         try:
             woke[0] = await self._store.wait_leader_gone(channel, self._check_every)
-        except (RedisUnavailable, RedisRefused):  # ACQUIRE meets it too, and says so
+        except RedisUnavailable:  # refused or away: ACQUIRE meets it too, and says so
             await trio.sleep(self._check_every)
         except Exception as exc:  # an odd answer: ACQUIRE looks as often as before
             if not self._watch_failed:
                 self._watch_failed = True
                 log.warning(
-                    "watching the leader's liveness failed (%s: %s): asking Redis with the "
-                    "lease script every TAKEOVER_CHECK_MS instead",
+                    "watching the leader's liveness failed (%s: %s): the lease script "
+                    "looks every TAKEOVER_CHECK_MS while it does",
                     type(exc).__name__,
                     exc,
                 )
