@@ -22,6 +22,7 @@ import trio
 
 from tests.support.redis_server import RedisServer
 from trio_counter_worker import Config, lease_spec, scripts
+from trio_counter_worker.acl import acl_rule
 from trio_counter_worker.errors import RedisRefused
 from trio_counter_worker.keys import Keys
 from trio_counter_worker.redis_bridge import RedisBridge
@@ -192,6 +193,33 @@ async def test_a_standby_watch_wakes_exactly_when_acquire_sees_the_holder_gone(
     finally:
         await bridge.aclose()
     assert checked == len(SUBSCRIBED) * 4
+
+
+async def test_the_documented_acl_rule_lets_a_standby_watch(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    """With exactly the ACL rule ``check`` prints, the watch runs (it would otherwise
+    fail every round and leave the looking to the acquire script, unseen)."""
+    major = int(str(r.info("server")["redis_version"]).split(".")[0])
+    rule = acl_rule("k:*", KEYS.namespace, 0, major)
+    r.execute_command("ACL", "SETUSER", "worker", "on", ">pw", *rule.split())  # type: ignore[no-untyped-call, unused-ignore]
+    bridge = _bridge(redis_server, redis_username="worker", redis_password="pw")
+    try:
+        arrange(r, LEASES["theirs"])
+        pubsub = subscribed(r, (THEIRS,))
+        try:
+            with trio.move_on_after(0.1):
+                await bridge.wait_leader_gone(THEIRS, 0.005)
+                raise AssertionError("woken while the holder is there")
+            r.delete(KEYS.lease)
+            with trio.fail_after(10):
+                assert await bridge.wait_leader_gone(THEIRS, 0.005) == "free"
+        finally:
+            pubsub.close()
+        with trio.fail_after(10):
+            assert await bridge.wait_leader_gone(THEIRS, 0.005) == "gone"
+    finally:
+        await bridge.aclose()
 
 
 async def test_a_standby_watch_refused_by_the_acl_says_so(

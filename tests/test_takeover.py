@@ -185,7 +185,7 @@ async def test_a_live_leader_is_left_alone_until_its_lease_expires(
         await wait_until(lambda: bool(harness.elected))
         nursery.cancel_scope.cancel()
     assert [(round(t, 6), e) for t, e in harness.elected] == [(3.0, 6)]
-    # A standby's cost while a leader lives: one look (PUBSUB NUMSUB and EXISTS, no
+    # A standby's cost while a leader lives: one look (PUBSUB NUMSUB and PTTL, no
     # script) per TAKEOVER_CHECK_MS (25 ms); ACQUIRE at the start and at the lease's end.
     assert acquires(store) == 2
     assert watches(store) == 3.0 / 0.025 + 1

@@ -370,7 +370,8 @@ class RedisBridge:
     def _poll_leader(self, channel: str, every: float, stop: threading.Event) -> Watched:
         pool = self._client.connection_pool
         conn = pool.get_connection()
-        asks = conn.pack_commands([("PUBSUB", "NUMSUB", channel), ("EXISTS", self.keys.lease)])
+        # PTTL, not EXISTS: the ACL rule the worker documents already allows it.
+        asks = conn.pack_commands([("PUBSUB", "NUMSUB", channel), ("PTTL", self.keys.lease)])
         try:
             while not stop.is_set():
                 self._master.follow()
@@ -378,7 +379,7 @@ class RedisBridge:
                 subscribers, lease = conn.read_response(), conn.read_response()
                 if numsub_count(subscribers) == 0:
                     return "gone"
-                if int(lease) == 0:
+                if int(lease) == -2:  # no such key
                     return "free"
                 stop.wait(every)
             return "free"  # stopped: the caller has gone (cancelled), nobody reads this
