@@ -221,27 +221,27 @@ class Elector:
         channel has no subscriber or the lease is gone (what the store saw): ACQUIRE
         then looks. If Redis cannot be asked, after TAKEOVER_CHECK_MS (None), as
         without ``watch``."""
-        woke: list[Watched | None] = [None]
+        woke: Watched | None = None
+
+        async def watch_leader() -> None:
+            nonlocal woke
+            try:
+                woke = await self._store.wait_leader_gone(watch, self._check_every)
+            except Exception as exc:
+                # Redis away: ACQUIRE meets it too, and says so. Refused, or an answer
+                # the watch cannot read: ACQUIRE may still work, so it is said here.
+                refused = isinstance(exc, RedisRefused) and exc.kind == "permission"
+                if refused or not isinstance(exc, RedisUnavailable):
+                    self._watch_refused(exc)
+                await trio.sleep(self._check_every)
+            nursery.cancel_scope.cancel()
+
         async with trio.open_nursery() as nursery:
             if watch:
-                nursery.start_soon(self._watch_leader, watch, woke, nursery.cancel_scope)
+                nursery.start_soon(watch_leader)
             await self._released.park()
             nursery.cancel_scope.cancel()
-        return woke[0]
-
-    async def _watch_leader(
-        self, channel: str, woke: list[Watched | None], done: trio.CancelScope
-    ) -> None:
-        try:
-            woke[0] = await self._store.wait_leader_gone(channel, self._check_every)
-        except RedisUnavailable as exc:  # away: ACQUIRE meets it too, and says so
-            if isinstance(exc, RedisRefused) and exc.kind == "permission":
-                self._watch_refused(exc)  # ACQUIRE may still work: say it here
-            await trio.sleep(self._check_every)
-        except Exception as exc:  # an odd answer: ACQUIRE looks as often as before
-            self._watch_refused(exc)
-            await trio.sleep(self._check_every)
-        done.cancel()
+        return woke
 
     def _watch_refused(self, exc: Exception) -> None:
         """Once: the watch cannot run, so each look is an acquire script (~4 % of a core
