@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import trio
 
+from tests.support.bridge import bridge_on
 from tests.support.redis_server import RedisServer
 from tests.support.tracking import armed_and_tracked
-from trio_counter_worker import Config
 from trio_counter_worker.redis_bridge import RedisBridge
 from trio_counter_worker.store import KeyOutcome, PageStart
 
@@ -19,14 +19,7 @@ HOLDER = "me#1"
 
 
 def _bridge(redis_server: RedisServer) -> RedisBridge:
-    cfg = Config(
-        reset_endpoint_url="http://127.0.0.1:1/r",
-        reset_secret="x",
-        counter_key="c:*",
-        redis_port=redis_server.port,
-        lease_ttl_ms=5000,
-    )
-    return RedisBridge(cfg)
+    return bridge_on(redis_server, "c:*", lease_ttl_ms=5000)
 
 
 async def test_reported_expiry_is_claimed_once_and_echoes_are_not(

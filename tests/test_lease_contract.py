@@ -20,8 +20,9 @@ import pytest
 import redis
 import trio
 
+from tests.support.bridge import bridge_on
 from tests.support.redis_server import RedisServer
-from trio_counter_worker import Config, lease_spec, scripts
+from trio_counter_worker import lease_spec, scripts
 from trio_counter_worker.acl import acl_rule
 from trio_counter_worker.errors import RedisRefused
 from trio_counter_worker.keys import Keys
@@ -141,15 +142,7 @@ def test_acquire_and_renew_decide_as_the_spec(
 
 
 def _bridge(redis_server: RedisServer, **kw: Any) -> RedisBridge:
-    return RedisBridge(
-        Config(
-            reset_endpoint_url="http://127.0.0.1:1/r",
-            reset_secret="x",
-            counter_key="k:*",
-            redis_port=redis_server.port,
-            **kw,
-        )
-    )
+    return bridge_on(redis_server, "k:*", **kw)
 
 
 async def test_a_standby_watch_wakes_exactly_when_acquire_sees_the_holder_gone(

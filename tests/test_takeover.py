@@ -177,10 +177,9 @@ async def test_a_live_leader_is_left_alone_until_its_lease_expires(
 ) -> None:
     store = harness.store
     dead_leader(store)
-    send, _receive = trio.open_memory_channel[list[Message]](1)
     async with trio.open_nursery() as nursery:
         # The holder's subscription is there: it is alive, however quiet.
-        await nursery.start(partial(store.listen, patterns=[], channels=[DEAD_CHANNEL], send=send))
+        await nursery.start(holder_subscribed, store)
         await start_worker(nursery, harness)
         await wait_until(lambda: bool(harness.elected))
         nursery.cancel_scope.cancel()
