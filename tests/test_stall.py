@@ -108,4 +108,31 @@ async def test_a_worker_stopped_after_its_leadership_ends_still_hands_over(
         await trio.sleep(4.8)  # Redis wakes 0.2 s after the stop
         nursery.cancel_scope.cancel()
     assert [r.key for _, r, _ in harness.resets] == []
-    assert [spec.parse_handed(entry) for entry in store.handed] == [("c:unseen", -1)]
+    assert [spec.parse_handed(entry) for entry in store.handed] == [("c:unseen", -1, False)]
+
+
+async def test_an_expiry_heard_before_a_stall_that_outlasts_the_lease_survives_a_re_arm(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The leader hears the key expire, and Redis stalls before the claim: the stall
+    outlasts the lease, so another leadership decides the key, by then set again by the
+    app. The episode that ended is reset once all the same: the expiry was heard, and
+    what was heard is handed over as heard, not as a possible expiry (which a key alive
+    again would be taken for a re-arm of)."""
+    store = harness.store
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        await trio.sleep(1.5)
+        store.expire_unseen("c:k")  # heard: its claim is what waits behind the stall
+        store.debug_sleep(5.0)
+        await trio.sleep(4.0)
+        store.set_key("c:k", 600)  # the app is active again before anyone decides it
+        with trio.fail_after(60):
+            await wait_until(lambda: bool(harness.resets))
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert len(harness.elected) >= 2  # the lease was lost to the stall
+    assert [r.key for _, r, _ in harness.resets] == ["c:k"]
+    assert "c:k" in store.keys  # alive again: its next episode is still to come
+    assert not store.pending_resets
+    assert not store.handed

@@ -129,9 +129,7 @@ class Deciders:
         or cancelled at the caller's deadline) stays in ``handover``, for the next
         leader."""
         reported = self._state.take_reported()
-        # Handed to another replica, a report is one of a possible expiry only (the
-        # entries' format says no more).
-        handover.keep([(key, after) for key, after, _ in reported], trio.current_time())
+        handover.keep(reported, trio.current_time())
         try:
             for heard in (True, False):
                 alike = [(key, after) for key, after, h in reported if h == heard]

@@ -8,7 +8,8 @@ partition, Redis not answering — they are kept here, in the worker, and writte
 (HAND_OVER) as soon as it answers. The leader, whoever it is, takes them (TAKE_HANDED)
 when its subscription starts and when told on the redeliver channel, and decides them as
 reported expiries: a key re-armed meanwhile is only looked at, one claimed meanwhile is
-an echo, never a second reset.
+an echo, never a second reset. An `expired` event that was heard stays heard: it ended an
+episode even if the key is set again by then (spec.claim).
 
 Bounded: at most ``limit`` keys, each kept at most ``spec.HANDED_FOR_MS`` here and as long
 again in Redis (past that, a claim made meanwhile may have lost its tombstone, and
@@ -22,10 +23,11 @@ from typing import NoReturn
 
 import trio
 
+from .decisions import Report, latest_report
 from .errors import RedisRefused, RedisUnavailable
 from .outage import OutageLog
 from .retry import Backoff
-from .spec import HANDED_FOR_MS, handed_entry
+from .spec import HANDED_FOR_MS, handed_entries
 from .store import Store
 
 __all__ = ["HANDED_MAX", "Handover"]
@@ -42,21 +44,23 @@ class Handover:
     def __init__(self, limit: int = HANDED_MAX, keep_for: float = HANDED_FOR_MS / 1000) -> None:
         self.limit = limit
         self._keep_for = keep_for
-        self._keys: dict[str, tuple[int, float]] = {}  # key -> (after, kept since: trio s)
+        # key -> ((after, heard), kept since: trio s)
+        self._keys: dict[str, tuple[tuple[int, bool], float]] = {}
         self._changed = trio.Event()
         self.dropped = 0  # let go: past the bound, or kept too long
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def keep(self, reported: list[tuple[str, int]], now: float) -> None:
-        """Keep ``reported`` (key, after) until decided or written to Redis."""
-        for key, after in reported:
+    def keep(self, reported: list[Report], now: float) -> None:
+        """Keep ``reported`` (key, after, heard) until decided or written to Redis."""
+        for key, after, heard in reported:
             if key in self._keys:
                 was, since = self._keys[key]
-                self._keys[key] = (max(was, after), since)  # aged from its first sighting
+                # aged from its first sighting
+                self._keys[key] = (latest_report(was, (after, heard)), since)
             elif len(self._keys) < self.limit:
-                self._keys[key] = (after, now)
+                self._keys[key] = ((after, heard), now)
             else:
                 self.dropped += 1
         if self._keys:
@@ -67,19 +71,20 @@ class Handover:
         for key in keys:
             self._keys.pop(key, None)
 
-    def due(self, now: float) -> list[tuple[str, int]]:
+    def due(self, now: float) -> list[Report]:
         """What to write now: every key kept, less those kept too long (let go)."""
         old = [k for k, (_, since) in self._keys.items() if now - since > self._keep_for]
         for key in old:
             del self._keys[key]
         self.dropped += len(old)
-        return [(key, after) for key, (after, _) in self._keys.items()]
+        return [(key, after, heard) for key, ((after, heard), _) in self._keys.items()]
 
-    def written(self, reported: list[tuple[str, int]]) -> None:
-        """Redis has ``reported``: forget each unless kept again since, with a later time."""
-        for key, after in reported:
+    def written(self, reported: list[Report]) -> None:
+        """Redis has ``reported``: forget each unless kept again since with a later
+        report (a later time, or the same time heard)."""
+        for key, after, heard in reported:
             kept = self._keys.get(key)
-            if kept is not None and kept[0] <= after:
+            if kept is not None and latest_report(kept[0], (after, heard)) == (after, heard):
                 del self._keys[key]
 
     async def run(self, store: Store, outage: OutageLog) -> NoReturn:
@@ -118,10 +123,10 @@ class Handover:
             self._keys.clear()
             self._say_dropped()
 
-    async def _write(self, store: Store, batch: list[tuple[str, int]]) -> None:
+    async def _write(self, store: Store, batch: list[Report]) -> None:
         """HAND_OVER ``batch``; forget it once Redis has it."""
         try:
-            await store.hand_over([handed_entry(key, after) for key, after in batch])
+            await store.hand_over([e for report in batch for e in handed_entries(*report)])
         except (RedisUnavailable, RedisRefused):
             raise  # run() retries; flush() lets go
         except Exception:  # a bug here must not end the replica: say it, let go

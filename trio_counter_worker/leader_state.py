@@ -348,18 +348,19 @@ class LeaderState:
         return Heard(notified, touched, redeliver, handed)
 
     def adopt(self, entries: list[str]) -> int:
-        """Queue keys a former leader handed over (:mod:`.handover`) as reported expiries;
-        anything but a counter key's entry is dropped. Returns how many were queued."""
-        queued = 0
+        """Queue keys a former leader handed over (:mod:`.handover`) as reported expiries,
+        heard ones as heard; anything but a counter key's entry is dropped. Returns how
+        many keys were queued."""
+        queued: set[str] = set()  # (a heard key comes in two entries)
         for entry in entries:
             parsed = parse_handed(entry)
             if parsed is None or not matches(self._pattern, key_bytes(parsed[0])):
                 continue
-            key, after = parsed
+            key, after, heard = parsed
             if self.counters([key]):
-                self._hold(key, "reported", after)
-                queued += 1
-        return queued
+                self._hold(key, "expired" if heard else "reported", after)
+                queued.add(key)
+        return len(queued)
 
     def _on_expired(self, key: str) -> None:
         if not self.counters([key]):

@@ -345,7 +345,7 @@ if n > 0 then redis.call('PUBLISH', ARGV[1], n) end
 return n
 """
 
-# KEYS: handed   ARGV: redeliver channel, then entries (spec.handed_entry)
+# KEYS: handed   ARGV: redeliver channel, then entries (spec.handed_entries)
 # A former leader hands over what it saw and could not decide (handover.py). No lease
 # check: these are facts for whoever leads, who decides them with CLAIM. Timed by
 # Redis's clock (TAKE_HANDED drops the stale); the set goes with its last entry.

@@ -25,7 +25,7 @@ __all__ = [
     "Seen",
     "Verdict",
     "claim",
-    "handed_entry",
+    "handed_entries",
     "is_echo",
     "parse_handed",
     "reset_id",
@@ -138,21 +138,28 @@ def claim(seen: Seen, now: int, expired_after: int | None = None, heard: bool = 
     return Verdict("claimed", dl)
 
 
-def handed_entry(key: str, after: int) -> str:
+def handed_entries(key: str, after: int, heard: bool) -> list[str]:
     """A key handed over (HAND_OVER), with the `after` it is to be decided as reported
-    with: ``"<after> <key>"``. The same key handed twice is two entries; deciding it twice
-    is harmless (the first claim's tombstone makes the second an echo)."""
-    return f"{after:d} {key}"
+    with: ``"<after> <key>"``, and for an `expired` event that was heard, ``"h<after>
+    <key>"`` as well: decided as heard, it ends an episode even if the key is set again
+    by then (:func:`claim`). The plain entry goes with it for a replica of an earlier
+    version, which drops the other (a rolling upgrade): it decides the key as before.
+    The same key handed twice is two entries; deciding it twice is harmless (the first
+    claim's tombstone makes the second an echo)."""
+    plain = f"{after:d} {key}"
+    return [plain, "h" + plain] if heard else [plain]
 
 
-def parse_handed(entry: str) -> tuple[str, int] | None:
-    """The ``(key, after)`` of :func:`handed_entry`; None for anything else (whoever may
-    write the deployment's keys may write there: such an entry is dropped)."""
-    stamp, sep, key = entry.partition(" ")
+def parse_handed(entry: str) -> tuple[str, int, bool] | None:
+    """The ``(key, after, heard)`` of an entry of :func:`handed_entries`; None for
+    anything else (whoever may write the deployment's keys may write there: such an
+    entry is dropped)."""
+    heard = entry.startswith("h")
+    stamp, sep, key = entry.removeprefix("h").partition(" ")
     digits = stamp.removeprefix("-")
     if not (sep and digits.isascii() and digits.isdigit() and len(digits) <= STAMP_DIGITS):
         return None
-    return key, int(stamp)
+    return key, int(stamp), heard
 
 
 def take_handed(handed: dict[str, int], now: int, most: int) -> tuple[int, list[str]]:

@@ -196,7 +196,7 @@ class Store(Protocol):
 
     async def hand_over(self, entries: list[str]) -> None:
         """Hand keys a former leadership could not decide to whoever leads
-        (:func:`trio_counter_worker.spec.handed_entry`; no lease check)."""
+        (:func:`trio_counter_worker.spec.handed_entries`; no lease check)."""
         ...
 
     async def take_handed(self, holder: str, most: int) -> tuple[int, list[str]]:
