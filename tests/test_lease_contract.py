@@ -21,10 +21,11 @@ import redis
 import trio
 
 from tests.support.bridge import bridge_on
+from tests.support.proxy import FaultProxy
 from tests.support.redis_server import RedisServer
 from trio_counter_worker import lease_spec, scripts
 from trio_counter_worker.acl import acl_rule
-from trio_counter_worker.errors import RedisRefused
+from trio_counter_worker.errors import RedisRefused, RedisUnavailable
 from trio_counter_worker.keys import Keys
 from trio_counter_worker.redis_bridge import RedisBridge
 
@@ -226,3 +227,36 @@ async def test_a_standby_watch_refused_by_the_acl_says_so(
         assert refused.value.kind == "permission"
     finally:
         await bridge.aclose()
+
+
+async def test_a_standby_watch_on_a_redis_that_stops_answering_fails_at_the_socket_timeout(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    """Redis (or the path to it) goes silent mid-watch: the watch's thread waits on a
+    read that never ends. It must fail at the socket timeout (LEASE_TTL_MS / 4), which the
+    standby takes as Redis away, and watch again once Redis answers, on a new connection
+    (the silent one may still carry an answer: never reused)."""
+    with FaultProxy(redis_server.host, redis_server.port) as proxy:
+        bridge = _bridge(redis_server, redis_port=proxy.port, lease_ttl_ms=2000)
+        try:
+            arrange(r, LEASES["theirs"])
+            pubsub = subscribed(r, (THEIRS,))
+            try:
+                with trio.move_on_after(0.1):
+                    await bridge.wait_leader_gone(THEIRS, 0.005)
+                    raise AssertionError("woken while the holder is there")
+                proxy.blackhole()
+                started = trio.current_time()
+                with trio.fail_after(10), pytest.raises(RedisUnavailable):
+                    await bridge.wait_leader_gone(THEIRS, 0.005)
+                assert trio.current_time() - started >= 0.5  # the socket timeout, not less
+                proxy.forward()
+                with trio.move_on_after(0.1):
+                    await bridge.wait_leader_gone(THEIRS, 0.005)
+                    raise AssertionError("woken while the holder is there")
+            finally:
+                pubsub.close()
+            with trio.fail_after(10):
+                assert await bridge.wait_leader_gone(THEIRS, 0.005) == "gone"
+        finally:
+            await bridge.aclose()

@@ -13,13 +13,13 @@ __all__ = ["bridge_on"]
 
 def bridge_on(redis_server: RedisServer, counter_key: str, **kw: Any) -> RedisBridge:
     """A bridge to ``redis_server`` for ``counter_key`` (no backend is called), with any
-    other setting in ``kw``."""
+    other setting in ``kw`` (``redis_port``: a proxy's, in front of it)."""
+    settings: dict[str, Any] = {"redis_port": redis_server.port, **kw}
     return RedisBridge(
         Config(
             reset_endpoint_url="http://127.0.0.1:1/r",
             reset_secret="x",
             counter_key=counter_key,
-            redis_port=redis_server.port,
-            **kw,
+            **settings,
         )
     )
