@@ -148,7 +148,11 @@ class Watch:
     async def _notifications(self) -> NotificationStatus:
         status = await self._store.ensure_notifications()
         if status.changed:
-            log.info("enabled keyspace notifications: notify-keyspace-events=%r", status.flags)
+            log.info(
+                "enabled keyspace notifications: notify-keyspace-events=%r",
+                status.flags,
+                extra={"event": "flags_enabled", "flags": status.flags},
+            )
         if not status.ok:
             missing = None if status.flags is None else status.missing
             log.error("%s (Redis said: %s)", enable_hint(missing), status.error)

@@ -37,7 +37,7 @@ class Fault:
     notifications: bool = False  # redis: "enabled keyspace notifications" after restart
     keys: tuple[str, ...] = ()  # poison: the refused keys
     flags: tuple[str, str] = ("", "")  # flags: (before, what the app wrote)
-    restored: float | None = None  # flags: wall clock of the leader's flags_restored line
+    restored: float | None = None  # flags: wall clock of the leader's line that put them back
     blind_sets: int = 0  # flags: SETs made before that line was read
     probe: tuple[float, float] | None = None  # slow: PING through a proxy, and directly (s)
     targets: tuple[str, ...] = ()  # partition: the replicas cut off

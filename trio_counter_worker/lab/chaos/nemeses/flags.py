@@ -58,7 +58,9 @@ class FlagsNemesis(Nemesis):
         f = self.stage.faults[-1] if self.stage.faults else None
         if f is None or f.kind != "flags" or at is None or at < f.fired - 0.001:
             return
-        if record.get("event") == "flags_restored" and f.restored is None:
+        # Put back by the leader's periodic check (flags_restored), or as it resubscribes
+        # after a Redis error (flags_enabled: every subscription starts by setting them).
+        if record.get("event") in ("flags_restored", "flags_enabled") and f.restored is None:
             f.restored = at
             self.stage.event(
                 f"{replica.name} restored {NAME} to "
