@@ -68,9 +68,12 @@ class FakeLease:
     epoch: int
     expires_ms: int
     alive: str = ""
+    endpoint: str = ""
 
     def record(self) -> lease_spec.LeaseRecord:
-        return lease_spec.LeaseRecord(self.holder, self.replica, self.epoch, self.alive)
+        return lease_spec.LeaseRecord(
+            self.holder, self.replica, self.epoch, self.alive, self.endpoint
+        )
 
 
 class FakeStore:
@@ -186,6 +189,7 @@ class FakeStore:
         epoch_floor: int,
         alive: str = "",
         suspect: str = "",
+        endpoint: str = "",
     ) -> LeaseView:
         await self._op("acquire")
         lease = self._current_lease()
@@ -198,14 +202,16 @@ class FakeStore:
             mine=alive,
             suspect=suspect,
             subscribers=self._subscribers(),
+            endpoint=endpoint,
         )
         self.epoch = decided.epoch_counter
         if decided.acquired:
             assert decided.lease is not None
             taken = decided.lease
             self.lease = FakeLease(
-                taken.holder, taken.replica, taken.epoch, _ms() + ttl_ms, taken.alive
-            )
+                taken.holder, taken.replica, taken.epoch, _ms() + ttl_ms, taken.alive,
+                taken.endpoint,
+            )  # fmt: skip
             return LeaseView(True, decided.epoch, ttl_ms, decided.taken_from)
         pttl = 0 if lease is None else lease.expires_ms - _ms()
         return LeaseView(
@@ -216,6 +222,7 @@ class FakeStore:
             decided.liveness,
             decided.alive,
             decided.ready,
+            decided.endpoint,
         )
 
     async def renew(self, holder: str, ttl_ms: int) -> lease_spec.Renewal:

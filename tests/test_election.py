@@ -13,6 +13,7 @@ import trio.testing
 from tests.fakes import FakeLease, FakeStore
 from trio_counter_worker.election import Elector, LeaseTiming
 from trio_counter_worker.errors import LeaseLost
+from trio_counter_worker.metrics import Metrics
 
 pytestmark = pytest.mark.fail_after(600)  # autojump: a hang fails at once
 
@@ -202,3 +203,44 @@ async def test_campaigns_again_as_soon_as_redis_answers(
     assert 20 < acquired_at <= 20.4 + 1e-6
     attempts = [t for t, op in store.calls if op == "acquire"]
     assert len(attempts) <= 15  # still a backoff while Redis is away, not a busy loop
+
+
+async def test_a_standby_says_once_that_the_leader_sends_resets_elsewhere(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two deployments sharing COUNTER_KEY on one Redis are one election: each gets
+    resets only while it leads. A standby that sees the leader's endpoint differ says so
+    (once per leader and endpoint) and keeps a gauge at 1 while it lasts."""
+    store = FakeStore()
+    metrics = Metrics()
+    a = Elector(store, LeaseTiming(TTL), "a#1", "a", endpoint="https://a.example/reset")
+    b = Elector(store, LeaseTiming(TTL), "b#1", "b", metrics, endpoint="https://b.example/reset")
+    await a.acquire()
+    for _ in range(2):
+        with trio.move_on_after(0.5):
+            await b.acquire()
+    said = [r.getMessage() for r in caplog.records if "sends its resets to" in r.getMessage()]
+    assert said == [
+        "replica 'a' leads this deployment and sends its resets to "
+        "'https://a.example/reset', this replica to 'https://b.example/reset': replicas that "
+        "share COUNTER_KEY (and REDIS_DB) on one Redis are one deployment, and only the "
+        "leader's RESET_ENDPOINT_URL gets resets; give them the same RESET_ENDPOINT_URL, or "
+        "each deployment its own COUNTER_KEY"
+    ]
+    assert metrics.leader_endpoint_differs._value.get() == 1
+    same = Elector(store, LeaseTiming(TTL), "c#1", "c", metrics, endpoint="https://a.example/reset")
+    with trio.move_on_after(0.5):
+        await same.acquire()
+    assert metrics.leader_endpoint_differs._value.get() == 0
+    assert len([r for r in caplog.records if "sends its resets to" in r.getMessage()]) == 1
+
+
+async def test_a_leader_of_an_earlier_version_names_no_endpoint_and_is_not_compared(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FakeStore()
+    store.lease = FakeLease("old#1", "old", 3, 10_000)  # no endpoint recorded
+    b = Elector(store, LeaseTiming(TTL), "b#1", "b", endpoint="https://b.example/reset")
+    with trio.move_on_after(0.5):
+        await b.acquire()
+    assert "sends its resets to" not in caplog.text

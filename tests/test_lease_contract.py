@@ -33,13 +33,14 @@ KEYS = Keys("k:*")
 ME, OTHER = "me#1", "other#1"
 MINE, THEIRS = KEYS.alive("me#1:1"), KEYS.alive("other#1:1")
 EPOCH = 7
+ENDPOINT = "https://a.example/r"  # where the caller sends resets
 
 LEASES: dict[str, lease_spec.LeaseRecord | None] = {
     "free": None,
     "ours": lease_spec.LeaseRecord(ME, "me", EPOCH, MINE),
     "ours-old": lease_spec.LeaseRecord(ME, "me", EPOCH, KEYS.alive("me#1:0")),
-    "theirs": lease_spec.LeaseRecord(OTHER, "other", EPOCH, THEIRS),
-    "theirs-plain": lease_spec.LeaseRecord(OTHER, "other", EPOCH, ""),
+    "theirs": lease_spec.LeaseRecord(OTHER, "other", EPOCH, THEIRS, "https://b.example/r"),
+    "theirs-plain": lease_spec.LeaseRecord(OTHER, "other", EPOCH, ""),  # (an older replica's)
 }
 SUBSCRIBED = [(), (MINE,), (THEIRS,), (MINE, THEIRS)]
 
@@ -74,6 +75,7 @@ def arrange(r: redis.Redis, lease: lease_spec.LeaseRecord | None) -> None:
                 "replica": lease.replica,
                 "epoch": lease.epoch,
                 "alive": lease.alive,
+                **({"endpoint": lease.endpoint} if lease.endpoint else {}),
             },
         )
         r.pexpire(KEYS.lease, 60_000)
@@ -84,7 +86,9 @@ def left(r: redis.Redis) -> tuple[lease_spec.LeaseRecord | None, int]:
     counter = int(r.get(KEYS.epoch) or 0)
     if not raw:
         return None, counter
-    record = lease_spec.LeaseRecord(raw["holder"], raw["replica"], int(raw["epoch"]), raw["alive"])
+    record = lease_spec.LeaseRecord(
+        raw["holder"], raw["replica"], int(raw["epoch"]), raw["alive"], raw.get("endpoint", "")
+    )
     return record, counter
 
 
@@ -116,10 +120,14 @@ def test_acquire_and_renew_decide_as_the_spec(
                 arrange(r, lease)
                 want = lease_spec.acquire(
                     lease, EPOCH, holder=ME, replica="me", epoch_floor=0, mine=mine,
-                    suspect=suspect, subscribers=counts,
+                    suspect=suspect, subscribers=counts, endpoint=ENDPOINT,
                 )  # fmt: skip
                 got = json.loads(
-                    str(acquire([KEYS.lease, KEYS.epoch], [ME, "me", 60_000, 0, mine, suspect]))
+                    str(
+                        acquire(
+                            [KEYS.lease, KEYS.epoch], [ME, "me", 60_000, 0, mine, suspect, ENDPOINT]
+                        )
+                    )
                 )
                 case = f"{name} mine={mine!r} suspect={suspect!r} subscribed={channels}"
                 assert bool(got["acquired"]) is want.acquired, case
@@ -130,6 +138,7 @@ def test_acquire_and_renew_decide_as_the_spec(
                 else:
                     assert got.get("liveness", "off") == want.liveness, case
                     assert str(got.get("alive") or "") == want.alive, case
+                    assert str(got.get("endpoint") or "") == want.endpoint, case
                 assert left(r) == (want.lease, want.epoch_counter), case
 
                 arrange(r, lease)

@@ -567,3 +567,17 @@ def test_backend_500_twice_then_200_is_delivered_with_one_idempotency_key(
     assert len({q.headers["idempotency-key"] for q in requests}) == 1
     assert len({b["reset_id"] for b in bodies}) == 1
     assert_no_more(harness.backend, 3, window=1.0)
+
+
+def test_a_replica_that_sends_resets_elsewhere_than_the_leader_says_so(harness: Harness) -> None:
+    """Two deployments sharing COUNTER_KEY on one Redis (or a new RESET_ENDPOINT_URL half
+    rolled out) are one election: only the leader's endpoint gets resets. The standby
+    says so, naming both endpoints without their query (where a token may be)."""
+    cluster = harness.start(["r0"])
+    elsewhere = harness.backend.url.rstrip("/") + "/elsewhere?token=QUERY-TOKEN"
+    standby = harness.spawn("r1", LOG_LEVEL="INFO", RESET_ENDPOINT_URL=elsewhere)
+    line = standby.wait_for_output("leads this deployment and sends its resets to", START_TIMEOUT)
+    assert f"sends its resets to '{harness.backend.url}'" in line
+    assert "/elsewhere'" in line
+    for worker in (cluster.leader, standby):
+        assert "QUERY-TOKEN" not in worker.output()

@@ -30,7 +30,7 @@ from .liveness import Liveness
 from .metrics import Metrics
 from .outage import OutageLog
 from .retry import Backoff
-from .store import Store, Watched
+from .store import LeaseView, Store, Watched
 
 __all__ = ["Elector", "Lease", "LeaseTiming"]
 
@@ -104,8 +104,13 @@ class Elector:
         liveness: Liveness | None = None,
         check_every: float = 0.025,
         settle: float = 0.0,
+        endpoint: str = "",
     ) -> None:
         self._store = store
+        # Where this replica sends resets (no secrets in it): recorded with a lease it
+        # takes, and compared with the leader's by a standby.
+        self.endpoint = endpoint
+        self._differs: tuple[str, str] | None = None  # (leader, its endpoint) last said
         # Fast takeover (None: off, the lease decides); how often a standby looks at the
         # leader's liveness; the least time a leader must have been seen gone before it
         # is stolen from (Sentinel: time for a live leader to follow a moved master too).
@@ -163,7 +168,13 @@ class Elector:
                 steal = suspect.channel
             try:
                 view = await self._store.acquire(
-                    self.holder, self.replica_id, self._ttl_ms, self.epoch_seen, mine, steal
+                    self.holder,
+                    self.replica_id,
+                    self._ttl_ms,
+                    self.epoch_seen,
+                    mine,
+                    steal,
+                    self.endpoint,
                 )
             except RedisUnavailable as exc:
                 self._metrics.redis_errors.inc()
@@ -187,6 +198,7 @@ class Elector:
                 unseen_since = None
             elif unseen_since is None:
                 unseen_since = sent
+            self._compare_endpoint(view)
             if view.acquired:
                 return Lease(
                     view.epoch, sent, self.timing.step_down_at(sent), mine, view.holder_replica
@@ -242,6 +254,32 @@ class Elector:
             await self._released.park()
             nursery.cancel_scope.cancel()
         return woke
+
+    def _compare_endpoint(self, view: LeaseView) -> None:
+        """A leader that sends resets elsewhere than this replica would: two deployments
+        sharing COUNTER_KEY on one Redis (one election: each gets the resets only while
+        it leads), or a change of RESET_ENDPOINT_URL half rolled out. Said once per leader
+        and endpoint, and as a gauge while it lasts."""
+        theirs = "" if view.acquired else view.endpoint
+        differs = bool(theirs and self.endpoint and theirs != self.endpoint)
+        self._metrics.leader_endpoint_differs.set(1 if differs else 0)
+        if not differs:
+            self._differs = None
+            return
+        said = (view.holder_replica, theirs)
+        if said == self._differs:
+            return
+        self._differs = said
+        log.warning(
+            "replica %r leads this deployment and sends its resets to %r, this replica to "
+            "%r: replicas that share COUNTER_KEY (and REDIS_DB) on one Redis are one "
+            "deployment, and only the leader's RESET_ENDPOINT_URL gets resets; give them "
+            "the same RESET_ENDPOINT_URL, or each deployment its own COUNTER_KEY",
+            view.holder_replica[:100],
+            theirs[:200],
+            self.endpoint,
+            extra={"event": "leader_endpoint_differs"},
+        )
 
     def _watch_refused(self, exc: Exception) -> None:
         """Once: the watch cannot run, so each look is an acquire script (~4 % of a core

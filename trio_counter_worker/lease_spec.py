@@ -45,6 +45,7 @@ class LeaseRecord:
     replica: str
     epoch: int
     alive: str = ""  # the holder's liveness channel; '' where it has none
+    endpoint: str = ""  # where the holder sends resets (its URL without secrets); '' unknown
 
 
 @attrs.frozen
@@ -59,6 +60,7 @@ class AcquireOutcome:
     alive: str = ""  # the other holder's channel: what ``suspect`` must name to steal
     ready: bool = True  # False: the caller's own channel has no subscriber at Redis
     taken_from: str = ""  # acquired by stealing: the replica that held it
+    endpoint: str = ""  # the other holder's, when not acquired ('' unknown)
 
 
 def _count(subscribers: Mapping[str, int] | None, channel: str) -> int | None:
@@ -75,6 +77,7 @@ def acquire(
     mine: str = "",
     suspect: str = "",
     subscribers: Mapping[str, int] | None = None,
+    endpoint: str = "",
 ) -> AcquireOutcome:
     """Take the lease if it is free, ours, or held by a holder proven gone.
 
@@ -83,7 +86,9 @@ def acquire(
     NUMSUB`` would answer per channel (None: refused). The caller must be seen
     subscribed to take or keep a lease, so a holder is never recorded with a channel that
     would make it look dead (after a Redis restart, replicas campaign only once their own
-    subscription is back: no stampede).
+    subscription is back: no stampede). ``endpoint``: where the caller sends resets,
+    recorded with a lease it takes, and told to the others (replicas that disagree on it
+    are a misconfiguration, said by :mod:`.election`).
     """
     mine_count = _count(subscribers, mine) if mine else None
     ready = mine_count is None or mine_count > 0
@@ -108,13 +113,14 @@ def acquire(
                 liveness=liveness,
                 alive=lease.alive,
                 ready=seen,
+                endpoint=lease.endpoint,
             )
     elif not ready:
         return AcquireOutcome(False, 0, None, epoch_counter, ready=False)
     # The epoch only grows: above the counter and above the highest the caller has seen,
     # so a Redis that lost its data does not hand out old fencing tokens.
     epoch = max(epoch_counter + 1, epoch_floor + 1)
-    taken = LeaseRecord(holder, replica, epoch, mine)
+    taken = LeaseRecord(holder, replica, epoch, mine, endpoint)
     return AcquireOutcome(True, epoch, taken, epoch, taken_from=lease.replica if lease else "")
 
 

@@ -25,6 +25,12 @@ class Metrics:
             "fencing token (epoch) of this replica's lease, or the highest seen",
             registry=r,
         )
+        self.leader_endpoint_differs = Gauge(
+            "tcw_leader_endpoint_differs",
+            "1 while the leader this standby sees sends resets to another "
+            "RESET_ENDPOINT_URL than its own, else 0",
+            registry=r,
+        )
         self.leader_changes = Counter(
             "tcw_leader_changes", "times this replica became leader", registry=r
         )

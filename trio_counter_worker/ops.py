@@ -376,6 +376,7 @@ def print_status(status: dict[str, Any], as_json: bool, out: TextIO) -> None:
     lines = [
         ("server", status["server"]),
         ("leader", status["leader"] or "none"),
+        ("leader's endpoint", status["leader_endpoint"] or "-"),
         (
             "fencing token",
             status["fencing_token"]

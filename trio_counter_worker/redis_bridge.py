@@ -342,11 +342,12 @@ class RedisBridge:
         epoch_floor: int,
         alive: str = "",
         suspect: str = "",
+        endpoint: str = "",
     ) -> LeaseView:
         raw = await self._script(
             "ACQUIRE",
             [self.keys.lease, self.keys.epoch],
-            [holder, replica_id, ttl_ms, epoch_floor, alive, suspect],
+            [holder, replica_id, ttl_ms, epoch_floor, alive, suspect, endpoint],
         )
         return lease_view(raw)
 

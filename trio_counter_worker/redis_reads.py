@@ -53,6 +53,7 @@ def _status_sync(bridge: RedisBridge) -> dict[str, Any]:
     return {
         "takeover": _takeover(c, lease.get("alive")) if lease else "-",
         "leader": lease.get("replica") or None,
+        "leader_endpoint": lease.get("endpoint") or None,  # where it sends resets
         "fencing_token": int(lease["epoch"]) if lease.get("epoch") else None,
         "last_fencing_token": int(epoch) if epoch else 0,
         "lease_ms_left": int(pttl) if int(pttl) >= 0 else None,

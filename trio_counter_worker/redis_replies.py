@@ -160,6 +160,7 @@ def lease_view(raw: str) -> LeaseView:
         liveness=_LIVENESS.get(r.get("liveness"), "off"),
         alive=str(r.get("alive") or ""),
         ready=r.get("ready", True) is not False,
+        endpoint=str(r.get("endpoint") or ""),
     )
 
 

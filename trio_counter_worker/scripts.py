@@ -72,7 +72,8 @@ local function subscribers(channel)
 end
 """
 
-# KEYS: lease, epoch   ARGV: holder, replica_id, ttl_ms, epoch_floor, mine, suspect
+# KEYS: lease, epoch   ARGV: holder, replica_id, ttl_ms, epoch_floor, mine, suspect,
+# endpoint (recorded with a lease taken, told to the others)
 # lease_spec.acquire states the rules. The epoch only grows: INCR, raised above the
 # highest epoch the caller has seen, so a Redis that lost its data (restart without
 # persistence) does not hand out old tokens.
@@ -110,7 +111,8 @@ if current then
     return cjson.encode({acquired = false, pttl = redis.call('PTTL', lease),
                          epoch = tonumber(redis.call('HGET', lease, 'epoch')) or 0,
                          replica = redis.call('HGET', lease, 'replica') or '',
-                         liveness = liveness, alive = theirs, ready = ok})
+                         liveness = liveness, alive = theirs, ready = ok,
+                         endpoint = redis.call('HGET', lease, 'endpoint') or ''})
   end
 elseif not ready() then
   return cjson.encode({acquired = false, ready = false, epoch = 0, pttl = 0})
@@ -125,7 +127,7 @@ if epoch <= floor then
 end
 redis.call('DEL', lease)
 redis.call('HSET', lease, 'holder', holder, 'replica', ARGV[2], 'epoch', epoch,
-           'since_ms', now_ms(), 'alive', mine)
+           'since_ms', now_ms(), 'alive', mine, 'endpoint', ARGV[7] or '')
 redis.call('PEXPIRE', lease, ttl)
 return cjson.encode({acquired = true, epoch = epoch, pttl = ttl, replica = was})
 """

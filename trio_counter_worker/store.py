@@ -38,6 +38,7 @@ class LeaseView:
     liveness: Liveness = "off"  # the holder's, when not acquired (lease_spec)
     alive: str = ""  # the holder's liveness channel: name it as ``suspect`` to steal
     ready: bool = True  # False: our own liveness channel has no subscriber at Redis
+    endpoint: str = ""  # where the holder sends resets, when not acquired ('' unknown)
 
 
 @attrs.frozen
@@ -145,10 +146,11 @@ class Store(Protocol):
         epoch_floor: int,
         alive: str = "",
         suspect: str = "",
+        endpoint: str = "",
     ) -> LeaseView:
         """ACQUIRE (:func:`~trio_counter_worker.lease_spec.acquire`): ``alive`` is the
         caller's liveness channel ('' without), ``suspect`` the holder's channel the
-        caller saw gone before."""
+        caller saw gone before, ``endpoint`` where the caller sends resets."""
         ...
 
     async def renew(self, holder: str, ttl_ms: int) -> Renewal: ...

@@ -83,6 +83,7 @@ class Worker:
             config.takeover_check or 0.0,
             # Sentinel: a live leader follows a moved master within two checks.
             settle=2 * MASTER_CHECK_EVERY if config.redis_sentinels else 0.0,
+            endpoint=safe_url(config.reset_endpoint_url),
         )
         self.lease: Lease | None = None
         self.health_port: int | None = None  # bound port of the health endpoint, once up
