@@ -419,6 +419,10 @@ class FakeStore:
         await self._op("install_functions")
         raise FunctionsUnavailable("the fake store has no Redis Functions")
 
+    async def functions_gone(self) -> bool:
+        await self._op("functions_gone")
+        return False
+
     async def memory_policy(self) -> str | None:
         await self._op("memory_policy")
         return self.maxmemory_policy

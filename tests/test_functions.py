@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +25,15 @@ from typing import Any
 import attrs
 import pytest
 import redis
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support.backend import RecordingBackend
+from tests.support.in_process import leading, lone_replica
 from tests.support.procs import SpawnWorker, run_cli, worker_env
 from tests.support.redis_server import SERVER_ENV, RedisServer
-from trio_counter_worker import scripts, spec, touch_spec
+from trio_counter_worker import scripts, spec, touch_spec, watching
 from trio_counter_worker.acl import acl_rule
 from trio_counter_worker.config import Config
 from trio_counter_worker.errors import FunctionsUnavailable
@@ -493,6 +496,35 @@ def test_touched_counters_are_reset_on_time_without_notifications(
     for request in backend.requests:  # long before a rescan would have found them
         assert request.received_at - request.json["expired_at"] < 2.0
     assert r.config_get("notify-keyspace-events")["notify-keyspace-events"] == ""
+
+
+async def test_a_leader_loads_the_library_again_after_a_function_flush(
+    r: redis.Redis,
+    redis_server: RedisServer,
+    backend: RecordingBackend,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FUNCTION FLUSH mid-leadership: every app's FCALL tcw_touch fails until the
+    library is back. The leader looks every few seconds (here 0.1 s), loads it again,
+    says so once, and leaves a library that is there alone."""
+    monkeypatch.setattr(watching, "_VERIFY_FUNCTIONS_EVERY", 0.1)
+    caplog.set_level(logging.INFO, logger="trio_counter_worker")
+    with trio.fail_after(20):
+        async with leading(lone_replica(redis_server, backend)):
+            while "touch functions ready" not in caplog.text:
+                await trio.sleep(0.01)
+            r.function_flush()
+            with pytest.raises(redis.ResponseError, match="Function not found"):
+                r.fcall("tcw_touch", 1, "c:1", 60_000)
+            while "was gone from Redis" not in caplog.text:
+                await trio.sleep(0.01)
+            assert r.fcall("tcw_touch", 1, "c:1", 60_000)[1] >= 1  # c:* is registered again
+            loads = r.info("commandstats").get("cmdstat_function|load", {}).get("calls", 0)
+            assert loads >= 2  # (the fixture's, the takeover's, this one)
+            await trio.sleep(0.5)  # five more looks
+            assert r.info("commandstats").get("cmdstat_function|load", {}).get("calls", 0) == loads
+    assert caplog.text.count("was gone from Redis") == 1
 
 
 # -- install ---------------------------------------------------------------------------

@@ -361,6 +361,17 @@ def install_details(client: Any, counter_key: str | None = None) -> Installed:
     )
 
 
+def library_gone(client: Any) -> bool:
+    """Whether Redis has no tcw library since it was loaded (a FUNCTION FLUSH, a restore
+    without functions): its version function is not found. Another version, or FCALL
+    refused, is not this worker's to change between takeovers. One read."""
+    try:
+        client.fcall_ro("tcw_version", 0)
+    except rexc.ResponseError as exc:
+        return "function not found" in str(exc).lower()
+    return False
+
+
 def ensure(client: Any, counter_key: str) -> str:
     """What a leader does at takeover: the library at this version (loaded only if
     another version or none is), and this deployment registered. One round trip when all

@@ -530,6 +530,9 @@ class RedisBridge:
         except rexc.ResponseError as exc:  # optional: a refusal must not stop the leader
             raise FunctionsUnavailable(f"Redis refused: {exc}") from None
 
+    async def functions_gone(self) -> bool:
+        return await self._run(functions.library_gone, self._client)
+
     async def memory_policy(self) -> str | None:
         return await self._run(self._memory_policy_sync)
 

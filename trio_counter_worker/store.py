@@ -230,6 +230,11 @@ class Store(Protocol):
         :class:`FunctionsUnavailable` where Redis has none or refuses them."""
         ...
 
+    async def functions_gone(self) -> bool:
+        """Whether the touch library loaded at the takeover is gone from Redis (a
+        FUNCTION FLUSH): :func:`trio_counter_worker.functions.library_gone`."""
+        ...
+
     async def memory_policy(self) -> str | None:
         """Redis's maxmemory-policy, or None where CONFIG is refused."""
         ...

@@ -43,6 +43,7 @@ _WINDOW_MS = round(WINDOW * 1000)
 _HANDED_PAGE = 1_000  # handed-over keys taken per call
 _RESCAN_EVERY = 5.0  # without notifications, how often to look for new keys
 _VERIFY_FLAGS_EVERY = 1.0  # how often the leader checks that notifications are still on
+_VERIFY_FUNCTIONS_EVERY = 5.0  # and that the touch library it loaded is still there
 
 
 class Watch:
@@ -161,21 +162,35 @@ class Watch:
     async def _memory_and_functions(self) -> None:
         if (warning := self._metrics.eviction(await self._store.memory_policy())) is not None:
             log.warning(warning, extra={"event": "eviction_policy"})
-        await self._install_functions()
+        if await self._install_functions():
+            await self._keep_functions()
 
-    async def _install_functions(self) -> None:
+    async def _install_functions(self) -> bool:
         """The touch library, for apps that mark activity with FCALL tcw_touch. Optional:
         where Redis has no Functions (6.2, Cluster) or refuses them, plain SETs work as
-        ever; said once per leadership."""
+        ever; said once per leadership. Whether it is loaded."""
         try:
             version = await self._store.install_functions()
         except FunctionsUnavailable as exc:
-            note = f"touch functions (FCALL tcw_touch) not available: {exc}"
+            ready, note = False, f"touch functions (FCALL tcw_touch) not available: {exc}"
         else:
-            note = f"touch functions ready: library tcw version {version}"
+            ready, note = True, f"touch functions ready: library tcw version {version}"
         if note != self._functions_note:
             self._functions_note = note
             log.info(note, extra={"event": "functions"})
+        return ready
+
+    async def _keep_functions(self) -> NoReturn:
+        """While the library is gone (a FUNCTION FLUSH), every app's FCALL tcw_touch
+        fails: load it again, as a takeover would, and say so."""
+        while True:
+            await trio.sleep(_VERIFY_FUNCTIONS_EVERY)
+            if await self._store.functions_gone() and await self._install_functions():
+                log.warning(
+                    "the touch library tcw was gone from Redis (a FUNCTION FLUSH?): loaded "
+                    "it again; FCALL tcw_touch failed for apps meanwhile",
+                    extra={"event": "functions_restored"},
+                )
 
     async def _load_pending(self) -> None:
         """Every pending reset, with what earlier leaders learnt of its failures."""
