@@ -508,7 +508,7 @@ async def test_a_leader_loads_the_library_again_after_a_function_flush(
     """FUNCTION FLUSH mid-leadership: every app's FCALL tcw_touch fails until the
     library is back. The leader looks every few seconds (here 0.1 s), loads it again,
     says so once, and leaves a library that is there alone."""
-    monkeypatch.setattr(watching, "_VERIFY_FUNCTIONS_EVERY", 0.1)
+    monkeypatch.setattr(watching, "_RECHECK_EVERY", 0.1)
     caplog.set_level(logging.INFO, logger="trio_counter_worker")
     with trio.fail_after(20):
         async with leading(lone_replica(redis_server, backend)):

@@ -473,6 +473,28 @@ async def test_flags_rewritten_are_restored_within_a_second(
     assert worker.metrics.flags_restored._value.get() == 1
 
 
+async def test_an_eviction_policy_changed_while_leading_is_said_within_a_recheck(
+    harness: Harness, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CONFIG SET maxmemory-policy allkeys-lru mid-leadership: said (once while it lasts)
+    and the gauge set by the next look, every 5 s; put back, the gauge falls."""
+    async with trio.open_nursery() as nursery:
+        worker = await start_worker(nursery, harness)
+        await wait_until(lambda: worker.is_leader)
+        unsafe = worker.metrics.eviction_unsafe
+        await trio.sleep(1.0)
+        assert unsafe._value.get() == 0
+        harness.store.maxmemory_policy = "allkeys-lru"
+        await wait_until(lambda: unsafe._value.get() == 1)
+        seen = trio.current_time()
+        await trio.sleep(11)  # two more looks
+        harness.store.maxmemory_policy = "noeviction"
+        await wait_until(lambda: unsafe._value.get() == 0)
+        nursery.cancel_scope.cancel()
+    assert 1.0 < seen <= 6.0
+    assert caplog.text.count("maxmemory-policy is allkeys-lru") == 1
+
+
 # -- echoes and handoffs, in exact time ------------------------------------------------
 
 

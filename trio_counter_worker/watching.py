@@ -43,7 +43,9 @@ _WINDOW_MS = round(WINDOW * 1000)
 _HANDED_PAGE = 1_000  # handed-over keys taken per call
 _RESCAN_EVERY = 5.0  # without notifications, how often to look for new keys
 _VERIFY_FLAGS_EVERY = 1.0  # how often the leader checks that notifications are still on
-_VERIFY_FUNCTIONS_EVERY = 5.0  # and that the touch library it loaded is still there
+# how often it looks again at what an operator may change at any time: the eviction
+# policy (CONFIG SET maxmemory-policy) and the touch library (FUNCTION FLUSH)
+_RECHECK_EVERY = 5.0
 
 
 class Watch:
@@ -159,11 +161,27 @@ class Watch:
             log.error("%s (Redis said: %s)", enable_hint(missing), status.error)
         return status
 
-    async def _memory_and_functions(self) -> None:
-        if (warning := self._metrics.eviction(await self._store.memory_policy())) is not None:
-            log.warning(warning, extra={"event": "eviction_policy"})
-        if await self._install_functions():
-            await self._keep_functions()
+    async def _memory_and_functions(self) -> NoReturn:
+        """The eviction policy and the touch library, at the takeover and every
+        _RECHECK_EVERY after. A policy that may evict the worker's keys is said when it
+        is first seen; while the library is gone (a FUNCTION FLUSH) every app's FCALL
+        tcw_touch fails, so it is loaded again, as a takeover would, and said."""
+        said: str | None = None
+        loaded: bool | None = None  # the library, once the takeover's load was tried
+        while True:
+            warning = self._metrics.eviction(await self._store.memory_policy())
+            if warning is not None and warning != said:
+                log.warning(warning, extra={"event": "eviction_policy"})
+            said = warning
+            if loaded is None:
+                loaded = await self._install_functions()
+            elif loaded and await self._store.functions_gone() and await self._install_functions():
+                log.warning(
+                    "the touch library tcw was gone from Redis (a FUNCTION FLUSH?): loaded "
+                    "it again; FCALL tcw_touch failed for apps meanwhile",
+                    extra={"event": "functions_restored"},
+                )
+            await trio.sleep(_RECHECK_EVERY)
 
     async def _install_functions(self) -> bool:
         """The touch library, for apps that mark activity with FCALL tcw_touch. Optional:
@@ -179,18 +197,6 @@ class Watch:
             self._functions_note = note
             log.info(note, extra={"event": "functions"})
         return ready
-
-    async def _keep_functions(self) -> NoReturn:
-        """While the library is gone (a FUNCTION FLUSH), every app's FCALL tcw_touch
-        fails: load it again, as a takeover would, and say so."""
-        while True:
-            await trio.sleep(_VERIFY_FUNCTIONS_EVERY)
-            if await self._store.functions_gone() and await self._install_functions():
-                log.warning(
-                    "the touch library tcw was gone from Redis (a FUNCTION FLUSH?): loaded "
-                    "it again; FCALL tcw_touch failed for apps meanwhile",
-                    extra={"event": "functions_restored"},
-                )
 
     async def _load_pending(self) -> None:
         """Every pending reset, with what earlier leaders learnt of its failures."""

@@ -11,7 +11,7 @@ import trio
 
 from tests.support.backend import RecordingBackend
 from tests.support.redis_server import RedisServer
-from trio_counter_worker import Config, Hooks, open_worker
+from trio_counter_worker import Config, Hooks, Worker, open_worker
 
 __all__ = ["leading", "lone_replica", "reconciled"]
 
@@ -29,7 +29,7 @@ def lone_replica(redis_server: RedisServer, backend: RecordingBackend, **setting
 
 
 @asynccontextmanager
-async def leading(config: Config) -> AsyncIterator[None]:
+async def leading(config: Config) -> AsyncIterator[Worker]:
     """The worker of ``config``, run in-process: the block starts once it leads, and the
     worker is cancelled when the block ends."""
     elected = trio.Event()
@@ -37,7 +37,7 @@ async def leading(config: Config) -> AsyncIterator[None]:
     async with open_worker(config, hooks=hooks) as worker, trio.open_nursery() as nursery:
         await nursery.start(worker.run)
         await elected.wait()
-        yield
+        yield worker
         nursery.cancel_scope.cancel()
 
 
