@@ -419,7 +419,8 @@ async def test_a_key_whose_decision_fails_is_set_aside_and_the_others_go_on(
         assert worker.metrics.quarantined._value.get() == 1
         nursery.cancel_scope.cancel()
     assert [r.key for _, r, _ in harness.resets] == ["c:ok", "c:later"]
-    assert [round(t, 3) for t, _, _ in harness.resets] == [1.001, 5.001]
+    # (on_reset comes with the mark: a trickle is marked 5 ms after its delivery)
+    assert [round(t, 3) for t, _, _ in harness.resets] == [1.006, 5.006]
 
 
 async def test_leader_work_that_fails_gives_the_lease_back_and_campaigns_again(
@@ -660,6 +661,28 @@ async def test_a_graceful_stop_hands_over_what_only_it_has_seen(
             second.cancel_scope.cancel()
     assert [b["key"] for b in harness.backend.bodies] == ["c:x"]
     assert harness.backend.bodies[0]["expired_at"] == 1.001  # decided as the leader stopped
+
+
+async def test_a_graceful_stop_marks_sent_what_it_delivered(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A trickle is marked sent 5 ms after its delivery, to go together; a leader stopped
+    in between marks it as it stops, so the next leader does not send it again."""
+    async with trio.open_nursery() as first:
+        await start_worker(first, harness)
+        harness.store.set_key("c:1", 1)
+        await harness.backend.wait(1)
+        await trio.sleep(0.002)  # delivered: the marker gathers
+        assert harness.store.pending_resets
+        first.cancel_scope.cancel()
+    assert not harness.store.pending_resets
+    assert [r.key for _, r, _ in harness.resets] == ["c:1"]
+    async with trio.open_nursery() as second:
+        await start_worker(second, harness, replica_id="b")
+        await wait_until(lambda: len(harness.elected) == 2)
+        await trio.sleep(2)
+        second.cancel_scope.cancel()
+    assert len(harness.backend.seen) == 1
 
 
 async def test_a_graceful_stop_decides_an_expiry_it_heard_though_the_key_is_back(

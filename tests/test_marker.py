@@ -93,7 +93,7 @@ async def test_one_line_per_reset_with_its_fields(
             f"attempts={attempts} latency_ms={latency_ms:.1f}"
         )
         assert record.name == "trio_counter_worker.leader"
-        assert (record.funcName, record.module) == ("_marker", "delivering")
+        assert (record.funcName, record.module) == ("_marked", "delivering")
     assert sorted(attempts for _, attempts in resets) == [1, 2]  # one failed once
 
 

@@ -20,7 +20,7 @@ import trio
 from . import logs
 from .config import Config
 from .delivery import Attempt, Limit
-from .errors import RedisUnavailable, WorkerError
+from .errors import LeaseLost, RedisRefused, RedisUnavailable, WorkerError
 from .hints import with_hint
 from .keyspace import shown_key
 from .metrics import Metrics
@@ -40,6 +40,9 @@ _STORED_CHUNK = 200  # stored resets queued between two checkpoints (thousands a
 ReadStored = Callable[[], Awaitable[list[tuple[PendingReset, FailingNote | None]]]]
 _MARK_BATCH = 500  # resets marked sent per script call: bounds the time Redis spends in one
 _NOTE_EVERY = 0.5  # failing-reset notes are written to Redis at most this often
+# A trickle of deliveries (a backend answering in tens of ms) is marked sent once per
+# this, not with a thread hop and a script per reset; a full batch goes at once.
+_MARK_GATHER = 0.005
 
 
 class Sender(Protocol):
@@ -355,29 +358,52 @@ class Deliveries:
         while True:
             while not self._delivered:
                 await self._delivered_lot.park()
-            batch = self._delivered[:_MARK_BATCH]
-            self._delivered = self._delivered[_MARK_BATCH:]
-            ids = [entry.reset.reset_id for entry, _ in batch]
+            if len(self._delivered) < _MARK_BATCH:
+                await trio.sleep(_MARK_GATHER)
+            batch, ids = self._next_marks()
             await self._with_retries(
                 f"mark {len(batch)} reset(s) sent",
                 partial(self._store.mark_sent, self._holder, *ids),
             )
-            for marked in self._marked_while_read:
-                marked.update(ids)
-            emit = logs.line_logger(log, logging.INFO)
-            failed_before = False
-            epoch = self._lease.epoch
-            for entry, done in batch:
-                reset = entry.reset
-                self._outbox.remove(reset.reset_id)
-                failed_before = failed_before or entry.attempts > 0
-                attempts = entry.attempts + 1
-                if emit is not None:
-                    _log_sent(emit, reset, done, epoch, attempts)
-                self._on_reset(reset, attempts)
-            self._metrics.pending.set(len(self._outbox))
-            if failed_before:  # only a reset that had failed was counted as failing
-                self._metrics.failing.set(len(self._outbox.failing()))
+            self._marked(batch, ids)
+
+    async def mark_delivered(self) -> None:
+        """As leading ends (the marker cancelled, maybe gathering): mark sent what was
+        delivered, so that the next leader does not send it again. One try: what Redis
+        does not take (the lease gone, Redis away) the next leader sends again, under
+        the same reset_id."""
+        while self._delivered:
+            batch, ids = self._next_marks()
+            try:
+                await self._store.mark_sent(self._holder, *ids)
+            except (RedisUnavailable, RedisRefused, LeaseLost):
+                return
+            self._marked(batch, ids)
+
+    def _next_marks(self) -> tuple[list[tuple[Entry, Attempt]], list[str]]:
+        """The next batch to mark sent, taken out of the delivered, and its reset_ids."""
+        batch = self._delivered[:_MARK_BATCH]
+        self._delivered = self._delivered[_MARK_BATCH:]
+        return batch, [entry.reset.reset_id for entry, _ in batch]
+
+    def _marked(self, batch: list[tuple[Entry, Attempt]], ids: list[str]) -> None:
+        """Redis has ``batch`` marked sent: out of the outbox, logged, told to the hook."""
+        for marked in self._marked_while_read:
+            marked.update(ids)
+        emit = logs.line_logger(log, logging.INFO)
+        failed_before = False
+        epoch = self._lease.epoch
+        for entry, done in batch:
+            reset = entry.reset
+            self._outbox.remove(reset.reset_id)
+            failed_before = failed_before or entry.attempts > 0
+            attempts = entry.attempts + 1
+            if emit is not None:
+                _log_sent(emit, reset, done, epoch, attempts)
+            self._on_reset(reset, attempts)
+        self._metrics.pending.set(len(self._outbox))
+        if failed_before:  # only a reset that had failed was counted as failing
+            self._metrics.failing.set(len(self._outbox.failing()))
 
 
 def _log_sent(

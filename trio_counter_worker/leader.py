@@ -103,6 +103,8 @@ class LeaderDuties:
         not looked at, or reported expired; queued, or received and not yet read). The
         next leader finds every other key by itself (a scan, the recorded deadlines),
         but not these. Their resets stay pending in Redis for the next leader to send.
+        Then, resets delivered and not yet marked sent are marked (else the next leader
+        sends them again: harmless, under the same reset_id, but a request more).
 
         Call it shielded, with a deadline. Where the lease or Redis is gone (the scripts
         check the lease: nothing is claimed without it), what is left stays in
@@ -110,3 +112,4 @@ class LeaderDuties:
         """
         self._watch.drain()
         await self._deciders.hand_over(handover)
+        await self._deliveries.mark_delivered()
