@@ -230,7 +230,7 @@ def _idle(d: dict[str, Any]) -> list[tuple[Metric, float | None]]:
         for what, unit, key in (
             ("CPU", "%", "cpu_pct"),
             ("RSS", "MiB", "rss_mib"),
-            ("Redis round trips/s", "", "round_trips_per_s"),
+            ("Redis client commands/s", "", "round_trips_per_s"),  # (a pipeline of 2: 2)
         )
     ]
 

@@ -7,8 +7,9 @@ A. the leader alone;  B. the leader plus two standbys.
 Redis load comes from ``INFO`` deltas over each window (commandstats, total commands,
 network bytes, Redis's own CPU); the leader's share is phase A, each standby's is
 (B - A) / 2. ``commandstats`` counts the commands a Lua script runs as well, so the
-table separates client round trips (EVALSHA, PING, ...) from commands run inside the
-worker's scripts (HGET, PEXPIRE, PTTL, ...). Worker CPU (utime + stime from
+table separates the commands clients send (EVALSHA, PING, ...; ``round_trips_per_s``,
+named before pipelines: a pipeline of two commands counts two) from commands run inside
+the worker's scripts (HGET, PEXPIRE, PTTL, ...). Worker CPU (utime + stime from
 /proc/<pid>/stat, all threads) and RSS (VmRSS) are read per process; CLIENT LIST shows
 the connections each phase holds open.
 
