@@ -260,7 +260,7 @@ class Elector:
         sharing COUNTER_KEY on one Redis (one election: each gets the resets only while
         it leads), or a change of RESET_ENDPOINT_URL half rolled out. Said once per leader
         and endpoint, and as a gauge while it lasts."""
-        theirs = "" if view.acquired else view.endpoint
+        theirs = view.endpoint  # ('' when acquired: ours)
         differs = bool(theirs and self.endpoint and theirs != self.endpoint)
         self._metrics.leader_endpoint_differs.set(1 if differs else 0)
         if not differs:

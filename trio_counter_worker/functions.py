@@ -346,10 +346,9 @@ def install_details(client: Any, counter_key: str | None = None) -> Installed:
             f"Redis {redis_version} has no Functions (7.0+): upgrade Redis, or keep marking "
             "activity with SET <key> 1 EX <ttl>"
         )
-    try:
-        previous = client.fcall_ro("tcw_version", 0)
-    except rexc.ResponseError:
-        previous = None  # not loaded yet (or FCALL refused: FUNCTION LOAD will tell)
+    loaded = _loaded(client)
+    # None: not loaded yet (or FCALL refused: FUNCTION LOAD will tell)
+    previous = None if isinstance(loaded, rexc.ResponseError) else loaded
     try:
         client.function_load(LIBRARY, replace=True)
     except rexc.ResponseError as exc:
@@ -361,26 +360,28 @@ def install_details(client: Any, counter_key: str | None = None) -> Installed:
     )
 
 
+def _loaded(client: Any) -> Any:
+    """The version of the tcw library loaded in Redis, or the ResponseError that says why
+    Redis did not tell (not loaded, or FCALL refused). One read."""
+    try:
+        return client.fcall_ro("tcw_version", 0)
+    except rexc.ResponseError as exc:
+        return exc
+
+
 def library_gone(client: Any) -> bool:
     """Whether Redis has no tcw library since it was loaded (a FUNCTION FLUSH, a restore
     without functions): its version function is not found. Another version, or FCALL
-    refused, is not this worker's to change between takeovers. One read."""
-    try:
-        client.fcall_ro("tcw_version", 0)
-    except rexc.ResponseError as exc:
-        return "function not found" in str(exc).lower()
-    return False
+    refused, is not this worker's to change between takeovers."""
+    loaded = _loaded(client)
+    return isinstance(loaded, rexc.ResponseError) and "function not found" in str(loaded).lower()
 
 
 def ensure(client: Any, counter_key: str) -> str:
     """What a leader does at takeover: the library at this version (loaded only if
     another version or none is), and this deployment registered. One round trip when all
     is in place. Raises FunctionsUnavailable as :func:`install`."""
-    try:
-        loaded = client.fcall_ro("tcw_version", 0)
-    except rexc.ResponseError:
-        loaded = None
-    if loaded != LIBRARY_VERSION:
+    if _loaded(client) != LIBRARY_VERSION:
         return install(client, counter_key)
     client.hset(REGISTRY, namespace_of(counter_key), counter_key)
     return LIBRARY_VERSION
