@@ -42,6 +42,7 @@ from trio_counter_worker.functions import (
     LIBRARY_VERSION,
     app_acl_rule,
     install,
+    library_gone,
     namespace_of,
 )
 from trio_counter_worker.glob import matches
@@ -525,6 +526,64 @@ async def test_a_leader_loads_the_library_again_after_a_function_flush(
             await trio.sleep(0.5)  # five more looks
             assert r.info("commandstats").get("cmdstat_function|load", {}).get("calls", 0) == loads
     assert caplog.text.count("was gone from Redis") == 1
+
+
+async def test_a_leader_notices_an_eviction_policy_changed_under_it(
+    redis_server: RedisServer,
+    backend: RecordingBackend,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CONFIG SET maxmemory-policy allkeys-lru mid-leadership, on a real Redis: said once
+    within a look (here 0.1 s) with the gauge up, and the gauge down again once the
+    policy is set back."""
+    monkeypatch.setattr(watching, "_RECHECK_EVERY", 0.1)
+    caplog.set_level(logging.INFO, logger="trio_counter_worker")
+    with redis_server.client() as admin, trio.fail_after(20):
+        async with leading(lone_replica(redis_server, backend)) as worker:
+            gauge = worker.metrics.eviction_unsafe
+            while "touch functions" not in caplog.text:  # the takeover's first look is done
+                await trio.sleep(0.01)
+            assert gauge._value.get() == 0
+            admin.config_set("maxmemory-policy", "allkeys-lru")
+            try:
+                while "maxmemory-policy is allkeys-lru" not in caplog.text:
+                    await trio.sleep(0.01)
+                assert gauge._value.get() == 1
+                await trio.sleep(0.5)  # five more looks: said once
+            finally:
+                admin.config_set("maxmemory-policy", "noeviction")
+            while gauge._value.get() == 1:
+                await trio.sleep(0.01)
+    assert caplog.text.count("maxmemory-policy is allkeys-lru") == 1
+
+
+def test_only_a_missing_library_counts_as_gone(r: redis.Redis, redis_server: RedisServer) -> None:
+    """What the leader's look reads as "gone" (and loads again): no tcw library at all.
+    Another version of it (another deployment's, a rolling upgrade), or FCALL_RO refused
+    by an ACL, is not this worker's to change between takeovers."""
+    assert not library_gone(r)  # this version, loaded by the fixture
+    r.function_load(_OTHER_VERSION, replace=True)
+    assert r.fcall_ro("tcw_version", 0) == "0.0-other"
+    assert not library_gone(r)
+    r.execute_command(  # type: ignore[no-untyped-call, unused-ignore]
+        "ACL", "SETUSER", "nofcall", "on", ">pw", "~*", "&*", "+@all", "-fcall_ro"
+    )
+    with redis_server.client(username="nofcall", password="pw") as refused:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            refused.fcall_ro("tcw_version", 0)
+        assert not library_gone(refused)
+        r.function_flush()
+        assert not library_gone(refused)  # it cannot tell: left alone
+    assert library_gone(r)
+
+
+# A tcw library of another version: only its version function.
+_OTHER_VERSION = (
+    "#!lua name=tcw\n"
+    "redis.register_function{function_name='tcw_version', flags={'no-writes'},"
+    " callback=function() return '0.0-other' end}\n"
+)
 
 
 # -- install ---------------------------------------------------------------------------

@@ -383,6 +383,58 @@ def test_any_answer_in_any_pieces_is_read_as_h11_reads_it(chunks: list[bytes]) -
     assert got == h11_reads(chunks, SMALL_CAP)
 
 
+def socket_lane_reads(chunks: list[bytes], cap: int = CAP) -> Outcome:
+    """As :func:`lane_reads`, over a real socket (a socketpair): the lane's flat path for
+    plain TCP. Each chunk is written once the lane waits for more, so it is one read."""
+
+    async def go() -> Outcome:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        lane = Lane(Endpoint("http://127.0.0.1:9/reset", []), cap=cap)
+
+        async def connect() -> http_client.Connection:
+            return http_client._Plain(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+
+        async def feed() -> None:
+            with theirs:
+                for chunk in chunks:
+                    await trio.testing.wait_all_tasks_blocked()
+                    try:
+                        theirs.send(chunk)
+                    except OSError:  # the lane closed its end: the rest is not read
+                        return
+                await trio.testing.wait_all_tasks_blocked()
+                theirs.shutdown(socket.SHUT_WR)
+                await trio.testing.wait_all_tasks_blocked()
+
+        lane._connect = connect  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed)
+            try:
+                answer = await lane.request(b"POST / HTTP/1.1\r\n\r\n")
+            except HttpError as exc:
+                return ("error", exc.kind, str(exc) if str(exc) == DISCONNECTED else None)
+            finally:
+                await trio.testing.wait_all_tasks_blocked()
+            head = (answer.status, answer.header("location"), answer.header("retry-after"))
+            await lane.finish(answer)
+            reusable = lane._reusable
+            await lane.aclose()
+        return ("answer", *head, reusable, not reusable)
+
+    return trio.run(go)
+
+
+@settings(max_examples=300, deadline=None)
+@given(answers())
+def test_any_answer_in_any_pieces_over_a_socket_is_read_as_h11_reads_it(
+    chunks: list[bytes],
+) -> None:
+    """The same, through the flat path a plain TCP connection takes (one ``send`` and
+    ``recv`` in the lane itself)."""
+    assert socket_lane_reads(chunks, SMALL_CAP) == h11_reads(chunks, SMALL_CAP)
+
+
 def test_a_plain_answer_is_read_in_one_piece(monkeypatch: pytest.MonkeyPatch) -> None:
     answer = b"HTTP/1.1 503 Busy\r\nRetry-After: 3\r\nContent-Length: 2\r\n\r\nno"
     script = Script([answer])

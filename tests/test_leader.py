@@ -685,6 +685,35 @@ async def test_a_graceful_stop_marks_sent_what_it_delivered(
     assert len(harness.backend.seen) == 1
 
 
+async def test_a_stop_while_redis_is_away_leaves_the_delivered_reset_to_be_sent_again(
+    harness: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """As above, but Redis is unreachable as the leader stops: the final mark fails, the
+    stop does not wait for Redis, and the next leader sends the reset again under the
+    same reset_id (allowed: the backend dedupes by it), with a higher fencing token."""
+    store = harness.store
+    async with trio.open_nursery() as first:
+        await start_worker(first, harness)
+        store.set_key("c:1", 1)
+        await harness.backend.wait(1)
+        await trio.sleep(0.002)  # delivered: the marker gathers
+        store.down = True
+        stopped_at = trio.current_time()
+        first.cancel_scope.cancel()
+    assert trio.current_time() - stopped_at < 5  # bounded: the hand-over's deadline
+    assert [r.key for r in store.pending_resets.values()] == ["c:1"]
+    assert not harness.resets  # never confirmed: no hook, no "reset sent"
+    store.down = False
+    async with trio.open_nursery() as second:
+        await start_worker(second, harness, replica_id="b")
+        await harness.backend.wait(2)
+        await wait_until(lambda: not store.pending_resets)
+        second.cancel_scope.cancel()
+    first_post, again = harness.backend.bodies
+    assert first_post["reset_id"] == again["reset_id"]
+    assert int(str(again["fencing_token"])) > int(str(first_post["fencing_token"]))
+
+
 async def test_a_graceful_stop_decides_an_expiry_it_heard_though_the_key_is_back(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
