@@ -4,7 +4,10 @@ wait on each socket per request) against a prototype that drives every lane's so
 from one task through an epoll set of its own (trio waits on that set's fd once per
 wake-up, however many answers it brings), with the same per-request work in both: the
 body, the headers and the request bytes as the worker builds them, the answer's head
-parsed as a Lane parses a plain one, :meth:`ResetSender._judge` and the metrics.
+parsed as a Lane parses a plain one, :meth:`ResetSender._judge` and the metrics. Beside
+them: the layers of today's path written out (tasks-raw), libcurl's multi interface
+(curl; only where pycurl is installed, which the worker does not need) and the bare
+floor of HTTP in Python (bare).
 
 The prototype is a measurement, not a second HTTP client: it only handles what a
 healthy backend sends (a plain answer, read whole, on a kept-alive connection) and
@@ -20,6 +23,7 @@ alternating per round.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import select
@@ -64,7 +68,7 @@ def _started() -> None:
     _START.append(resource.getrusage(resource.RUSAGE_SELF))
 
 
-SHAPES = ("couriers", "one-task", "tasks-raw", "bare")
+SHAPES = ("couriers", "one-task", "tasks-raw", "bare", "curl")
 
 
 def _config(url: str, lanes: int) -> Config:
@@ -264,11 +268,71 @@ async def _bare(config: Config, n: int, lanes: int) -> int:
     return done
 
 
+def _curl_loop(config: Config, n: int, lanes: int) -> int:
+    """libcurl's multi interface (pycurl) in a thread of its own: the same requests,
+    bodies and headers, and the same judging and metrics per answer; curl does the HTTP
+    (its connection cache keeps ``lanes`` connections alive), Python only what a reset
+    needs around it."""
+    import pycurl  # type: ignore[import-untyped, import-not-found, unused-ignore]  # not the worker's: for this probe only
+
+    resets = _resets(n)
+    sender = ResetSender(config, [], Metrics())
+    fixed = [f"{k}: {v}" for k, v in fixed_headers(config.reset_secret)] + ["Expect:"]
+    multi = pycurl.CurlMulti()
+    multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, lanes)
+    handles = [pycurl.Curl() for _ in range(lanes)]
+    for handle in handles:
+        handle.setopt(pycurl.URL, config.reset_endpoint_url)
+        handle.setopt(pycurl.POST, 1)
+        handle.setopt(pycurl.WRITEFUNCTION, len)  # the body, read and dropped
+        handle.setopt(pycurl.NOSIGNAL, 1)
+        handle.setopt(pycurl.TCP_NODELAY, 1)
+        handle.setopt(pycurl.TIMEOUT_MS, round(config.reset_timeout * 1000))
+    in_air: dict[Any, PendingReset] = {}
+    replica = config.replica_id
+
+    def fire(handle: Any) -> None:
+        reset = in_air[handle] = resets.popleft()
+        body = request_body(reset, replica_id=replica, fencing_token=1)
+        sent = reset_headers(reset, body, fencing_token=1, signing_secret=None)
+        handle.setopt(pycurl.HTTPHEADER, fixed + [f"{k.decode()}: {v.decode()}" for k, v in sent])
+        handle.setopt(pycurl.POSTFIELDS, body)
+        multi.add_handle(handle)
+
+    done = 0
+    _started()
+    for handle in handles:
+        if resets:
+            fire(handle)
+    while in_air:
+        multi.select(1.0)
+        while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
+            pass
+        _, ended, failed = multi.info_read()
+        if failed:
+            raise RuntimeError(f"curl: {failed[0][1:]}")
+        for handle in ended:
+            multi.remove_handle(handle)
+            status = handle.getinfo(pycurl.RESPONSE_CODE)
+            done += _judged(sender, in_air.pop(handle), status)
+            if resets:
+                fire(handle)
+    return done
+
+
+async def _curl(config: Config, n: int, lanes: int) -> int:
+    return await trio.to_thread.run_sync(_curl_loop, config, n, lanes)
+
+
+def available() -> tuple[str, ...]:
+    """The shapes this environment can run: curl only where pycurl is installed."""
+    return tuple(s for s in SHAPES if s != "curl" or importlib.util.find_spec("pycurl"))
+
+
 def _child(shape: str, url: str, n: int, lanes: int) -> None:
     config = _config(url, lanes)
-    run = {"couriers": _couriers, "one-task": _one_task, "tasks-raw": _tasks_raw, "bare": _bare}[
-        shape
-    ]
+    run = {"couriers": _couriers, "one-task": _one_task, "tasks-raw": _tasks_raw}.get(shape)
+    run = run or {"bare": _bare, "curl": _curl}[shape]
     trio.run(run, config, lanes * 10, lanes)  # warm: lazy imports, compiled patterns
     _START.clear()
     t0 = time.perf_counter()
@@ -301,10 +365,11 @@ def main() -> None:
     if args.child:
         _child(args.child, args.url, args.requests, args.lanes)
         return
-    runs: dict[str, list[dict[str, Any]]] = {shape: [] for shape in SHAPES}
+    shapes = available()
+    runs: dict[str, list[dict[str, Any]]] = {shape: [] for shape in shapes}
     with backend_running() as backend:
         for i in range(args.rounds):
-            for shape in SHAPES if i % 2 == 0 else SHAPES[::-1]:
+            for shape in shapes if i % 2 == 0 else shapes[::-1]:
                 child = ["--child", shape, "--url", backend.url, "--lanes", str(args.lanes)]
                 child += ["--requests", str(args.requests)]
                 out = subprocess.run(
@@ -316,8 +381,8 @@ def main() -> None:
                 result = json.loads(out)
                 runs[shape].append(result)
                 log(f"  round {i + 1} {shape}: {result}")
-    cpu = {s: statistics.median(r["cpu_ms_per_request"] for r in runs[s]) for s in SHAPES}
-    for shape in SHAPES:
+    cpu = {s: statistics.median(r["cpu_ms_per_request"] for r in runs[s]) for s in shapes}
+    for shape in shapes:
         each = " / ".join(f"{r['cpu_ms_per_request']:.3f}" for r in runs[shape])
         ratio = cpu[shape] / cpu["couriers"]
         log(f"{shape}: CPU per request {cpu[shape]:.4f} ms ({each}), x{ratio:.2f} of couriers")
