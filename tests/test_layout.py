@@ -14,6 +14,8 @@ REDIS_MODULES = {
     "functions",
     "redis_bridge",
     "redis_cluster",
+    "redis_listener",
+    "redis_pipelines",
     "redis_preflight",
     "redis_reads",
     "redis_replies",

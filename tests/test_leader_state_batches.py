@@ -1,7 +1,7 @@
 """Batching never changes what the leader decides: a batch of pub/sub messages given to
 :meth:`LeaderState.on_events` at once leaves the state as the same messages one by one.
 
-The listener gathers a few milliseconds of messages per batch (``redis_bridge._GATHER_SECONDS``),
+The listener gathers a few milliseconds of messages per batch (``redis_listener.GATHER_SECONDS``),
 so one batch often holds a key's ``set`` and ``expire``, or a ``set`` then a ``del`` or an
 ``expired``, a claim's marker and its echo: merging them must keep their order's meaning.
 """

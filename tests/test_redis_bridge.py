@@ -39,6 +39,8 @@ from trio_counter_worker import (
     Worker,
     open_worker,
     redis_bridge,
+    redis_listener,
+    redis_pipelines,
 )
 from trio_counter_worker.keys import Keys, keyspace_pattern
 from trio_counter_worker.redis_bridge import RedisBridge
@@ -730,7 +732,7 @@ def test_batch_reader_takes_whole_replies_in_order_whatever_the_parser(
     pubsub = c.pubsub()
     try:
         pubsub.subscribe("ch")
-        read = redis_bridge._batch_reader(pubsub, redis_bridge._GATHER_SECONDS)
+        read = redis_listener.batch_reader(pubsub, redis_listener.GATHER_SECONDS)
         big = "x" * 300_000  # redis-py reads 64 KiB at a time
         with c.pipeline(transaction=False) as pipe:
             for i in range(2500):
@@ -740,7 +742,7 @@ def test_batch_reader_takes_whole_replies_in_order_whatever_the_parser(
         deadline = time.monotonic() + TEST_TIMEOUT
         while len(got) < 2500 and time.monotonic() < deadline:
             batch = read(0.1)
-            assert len(batch) <= redis_bridge._MAX_BATCH
+            assert len(batch) <= redis_listener.MAX_BATCH
             got += batch
         assert [m.data for m in got] == [big if i == 1234 else str(i) for i in range(2500)]
         assert {m.channel for m in got} == {"ch"}
@@ -754,14 +756,14 @@ def test_batch_reader_gathers_what_comes_shortly_after_the_first_message(
     redis_server: RedisServer,
 ) -> None:
     """Once a message has come, the reader waits ``gather`` (the keyspace watch's
-    _GATHER_SECONDS) for more before it hands the batch on: a trickle of events goes to
+    GATHER_SECONDS) for more before it hands the batch on: a trickle of events goes to
     the leader as one batch (stretched here so that a loaded machine cannot make the
     second message miss it)."""
     c = redis.Redis(port=redis_server.port, decode_responses=True)
     pubsub = c.pubsub()
     try:
         pubsub.subscribe("ch")
-        read = redis_bridge._batch_reader(pubsub, 1.0)
+        read = redis_listener.batch_reader(pubsub, 1.0)
         assert read(0.01) == []  # the confirmation only: nothing gathered, nothing waited
         c.publish("ch", "first")
         later = threading.Timer(0.2, c.publish, ("ch", "second"))
@@ -771,7 +773,7 @@ def test_batch_reader_gathers_what_comes_shortly_after_the_first_message(
         finally:
             later.join()
         # What comes in plenty is forwarded as it comes: a burst is not held up.
-        many = [str(i) for i in range(2 * redis_bridge._GATHER_BELOW)]
+        many = [str(i) for i in range(2 * redis_listener.GATHER_BELOW)]
         with c.pipeline(transaction=False) as pipe:
             for data in many:
                 pipe.publish("ch", data)
@@ -781,7 +783,7 @@ def test_batch_reader_gathers_what_comes_shortly_after_the_first_message(
         assert got == many
         assert time.monotonic() - start < 0.5
         # The release watch gathers nothing: a release is handed on as it comes.
-        at_once = redis_bridge._batch_reader(pubsub, 0.0)
+        at_once = redis_listener.batch_reader(pubsub, 0.0)
         c.publish("ch", "released")
         later = threading.Timer(0.5, c.publish, ("ch", "later"))
         later.start()
@@ -871,7 +873,7 @@ def test_pipelines_start_afresh_in_another_trio_run(
         client.client_pause(150)
         with trio.move_on_after(0.05):
             async with trio.open_nursery() as nursery:
-                for _ in range(redis_bridge._PIPELINES):
+                for _ in range(redis_pipelines.PIPELINES):
                     nursery.start_soon(bridge.track, HOLDER, ["c:1"])
                     await trio.sleep(0.01)  # each in its own pipeline
 
@@ -882,7 +884,7 @@ def test_pipelines_start_afresh_in_another_trio_run(
     try:
         trio.run(abandon_both_slots)
         assert bridge._pipelines is not None
-        assert bridge._pipelines._running == redis_bridge._PIPELINES
+        assert bridge._pipelines._running == redis_pipelines.PIPELINES
         assert trio.run(track_again).kind == "alive"
     finally:
         bridge._client.close()

@@ -1,11 +1,11 @@
-"""The one module that talks to redis-py: its sync client, run from trio in threads.
+"""The worker's Redis (the Store): redis-py's sync client, run from trio in threads.
 
 redis-py's asyncio client does not run under trio, so each command runs in a worker
 thread (``trio.to_thread.run_sync``) with a socket timeout shorter than the lease; the
 leader's counter scripts go as pipelines, one thread hop for all the calls made meanwhile
-(:class:`_Pipelines`). Each pub/sub connection is owned by one thread from creation to
-close, reading whole batches of messages with a short timeout and forwarding them into a
-trio channel.
+(:mod:`.redis_pipelines`). Each pub/sub connection is owned by one thread from creation
+to close, reading whole batches of messages with a short timeout and forwarding them into
+a trio channel (:mod:`.redis_listener`).
 
 redis-py's own retries are turned off: the worker retries at the trio level, where it
 knows its deadlines, and a silent reconnect would hide lost pub/sub messages.
@@ -13,12 +13,8 @@ knows its deadlines, and a silent reconnect would hide lost pub/sub messages.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import threading
-import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any, TypeVar
 
 import redis
@@ -35,10 +31,12 @@ from .errors import (
     LeaseLost,
     RedisRefused,
     RedisUnavailable,
-    SubscriptionOverflow,
 )
 from .keyspace import merged_flags, missing_flags
 from .lease_spec import Renewal
+from .redis_listener import listen_sync
+from .redis_master import MASTER_CHECK_EVERY, MasterWatch
+from .redis_pipelines import Pipelines
 from .redis_replies import (
     deadline_page,
     lease_view,
@@ -48,7 +46,6 @@ from .redis_replies import (
     outcomes,
     pending_record,
     reported_args,
-    translate,
     translating,
 )
 from .store import (
@@ -74,169 +71,10 @@ __all__ = [
 
 T = TypeVar("T")
 
-_POLL_SECONDS = 0.1  # pub/sub poll: bounds how long a stop takes
-_MAX_BATCH = 1000
-# When the first read brings fewer than _GATHER_BELOW messages, the listener waits this
-# long for more before it forwards the batch: a steady trickle (a re-arm's `set` and
-# `expire`, a claim's marker and echo, a few a millisecond) then reaches the leader as one
-# batch, one wake-up and one TRACK per few milliseconds, not per message. Events are only
-# hints to look (the scripts read Redis's state), so holding one this long delays a look
-# by as much, nothing more. A burst fills batches by itself: it is not held up.
-_GATHER_SECONDS = 0.005
-_GATHER_BELOW = 100
-_PIPELINES = 2  # script pipelines in flight at once (see _Pipelines)
 _TOPOLOGY_EVERY = 2.0  # Cluster: how often the leader checks the set of primaries
 _REDIRECTS = 5  # Cluster: MOVED/ASK followed per probe before resynchronising instead
-MASTER_CHECK_EVERY = 0.25  # Sentinel: how often to ask which node is the master
 TRACKED_PAGE = 5_000  # recorded deadlines per call: a page is well inside any timeout
 REACHABLE_POLL = 0.1  # after a lost connection: how often to ask whether Redis is back
-
-
-class _MasterWatch:
-    """Sentinel: which node is the master, asked of the sentinels at most every
-    ``MASTER_CHECK_EVERY`` seconds by whichever command comes first.
-
-    After a manual failover the old master stays a master for ~10 s and accepts every
-    command, so nothing fails on its own: redis-py asks the sentinels only when it opens
-    a connection. On a change, every connection to the old master is dropped (pub/sub
-    included: each listener, in its own thread, closes its subscription when it sees
-    ``generation`` change) and the caller gets RedisUnavailable: it resynchronises
-    against the new master within about a second.
-    """
-
-    def __init__(self, client: Any) -> None:
-        pool = getattr(client, "connection_pool", None)
-        self._pool = pool if hasattr(pool, "get_master_address") else None
-        self._lock = threading.Lock()
-        self._address: tuple[str, int] | None = None
-        self._next_check = 0.0
-        self.generation = 0  # bumped at each change of master
-
-    def follow(self) -> None:
-        if self._pool is None:
-            return
-        with self._lock:
-            now = time.monotonic()
-            if now < self._next_check:
-                return
-            self._next_check = now + MASTER_CHECK_EVERY
-            address = tuple(self._pool.get_master_address())
-            old, self._address = self._address, (str(address[0]), int(address[1]))
-            if old is None or old == self._address:
-                return
-            # redis-py has dropped the idle connections to the old master and drops each
-            # busy one when it comes back; subscriptions go by ``generation``.
-            self.generation += 1
-        raise RedisUnavailable(
-            f"Sentinel moved the master from {old[0]}:{old[1]} to {address[0]}:{address[1]}:"
-            " dropped every connection to the old one; resynchronising"
-        )
-
-
-class _Call:
-    """One script call waiting for its pipeline: the task to wake, and what it gets."""
-
-    __slots__ = ("args", "error", "keys", "reply", "script", "task")
-
-    def __init__(self, script: Any, keys: list[str], args: list[Any]) -> None:
-        self.script = script
-        self.keys = keys
-        self.args = args
-        self.task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
-        self.reply: Any = None
-        self.error: BaseException | None = None
-
-
-class _Pipelines:
-    """The leader's script calls, sent as pipelines: every call queued while the Redis
-    threads are busy goes in the next one, in one thread hop, one write and one wake-up
-    of trio for all of them (a hop per call cost more CPU than the script itself under a
-    burst). At most ``_PIPELINES`` are in flight, each on its own connection, so a call
-    made while one is out goes at once rather than a round trip later.
-
-    Cancellation: a waiting task is woken at once with Cancelled; its call still runs
-    (like ``abandon_on_cancel``) and its reply is dropped.
-    """
-
-    def __init__(self, client: Any, master: _MasterWatch) -> None:
-        self._client = client
-        self._master = master
-        self._queue: list[_Call] = []
-        self._running = 0
-        self._token: trio.lowlevel.TrioToken | None = None
-
-    async def call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        token = trio.lowlevel.current_trio_token()
-        if token is not self._token:
-            # Another trio.run (a test, a command): pipelines left running by the last one
-            # can never report back to it, so they must not hold the slots.
-            self._token, self._queue, self._running = token, [], 0
-        call = _Call(script, keys, args)
-        self._queue.append(call)
-        if self._running < _PIPELINES:
-            self._start(token)
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            call.task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-        if call.error is not None:
-            raise call.error
-        return call.reply
-
-    def _start(self, token: trio.lowlevel.TrioToken) -> None:
-        batch, self._queue = self._queue, []
-        self._running += 1
-
-        def deliver(result: Any) -> None:  # in the thread: hand the replies back to trio
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(self._finished, batch, result, token)
-
-        trio.lowlevel.start_thread_soon(partial(self._execute, batch), deliver)
-
-    def _finished(self, batch: list[_Call], result: Any, token: trio.lowlevel.TrioToken) -> None:
-        self._running -= 1
-        failed: BaseException | None = getattr(result, "error", None)  # outcome.Error
-        for call in batch:
-            if call.task is None:  # cancelled: nobody waits for it
-                continue
-            if failed is not None:  # each task raises its own copy, with its own traceback
-                call.error = copy.copy(failed)
-            trio.lowlevel.reschedule(call.task)
-        if self._queue and self._running < _PIPELINES:
-            self._start(token)
-
-    def _execute(self, batch: list[_Call]) -> None:
-        """In a thread: run ``batch`` as one pipeline; each call gets its reply or its
-        error (translated); an error of the whole pipeline is raised for all."""
-        try:
-            self._master.follow()
-            replies = self._send(batch)
-            missing = [i for i, r in enumerate(replies) if isinstance(r, rexc.NoScriptError)]
-            if missing:  # a restarted or promoted Redis has no scripts: load, run again
-                again = [batch[i] for i in missing]
-                for script in {id(c.script): c.script for c in again}.values():
-                    self._client.script_load(script.script)
-                for i, reply in zip(missing, self._send(again), strict=True):
-                    replies[i] = reply
-        except Exception as exc:
-            translated = translate(exc)
-            if translated is exc:
-                raise
-            raise translated from None
-        for call, reply in zip(batch, replies, strict=True):
-            if isinstance(reply, Exception):
-                call.error = translate(reply)
-            else:
-                call.reply = reply
-
-    def _send(self, batch: list[_Call]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
-        for c in batch:
-            pipe.execute_command("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args)
-        replies: list[Any] = pipe.execute(raise_on_error=False)
-        return replies
 
 
 class RedisBridge:
@@ -246,13 +84,13 @@ class RedisBridge:
         self._config = config
         self.keys = config.keys
         self._client = make_client(config)
-        self._master = _MasterWatch(self._client)
+        self._master = MasterWatch(self._client)
         self._scripts = {
             name: self._client.register_script(getattr(scripts, name)) for name in scripts.ON_ONE
         }
         # Cluster routes each call by its keys: there, one call per thread hop.
         self._pipelines = (
-            None if config.redis_cluster_nodes else _Pipelines(self._client, self._master)
+            None if config.redis_cluster_nodes else Pipelines(self._client, self._master)
         )
 
     @property
@@ -586,7 +424,7 @@ class RedisBridge:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         await trio.to_thread.run_sync(
-            _listen_sync,
+            listen_sync,
             client,
             patterns,
             channels,
@@ -595,183 +433,6 @@ class RedisBridge:
             self._master,
             limiter=trio.CapacityLimiter(1),  # long-lived: keep it off the shared limiter
         )
-
-
-def _listen_sync(
-    client: Any,
-    patterns: list[str],
-    channels: list[str],
-    send: trio.MemorySendChannel[list[Message]],
-    task_status: trio.TaskStatus[int],
-    master: _MasterWatch,
-) -> None:
-    generation = master.generation
-    pubsub = client.pubsub()
-    dropped = _overflow_count(client)
-    run_id = _run_id(client) if dropped is None else None  # before 7.2: see _closed_while_up
-    try:
-        try:
-            seconds, micros = client.time()
-            since = int(seconds) * 1000 + int(micros) // 1000
-            if patterns:
-                pubsub.psubscribe(*patterns)
-            if channels:
-                pubsub.subscribe(*channels)
-            confirmations = len(patterns) + len(channels)
-            early: list[Message] = []  # arrived between two confirmations: keep them
-            while confirmations:
-                trio.from_thread.check_cancelled()
-                msg = pubsub.get_message(timeout=_POLL_SECONDS)
-                if msg and msg["type"] in ("subscribe", "psubscribe"):
-                    confirmations -= 1
-                elif msg and msg["type"] in ("message", "pmessage"):
-                    early.append(Message(channel=msg["channel"], data=msg["data"]))
-            trio.from_thread.run_sync(task_status.started, since)
-            if early:
-                trio.from_thread.run(send.send, early)
-            # The keyspace watch gathers a trickle; the release watch (no patterns) does
-            # not: a release or a liveness change is acted on at once.
-            read = _batch_reader(pubsub, _GATHER_SECONDS if patterns else 0.0)
-            while True:
-                trio.from_thread.check_cancelled()
-                master.follow()
-                if master.generation != generation:
-                    raise RedisUnavailable("Sentinel moved the master: resubscribing there")
-                # Forward in batches: one thread hop for a burst, not one per message.
-                batch = read(_POLL_SECONDS)
-                if batch:
-                    trio.from_thread.run(send.send, batch)
-        except Exception as exc:
-            if isinstance(exc, rexc.ConnectionError) and _overflowed(client, dropped):
-                raise SubscriptionOverflow(_OVERFLOW) from None
-            if isinstance(exc, rexc.ConnectionError) and _closed_while_up(client, run_id):
-                raise SubscriptionOverflow(_CLOSED_WHILE_UP) from None
-            translated = translate(exc)
-            if translated is exc:
-                raise
-            raise translated from None
-    finally:
-        pubsub.close()
-
-
-def _batch_reader(pubsub: Any, gather: float) -> Callable[[float], list[Message]]:
-    """A reader of the messages that arrived on a subscription, up to
-    ``_MAX_BATCH`` at a time, waiting at most ``timeout`` for the first, then ``gather``
-    seconds for more when fewer than ``_GATHER_BELOW`` came with it.
-
-    PubSub.get_message costs ~4 us a message in redis-py's layers (~10 without hiredis);
-    a 200k re-arm is 400k events, and a listener that falls that far behind is closed by
-    Redis (client-output-buffer-limit pubsub 32mb 8mb 60). With hiredis the replies are
-    taken from its reader directly, every whole reply of one recv in a row (~0.25 us
-    each); without it (or should redis-py's internals change), by get_message.
-    """
-    parser: Any = getattr(pubsub.connection, "_parser", None)
-    if getattr(parser, "_reader", None) is None or not hasattr(parser, "read_from_socket"):
-        return partial(_get_messages, pubsub)
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA
-
-    def read(timeout: float) -> list[Message]:
-        batch: list[Message] = []
-        reader = parser._reader  # a new one after each reconnect: read it each time
-        if reader is None:
-            raise rexc.ConnectionError("the subscription's connection is closed")
-        gathered = False
-        while len(batch) < _MAX_BATCH:
-            reply = reader.gets()
-            if reply is NOT_ENOUGH_DATA:
-                if batch and not gathered:
-                    gathered = True
-                    if gather and len(batch) < _GATHER_BELOW:
-                        time.sleep(gather)
-                # Wait for the first message only; then take what has already come.
-                wait = 0 if batch else timeout
-                if not parser.read_from_socket(timeout=wait, raise_on_timeout=False):
-                    break
-                continue
-            _add_message(batch, reply)
-        return batch
-
-    return read
-
-
-def _get_messages(pubsub: Any, timeout: float) -> list[Message]:
-    batch: list[Message] = []
-    msg = pubsub.get_message(timeout=timeout)
-    while msg is not None and len(batch) < _MAX_BATCH:
-        if msg["type"] in ("message", "pmessage"):
-            batch.append(Message(channel=msg["channel"], data=msg["data"]))
-        if len(batch) < _MAX_BATCH:
-            msg = pubsub.get_message(timeout=0)
-    return batch
-
-
-def _add_message(batch: list[Message], reply: Any) -> None:
-    """Keep ``reply`` if it is a message: ["message", channel, data] or ["pmessage",
-    pattern, channel, data]; not confirmations. An error reply is raised."""
-    if not isinstance(reply, list):
-        if isinstance(reply, Exception):
-            raise reply
-        return
-    kind = reply[0]
-    if kind == "pmessage":
-        batch.append(Message(channel=reply[2], data=reply[3]))
-    elif kind == "message":
-        batch.append(Message(channel=reply[1], data=reply[2]))
-
-
-_OVERFLOW = (
-    "Redis closed the leader's subscription: it fell behind the keyspace events, past "
-    "Redis's client-output-buffer-limit for pubsub clients (Redis itself is up). Raise it "
-    '(CONFIG SET client-output-buffer-limit "pubsub 32mb 8mb 60", Redis\'s default, or '
-    "more), or arm fewer counters at once; resynchronising"
-)
-
-
-_CLOSED_WHILE_UP = (
-    "Redis closed a subscription while it stayed up (the same server answers at once; "
-    "Redis before 7.2 does not count why): most likely the leader fell behind the "
-    "keyspace events, past Redis's client-output-buffer-limit for pubsub clients — "
-    'raise it (CONFIG SET client-output-buffer-limit "pubsub 32mb 8mb 60", Redis\'s '
-    "default, or more) or arm fewer counters at once — or someone killed the connection "
-    "(CLIENT KILL); resubscribing"
-)
-
-
-def _run_id(client: Any) -> str | None:
-    """The server's run_id (a new one after a restart), or None if it cannot be read."""
-    return _info_field(client, "server", "run_id")
-
-
-def _closed_while_up(client: Any, run_id: str | None) -> bool:
-    """Where Redis cannot count output-buffer disconnections (before 7.2): whether the
-    subscription was closed by a server that is still up, the same one (not a restart,
-    not a failover to another)."""
-    return run_id is not None and _run_id(client) == run_id
-
-
-def _overflow_count(client: Any) -> int | None:
-    """Redis's count of clients it closed for their output buffer (7.2+), or None."""
-    value = _info_field(client, "stats", "client_output_buffer_limit_disconnections")
-    return None if value is None else int(value)
-
-
-def _info_field(client: Any, section: str, name: str) -> str | None:
-    """One INFO field, or None where Redis does not report it or INFO fails: these are
-    hints, and a Redis that cannot give one is not an error."""
-    try:
-        value = client.info(section).get(name)
-    except Exception:
-        return None
-    return None if value is None else str(value)
-
-
-def _overflowed(client: Any, before: int | None) -> bool:
-    """Whether a subscription that dropped was closed for its output buffer: the
-    connection is gone, so only the server-wide counter rising can tell."""
-    if before is None:
-        return False
-    after = _overflow_count(client)
-    return after is not None and after > before
 
 
 def flags_of(client: Any) -> str:
