@@ -236,6 +236,38 @@ async def test_pending_reset_is_redelivered_under_its_reset_id(
     assert store.pending_resets == {}
 
 
+class SlowPending(FakeStore):
+    """Reading the pending resets takes 1 s (a large hash on a slow link)."""
+
+    async def pending(self) -> list[PendingReset]:
+        self.calls.append((trio.current_time(), "pending"))
+        await trio.sleep(1)
+        return await super().pending()
+
+
+async def test_a_flood_of_redeliver_requests_holds_up_no_counter(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Anyone who may publish on the redeliver channel can flood it. The requests that
+    come while the pending resets are read are one read, at most one per 0.5 s, beside
+    the events: a counter set meanwhile is reset at its deadline."""
+    harness = Harness(SlowPending("c:*"), Backend())
+    store = harness.store
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        await wait_until(lambda: "pending" in [op for _, op in store.calls])
+        await trio.sleep(2)  # the takeover's own read is done
+        for _ in range(50):
+            store._publish_to(store.own.redeliver, "flood")
+        store.set_key("c:1", 1)
+        armed = trio.current_time()
+        await harness.backend.wait(1)
+        nursery.cancel_scope.cancel()
+    assert harness.backend.times == [pytest.approx(armed + 1 + EARLY, abs=0.01)]
+    reads = [t for t, op in store.calls if op == "pending" and t > armed - 0.5]
+    assert 1 <= len(reads) <= 2  # fifty requests, read once (twice: one came after)
+
+
 async def test_backend_errors_are_retried_with_one_reset_id(
     harness: Harness, autojump_clock: trio.testing.MockClock
 ) -> None:

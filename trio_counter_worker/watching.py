@@ -46,6 +46,9 @@ _VERIFY_FLAGS_EVERY = 1.0  # how often the leader checks that notifications are 
 # how often it looks again at what an operator may change at any time: the eviction
 # policy (CONFIG SET maxmemory-policy) and the touch library (FUNCTION FLUSH)
 _RECHECK_EVERY = 5.0
+# Redeliver requests (`trio-counter-worker redeliver`, a message on the redeliver
+# channel) read the pending resets at most this often, however many come.
+_REDELIVER_EVERY = 0.5
 
 
 class Watch:
@@ -72,6 +75,7 @@ class Watch:
         self._outage = outage
         self._events: trio.MemoryReceiveChannel[list[Message]] | None = None
         self._functions_note = ""
+        self._redeliver = trio.Event()  # set: asked to read the pending resets again
 
     async def run(self) -> NoReturn:
         """Watch, and run the deciders, until cancelled. Redis connection loss:
@@ -138,6 +142,7 @@ class Watch:
             await self._read_window()
             nursery.start_soon(self._load_pending)
             nursery.start_soon(self._take_handed)
+            nursery.start_soon(self._redeliveries)
             nursery.start_soon(self._keep_window)
             nursery.start_soon(self._memory_and_functions)
             nursery.start_soon(self._reconcile_after_overflow)
@@ -232,10 +237,21 @@ class Watch:
             self._metrics.activity.labels("notification").inc(heard.notified)
             self._metrics.activity.labels("touch").inc(heard.touched)
             if heard.redeliver:
-                log.info("redeliver requested: reading pending resets")
-                await self._load_pending()
+                self._redeliver.set()
             if heard.handed:
                 await self._take_handed()
+
+    async def _redeliveries(self) -> NoReturn:
+        """Read the pending resets again when asked, beside the events, not in their way:
+        anyone who may publish on the redeliver channel could flood it, and a read per
+        message would hold up every counter's events behind them. One read at a time,
+        at most one per _REDELIVER_EVERY; the requests that come meanwhile are one."""
+        while True:
+            await self._redeliver.wait()
+            self._redeliver = trio.Event()
+            log.info("redeliver requested: reading pending resets")
+            await self._load_pending()
+            await trio.sleep(_REDELIVER_EVERY)
 
     async def _verify_flags(self, nursery: trio.Nursery) -> None:
         """Notifications are the leader's eyes: an app or operator may rewrite the flags
