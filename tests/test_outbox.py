@@ -109,6 +109,7 @@ def test_succeeded_then_removed() -> None:
 def test_give_up_after_declares_a_reset_dead() -> None:
     box = Outbox(COURIERS, retry_slots=1, give_up_after=60.0)
     box.add(reset(1), attempts=4, failing_since=1000.0, last_error="HTTP 404")
+    assert box.failing_count == 1  # failing already, by its history
     entry = box.take(0.0)
     assert entry is not None
     assert box.failed("id1", now=0.0, wall=1059.0, delay=1.0, error="HTTP 404") == "retry"
@@ -116,7 +117,9 @@ def test_give_up_after_declares_a_reset_dead() -> None:
     assert box.take(0.0) is entry
     assert box.failed("id1", now=2.0, wall=1060.0, delay=1.0, error="HTTP 404") == "dead"
     assert entry.attempts == 6, "the history of an earlier leader carries over"
+    assert box.failing_count == 1
     box.remove("id1")
+    assert box.failing_count == 0
     assert len(box) == 0
     assert box.take(0.0) is None
 
@@ -131,6 +134,15 @@ def test_failing_lists_failed_resets_oldest_deadline_first() -> None:
         if entry.reset.reset_id != "id7":
             box.failed(entry.reset.reset_id, now=0.0, wall=0.0, delay=1.0, error="e")
     assert [e.reset.reset_id for e in box.failing()] == ["id2", "id5"]
+    assert box.failing_count == 2
+    box.promote(1.0)
+    entry = box.take(1.0)
+    assert entry is not None
+    box.succeeded(entry.reset.reset_id)  # sent at last: failing no more, still here
+    assert box.failing_count == len(box.failing()) == 1
+    box.remove(entry.reset.reset_id)
+    box.remove("id7")
+    assert box.failing_count == 1
 
 
 def test_a_reset_not_being_sent_cannot_be_reported() -> None:
@@ -418,6 +430,7 @@ def simulate(w: Workload, horizon: float = 60.0, hang: float = HANG) -> Run:
             answer_in = hang if job.kind == "hanging" else job.answer_in
             heapq.heappush(ends, (now + answer_in, reset_id, now))
         on_couriers, slow = box.in_air
+        assert box.failing_count == len(box.failing())
         assert on_couriers <= w.couriers
         assert slow <= w.slow_slots
         assert on_couriers + slow == len(started)

@@ -261,7 +261,7 @@ class Deliveries:
             self._notes[reset.reset_id] = note
             self._wind_timer(entry.retry_at)
         self._notes_lot.unpark()
-        self._metrics.failing.set(len(self._outbox.failing()))
+        self._metrics.failing.set(self._outbox.failing_count)
         level = logging.WARNING if attempt.verdict == "retry" else logging.ERROR
         log.log(
             level,
@@ -403,7 +403,7 @@ class Deliveries:
             self._on_reset(reset, attempts)
         self._metrics.pending.set(len(self._outbox))
         if failed_before:  # only a reset that had failed was counted as failing
-            self._metrics.failing.set(len(self._outbox.failing()))
+            self._metrics.failing.set(self._outbox.failing_count)
 
 
 def _log_sent(

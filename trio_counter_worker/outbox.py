@@ -140,6 +140,7 @@ class Outbox:
         self._ranked: list[float] = []  # the same, sorted: p90 without a sort per success
         # slow_after() and abandon_after(), until _recent changes: (slow, abandon).
         self._times: tuple[float, float] | None = None
+        self._failing = 0  # entries that failed at least once and are not sent
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -167,6 +168,7 @@ class Outbox:
         self._entries[reset.reset_id] = Entry(
             reset, attempts=attempts, failing_since=failing_since, last_error=last_error
         )
+        self._failing += attempts > 0
         heapq.heappush(self._fresh, (reset.deadline_ms, reset.reset_id))
         return True
 
@@ -315,6 +317,7 @@ class Outbox:
         counts towards :meth:`abandon_after`."""
         entry = self._finish(reset_id)
         entry.state = "sent"
+        self._failing -= entry.attempts > 0
         if now is not None:
             took = now - entry.started
             recent, ranked = self._recent, self._ranked
@@ -331,6 +334,7 @@ class Outbox:
         """Record a failed attempt. "dead": it has failed for ``give_up_after`` and must go
         to the dead letters (then :meth:`remove` it); "retry": it waits ``delay`` s."""
         entry = self._finish(reset_id)
+        self._failing += entry.attempts == 0
         entry.attempts += 1
         entry.last_error = error
         if entry.failing_since is None:
@@ -345,8 +349,17 @@ class Outbox:
     def remove(self, reset_id: str) -> None:
         """Forget a reset: marked sent, dead, or set aside."""
         entry = self._entries.pop(reset_id, None)
-        if entry is not None and entry.state == "sending":
+        if entry is None:
+            return
+        if entry.state == "sending":
             self._release(entry)
+        self._failing -= entry.attempts > 0 and entry.state != "sent"
+
+    @property
+    def failing_count(self) -> int:
+        """How many :meth:`failing` lists, without listing them: a failure's metric must
+        not cost a pass over every reset (200,000 pending behind a refusing backend)."""
+        return self._failing
 
     def failing(self) -> list[Entry]:
         """Resets that have failed at least once and are not yet sent, oldest first."""
