@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections import deque
 
 import attrs
 import trio
@@ -103,6 +104,11 @@ class FakeStore:
         self._woken = True
         self._listeners: list[_Listener] = []
         self._cuts: dict[int, trio.Event] = {}
+        # Per subscription, what its channel had no room for yet: Redis's output buffer.
+        # Publishing never fails or waits (a script that publishes is not held up by a
+        # slow subscriber), and every subscriber gets every message, in order.
+        self._buffers: dict[int, deque[list[Message]]] = {}
+        self._buffered: dict[int, trio.Event] = {}
 
     # -- helpers for tests ------------------------------------------------------------
 
@@ -159,9 +165,9 @@ class FakeStore:
         return exp - _ms()
 
     def _publish(self, key: str, event: str) -> None:
-        for patterns, _channels, send in self._listeners:
-            if any(trio_glob(p, f"__keyspace@0__:{key}") for p in patterns):
-                send.send_nowait([Message(f"__keyspace@0__:{key}", event)])
+        for entry in self._listeners:
+            if any(trio_glob(p, f"__keyspace@0__:{key}") for p in entry[0]):
+                self._deliver(entry, Message(f"__keyspace@0__:{key}", event))
 
     def set_key(self, key: str, ttl: float | None) -> None:
         """The app's SET key 1 [PX ttl]: publishes set (and expire)."""
@@ -271,9 +277,32 @@ class FakeStore:
         return False
 
     def _publish_to(self, channel: str, data: str) -> None:
-        for _patterns, channels, send in self._listeners:
-            if channel in channels:
-                send.send_nowait([Message(channel, data)])
+        for entry in self._listeners:
+            if channel in entry[1]:
+                self._deliver(entry, Message(channel, data))
+
+    def _deliver(self, entry: _Listener, message: Message) -> None:
+        """To one subscription: at once if its channel has room and nothing is buffered
+        before it, else into its buffer (see ``_buffers``)."""
+        buffer = self._buffers[id(entry)]
+        if not buffer:
+            try:
+                entry[2].send_nowait([message])
+                return
+            except trio.WouldBlock:
+                pass
+        buffer.append([message])
+        self._buffered[id(entry)].set()
+
+    async def _forward(self, entry: _Listener) -> None:
+        """A subscription's buffered messages into its channel, in order, as it has room."""
+        buffer = self._buffers[id(entry)]
+        while True:
+            await self._buffered[id(entry)].wait()
+            self._buffered[id(entry)] = trio.Event()
+            while buffer:
+                await entry[2].send(buffer[0])
+                buffer.popleft()
 
     async def track(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
         await self._op("track")
@@ -445,13 +474,17 @@ class FakeStore:
         cut = trio.Event()
         self._listeners.append(entry)
         self._cuts[id(entry)] = cut
+        self._buffers[id(entry)] = deque()
+        self._buffered[id(entry)] = trio.Event()
         try:
-            task_status.started(_ms())
-            await cut.wait()
-            raise RedisUnavailable("fake Redis closed the subscription")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._forward, entry)
+                task_status.started(_ms())
+                await cut.wait()
+                raise RedisUnavailable("fake Redis closed the subscription")
         finally:
             self._listeners.remove(entry)
-            del self._cuts[id(entry)]
+            del self._cuts[id(entry)], self._buffers[id(entry)], self._buffered[id(entry)]
 
     def cut_subscriptions(self, channel_prefix: str = "") -> int:
         """Close the subscriptions on a channel starting with ``channel_prefix`` (all, by
