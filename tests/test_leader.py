@@ -8,6 +8,7 @@ every time is exact. Real-Redis behaviour is in test_redis_bridge.py.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -282,6 +283,28 @@ async def test_backend_errors_are_retried_with_one_reset_id(
     assert len(keys) == 1
     assert harness.resets[0][2] == 3  # attempts
     assert harness.store.pending_resets == {}
+
+
+async def test_a_backend_failing_many_resets_at_once_gets_a_budget_of_lines(
+    harness: Harness, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backend down behind a backlog fails every reset within moments: 20 of them are
+    logged one by one per 10 s, then one line says the rest are not (each is still
+    retried, counted and listed by `status`)."""
+    caplog.set_level(logging.INFO, logger="trio_counter_worker")
+    harness.backend.statuses = [503] * 60
+    async with trio.open_nursery() as nursery:
+        await start_worker(nursery, harness)
+        for n in range(60):
+            harness.store.set_key(f"c:{n}", 1)
+        await harness.backend.wait(60)
+        await wait_until(lambda: len(harness.resets) == 60)  # retried: all delivered
+        nursery.cancel_scope.cancel()
+    failed = [r for r in caplog.records if r.getMessage().startswith("reset not delivered")]
+    said = [r for r in caplog.records if getattr(r, "event", None) == "failures_not_logged"]
+    assert len(failed) == 20
+    assert len(said) == 1
+    assert len(harness.backend.seen) == 120  # every failure was retried all the same
 
 
 async def test_rejected_reset_is_kept_pending(

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from trio_counter_worker.logs import ResetSummary, configure_logging
+from trio_counter_worker.logs import LineBudget, ResetSummary, configure_logging
 
 
 class Clock:
@@ -105,3 +105,16 @@ def test_configure_logging_installs_the_summary_only_when_asked() -> None:
     finally:
         root.handlers[:] = saved
         root.setLevel(level)
+
+
+def test_a_line_budget_lets_its_lines_go_then_says_once_that_it_ran_out() -> None:
+    budget = LineBudget(lines=2, every=10.0)
+    assert [budget.take(t) for t in (0.0, 1.0, 2.0, 3.0, 9.9)] == [
+        "line",
+        "line",
+        "ran_out",
+        "held",
+        "held",
+    ]
+    assert [budget.take(t) for t in (10.0, 10.0, 10.0)] == ["line", "line", "ran_out"]
+    assert budget.take(25.0) == "line"  # a quiet window: all its room again

@@ -110,6 +110,10 @@ class Deliveries:
         self._notes: dict[str, FailingNote] = {}  # to write to Redis, newest per reset
         self._burials: list[FailingNote] = []  # given up on: to move to the dead letters
         self._notes_lot = trio.lowlevel.ParkingLot()
+        # A backend down behind thousands of pending resets fails them all within
+        # seconds: their lines are budgeted (every attempt is still counted, and listed
+        # by `status`).
+        self._failure_lines = logs.LineBudget()
         # One set per deliver_stored in progress: the resets marked sent meanwhile.
         self._marked_while_read: list[set[str]] = []
 
@@ -262,6 +266,18 @@ class Deliveries:
             self._wind_timer(entry.retry_at)
         self._notes_lot.unpark()
         self._metrics.failing.set(self._outbox.failing_count)
+        budget = self._failure_lines.take(trio.current_time())
+        if budget == "ran_out":
+            log.warning(
+                "more than %d resets not delivered within %.0f s: the next ones in that "
+                "time are not logged one by one (`status` lists the failing resets, "
+                "tcw_reset_attempts_total counts every attempt)",
+                self._failure_lines.lines,
+                self._failure_lines.every,
+                extra={"event": "failures_not_logged"},
+            )
+        if budget != "line":
+            return
         level = logging.WARNING if attempt.verdict == "retry" else logging.ERROR
         log.log(
             level,

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["JsonFormatter", "LineLogger", "ResetSummary", "configure_logging", "line_logger"]
+__all__ = [
+    "JsonFormatter",
+    "LineBudget",
+    "LineLogger",
+    "ResetSummary",
+    "configure_logging",
+    "line_logger",
+]
 
 # Attributes every LogRecord has; anything else came from ``extra=``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -59,6 +67,37 @@ def line_logger(logger: logging.Logger, level: int) -> LineLogger | None:
         )
 
     return emit
+
+
+class LineBudget:
+    """At most ``lines`` lines of one kind per ``every`` seconds (plain logic, time passed
+    in). :meth:`take` for each line that could be logged: "line" while the window has
+    room, "ran_out" for the first one past it (say, once, that the rest are not logged),
+    "held" for the others until the next window."""
+
+    __slots__ = ("_every", "_lines", "_start", "_used")
+
+    def __init__(self, lines: int = 20, every: float = 10.0) -> None:
+        self._lines = lines
+        self._every = every
+        self._start = -math.inf
+        self._used = 0
+
+    @property
+    def lines(self) -> int:
+        return self._lines
+
+    @property
+    def every(self) -> float:
+        return self._every
+
+    def take(self, now: float) -> Literal["line", "ran_out", "held"]:
+        if now - self._start >= self._every:
+            self._start, self._used = now, 0
+        self._used += 1
+        if self._used <= self._lines:
+            return "line"
+        return "ran_out" if self._used == self._lines + 1 else "held"
 
 
 Clock = Callable[[], float]
