@@ -254,6 +254,25 @@ async def test_a_reset_failing_past_the_limit_is_buried_in_the_dead_letters(
         assert rig.gauge("tcw_pending_resets") == 0.0
 
 
+async def test_resets_given_up_on_at_once_get_a_budget_of_lines(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Thousands of resets can pass RESET_GIVE_UP_AFTER together (a backend down for
+    that long behind a backlog): 20 lines per 10 s name them, then one says the rest are
+    not named; all of them are buried and counted."""
+    caplog.set_level(logging.INFO, logger="trio_counter_worker")
+    failing_since = time.time() - 3600
+    async with delivering([BUSY] * 30, give_up_after=60.0) as rig:
+        for n in range(30):
+            reset = pending(rig.store, f"c:{n}")
+            rig.deliveries.deliver(reset, FailingNote(reset.reset_id, 5, failing_since, "", ""))
+        await wait_for(lambda: len(rig.store.dead) == 30)
+    named = [r for r in caplog.records if r.getMessage().startswith("reset given up on")]
+    said = [r for r in caplog.records if getattr(r, "event", None) == "dead_not_logged"]
+    assert (len(named), len(said)) == (20, 1)
+    assert rig.gauge("tcw_dead_resets_total") == 30.0
+
+
 # --- attempts that hang give their courier back ----------------------------------------
 
 

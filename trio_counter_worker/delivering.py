@@ -114,6 +114,7 @@ class Deliveries:
         # seconds: their lines are budgeted (every attempt is still counted, and listed
         # by `status`).
         self._failure_lines = logs.LineBudget()
+        self._burial_lines = logs.LineBudget()  # and theirs, given up on at once
         # One set per deliver_stored in progress: the resets marked sent meanwhile.
         self._marked_while_read: list[set[str]] = []
 
@@ -266,17 +267,13 @@ class Deliveries:
             self._wind_timer(entry.retry_at)
         self._notes_lot.unpark()
         self._metrics.failing.set(self._outbox.failing_count)
-        budget = self._failure_lines.take(trio.current_time())
-        if budget == "ran_out":
-            log.warning(
-                "more than %d resets not delivered within %.0f s: the next ones in that "
-                "time are not logged one by one (`status` lists the failing resets, "
-                "tcw_reset_attempts_total counts every attempt)",
-                self._failure_lines.lines,
-                self._failure_lines.every,
-                extra={"event": "failures_not_logged"},
-            )
-        if budget != "line":
+        if not _within(
+            self._failure_lines,
+            logging.WARNING,
+            "resets not delivered",
+            "`status` lists the failing resets, tcw_reset_attempts_total counts every attempt",
+            "failures_not_logged",
+        ):
             return
         level = logging.WARNING if attempt.verdict == "retry" else logging.ERROR
         log.log(
@@ -343,6 +340,14 @@ class Deliveries:
                     "give up on a reset", partial(self._store.bury, self._holder, note)
                 )
                 self._metrics.dead.inc()
+                if not _within(
+                    self._burial_lines,
+                    logging.ERROR,
+                    "resets given up on",
+                    "`status` lists the dead letters, tcw_dead_resets_total counts them",
+                    "dead_not_logged",
+                ):
+                    continue
                 log.error(
                     "reset given up on after failing since %s: key=%r reset_id=%s "
                     "attempts=%d last error: %s; `trio-counter-worker redeliver` "
@@ -420,6 +425,24 @@ class Deliveries:
         self._metrics.pending.set(len(self._outbox))
         if failed_before:  # only a reset that had failed was counted as failing
             self._metrics.failing.set(self._outbox.failing_count)
+
+
+def _within(budget: logs.LineBudget, level: int, what: str, counted: str, event: str) -> bool:
+    """Whether a line of ``budget``'s kind may be logged now; the first past the budget
+    says, once in its window, that the rest are not (and where they are ``counted``)."""
+    taken = budget.take(trio.current_time())
+    if taken == "ran_out":
+        log.log(
+            level,
+            "more than %d %s within %.0f s: the next ones in that time are not logged one "
+            "by one (%s)",
+            budget.lines,
+            what,
+            budget.every,
+            counted,
+            extra={"event": event},
+        )
+    return taken == "line"
 
 
 def _log_sent(
