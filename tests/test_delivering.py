@@ -254,6 +254,29 @@ async def test_a_reset_failing_past_the_limit_is_buried_in_the_dead_letters(
         assert rig.gauge("tcw_pending_resets") == 0.0
 
 
+async def test_thousands_failing_at_once_are_noted_a_batch_at_a_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A backend down behind a backlog fails thousands of resets between two writes of
+    their notes: at most 500 notes go in one script call (as claims and marks do), so
+    no single call holds Redis long, or outlasts the socket timeout and is tried again
+    whole, and again."""
+    async with delivering([BUSY] * 1_200, max_in_flight=32) as rig:
+        sizes: list[int] = []
+        write = rig.store.note_failing
+
+        async def note_failing(holder: str, notes: list[FailingNote]) -> None:
+            sizes.append(len(notes))
+            await write(holder, notes)
+
+        rig.store.note_failing = note_failing  # type: ignore[method-assign]
+        for n in range(1_200):
+            rig.deliveries.deliver(pending(rig.store, f"c:{n}"))
+        await wait_for(lambda: len(rig.store.failing_notes) == 1_200)
+    assert max(sizes) == 500
+    assert sum(sizes) >= 1_200
+
+
 async def test_resets_given_up_on_at_once_get_a_budget_of_lines(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -40,6 +40,7 @@ _STORED_CHUNK = 200  # stored resets queued between two checkpoints (thousands a
 ReadStored = Callable[[], Awaitable[list[tuple[PendingReset, FailingNote | None]]]]
 _MARK_BATCH = 500  # resets marked sent per script call: bounds the time Redis spends in one
 _NOTE_EVERY = 0.5  # failing-reset notes are written to Redis at most this often
+_NOTE_BATCH = 500  # notes per script call: bounds the time Redis spends in one
 # A trickle of deliveries (a backend answering in tens of ms) is marked sent once per
 # this, not with a thread hop and a script per reset; a full batch goes at once.
 _MARK_GATHER = 0.005
@@ -332,9 +333,11 @@ class Deliveries:
                 await self._notes_lot.park()
             notes, self._notes = list(self._notes.values()), {}
             burials, self._burials = self._burials, []
-            await self._with_retries(
-                "note failing resets", partial(self._store.note_failing, self._holder, notes)
-            )
+            for start in range(0, len(notes), _NOTE_BATCH):
+                batch = notes[start : start + _NOTE_BATCH]
+                await self._with_retries(
+                    "note failing resets", partial(self._store.note_failing, self._holder, batch)
+                )
             for note in burials:
                 await self._with_retries(
                     "give up on a reset", partial(self._store.bury, self._holder, note)
