@@ -37,7 +37,40 @@ from trio_counter_worker.store import (
     Watched,
 )
 
-_Listener = tuple[list[str], list[str], trio.MemorySendChannel[list[Message]]]
+
+@attrs.define(eq=False)
+class _Subscription:
+    """One subscription of the fake: what it listens to, where its messages go, what its
+    channel had no room for yet (Redis's output buffer: publishing never fails or waits,
+    and every subscriber gets every message, in order), and whether Redis closed it."""
+
+    patterns: list[str]
+    channels: list[str]
+    send: trio.MemorySendChannel[list[Message]]
+    buffer: deque[list[Message]] = attrs.Factory(deque)
+    buffered: trio.Event = attrs.Factory(trio.Event)
+    cut: trio.Event = attrs.Factory(trio.Event)
+
+    def deliver(self, message: Message) -> None:
+        """At once if the channel has room and nothing is buffered before it, else into
+        the buffer."""
+        if not self.buffer:
+            try:
+                self.send.send_nowait([message])
+                return
+            except trio.WouldBlock:
+                pass
+        self.buffer.append([message])
+        self.buffered.set()
+
+    async def forward(self) -> None:
+        """The buffered messages into the channel, in order, as it has room."""
+        while True:
+            await self.buffered.wait()
+            self.buffered = trio.Event()
+            while self.buffer:
+                await self.send.send(self.buffer[0])
+                self.buffer.popleft()
 
 
 def _ms() -> int:
@@ -102,13 +135,7 @@ class FakeStore:
         self.asleep_until = -math.inf
         self.socket_timeout = 0.75  # the bridge's min(2 s, lease / 4) at LEASE_TTL_MS=3000
         self._woken = True
-        self._listeners: list[_Listener] = []
-        self._cuts: dict[int, trio.Event] = {}
-        # Per subscription, what its channel had no room for yet: Redis's output buffer.
-        # Publishing never fails or waits (a script that publishes is not held up by a
-        # slow subscriber), and every subscriber gets every message, in order.
-        self._buffers: dict[int, deque[list[Message]]] = {}
-        self._buffered: dict[int, trio.Event] = {}
+        self._listeners: list[_Subscription] = []
 
     # -- helpers for tests ------------------------------------------------------------
 
@@ -165,9 +192,9 @@ class FakeStore:
         return exp - _ms()
 
     def _publish(self, key: str, event: str) -> None:
-        for entry in self._listeners:
-            if any(trio_glob(p, f"__keyspace@0__:{key}") for p in entry[0]):
-                self._deliver(entry, Message(f"__keyspace@0__:{key}", event))
+        for sub in self._listeners:
+            if any(trio_glob(p, f"__keyspace@0__:{key}") for p in sub.patterns):
+                sub.deliver(Message(f"__keyspace@0__:{key}", event))
 
     def set_key(self, key: str, ttl: float | None) -> None:
         """The app's SET key 1 [PX ttl]: publishes set (and expire)."""
@@ -263,8 +290,8 @@ class FakeStore:
         if self.pubsub_refused:
             return None
         counts: dict[str, int] = {}
-        for _patterns, channels, _send in self._listeners:
-            for channel in channels:
+        for sub in self._listeners:
+            for channel in sub.channels:
                 counts[channel] = counts.get(channel, 0) + 1
         return counts
 
@@ -277,32 +304,9 @@ class FakeStore:
         return False
 
     def _publish_to(self, channel: str, data: str) -> None:
-        for entry in self._listeners:
-            if channel in entry[1]:
-                self._deliver(entry, Message(channel, data))
-
-    def _deliver(self, entry: _Listener, message: Message) -> None:
-        """To one subscription: at once if its channel has room and nothing is buffered
-        before it, else into its buffer (see ``_buffers``)."""
-        buffer = self._buffers[id(entry)]
-        if not buffer:
-            try:
-                entry[2].send_nowait([message])
-                return
-            except trio.WouldBlock:
-                pass
-        buffer.append([message])
-        self._buffered[id(entry)].set()
-
-    async def _forward(self, entry: _Listener) -> None:
-        """A subscription's buffered messages into its channel, in order, as it has room."""
-        buffer = self._buffers[id(entry)]
-        while True:
-            await self._buffered[id(entry)].wait()
-            self._buffered[id(entry)] = trio.Event()
-            while buffer:
-                await entry[2].send(buffer[0])
-                buffer.popleft()
+        for sub in self._listeners:
+            if channel in sub.channels:
+                sub.deliver(Message(channel, data))
 
     async def track(self, holder: str, keys: list[str]) -> list[KeyOutcome]:
         await self._op("track")
@@ -470,30 +474,25 @@ class FakeStore:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         await self._op("listen")
-        entry = (patterns, channels, send)
-        cut = trio.Event()
-        self._listeners.append(entry)
-        self._cuts[id(entry)] = cut
-        self._buffers[id(entry)] = deque()
-        self._buffered[id(entry)] = trio.Event()
+        sub = _Subscription(patterns, channels, send)
+        self._listeners.append(sub)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._forward, entry)
+                nursery.start_soon(sub.forward)
                 task_status.started(_ms())
-                await cut.wait()
+                await sub.cut.wait()
                 raise RedisUnavailable("fake Redis closed the subscription")
         finally:
-            self._listeners.remove(entry)
-            del self._cuts[id(entry)], self._buffers[id(entry)], self._buffered[id(entry)]
+            self._listeners.remove(sub)
 
     def cut_subscriptions(self, channel_prefix: str = "") -> int:
         """Close the subscriptions on a channel starting with ``channel_prefix`` (all, by
         default), as Redis does to a dead process's or a killed connection: their
         listeners raise RedisUnavailable. Returns how many were cut."""
         cut = 0
-        for entry in list(self._listeners):
-            if any(c.startswith(channel_prefix) for c in entry[1]) or not channel_prefix:
-                self._cuts[id(entry)].set()
+        for sub in list(self._listeners):
+            if any(c.startswith(channel_prefix) for c in sub.channels) or not channel_prefix:
+                sub.cut.set()
                 cut += 1
         return cut
 
