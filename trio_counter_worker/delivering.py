@@ -38,9 +38,10 @@ _STORED_CHUNK = 200  # stored resets queued between two checkpoints (thousands a
 # Reads the pending resets stored in Redis, each with what earlier leaders learnt of its
 # failures (see Deliveries.deliver_stored).
 ReadStored = Callable[[], Awaitable[list[tuple[PendingReset, FailingNote | None]]]]
-_MARK_BATCH = 500  # resets marked sent per script call: bounds the time Redis spends in one
+# Resets marked sent, or failing resets noted, per script call: bounds the time Redis
+# spends in one.
+_PER_SCRIPT = 500
 _NOTE_EVERY = 0.5  # failing-reset notes are written to Redis at most this often
-_NOTE_BATCH = 500  # notes per script call: bounds the time Redis spends in one
 # A trickle of deliveries (a backend answering in tens of ms) is marked sent once per
 # this, not with a thread hop and a script per reset; a full batch goes at once.
 _MARK_GATHER = 0.005
@@ -333,8 +334,8 @@ class Deliveries:
                 await self._notes_lot.park()
             notes, self._notes = list(self._notes.values()), {}
             burials, self._burials = self._burials, []
-            for start in range(0, len(notes), _NOTE_BATCH):
-                batch = notes[start : start + _NOTE_BATCH]
+            for start in range(0, len(notes), _PER_SCRIPT):
+                batch = notes[start : start + _PER_SCRIPT]
                 await self._with_retries(
                     "note failing resets", partial(self._store.note_failing, self._holder, batch)
                 )
@@ -382,7 +383,7 @@ class Deliveries:
         while True:
             while not self._delivered:
                 await self._delivered_lot.park()
-            if len(self._delivered) < _MARK_BATCH:
+            if len(self._delivered) < _PER_SCRIPT:
                 await trio.sleep(_MARK_GATHER)
             batch, ids = self._next_marks()
             await self._with_retries(
@@ -406,8 +407,8 @@ class Deliveries:
 
     def _next_marks(self) -> tuple[list[tuple[Entry, Attempt]], list[str]]:
         """The next batch to mark sent, taken out of the delivered, and its reset_ids."""
-        batch = self._delivered[:_MARK_BATCH]
-        self._delivered = self._delivered[_MARK_BATCH:]
+        batch = self._delivered[:_PER_SCRIPT]
+        self._delivered = self._delivered[_PER_SCRIPT:]
         return batch, [entry.reset.reset_id for entry, _ in batch]
 
     def _marked(self, batch: list[tuple[Entry, Attempt]], ids: list[str]) -> None:
